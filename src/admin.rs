@@ -1,0 +1,51 @@
+//! Operator endpoints (CONTRACT §6) on `admin.listen`: liveness, readiness, metrics.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::broker::Broker;
+use crate::metrics::Metrics;
+
+/// What the endpoints report on.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Readiness.
+    pub broker: Arc<Broker>,
+    /// The series.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The admin routes.
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(admin))
+}
+
+async fn ready(State(admin): State<Arc<Admin>>) -> (StatusCode, &'static str) {
+    if admin.broker.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: broker not connected or not consuming\n",
+        )
+    }
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        admin.metrics.encode(),
+    )
+}

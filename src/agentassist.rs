@@ -1,0 +1,276 @@
+//! The AgentAssist `assign-conversation` call (agentassist-api.md): one HTTP request, its
+//! answer classified as success, a transient error or a permanent one.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::bots::Bot;
+use crate::command::{Command, Target};
+use crate::token::Token;
+
+/// Error bodies kept in events are cut at this size; success bodies are kept whole.
+const MAX_ERROR_BODY: usize = 8 * 1024;
+
+/// What kind of failure an [`ApiError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The API answered with a non-2xx status.
+    HttpStatus,
+    /// No complete answer within `agentassist.request_timeout`.
+    Timeout,
+    /// The connection could not be made or broke.
+    Connection,
+    /// Anything else about sending the request.
+    Request,
+}
+
+/// A failed call, as published in `transfer.failed`.
+#[derive(Debug, Clone, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// The HTTP status, if one came back.
+    pub status: Option<u16>,
+    /// For people.
+    pub message: String,
+    /// The response body (JSON, or a string), if any.
+    pub body: Option<Value>,
+    /// The server's `Retry-After`.
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    /// Connect errors, timeouts, 408, 429 and 5xx — and a body that says the rate limit was
+    /// exceeded, since the vendor does not document which status it uses for that.
+    pub fn is_transient(&self) -> bool {
+        match self.status {
+            None => self.kind != ErrorKind::Request,
+            Some(408 | 429) => true,
+            Some(s) if s >= 500 => true,
+            Some(_) => self.says_rate_limited(),
+        }
+    }
+
+    /// A 429, or a body that says so.
+    pub fn is_rate_limited(&self) -> bool {
+        self.status == Some(429) || self.says_rate_limited()
+    }
+
+    /// The token was refused.
+    pub fn is_unauthorized(&self) -> bool {
+        self.status == Some(401)
+    }
+
+    fn says_rate_limited(&self) -> bool {
+        let text = match &self.body {
+            Some(Value::String(s)) => s.to_ascii_lowercase(),
+            Some(v) => v.to_string().to_ascii_lowercase(),
+            None => return false,
+        };
+        text.contains("rate limit") || text.contains("too many requests")
+    }
+}
+
+/// A 2xx answer.
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    /// The status.
+    pub status: u16,
+    /// The body as received: JSON if it parses, else a string.
+    pub body: Value,
+}
+
+/// The body the API expects, serialized once per command and reused by every attempt.
+pub fn request_body(command: &Command, callback_url: &str) -> Bytes {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        callback_url: &'a str,
+        org_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        a_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transferred_type: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        queue_id: Option<&'a str>,
+        bot_session_id: &'a str,
+    }
+    let (a_id, transferred_type, queue_id) = match &command.target {
+        // No transferredType is documented for agent transfers, so none is sent.
+        Target::Agent(a) => (Some(a.as_str()), None, None),
+        Target::Queue(q) => (None, Some("QUEUE"), Some(q.as_str())),
+    };
+    let body = Body {
+        callback_url,
+        org_id: &command.org_id,
+        a_id,
+        transferred_type,
+        queue_id,
+        bot_session_id: &command.bot_session_id,
+    };
+    serde_json::to_vec(&body)
+        .expect("request body serializes")
+        .into()
+}
+
+/// Makes calls; one per process, its connection pool shared by every command.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+/// The client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct ClientError(#[from] reqwest::Error);
+
+impl ApiClient {
+    /// A client for `base_url` with this per-request timeout, keeping up to `pool` idle
+    /// connections (one per concurrent command).
+    pub fn new(base_url: &str, timeout: Duration, pool: usize) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(pool)
+            .user_agent(concat!("transfer-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The URL of the call for a bot.
+    pub fn url(&self, bot: &Bot) -> String {
+        format!(
+            "{}/agentassist/api/v1/public/{}/assign-conversation",
+            self.base_url, bot.stream_id
+        )
+    }
+
+    /// One call. The request timeout bounds it from connect to the last byte.
+    pub async fn assign(
+        &self,
+        bot: &Bot,
+        token: &Token,
+        body: Bytes,
+    ) -> Result<ApiResponse, ApiError> {
+        let response = self
+            .http
+            .post(self.url(bot))
+            .header("auth", token.expose())
+            .header("accountid", &bot.account_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let bytes = response.bytes().await.map_err(transport_error)?;
+        if (200..300).contains(&status) {
+            return Ok(ApiResponse {
+                status,
+                body: body_value(&bytes),
+            });
+        }
+        let cut = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
+        Err(ApiError {
+            kind: ErrorKind::HttpStatus,
+            status: Some(status),
+            message: format!("AgentAssist answered HTTP {status}"),
+            body: (!bytes.is_empty()).then(|| body_value(cut)),
+            retry_after,
+        })
+    }
+}
+
+fn body_value(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+fn transport_error(e: reqwest::Error) -> ApiError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
+        ErrorKind::Connection
+    } else {
+        ErrorKind::Request
+    };
+    // The full chain says why (refused, reset, DNS); the top level alone rarely does.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    ApiError {
+        kind,
+        status: None,
+        message,
+        body: None,
+        retry_after: None,
+    }
+}
+
+/// `Retry-After` is either delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(status: u16, body: Option<Value>) -> ApiError {
+        ApiError {
+            kind: ErrorKind::HttpStatus,
+            status: Some(status),
+            message: String::new(),
+            body,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(error(s, None).is_transient(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 422] {
+            assert!(!error(s, None).is_transient(), "{s}");
+        }
+        let limited = error(
+            403,
+            Some(serde_json::json!({"errors":[{"msg":"Rate limit exceeded"}]})),
+        );
+        assert!(limited.is_transient() && limited.is_rate_limited());
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

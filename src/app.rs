@@ -1,0 +1,185 @@
+//! The application assembled from settings: the worker, the callback relay and the admin
+//! endpoints, started together and stopped together. Tests build the real thing on port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admin::{self, Admin};
+use crate::agentassist::{ApiClient, ClientError};
+use crate::bots::Bots;
+use crate::broker::{Broker, BrokerError};
+use crate::command::Parser;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::outcomes::Outcomes;
+use crate::relay::{self, Relay};
+use crate::relay_token::TokenSigner;
+use crate::retry::RetryPolicy;
+use crate::transfer::{RelayUrls, Transfers};
+use crate::worker::{Shutdown, Worker, WorkerParts};
+
+/// How long the HTTP listeners get to finish open requests once the worker has stopped.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Why the application could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The broker refused something reconnecting cannot fix.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A built application, listening but not yet consuming.
+pub struct App {
+    worker: Arc<Worker>,
+    relay: (TcpListener, axum::Router),
+    admin: (TcpListener, axum::Router),
+    relay_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: Shutdown,
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr, source })?;
+    Ok((listener, local))
+}
+
+impl App {
+    /// Binds the listeners and wires the parts. An empty `callbacks.public_url` means "the
+    /// relay listener's own address", which is what tests on port 0 need.
+    pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        let (relay_listener, relay_addr) = bind(settings.callbacks.listen).await?;
+        let (admin_listener, admin_addr) = bind(settings.admin.listen).await?;
+        let public_url = match settings.callbacks.public_url.as_str() {
+            "" => format!("http://{relay_addr}"),
+            url => url.to_owned(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let broker = Arc::new(Broker::default());
+        let signer = TokenSigner::new(
+            settings.callbacks.secret.clone(),
+            settings.callbacks.previous_secrets.clone(),
+        );
+        let api = ApiClient::new(
+            &settings.agentassist.base_url,
+            settings.agentassist.request_timeout,
+            usize::from(settings.amqp.prefetch),
+        )?;
+        let transfers = Transfers::new(
+            api,
+            RetryPolicy::new(&settings.retry),
+            RelayUrls::new(&public_url, signer.clone()),
+            metrics.clone(),
+        );
+        let shutdown = Shutdown::default();
+        let worker = Worker::new(WorkerParts {
+            amqp: settings.amqp.clone(),
+            grace: settings.shutdown.grace,
+            parser: Parser::new(Bots::from_settings(&settings), settings.commands.max_age),
+            transfers,
+            outcomes: Outcomes::new(
+                settings.commands.outcome_cache_capacity,
+                settings.commands.outcome_cache_ttl,
+            ),
+            metrics: metrics.clone(),
+            broker: broker.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let relay_router = relay::router(Relay {
+            signer,
+            broker: broker.clone(),
+            metrics: metrics.clone(),
+        });
+        let admin_router = admin::router(Admin {
+            broker: broker.clone(),
+            metrics: metrics.clone(),
+        });
+        Ok(Self {
+            worker,
+            relay: (relay_listener, relay_router),
+            admin: (admin_listener, admin_router),
+            relay_addr,
+            admin_addr,
+            shutdown,
+            broker,
+            metrics,
+        })
+    }
+
+    /// Where the callback relay listens.
+    pub fn relay_addr(&self) -> SocketAddr {
+        self.relay_addr
+    }
+
+    /// Where the admin endpoints listen.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The stop signals; cancel `stop` to shut down gracefully.
+    pub fn shutdown(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// The broker link, for readiness checks.
+    pub fn broker(&self) -> Arc<Broker> {
+        self.broker.clone()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until `shutdown.stop` is cancelled and in-flight work has finished or been
+    /// returned; then lets the HTTP listeners drain.
+    pub async fn run_until_stopped(self) -> Result<(), AppError> {
+        let http_stop = tokio_util::sync::CancellationToken::new();
+        let serve = |(listener, router): (TcpListener, axum::Router)| {
+            let stop = http_stop.clone();
+            tokio::spawn(async move {
+                let server = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "HTTP listener failed");
+                }
+            })
+        };
+        let relay = serve(self.relay);
+        let admin = serve(self.admin);
+        tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
+        let result = self.worker.run().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "worker stopped");
+        }
+        http_stop.cancel();
+        for server in [relay, admin] {
+            let abort = server.abort_handle();
+            if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
+                abort.abort();
+            }
+        }
+        result.map_err(AppError::from)
+    }
+}

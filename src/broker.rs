@@ -1,0 +1,96 @@
+//! Everything that talks AMQP: the connection, the topology, the confirm-mode publisher, and
+//! the [`Broker`] handle through which the rest of the process sees the current link.
+
+pub mod connection;
+pub mod publisher;
+pub mod topology;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+pub use publisher::{DeadLetter, PublishError, Publisher, Reply};
+
+/// What went wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Connecting, or an operation on an open connection, failed.
+    #[error("broker {operation} failed: {source}")]
+    Amqp {
+        /// What was attempted.
+        operation: &'static str,
+        /// The client's error.
+        source: lapin::Error,
+    },
+    /// An operation took longer than `amqp.operation_timeout`.
+    #[error("broker {operation} timed out")]
+    Timeout {
+        /// What was attempted.
+        operation: &'static str,
+    },
+    /// The broker refused a declaration: an existing queue or exchange has other arguments.
+    /// Retrying cannot help; an operator must reconcile the two.
+    #[error(
+        "{name} already exists on the broker with other arguments ({reason}); delete it or \
+         configure another name"
+    )]
+    TopologyMismatch {
+        /// Queue or exchange name.
+        name: String,
+        /// The broker's words.
+        reason: String,
+    },
+}
+
+impl BrokerError {
+    /// Whether reconnecting may help.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::TopologyMismatch { .. })
+    }
+}
+
+/// Runs a broker operation under a timeout.
+pub async fn timed<T>(
+    operation: &'static str,
+    limit: std::time::Duration,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(BrokerError::Amqp { operation, source }),
+        Err(_) => Err(BrokerError::Timeout { operation }),
+    }
+}
+
+/// The current link to the broker, shared by the consumer loop, the callback relay and the
+/// readiness probe. Replaced on every reconnect.
+#[derive(Debug, Default)]
+pub struct Broker {
+    publisher: RwLock<Option<Arc<Publisher>>>,
+    consuming: AtomicBool,
+}
+
+impl Broker {
+    /// The publisher of the live connection, if there is one.
+    pub fn publisher(&self) -> Option<Arc<Publisher>> {
+        self.publisher
+            .read()
+            .expect("broker lock")
+            .clone()
+            .filter(|p| p.is_connected())
+    }
+
+    /// Installs the publisher of a new connection, or clears it when the link is lost.
+    pub fn set_publisher(&self, publisher: Option<Arc<Publisher>>) {
+        *self.publisher.write().expect("broker lock") = publisher;
+    }
+
+    /// Connected and consuming: what `/readyz` reports.
+    pub fn is_ready(&self) -> bool {
+        self.consuming.load(Ordering::Acquire) && self.publisher().is_some()
+    }
+
+    /// Marks whether commands are being consumed.
+    pub fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Release);
+    }
+}

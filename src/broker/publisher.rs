@@ -1,0 +1,201 @@
+//! Publishing with publisher confirms. A publish succeeds only when the broker acks it; a
+//! nack, a closed channel or a confirm that does not come within `amqp.confirm_timeout` is an
+//! error the caller must act on — never a log line.
+
+use std::time::{Duration, SystemTime};
+
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+
+use super::{BrokerError, timed};
+use crate::config::AmqpSettings;
+use crate::event::Event;
+
+/// Why a publish did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused the message.
+    #[error("broker nacked the publish to {0}")]
+    Nacked(String),
+    /// The channel or connection failed.
+    #[error("publish failed: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// No confirm in time.
+    #[error("no publisher confirm within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Where a command's `reply_to` wants its outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply<'a> {
+    /// Queue name (routing key on the default exchange).
+    pub queue: &'a str,
+    /// The command's `correlation_id`, or its command id.
+    pub correlation_id: &'a str,
+}
+
+/// The original command, copied to the dead-letter exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetter<'a> {
+    /// The body as received.
+    pub body: &'a [u8],
+    /// The properties as received.
+    pub properties: &'a BasicProperties,
+}
+
+/// A confirm-mode channel with the exchange names it publishes to.
+#[derive(Debug)]
+pub struct Publisher {
+    channel: Channel,
+    results_exchange: ShortString,
+    dead_letter_exchange: ShortString,
+    commands_queue: ShortString,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
+    /// Opens a channel on `connection` and puts it in confirm mode.
+    pub async fn open(connection: &Connection, amqp: &AmqpSettings) -> Result<Self, BrokerError> {
+        let t = amqp.operation_timeout;
+        let channel = timed("channel.open", t, connection.create_channel()).await?;
+        timed(
+            "confirm.select",
+            t,
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        Ok(Self {
+            channel,
+            results_exchange: amqp.results_exchange.as_str().into(),
+            dead_letter_exchange: amqp.dead_letter_exchange.as_str().into(),
+            commands_queue: amqp.commands_queue.as_str().into(),
+            confirm_timeout: amqp.confirm_timeout,
+        })
+    }
+
+    /// Whether the channel is still open.
+    pub fn is_connected(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Publishes an event to the results exchange, and, when given, to the `reply_to` queue and
+    /// the original command to the dead-letter exchange. All three are pipelined and confirmed
+    /// together; `Ok` means the broker acked every one.
+    pub async fn publish(
+        &self,
+        event: &Event,
+        reply: Option<Reply<'_>>,
+        dead_letter: Option<DeadLetter<'_>>,
+    ) -> Result<(), PublishError> {
+        let limit = self.confirm_timeout;
+        tokio::time::timeout(limit, self.publish_confirmed(event, reply, dead_letter))
+            .await
+            .map_err(|_| PublishError::Timeout(limit))?
+    }
+
+    async fn publish_confirmed(
+        &self,
+        event: &Event,
+        reply: Option<Reply<'_>>,
+        dead_letter: Option<DeadLetter<'_>>,
+    ) -> Result<(), PublishError> {
+        let properties = event_properties(event);
+        let options = BasicPublishOptions::default();
+        let mut confirms = Vec::with_capacity(3);
+        confirms.push((
+            self.results_exchange.as_str(),
+            self.channel
+                .basic_publish(
+                    self.results_exchange.clone(),
+                    event.kind.name().into(),
+                    options,
+                    &event.body,
+                    properties.clone(),
+                )
+                .await?,
+        ));
+        if let Some(reply) = reply {
+            let properties = properties
+                .clone()
+                .with_correlation_id(reply.correlation_id.into());
+            confirms.push((
+                reply.queue,
+                self.channel
+                    .basic_publish(
+                        "".into(),
+                        reply.queue.into(),
+                        options,
+                        &event.body,
+                        properties,
+                    )
+                    .await?,
+            ));
+        }
+        if let Some(dead) = dead_letter {
+            let mut headers = dead.properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                "x-transfer-event".into(),
+                AMQPValue::LongString(LongString::from(event.kind.name().as_bytes())),
+            );
+            headers.insert(
+                "x-transfer-error".into(),
+                AMQPValue::LongString(LongString::from(
+                    event.error.as_deref().unwrap_or_default().as_bytes(),
+                )),
+            );
+            headers.insert(
+                "x-transfer-event-id".into(),
+                AMQPValue::LongString(LongString::from(event.id.to_string().as_bytes())),
+            );
+            let properties = dead
+                .properties
+                .clone()
+                .with_headers(headers)
+                .with_delivery_mode(2);
+            confirms.push((
+                self.dead_letter_exchange.as_str(),
+                self.channel
+                    .basic_publish(
+                        self.dead_letter_exchange.clone(),
+                        self.commands_queue.clone(),
+                        options,
+                        dead.body,
+                        properties,
+                    )
+                    .await?,
+            ));
+        }
+        for (target, confirm) in confirms {
+            match confirm.await? {
+                Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                Confirmation::Nack(_) => return Err(PublishError::Nacked(target.to_owned())),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn event_properties(event: &Event) -> BasicProperties {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(event.id.to_string().into())
+        .with_correlation_id(event.command_id.as_str().into())
+        .with_type("event".into())
+        .with_timestamp(now)
+        .with_app_id("transfer-worker".into())
+}
+
+/// The header table of a message, for tests and tools that read dead letters.
+pub fn header_str<'a>(headers: &'a FieldTable, key: &str) -> Option<&'a [u8]> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}

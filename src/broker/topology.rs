@@ -1,0 +1,99 @@
+//! The queues and exchanges of CONTRACT §1, declared idempotently at every (re)connect.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+use super::{BrokerError, timed};
+use crate::config::AmqpSettings;
+
+/// Declares the commands queue, the results and dead-letter exchanges and the dead-letter
+/// queue. A mismatch with what exists is reported as [`BrokerError::TopologyMismatch`].
+pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), BrokerError> {
+    let t = amqp.operation_timeout;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let exchange = |name: &str, kind: ExchangeKind| {
+        timed(
+            "exchange.declare",
+            t,
+            channel.exchange_declare(name.into(), kind, durable, FieldTable::default()),
+        )
+    };
+    exchange(&amqp.results_exchange, ExchangeKind::Topic)
+        .await
+        .map_err(|e| mismatch(e, &amqp.results_exchange))?;
+    exchange(&amqp.dead_letter_exchange, ExchangeKind::Fanout)
+        .await
+        .map_err(|e| mismatch(e, &amqp.dead_letter_exchange))?;
+
+    let mut commands = quorum();
+    commands.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(amqp.dead_letter_exchange.as_bytes())),
+    );
+    commands.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(i32::try_from(amqp.delivery_limit).unwrap_or(i32::MAX)),
+    );
+    queue(channel, &amqp.commands_queue, commands, t).await?;
+    queue(channel, &amqp.dead_letter_queue, quorum(), t).await?;
+    timed(
+        "queue.bind",
+        t,
+        channel.queue_bind(
+            amqp.dead_letter_queue.as_str().into(),
+            amqp.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum".as_bytes())),
+    );
+    args
+}
+
+async fn queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+    t: std::time::Duration,
+) -> Result<(), BrokerError> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    timed(
+        "queue.declare",
+        t,
+        channel.queue_declare(name.into(), options, args),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| mismatch(e, name))
+}
+
+/// PRECONDITION_FAILED (406) on a declare means "exists with other arguments".
+fn mismatch(error: BrokerError, name: &str) -> BrokerError {
+    if let BrokerError::Amqp { source, .. } = &error {
+        let text = source.to_string();
+        if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+            return BrokerError::TopologyMismatch {
+                name: name.to_owned(),
+                reason: text,
+            };
+        }
+    }
+    error
+}

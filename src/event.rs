@@ -1,0 +1,304 @@
+//! Events: what the worker says happened (CONTRACT §3). Each is serialized once, when it is
+//! decided, and kept as bytes so a redelivered command republishes the very same event.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::agentassist::ApiError;
+use crate::command::{Command, Rejection, Target};
+
+/// The event names, which are also the routing keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// The API answered 2xx.
+    Succeeded,
+    /// A permanent error, or the retry budget ran out.
+    Failed,
+    /// The command was invalid; the API was never called.
+    Rejected,
+    /// The deadline passed first.
+    Expired,
+    /// AgentAssist posted to the relay URL.
+    Callback,
+}
+
+impl EventKind {
+    /// The event name and routing key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Succeeded => "transfer.succeeded",
+            Self::Failed => "transfer.failed",
+            Self::Rejected => "transfer.rejected",
+            Self::Expired => "transfer.expired",
+            Self::Callback => "transfer.callback",
+        }
+    }
+
+    /// Whether the command ended without success, so a copy goes to the dead-letter exchange.
+    pub fn is_dead_letter(self) -> bool {
+        matches!(self, Self::Failed | Self::Rejected | Self::Expired)
+    }
+
+    /// Every kind, for metrics.
+    pub const ALL: [EventKind; 5] = [
+        Self::Succeeded,
+        Self::Failed,
+        Self::Rejected,
+        Self::Expired,
+        Self::Callback,
+    ];
+}
+
+/// A decided, serialized event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Which event.
+    pub kind: EventKind,
+    /// Its id (`message_id`); consumers dedupe by it.
+    pub id: Uuid,
+    /// The command it is about (`correlation_id`).
+    pub command_id: String,
+    /// The JSON body.
+    pub body: Vec<u8>,
+    /// Why the command ended without success (`x-transfer-error`), for dead letters.
+    pub error: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire<'a, D: Serialize> {
+    event: &'static str,
+    event_id: Uuid,
+    command_id: &'a str,
+    stream_id: Option<&'a str>,
+    bot_session_id: Option<&'a str>,
+    target: Option<&'a Target>,
+    occurred_at: String,
+    attempts: u32,
+    #[serde(flatten)]
+    detail: D,
+}
+
+/// Ids every event carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// Command id.
+    pub command_id: &'a str,
+    /// Bot id.
+    pub stream_id: Option<&'a str>,
+    /// Session id.
+    pub bot_session_id: Option<&'a str>,
+    /// Target.
+    pub target: Option<&'a Target>,
+}
+
+impl<'a> From<&'a Command> for Subject<'a> {
+    fn from(c: &'a Command) -> Self {
+        Self {
+            command_id: &c.command_id,
+            stream_id: Some(&c.bot.stream_id),
+            bot_session_id: Some(&c.bot_session_id),
+            target: Some(&c.target),
+        }
+    }
+}
+
+impl<'a> From<&'a Rejection> for Subject<'a> {
+    fn from(r: &'a Rejection) -> Self {
+        Self {
+            command_id: &r.command_id,
+            stream_id: r.stream_id.as_deref(),
+            bot_session_id: r.bot_session_id.as_deref(),
+            target: r.target.as_ref(),
+        }
+    }
+}
+
+/// RFC 3339, UTC, milliseconds: `2026-11-25T10:00:00.123Z`.
+pub fn rfc3339_ms(at: SystemTime) -> String {
+    let t = OffsetDateTime::from(at);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+fn build<D: Serialize>(
+    kind: EventKind,
+    subject: Subject<'_>,
+    attempts: u32,
+    detail: D,
+    error: Option<String>,
+) -> Event {
+    let id = Uuid::new_v4();
+    let wire = Wire {
+        event: kind.name(),
+        event_id: id,
+        command_id: subject.command_id,
+        stream_id: subject.stream_id,
+        bot_session_id: subject.bot_session_id,
+        target: subject.target,
+        occurred_at: rfc3339_ms(SystemTime::now()),
+        attempts,
+        detail,
+    };
+    Event {
+        kind,
+        id,
+        command_id: subject.command_id.to_owned(),
+        body: serde_json::to_vec(&wire).expect("events serialize"),
+        error,
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Succeeded<'a> {
+    response: &'a Value,
+    duration_ms: u64,
+}
+
+#[derive(Serialize)]
+struct Failed<'a> {
+    error: &'a ApiError,
+    retryable: bool,
+}
+
+#[derive(Serialize)]
+struct InvalidCommand<'a> {
+    kind: &'static str,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rejected<'a> {
+    error: InvalidCommand<'a>,
+    message_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Expired {
+    expires_at: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Callback<'a> {
+    received_at: String,
+    content_type: Option<&'a str>,
+    payload: &'a Value,
+}
+
+impl Event {
+    /// `transfer.succeeded`.
+    pub fn succeeded(command: &Command, attempts: u32, response: &Value, duration_ms: u64) -> Self {
+        let detail = Succeeded {
+            response,
+            duration_ms,
+        };
+        build(EventKind::Succeeded, command.into(), attempts, detail, None)
+    }
+
+    /// `transfer.failed`.
+    pub fn failed(command: &Command, attempts: u32, error: &ApiError, retryable: bool) -> Self {
+        let why = error.to_string();
+        let detail = Failed { error, retryable };
+        build(
+            EventKind::Failed,
+            command.into(),
+            attempts,
+            detail,
+            Some(why),
+        )
+    }
+
+    /// `transfer.rejected`.
+    pub fn rejected(rejection: &Rejection, message_id: Option<&str>) -> Self {
+        let detail = Rejected {
+            error: InvalidCommand {
+                kind: "invalid_command",
+                message: &rejection.message,
+            },
+            message_id,
+        };
+        let why = rejection.message.clone();
+        build(EventKind::Rejected, rejection.into(), 0, detail, Some(why))
+    }
+
+    /// `transfer.expired`.
+    pub fn expired(command: &Command, attempts: u32, deadline: SystemTime) -> Self {
+        let expires_at = rfc3339_ms(deadline);
+        let why = format!("deadline {expires_at} passed before the transfer could be made");
+        let detail = Expired { expires_at };
+        build(
+            EventKind::Expired,
+            command.into(),
+            attempts,
+            detail,
+            Some(why),
+        )
+    }
+
+    /// `transfer.callback`.
+    pub fn callback(
+        subject: Subject<'_>,
+        received_at: SystemTime,
+        content_type: Option<&str>,
+        payload: &Value,
+    ) -> Self {
+        let detail = Callback {
+            received_at: rfc3339_ms(received_at),
+            content_type,
+            payload,
+        };
+        build(EventKind::Callback, subject, 0, detail, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_utc_with_milliseconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_064_800_007);
+        assert_eq!(rfc3339_ms(t), "2025-11-25T10:00:00.007Z");
+    }
+
+    #[test]
+    fn rejected_event_has_null_ids_it_could_not_read() {
+        let r = Rejection {
+            command_id: "c1".into(),
+            stream_id: None,
+            bot_session_id: None,
+            target: None,
+            message: "body is not valid JSON".into(),
+        };
+        let e = Event::rejected(&r, Some("m1"));
+        let v: Value = serde_json::from_slice(&e.body).unwrap();
+        assert_eq!(v["event"], "transfer.rejected");
+        assert_eq!(v["eventId"], e.id.to_string());
+        assert_eq!(v["commandId"], "c1");
+        assert!(v["streamId"].is_null() && v["botSessionId"].is_null() && v["target"].is_null());
+        assert_eq!(v["attempts"], 0);
+        assert_eq!(v["messageId"], "m1");
+        assert_eq!(
+            v["error"],
+            serde_json::json!({"kind":"invalid_command","message":"body is not valid JSON"})
+        );
+        assert_eq!(e.error.as_deref(), Some("body is not valid JSON"));
+    }
+}

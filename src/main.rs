@@ -1,0 +1,236 @@
+//! The `transfer-worker` command line: parse arguments, load settings, call the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use transfer_worker::config::Settings;
+use transfer_worker::publish::{CommandFields, publish_command};
+use transfer_worker::simulator::{self, SimulatorConfig};
+use transfer_worker::{app::App, demo, telemetry};
+
+/// Transfers conversations to Kore.ai AgentAssist agents and queues, from commands on RabbitMQ.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker.
+    Run(ConfigArg),
+    /// Run a stand-in AgentAssist API that checks requests and posts callbacks.
+    Simulate(SimulateArgs),
+    /// Run worker and simulator in-process against the local broker, with sample commands.
+    Demo(DemoArgs),
+    /// Enqueue one command; print its commandId (and its outcome with --wait).
+    Publish(PublishArgs),
+    /// Print the effective configuration, secrets redacted; fail if it is invalid.
+    Config(ConfigArg),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// A TOML file layered over the defaults.
+    #[arg(long, short, env = "TRANSFER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: SocketAddr,
+    /// Delay before every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Fraction of requests answered 503.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Fraction of requests answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    rate_limited_rate: f64,
+    /// Retry-After of those 429s, in seconds.
+    #[arg(long, default_value_t = 1)]
+    retry_after_secs: u64,
+    /// Fraction of requests answered 400 (permanent).
+    #[arg(long, default_value_t = 0.0)]
+    reject_rate: f64,
+    /// Delay before each callback, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    callback_delay_ms: u64,
+    /// Fraction of callbacks that report a failed transfer.
+    #[arg(long, default_value_t = 0.0)]
+    callback_fail_rate: f64,
+    /// Post no callbacks.
+    #[arg(long)]
+    no_callbacks: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Transfers to publish (plus one invalid command).
+    #[arg(long, default_value_t = 6)]
+    count: usize,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Read the command from this JSON file ("-" for stdin) instead of the flags.
+    #[arg(long, conflicts_with_all = ["org_id", "session_id", "agent", "queue"])]
+    file: Option<PathBuf>,
+    /// orgId.
+    #[arg(long, required_unless_present = "file")]
+    org_id: Option<String>,
+    /// botSessionId.
+    #[arg(long, required_unless_present = "file")]
+    session_id: Option<String>,
+    /// Transfer to this agent (aId).
+    #[arg(long, conflicts_with = "queue", required_unless_present_any = ["file", "queue"])]
+    agent: Option<String>,
+    /// Transfer to this queue (queueId).
+    #[arg(long)]
+    queue: Option<String>,
+    /// streamId (default: the worker's default bot).
+    #[arg(long)]
+    stream_id: Option<String>,
+    /// commandId (default: a new UUID).
+    #[arg(long)]
+    command_id: Option<String>,
+    /// callbackUrl (default: the worker's relay).
+    #[arg(long)]
+    callback_url: Option<String>,
+    /// expiresAt, RFC 3339.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// Wait for the outcome and print it.
+    #[arg(long)]
+    wait: bool,
+    /// How long to wait, e.g. "30s".
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+fn load(arg: &ConfigArg) -> anyhow::Result<Settings> {
+    Ok(Settings::load(arg.config.as_deref())?)
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("signal received; shutting down");
+        token.cancel();
+    });
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Config(arg) => {
+            let settings = load(&arg)?;
+            print!("{}", settings.to_redacted_toml());
+        }
+        Command::Run(arg) => {
+            let settings = load(&arg)?;
+            telemetry::init(&settings.log);
+            let app = App::build(settings).await?;
+            cancel_on_signal(app.shutdown().stop);
+            app.run_until_stopped().await?;
+        }
+        Command::Simulate(args) => {
+            let settings = load(&args.config)?;
+            telemetry::init(&settings.log);
+            let config = SimulatorConfig {
+                listen: args.listen,
+                bots: simulator::bots_from_settings(&settings),
+                latency: Duration::from_millis(args.latency_ms),
+                fail_rate: args.fail_rate,
+                rate_limited_rate: args.rate_limited_rate,
+                retry_after: Duration::from_secs(args.retry_after_secs),
+                reject_rate: args.reject_rate,
+                callbacks: !args.no_callbacks,
+                callback_delay: Duration::from_millis(args.callback_delay_ms),
+                callback_fail_rate: args.callback_fail_rate,
+            };
+            let stop = CancellationToken::new();
+            cancel_on_signal(stop.clone());
+            simulator::serve_until(config, async move { stop.cancelled().await }).await?;
+        }
+        Command::Demo(args) => {
+            let settings = load(&args.config)?;
+            demo::run(settings, args.count).await?;
+        }
+        Command::Publish(args) => {
+            let settings = load(&args.config)?;
+            let command = match &args.file {
+                Some(path) => {
+                    let text = if path.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("cannot read {}", path.display()))?
+                    };
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not JSON", path.display()))?
+                }
+                None => CommandFields {
+                    command_id: args.command_id,
+                    stream_id: args.stream_id,
+                    org_id: args.org_id.unwrap_or_default(),
+                    bot_session_id: args.session_id.unwrap_or_default(),
+                    agent: args.agent,
+                    queue: args.queue,
+                    callback_url: args.callback_url,
+                    expires_at: args.expires_at,
+                }
+                .to_json(),
+            };
+            let wait = args.wait.then_some(args.timeout);
+            let published = publish_command(&settings.amqp, command, wait).await?;
+            println!("{}", published.command_id);
+            if let Some(outcome) = published.outcome {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+                if outcome["event"] != "transfer.succeeded" {
+                    anyhow::bail!("the transfer did not succeed: {}", outcome["event"]);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Prometheus metrics (CONTRACT §6). Labels are bounded: event name, status class, account,
+//! result — never a session or command id.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::event::EventKind;
+
+/// `event` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// Event name.
+    pub event: &'static str,
+}
+
+/// Labels of API calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// `2xx`, `4xx`, `5xx`, or `error` when no status came back.
+    pub status: &'static str,
+    /// Account id (configured, so bounded).
+    pub account: String,
+}
+
+/// `account` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    /// Account id.
+    pub account: String,
+}
+
+/// `result` label of relayed callbacks.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    /// What happened to the callback: published, forbidden, too_large, unavailable.
+    pub result: &'static str,
+}
+
+/// The class of an HTTP status (`2xx`, …), or `error` when none came back.
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(_) => "5xx",
+        None => "error",
+    }
+}
+
+/// What the relay did with a callback.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RelayResult {
+    /// Published and confirmed.
+    Published,
+    /// Bad token: 404.
+    Forbidden,
+    /// Body too large: 413.
+    TooLarge,
+    /// Broker unavailable: 503.
+    Unavailable,
+}
+
+impl RelayResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Published => "published",
+            Self::Forbidden => "forbidden",
+            Self::TooLarge => "too_large",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Every series the worker exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Deliveries taken from the commands queue.
+    pub commands_received: Counter,
+    /// Events confirmed by the broker, by event.
+    pub events_published: Family<EventLabels, Counter>,
+    /// Terminal events republished from memory for a command already completed.
+    pub commands_deduplicated: Counter,
+    /// API calls by status class and account.
+    pub api_calls: Family<CallLabels, Counter>,
+    /// API call latency.
+    pub api_call_duration: Family<AccountLabels, Histogram>,
+    /// Retries scheduled after transient failures.
+    pub api_retries: Family<AccountLabels, Counter>,
+    /// Commands received and not yet acked or returned.
+    pub commands_in_flight: Gauge,
+    /// Callbacks by what the relay did with them.
+    pub callbacks: Family<RelayLabels, Counter>,
+    /// Broker connections re-established after a loss.
+    pub broker_reconnects: Counter,
+    /// Commands returned to the queue because their outcome could not be published.
+    pub commands_requeued: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every series under the `transfer_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("transfer");
+        let m = Self {
+            registry: Registry::default(),
+            commands_received: Counter::default(),
+            events_published: Family::default(),
+            commands_deduplicated: Counter::default(),
+            api_calls: Family::default(),
+            api_call_duration: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+            }),
+            api_retries: Family::default(),
+            commands_in_flight: Gauge::default(),
+            callbacks: Family::default(),
+            broker_reconnects: Counter::default(),
+            commands_requeued: Counter::default(),
+        };
+        registry.register(
+            "commands_received",
+            "Commands taken from the commands queue",
+            m.commands_received.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events confirmed by the broker, by event name",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "commands_deduplicated",
+            "Commands already completed whose outcome was republished from memory instead of calling the API again",
+            m.commands_deduplicated.clone(),
+        );
+        registry.register(
+            "api_calls",
+            "AgentAssist calls by HTTP status class and account",
+            m.api_calls.clone(),
+        );
+        registry.register_with_unit(
+            "api_call_duration",
+            "AgentAssist call latency",
+            prometheus_client::registry::Unit::Seconds,
+            m.api_call_duration.clone(),
+        );
+        registry.register(
+            "api_retries",
+            "Retries scheduled after transient AgentAssist failures",
+            m.api_retries.clone(),
+        );
+        registry.register(
+            "commands_in_flight",
+            "Commands received and not yet acked or returned",
+            m.commands_in_flight.clone(),
+        );
+        registry.register(
+            "callbacks",
+            "AgentAssist callbacks received by the relay, by result",
+            m.callbacks.clone(),
+        );
+        registry.register(
+            "broker_reconnects",
+            "Broker connections re-established after a loss",
+            m.broker_reconnects.clone(),
+        );
+        registry.register(
+            "commands_requeued",
+            "Commands returned to the queue because their outcome could not be published",
+            m.commands_requeued.clone(),
+        );
+        for kind in EventKind::ALL {
+            // Zero-valued series exist from the start, so rates work from the first scrape.
+            let _ = m
+                .events_published
+                .get_or_create(&EventLabels { event: kind.name() });
+        }
+        Self { registry, ..m }
+    }
+
+    /// One confirmed event.
+    pub fn published(&self, kind: EventKind) {
+        self.events_published
+            .get_or_create(&EventLabels { event: kind.name() })
+            .inc();
+    }
+
+    /// One API call.
+    pub fn api_call(&self, account: &str, status: Option<u16>, seconds: f64) {
+        self.api_calls
+            .get_or_create(&CallLabels {
+                status: status_class(status),
+                account: account.to_owned(),
+            })
+            .inc();
+        self.api_call_duration
+            .get_or_create(&AccountLabels {
+                account: account.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// One callback handled by the relay.
+    pub fn callback(&self, result: RelayResult) {
+        self.callbacks
+            .get_or_create(&RelayLabels {
+                result: result.label(),
+            })
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

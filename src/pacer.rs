@@ -1,0 +1,132 @@
+//! Per-account call pacing: no sliding window of `rate_window` ever holds more than
+//! `rate_limit` calls (CONTRACT §4).
+//!
+//! A token bucket sized for a whole window lets a full window's worth through at once and then
+//! a steady refill, so the first minute sees nearly twice the limit. This is a sliding log
+//! instead: every call start is recorded, and call n may start only `window` after call
+//! n − limit. Starts are handed out as reservations, in order, so concurrent commands queue
+//! fairly and each one knows at once when it may call — or that its deadline comes first.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Absorbs the scheduling jitter between a reservation and the request on the wire, so the
+/// vendor's clock never sees two calls closer than the window.
+const GUARD: Duration = Duration::from_millis(25);
+
+/// The budget of one account.
+#[derive(Debug)]
+pub struct Pacer {
+    limit: usize,
+    window: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Start times handed out, ascending, none older than one window.
+    starts: VecDeque<Instant>,
+    /// Set by a 429's `Retry-After`: nothing starts before this.
+    paused_until: Option<Instant>,
+}
+
+/// The deadline comes before the next free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlineFirst {
+    /// When the call could have started.
+    pub slot: Instant,
+}
+
+impl Pacer {
+    /// A budget of `limit` calls in any `window`.
+    pub fn new(limit: u32, window: Duration) -> Self {
+        Self {
+            limit: limit.max(1) as usize,
+            window: window + GUARD,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Reserves the earliest start allowed, unless it falls after `deadline`.
+    /// The caller sleeps until the returned instant, then calls.
+    pub fn reserve(&self, deadline: Option<Instant>) -> Result<Instant, DeadlineFirst> {
+        let now = Instant::now();
+        let mut state = self.state.lock().expect("pacer lock");
+        while state
+            .starts
+            .front()
+            .is_some_and(|&t| t + self.window <= now)
+        {
+            state.starts.pop_front();
+        }
+        let mut slot = now.max(state.paused_until.unwrap_or(now));
+        let len = state.starts.len();
+        if len >= self.limit {
+            slot = slot.max(state.starts[len - self.limit] + self.window);
+        }
+        // Reservations after a pause can be later than this slot only if the pause moved; keep
+        // the log ordered so the indexing above stays right.
+        if let Some(&last) = state.starts.back() {
+            slot = slot.max(last);
+        }
+        if deadline.is_some_and(|d| slot > d) {
+            return Err(DeadlineFirst { slot });
+        }
+        state.starts.push_back(slot);
+        Ok(slot)
+    }
+
+    /// The API said "not before": hold every later call of this account until then.
+    pub fn pause_until(&self, until: Instant) {
+        let mut state = self.state.lock().expect("pacer lock");
+        state.paused_until = Some(state.paused_until.map_or(until, |p| p.max(until)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The property itself: any window holds at most `limit` starts.
+    fn assert_paced(starts: &[Instant], limit: usize, window: Duration) {
+        for (i, &t) in starts.iter().enumerate() {
+            let in_window = starts[i..].iter().take_while(|&&u| u < t + window).count();
+            assert!(
+                in_window <= limit,
+                "{in_window} starts within {window:?} of start {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn burst_is_spread_so_no_window_exceeds_the_limit() {
+        let pacer = Pacer::new(5, Duration::from_secs(60));
+        let starts: Vec<Instant> = (0..23).map(|_| pacer.reserve(None).unwrap()).collect();
+        assert_paced(&starts, 5, Duration::from_secs(60));
+        // The first five go at once; the sixth waits a whole window, not a fifth of one.
+        assert!(starts[4] - starts[0] < Duration::from_millis(50));
+        assert!(starts[5] - starts[0] >= Duration::from_secs(60));
+        assert!(starts[22] - starts[0] >= Duration::from_secs(240));
+    }
+
+    #[test]
+    fn a_deadline_before_the_slot_reserves_nothing() {
+        let pacer = Pacer::new(1, Duration::from_secs(10));
+        pacer.reserve(None).unwrap();
+        let soon = Instant::now() + Duration::from_secs(1);
+        let err = pacer.reserve(Some(soon)).unwrap_err();
+        assert!(err.slot > soon);
+        // The refused request took no slot: the next one is still one window out, not two.
+        let next = pacer.reserve(None).unwrap();
+        assert!(next < Instant::now() + Duration::from_secs(11));
+    }
+
+    #[test]
+    fn pause_holds_later_calls() {
+        let pacer = Pacer::new(100, Duration::from_secs(1));
+        let until = Instant::now() + Duration::from_secs(3);
+        pacer.pause_until(until);
+        assert!(pacer.reserve(None).unwrap() >= until);
+    }
+}

@@ -1,0 +1,101 @@
+//! The callback relay (CONTRACT §5): `POST /callbacks/{token}` from AgentAssist becomes a
+//! `transfer.callback` event on the results exchange. The token authenticates the caller and
+//! says which command the callback is about; the body is relayed as received.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::post;
+use serde_json::Value;
+
+use crate::broker::Broker;
+use crate::event::{Event, Subject};
+use crate::metrics::{Metrics, RelayResult};
+use crate::relay_token::TokenSigner;
+
+/// Largest callback body accepted.
+pub const MAX_CALLBACK_BYTES: usize = 256 * 1024;
+
+/// What the relay needs.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// Verifies tokens.
+    pub signer: TokenSigner,
+    /// Publishes.
+    pub broker: Arc<Broker>,
+    /// Counts.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The relay's routes.
+pub fn router(relay: Relay) -> Router {
+    Router::new()
+        .route("/callbacks/{token}", post(receive))
+        .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
+        .with_state(Arc::new(relay))
+}
+
+async fn receive(
+    State(relay): State<Arc<Relay>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> (StatusCode, &'static str) {
+    let received_at = SystemTime::now();
+    // The token is checked before the body is looked at: an unauthenticated caller learns
+    // nothing, not even the size limit.
+    let Some(ids) = relay.signer.verify(&token) else {
+        relay.metrics.callback(RelayResult::Forbidden);
+        return (StatusCode::NOT_FOUND, "not found\n");
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let status = rejection.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                relay.metrics.callback(RelayResult::TooLarge);
+                return (status, "callback body over 256 KiB\n");
+            }
+            return (status, "cannot read the body\n");
+        }
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let payload = serde_json::from_slice::<Value>(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    let subject = Subject {
+        command_id: &ids.command_id,
+        stream_id: Some(&ids.stream_id),
+        bot_session_id: Some(&ids.bot_session_id),
+        target: Some(&ids.target),
+    };
+    let event = Event::callback(subject, received_at, content_type, &payload);
+    let Some(publisher) = relay.broker.publisher() else {
+        relay.metrics.callback(RelayResult::Unavailable);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker unavailable; retry\n",
+        );
+    };
+    match publisher.publish(&event, None, None).await {
+        Ok(()) => {
+            relay.metrics.callback(RelayResult::Published);
+            relay.metrics.published(event.kind);
+            tracing::info!(command_id = %ids.command_id, event_id = %event.id, "callback relayed");
+            (StatusCode::OK, "ok\n")
+        }
+        Err(e) => {
+            relay.metrics.callback(RelayResult::Unavailable);
+            tracing::warn!(command_id = %ids.command_id, error = %e, "callback not relayed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker unavailable; retry\n",
+            )
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Relay tokens: the last path segment of the callback URL handed to AgentAssist. A token
+//! carries the command's ids and an HMAC-SHA256 over them, so any worker holding the secret
+//! can relay any callback, after restarts too, with no shared state (CONTRACT §5).
+//!
+//! Format: `base64url(json ids) "." base64url(hmac)`, unpadded, URL-safe.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::command::{Command, Target};
+
+/// The ids a callback is correlated by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackIds {
+    /// Command id.
+    #[serde(rename = "c")]
+    pub command_id: String,
+    /// Bot id.
+    #[serde(rename = "s")]
+    pub stream_id: String,
+    /// Session id.
+    #[serde(rename = "b")]
+    pub bot_session_id: String,
+    /// Target.
+    #[serde(rename = "t")]
+    pub target: Target,
+}
+
+impl From<&Command> for CallbackIds {
+    fn from(c: &Command) -> Self {
+        Self {
+            command_id: c.command_id.clone(),
+            stream_id: c.bot.stream_id.clone(),
+            bot_session_id: c.bot_session_id.clone(),
+            target: c.target.clone(),
+        }
+    }
+}
+
+/// Signs with the current secret; verifies with it and with earlier ones during a rotation.
+#[derive(Clone)]
+pub struct TokenSigner {
+    current: SecretString,
+    previous: Vec<SecretString>,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSigner([redacted])")
+    }
+}
+
+fn mac(secret: &SecretString, data: &[u8]) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(data);
+    mac
+}
+
+impl TokenSigner {
+    /// `current` signs; `previous` only verify.
+    pub fn new(current: SecretString, previous: Vec<SecretString>) -> Self {
+        Self { current, previous }
+    }
+
+    /// A token for these ids.
+    pub fn sign(&self, ids: &CallbackIds) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(ids).expect("ids serialize"));
+        let tag = mac(&self.current, payload.as_bytes())
+            .finalize()
+            .into_bytes();
+        format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag))
+    }
+
+    /// The ids, if the token was signed by one of our secrets and is intact.
+    pub fn verify(&self, token: &str) -> Option<CallbackIds> {
+        let (payload, tag) = token.split_once('.')?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        let signed = std::iter::once(&self.current)
+            .chain(&self.previous)
+            // verify_slice compares in constant time.
+            .any(|secret| mac(secret, payload.as_bytes()).verify_slice(&tag).is_ok());
+        if !signed {
+            return None;
+        }
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> CallbackIds {
+        CallbackIds {
+            command_id: "c-1".into(),
+            stream_id: "st-1".into(),
+            bot_session_id: "s-1".into(),
+            target: Target::Queue("qu-1".into()),
+        }
+    }
+
+    fn signer(secret: &str) -> TokenSigner {
+        TokenSigner::new(SecretString::from(secret), vec![])
+    }
+
+    #[test]
+    fn signed_tokens_verify_and_carry_the_ids() {
+        let s = signer("k1-0123456789abcdef");
+        let token = s.sign(&ids());
+        assert!(
+            token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        );
+        assert_eq!(s.verify(&token), Some(ids()));
+    }
+
+    #[test]
+    fn forged_tampered_and_truncated_tokens_fail() {
+        let s = signer("k1-0123456789abcdef");
+        let token = s.sign(&ids());
+        assert_eq!(signer("other-secret-000000").verify(&token), None);
+        let (payload, tag) = token.split_once('.').unwrap();
+        let mut other = ids();
+        other.command_id = "c-2".into();
+        let forged_payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&other).unwrap());
+        assert_eq!(s.verify(&format!("{forged_payload}.{tag}")), None);
+        assert_eq!(s.verify(&token[..token.len() - 2]), None);
+        assert_eq!(s.verify(payload), None);
+        assert_eq!(s.verify(""), None);
+    }
+
+    #[test]
+    fn previous_secrets_verify_but_do_not_sign() {
+        let old = signer("old-secret-0123456789");
+        let token = old.sign(&ids());
+        let rotated = TokenSigner::new(
+            SecretString::from("new-secret-0123456789"),
+            vec![SecretString::from("old-secret-0123456789")],
+        );
+        assert_eq!(rotated.verify(&token), Some(ids()));
+        assert_eq!(old.verify(&rotated.sign(&ids())), None);
+    }
+}

@@ -1,0 +1,83 @@
+//! The retry schedule for transient failures: exponential backoff from backon, with full
+//! jitter — a uniformly random wait between zero and the exponential step — so that commands
+//! failing together do not come back together.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::config::RetrySettings;
+
+/// `[retry]`, ready to use.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    initial: Duration,
+    max: Duration,
+    max_attempts: u32,
+}
+
+impl RetryPolicy {
+    /// From validated settings.
+    pub fn new(settings: &RetrySettings) -> Self {
+        Self {
+            initial: settings.initial_delay,
+            max: settings.max_delay,
+            max_attempts: settings.max_attempts,
+        }
+    }
+
+    /// Calls per command, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The waits before attempts 2, 3, …, `max_attempts`, jitter applied; then nothing.
+    pub fn delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.initial)
+            .with_max_delay(self.max)
+            .with_factor(2.0)
+            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
+            .build()
+            .map(full_jitter)
+    }
+}
+
+/// A uniformly random duration in `[0, step]`.
+fn full_jitter(step: Duration) -> Duration {
+    let nanos = u64::try_from(step.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy::new(&RetrySettings {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(800),
+            max_attempts,
+        })
+    }
+
+    #[test]
+    fn one_delay_per_retry_and_none_after_the_budget() {
+        assert_eq!(policy(8).delays().count(), 7);
+        assert_eq!(policy(1).delays().count(), 0);
+    }
+
+    #[test]
+    fn delays_are_jittered_below_the_exponential_step_and_cap() {
+        let caps = [100, 200, 400, 800, 800, 800, 800];
+        let mut saw_spread = false;
+        for _ in 0..200 {
+            let ds: Vec<Duration> = policy(8).delays().collect();
+            for (d, cap) in ds.iter().zip(caps) {
+                assert!(*d <= Duration::from_millis(cap), "{d:?} > {cap}ms");
+                saw_spread |= *d < Duration::from_millis(cap / 2);
+            }
+        }
+        assert!(saw_spread, "full jitter must reach below half the step");
+    }
+}
