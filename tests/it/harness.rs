@@ -1,0 +1,364 @@
+//! A real application per test: its own queue names on the local RabbitMQ, its own simulator
+//! on a free port, a consumer of every event it publishes, and cleanup that runs even when the
+//! test panics.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use transfer_worker::app::{App, AppError};
+use transfer_worker::broker::{Broker, topology};
+use transfer_worker::config::Settings;
+use transfer_worker::metrics::Metrics;
+use transfer_worker::simulator::{self, Simulator, SimulatorConfig};
+use transfer_worker::worker::Shutdown;
+
+/// The broker every test talks to.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Longest wait for one expected event.
+pub const EVENT_WAIT: Duration = Duration::from_secs(20);
+
+/// Settings for one test: unique names, free ports, fast retries.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::load_with_env(None, Some(HashMap::new())).expect("defaults load");
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    s.amqp.url = amqp_url();
+    s.amqp.commands_queue = format!("tw-test-{id}.commands");
+    s.amqp.results_exchange = format!("tw-test-{id}.results");
+    s.amqp.dead_letter_exchange = format!("tw-test-{id}.dead-letter");
+    s.amqp.dead_letter_queue = format!("tw-test-{id}.commands.dead");
+    s.amqp.prefetch = 64;
+    s.amqp.reconnect_initial_delay = Duration::from_millis(50);
+    s.amqp.reconnect_max_delay = Duration::from_millis(500);
+    s.amqp.operation_timeout = Duration::from_secs(5);
+    s.amqp.confirm_timeout = Duration::from_secs(5);
+    s.agentassist.request_timeout = Duration::from_secs(5);
+    s.bots[0].rate_limit = 10_000;
+    s.bots[0].rate_window = Duration::from_secs(1);
+    s.retry.initial_delay = Duration::from_millis(20);
+    s.retry.max_delay = Duration::from_millis(200);
+    s.retry.max_attempts = 4;
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    s.callbacks.listen = loopback;
+    s.callbacks.public_url = String::new();
+    s.admin.listen = loopback;
+    s.shutdown.grace = Duration::from_secs(5);
+    s
+}
+
+/// An event as a consumer of the results exchange sees it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub json: Value,
+    pub routing_key: String,
+    pub properties: BasicProperties,
+}
+
+impl Received {
+    pub fn name(&self) -> &str {
+        self.json["event"].as_str().unwrap_or_default()
+    }
+    pub fn command_id(&self) -> &str {
+        self.json["commandId"].as_str().unwrap_or_default()
+    }
+}
+
+/// Deletes a test's queues and exchanges when dropped, panicking test or not.
+pub struct Cleanup {
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        // Drop cannot await; a thread with its own runtime can, whatever runtime we are in.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let Ok(Ok(conn)) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()),
+                )
+                .await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else { return };
+                for q in &queues {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()),
+                    )
+                    .await;
+                }
+                for e in &exchanges {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()),
+                    )
+                    .await;
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// One application under test, with its simulator and a view of the broker.
+pub struct Harness {
+    pub settings: Settings,
+    pub sim: Simulator,
+    pub channel: Channel,
+    pub conn: Connection,
+    events: Consumer,
+    dead: Consumer,
+    app: Option<JoinHandle<Result<(), AppError>>>,
+    pub shutdown: Shutdown,
+    pub broker: Arc<Broker>,
+    pub metrics: Arc<Metrics>,
+    pub relay_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    _cleanup: Cleanup,
+}
+
+/// Opens a confirm-mode channel on the test broker.
+pub async fn test_channel() -> (Connection, Channel) {
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&amqp_url(), ConnectionProperties::default()),
+    )
+    .await
+    .expect("connect in time")
+    .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    (conn, channel)
+}
+
+async fn private_queue(channel: &Channel) -> String {
+    let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await
+        .unwrap()
+        .name()
+        .to_string()
+}
+
+async fn consume(channel: &Channel, queue: &str) -> Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
+impl Harness {
+    /// Starts a simulator and the application; `tune` adjusts both before they start.
+    pub async fn start(tune: impl FnOnce(&mut Settings, &mut SimulatorConfig)) -> Self {
+        Self::start_with(test_settings(), tune).await
+    }
+
+    /// Like [`Harness::start`] with given base settings.
+    pub async fn start_with(
+        mut settings: Settings,
+        tune: impl FnOnce(&mut Settings, &mut SimulatorConfig),
+    ) -> Self {
+        let mut sim_config = SimulatorConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            bots: simulator::bots_from_settings(&settings),
+            callbacks: false,
+            ..SimulatorConfig::default()
+        };
+        tune(&mut settings, &mut sim_config);
+        let sim = Simulator::start(sim_config).await.expect("simulator starts");
+        settings.agentassist.base_url = sim.base_url();
+        let cleanup = Cleanup {
+            queues: vec![settings.amqp.commands_queue.clone(), settings.amqp.dead_letter_queue.clone()],
+            exchanges: vec![
+                settings.amqp.results_exchange.clone(),
+                settings.amqp.dead_letter_exchange.clone(),
+            ],
+        };
+        let (conn, channel) = test_channel().await;
+        // Declared here too, so the test's own queues can bind before the worker starts.
+        let mut direct = settings.amqp.clone();
+        direct.url = amqp_url();
+        topology::declare(&channel, &direct).await.expect("topology");
+        let events_queue = private_queue(&channel).await;
+        channel
+            .queue_bind(
+                events_queue.as_str().into(),
+                settings.amqp.results_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let events = consume(&channel, &events_queue).await;
+        let dead = consume(&channel, &settings.amqp.dead_letter_queue).await;
+        let app = App::build(settings.clone()).await.expect("app builds");
+        let shutdown = app.shutdown();
+        let broker = app.broker();
+        let metrics = app.metrics();
+        let relay_addr = app.relay_addr();
+        let admin_addr = app.admin_addr();
+        let handle = tokio::spawn(app.run_until_stopped());
+        let harness = Self {
+            settings,
+            sim,
+            channel,
+            conn,
+            events,
+            dead,
+            app: Some(handle),
+            shutdown,
+            broker,
+            metrics,
+            relay_addr,
+            admin_addr,
+            _cleanup: cleanup,
+        };
+        harness.wait_ready().await;
+        harness
+    }
+
+    /// Waits until the worker consumes.
+    pub async fn wait_ready(&self) {
+        let until = tokio::time::Instant::now() + EVENT_WAIT;
+        while !self.broker.is_ready() {
+            assert!(tokio::time::Instant::now() < until, "worker not ready in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publishes a raw command body with properties, confirmed.
+    pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.commands_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    }
+
+    /// Publishes a JSON command.
+    pub async fn publish(&self, command: &Value) {
+        self.publish_raw(&serde_json::to_vec(command).unwrap(), BasicProperties::default()).await;
+    }
+
+    /// The next event on the results exchange.
+    pub async fn next_event(&mut self) -> Received {
+        let delivery = tokio::time::timeout(EVENT_WAIT, self.events.next())
+            .await
+            .expect("an event in time")
+            .expect("consumer open")
+            .expect("delivery");
+        Received {
+            json: serde_json::from_slice(&delivery.data).expect("events are JSON"),
+            routing_key: delivery.routing_key.to_string(),
+            properties: delivery.properties,
+        }
+    }
+
+    /// The next `n` events.
+    pub async fn events(&mut self, n: usize) -> Vec<Received> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next_event().await);
+        }
+        out
+    }
+
+    /// Asserts that no event arrives within `wait`.
+    pub async fn assert_no_event(&mut self, wait: Duration) {
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, self.events.next()).await {
+            panic!("unexpected event: {}", String::from_utf8_lossy(&d.data));
+        }
+    }
+
+    /// The next message on the dead-letter queue.
+    pub async fn next_dead_letter(&mut self) -> lapin::message::Delivery {
+        tokio::time::timeout(EVENT_WAIT, self.dead.next())
+            .await
+            .expect("a dead letter in time")
+            .expect("consumer open")
+            .expect("delivery")
+    }
+
+    /// Messages waiting in the commands queue.
+    pub async fn commands_waiting(&self) -> u32 {
+        let options = QueueDeclareOptions { passive: true, ..Default::default() };
+        self.channel
+            .queue_declare(self.settings.amqp.commands_queue.as_str().into(), options, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Stops the application gracefully and returns its result.
+    pub async fn stop(mut self) -> Result<(), AppError> {
+        self.shutdown.stop.cancel();
+        let handle = self.app.take().unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("app stops in time")
+            .expect("app task");
+        result
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.stop.cancel();
+        self.shutdown.abandon.cancel();
+    }
+}
+
+/// An agent transfer for session `session`.
+pub fn agent_command(id: &str, session: &str) -> Value {
+    serde_json::json!({
+        "commandId": id,
+        "orgId": "o-6a8a7a3e-5c9b-4f0e-9a57-1f1b2c3d4e5f",
+        "botSessionId": session,
+        "aId": "a-0e1f2a3b-agent",
+    })
+}
+
+/// A queue transfer for session `session`.
+pub fn queue_command(id: &str, session: &str) -> Value {
+    serde_json::json!({
+        "commandId": id,
+        "orgId": "o-6a8a7a3e-5c9b-4f0e-9a57-1f1b2c3d4e5f",
+        "botSessionId": session,
+        "transferredType": "QUEUE",
+        "queueId": "qu-7f8e9d-support",
+    })
+}

@@ -1,0 +1,15 @@
+//! Integration tests: the real application against the local RabbitMQ and the project's
+//! AgentAssist simulator. Each test has its own queue names and ports, so they run in parallel.
+//! `RUST_LOG=transfer_worker=debug` shows the worker's logs.
+
+mod harness;
+mod proxy;
+mod transfers;
+
+
+/// Installs a log subscriber once, when RUST_LOG asks for one.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    }
+}

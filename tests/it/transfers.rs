@@ -1,0 +1,438 @@
+//! Commands in, API calls out, one event per command (CONTRACT §2–4).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use serde_json::{Value, json};
+use transfer_worker::simulator::Reply;
+
+use crate::harness::{Harness, agent_command, queue_command};
+use crate::init_logs;
+use crate::proxy::Proxy;
+
+fn header<'a>(d: &'a lapin::message::Delivery, key: &str) -> String {
+    let headers = d.properties.headers().as_ref().expect("headers");
+    match headers.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("header {key}: {other:?}"),
+    }
+}
+
+fn assert_timestamp(v: &Value) {
+    let s = v.as_str().expect("timestamp is a string");
+    assert!(
+        s.len() == 24 && s.ends_with('Z') && s.as_bytes()[19] == b'.',
+        "RFC 3339 UTC with milliseconds: {s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_and_queue_transfers_publish_contract_events() {
+    init_logs();
+    let mut h = Harness::start(|_, _| {}).await;
+    let stream_id = h.settings.bots[0].stream_id.clone();
+    h.publish(&agent_command("cmd-agent", "0123456789abcdef01234567")).await;
+    let agent = h.next_event().await;
+    h.publish(&queue_command("cmd-queue", "0123456789abcdef0123456f")).await;
+    let queue = h.next_event().await;
+
+    for (e, target) in [
+        (&agent, json!({"type": "agent", "id": "a-0e1f2a3b-agent"})),
+        (&queue, json!({"type": "queue", "id": "qu-7f8e9d-support"})),
+    ] {
+        let v = &e.json;
+        assert_eq!(e.routing_key, "transfer.succeeded");
+        assert_eq!(v["event"], "transfer.succeeded");
+        let event_id = v["eventId"].as_str().unwrap();
+        uuid::Uuid::parse_str(event_id).expect("eventId is a uuid");
+        assert_eq!(v["streamId"], stream_id.as_str());
+        assert_eq!(v["target"], target);
+        assert_eq!(v["attempts"], 1);
+        assert!(v["durationMs"].as_u64().is_some());
+        assert_eq!(v["response"]["status"], "transferred");
+        assert_timestamp(&v["occurredAt"]);
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "attempts", "botSessionId", "commandId", "durationMs", "event", "eventId",
+                "occurredAt", "response", "streamId", "target"
+            ]
+        );
+        let p = &e.properties;
+        assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(*p.delivery_mode(), Some(2));
+        assert_eq!(p.message_id().as_ref().unwrap().as_str(), event_id);
+        assert_eq!(
+            p.correlation_id().as_ref().unwrap().as_str(),
+            v["commandId"].as_str().unwrap()
+        );
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), "event");
+        assert_eq!(p.app_id().as_ref().unwrap().as_str(), "transfer-worker");
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert!(p.timestamp().unwrap().abs_diff(now) < 60);
+    }
+    assert_eq!(agent.json["commandId"], "cmd-agent");
+    assert_eq!(agent.json["botSessionId"], "0123456789abcdef01234567");
+    assert_eq!(agent.json["response"]["agentId"], "a-0e1f2a3b-agent");
+    assert_eq!(queue.json["response"]["queueId"], "qu-7f8e9d-support");
+
+    // What the API received: the documented bodies, with the relay URL as callbackUrl.
+    let requests = h.sim.requests();
+    assert_eq!(requests.len(), 2);
+    let relay_prefix = format!("http://{}/callbacks/", h.relay_addr);
+    let a = &requests[0].body;
+    assert_eq!(a["orgId"], "o-6a8a7a3e-5c9b-4f0e-9a57-1f1b2c3d4e5f");
+    assert_eq!(a["aId"], "a-0e1f2a3b-agent");
+    assert!(a.get("transferredType").is_none(), "no transferredType for agents: {a}");
+    assert!(a["callbackUrl"].as_str().unwrap().starts_with(&relay_prefix));
+    let q = &requests[1].body;
+    assert_eq!(q["transferredType"], "QUEUE");
+    assert_eq!(q["queueId"], "qu-7f8e9d-support");
+    assert!(q.get("aId").is_none());
+    assert_eq!(requests[1].account_id.as_deref(), Some(h.settings.bots[0].account_id.as_str()));
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_with_its_own_callback_url_sends_it_as_is() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let mut c = agent_command("own-cb", "s-own-cb");
+    c["callbackUrl"] = json!("https://bot.example/transfer-status");
+    h.publish(&c).await;
+    assert_eq!(h.next_event().await.name(), "transfer.succeeded");
+    assert_eq!(h.sim.requests()[0].body["callbackUrl"], "https://bot.example/transfer-status");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_bad_input_is_rejected_dead_lettered_and_the_worker_goes_on() {
+    init_logs();
+    let mut h = Harness::start(|_, _| {}).await;
+    let big = format!(
+        r#"{{"orgId":"o","botSessionId":"s","aId":"a","pad":"{}"}}"#,
+        "x".repeat(64 * 1024)
+    );
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"\xc3\x28 not utf-8".to_vec(), "not UTF-8"),
+        (b"{\"orgId\": ".to_vec(), "not valid JSON"),
+        (big.into_bytes(), "limit is 65536"),
+        (br#"{"botSessionId":"s1","aId":"a-1"}"#.to_vec(), "missing required field orgId"),
+        (br#"{"orgId":"o-1","aId":"a-1"}"#.to_vec(), "missing required field botSessionId"),
+        (br#"{"orgId":"o-1","botSessionId":"s1"}"#.to_vec(), "no target"),
+        (
+            br#"{"orgId":"o-1","botSessionId":"s1","aId":"a-1","transferredType":"QUEUE","queueId":"q-1"}"#.to_vec(),
+            "two targets",
+        ),
+        (br#"{"orgId":"o-1","botSessionId":"s1","aId":"a-1","streamId":"st-unknown"}"#.to_vec(), "unknown streamId"),
+        (br#"{"orgId":"o-1","botSessionId":"s1","transferredType":"BOT","queueId":"q-1"}"#.to_vec(), "transferredType \"BOT\""),
+    ];
+    for (i, (body, needle)) in cases.iter().enumerate() {
+        let props = BasicProperties::default().with_message_id(format!("bad-{i}").into());
+        h.publish_raw(body, props).await;
+        let e = h.next_event().await;
+        assert_eq!(e.routing_key, "transfer.rejected", "case {i}");
+        assert_eq!(e.json["error"]["kind"], "invalid_command");
+        let message = e.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "case {i}: {message:?} lacks {needle:?}");
+        assert_eq!(e.json["messageId"], format!("bad-{i}"));
+        assert_eq!(e.json["attempts"], 0);
+        let dead = h.next_dead_letter().await;
+        assert_eq!(&dead.data, body, "the dead letter is the command as received");
+        assert_eq!(header(&dead, "x-transfer-event"), "transfer.rejected");
+        assert_eq!(header(&dead, "x-transfer-error"), message);
+    }
+    // Ids that could not be read are null; those that could are kept.
+    h.publish_raw(br#"{"commandId":"half","botSessionId":"s9","aId":"a-9"}"#, BasicProperties::default()).await;
+    let e = h.next_event().await;
+    assert_eq!(e.json["commandId"], "half");
+    assert_eq!(e.json["botSessionId"], "s9");
+    assert_eq!(e.json["target"], json!({"type":"agent","id":"a-9"}));
+    let _ = h.next_dead_letter().await;
+    // Nothing reached the API, and the worker still works.
+    assert!(h.sim.requests().is_empty());
+    h.publish(&agent_command("after-bad", "s-after")).await;
+    assert_eq!(h.next_event().await.name(), "transfer.succeeded");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_then_200_succeeds_on_the_second_attempt() {
+    let mut h = Harness::start(|_, _| {}).await;
+    h.sim.script([Reply::Status(503), Reply::Accept]);
+    h.publish(&agent_command("flaky", "s-flaky")).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.succeeded");
+    assert_eq!(e.json["attempts"], 2);
+    assert_eq!(h.sim.requests().len(), 2);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_is_retried_once_with_a_fresh_token() {
+    let mut h = Harness::start(|_, _| {}).await;
+    h.sim.script([Reply::Status(401), Reply::Accept]);
+    h.publish(&agent_command("reauth", "s-reauth")).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.succeeded");
+    assert_eq!(e.json["attempts"], 2);
+    // A second 401 in a row is final.
+    h.sim.script([Reply::Status(401), Reply::Status(401), Reply::Accept]);
+    h.publish(&agent_command("reauth-2", "s-reauth-2")).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.failed");
+    assert_eq!(e.json["attempts"], 2);
+    assert_eq!(e.json["error"]["status"], 401);
+    assert_eq!(e.json["retryable"], false);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_transient() {
+    let mut h = Harness::start(|s, _| s.agentassist.request_timeout = Duration::from_millis(300)).await;
+    h.sim.script([Reply::Hang, Reply::Accept]);
+    h.publish(&agent_command("slow", "s-slow")).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.succeeded");
+    assert_eq!(e.json["attempts"], 2);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_waits_at_least_that_long() {
+    let mut h = Harness::start(|_, _| {}).await;
+    h.sim.script([Reply::RateLimited { retry_after: Duration::from_secs(2) }, Reply::Accept]);
+    h.publish(&agent_command("limited", "s-limited")).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.succeeded");
+    assert_eq!(e.json["attempts"], 2);
+    let r = h.sim.requests();
+    let gap = r[1].received_at - r[0].received_at;
+    // The backoff alone would be at most 20 ms here.
+    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_fails_at_once_without_retry() {
+    let mut h = Harness::start(|_, _| {}).await;
+    h.sim.script([Reply::Status(400), Reply::Accept]);
+    h.publish(&queue_command("refused", "s-refused")).await;
+    let e = h.next_event().await;
+    assert_eq!(e.routing_key, "transfer.failed");
+    assert_eq!(e.json["attempts"], 1);
+    assert_eq!(e.json["retryable"], false);
+    assert_eq!(e.json["error"]["kind"], "http_status");
+    assert_eq!(e.json["error"]["status"], 400);
+    assert!(e.json["error"]["body"]["errors"].is_array(), "the API's body is kept: {}", e.json);
+    assert_eq!(h.sim.requests().len(), 1);
+    let dead = h.next_dead_letter().await;
+    assert_eq!(header(&dead, "x-transfer-event"), "transfer.failed");
+    assert!(header(&dead, "x-transfer-error").contains("400"));
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_until_the_budget_runs_out_fail_as_retryable() {
+    let mut h = Harness::start(|s, _| s.retry.max_attempts = 3).await;
+    h.sim.script([Reply::Status(503), Reply::Status(502), Reply::Status(500), Reply::Accept]);
+    h.publish(&agent_command("doomed", "s-doomed")).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.failed");
+    assert_eq!(e.json["attempts"], 3);
+    assert_eq!(e.json["retryable"], true);
+    assert_eq!(e.json["error"]["status"], 500);
+    assert_eq!(h.sim.requests().len(), 3);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_command_is_never_sent() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let mut c = agent_command("late", "s-late");
+    c["expiresAt"] = json!("2020-01-01T00:00:00Z");
+    h.publish(&c).await;
+    let e = h.next_event().await;
+    assert_eq!(e.routing_key, "transfer.expired");
+    assert_eq!(e.json["expiresAt"], "2020-01-01T00:00:00.000Z");
+    assert_eq!(e.json["attempts"], 0);
+    // An AMQP timestamp older than commands.max_age is a deadline too.
+    let old = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() - 3600;
+    let body = serde_json::to_vec(&agent_command("stale", "s-stale")).unwrap();
+    h.publish_raw(&body, BasicProperties::default().with_timestamp(old)).await;
+    let e = h.next_event().await;
+    assert_eq!(e.routing_key, "transfer.expired");
+    assert_eq!(e.json["commandId"], "stale");
+    assert!(h.sim.requests().is_empty(), "expired commands reach no API");
+    let dead = h.next_dead_letter().await;
+    assert_eq!(header(&dead, "x-transfer-event"), "transfer.expired");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_to_gets_the_outcome_with_the_commands_correlation_id() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let (_conn, ch) = crate::harness::test_channel().await;
+    let reply = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions { exclusive: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&agent_command("with-reply", "s-reply")).unwrap();
+    let props = BasicProperties::default()
+        .with_reply_to(reply.name().clone())
+        .with_correlation_id("caller-42".into());
+    h.publish_raw(&body, props).await;
+    let on_results = h.next_event().await;
+    let got = loop {
+        let m = ch
+            .basic_get(reply.name().clone(), lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if let Some(m) = m {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v: Value = serde_json::from_slice(&got.delivery.data).unwrap();
+    assert_eq!(v, on_results.json, "the same event");
+    assert_eq!(got.delivery.properties.correlation_id().as_ref().unwrap().as_str(), "caller-42");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_command_is_not_sent_again_and_its_event_is_republished() {
+    let mut h = Harness::start(|_, _| {}).await;
+    h.publish(&agent_command("once", "s-once")).await;
+    let first = h.next_event().await;
+    // Published again by an upstream retry.
+    h.publish(&agent_command("once", "s-once")).await;
+    let second = h.next_event().await;
+    assert_eq!(second.json, first.json, "same event, same eventId");
+    assert_eq!(h.sim.requests().len(), 1, "the API was called once");
+    // Without commandId: the body hash dedupes.
+    let mut anon = agent_command("x", "s-anon");
+    anon.as_object_mut().unwrap().remove("commandId");
+    h.publish(&anon).await;
+    let a = h.next_event().await;
+    h.publish(&anon).await;
+    let b = h.next_event().await;
+    assert!(a.command_id().starts_with("sha256:"));
+    assert_eq!(a.json["eventId"], b.json["eventId"]);
+    assert_eq!(h.sim.requests().len(), 2);
+    assert_eq!(h.metrics.commands_deduplicated.get(), 2);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_session_keeps_order_while_other_sessions_overtake() {
+    let mut h = Harness::start(|_, sim| sim.latency = Duration::from_millis(300)).await;
+    for i in 0..4 {
+        h.publish(&agent_command(&format!("slow-{i}"), "s-busy")).await;
+    }
+    h.publish(&agent_command("fast", "s-other")).await;
+    let events = h.events(5).await;
+    let order: Vec<&str> = events.iter().map(|e| e.command_id()).collect();
+    let busy: Vec<&str> = order.iter().copied().filter(|id| id.starts_with("slow")).collect();
+    assert_eq!(busy, ["slow-0", "slow-1", "slow-2", "slow-3"]);
+    let fast = order.iter().position(|id| *id == "fast").unwrap();
+    assert!(fast <= 1, "the other session overtook the queue of s-busy: {order:?}");
+    // And the API saw the session's calls one at a time, in order.
+    let seen: Vec<String> = h
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.bot_session_id.as_deref() == Some("s-busy"))
+        .map(|r| r.body["aId"].to_string())
+        .collect();
+    assert_eq!(seen.len(), 4);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacing_holds_a_low_rate_over_any_sliding_window() {
+    let limit = 3;
+    let window = Duration::from_secs(1);
+    let mut h = Harness::start(|s, _| {
+        s.bots[0].rate_limit = limit;
+        s.bots[0].rate_window = window;
+    })
+    .await;
+    for i in 0..10 {
+        h.publish(&agent_command(&format!("paced-{i}"), &format!("s-paced-{i}"))).await;
+    }
+    let events = h.events(10).await;
+    assert!(events.iter().all(|e| e.name() == "transfer.succeeded"));
+    let mut times: Vec<Instant> = h.sim.requests().iter().map(|r| r.received_at).collect();
+    times.sort();
+    assert_eq!(times.len(), 10);
+    for (i, t) in times.iter().enumerate() {
+        let within = times[i..].iter().filter(|u| **u - *t < window).count();
+        assert!(within <= limit as usize, "{within} calls within {window:?} from call {i}");
+    }
+    // 10 calls at 3 per second need at least three full windows.
+    assert!(times[9] - times[0] >= Duration::from_secs(3));
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_deadline_passes_while_paced_expires_unsent() {
+    let mut h = Harness::start(|s, _| {
+        s.bots[0].rate_limit = 1;
+        s.bots[0].rate_window = Duration::from_secs(30);
+    })
+    .await;
+    h.publish(&agent_command("first", "s-first")).await;
+    assert_eq!(h.next_event().await.name(), "transfer.succeeded");
+    let mut c = agent_command("waits", "s-waits");
+    let soon = SystemTime::now() + Duration::from_secs(2);
+    c["expiresAt"] = json!(transfer_worker::event::rfc3339_ms(soon));
+    h.publish(&c).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.expired");
+    assert_eq!(h.sim.requests().len(), 1);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutting_the_broker_connection_loses_no_command() {
+    init_logs();
+    let upstream = "127.0.0.1:5672".parse().unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let url = proxy.amqp_url();
+    let mut h = Harness::start(|s, sim| {
+        s.amqp.url = url;
+        sim.latency = Duration::from_millis(150);
+    })
+    .await;
+    let n = 40;
+    for i in 0..n {
+        h.publish(&agent_command(&format!("cut-{i}"), &format!("s-cut-{}", i % 10))).await;
+    }
+    // Let some complete, then cut while others are in flight.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!h.broker.is_ready());
+    proxy.restore();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while seen.len() < n {
+        let e = h.next_event().await;
+        assert_eq!(e.name(), "transfer.succeeded", "{}", e.json);
+        *seen.entry(e.command_id().to_owned()).or_default() += 1;
+    }
+    // Every command ended; none is left behind; none was sent to the API twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.commands_waiting().await, 0);
+    // Each command needed one call at least, so at most n calls means exactly one each.
+    assert!(h.sim.requests().len() <= n, "{} calls for {n} commands", h.sim.requests().len());
+    assert!(h.metrics.broker_reconnects.get() >= 1);
+    h.stop().await.unwrap();
+}
