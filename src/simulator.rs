@@ -1,7 +1,7 @@
 //! A stand-in for Kore.ai AgentAssist's `assign-conversation` API, served in-process.
 //!
-//! It checks requests as strictly as the real API is documented (the vendor's page and
-//! `shared/agentassist-api.md`), answers with the vendor's sample shapes, can be told to fail,
+//! It checks requests as strictly as the real API is documented (the vendor's
+//! "Transfer Conversation To a Specific Agent or Queue" page), answers with the vendor's sample shapes, can be told to fail,
 //! rate-limit, reject or hang (by rates, or by a script of exact replies for tests), and posts
 //! callbacks to the `callbackUrl` of accepted transfers.
 //!

@@ -100,7 +100,11 @@ impl Job {
 }
 
 enum Stop {
+    /// Stopped while connected: drain, then close this connection.
     Shutdown(Connection),
+    /// Stopped before a connection was up.
+    Stopped,
+    /// The connection went away.
     Lost(String),
 }
 
@@ -122,10 +126,9 @@ impl Worker {
         let mut delays = reconnect_delays(&p.amqp);
         let mut connected_before = false;
         loop {
-            let attempt = tokio::select! {
-                r = self.clone().serve() => r,
-                () = p.shutdown.stop.cancelled() => break,
-            };
+            // `serve` watches the stop signal itself: once connected it must drain in-flight
+            // commands on its connection before returning, which dropping it would prevent.
+            let attempt = self.clone().serve().await;
             p.broker.set_consuming(false);
             p.broker.set_publisher(None);
             match attempt {
@@ -139,6 +142,7 @@ impl Worker {
                     .await;
                     return Ok(());
                 }
+                Ok((Stop::Stopped, _)) => break,
                 Ok((Stop::Lost(reason), served)) => {
                     tracing::warn!(%reason, "broker connection lost; reconnecting");
                     if served {
@@ -169,30 +173,37 @@ impl Worker {
     async fn serve(self: Arc<Self>) -> Result<(Stop, bool), BrokerError> {
         let p = &self.parts;
         let t = p.amqp.operation_timeout;
-        let name = format!("transfer-worker {}", std::process::id());
-        let connection = broker::connection::connect(&p.amqp, &name).await?;
-        let setup = timed("channel.open", t, connection.create_channel()).await?;
-        broker::topology::declare(&setup, &p.amqp).await?;
-        let publisher = Arc::new(Publisher::open(&connection, &p.amqp).await?);
-        let channel = timed("channel.open", t, connection.create_channel()).await?;
-        timed(
-            "basic.qos",
-            t,
-            channel.basic_qos(p.amqp.prefetch, BasicQosOptions::default()),
-        )
-        .await?;
         let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
-        let mut consumer = timed(
-            "basic.consume",
-            t,
-            channel.basic_consume(
-                p.amqp.commands_queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        let setup = async {
+            let name = format!("transfer-worker {}", std::process::id());
+            let connection = broker::connection::connect(&p.amqp, &name).await?;
+            let setup = timed("channel.open", t, connection.create_channel()).await?;
+            broker::topology::declare(&setup, &p.amqp).await?;
+            let publisher = Arc::new(Publisher::open(&connection, &p.amqp).await?);
+            let channel = timed("channel.open", t, connection.create_channel()).await?;
+            timed(
+                "basic.qos",
+                t,
+                channel.basic_qos(p.amqp.prefetch, BasicQosOptions::default()),
+            )
+            .await?;
+            let consumer = timed(
+                "basic.consume",
+                t,
+                channel.basic_consume(
+                    p.amqp.commands_queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            Ok::<_, BrokerError>((connection, publisher, channel, consumer))
+        };
+        let (connection, publisher, channel, mut consumer) = tokio::select! {
+            r = setup => r?,
+            () = p.shutdown.stop.cancelled() => return Ok((Stop::Stopped, false)),
+        };
         p.broker.set_publisher(Some(publisher.clone()));
         p.broker.set_consuming(true);
         tracing::info!(

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
 use super::{BrokerError, timed};
@@ -190,12 +190,4 @@ fn event_properties(event: &Event) -> BasicProperties {
         .with_type("event".into())
         .with_timestamp(now)
         .with_app_id("transfer-worker".into())
-}
-
-/// The header table of a message, for tests and tools that read dead letters.
-pub fn header_str<'a>(headers: &'a FieldTable, key: &str) -> Option<&'a [u8]> {
-    match headers.inner().get(key)? {
-        AMQPValue::LongString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
 }

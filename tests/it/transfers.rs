@@ -12,7 +12,7 @@ use crate::harness::{Harness, agent_command, queue_command};
 use crate::init_logs;
 use crate::proxy::Proxy;
 
-fn header<'a>(d: &'a lapin::message::Delivery, key: &str) -> String {
+fn header(d: &lapin::message::Delivery, key: &str) -> String {
     let headers = d.properties.headers().as_ref().expect("headers");
     match headers.inner().get(key) {
         Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
@@ -33,9 +33,11 @@ async fn agent_and_queue_transfers_publish_contract_events() {
     init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let stream_id = h.settings.bots[0].stream_id.clone();
-    h.publish(&agent_command("cmd-agent", "0123456789abcdef01234567")).await;
+    h.publish(&agent_command("cmd-agent", "0123456789abcdef01234567"))
+        .await;
     let agent = h.next_event().await;
-    h.publish(&queue_command("cmd-queue", "0123456789abcdef0123456f")).await;
+    h.publish(&queue_command("cmd-queue", "0123456789abcdef0123456f"))
+        .await;
     let queue = h.next_event().await;
 
     for (e, target) in [
@@ -59,12 +61,23 @@ async fn agent_and_queue_transfers_publish_contract_events() {
         assert_eq!(
             keys,
             [
-                "attempts", "botSessionId", "commandId", "durationMs", "event", "eventId",
-                "occurredAt", "response", "streamId", "target"
+                "attempts",
+                "botSessionId",
+                "commandId",
+                "durationMs",
+                "event",
+                "eventId",
+                "occurredAt",
+                "response",
+                "streamId",
+                "target"
             ]
         );
         let p = &e.properties;
-        assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
         assert_eq!(*p.delivery_mode(), Some(2));
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), event_id);
         assert_eq!(
@@ -73,7 +86,10 @@ async fn agent_and_queue_transfers_publish_contract_events() {
         );
         assert_eq!(p.kind().as_ref().unwrap().as_str(), "event");
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "transfer-worker");
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         assert!(p.timestamp().unwrap().abs_diff(now) < 60);
     }
     assert_eq!(agent.json["commandId"], "cmd-agent");
@@ -88,13 +104,24 @@ async fn agent_and_queue_transfers_publish_contract_events() {
     let a = &requests[0].body;
     assert_eq!(a["orgId"], "o-6a8a7a3e-5c9b-4f0e-9a57-1f1b2c3d4e5f");
     assert_eq!(a["aId"], "a-0e1f2a3b-agent");
-    assert!(a.get("transferredType").is_none(), "no transferredType for agents: {a}");
-    assert!(a["callbackUrl"].as_str().unwrap().starts_with(&relay_prefix));
+    assert!(
+        a.get("transferredType").is_none(),
+        "no transferredType for agents: {a}"
+    );
+    assert!(
+        a["callbackUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with(&relay_prefix)
+    );
     let q = &requests[1].body;
     assert_eq!(q["transferredType"], "QUEUE");
     assert_eq!(q["queueId"], "qu-7f8e9d-support");
     assert!(q.get("aId").is_none());
-    assert_eq!(requests[1].account_id.as_deref(), Some(h.settings.bots[0].account_id.as_str()));
+    assert_eq!(
+        requests[1].account_id.as_deref(),
+        Some(h.settings.bots[0].account_id.as_str())
+    );
     h.stop().await.unwrap();
 }
 
@@ -105,7 +132,10 @@ async fn a_command_with_its_own_callback_url_sends_it_as_is() {
     c["callbackUrl"] = json!("https://bot.example/transfer-status");
     h.publish(&c).await;
     assert_eq!(h.next_event().await.name(), "transfer.succeeded");
-    assert_eq!(h.sim.requests()[0].body["callbackUrl"], "https://bot.example/transfer-status");
+    assert_eq!(
+        h.sim.requests()[0].body["callbackUrl"],
+        "https://bot.example/transfer-status"
+    );
     h.stop().await.unwrap();
 }
 
@@ -138,16 +168,26 @@ async fn every_kind_of_bad_input_is_rejected_dead_lettered_and_the_worker_goes_o
         assert_eq!(e.routing_key, "transfer.rejected", "case {i}");
         assert_eq!(e.json["error"]["kind"], "invalid_command");
         let message = e.json["error"]["message"].as_str().unwrap();
-        assert!(message.contains(needle), "case {i}: {message:?} lacks {needle:?}");
+        assert!(
+            message.contains(needle),
+            "case {i}: {message:?} lacks {needle:?}"
+        );
         assert_eq!(e.json["messageId"], format!("bad-{i}"));
         assert_eq!(e.json["attempts"], 0);
         let dead = h.next_dead_letter().await;
-        assert_eq!(&dead.data, body, "the dead letter is the command as received");
+        assert_eq!(
+            &dead.data, body,
+            "the dead letter is the command as received"
+        );
         assert_eq!(header(&dead, "x-transfer-event"), "transfer.rejected");
         assert_eq!(header(&dead, "x-transfer-error"), message);
     }
     // Ids that could not be read are null; those that could are kept.
-    h.publish_raw(br#"{"commandId":"half","botSessionId":"s9","aId":"a-9"}"#, BasicProperties::default()).await;
+    h.publish_raw(
+        br#"{"commandId":"half","botSessionId":"s9","aId":"a-9"}"#,
+        BasicProperties::default(),
+    )
+    .await;
     let e = h.next_event().await;
     assert_eq!(e.json["commandId"], "half");
     assert_eq!(e.json["botSessionId"], "s9");
@@ -181,7 +221,8 @@ async fn a_401_is_retried_once_with_a_fresh_token() {
     assert_eq!(e.name(), "transfer.succeeded");
     assert_eq!(e.json["attempts"], 2);
     // A second 401 in a row is final.
-    h.sim.script([Reply::Status(401), Reply::Status(401), Reply::Accept]);
+    h.sim
+        .script([Reply::Status(401), Reply::Status(401), Reply::Accept]);
     h.publish(&agent_command("reauth-2", "s-reauth-2")).await;
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.failed");
@@ -193,7 +234,8 @@ async fn a_401_is_retried_once_with_a_fresh_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_is_transient() {
-    let mut h = Harness::start(|s, _| s.agentassist.request_timeout = Duration::from_millis(300)).await;
+    let mut h =
+        Harness::start(|s, _| s.agentassist.request_timeout = Duration::from_millis(300)).await;
     h.sim.script([Reply::Hang, Reply::Accept]);
     h.publish(&agent_command("slow", "s-slow")).await;
     let e = h.next_event().await;
@@ -205,7 +247,12 @@ async fn a_timeout_is_transient() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_with_retry_after_waits_at_least_that_long() {
     let mut h = Harness::start(|_, _| {}).await;
-    h.sim.script([Reply::RateLimited { retry_after: Duration::from_secs(2) }, Reply::Accept]);
+    h.sim.script([
+        Reply::RateLimited {
+            retry_after: Duration::from_secs(2),
+        },
+        Reply::Accept,
+    ]);
     h.publish(&agent_command("limited", "s-limited")).await;
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.succeeded");
@@ -228,7 +275,11 @@ async fn a_400_fails_at_once_without_retry() {
     assert_eq!(e.json["retryable"], false);
     assert_eq!(e.json["error"]["kind"], "http_status");
     assert_eq!(e.json["error"]["status"], 400);
-    assert!(e.json["error"]["body"]["errors"].is_array(), "the API's body is kept: {}", e.json);
+    assert!(
+        e.json["error"]["body"]["errors"].is_array(),
+        "the API's body is kept: {}",
+        e.json
+    );
     assert_eq!(h.sim.requests().len(), 1);
     let dead = h.next_dead_letter().await;
     assert_eq!(header(&dead, "x-transfer-event"), "transfer.failed");
@@ -239,7 +290,12 @@ async fn a_400_fails_at_once_without_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_until_the_budget_runs_out_fail_as_retryable() {
     let mut h = Harness::start(|s, _| s.retry.max_attempts = 3).await;
-    h.sim.script([Reply::Status(503), Reply::Status(502), Reply::Status(500), Reply::Accept]);
+    h.sim.script([
+        Reply::Status(503),
+        Reply::Status(502),
+        Reply::Status(500),
+        Reply::Accept,
+    ]);
     h.publish(&agent_command("doomed", "s-doomed")).await;
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.failed");
@@ -261,9 +317,14 @@ async fn an_expired_command_is_never_sent() {
     assert_eq!(e.json["expiresAt"], "2020-01-01T00:00:00.000Z");
     assert_eq!(e.json["attempts"], 0);
     // An AMQP timestamp older than commands.max_age is a deadline too.
-    let old = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() - 3600;
+    let old = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
     let body = serde_json::to_vec(&agent_command("stale", "s-stale")).unwrap();
-    h.publish_raw(&body, BasicProperties::default().with_timestamp(old)).await;
+    h.publish_raw(&body, BasicProperties::default().with_timestamp(old))
+        .await;
     let e = h.next_event().await;
     assert_eq!(e.routing_key, "transfer.expired");
     assert_eq!(e.json["commandId"], "stale");
@@ -280,7 +341,10 @@ async fn reply_to_gets_the_outcome_with_the_commands_correlation_id() {
     let reply = ch
         .queue_declare(
             "".into(),
-            lapin::options::QueueDeclareOptions { exclusive: true, ..Default::default() },
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
             Default::default(),
         )
         .await
@@ -293,7 +357,10 @@ async fn reply_to_gets_the_outcome_with_the_commands_correlation_id() {
     let on_results = h.next_event().await;
     let got = loop {
         let m = ch
-            .basic_get(reply.name().clone(), lapin::options::BasicGetOptions { no_ack: true })
+            .basic_get(
+                reply.name().clone(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
             .await
             .unwrap();
         if let Some(m) = m {
@@ -303,7 +370,15 @@ async fn reply_to_gets_the_outcome_with_the_commands_correlation_id() {
     };
     let v: Value = serde_json::from_slice(&got.delivery.data).unwrap();
     assert_eq!(v, on_results.json, "the same event");
-    assert_eq!(got.delivery.properties.correlation_id().as_ref().unwrap().as_str(), "caller-42");
+    assert_eq!(
+        got.delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "caller-42"
+    );
     h.stop().await.unwrap();
 }
 
@@ -335,15 +410,23 @@ async fn a_completed_command_is_not_sent_again_and_its_event_is_republished() {
 async fn same_session_keeps_order_while_other_sessions_overtake() {
     let mut h = Harness::start(|_, sim| sim.latency = Duration::from_millis(300)).await;
     for i in 0..4 {
-        h.publish(&agent_command(&format!("slow-{i}"), "s-busy")).await;
+        h.publish(&agent_command(&format!("slow-{i}"), "s-busy"))
+            .await;
     }
     h.publish(&agent_command("fast", "s-other")).await;
     let events = h.events(5).await;
     let order: Vec<&str> = events.iter().map(|e| e.command_id()).collect();
-    let busy: Vec<&str> = order.iter().copied().filter(|id| id.starts_with("slow")).collect();
+    let busy: Vec<&str> = order
+        .iter()
+        .copied()
+        .filter(|id| id.starts_with("slow"))
+        .collect();
     assert_eq!(busy, ["slow-0", "slow-1", "slow-2", "slow-3"]);
     let fast = order.iter().position(|id| *id == "fast").unwrap();
-    assert!(fast <= 1, "the other session overtook the queue of s-busy: {order:?}");
+    assert!(
+        fast <= 1,
+        "the other session overtook the queue of s-busy: {order:?}"
+    );
     // And the API saw the session's calls one at a time, in order.
     let seen: Vec<String> = h
         .sim
@@ -366,7 +449,11 @@ async fn pacing_holds_a_low_rate_over_any_sliding_window() {
     })
     .await;
     for i in 0..10 {
-        h.publish(&agent_command(&format!("paced-{i}"), &format!("s-paced-{i}"))).await;
+        h.publish(&agent_command(
+            &format!("paced-{i}"),
+            &format!("s-paced-{i}"),
+        ))
+        .await;
     }
     let events = h.events(10).await;
     assert!(events.iter().all(|e| e.name() == "transfer.succeeded"));
@@ -375,7 +462,10 @@ async fn pacing_holds_a_low_rate_over_any_sliding_window() {
     assert_eq!(times.len(), 10);
     for (i, t) in times.iter().enumerate() {
         let within = times[i..].iter().filter(|u| **u - *t < window).count();
-        assert!(within <= limit as usize, "{within} calls within {window:?} from call {i}");
+        assert!(
+            within <= limit as usize,
+            "{within} calls within {window:?} from call {i}"
+        );
     }
     // 10 calls at 3 per second need at least three full windows.
     assert!(times[9] - times[0] >= Duration::from_secs(3));
@@ -414,7 +504,11 @@ async fn cutting_the_broker_connection_loses_no_command() {
     .await;
     let n = 40;
     for i in 0..n {
-        h.publish(&agent_command(&format!("cut-{i}"), &format!("s-cut-{}", i % 10))).await;
+        h.publish(&agent_command(
+            &format!("cut-{i}"),
+            &format!("s-cut-{}", i % 10),
+        ))
+        .await;
     }
     // Let some complete, then cut while others are in flight.
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -432,7 +526,11 @@ async fn cutting_the_broker_connection_loses_no_command() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.commands_waiting().await, 0);
     // Each command needed one call at least, so at most n calls means exactly one each.
-    assert!(h.sim.requests().len() <= n, "{} calls for {n} commands", h.sim.requests().len());
+    assert!(
+        h.sim.requests().len() <= n,
+        "{} calls for {n} commands",
+        h.sim.requests().len()
+    );
     assert!(h.metrics.broker_reconnects.get() >= 1);
     h.stop().await.unwrap();
 }
