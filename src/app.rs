@@ -96,6 +96,7 @@ impl App {
         let worker = Worker::new(WorkerParts {
             amqp: settings.amqp.clone(),
             grace: settings.shutdown.grace,
+            settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
             parser: Parser::new(Bots::from_settings(&settings), settings.commands.max_age),
             transfers,
             outcomes: Outcomes::new(

@@ -51,6 +51,9 @@ pub struct WorkerParts {
     pub amqp: AmqpSettings,
     /// `shutdown.grace`.
     pub grace: Duration,
+    /// After the grace: time for a call already on the wire to end and its outcome to be
+    /// confirmed (request timeout + confirm timeout).
+    pub settle: Duration,
     /// Reads deliveries.
     pub parser: Parser,
     /// Runs commands.
@@ -100,7 +103,7 @@ impl Job {
 }
 
 enum Stop {
-    /// Stopped while connected: drain, then close this connection.
+    /// Stopped while connected and drained: close this connection.
     Shutdown(Connection),
     /// Stopped before a connection was up.
     Stopped,
@@ -133,7 +136,6 @@ impl Worker {
             p.broker.set_publisher(None);
             match attempt {
                 Ok((Stop::Shutdown(connection), _)) => {
-                    self.drain().await;
                     let _ = timed(
                         "connection.close",
                         p.amqp.operation_timeout,
@@ -221,6 +223,11 @@ impl Worker {
                     if let Err(e) = timed("basic.cancel", t, cancel).await {
                         tracing::warn!(error = %e, "could not cancel the consumer");
                     }
+                    // Drain while the consuming channel is open: the acks of in-flight commands
+                    // go to it, and dropping it would hand them all back to the broker.
+                    self.drain().await;
+                    drop(consumer);
+                    drop(channel);
                     return Ok((Stop::Shutdown(connection), true));
                 }
                 delivery = consumer.next() => match delivery {
@@ -384,7 +391,9 @@ impl Worker {
                 "shutdown grace ran out; returning unfinished commands to the queue"
             );
             p.shutdown.abandon.cancel();
-            let _ = tokio::time::timeout(p.amqp.operation_timeout, self.tracker.wait()).await;
+            // Waits end at once; a call already on the wire may finish (abandoning it could
+            // transfer the conversation twice), and its outcome still gets published.
+            let _ = tokio::time::timeout(p.settle, self.tracker.wait()).await;
         }
         tracing::info!(elapsed = ?started.elapsed(), "in-flight commands drained");
     }

@@ -25,7 +25,8 @@ use transfer_worker::worker::Shutdown;
 
 /// The broker every test talks to.
 pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// Longest wait for one expected event.
@@ -82,13 +83,23 @@ pub struct Cleanup {
     exchanges: Vec<String>,
 }
 
+impl Cleanup {
+    /// A guard for queues and exchanges a test declares itself.
+    pub fn new(queues: Vec<String>, exchanges: Vec<String>) -> Self {
+        Self { queues, exchanges }
+    }
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let queues = std::mem::take(&mut self.queues);
         let exchanges = std::mem::take(&mut self.exchanges);
         // Drop cannot await; a thread with its own runtime can, whatever runtime we are in.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 let Ok(Ok(conn)) = tokio::time::timeout(
                     Duration::from_secs(5),
@@ -98,7 +109,9 @@ impl Drop for Cleanup {
                 else {
                     return;
                 };
-                let Ok(ch) = conn.create_channel().await else { return };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
                 for q in &queues {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(5),
@@ -147,12 +160,19 @@ pub async fn test_channel() -> (Connection, Channel) {
     .expect("connect in time")
     .expect("RabbitMQ must be running on 127.0.0.1:5672");
     let channel = conn.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     (conn, channel)
 }
 
 async fn private_queue(channel: &Channel) -> String {
-    let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
     channel
         .queue_declare("".into(), options, FieldTable::default())
         .await
@@ -166,7 +186,10 @@ async fn consume(channel: &Channel, queue: &str) -> Consumer {
         .basic_consume(
             queue.into(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -191,10 +214,15 @@ impl Harness {
             ..SimulatorConfig::default()
         };
         tune(&mut settings, &mut sim_config);
-        let sim = Simulator::start(sim_config).await.expect("simulator starts");
+        let sim = Simulator::start(sim_config)
+            .await
+            .expect("simulator starts");
         settings.agentassist.base_url = sim.base_url();
         let cleanup = Cleanup {
-            queues: vec![settings.amqp.commands_queue.clone(), settings.amqp.dead_letter_queue.clone()],
+            queues: vec![
+                settings.amqp.commands_queue.clone(),
+                settings.amqp.dead_letter_queue.clone(),
+            ],
             exchanges: vec![
                 settings.amqp.results_exchange.clone(),
                 settings.amqp.dead_letter_exchange.clone(),
@@ -204,7 +232,9 @@ impl Harness {
         // Declared here too, so the test's own queues can bind before the worker starts.
         let mut direct = settings.amqp.clone();
         direct.url = amqp_url();
-        topology::declare(&channel, &direct).await.expect("topology");
+        topology::declare(&channel, &direct)
+            .await
+            .expect("topology");
         let events_queue = private_queue(&channel).await;
         channel
             .queue_bind(
@@ -248,7 +278,10 @@ impl Harness {
     pub async fn wait_ready(&self) {
         let until = tokio::time::Instant::now() + EVENT_WAIT;
         while !self.broker.is_ready() {
-            assert!(tokio::time::Instant::now() < until, "worker not ready in time");
+            assert!(
+                tokio::time::Instant::now() < until,
+                "worker not ready in time"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -271,7 +304,11 @@ impl Harness {
 
     /// Publishes a JSON command.
     pub async fn publish(&self, command: &Value) {
-        self.publish_raw(&serde_json::to_vec(command).unwrap(), BasicProperties::default()).await;
+        self.publish_raw(
+            &serde_json::to_vec(command).unwrap(),
+            BasicProperties::default(),
+        )
+        .await;
     }
 
     /// The next event on the results exchange.
@@ -315,9 +352,16 @@ impl Harness {
 
     /// Messages waiting in the commands queue.
     pub async fn commands_waiting(&self) -> u32 {
-        let options = QueueDeclareOptions { passive: true, ..Default::default() };
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
         self.channel
-            .queue_declare(self.settings.amqp.commands_queue.as_str().into(), options, FieldTable::default())
+            .queue_declare(
+                self.settings.amqp.commands_queue.as_str().into(),
+                options,
+                FieldTable::default(),
+            )
             .await
             .unwrap()
             .message_count()
@@ -327,11 +371,10 @@ impl Harness {
     pub async fn stop(mut self) -> Result<(), AppError> {
         self.shutdown.stop.cancel();
         let handle = self.app.take().unwrap();
-        let result = tokio::time::timeout(Duration::from_secs(30), handle)
+        tokio::time::timeout(Duration::from_secs(30), handle)
             .await
             .expect("app stops in time")
-            .expect("app task");
-        result
+            .expect("app task")
     }
 }
 

@@ -3,9 +3,11 @@
 //! `RUST_LOG=transfer_worker=debug` shows the worker's logs.
 
 mod harness;
+mod operations;
 mod proxy;
+mod relay;
+mod schemas;
 mod transfers;
-
 
 /// Installs a log subscriber once, when RUST_LOG asks for one.
 pub fn init_logs() {

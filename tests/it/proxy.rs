@@ -27,14 +27,18 @@ impl Proxy {
             let generation = generation.clone();
             tokio::spawn(async move {
                 loop {
-                    let Ok((client, _)) = listener.accept().await else { return };
+                    let Ok((client, _)) = listener.accept().await else {
+                        return;
+                    };
                     if !up.load(Ordering::SeqCst) {
                         drop(client);
                         continue;
                     }
                     let mut cut = generation.subscribe();
                     tokio::spawn(async move {
-                        let Ok(server) = TcpStream::connect(upstream).await else { return };
+                        let Ok(server) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
                         let (mut client, mut server) = (client, server);
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -44,7 +48,12 @@ impl Proxy {
                 }
             })
         };
-        Self { addr, up, generation, task }
+        Self {
+            addr,
+            up,
+            generation,
+            task,
+        }
     }
 
     /// The AMQP URL through the proxy.

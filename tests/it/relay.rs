@@ -1,0 +1,459 @@
+//! The callback relay (CONTRACT §5): AgentAssist's callbacks, authenticated by the signed URL
+//! the worker handed out, become `transfer.callback` events; anything else gets nothing.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use transfer_worker::command::Target;
+use transfer_worker::relay_token::{CallbackIds, TokenSigner};
+
+use crate::harness::{Harness, Received, agent_command, queue_command};
+use crate::init_logs;
+use crate::proxy::Proxy;
+
+/// Longest body the relay accepts.
+const LIMIT: usize = 256 * 1024;
+
+/// POSTs `body` to `url`, with `content_type` when given; the status answered.
+pub async fn post(url: &str, content_type: Option<&str>, body: Vec<u8>) -> StatusCode {
+    let mut request = reqwest::Client::new().post(url).body(body);
+    if let Some(content_type) = content_type {
+        request = request.header(reqwest::header::CONTENT_TYPE, content_type);
+    }
+    request
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("the relay answers")
+        .status()
+}
+
+/// POSTs a JSON body.
+pub async fn post_json(url: &str, body: &Value) -> StatusCode {
+    post(
+        url,
+        Some("application/json"),
+        serde_json::to_vec(body).unwrap(),
+    )
+    .await
+}
+
+/// Runs one command to success and returns the relay URL the worker handed to the API, and
+/// the command's event. Returns once the command is acked, so no redelivery follows.
+async fn relay_url_of(h: &mut Harness, command: &Value) -> (String, Received) {
+    h.publish(command).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.succeeded", "{}", e.json);
+    let session = command["botSessionId"].as_str().unwrap();
+    let request = h
+        .sim
+        .requests()
+        .into_iter()
+        .find(|r| r.bot_session_id.as_deref() == Some(session))
+        .expect("the API saw the command");
+    let url = request.body["callbackUrl"].as_str().unwrap().to_owned();
+    let prefix = format!("http://{}/callbacks/", h.relay_addr);
+    assert!(url.starts_with(&prefix), "{url} is not a relay URL");
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.metrics.commands_in_flight.get() != 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the command was never acked"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (url, e)
+}
+
+/// Waits briefly for the simulator to count `n` delivered callbacks, then checks it is `n`.
+async fn delivered_callbacks(h: &Harness, n: u64) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.sim.stats().callbacks_delivered < n && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(h.sim.stats().callbacks_delivered, n);
+}
+
+fn assert_timestamp(v: &Value) {
+    let s = v.as_str().expect("timestamp is a string");
+    assert!(
+        s.len() == 24 && s.ends_with('Z') && s.as_bytes()[19] == b'.',
+        "RFC 3339 UTC with milliseconds: {s}"
+    );
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{s} is not RFC 3339: {e}"));
+}
+
+/// The ids and AMQP properties a callback event for `command` must carry.
+fn assert_callback_for(e: &Received, command: &Value, stream_id: &str, target: &Value) {
+    let v = &e.json;
+    assert_eq!(e.routing_key, "transfer.callback");
+    assert_eq!(v["event"], "transfer.callback");
+    assert_eq!(v["commandId"], command["commandId"]);
+    assert_eq!(v["streamId"], stream_id);
+    assert_eq!(v["botSessionId"], command["botSessionId"]);
+    assert_eq!(&v["target"], target);
+    assert_eq!(v["attempts"], 0);
+    assert_timestamp(&v["occurredAt"]);
+    assert_timestamp(&v["receivedAt"]);
+    let event_id = v["eventId"].as_str().unwrap();
+    uuid::Uuid::parse_str(event_id).expect("eventId is a uuid");
+    let p = &e.properties;
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), event_id);
+    assert_eq!(
+        p.correlation_id().as_ref().unwrap().as_str(),
+        command["commandId"].as_str().unwrap()
+    );
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(p.kind().as_ref().unwrap().as_str(), "event");
+    assert_eq!(p.app_id().as_ref().unwrap().as_str(), "transfer-worker");
+}
+
+/// `transfer.callback` events carry these keys, and no others.
+fn assert_callback_keys(v: &Value) {
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "attempts",
+            "botSessionId",
+            "commandId",
+            "contentType",
+            "event",
+            "eventId",
+            "occurredAt",
+            "payload",
+            "receivedAt",
+            "streamId",
+            "target"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulator_callback_is_relayed_with_the_commands_ids() {
+    init_logs();
+    let mut h = Harness::start(|_, sim| {
+        sim.callbacks = true;
+        sim.callback_delay = Duration::from_millis(100);
+    })
+    .await;
+    let stream_id = h.settings.bots[0].stream_id.clone();
+    let command = queue_command("cb-real", "0123456789abcdef0000cb01");
+    let before = SystemTime::now();
+    h.publish(&command).await;
+    let events = h.events(2).await;
+    let mut names: Vec<&str> = events.iter().map(|e| e.name()).collect();
+    names.sort();
+    assert_eq!(names, ["transfer.callback", "transfer.succeeded"]);
+    let succeeded = events
+        .iter()
+        .find(|e| e.name() == "transfer.succeeded")
+        .unwrap();
+    assert_eq!(succeeded.json["commandId"], "cb-real");
+    let callback = events
+        .iter()
+        .find(|e| e.name() == "transfer.callback")
+        .unwrap();
+    let target = json!({"type": "queue", "id": "qu-7f8e9d-support"});
+    assert_callback_for(callback, &command, &stream_id, &target);
+    assert_callback_keys(&callback.json);
+    assert_ne!(callback.json["eventId"], succeeded.json["eventId"]);
+    let v = &callback.json;
+    assert!(
+        v["contentType"]
+            .as_str()
+            .unwrap()
+            .starts_with("application/json"),
+        "{v}"
+    );
+    // The simulator's own JSON, as it sent it.
+    let payload = &v["payload"];
+    assert!(payload.is_object(), "payload is the posted JSON: {v}");
+    assert_eq!(payload["status"], "transferred");
+    assert_eq!(payload["botSessionId"], "0123456789abcdef0000cb01");
+    assert_eq!(payload["queueId"], "qu-7f8e9d-support");
+    assert_eq!(payload["transferredType"], "QUEUE");
+    let received = time::OffsetDateTime::parse(
+        v["receivedAt"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let before = time::OffsetDateTime::from(before) - Duration::from_millis(1);
+    assert!(
+        received >= before,
+        "receivedAt {received} precedes the command"
+    );
+    // The sender counts its 200 a moment after the event is out.
+    delivered_callbacks(&h, 1).await;
+    // One callback, one event: nothing more follows.
+    h.assert_no_event(Duration::from_millis(300)).await;
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tampered_truncated_and_missing_tokens_get_404_and_publish_nothing() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let stream_id = h.settings.bots[0].stream_id.clone();
+    let command = agent_command("cb-forged", "0123456789abcdef0000cb02");
+    let (url, _) = relay_url_of(&mut h, &command).await;
+    let base = format!("http://{}/callbacks/", h.relay_addr);
+    let token = url.strip_prefix(&base).unwrap();
+    let (payload, tag) = token.split_once('.').expect("payload.tag");
+
+    // The very ids of the command, signed with a secret the worker does not hold.
+    let ids = CallbackIds {
+        command_id: "cb-forged".into(),
+        stream_id: stream_id.clone(),
+        bot_session_id: "0123456789abcdef0000cb02".into(),
+        target: Target::Agent("a-0e1f2a3b-agent".into()),
+    };
+    let other = TokenSigner::new(SecretString::from("another-secret-0123456789"), vec![]);
+    let forged = other.sign(&ids);
+    assert_ne!(forged, token, "the test's ids match the command's");
+    // One character of the signed part changed, to another valid base64url character.
+    let mut tampered = payload.as_bytes().to_vec();
+    tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("{}.{tag}", String::from_utf8(tampered).unwrap());
+    // Other, well-formed ids under the genuine tag.
+    let mut swapped_ids = ids.clone();
+    swapped_ids.command_id = "someone-elses-command".into();
+    let swapped = format!(
+        "{}.{tag}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&swapped_ids).unwrap())
+    );
+    let cases = [
+        ("signed with another secret", format!("{base}{forged}")),
+        ("payload changed", format!("{base}{tampered}")),
+        ("ids swapped", format!("{base}{swapped}")),
+        (
+            "tag truncated",
+            format!("{base}{}", &token[..token.len() - 1]),
+        ),
+        ("tag dropped", format!("{base}{payload}.")),
+        ("payload only", format!("{base}{payload}")),
+        ("no token", base.clone()),
+        ("garbage", format!("{base}not-a-token")),
+        ("garbage with a dot", format!("{base}abc.def")),
+    ];
+    let body = json!({"status": "transferred", "forged": true});
+    for (case, url) in &cases {
+        assert_eq!(post_json(url, &body).await, StatusCode::NOT_FOUND, "{case}");
+    }
+    // A bad token is refused before the body is looked at: an oversized one is a 404 too.
+    let big = vec![b'x'; LIMIT + 1];
+    assert_eq!(
+        post(&cases[0].1, Some("text/plain"), big).await,
+        StatusCode::NOT_FOUND
+    );
+    h.assert_no_event(Duration::from_secs(1)).await;
+    // The genuine URL still works, so the silence above means something.
+    assert_eq!(post_json(&url, &body).await, StatusCode::OK);
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.callback");
+    assert_eq!(e.json["payload"], body);
+    assert_eq!(e.json["commandId"], "cb-forged");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_256_kib_gets_413_and_exactly_256_kib_is_relayed() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let (url, _) = relay_url_of(&mut h, &agent_command("cb-big", "0123456789abcdef0000cb03")).await;
+    // A JSON string of exactly LIMIT bytes, and one byte more.
+    let exact = format!("\"{}\"", "x".repeat(LIMIT - 2)).into_bytes();
+    let over = format!("\"{}\"", "x".repeat(LIMIT - 1)).into_bytes();
+    assert_eq!((exact.len(), over.len()), (LIMIT, LIMIT + 1));
+    assert_eq!(
+        post(&url, Some("application/json"), over).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        post(&url, Some("application/json"), exact).await,
+        StatusCode::OK
+    );
+    // The first event after the 413 is the accepted body: the oversized one published nothing.
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.callback");
+    assert_eq!(e.json["payload"].as_str().unwrap().len(), LIMIT - 2);
+    h.assert_no_event(Duration::from_millis(500)).await;
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_json_is_relayed_as_a_string() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let command = agent_command("cb-text", "0123456789abcdef0000cb04");
+    let (url, _) = relay_url_of(&mut h, &command).await;
+    assert_eq!(
+        post(&url, Some("text/plain"), b"agent accepted".to_vec()).await,
+        StatusCode::OK
+    );
+    let e = h.next_event().await;
+    let stream_id = h.settings.bots[0].stream_id.clone();
+    let target = json!({"type": "agent", "id": "a-0e1f2a3b-agent"});
+    assert_callback_for(&e, &command, &stream_id, &target);
+    assert_eq!(e.json["payload"], "agent accepted");
+    assert_eq!(e.json["contentType"], "text/plain");
+    // Without a Content-Type: null, and the body still relayed.
+    assert_eq!(post(&url, None, b"no type".to_vec()).await, StatusCode::OK);
+    let e = h.next_event().await;
+    assert_callback_keys(&e.json);
+    assert_eq!(e.json["payload"], "no type");
+    assert!(e.json["contentType"].is_null(), "{}", e.json);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_signed_with_a_previous_secret_still_verify_after_a_rotation() {
+    const OLD: &str = "old-callback-secret-0123456789";
+    const NEW: &str = "new-callback-secret-0123456789";
+    const THIRD: &str = "third-callback-secret-01234567";
+    let mut h = Harness::start(|s, _| {
+        s.callbacks.secret = SecretString::from(NEW);
+        s.callbacks.previous_secrets = vec![SecretString::from(OLD)];
+    })
+    .await;
+    let stream_id = h.settings.bots[0].stream_id.clone();
+    let base = format!("http://{}/callbacks/", h.relay_addr);
+
+    // A URL handed out before the rotation.
+    let ids = CallbackIds {
+        command_id: "cmd-before-rotation".into(),
+        stream_id: stream_id.clone(),
+        bot_session_id: "0123456789abcdef0000cb05".into(),
+        target: Target::Agent("a-rotated".into()),
+    };
+    let old_url = format!(
+        "{base}{}",
+        TokenSigner::new(SecretString::from(OLD), vec![]).sign(&ids)
+    );
+    assert_eq!(
+        post_json(&old_url, &json!({"status": "transferred"})).await,
+        StatusCode::OK
+    );
+    let e = h.next_event().await;
+    assert_eq!(e.routing_key, "transfer.callback");
+    assert_eq!(e.json["commandId"], "cmd-before-rotation");
+    assert_eq!(e.json["streamId"], stream_id.as_str());
+    assert_eq!(e.json["botSessionId"], "0123456789abcdef0000cb05");
+    assert_eq!(
+        e.json["target"],
+        json!({"type": "agent", "id": "a-rotated"})
+    );
+    assert_eq!(
+        e.properties.correlation_id().as_ref().unwrap().as_str(),
+        "cmd-before-rotation"
+    );
+
+    // A secret that is neither the current nor a previous one.
+    let third_url = format!(
+        "{base}{}",
+        TokenSigner::new(SecretString::from(THIRD), vec![]).sign(&ids)
+    );
+    assert_eq!(
+        post_json(&third_url, &json!({})).await,
+        StatusCode::NOT_FOUND
+    );
+
+    // New URLs are signed with the new secret only.
+    let command = agent_command("cmd-after-rotation", "0123456789abcdef0000cb06");
+    let (url, _) = relay_url_of(&mut h, &command).await;
+    let token = url.strip_prefix(&base).unwrap();
+    let verified = TokenSigner::new(SecretString::from(NEW), vec![]).verify(token);
+    assert_eq!(
+        verified.map(|ids| ids.command_id).as_deref(),
+        Some("cmd-after-rotation")
+    );
+    assert!(
+        TokenSigner::new(SecretString::from(OLD), vec![])
+            .verify(token)
+            .is_none(),
+        "a previous secret must not sign"
+    );
+    assert_eq!(post_json(&url, &json!({})).await, StatusCode::OK);
+    let e = h.next_event().await;
+    assert_eq!(e.json["commandId"], "cmd-after-rotation");
+    h.assert_no_event(Duration::from_millis(300)).await;
+    h.stop().await.unwrap();
+}
+
+fn callbacks_counter(h: &Harness, result: &str) -> u64 {
+    crate::operations::series(&h.metrics.encode())
+        .get(&format!("transfer_callbacks_total{{result=\"{result}\"}}"))
+        .copied()
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_down_the_relay_answers_503_and_the_senders_retry_gets_through() {
+    init_logs();
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let amqp_url = proxy.amqp_url();
+    let mut h = Harness::start(|s, sim| {
+        s.amqp.url = amqp_url;
+        sim.callbacks = true;
+        sim.callback_delay = Duration::from_millis(1500);
+    })
+    .await;
+    let command = agent_command("cb-down", "0123456789abcdef0000cb07");
+    let (url, succeeded) = relay_url_of(&mut h, &command).await;
+    proxy.cut();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.broker.is_ready() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the cut went unnoticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        post_json(&url, &json!({"manual": true})).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // Keep the broker away until the simulator's own callback has been refused at least once.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.sim.stats().callbacks_failed_attempts == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the simulator never posted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.sim.stats().callbacks_delivered, 0);
+    assert!(
+        callbacks_counter(&h, "unavailable") >= 2,
+        "{}",
+        h.metrics.encode()
+    );
+    assert_eq!(callbacks_counter(&h, "published"), 0);
+    proxy.restore();
+    // The sender retries; once the broker is back its callback is relayed, once. (Should the
+    // cut have beaten the command's ack, its outcome is republished as is: allowed.)
+    let e = loop {
+        let e = h.next_event().await;
+        if e.name() != "transfer.succeeded" {
+            break e;
+        }
+        assert_eq!(e.json, succeeded.json, "only a republished outcome");
+    };
+    let stream_id = h.settings.bots[0].stream_id.clone();
+    let target = json!({"type": "agent", "id": "a-0e1f2a3b-agent"});
+    assert_callback_for(&e, &command, &stream_id, &target);
+    assert_eq!(e.json["payload"]["status"], "transferred", "{}", e.json);
+    assert!(e.json["payload"].get("manual").is_none(), "{}", e.json);
+    // The sender counts its 200 a moment after the event is out.
+    delivered_callbacks(&h, 1).await;
+    assert_eq!(callbacks_counter(&h, "published"), 1);
+    h.assert_no_event(Duration::from_millis(300)).await;
+    h.stop().await.unwrap();
+}
