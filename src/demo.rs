@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueBindOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::app::{App, AppError};
 use crate::broker::{BrokerError, connection, timed, topology};
 use crate::config::{AmqpSettings, Settings, redact_url};
-use crate::simulator::{self, Simulator, SimulatorConfig, SimulatorError};
+use crate::simulator::{self, Reply, Simulator, SimulatorConfig, SimulatorError};
 
 /// How long the demo waits for all events before giving up.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -101,6 +101,8 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
         ..SimulatorConfig::default()
     })
     .await?;
+    // The first call meets a transient 503, to show a retry.
+    sim.script([Reply::Status(503)]);
     settings.agentassist.base_url = sim.base_url();
     let stream_id = settings.bots[0].stream_id.clone();
 
@@ -154,22 +156,12 @@ fn private_topology(amqp: &mut AmqpSettings, suffix: &str) {
 
 async fn watch_results(channel: &Channel, amqp: &AmqpSettings) -> Result<String, BrokerError> {
     let t = amqp.operation_timeout;
-    let options = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    let queue = timed(
-        "queue.declare",
-        t,
-        channel.queue_declare("".into(), options, FieldTable::default()),
-    )
-    .await?;
+    let queue = topology::private_queue(channel, t).await?;
     timed(
         "queue.bind",
         t,
         channel.queue_bind(
-            queue.name().clone(),
+            queue.clone(),
             amqp.results_exchange.as_str().into(),
             "#".into(),
             QueueBindOptions::default(),
@@ -177,7 +169,7 @@ async fn watch_results(channel: &Channel, amqp: &AmqpSettings) -> Result<String,
         ),
     )
     .await?;
-    Ok(queue.name().to_string())
+    Ok(queue.to_string())
 }
 
 fn sample_commands(stream_id: &str, count: usize) -> Vec<Value> {

@@ -4,14 +4,12 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use serde_json::{Map, Value};
 
-use crate::broker::{BrokerError, connection, timed};
+use crate::broker::{BrokerError, connection, timed, topology};
 use crate::config::{AmqpSettings, MAX_COMMAND_BYTES};
 
 /// Why a command could not be enqueued or its outcome not awaited.
@@ -132,22 +130,12 @@ pub async fn publish_command(
         .with_timestamp(unix_now());
     let mut replies = None;
     if wait.is_some() {
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
-        let queue = timed(
-            "queue.declare",
-            t,
-            channel.queue_declare("".into(), options, FieldTable::default()),
-        )
-        .await?;
+        let queue = topology::private_queue(&channel, t).await?;
         let consumer = timed(
             "basic.consume",
             t,
             channel.basic_consume(
-                queue.name().clone(),
+                queue.clone(),
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -157,7 +145,7 @@ pub async fn publish_command(
             ),
         )
         .await?;
-        properties = properties.with_reply_to(queue.name().clone());
+        properties = properties.with_reply_to(queue.clone());
         replies = Some(consumer);
     }
     let options = BasicPublishOptions {

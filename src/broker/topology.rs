@@ -97,3 +97,23 @@ fn mismatch(error: BrokerError, name: &str) -> BrokerError {
     }
     error
 }
+
+/// A server-named queue that lives as long as this connection: where a tool receives replies
+/// or watches events.
+pub async fn private_queue(
+    channel: &Channel,
+    t: std::time::Duration,
+) -> Result<lapin::types::ShortString, BrokerError> {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = timed(
+        "queue.declare",
+        t,
+        channel.queue_declare("".into(), options, FieldTable::default()),
+    )
+    .await?;
+    Ok(queue.name().clone())
+}
