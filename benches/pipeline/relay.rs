@@ -1,0 +1,90 @@
+//! The broker-only reference, run as a child process (`--relay-child QUEUE EXCHANGE PREFETCH`):
+//! the worker's consume → publish-with-confirm → ack loop with no HTTP call and no parsing.
+//! One task per delivery, as in the worker, so confirms are awaited concurrently.
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use crate::amqp::{OP_TIMEOUT, connect, timed};
+
+/// The relay gives up when no delivery comes for this long (the bench stops it much sooner).
+const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Relays until the connection or the consumer ends (the bench stops it with SIGTERM).
+pub async fn run(url: &str, queue: &str, exchange: &str, prefetch: u16) -> anyhow::Result<()> {
+    let connection = connect(url, "transfer-worker bench relay").await?;
+    let publisher = timed("channel.open", connection.create_channel()).await?;
+    let select = publisher.confirm_select(ConfirmSelectOptions::default());
+    timed("confirm.select", select).await?;
+    let channel = timed("channel.open", connection.create_channel()).await?;
+    timed(
+        "basic.qos",
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    let consume = channel.basic_consume(
+        queue.into(),
+        "bench-relay".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    );
+    let mut consumer = timed("basic.consume", consume).await?;
+    let exchange: ShortString = exchange.into();
+    loop {
+        let next = tokio::time::timeout(IDLE_LIMIT, consumer.next()).await;
+        let Ok(Some(delivery)) = next else {
+            anyhow::bail!("no delivery for {IDLE_LIMIT:?}, or the broker cancelled the consumer");
+        };
+        let delivery = delivery?;
+        let publisher = publisher.clone();
+        let exchange = exchange.clone();
+        tokio::spawn(async move { relay_one(&publisher, exchange, delivery).await });
+    }
+}
+
+/// Publishes the body as `transfer.succeeded`, waits for its confirm, then acks (or returns
+/// the message to the queue when the publish failed).
+async fn relay_one(publisher: &Channel, exchange: ShortString, delivery: Delivery) {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    let published = tokio::time::timeout(OP_TIMEOUT, async {
+        publisher
+            .basic_publish(
+                exchange,
+                "transfer.succeeded".into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await
+    })
+    .await;
+    let settle = async {
+        match published {
+            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => {
+                delivery.acker.ack(BasicAckOptions::default()).await
+            }
+            _ => {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                delivery.acker.nack(requeue).await
+            }
+        }
+    };
+    match tokio::time::timeout(OP_TIMEOUT, settle).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => eprintln!("relay: the delivery was already settled"),
+        Ok(Err(e)) => eprintln!("relay: could not ack or nack: {e}"),
+        Err(_) => eprintln!("relay: ack or nack timed out"),
+    }
+}

@@ -1,0 +1,558 @@
+//! One measured run: start the processes, wait until they consume, publish the commands,
+//! collect the events, read what `/proc` and the simulator say, stop everything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::amqp::{self, Names, Patience, Registry, Tally};
+use crate::procs::{self, ChildGuard, ProcSample};
+
+/// The bot of `config/default.toml`, with pacing that never binds.
+const STREAM_ID: &str = "st-00000000-0000-4000-8000-000000000001";
+const ACCOUNT_ID: &str = "demo-account";
+const CLIENT_ID: &str = "cs-00000000-0000-4000-8000-000000000001";
+const CLIENT_SECRET: &str = "demo-secret-change-me";
+/// `retry.max_attempts` of the defaults: a `transfer.failed` after transient errors must have
+/// used all of them.
+pub const MAX_ATTEMPTS: u64 = 8;
+/// Longest wait for a child to start consuming (generous for `--wrap valgrind`).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for one HTTP answer from the simulator or the admin endpoint.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the worker's `commands_in_flight` gauge is read during a run.
+const GAUGE_PERIOD: Duration = Duration::from_millis(200);
+
+/// One benchmark scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// `a`, `b`, `c` or `d`.
+    pub key: char,
+    /// What it shows.
+    pub title: &'static str,
+    /// Commands published.
+    pub n: usize,
+    /// `amqp.prefetch` of the worker (and the relay).
+    pub prefetch: u16,
+    /// Simulator latency.
+    pub latency_ms: u64,
+    /// Simulator 503 rate.
+    pub fail_rate: f64,
+    /// Also measure the broker-only relay with the same N and prefetch.
+    pub relay: bool,
+}
+
+impl Scenario {
+    /// The scenario's defaults.
+    pub fn new(key: char) -> Option<Self> {
+        let (title, n, prefetch, latency_ms, fail_rate, relay) = match key {
+            'a' => ("API answers at once", 20_000, 256, 0, 0.0, true),
+            'b' => ("API latency 200 ms", 5_000, 256, 200, 0.0, false),
+            'c' => (
+                "10 000 in flight (latency 2 s)",
+                10_000,
+                10_000,
+                2_000,
+                0.0,
+                false,
+            ),
+            'd' => ("20 % transient 503s", 5_000, 256, 0, 0.2, false),
+            _ => return None,
+        };
+        Some(Self {
+            key,
+            title,
+            n,
+            prefetch,
+            latency_ms,
+            fail_rate,
+            relay,
+        })
+    }
+
+    /// Whether this first event is what the scenario allows: success, or in (d) a failure
+    /// after the whole retry budget.
+    pub fn expected(&self, seen: &amqp::Seen) -> bool {
+        match seen.event.as_str() {
+            "transfer.succeeded" => true,
+            "transfer.failed" if self.fail_rate > 0.0 => {
+                seen.retryable == Some(true) && seen.attempts == Some(MAX_ATTEMPTS)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What every run shares.
+pub struct Ctx {
+    /// Broker URL.
+    pub url: String,
+    /// The release `transfer-worker` binary.
+    pub worker_exe: PathBuf,
+    /// This bench binary, re-executed as the relay.
+    pub self_exe: PathBuf,
+    /// Configs and child logs go here.
+    pub log_dir: PathBuf,
+    /// Unconfirmed publishes allowed.
+    pub window: usize,
+    /// How long to wait for events.
+    pub patience: Patience,
+    /// Prefix for the worker's command line (e.g. valgrind), empty for none.
+    pub wrap: Vec<String>,
+    /// Names to delete from the broker.
+    pub registry: Registry,
+}
+
+/// The raw results of one run of the worker or of the relay.
+#[derive(Debug)]
+pub struct Measured {
+    /// Commands published.
+    pub n: usize,
+    /// First publish to the last command's first event.
+    pub elapsed: Duration,
+    /// Publish → first event, microseconds.
+    pub latency_us: Histogram<u64>,
+    /// Process CPU and memory just before publishing.
+    pub idle: ProcSample,
+    /// ... and once the events are in.
+    pub end: ProcSample,
+    /// First event per command, by event name.
+    pub events: BTreeMap<String, u64>,
+    /// Commands without an event.
+    pub missing: usize,
+    /// Events beyond the first per command.
+    pub duplicates: u64,
+    /// Events of no command of this run.
+    pub foreign: u64,
+    /// First events the scenario does not allow.
+    pub unexpected: u64,
+    /// Sum of `attempts` over first events.
+    pub attempts: u64,
+    /// Why collection stopped early, if it did.
+    pub stopped: Option<String>,
+    /// Messages left in the commands queue after the run.
+    pub left_in_queue: Option<u32>,
+    /// Highest `transfer_commands_in_flight` seen (worker only).
+    pub peak_in_flight: Option<f64>,
+    /// RabbitMQ's CPU over the same interval, when its `beam.smp` was found.
+    pub broker_cpu_s: Option<f64>,
+    /// This bench process's CPU over the same interval (publishing and consuming).
+    pub bench_cpu_s: f64,
+}
+
+/// A worker run: [`Measured`] plus what only the worker has.
+#[derive(Debug)]
+pub struct WorkerRun {
+    /// The common measurements.
+    pub measured: Measured,
+    /// The simulator's `/simulator/stats`.
+    pub api: Value,
+    /// Simulator CPU over the run.
+    pub sim_cpu_s: f64,
+    /// Messages in the dead-letter queue after the run.
+    pub dead_lettered: Option<u32>,
+    /// The worker exited 0 on SIGTERM within the grace period.
+    pub clean_exit: bool,
+    /// Lines the worker logged at warn level or above, and the first few of them.
+    pub log_lines: usize,
+    /// The first few of them.
+    pub log_excerpt: Vec<String>,
+    /// Where its log is.
+    pub log_path: PathBuf,
+}
+
+/// Runs the worker and the simulator for one run of `scenario`.
+pub async fn run_worker(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<WorkerRun> {
+    let names = Names::new();
+    ctx.registry.register(&names);
+    let sim_port = procs::free_port()?;
+    let admin_port = procs::free_port()?;
+    let config = ctx.log_dir.join(format!("{}.toml", names.prefix));
+    std::fs::write(
+        &config,
+        worker_config(ctx, scenario, &names, sim_port, admin_port),
+    )
+    .with_context(|| format!("cannot write {}", config.display()))?;
+
+    let sim_log = ctx.log_dir.join(format!("{}.simulator.log", names.prefix));
+    let mut sim = ChildGuard::spawn(
+        "simulator",
+        simulator_command(ctx, scenario, &config, sim_port),
+        &sim_log,
+    )?;
+    let sim_url = format!("http://127.0.0.1:{sim_port}");
+    let http = http_client()?;
+    wait_http_ok(&http, &format!("{sim_url}/healthz"), &mut sim).await?;
+
+    let worker_log = ctx.log_dir.join(format!("{}.worker.log", names.prefix));
+    let mut worker = ChildGuard::spawn("worker", worker_command(ctx, &config), &worker_log)?;
+    let connections = Connections::open(&ctx.url).await?;
+    amqp::wait_for_consumer(
+        &connections.consume,
+        &names.commands,
+        &mut worker,
+        READY_TIMEOUT,
+    )
+    .await?;
+
+    let sim_before = procs::sample(sim.pid())?;
+    let gauge = GaugeSampler::start(
+        http.clone(),
+        format!("http://127.0.0.1:{admin_port}/metrics"),
+    );
+    let mut measured = measure(ctx, scenario, &names, &connections, worker.pid()).await?;
+    measured.peak_in_flight = gauge.stop().await;
+    if let Err(e) = worker.check_alive() {
+        let note = measured.stopped.take().unwrap_or_default();
+        let sep = if note.is_empty() { "" } else { "; " };
+        measured.stopped = Some(format!("{note}{sep}{e:#}"));
+    }
+    let sim_cpu_s = procs::sample(sim.pid())?.cpu_s - sim_before.cpu_s;
+    let api = get_json(&http, &format!("{sim_url}/simulator/stats")).await?;
+    let dead_lettered = amqp::queue_state(&connections.consume, &names.dead_queue)
+        .await?
+        .map(|(messages, _)| messages);
+    connections.close().await;
+
+    let clean_exit = worker.stop().await.is_some_and(|s| s.success());
+    sim.stop().await;
+    let (log_lines, log_excerpt) = log_summary(&worker_log);
+    Ok(WorkerRun {
+        measured,
+        api,
+        sim_cpu_s,
+        dead_lettered,
+        clean_exit,
+        log_lines,
+        log_excerpt,
+        log_path: worker_log,
+    })
+}
+
+/// Runs the broker-only relay for one run of `scenario`.
+pub async fn run_relay(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measured> {
+    let names = Names::new();
+    ctx.registry.register(&names);
+    let connections = Connections::open(&ctx.url).await?;
+    amqp::declare_relay_topology(&connections.publish, &names).await?;
+    let log = ctx.log_dir.join(format!("{}.relay.log", names.prefix));
+    let mut command = Command::new(&ctx.self_exe);
+    command
+        .arg("--relay-child")
+        .args([&names.commands, &names.results])
+        .arg(scenario.prefetch.to_string())
+        .env("BENCH_AMQP_URL", &ctx.url);
+    let mut relay = ChildGuard::spawn("relay", command, &log)?;
+    amqp::wait_for_consumer(
+        &connections.consume,
+        &names.commands,
+        &mut relay,
+        READY_TIMEOUT,
+    )
+    .await?;
+    let measured = measure(ctx, scenario, &names, &connections, relay.pid()).await?;
+    connections.close().await;
+    relay.stop().await;
+    Ok(measured)
+}
+
+/// The bench's two connections: one publishes commands, the other reads events and queues.
+struct Connections {
+    publish: lapin::Connection,
+    consume: lapin::Connection,
+}
+
+impl Connections {
+    async fn open(url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            publish: amqp::connect(url, "transfer-worker bench publisher").await?,
+            consume: amqp::connect(url, "transfer-worker bench consumer").await?,
+        })
+    }
+
+    async fn close(self) {
+        for connection in [self.publish, self.consume] {
+            let _ = amqp::timed("connection.close", connection.close(200, "done".into())).await;
+        }
+    }
+}
+
+/// Binds the sink, samples the process, publishes while collecting, samples again.
+async fn measure(
+    ctx: &Ctx,
+    scenario: &Scenario,
+    names: &Names,
+    connections: &Connections,
+    pid: u32,
+) -> anyhow::Result<Measured> {
+    let bodies: Vec<Vec<u8>> = (0..scenario.n)
+        .map(|i| command_body(&names.prefix, i))
+        .collect();
+    let (_sink_channel, consumer) = amqp::bind_sink(&connections.consume, &names.results).await?;
+    let broker = procs::find_by_name("beam.smp");
+    let broker_before = broker.and_then(|b| procs::sample(b).ok());
+    let bench_before = procs::own_cpu_s();
+    let idle = procs::sample(pid)?;
+    let prefix = names.prefix.clone();
+    let (n, patience) = (scenario.n, ctx.patience);
+    let collector =
+        tokio::spawn(async move { amqp::collect(consumer, &prefix, n, patience).await });
+    let published =
+        amqp::publish_all(&connections.publish, &names.commands, &bodies, ctx.window).await;
+    let published = match published {
+        Ok(started) => started,
+        Err(e) => {
+            collector.abort();
+            return Err(e.context("publishing the commands failed"));
+        }
+    };
+    let tally = collector.await.context("the event collector panicked")?;
+    let end = procs::sample(pid)?;
+    let bench_cpu_s = procs::own_cpu_s() - bench_before;
+    let broker_cpu_s = broker
+        .and_then(|b| procs::sample(b).ok())
+        .zip(broker_before)
+        .map(|(after, before)| after.cpu_s - before.cpu_s);
+    let left_in_queue = amqp::queue_state(&connections.consume, &names.commands)
+        .await?
+        .map(|(messages, _)| messages);
+    let mut measured = summarize(scenario, &published, tally, idle, end, left_in_queue);
+    measured.broker_cpu_s = broker_cpu_s;
+    measured.bench_cpu_s = bench_cpu_s;
+    Ok(measured)
+}
+
+fn summarize(
+    scenario: &Scenario,
+    published: &[Instant],
+    tally: Tally,
+    idle: ProcSample,
+    end: ProcSample,
+    left_in_queue: Option<u32>,
+) -> Measured {
+    let first = published.first().copied().unwrap_or_else(Instant::now);
+    let last = tally.last_new_at.unwrap_or(first);
+    let mut latency_us = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    for (sent, arrived) in published.iter().zip(&tally.arrivals) {
+        if let Some(arrived) = arrived {
+            let us = arrived.saturating_duration_since(*sent).as_micros();
+            latency_us.saturating_record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+        }
+    }
+    let mut events = BTreeMap::new();
+    let (mut unexpected, mut attempts) = (0, 0);
+    for seen in tally.seen.iter().flatten() {
+        *events.entry(seen.event.clone()).or_insert(0) += 1;
+        attempts += seen.attempts.unwrap_or(0);
+        if !scenario.expected(seen) {
+            unexpected += 1;
+        }
+    }
+    let duplicates = tally
+        .counts
+        .iter()
+        .map(|&c| u64::from(c.saturating_sub(1)))
+        .sum();
+    Measured {
+        n: scenario.n,
+        elapsed: last.saturating_duration_since(first),
+        latency_us,
+        idle,
+        end,
+        events,
+        missing: scenario.n - tally.unique,
+        duplicates,
+        foreign: tally.foreign,
+        unexpected,
+        attempts,
+        stopped: tally.stopped,
+        left_in_queue,
+        peak_in_flight: None,
+        broker_cpu_s: None,
+        bench_cpu_s: 0.0,
+    }
+}
+
+/// Command `i` of a run: even ones are agent transfers, odd ones queue transfers, each with
+/// its own 24-hex `botSessionId` and the commandId `<prefix>-<i>`.
+fn command_body(prefix: &str, i: usize) -> Vec<u8> {
+    let session = &uuid::Uuid::new_v4().simple().to_string()[..24];
+    let mut body = json!({
+        "commandId": format!("{prefix}-{i}"),
+        "streamId": STREAM_ID,
+        "orgId": "o-3c5e7a9b-1d2f-4a6b-8c0d-2e4f6a8b0c1d",
+        "botSessionId": session,
+    });
+    if i.is_multiple_of(2) {
+        body["aId"] = json!("a-5f2e8c1d-7b3a-4e6f-9d0c-1a2b3c4d5e6f");
+    } else {
+        body["transferredType"] = json!("QUEUE");
+        body["queueId"] = json!("qu-9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d");
+    }
+    serde_json::to_vec(&body).expect("JSON values serialize")
+}
+
+/// The worker's and simulator's `--config`: this run's names, the one bot, quiet listeners.
+fn worker_config(
+    ctx: &Ctx,
+    scenario: &Scenario,
+    names: &Names,
+    sim_port: u16,
+    admin_port: u16,
+) -> String {
+    let q = |s: &str| Value::String(s.to_owned()).to_string();
+    format!(
+        "[amqp]\nurl = {url}\ncommands_queue = {commands}\nresults_exchange = {results}\n\
+         dead_letter_exchange = {dle}\ndead_letter_queue = {dlq}\nprefetch = {prefetch}\n\n\
+         [agentassist]\nbase_url = \"http://127.0.0.1:{sim_port}\"\n\n\
+         [[bots]]\nstream_id = {stream}\naccount_id = {account}\nclient_id = {client}\n\
+         client_secret = {secret}\nrate_limit = 100000000\nrate_window = \"1s\"\n\n\
+         [callbacks]\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:9/unused\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+        url = q(&ctx.url),
+        commands = q(&names.commands),
+        results = q(&names.results),
+        dle = q(&names.dead_letter),
+        dlq = q(&names.dead_queue),
+        prefetch = scenario.prefetch,
+        stream = q(STREAM_ID),
+        account = q(ACCOUNT_ID),
+        client = q(CLIENT_ID),
+        secret = q(CLIENT_SECRET),
+    )
+}
+
+/// A command whose environment holds no `TRANSFER_*` or `RUST_LOG` of the caller, only the
+/// bench's log level: the configuration comes from the bench's `--config` file alone.
+fn clean_command(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TRANSFER_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command.env("TRANSFER__LOG__LEVEL", "warn");
+    command
+}
+
+fn simulator_command(ctx: &Ctx, scenario: &Scenario, config: &Path, port: u16) -> Command {
+    let mut command = clean_command(&ctx.worker_exe);
+    command.args(["simulate", "--config"]).arg(config).args([
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--latency-ms".to_owned(),
+        scenario.latency_ms.to_string(),
+        "--fail-rate".to_owned(),
+        scenario.fail_rate.to_string(),
+        "--no-callbacks".to_owned(),
+    ]);
+    command
+}
+
+/// `transfer-worker run --config FILE`, behind `--wrap` when one is given.
+fn worker_command(ctx: &Ctx, config: &Path) -> Command {
+    let mut command = match ctx.wrap.split_first() {
+        Some((wrapper, args)) => {
+            let mut command = clean_command(Path::new(wrapper));
+            command.args(args).arg(&ctx.worker_exe);
+            command
+        }
+        None => clean_command(&ctx.worker_exe),
+    };
+    command.args(["run", "--config"]).arg(config);
+    command
+}
+
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .context("cannot build an HTTP client")
+}
+
+async fn wait_http_ok(
+    http: &reqwest::Client,
+    url: &str,
+    child: &mut ChildGuard,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        child.check_alive()?;
+        if let Ok(response) = http.get(url).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            bail!("{url} did not answer within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+    let response = http
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    serde_json::from_str(&text).with_context(|| format!("GET {url} did not return JSON"))
+}
+
+/// Reads the worker's `transfer_commands_in_flight` gauge periodically, keeping the highest.
+struct GaugeSampler {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Option<f64>>,
+}
+
+impl GaugeSampler {
+    fn start(http: reqwest::Client, url: String) -> Self {
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut peak: Option<f64> = None;
+            let mut tick = tokio::time::interval(GAUGE_PERIOD);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return peak,
+                    _ = tick.tick() => {
+                        if let Some(v) = read_gauge(&http, &url).await {
+                            peak = Some(peak.map_or(v, |p| p.max(v)));
+                        }
+                    }
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Option<f64> {
+        let _ = self.stop.send(());
+        self.task.await.ok().flatten()
+    }
+}
+
+async fn read_gauge(http: &reqwest::Client, url: &str) -> Option<f64> {
+    let text = http.get(url).send().await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("transfer_commands_in_flight "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// How many lines the worker logged (at warn level, any line is a warning or an error), and
+/// the first five.
+fn log_summary(path: &Path) -> (usize, Vec<String>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let excerpt = lines.iter().take(5).map(|l| (*l).to_owned()).collect();
+    (lines.len(), excerpt)
+}
