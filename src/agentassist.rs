@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::bots::Bot;
 use crate::command::{Command, Target};
@@ -82,8 +83,9 @@ impl ApiError {
 pub struct ApiResponse {
     /// The status.
     pub status: u16,
-    /// The body as received: JSON if it parses, else a string.
-    pub body: Value,
+    /// The body as received: the JSON itself if it parses (kept verbatim, never re-encoded),
+    /// else a JSON string of the text.
+    pub body: Box<RawValue>,
 }
 
 /// The body the API expects, serialized once per command and reused by every attempt.
@@ -123,7 +125,6 @@ pub fn request_body(command: &Command, callback_url: &str) -> Bytes {
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     http: reqwest::Client,
-    base_url: String,
 }
 
 /// The client could not be built.
@@ -132,27 +133,18 @@ pub struct ApiClient {
 pub struct ClientError(#[from] reqwest::Error);
 
 impl ApiClient {
-    /// A client for `base_url` with this per-request timeout, keeping up to `pool` idle
-    /// connections (one per concurrent command).
-    pub fn new(base_url: &str, timeout: Duration, pool: usize) -> Result<Self, ClientError> {
+    /// A client with this per-request timeout, keeping up to `pool` idle connections (one
+    /// per concurrent command).
+    pub fn new(timeout: Duration, pool: usize) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(pool)
+            // A redirect would carry the token to another host; the API documents none.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("transfer-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-        })
-    }
-
-    /// The URL of the call for a bot.
-    pub fn url(&self, bot: &Bot) -> String {
-        format!(
-            "{}/agentassist/api/v1/public/{}/assign-conversation",
-            self.base_url, bot.stream_id
-        )
+        Ok(Self { http })
     }
 
     /// One call. The request timeout bounds it from connect to the last byte.
@@ -164,7 +156,7 @@ impl ApiClient {
     ) -> Result<ApiResponse, ApiError> {
         let response = self
             .http
-            .post(self.url(bot))
+            .post(bot.assign_url.clone())
             .header("auth", token.expose())
             .header("accountid", &bot.account_id)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -182,7 +174,7 @@ impl ApiClient {
         if (200..300).contains(&status) {
             return Ok(ApiResponse {
                 status,
-                body: body_value(&bytes),
+                body: raw_body(&bytes),
             });
         }
         let cut = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
@@ -193,6 +185,19 @@ impl ApiClient {
             body: (!bytes.is_empty()).then(|| body_value(cut)),
             retry_after,
         })
+    }
+}
+
+fn raw_body(bytes: &[u8]) -> Box<RawValue> {
+    match std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| RawValue::from_string(text.trim().to_owned()).ok())
+    {
+        Some(raw) => raw,
+        None => {
+            let text = Value::String(String::from_utf8_lossy(bytes).into_owned());
+            RawValue::from_string(text.to_string()).expect("a JSON string is valid JSON")
+        }
     }
 }
 

@@ -82,7 +82,6 @@ impl App {
             settings.callbacks.previous_secrets.clone(),
         );
         let api = ApiClient::new(
-            &settings.agentassist.base_url,
             settings.agentassist.request_timeout,
             usize::from(settings.amqp.prefetch),
         )?;

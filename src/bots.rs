@@ -19,6 +19,8 @@ pub struct Bot {
     pub tokens: TokenSource,
     /// The account's budget.
     pub pacer: Arc<Pacer>,
+    /// `{base_url}/agentassist/api/v1/public/{stream_id}/assign-conversation`, parsed once.
+    pub assign_url: reqwest::Url,
 }
 
 /// The bots by stream id, and the one used when a command names none.
@@ -42,7 +44,14 @@ impl Bots {
                 .client_secret
                 .clone()
                 .expect("validated settings carry every bot's secret");
+            let assign_url = reqwest::Url::parse(&format!(
+                "{}/agentassist/api/v1/public/{}/assign-conversation",
+                settings.agentassist.base_url.trim_end_matches('/'),
+                b.stream_id
+            ))
+            .expect("validated settings carry a valid base_url");
             let bot = Bot {
+                assign_url,
                 stream_id: b.stream_id.clone(),
                 account_id: b.account_id.clone(),
                 tokens: TokenSource::new(b.client_id.clone(), &secret, b.token_ttl, b.token_jti),

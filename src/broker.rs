@@ -21,6 +21,12 @@ pub enum BrokerError {
         /// The client's error.
         source: lapin::Error,
     },
+    /// `amqp.url` is not an AMQP URL.
+    #[error("amqp.url is not a valid AMQP URL: {reason}")]
+    Url {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An operation took longer than `amqp.operation_timeout`.
     #[error("broker {operation} timed out")]
     Timeout {
@@ -44,7 +50,7 @@ pub enum BrokerError {
 impl BrokerError {
     /// Whether reconnecting may help.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::TopologyMismatch { .. })
+        matches!(self, Self::TopologyMismatch { .. } | Self::Url { .. })
     }
 }
 

@@ -2,6 +2,7 @@
 //! or a [`Rejection`] that says what is wrong (CONTRACT §2). Nothing past this module sees raw
 //! JSON or an invalid command.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -113,15 +114,27 @@ impl Parser {
                 e.valid_up_to()
             )
         })?;
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| format!("body is not valid JSON: {e}"))?;
-        let Value::Object(fields) = value else {
-            return Err("body must be a JSON object".into());
+        // Fast path: a well-formed command deserializes straight into borrowed fields. Anything
+        // else takes the slow path through a JSON value, which names exactly what is wrong.
+        let value;
+        let fields = match serde_json::from_str::<Fields<'_>>(text) {
+            Ok(fields) => fields,
+            Err(_) => {
+                value = serde_json::from_str::<Value>(text)
+                    .map_err(|e| format!("body is not valid JSON: {e}"))?;
+                let Value::Object(map) = &value else {
+                    return Err("body must be a JSON object".into());
+                };
+                // Keep the ids for the rejection even if another field is what is wrong.
+                let id = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_owned);
+                draft.command_id = id("commandId");
+                draft.bot_session_id = id("botSessionId");
+                Fields::from_map(map)?
+            }
         };
-        draft.command_id = optional_str(&fields, "commandId")?;
-        draft.bot_session_id = optional_str(&fields, "botSessionId")?;
-        let stream_field = optional_str(&fields, "streamId")?;
-        let bot = match &stream_field {
+        draft.command_id = fields.command_id.as_deref().map(str::to_owned);
+        draft.bot_session_id = fields.bot_session_id.as_deref().map(str::to_owned);
+        let bot = match fields.stream_id.as_deref() {
             Some(id) => self
                 .bots
                 .get(id)
@@ -131,14 +144,14 @@ impl Parser {
             })?,
         };
         draft.stream_id = Some(bot.stream_id.clone());
-        let target = read_target(&fields)?;
+        let target = fields.target()?;
         draft.target = Some(target.clone());
-        let org_id = required_str(&fields, "orgId")?;
-        let bot_session_id = required_str(&fields, "botSessionId")?;
-        let callback_url = optional_str(&fields, "callbackUrl")?;
-        let expires_at = match optional_str(&fields, "expiresAt")? {
+        let org_id = required(&fields.org_id, "orgId")?;
+        let bot_session_id = required(&fields.bot_session_id, "botSessionId")?;
+        let callback_url = fields.callback_url.as_deref().map(str::to_owned);
+        let expires_at = match fields.expires_at.as_deref() {
             Some(text) => Some(
-                OffsetDateTime::parse(&text, &Rfc3339)
+                OffsetDateTime::parse(text, &Rfc3339)
                     .map_err(|e| format!("expiresAt {text:?} is not an RFC 3339 time: {e}"))?,
             ),
             None => None,
@@ -203,53 +216,89 @@ pub fn body_hash(body: &[u8]) -> String {
     key
 }
 
-fn optional_str(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
-    match fields.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(format!("{key} must be a string, not {}", kind_of(other))),
+/// The fields a command is read from; strings borrow from the body unless escaped.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Fields<'a> {
+    #[serde(borrow)]
+    command_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    stream_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    org_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    bot_session_id: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "aId")]
+    a_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    transferred_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    queue_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    callback_url: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    expires_at: Option<Cow<'a, str>>,
+}
+
+impl<'a> Fields<'a> {
+    /// The slow path: each field checked on its own, so the error names the field.
+    fn from_map(map: &'a Map<String, Value>) -> Result<Self, String> {
+        let get = |key: &str| -> Result<Option<Cow<'a, str>>, String> {
+            match map.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(Cow::Borrowed(s.as_str()))),
+                Some(other) => Err(format!("{key} must be a string, not {}", kind_of(other))),
+            }
+        };
+        Ok(Self {
+            command_id: get("commandId")?,
+            bot_session_id: get("botSessionId")?,
+            stream_id: get("streamId")?,
+            a_id: get("aId")?,
+            transferred_type: get("transferredType")?,
+            queue_id: get("queueId")?,
+            org_id: get("orgId")?,
+            callback_url: get("callbackUrl")?,
+            expires_at: get("expiresAt")?,
+        })
+    }
+
+    fn target(&self) -> Result<Target, String> {
+        let non_empty = |key: &str, v: &str| {
+            if v.trim().is_empty() {
+                Err(format!("{key} must not be empty"))
+            } else {
+                Ok(v.to_owned())
+            }
+        };
+        let agent = self.a_id.as_deref();
+        let queue = self.queue_id.as_deref();
+        match (self.transferred_type.as_deref(), agent, queue) {
+            (Some(other), _, _) if other != "AGENT" && other != "QUEUE" => Err(format!(
+                "transferredType {other:?} is not supported: use \"AGENT\" (with aId) or \"QUEUE\" (with queueId)"
+            )),
+            (_, Some(_), Some(_)) => {
+                Err("two targets: give either aId (agent) or queueId (queue), not both".into())
+            }
+            (None | Some("AGENT"), Some(a), None) => Ok(Target::Agent(non_empty("aId", a)?)),
+            (Some("QUEUE"), None, Some(q)) => Ok(Target::Queue(non_empty("queueId", q)?)),
+            (Some("QUEUE"), Some(_), None) => {
+                Err("transferredType \"QUEUE\" needs queueId, not aId".into())
+            }
+            (Some("AGENT"), None, Some(_)) => {
+                Err("transferredType \"AGENT\" needs aId, not queueId".into())
+            }
+            (None, None, Some(_)) => Err("queueId given without transferredType \"QUEUE\"".into()),
+            _ => Err("no target: give aId for an agent transfer, or transferredType \"QUEUE\" with queueId".into()),
+        }
     }
 }
 
-fn required_str(fields: &Map<String, Value>, key: &str) -> Result<String, String> {
-    match optional_str(fields, key)? {
-        Some(s) if !s.trim().is_empty() => Ok(s),
+fn required(field: &Option<Cow<'_, str>>, key: &str) -> Result<String, String> {
+    match field.as_deref() {
+        Some(s) if !s.trim().is_empty() => Ok(s.to_owned()),
         Some(_) => Err(format!("{key} must not be empty")),
         None => Err(format!("missing required field {key}")),
-    }
-}
-
-fn read_target(fields: &Map<String, Value>) -> Result<Target, String> {
-    let agent = optional_str(fields, "aId")?;
-    let queue = optional_str(fields, "queueId")?;
-    let kind = optional_str(fields, "transferredType")?;
-    let non_empty = |key: &str, v: String| {
-        if v.trim().is_empty() {
-            Err(format!("{key} must not be empty"))
-        } else {
-            Ok(v)
-        }
-    };
-    match (kind.as_deref(), agent, queue) {
-        (Some(other), _, _) if other != "AGENT" && other != "QUEUE" => Err(format!(
-            "transferredType {other:?} is not supported: use \"AGENT\" (with aId) or \"QUEUE\" (with queueId)"
-        )),
-        (_, Some(_), Some(_)) => {
-            Err("two targets: give either aId (agent) or queueId (queue), not both".into())
-        }
-        (None | Some("AGENT"), Some(a), None) => Ok(Target::Agent(non_empty("aId", a)?)),
-        (Some("QUEUE"), None, Some(q)) => Ok(Target::Queue(non_empty("queueId", q)?)),
-        (Some("QUEUE"), Some(_), None) => {
-            Err("transferredType \"QUEUE\" needs queueId, not aId".into())
-        }
-        (Some("AGENT"), None, Some(_)) => {
-            Err("transferredType \"AGENT\" needs aId, not queueId".into())
-        }
-        (None, None, Some(_)) => Err("queueId given without transferredType \"QUEUE\"".into()),
-        _ => Err(
-            "no target: give aId for an agent transfer, or transferredType \"QUEUE\" with queueId"
-                .into(),
-        ),
     }
 }
 
@@ -349,6 +398,9 @@ mod tests {
         assert_eq!(r.bot_session_id.as_deref(), Some("s"));
         assert_eq!(r.target, Some(Target::Agent("a".into())));
         assert!(r.stream_id.is_some());
+        let r = parse(r#"{"commandId":"c8","botSessionId":"s","aId":"a","orgId":5}"#).unwrap_err();
+        assert_eq!(r.command_id, "c8");
+        assert_eq!(r.bot_session_id.as_deref(), Some("s"));
         let r = parse("garbage").unwrap_err();
         assert!(r.bot_session_id.is_none() && r.stream_id.is_none() && r.target.is_none());
     }

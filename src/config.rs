@@ -329,9 +329,8 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let amqp = &self.amqp;
-        if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
-            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
-        }
+        <lapin::uri::AMQPUri as std::str::FromStr>::from_str(&amqp.url)
+            .map_err(|reason| invalid("amqp.url", reason))?;
         if amqp.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));
         }

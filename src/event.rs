@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -164,7 +165,7 @@ fn build<D: Serialize>(
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Succeeded<'a> {
-    response: &'a Value,
+    response: &'a RawValue,
     duration_ms: u64,
 }
 
@@ -203,7 +204,12 @@ struct Callback<'a> {
 
 impl Event {
     /// `transfer.succeeded`.
-    pub fn succeeded(command: &Command, attempts: u32, response: &Value, duration_ms: u64) -> Self {
+    pub fn succeeded(
+        command: &Command,
+        attempts: u32,
+        response: &RawValue,
+        duration_ms: u64,
+    ) -> Self {
         let detail = Succeeded {
             response,
             duration_ms,

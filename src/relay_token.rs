@@ -42,10 +42,11 @@ impl From<&Command> for CallbackIds {
 }
 
 /// Signs with the current secret; verifies with it and with earlier ones during a rotation.
+/// Keys are derived once; each signature starts from a copy of the keyed state.
 #[derive(Clone)]
 pub struct TokenSigner {
-    current: SecretString,
-    previous: Vec<SecretString>,
+    current: Hmac<Sha256>,
+    previous: Vec<Hmac<Sha256>>,
 }
 
 impl std::fmt::Debug for TokenSigner {
@@ -54,9 +55,13 @@ impl std::fmt::Debug for TokenSigner {
     }
 }
 
-fn mac(secret: &SecretString, data: &[u8]) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
-        .expect("HMAC takes keys of any length");
+fn keyed(secret: &SecretString) -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+        .expect("HMAC takes keys of any length")
+}
+
+fn mac(key: &Hmac<Sha256>, data: &[u8]) -> Hmac<Sha256> {
+    let mut mac = key.clone();
     mac.update(data);
     mac
 }
@@ -64,7 +69,10 @@ fn mac(secret: &SecretString, data: &[u8]) -> Hmac<Sha256> {
 impl TokenSigner {
     /// `current` signs; `previous` only verify.
     pub fn new(current: SecretString, previous: Vec<SecretString>) -> Self {
-        Self { current, previous }
+        Self {
+            current: keyed(&current),
+            previous: previous.iter().map(keyed).collect(),
+        }
     }
 
     /// A token for these ids.
@@ -73,7 +81,10 @@ impl TokenSigner {
         let tag = mac(&self.current, payload.as_bytes())
             .finalize()
             .into_bytes();
-        format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag))
+        let mut token = payload;
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(tag, &mut token);
+        token
     }
 
     /// The ids, if the token was signed by one of our secrets and is intact.
@@ -83,7 +94,7 @@ impl TokenSigner {
         let signed = std::iter::once(&self.current)
             .chain(&self.previous)
             // verify_slice compares in constant time.
-            .any(|secret| mac(secret, payload.as_bytes()).verify_slice(&tag).is_ok());
+            .any(|key| mac(key, payload.as_bytes()).verify_slice(&tag).is_ok());
         if !signed {
             return None;
         }

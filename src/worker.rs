@@ -226,8 +226,10 @@ impl Worker {
                     // Drain while the consuming channel is open: the acks of in-flight commands
                     // go to it, and dropping it would hand them all back to the broker.
                     self.drain().await;
+                    // Closed one by one before the connection, so none is torn down mid-close.
+                    let _ = timed("channel.close", t, channel.close(200, "shutdown".into())).await;
+                    publisher.close(t).await;
                     drop(consumer);
-                    drop(channel);
                     return Ok((Stop::Shutdown(connection), true));
                 }
                 delivery = consumer.next() => match delivery {

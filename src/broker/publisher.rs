@@ -75,6 +75,16 @@ impl Publisher {
         })
     }
 
+    /// Closes the channel, so the connection can close cleanly after it.
+    pub async fn close(&self, limit: Duration) {
+        let _ = timed(
+            "channel.close",
+            limit,
+            self.channel.close(200, "shutdown".into()),
+        )
+        .await;
+    }
+
     /// Whether the channel is still open.
     pub fn is_connected(&self) -> bool {
         self.channel.status().connected()
@@ -102,6 +112,11 @@ impl Publisher {
         dead_letter: Option<DeadLetter<'_>>,
     ) -> Result<(), PublishError> {
         let properties = event_properties(event);
+        let reply_properties = reply.map(|reply| {
+            properties
+                .clone()
+                .with_correlation_id(reply.correlation_id.into())
+        });
         let options = BasicPublishOptions::default();
         let mut confirms = Vec::with_capacity(3);
         confirms.push((
@@ -112,14 +127,11 @@ impl Publisher {
                     event.kind.name().into(),
                     options,
                     &event.body,
-                    properties.clone(),
+                    properties,
                 )
                 .await?,
         ));
-        if let Some(reply) = reply {
-            let properties = properties
-                .clone()
-                .with_correlation_id(reply.correlation_id.into());
+        if let (Some(reply), Some(properties)) = (reply, reply_properties) {
             confirms.push((
                 reply.queue,
                 self.channel
