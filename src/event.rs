@@ -63,8 +63,8 @@ pub struct Event {
     pub id: Uuid,
     /// The command it is about (`correlation_id`).
     pub command_id: String,
-    /// The JSON body.
-    pub body: Vec<u8>,
+    /// The JSON body, exactly sized: events are kept in the outcome cache.
+    pub body: Box<[u8]>,
     /// Why the command ended without success (`x-transfer-error`), for dead letters.
     pub error: Option<String>,
 }
@@ -157,7 +157,9 @@ fn build<D: Serialize>(
         kind,
         id,
         command_id: subject.command_id.to_owned(),
-        body: serde_json::to_vec(&wire).expect("events serialize"),
+        body: serde_json::to_vec(&wire)
+            .expect("events serialize")
+            .into_boxed_slice(),
         error,
     }
 }

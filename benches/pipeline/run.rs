@@ -428,8 +428,9 @@ fn worker_config(
     )
 }
 
-/// A command whose environment holds no `TRANSFER_*` or `RUST_LOG` of the caller, only the
-/// bench's log level: the configuration comes from the bench's `--config` file alone.
+/// A command whose environment holds no `TRANSFER_*` or `RUST_LOG` of the caller: the
+/// configuration comes from the bench's `--config` file alone, so the worker is measured as
+/// shipped, logging at its default level (`info`).
 fn clean_command(program: &Path) -> Command {
     let mut command = Command::new(program);
     for (key, _) in std::env::vars_os() {
@@ -437,12 +438,12 @@ fn clean_command(program: &Path) -> Command {
             command.env_remove(key);
         }
     }
-    command.env("TRANSFER__LOG__LEVEL", "warn");
     command
 }
 
 fn simulator_command(ctx: &Ctx, scenario: &Scenario, config: &Path, port: u16) -> Command {
     let mut command = clean_command(&ctx.worker_exe);
+    command.env("TRANSFER__LOG__LEVEL", "warn");
     command.args(["simulate", "--config"]).arg(config).args([
         "--listen".to_owned(),
         format!("127.0.0.1:{port}"),
