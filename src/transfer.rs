@@ -88,12 +88,19 @@ impl Transfers {
         let mut delays = self.retry.delays();
         let mut attempts = 0u32;
         let mut reauthorized = false;
+        // The deadline ends a command as `expired` if the API was never called, and as a
+        // retryable `failed` with the last error if it was: that error is what went wrong.
+        let mut last_error: Option<ApiError> = None;
+        let out_of_time = |attempts, last_error: Option<&ApiError>| match last_error {
+            Some(error) => Event::failed(command, attempts, error, true),
+            None => expired(command, attempts),
+        };
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(expired(command, attempts));
+                return Ok(out_of_time(attempts, last_error.as_ref()));
             }
             let Ok(slot) = bot.pacer.reserve(deadline) else {
-                return Ok(expired(command, attempts));
+                return Ok(out_of_time(attempts, last_error.as_ref()));
             };
             sleep_until(slot, shutdown).await?;
             let token = match bot.tokens.token() {
@@ -133,6 +140,7 @@ impl Transfers {
                 // A token the API no longer accepts (secret rotated, clock skew): mint anew once.
                 reauthorized = true;
                 bot.tokens.invalidate();
+                last_error = Some(error);
                 tracing::warn!(
                     attempts,
                     "AgentAssist refused the token; retrying with a new one"
@@ -160,6 +168,7 @@ impl Transfers {
                 })
                 .inc();
             tracing::debug!(attempts, ?wait, %error, "transient failure; retrying");
+            last_error = Some(error);
             sleep_until(Instant::now() + wait, shutdown).await?;
         }
     }

@@ -549,11 +549,13 @@ async fn read_gauge(http: &reqwest::Client, url: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// How many lines the worker logged (at warn level, any line is a warning or an error), and
-/// the first five.
+/// How many warnings and errors the worker logged, and the first five of them.
 fn log_summary(path: &Path) -> (usize, Vec<String>) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+        .collect();
     let excerpt = lines.iter().take(5).map(|l| (*l).to_owned()).collect();
     (lines.len(), excerpt)
 }

@@ -492,6 +492,28 @@ async fn a_command_whose_deadline_passes_while_paced_expires_unsent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_between_attempts_fails_with_the_last_error() {
+    let mut h = Harness::start(|s, _| {
+        s.bots[0].rate_limit = 1;
+        s.bots[0].rate_window = Duration::from_secs(30);
+    })
+    .await;
+    h.sim.script([Reply::Status(503)]);
+    let mut c = agent_command("out-of-time", "s-out-of-time");
+    let soon = SystemTime::now() + Duration::from_secs(2);
+    c["expiresAt"] = json!(transfer_worker::event::rfc3339_ms(soon));
+    h.publish(&c).await;
+    let e = h.next_event().await;
+    // The retry's slot lies 30 s out, past the deadline: the 503 is what went wrong.
+    assert_eq!(e.name(), "transfer.failed", "{}", e.json);
+    assert_eq!(e.json["attempts"], 1);
+    assert_eq!(e.json["retryable"], true);
+    assert_eq!(e.json["error"]["status"], 503);
+    assert_eq!(h.sim.requests().len(), 1);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutting_the_broker_connection_loses_no_command() {
     init_logs();
     let upstream = "127.0.0.1:5672".parse().unwrap();
