@@ -1,12 +1,15 @@
 //! Operator endpoints (CONTRACT §6) on `admin.listen`: liveness, readiness, metrics.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+
+use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::Broker;
 use crate::metrics::Metrics;
@@ -26,6 +29,10 @@ pub fn router(admin: Admin) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(10),
+        ))
         .with_state(Arc::new(admin))
 }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -206,20 +206,7 @@ async fn exchange_events(
     count: usize,
 ) -> Result<DemoSummary, DemoError> {
     let t = amqp.operation_timeout;
-    let mut consumer = timed(
-        "basic.consume",
-        t,
-        channel.basic_consume(
-            events_queue.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await?;
+    let mut consumer = topology::watch(channel, events_queue.into(), t).await?;
     timed(
         "confirm.select",
         t,

@@ -98,7 +98,7 @@ pub struct Metrics {
     pub callbacks: Family<RelayLabels, Counter>,
     /// Broker connections re-established after a loss.
     pub broker_reconnects: Counter,
-    /// Commands returned to the queue because their outcome could not be published.
+    /// Commands returned to the queue unacked: outcome not confirmed, or shutdown.
     pub commands_requeued: Counter,
 }
 
@@ -177,7 +177,7 @@ impl Metrics {
         );
         registry.register(
             "commands_requeued",
-            "Commands returned to the queue because their outcome could not be published",
+            "Commands returned to the queue unacked: outcome not confirmed, or shutdown",
             m.commands_requeued.clone(),
         );
         for kind in EventKind::ALL {

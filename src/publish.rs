@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use serde_json::{Map, Value};
 
@@ -131,20 +130,7 @@ pub async fn publish_command(
     let mut replies = None;
     if wait.is_some() {
         let queue = topology::private_queue(&channel, t).await?;
-        let consumer = timed(
-            "basic.consume",
-            t,
-            channel.basic_consume(
-                queue.clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        let consumer = topology::watch(&channel, queue.clone(), t).await?;
         properties = properties.with_reply_to(queue.clone());
         replies = Some(consumer);
     }

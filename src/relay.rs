@@ -3,7 +3,7 @@
 //! says which command the callback is about; the body is relayed as received.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -11,6 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use serde_json::Value;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::Broker;
 use crate::event::{Event, Subject};
@@ -19,6 +20,10 @@ use crate::relay_token::TokenSigner;
 
 /// Largest callback body accepted.
 pub const MAX_CALLBACK_BYTES: usize = 256 * 1024;
+
+/// A caller that has not sent its whole request by then gets 408 and loses its connection, so
+/// slow clients cannot pile up on a public listener. Longer than any publish confirm wait.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the relay needs.
 #[derive(Debug, Clone)]
@@ -36,6 +41,10 @@ pub fn router(relay: Relay) -> Router {
     Router::new()
         .route("/callbacks/{token}", post(receive))
         .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .with_state(Arc::new(relay))
 }
 

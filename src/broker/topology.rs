@@ -117,3 +117,21 @@ pub async fn private_queue(
     .await?;
     Ok(queue.name().clone())
 }
+
+/// Consumes `queue` without acks: for tools that watch replies or events, never for commands.
+pub async fn watch(
+    channel: &Channel,
+    queue: lapin::types::ShortString,
+    t: std::time::Duration,
+) -> Result<lapin::Consumer, BrokerError> {
+    let options = lapin::options::BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    timed(
+        "basic.consume",
+        t,
+        channel.basic_consume(queue, "".into(), options, FieldTable::default()),
+    )
+    .await
+}

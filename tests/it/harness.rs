@@ -385,6 +385,18 @@ impl Drop for Harness {
     }
 }
 
+/// The keys of a JSON object, sorted.
+pub fn sorted_keys(v: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// An agent transfer for session `session`.
 pub fn agent_command(id: &str, session: &str) -> Value {
     serde_json::json!({

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use transfer_worker::command::Target;
 use transfer_worker::relay_token::{CallbackIds, TokenSigner};
 
-use crate::harness::{Harness, Received, agent_command, queue_command};
+use crate::harness::{Harness, Received, agent_command, queue_command, sorted_keys};
 use crate::init_logs;
 use crate::proxy::Proxy;
 
@@ -119,10 +119,8 @@ fn assert_callback_for(e: &Received, command: &Value, stream_id: &str, target: &
 
 /// `transfer.callback` events carry these keys, and no others.
 fn assert_callback_keys(v: &Value) {
-    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        sorted_keys(v),
         [
             "attempts",
             "botSessionId",

@@ -8,7 +8,7 @@ use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 use transfer_worker::simulator::Reply;
 
-use crate::harness::{Harness, agent_command, queue_command};
+use crate::harness::{Harness, agent_command, queue_command, sorted_keys};
 use crate::init_logs;
 use crate::proxy::Proxy;
 
@@ -55,11 +55,8 @@ async fn agent_and_queue_transfers_publish_contract_events() {
         assert!(v["durationMs"].as_u64().is_some());
         assert_eq!(v["response"]["status"], "transferred");
         assert_timestamp(&v["occurredAt"]);
-        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        let mut keys = keys;
-        keys.sort();
         assert_eq!(
-            keys,
+            sorted_keys(v),
             [
                 "attempts",
                 "botSessionId",
