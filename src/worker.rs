@@ -323,12 +323,16 @@ impl Worker {
                             .map(|s| s.as_str());
                         Event::rejected(rejection, message_id)
                     }
-                    Ok(command) => match p.transfers.execute(command, &p.shutdown.abandon).await {
-                        Ok(event) => event,
-                        Err(Abandoned) => {
-                            return self.requeue(&job, "shutdown grace ran out").await;
+                    // Boxed, like the publish below: a session task then holds only the phase it
+                    // is in, not the largest of them, for every command in flight.
+                    Ok(command) => {
+                        match Box::pin(p.transfers.execute(command, &p.shutdown.abandon)).await {
+                            Ok(event) => event,
+                            Err(Abandoned) => {
+                                return self.requeue(&job, "shutdown grace ran out").await;
+                            }
                         }
-                    },
+                    }
                 };
                 let event = Arc::new(event);
                 p.outcomes
@@ -348,7 +352,7 @@ impl Worker {
             body: &job.delivery.data,
             properties: props,
         });
-        match job.publisher.publish(&event, reply, dead_letter).await {
+        match Box::pin(job.publisher.publish(&event, reply, dead_letter)).await {
             Ok(()) => {
                 p.metrics.published(event.kind);
                 log_outcome(&event);
