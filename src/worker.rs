@@ -4,6 +4,7 @@
 //! flight at that moment are redelivered by the broker and answered from the outcome cache.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -73,6 +74,8 @@ pub struct Worker {
     parts: WorkerParts,
     sessions: SessionQueues<Job>,
     tracker: TaskTracker,
+    /// A connection was lost and not yet re-established (counts reconnects).
+    lost: AtomicBool,
 }
 
 /// A delivery, read, waiting for or in its session's turn.
@@ -118,6 +121,7 @@ impl Worker {
             parts,
             sessions: SessionQueues::default(),
             tracker: TaskTracker::new(),
+            lost: AtomicBool::new(false),
         })
     }
 
@@ -127,7 +131,6 @@ impl Worker {
     pub async fn run(self: Arc<Self>) -> Result<(), BrokerError> {
         let p = &self.parts;
         let mut delays = reconnect_delays(&p.amqp);
-        let mut connected_before = false;
         loop {
             // `serve` watches the stop signal itself: once connected it must drain in-flight
             // commands on its connection before returning, which dropping it would prevent.
@@ -147,9 +150,9 @@ impl Worker {
                 Ok((Stop::Stopped, _)) => break,
                 Ok((Stop::Lost(reason), served)) => {
                     tracing::warn!(%reason, "broker connection lost; reconnecting");
+                    self.lost.store(true, Ordering::Relaxed);
                     if served {
                         delays = reconnect_delays(&p.amqp);
-                        connected_before = true;
                     }
                 }
                 Err(e) if e.is_fatal() => return Err(e),
@@ -159,9 +162,6 @@ impl Worker {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = p.shutdown.stop.cancelled() => break,
-            }
-            if connected_before {
-                p.metrics.broker_reconnects.inc();
             }
         }
         // Stopped while disconnected: nothing can be published, so nothing can finish.
@@ -208,6 +208,9 @@ impl Worker {
         };
         p.broker.set_publisher(Some(publisher.clone()));
         p.broker.set_consuming(true);
+        if self.lost.swap(false, Ordering::Relaxed) {
+            p.metrics.broker_reconnects.inc();
+        }
         tracing::info!(
             queue = %p.amqp.commands_queue,
             prefetch = p.amqp.prefetch,
