@@ -238,12 +238,30 @@ impl Worker {
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => self.accept(delivery, &publisher),
                     Some(Err(e)) => return Ok((Stop::Lost(e.to_string()), true)),
-                    None => return Ok((Stop::Lost("the broker cancelled the consumer".into()), true)),
+                    None => {
+                        // The queue was deleted, say: start over on a fresh connection, which
+                        // re-declares it, and hand back what this one holds.
+                        let reason = "the broker cancelled the consumer";
+                        let _ = timed("connection.close", t, connection.close(200, reason.into())).await;
+                        return Ok((Stop::Lost(reason.into()), true));
+                    }
                 },
                 _ = liveness.tick() => {
-                    if !connection.status().connected() || !channel.status().connected() {
-                        return Ok((Stop::Lost("connection closed".into()), true));
-                    }
+                    let reason = if !connection.status().connected() {
+                        "connection closed"
+                    } else if !channel.status().connected() {
+                        "consumer channel closed"
+                    } else if !publisher.is_connected() {
+                        // The broker closes a channel on errors such as publishing to an exchange
+                        // that was deleted. Without a publisher nothing can finish here.
+                        "publisher channel closed"
+                    } else {
+                        continue;
+                    };
+                    // Closing hands every unacked command back to the broker at once; the
+                    // next connection re-declares the topology and takes them again.
+                    let _ = timed("connection.close", t, connection.close(200, reason.into())).await;
+                    return Ok((Stop::Lost(reason.into()), true));
                 }
             }
         }

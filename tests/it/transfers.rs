@@ -511,6 +511,79 @@ async fn a_deadline_that_passes_between_attempts_fails_with_the_last_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_results_exchange_is_declared_again_and_the_outcome_delivered() {
+    let h = Harness::start(|_, _| {}).await;
+    let (_conn, ch) = crate::harness::test_channel().await;
+    let reply = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    // An operator deletes the exchange: the worker's next publish closes its channel.
+    h.channel
+        .exchange_delete(
+            h.settings.amqp.results_exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&agent_command("orphan", "s-orphan")).unwrap();
+    h.publish_raw(
+        &body,
+        BasicProperties::default().with_reply_to(reply.name().clone()),
+    )
+    .await;
+    // The outcome arrives on reply_to once the worker has reconnected and re-declared.
+    let until = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let m = ch
+            .basic_get(
+                reply.name().clone(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        if let Some(m) = m {
+            break m;
+        }
+        assert!(
+            Instant::now() < until,
+            "no outcome after the exchange was deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v: Value = serde_json::from_slice(&got.delivery.data).unwrap();
+    assert_eq!(v["event"], "transfer.succeeded");
+    assert_eq!(
+        h.sim.requests().len(),
+        1,
+        "answered from memory, not sent again"
+    );
+    assert_eq!(h.metrics.broker_reconnects.get(), 1);
+    let passive = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    h.channel
+        .exchange_declare(
+            h.settings.amqp.results_exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            passive,
+            Default::default(),
+        )
+        .await
+        .expect("the worker declared the exchange again");
+    assert_eq!(h.commands_waiting().await, 0);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutting_the_broker_connection_loses_no_command() {
     init_logs();
     let upstream = "127.0.0.1:5672".parse().unwrap();
