@@ -385,6 +385,36 @@ impl Drop for Harness {
     }
 }
 
+/// A private queue for `reply_to`, read by polling.
+pub struct ReplyQueue {
+    pub name: lapin::types::ShortString,
+}
+
+impl ReplyQueue {
+    pub async fn declare(channel: &Channel) -> Self {
+        Self {
+            name: private_queue(channel).await.into(),
+        }
+    }
+
+    /// The next message, waiting up to [`EVENT_WAIT`].
+    pub async fn next(&self, channel: &Channel) -> lapin::message::Delivery {
+        let until = tokio::time::Instant::now() + EVENT_WAIT;
+        loop {
+            let options = lapin::options::BasicGetOptions { no_ack: true };
+            if let Some(m) = channel.basic_get(self.name.clone(), options).await.unwrap() {
+                return m.delivery;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "nothing arrived on {}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// The keys of a JSON object, sorted.
 pub fn sorted_keys(v: &Value) -> Vec<&str> {
     let mut keys: Vec<&str> = v

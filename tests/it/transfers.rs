@@ -8,7 +8,7 @@ use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 use transfer_worker::simulator::Reply;
 
-use crate::harness::{Harness, agent_command, queue_command, sorted_keys};
+use crate::harness::{Harness, ReplyQueue, agent_command, queue_command, sorted_keys};
 use crate::init_logs;
 use crate::proxy::Proxy;
 
@@ -335,45 +335,18 @@ async fn an_expired_command_is_never_sent() {
 async fn reply_to_gets_the_outcome_with_the_commands_correlation_id() {
     let mut h = Harness::start(|_, _| {}).await;
     let (_conn, ch) = crate::harness::test_channel().await;
-    let reply = ch
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let reply = ReplyQueue::declare(&ch).await;
     let body = serde_json::to_vec(&agent_command("with-reply", "s-reply")).unwrap();
     let props = BasicProperties::default()
-        .with_reply_to(reply.name().clone())
+        .with_reply_to(reply.name.clone())
         .with_correlation_id("caller-42".into());
     h.publish_raw(&body, props).await;
     let on_results = h.next_event().await;
-    let got = loop {
-        let m = ch
-            .basic_get(
-                reply.name().clone(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap();
-        if let Some(m) = m {
-            break m;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let v: Value = serde_json::from_slice(&got.delivery.data).unwrap();
+    let got = reply.next(&ch).await;
+    let v: Value = serde_json::from_slice(&got.data).unwrap();
     assert_eq!(v, on_results.json, "the same event");
     assert_eq!(
-        got.delivery
-            .properties
-            .correlation_id()
-            .as_ref()
-            .unwrap()
-            .as_str(),
+        got.properties.correlation_id().as_ref().unwrap().as_str(),
         "caller-42"
     );
     h.stop().await.unwrap();
@@ -514,17 +487,7 @@ async fn a_deadline_that_passes_between_attempts_fails_with_the_last_error() {
 async fn a_deleted_results_exchange_is_declared_again_and_the_outcome_delivered() {
     let h = Harness::start(|_, _| {}).await;
     let (_conn, ch) = crate::harness::test_channel().await;
-    let reply = ch
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let reply = ReplyQueue::declare(&ch).await;
     // An operator deletes the exchange: the worker's next publish closes its channel.
     h.channel
         .exchange_delete(
@@ -536,29 +499,12 @@ async fn a_deleted_results_exchange_is_declared_again_and_the_outcome_delivered(
     let body = serde_json::to_vec(&agent_command("orphan", "s-orphan")).unwrap();
     h.publish_raw(
         &body,
-        BasicProperties::default().with_reply_to(reply.name().clone()),
+        BasicProperties::default().with_reply_to(reply.name.clone()),
     )
     .await;
     // The outcome arrives on reply_to once the worker has reconnected and re-declared.
-    let until = Instant::now() + Duration::from_secs(20);
-    let got = loop {
-        let m = ch
-            .basic_get(
-                reply.name().clone(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap();
-        if let Some(m) = m {
-            break m;
-        }
-        assert!(
-            Instant::now() < until,
-            "no outcome after the exchange was deleted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let v: Value = serde_json::from_slice(&got.delivery.data).unwrap();
+    let got = reply.next(&ch).await;
+    let v: Value = serde_json::from_slice(&got.data).unwrap();
     assert_eq!(v["event"], "transfer.succeeded");
     assert_eq!(
         h.sim.requests().len(),
