@@ -1,4 +1,4 @@
-//! Operator endpoints (CONTRACT §6) on `admin.listen`: liveness, readiness, metrics.
+//! Operator endpoints (docs/contract.md §6) on `admin.listen`: liveness, readiness, metrics.
 
 use std::sync::Arc;
 use std::time::Duration;

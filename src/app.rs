@@ -16,9 +16,9 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::outcomes::Outcomes;
 use crate::relay::{self, Relay};
-use crate::relay_token::TokenSigner;
+use crate::relay_token::{RelayUrls, TokenSigner};
 use crate::retry::RetryPolicy;
-use crate::transfer::{RelayUrls, Transfers};
+use crate::transfer::Transfers;
 use crate::worker::{Shutdown, Worker, WorkerParts};
 
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.

@@ -1,5 +1,5 @@
 //! Transfer commands: the raw delivery becomes a typed, valid [`Command`] once, at the edge,
-//! or a [`Rejection`] that says what is wrong (CONTRACT §2). Nothing past this module sees raw
+//! or a [`Rejection`] that says what is wrong (docs/contract.md §2). Nothing past this module sees raw
 //! JSON or an invalid command.
 
 use std::borrow::Cow;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// The defaults, with every key documented.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
-/// Largest command body accepted (CONTRACT §2).
+/// Largest command body accepted (docs/contract.md §2).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// What can be wrong with the configuration.

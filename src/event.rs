@@ -1,4 +1,4 @@
-//! Events: what the worker says happened (CONTRACT §3). Each is serialized once, when it is
+//! Events: what the worker says happened (docs/contract.md §3). Each is serialized once, when it is
 //! decided, and kept as bytes so a redelivered command republishes the very same event.
 
 use std::time::SystemTime;

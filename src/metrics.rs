@@ -1,4 +1,4 @@
-//! Prometheus metrics (CONTRACT §6). Labels are bounded: event name, status class, account,
+//! Prometheus metrics (docs/contract.md §6). Labels are bounded: event name, status class, account,
 //! result — never a session or command id.
 
 use prometheus_client::encoding::EncodeLabelSet;

@@ -1,5 +1,5 @@
 //! Per-account call pacing: no sliding window of `rate_window` ever holds more than
-//! `rate_limit` calls (CONTRACT §4).
+//! `rate_limit` calls (docs/contract.md §4).
 //!
 //! A token bucket sized for a whole window lets a full window's worth through at once and then
 //! a steady refill, so the first minute sees nearly twice the limit. This is a sliding log

@@ -1,4 +1,4 @@
-//! The callback relay (CONTRACT §5): `POST /callbacks/{token}` from AgentAssist becomes a
+//! The callback relay (docs/contract.md §5): `POST /callbacks/{token}` from AgentAssist becomes a
 //! `transfer.callback` event on the results exchange. The token authenticates the caller and
 //! says which command the callback is about; the body is relayed as received.
 

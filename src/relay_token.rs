@@ -1,6 +1,6 @@
-//! Relay tokens: the last path segment of the callback URL handed to AgentAssist. A token
-//! carries the command's ids and an HMAC-SHA256 over them, so any worker holding the secret
-//! can relay any callback, after restarts too, with no shared state (CONTRACT §5).
+//! Relay tokens and URLs: the token is the last path segment of the callback URL handed to
+//! AgentAssist. It carries the command's ids and an HMAC-SHA256 over them, so any worker
+//! holding the secret can relay any callback, after restarts too, with no shared state.
 //!
 //! Format: `base64url(json ids) "." base64url(hmac)`, unpadded, URL-safe.
 
@@ -99,6 +99,30 @@ impl TokenSigner {
             return None;
         }
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
+    }
+}
+
+/// Where AgentAssist should post callbacks for commands that bring no `callbackUrl`.
+#[derive(Debug, Clone)]
+pub struct RelayUrls {
+    base: String,
+    signer: TokenSigner,
+}
+
+impl RelayUrls {
+    /// `{public_url}/callbacks/{token}`.
+    pub fn new(public_url: &str, signer: TokenSigner) -> Self {
+        Self {
+            base: format!("{}/callbacks/", public_url.trim_end_matches('/')),
+            signer,
+        }
+    }
+
+    /// The URL for one command.
+    pub fn url(&self, command: &Command) -> String {
+        let mut url = self.base.clone();
+        url.push_str(&self.signer.sign(&CallbackIds::from(command)));
+        url
     }
 }
 

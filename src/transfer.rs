@@ -10,36 +10,12 @@ use crate::agentassist::{ApiClient, ApiError, ErrorKind, request_body};
 use crate::command::Command;
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::relay_token::{CallbackIds, TokenSigner};
+use crate::relay_token::RelayUrls;
 use crate::retry::RetryPolicy;
 
 /// The worker is shutting down and the command did not finish: it goes back to the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Abandoned;
-
-/// Where AgentAssist should post callbacks for commands that bring no `callbackUrl`.
-#[derive(Debug, Clone)]
-pub struct RelayUrls {
-    base: String,
-    signer: TokenSigner,
-}
-
-impl RelayUrls {
-    /// `{public_url}/callbacks/{token}`.
-    pub fn new(public_url: &str, signer: TokenSigner) -> Self {
-        Self {
-            base: format!("{}/callbacks/", public_url.trim_end_matches('/')),
-            signer,
-        }
-    }
-
-    /// The URL for one command.
-    pub fn url(&self, command: &Command) -> String {
-        let mut url = self.base.clone();
-        url.push_str(&self.signer.sign(&CallbackIds::from(command)));
-        url
-    }
-}
 
 /// Executes commands against the API.
 #[derive(Debug, Clone)]

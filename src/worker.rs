@@ -1,5 +1,5 @@
 //! The consumer: takes deliveries off the commands queue, runs them per session, publishes
-//! each outcome with confirms and only then acks (CONTRACT §4). It owns the broker connection:
+//! each outcome with confirms and only then acks (docs/contract.md §4). It owns the broker connection:
 //! when the connection drops it reconnects with backoff, re-declares, and resumes; commands in
 //! flight at that moment are redelivered by the broker and answered from the outcome cache.
 
@@ -218,7 +218,7 @@ impl Worker {
         );
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         loop {
-            tokio::select! {
+            let reason = tokio::select! {
                 biased;
                 () = p.shutdown.stop.cancelled() => {
                     p.broker.set_consuming(false);
@@ -236,34 +236,37 @@ impl Worker {
                     return Ok((Stop::Shutdown(connection), true));
                 }
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => self.accept(delivery, &publisher),
-                    Some(Err(e)) => return Ok((Stop::Lost(e.to_string()), true)),
-                    None => {
-                        // The queue was deleted, say: start over on a fresh connection, which
-                        // re-declares it, and hand back what this one holds.
-                        let reason = "the broker cancelled the consumer";
-                        let _ = timed("connection.close", t, connection.close(200, reason.into())).await;
-                        return Ok((Stop::Lost(reason.into()), true));
+                    Some(Ok(delivery)) => {
+                        self.accept(delivery, &publisher);
+                        continue;
                     }
+                    Some(Err(e)) => e.to_string(),
+                    // The queue was deleted, say: a fresh connection re-declares it.
+                    None => "the broker cancelled the consumer".to_owned(),
                 },
                 _ = liveness.tick() => {
-                    let reason = if !connection.status().connected() {
-                        "connection closed"
+                    if !connection.status().connected() {
+                        "connection closed".to_owned()
                     } else if !channel.status().connected() {
-                        "consumer channel closed"
+                        "consumer channel closed".to_owned()
                     } else if !publisher.is_connected() {
                         // The broker closes a channel on errors such as publishing to an exchange
                         // that was deleted. Without a publisher nothing can finish here.
-                        "publisher channel closed"
+                        "publisher channel closed".to_owned()
                     } else {
                         continue;
-                    };
-                    // Closing hands every unacked command back to the broker at once; the
-                    // next connection re-declares the topology and takes them again.
-                    let _ = timed("connection.close", t, connection.close(200, reason.into())).await;
-                    return Ok((Stop::Lost(reason.into()), true));
+                    }
                 }
-            }
+            };
+            // Closing hands every unacked command back to the broker at once; the next
+            // connection re-declares the topology and takes them again.
+            let _ = timed(
+                "connection.close",
+                t,
+                connection.close(200, reason.as_str().into()),
+            )
+            .await;
+            return Ok((Stop::Lost(reason), true));
         }
     }
 

@@ -1,4 +1,4 @@
-//! The queues and exchanges of CONTRACT §1, declared idempotently at every (re)connect.
+//! The queues and exchanges of docs/contract.md §1, declared idempotently at every (re)connect.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};

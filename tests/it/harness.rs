@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -167,31 +167,29 @@ pub async fn test_channel() -> (Connection, Channel) {
     (conn, channel)
 }
 
+/// A server-named queue for this connection only.
 async fn private_queue(channel: &Channel) -> String {
-    let options = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare("".into(), options, FieldTable::default())
+    topology::private_queue(channel, Duration::from_secs(10))
         .await
-        .unwrap()
-        .name()
+        .expect("private queue")
         .to_string()
 }
 
+/// Consumes `queue` without acks.
 async fn consume(channel: &Channel, queue: &str) -> Consumer {
+    topology::watch(channel, queue.into(), Duration::from_secs(10))
+        .await
+        .expect("consume")
+}
+
+/// A queue's counts, without declaring it.
+pub async fn passive(channel: &Channel, queue: &str) -> lapin::Queue {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
     channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare(queue.into(), options, FieldTable::default())
         .await
         .unwrap()
 }
@@ -352,18 +350,8 @@ impl Harness {
 
     /// Messages waiting in the commands queue.
     pub async fn commands_waiting(&self) -> u32 {
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        self.channel
-            .queue_declare(
-                self.settings.amqp.commands_queue.as_str().into(),
-                options,
-                FieldTable::default(),
-            )
+        passive(&self.channel, &self.settings.amqp.commands_queue)
             .await
-            .unwrap()
             .message_count()
     }
 

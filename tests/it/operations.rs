@@ -6,9 +6,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -17,7 +17,7 @@ use transfer_worker::config::Settings;
 use transfer_worker::simulator::{self, Reply, Simulator, SimulatorConfig};
 
 use crate::harness::{
-    Cleanup, Harness, agent_command, amqp_url, queue_command, test_channel, test_settings,
+    Cleanup, Harness, agent_command, amqp_url, passive, queue_command, test_channel, test_settings,
 };
 use crate::init_logs;
 use crate::proxy::Proxy;
@@ -321,17 +321,6 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
-async fn passive(channel: &Channel, queue: &str) -> lapin::Queue {
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.into(), options, FieldTable::default())
-        .await
-        .unwrap()
-}
-
 /// Publishes `burst.commands` commands to a `transfer-worker run` child, signals it, waits
 /// for it to exit 0, and collects what became of every command.
 async fn sigterm_during(burst: Burst) -> Outcome {
@@ -356,19 +345,9 @@ async fn sigterm_during(burst: Burst) -> Outcome {
     .expect("simulator starts");
     let (_conn, channel) = test_channel().await;
     topology::declare(&channel, amqp).await.expect("topology");
-    let events = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let events = topology::private_queue(&channel, Duration::from_secs(10))
         .await
         .unwrap()
-        .name()
         .to_string();
     channel
         .queue_bind(
