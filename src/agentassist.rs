@@ -12,8 +12,12 @@ use crate::bots::Bot;
 use crate::command::{Command, Target};
 use crate::token::Token;
 
-/// Error bodies kept in events are cut at this size; success bodies are kept whole.
+/// Error bodies kept in events are cut at this size.
 const MAX_ERROR_BODY: usize = 8 * 1024;
+
+/// At most this much of a response is read. A longer success body is kept as a string of its
+/// first 64 KiB, and the event says `responseTruncated`.
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 /// What kind of failure an [`ApiError`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -27,6 +31,8 @@ pub enum ErrorKind {
     Connection,
     /// Anything else about sending the request.
     Request,
+    /// A fault inside the worker while it handled the command (a bug): see the log.
+    Internal,
 }
 
 /// A failed call, as published in `transfer.failed`.
@@ -47,11 +53,22 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A failure with no HTTP answer behind it.
+    pub fn without_status(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            status: None,
+            message: message.into(),
+            body: None,
+            retry_after: None,
+        }
+    }
+
     /// Connect errors, timeouts, 408, 429 and 5xx — and a body that says the rate limit was
     /// exceeded, since the vendor does not document which status it uses for that.
     pub fn is_transient(&self) -> bool {
         match self.status {
-            None => self.kind != ErrorKind::Request,
+            None => matches!(self.kind, ErrorKind::Timeout | ErrorKind::Connection),
             Some(408 | 429) => true,
             Some(s) if s >= 500 => true,
             Some(_) => self.says_rate_limited(),
@@ -86,6 +103,8 @@ pub struct ApiResponse {
     /// The body as received: the JSON itself if it parses (kept verbatim, never re-encoded),
     /// else a JSON string of the text.
     pub body: Box<RawValue>,
+    /// The body was longer than [`MAX_RESPONSE_BODY`] and is cut.
+    pub truncated: bool,
 }
 
 /// The body the API expects, serialized once per command and reused by every attempt.
@@ -154,7 +173,7 @@ impl ApiClient {
         token: &Token,
         body: Bytes,
     ) -> Result<ApiResponse, ApiError> {
-        let response = self
+        let mut response = self
             .http
             .post(bot.assign_url.clone())
             .header("auth", token.expose())
@@ -169,30 +188,58 @@ impl ApiClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let bytes = response.bytes().await.map_err(transport_error)?;
-        if (200..300).contains(&status) {
-            return Ok(ApiResponse {
-                status,
-                body: raw_body(&bytes),
-            });
+            .map(str::to_owned);
+        // Read no more than the cap, however much the server sends: a response is kept in the
+        // event and the outcome cache, and an endless one must not exhaust memory.
+        let mut bytes = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+            let room = MAX_RESPONSE_BODY.saturating_sub(bytes.len());
+            if chunk.len() > room {
+                bytes.extend_from_slice(&chunk[..room]);
+                truncated = true;
+                break;
+            }
+            bytes.extend_from_slice(&chunk);
         }
-        let cut = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
-        Err(ApiError {
-            kind: ErrorKind::HttpStatus,
-            status: Some(status),
-            message: format!("AgentAssist answered HTTP {status}"),
-            body: (!bytes.is_empty()).then(|| body_value(cut)),
-            retry_after,
-        })
+        classify(status, retry_after.as_deref(), &bytes, truncated)
     }
 }
 
-fn raw_body(bytes: &[u8]) -> Box<RawValue> {
-    match std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|text| RawValue::from_string(text.trim().to_owned()).ok())
-    {
+/// What an answer means: a 2xx is a success carrying its body; anything else an error
+/// carrying its status, `Retry-After` and (cut) body. `truncated` says the body was cut at
+/// [`MAX_RESPONSE_BODY`]. Total: any status, header and body gives an answer.
+pub fn classify(
+    status: u16,
+    retry_after: Option<&str>,
+    body: &[u8],
+    truncated: bool,
+) -> Result<ApiResponse, ApiError> {
+    if (200..300).contains(&status) {
+        return Ok(ApiResponse {
+            status,
+            body: raw_body(body, truncated),
+            truncated,
+        });
+    }
+    let cut = &body[..body.len().min(MAX_ERROR_BODY)];
+    Err(ApiError {
+        kind: ErrorKind::HttpStatus,
+        status: Some(status),
+        message: format!("AgentAssist answered HTTP {status}"),
+        body: (!body.is_empty()).then(|| body_value(cut)),
+        retry_after: retry_after.and_then(parse_retry_after),
+    })
+}
+
+/// The body as JSON if it is whole JSON, kept verbatim; else (not JSON, or cut short) a JSON
+/// string of its text.
+fn raw_body(bytes: &[u8], truncated: bool) -> Box<RawValue> {
+    let whole = (!truncated)
+        .then(|| std::str::from_utf8(bytes).ok())
+        .flatten()
+        .and_then(|text| RawValue::from_string(text.trim().to_owned()).ok());
+    match whole {
         Some(raw) => raw,
         None => {
             let text = Value::String(String::from_utf8_lossy(bytes).into_owned());

@@ -80,6 +80,7 @@ impl App {
         let signer = TokenSigner::new(
             settings.callbacks.secret.clone(),
             settings.callbacks.previous_secrets.clone(),
+            settings.callbacks.token_ttl,
         );
         let api = ApiClient::new(
             settings.agentassist.request_timeout,
@@ -100,6 +101,7 @@ impl App {
             transfers,
             outcomes: Outcomes::new(
                 settings.commands.outcome_cache_capacity,
+                settings.commands.outcome_cache_max_bytes,
                 settings.commands.outcome_cache_ttl,
             ),
             metrics: metrics.clone(),

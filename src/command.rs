@@ -156,10 +156,13 @@ impl Parser {
             ),
             None => None,
         };
-        let by_age = envelope
-            .timestamp
-            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + self.max_age);
-        let deadline = [expires_at.map(SystemTime::from), by_age]
+        // Checked: a timestamp near the end of time is no deadline, not an overflow.
+        let by_age = envelope.timestamp.and_then(|secs| {
+            SystemTime::UNIX_EPOCH
+                .checked_add(Duration::from_secs(secs))?
+                .checked_add(self.max_age)
+        });
+        let deadline = [expires_at.and_then(system_time), by_age]
             .into_iter()
             .flatten()
             .min();
@@ -172,6 +175,17 @@ impl Parser {
             callback_url,
             deadline,
         })
+    }
+}
+
+/// The instant an RFC 3339 time names, if this platform's clock can represent it.
+fn system_time(at: OffsetDateTime) -> Option<SystemTime> {
+    let since_epoch = at - OffsetDateTime::UNIX_EPOCH;
+    let magnitude = Duration::try_from(since_epoch.abs()).ok()?;
+    if since_epoch.is_negative() {
+        SystemTime::UNIX_EPOCH.checked_sub(magnitude)
+    } else {
+        SystemTime::UNIX_EPOCH.checked_add(magnitude)
     }
 }
 

@@ -32,6 +32,16 @@ pub enum ConfigError {
         /// Why it could not be read.
         source: std::io::Error,
     },
+    /// A key no setting has: a typo, or a setting that does not exist in this version.
+    #[error(
+        "unknown configuration key {key} ({origin}); check its spelling against config/default.toml"
+    )]
+    UnknownKey {
+        /// The key, as a dotted path (`retry.max_attemps`).
+        key: String,
+        /// Where it came from: the file, or the environment variable.
+        origin: String,
+    },
     /// A value is present but unusable.
     #[error("invalid configuration: {key}: {reason}")]
     Invalid {
@@ -164,6 +174,9 @@ pub struct RetrySettings {
     pub max_delay: Duration,
     /// Calls per command, the first included.
     pub max_attempts: u32,
+    /// Longest `Retry-After` honoured; a longer one is cut to this.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
 }
 
 /// `[commands]`
@@ -174,8 +187,10 @@ pub struct CommandSettings {
     pub max_age: Duration,
     /// Bot for commands without `streamId` (empty: the only bot).
     pub default_stream_id: String,
-    /// Outcomes remembered.
+    /// Outcomes remembered, at most.
     pub outcome_cache_capacity: u64,
+    /// Bytes the remembered outcomes may take, at most (event bodies and bookkeeping).
+    pub outcome_cache_max_bytes: u64,
     /// How long an outcome is remembered.
     #[serde(with = "humantime_serde")]
     pub outcome_cache_ttl: Duration,
@@ -194,6 +209,9 @@ pub struct CallbackSettings {
     /// Verify-only secrets during a rotation.
     #[serde(default, serialize_with = "redact_vec")]
     pub previous_secrets: Vec<SecretString>,
+    /// How long a relay URL stays valid after it was handed to the API.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
 }
 
 /// `[admin]`
@@ -273,6 +291,65 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Every key of the merged layers must be a setting: a typo such as `max_attemps` would
+/// otherwise be dropped in silence and its default applied. Names the first unknown key and
+/// the layer it came from.
+fn reject_unknown_keys(
+    merged: config::Config,
+    file: Option<&Path>,
+    env: Option<&std::collections::HashMap<String, String>>,
+) -> Result<(), ConfigError> {
+    let tree: serde_json::Value = merged.try_deserialize()?;
+    let mut unknown = Vec::new();
+    // Types were checked by the typed load before; only the ignored paths matter here.
+    let _: Result<Settings, _> =
+        serde_ignored::deserialize(tree, |path| unknown.push(path.to_string()));
+    let Some(key) = unknown.into_iter().next() else {
+        return Ok(());
+    };
+    let var = format!("TRANSFER__{}", key.replace('.', "__").to_uppercase());
+    let in_env = match env {
+        Some(env) => env.contains_key(&var),
+        None => std::env::var_os(&var).is_some(),
+    };
+    let in_file = file.filter(|f| file_has_key(f, &key));
+    let origin = match (in_file, in_env) {
+        (_, true) => format!("from environment variable {var}"),
+        (Some(f), false) => format!("in {}", f.display()),
+        (None, false) => "in the built-in defaults".to_owned(),
+    };
+    Err(ConfigError::UnknownKey { key, origin })
+}
+
+/// Whether the TOML file sets this dotted key (array entries by index).
+fn file_has_key(file: &Path, key: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    let Ok(mut at) = text.parse::<toml::Table>().map(toml::Value::Table) else {
+        return false;
+    };
+    for part in key.split('.') {
+        let next = match &at {
+            toml::Value::Table(t) => t
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(part))
+                .map(|(_, v)| v),
+            toml::Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        };
+        match next {
+            Some(v) => at = v.clone(),
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Durations longer than this are refused: none of them makes sense past a year, and keeping
+/// them bounded keeps every deadline computed from them far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 impl Settings {
     /// Loads the layers from the process environment and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -298,8 +375,10 @@ impl Settings {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("callbacks.previous_secrets")
-            .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+            .source(env.clone());
+        let merged = builder.add_source(environment).build()?;
+        let settings: Settings = merged.clone().try_deserialize()?;
+        reject_unknown_keys(merged, file, env.as_ref())?;
         settings.resolved()
     }
 
@@ -411,6 +490,47 @@ impl Settings {
         }
         if self.retry.initial_delay > self.retry.max_delay {
             return Err(invalid("retry.initial_delay", "exceeds retry.max_delay"));
+        }
+        if self.retry.max_retry_after.is_zero() {
+            return Err(invalid("retry.max_retry_after", "must be positive"));
+        }
+        let mut durations = vec![
+            ("amqp.confirm_timeout", amqp.confirm_timeout),
+            ("amqp.operation_timeout", amqp.operation_timeout),
+            ("amqp.reconnect_initial_delay", amqp.reconnect_initial_delay),
+            ("amqp.reconnect_max_delay", amqp.reconnect_max_delay),
+            (
+                "agentassist.request_timeout",
+                self.agentassist.request_timeout,
+            ),
+            ("retry.initial_delay", self.retry.initial_delay),
+            ("retry.max_delay", self.retry.max_delay),
+            ("retry.max_retry_after", self.retry.max_retry_after),
+            ("commands.max_age", self.commands.max_age),
+            (
+                "commands.outcome_cache_ttl",
+                self.commands.outcome_cache_ttl,
+            ),
+            ("callbacks.token_ttl", self.callbacks.token_ttl),
+            ("shutdown.grace", self.shutdown.grace),
+        ];
+        for bot in &self.bots {
+            durations.push(("bots[].rate_window", bot.rate_window));
+            durations.extend(bot.token_ttl.map(|ttl| ("bots[].token_ttl", ttl)));
+        }
+        for (key, d) in durations {
+            if d > MAX_DURATION {
+                return Err(invalid(key, "must not exceed 366 days"));
+            }
+        }
+        if self.callbacks.token_ttl.is_zero() {
+            return Err(invalid("callbacks.token_ttl", "must be positive"));
+        }
+        if self.commands.outcome_cache_max_bytes == 0 {
+            return Err(invalid(
+                "commands.outcome_cache_max_bytes",
+                "must be at least 1",
+            ));
         }
         if self.commands.outcome_cache_capacity == 0 {
             return Err(invalid(

@@ -9,7 +9,9 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::agentassist::ApiError;
+use sha2::{Digest, Sha256};
+
+use crate::agentassist::{ApiError, ApiResponse, ErrorKind};
 use crate::command::{Command, Rejection, Target};
 
 /// The event names, which are also the routing keys.
@@ -119,9 +121,20 @@ impl<'a> From<&'a Rejection> for Subject<'a> {
     }
 }
 
-/// RFC 3339, UTC, milliseconds: `2026-11-25T10:00:00.123Z`.
+/// RFC 3339, UTC, milliseconds: `2026-11-25T10:00:00.123Z`. Total: an instant outside years
+/// 0000–9999 (a deadline from a timestamp at the end of time, say) is shown at that range's
+/// end.
 pub fn rfc3339_ms(at: SystemTime) -> String {
-    let t = OffsetDateTime::from(at);
+    let t = match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => time::Duration::try_from(after)
+            .ok()
+            .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_add(d))
+            .unwrap_or(LATEST),
+        Err(before) => time::Duration::try_from(before.duration())
+            .ok()
+            .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_sub(d))
+            .unwrap_or(EARLIEST),
+    };
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
@@ -134,6 +147,24 @@ pub fn rfc3339_ms(at: SystemTime) -> String {
     )
 }
 
+const LATEST: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59.999 UTC);
+const EARLIEST: OffsetDateTime = time::macros::datetime!(0000-01-01 00:00:00 UTC);
+
+/// The `eventId` of a callback: a UUID v5 in the namespace
+/// `UUIDv5(NAMESPACE_URL, "urn:transfer-worker:callback")`, named `{token}:{sha256 hex of body}`.
+/// The same callback posted twice gets the same id, so consumers dedupe it like any event.
+pub fn callback_event_id(token: &str, body: &[u8]) -> Uuid {
+    let namespace = Uuid::new_v5(&Uuid::NAMESPACE_URL, b"urn:transfer-worker:callback");
+    let digest = Sha256::digest(body);
+    let mut name = String::with_capacity(token.len() + 1 + 64);
+    name.push_str(token);
+    name.push(':');
+    for byte in digest {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    Uuid::new_v5(&namespace, name.as_bytes())
+}
+
 fn build<D: Serialize>(
     kind: EventKind,
     subject: Subject<'_>,
@@ -141,7 +172,17 @@ fn build<D: Serialize>(
     detail: D,
     error: Option<String>,
 ) -> Event {
-    let id = Uuid::new_v4();
+    build_with_id(Uuid::new_v4(), kind, subject, attempts, detail, error)
+}
+
+fn build_with_id<D: Serialize>(
+    id: Uuid,
+    kind: EventKind,
+    subject: Subject<'_>,
+    attempts: u32,
+    detail: D,
+    error: Option<String>,
+) -> Event {
     let wire = Wire {
         event: kind.name(),
         event_id: id,
@@ -168,6 +209,8 @@ fn build<D: Serialize>(
 #[serde(rename_all = "camelCase")]
 struct Succeeded<'a> {
     response: &'a RawValue,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    response_truncated: bool,
     duration_ms: u64,
 }
 
@@ -209,11 +252,12 @@ impl Event {
     pub fn succeeded(
         command: &Command,
         attempts: u32,
-        response: &RawValue,
+        response: &ApiResponse,
         duration_ms: u64,
     ) -> Self {
         let detail = Succeeded {
-            response,
+            response: &response.body,
+            response_truncated: response.truncated,
             duration_ms,
         };
         build(EventKind::Succeeded, command.into(), attempts, detail, None)
@@ -230,6 +274,18 @@ impl Event {
             detail,
             Some(why),
         )
+    }
+
+    /// `transfer.failed` for a fault inside the worker (a panic): `error.kind` is
+    /// `internal`, not retryable, and `attempts` is 0 because the count was lost with the fault.
+    pub fn internal_failure(subject: Subject<'_>, message: &str) -> Self {
+        let error = ApiError::without_status(ErrorKind::Internal, message);
+        let why = error.to_string();
+        let detail = Failed {
+            error: &error,
+            retryable: false,
+        };
+        build(EventKind::Failed, subject, 0, detail, Some(why))
     }
 
     /// `transfer.rejected`.
@@ -259,9 +315,11 @@ impl Event {
         )
     }
 
-    /// `transfer.callback`.
+    /// `transfer.callback`, its id derived from the relay token and the body
+    /// ([`callback_event_id`]).
     pub fn callback(
         subject: Subject<'_>,
+        id: Uuid,
         received_at: SystemTime,
         content_type: Option<&str>,
         payload: &Value,
@@ -271,7 +329,7 @@ impl Event {
             content_type,
             payload,
         };
-        build(EventKind::Callback, subject, 0, detail, None)
+        build_with_id(id, EventKind::Callback, subject, 0, detail, None)
     }
 }
 
@@ -284,6 +342,23 @@ mod tests {
     fn timestamps_are_utc_with_milliseconds() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_064_800_007);
         assert_eq!(rfc3339_ms(t), "2025-11-25T10:00:00.007Z");
+    }
+
+    #[test]
+    fn timestamps_outside_four_digit_years_are_clamped_not_a_panic() {
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
+        assert_eq!(rfc3339_ms(far), "9999-12-31T23:59:59.999Z");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(70_000 * 365 * 86_400);
+        assert_eq!(rfc3339_ms(before), "0000-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn callback_ids_depend_on_token_and_body_only() {
+        let a = callback_event_id("tok", b"{}");
+        assert_eq!(a, callback_event_id("tok", b"{}"));
+        assert_eq!(a.get_version_num(), 5);
+        assert_ne!(a, callback_event_id("tok", b"{ }"));
+        assert_ne!(a, callback_event_id("tok2", b"{}"));
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     /// Commands returned to the queue unacked: outcome not confirmed, or shutdown.
     pub commands_requeued: Counter,
+    /// Commands whose processing panicked (a bug): each ended on its own, the worker went on.
+    pub command_panics: Counter,
 }
 
 impl Default for Metrics {
@@ -128,6 +130,7 @@ impl Metrics {
             callbacks: Family::default(),
             broker_reconnects: Counter::default(),
             commands_requeued: Counter::default(),
+            command_panics: Counter::default(),
         };
         registry.register(
             "commands_received",
@@ -179,6 +182,11 @@ impl Metrics {
             "commands_requeued",
             "Commands returned to the queue unacked: outcome not confirmed, or shutdown",
             m.commands_requeued.clone(),
+        );
+        registry.register(
+            "command_panics",
+            "Commands whose processing panicked; each ended as transfer.failed (internal) or went back to the queue",
+            m.command_panics.clone(),
         );
         for kind in EventKind::ALL {
             // Zero-valued series exist from the start, so rates work from the first scrape.

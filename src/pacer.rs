@@ -39,11 +39,14 @@ pub struct DeadlineFirst {
 }
 
 impl Pacer {
-    /// A budget of `limit` calls in any `window`.
+    /// A budget of `limit` calls in any `window`. The window is clamped to
+    /// [`MAX_DURATION`](crate::config::MAX_DURATION), so an instant plus it cannot overflow.
     pub fn new(limit: u32, window: Duration) -> Self {
         Self {
-            limit: limit.max(1) as usize,
-            window: window + GUARD,
+            limit: usize::try_from(limit.max(1)).unwrap_or(usize::MAX),
+            window: window
+                .min(crate::config::MAX_DURATION)
+                .saturating_add(GUARD),
             state: Mutex::new(State::default()),
         }
     }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::Broker;
-use crate::event::{Event, Subject};
+use crate::event::{Event, Subject, callback_event_id};
 use crate::metrics::{Metrics, RelayResult};
 use crate::relay_token::TokenSigner;
 
@@ -83,7 +83,8 @@ async fn receive(
         bot_session_id: Some(&ids.bot_session_id),
         target: Some(&ids.target),
     };
-    let event = Event::callback(subject, received_at, content_type, &payload);
+    let id = callback_event_id(&token, &body);
+    let event = Event::callback(subject, id, received_at, content_type, &payload);
     let Some(publisher) = relay.broker.publisher() else {
         relay.metrics.callback(RelayResult::Unavailable);
         return (

@@ -2,7 +2,9 @@
 //! AgentAssist. It carries the command's ids and an HMAC-SHA256 over them, so any worker
 //! holding the secret can relay any callback, after restarts too, with no shared state.
 //!
-//! Format: `base64url(json ids) "." base64url(hmac)`, unpadded, URL-safe.
+//! Format: `base64url(json ids) "." base64url(hmac)`, unpadded, URL-safe. The ids include the
+//! token's expiry (`e`, seconds since the epoch): after `callbacks.token_ttl` a token is
+//! refused like a forged one.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -10,6 +12,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::time::{Duration, SystemTime};
 
 use crate::command::{Command, Target};
 
@@ -41,12 +44,30 @@ impl From<&Command> for CallbackIds {
     }
 }
 
+/// What a token carries: the ids and when it stops being valid.
+#[derive(Serialize)]
+struct Claims<'a> {
+    #[serde(flatten)]
+    ids: &'a CallbackIds,
+    /// Expiry, whole seconds since the epoch.
+    e: u64,
+}
+
+/// [`Claims`], read back.
+#[derive(Deserialize)]
+struct ReadClaims {
+    #[serde(flatten)]
+    ids: CallbackIds,
+    e: u64,
+}
+
 /// Signs with the current secret; verifies with it and with earlier ones during a rotation.
 /// Keys are derived once; each signature starts from a copy of the keyed state.
 #[derive(Clone)]
 pub struct TokenSigner {
     current: Hmac<Sha256>,
     previous: Vec<Hmac<Sha256>>,
+    ttl: Duration,
 }
 
 impl std::fmt::Debug for TokenSigner {
@@ -67,17 +88,30 @@ fn mac(key: &Hmac<Sha256>, data: &[u8]) -> Hmac<Sha256> {
 }
 
 impl TokenSigner {
-    /// `current` signs; `previous` only verify.
-    pub fn new(current: SecretString, previous: Vec<SecretString>) -> Self {
+    /// `current` signs; `previous` only verify; tokens are valid for `ttl` after signing.
+    pub fn new(current: SecretString, previous: Vec<SecretString>, ttl: Duration) -> Self {
         Self {
             current: keyed(&current),
             previous: previous.iter().map(keyed).collect(),
+            ttl,
         }
     }
 
-    /// A token for these ids.
+    /// A token for these ids, valid for the signer's ttl from now.
     pub fn sign(&self, ids: &CallbackIds) -> String {
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(ids).expect("ids serialize"));
+        self.sign_at(ids, SystemTime::now())
+    }
+
+    /// The ids, if the token was signed by one of our secrets, is intact and has not expired.
+    pub fn verify(&self, token: &str) -> Option<CallbackIds> {
+        self.verify_at(token, SystemTime::now())
+    }
+
+    /// [`TokenSigner::sign`] as if the time were `now`.
+    pub fn sign_at(&self, ids: &CallbackIds, now: SystemTime) -> String {
+        let expires = epoch_secs(now).saturating_add(self.ttl.as_secs());
+        let claims = Claims { ids, e: expires };
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("ids serialize"));
         let tag = mac(&self.current, payload.as_bytes())
             .finalize()
             .into_bytes();
@@ -87,8 +121,8 @@ impl TokenSigner {
         token
     }
 
-    /// The ids, if the token was signed by one of our secrets and is intact.
-    pub fn verify(&self, token: &str) -> Option<CallbackIds> {
+    /// [`TokenSigner::verify`] as if the time were `now`.
+    pub fn verify_at(&self, token: &str, now: SystemTime) -> Option<CallbackIds> {
         let (payload, tag) = token.split_once('.')?;
         let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
         let signed = std::iter::once(&self.current)
@@ -98,8 +132,15 @@ impl TokenSigner {
         if !signed {
             return None;
         }
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
+        let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
+        let claims: ReadClaims = serde_json::from_slice(&json).ok()?;
+        (epoch_secs(now) < claims.e).then_some(claims.ids)
     }
+}
+
+fn epoch_secs(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Where AgentAssist should post callbacks for commands that bring no `callbackUrl`.
@@ -139,8 +180,33 @@ mod tests {
         }
     }
 
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
     fn signer(secret: &str) -> TokenSigner {
-        TokenSigner::new(SecretString::from(secret), vec![])
+        TokenSigner::new(SecretString::from(secret), vec![], WEEK)
+    }
+
+    #[test]
+    fn tokens_expire_after_their_ttl() {
+        let s = signer("k1-0123456789abcdef");
+        let issued = SystemTime::now();
+        let token = s.sign_at(&ids(), issued);
+        let almost = issued + WEEK - Duration::from_secs(2);
+        assert_eq!(s.verify_at(&token, almost), Some(ids()));
+        assert_eq!(
+            s.verify_at(&token, issued + WEEK + Duration::from_secs(1)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_signed_token_without_expiry_is_refused() {
+        // As an earlier version signed them: ids only.
+        let s = signer("k1-0123456789abcdef");
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&ids()).unwrap());
+        let tag = mac(&s.current, payload.as_bytes()).finalize().into_bytes();
+        let token = format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag));
+        assert_eq!(s.verify(&token), None);
     }
 
     #[test]
@@ -177,6 +243,7 @@ mod tests {
         let rotated = TokenSigner::new(
             SecretString::from("new-secret-0123456789"),
             vec![SecretString::from("old-secret-0123456789")],
+            WEEK,
         );
         assert_eq!(rotated.verify(&token), Some(ids()));
         assert_eq!(old.verify(&rotated.sign(&ids())), None);

@@ -14,6 +14,7 @@ pub struct RetryPolicy {
     initial: Duration,
     max: Duration,
     max_attempts: u32,
+    max_retry_after: Duration,
 }
 
 impl RetryPolicy {
@@ -23,7 +24,13 @@ impl RetryPolicy {
             initial: settings.initial_delay,
             max: settings.max_delay,
             max_attempts: settings.max_attempts,
+            max_retry_after: settings.max_retry_after,
         }
+    }
+
+    /// The part of a server's `Retry-After` that is honoured: at most `retry.max_retry_after`.
+    pub fn honoured_retry_after(&self, asked: Duration) -> Duration {
+        asked.min(self.max_retry_after)
     }
 
     /// Calls per command, the first included.
@@ -58,6 +65,7 @@ mod tests {
             initial_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(800),
             max_attempts,
+            max_retry_after: Duration::from_secs(60),
         })
     }
 

@@ -127,6 +127,16 @@ pub enum Reply {
     },
     /// Never answer (for an hour, or until shutdown): for testing client timeouts.
     Hang,
+    /// Answer exactly this, unchecked: any status, header values and body, as a misbehaving
+    /// server might (a `Retry-After` at the end of time, a body of megabytes). No callback.
+    Raw {
+        /// The status; one that is not a valid HTTP status is answered as 500.
+        status: u16,
+        /// Headers, as name and value; pairs that are not valid HTTP are skipped.
+        headers: Vec<(String, String)>,
+        /// The body.
+        body: Vec<u8>,
+    },
 }
 
 /// One request that reached the assign-conversation route, valid or not.
@@ -588,6 +598,26 @@ async fn answer(
                 header::RETRY_AFTER,
                 HeaderValue::from(whole_seconds(retry_after)),
             );
+            response
+        }
+        Reply::Raw {
+            status,
+            headers,
+            body,
+        } => {
+            let status = StatusCode::from_u16(status)
+                .ok()
+                .filter(|s| !s.is_informational())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (status, body).into_response();
+            for (name, value) in headers {
+                if let (Ok(name), Ok(value)) = (
+                    header::HeaderName::try_from(name),
+                    HeaderValue::try_from(value),
+                ) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
             response
         }
         Reply::Hang => {

@@ -48,12 +48,17 @@ impl Transfers {
         command: &Command,
         shutdown: &CancellationToken,
     ) -> Result<Event, Abandoned> {
+        #[cfg(feature = "fault-injection")]
+        if command.org_id == FAULT_PANIC_ORG_ID {
+            panic!("fault injected for a test");
+        }
         let started = Instant::now();
+        // A deadline too far away to be an `Instant` is no deadline at all.
         let deadline = command
             .deadline
-            .map(|d| match d.duration_since(SystemTime::now()) {
-                Ok(left) => started + left,
-                Err(_) => started,
+            .and_then(|d| match d.duration_since(SystemTime::now()) {
+                Ok(left) => started.checked_add(left),
+                Err(_) => Some(started),
             });
         let bot = &command.bot;
         let callback_url = match &command.callback_url {
@@ -79,20 +84,18 @@ impl Transfers {
                 return Ok(out_of_time(attempts, last_error.as_ref()));
             };
             sleep_until(slot, shutdown).await?;
+            // Once the grace has run out no new call starts, whatever woke this command.
+            if shutdown.is_cancelled() {
+                return Err(Abandoned);
+            }
             let token = match bot.tokens.token() {
                 Ok(token) => token,
                 Err(e) => {
-                    let error = ApiError {
-                        kind: ErrorKind::Request,
-                        status: None,
-                        message: e.to_string(),
-                        body: None,
-                        retry_after: None,
-                    };
+                    let error = ApiError::without_status(ErrorKind::Request, e.to_string());
                     return Ok(Event::failed(command, attempts, &error, false));
                 }
             };
-            attempts += 1;
+            attempts = attempts.saturating_add(1);
             let call_started = Instant::now();
             let result = self.api.assign(bot, &token, body.clone()).await;
             let status = match &result {
@@ -107,7 +110,7 @@ impl Transfers {
             let error = match result {
                 Ok(response) => {
                     let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    return Ok(Event::succeeded(command, attempts, &response.body, ms));
+                    return Ok(Event::succeeded(command, attempts, &response, ms));
                 }
                 Err(error) => error,
             };
@@ -126,17 +129,26 @@ impl Transfers {
             if !error.is_transient() {
                 return Ok(Event::failed(command, attempts, &error, false));
             }
-            let retry_after = error.retry_after.unwrap_or_default();
-            if error.is_rate_limited() && !retry_after.is_zero() {
-                bot.pacer.pause_until(Instant::now() + retry_after);
+            let asked = error.retry_after.unwrap_or_default();
+            let now = Instant::now();
+            // The API asks for a wait the command cannot afford: say so now, not at the deadline.
+            if !asked.is_zero() && deadline.is_some_and(|d| reaches(now, asked, d)) {
+                return Ok(Event::failed(command, attempts, &error, true));
+            }
+            let retry_after = self.retry.honoured_retry_after(asked);
+            if error.is_rate_limited()
+                && let Some(until) = now.checked_add(retry_after).filter(|_| !asked.is_zero())
+            {
+                bot.pacer.pause_until(until);
             }
             let Some(backoff) = delays.next().filter(|_| budget_left) else {
                 return Ok(Event::failed(command, attempts, &error, true));
             };
             let wait = backoff.max(retry_after);
-            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-                return Ok(Event::failed(command, attempts, &error, true));
-            }
+            let until = match now.checked_add(wait) {
+                Some(until) if deadline.is_none_or(|d| until < d) => until,
+                _ => return Ok(Event::failed(command, attempts, &error, true)),
+            };
             self.metrics
                 .api_retries
                 .get_or_create(&crate::metrics::AccountLabels {
@@ -145,10 +157,20 @@ impl Transfers {
                 .inc();
             tracing::debug!(attempts, ?wait, %error, "transient failure; retrying");
             last_error = Some(error);
-            sleep_until(Instant::now() + wait, shutdown).await?;
+            sleep_until(until, shutdown).await?;
         }
     }
 }
+
+/// Whether waiting `wait` from `now` reaches `deadline` (or past anything representable).
+fn reaches(now: Instant, wait: std::time::Duration, deadline: Instant) -> bool {
+    now.checked_add(wait).is_none_or(|at| at >= deadline)
+}
+
+/// With the `fault-injection` feature, a command with this `orgId` panics inside its
+/// processing, so tests can show that a fault stays inside one command.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_PANIC_ORG_ID: &str = "o-fault-injection-panic";
 
 fn expired(command: &Command, attempts: u32) -> Event {
     let deadline = command.deadline.unwrap_or_else(SystemTime::now);
@@ -156,11 +178,15 @@ fn expired(command: &Command, attempts: u32) -> Event {
 }
 
 async fn sleep_until(at: Instant, shutdown: &CancellationToken) -> Result<(), Abandoned> {
+    if shutdown.is_cancelled() {
+        return Err(Abandoned);
+    }
     if at <= Instant::now() {
         return Ok(());
     }
     tokio::select! {
-        () = tokio::time::sleep_until(at.into()) => Ok(()),
+        biased;
         () = shutdown.cancelled() => Err(Abandoned),
+        () = tokio::time::sleep_until(at.into()) => Ok(()),
     }
 }

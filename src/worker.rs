@@ -3,12 +3,14 @@
 //! when the connection drops it reconnects with backoff, re-declares, and resumes; commands in
 //! flight at that moment are redelivered by the broker and answered from the outcome cache.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -22,7 +24,7 @@ use tracing::Instrument;
 use crate::broker::{self, Broker, BrokerError, DeadLetter, Publisher, Reply, timed};
 use crate::command::{Command, Envelope, Parser, Rejection};
 use crate::config::AmqpSettings;
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Subject};
 use crate::metrics::Metrics;
 use crate::outcomes::Outcomes;
 use crate::sessions::SessionQueues;
@@ -90,6 +92,13 @@ impl Job {
         match &self.parsed {
             Ok(c) => &c.command_id,
             Err(r) => &r.command_id,
+        }
+    }
+
+    fn subject(&self) -> Subject<'_> {
+        match &self.parsed {
+            Ok(c) => c.into(),
+            Err(r) => r.as_ref().into(),
         }
     }
 
@@ -283,7 +292,26 @@ impl Worker {
                 .map(|s| s.to_string()),
             timestamp: *delivery.properties.timestamp(),
         };
-        let parsed = p.parser.parse(&delivery.data, &envelope);
+        // Reading is the first thing input reaches: a bug there must cost one command, not
+        // the consumer loop.
+        let parsed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            p.parser.parse(&delivery.data, &envelope)
+        }))
+        .unwrap_or_else(|panic| {
+            p.metrics.command_panics.inc();
+            let message = format!(
+                "internal error while reading the command: {}",
+                panic_message(&*panic)
+            );
+            tracing::error!(%message, "reading a command panicked");
+            Err(Box::new(Rejection {
+                command_id: crate::command::body_hash(&delivery.data),
+                stream_id: None,
+                bot_session_id: None,
+                target: None,
+                message,
+            }))
+        });
         let job = Job {
             delivery,
             parsed,
@@ -317,18 +345,65 @@ impl Worker {
             ),
             Err(r) => tracing::info_span!("command", command_id = %r.command_id),
         };
-        self.process_in_span(job).instrument(span).await;
+        let done = AssertUnwindSafe(self.process_in_span(&job).instrument(span.clone()))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = done {
+            // Past the decision (which has its own guard): publishing or acking panicked. The
+            // command goes back to the queue; its outcome, if decided, is remembered.
+            self.parts.metrics.command_panics.inc();
+            span.in_scope(|| {
+                tracing::error!(
+                    panic = panic_message(&*panic),
+                    "processing a command panicked; returning it to the queue"
+                );
+            });
+            self.requeue(&job, "internal error").instrument(span).await;
+        }
         self.parts.metrics.commands_in_flight.dec();
     }
 
-    async fn process_in_span(&self, job: Job) {
+    /// The outcome of a command not already completed: rejected, or carried out. A panic inside
+    /// (a bug) ends this command alone, as `transfer.failed` with `error.kind = "internal"`.
+    async fn decide(&self, job: &Job) -> Result<Event, Abandoned> {
+        let p = &self.parts;
+        let decided = AssertUnwindSafe(async {
+            match &job.parsed {
+                Err(rejection) => {
+                    let message_id = job
+                        .delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.as_str());
+                    Ok(Event::rejected(rejection, message_id))
+                }
+                // Boxed, like the publish: a session task then holds only the phase it is in,
+                // not the largest of them, for every command in flight.
+                Ok(command) => Box::pin(p.transfers.execute(command, &p.shutdown.abandon)).await,
+            }
+        })
+        .catch_unwind()
+        .await;
+        decided.unwrap_or_else(|panic| {
+            p.metrics.command_panics.inc();
+            let panic = panic_message(&*panic);
+            tracing::error!(%panic, "processing a command panicked; it ends as transfer.failed");
+            Ok(Event::internal_failure(
+                job.subject(),
+                &format!("internal error in the worker: {panic}"),
+            ))
+        })
+    }
+
+    async fn process_in_span(&self, job: &Job) {
         let p = &self.parts;
         if !job.publisher.is_connected() {
             // Its connection is gone; the broker has already put it back on the queue.
             return;
         }
         if p.shutdown.abandon.is_cancelled() {
-            return self.requeue(&job, "shutting down").await;
+            return self.requeue(job, "shutting down").await;
         }
         let event = match p.outcomes.get(job.command_id()) {
             Some(event) => {
@@ -337,28 +412,10 @@ impl Worker {
                 event
             }
             None => {
-                let event = match &job.parsed {
-                    Err(rejection) => {
-                        let message_id = job
-                            .delivery
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|s| s.as_str());
-                        Event::rejected(rejection, message_id)
-                    }
-                    // Boxed, like the publish below: a session task then holds only the phase it
-                    // is in, not the largest of them, for every command in flight.
-                    Ok(command) => {
-                        match Box::pin(p.transfers.execute(command, &p.shutdown.abandon)).await {
-                            Ok(event) => event,
-                            Err(Abandoned) => {
-                                return self.requeue(&job, "shutdown grace ran out").await;
-                            }
-                        }
-                    }
+                let event = match self.decide(job).await {
+                    Ok(event) => Arc::new(event),
+                    Err(Abandoned) => return self.requeue(job, "shutdown grace ran out").await,
                 };
-                let event = Arc::new(event);
                 p.outcomes
                     .insert(job.command_id().to_owned(), event.clone());
                 event
@@ -386,10 +443,16 @@ impl Worker {
                     tracing::warn!(error = %e, "could not ack after publishing");
                 }
             }
+            Err(e) if !job.publisher.is_connected() => {
+                // The connection is gone and the broker has already returned the command; its
+                // redelivery may wait behind this job in the session and is answered from
+                // memory. Pausing or nacking here would only delay it.
+                tracing::warn!(error = %e, "could not publish the outcome; the connection is gone and the broker returned the command");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "could not publish the outcome; returning the command to the queue");
                 tokio::time::sleep(REQUEUE_DELAY).await;
-                self.requeue(&job, "outcome not confirmed").await;
+                self.requeue(job, "outcome not confirmed").await;
             }
         }
     }
@@ -427,6 +490,15 @@ impl Worker {
         }
         tracing::info!(elapsed = ?started.elapsed(), "in-flight commands drained");
     }
+}
+
+/// The text a panic carried, for the log and the event.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 fn log_outcome(event: &Event) {

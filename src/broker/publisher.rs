@@ -25,6 +25,9 @@ pub enum PublishError {
     /// No confirm in time.
     #[error("no publisher confirm within {0:?}")]
     Timeout(Duration),
+    /// The channel was not in confirm mode, so nothing says the broker has the message.
+    #[error("publish to {0} was not confirmed: the channel is not in confirm mode")]
+    NotConfirmed(String),
 }
 
 /// Where a command's `reply_to` wants its outcome.
@@ -66,13 +69,19 @@ impl Publisher {
             channel.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        Ok(Self {
+        Ok(Self::on_channel(channel, amqp))
+    }
+
+    /// A publisher on a channel already in confirm mode. On one that is not, every publish
+    /// fails with [`PublishError::NotConfirmed`].
+    pub fn on_channel(channel: Channel, amqp: &AmqpSettings) -> Self {
+        Self {
             channel,
             results_exchange: amqp.results_exchange.as_str().into(),
             dead_letter_exchange: amqp.dead_letter_exchange.as_str().into(),
             commands_queue: amqp.commands_queue.as_str().into(),
             confirm_timeout: amqp.confirm_timeout,
-        })
+        }
     }
 
     /// Closes the channel, so the connection can close cleanly after it.
@@ -181,8 +190,12 @@ impl Publisher {
         }
         for (target, confirm) in confirms {
             match confirm.await? {
-                Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                Confirmation::Ack(_) => {}
                 Confirmation::Nack(_) => return Err(PublishError::Nacked(target.to_owned())),
+                // Only an ack means the broker has it; an unconfirmed publish is not one.
+                Confirmation::NotRequested => {
+                    return Err(PublishError::NotConfirmed(target.to_owned()));
+                }
             }
         }
         Ok(())
@@ -199,7 +212,7 @@ fn event_properties(event: &Event) -> BasicProperties {
         .with_delivery_mode(2)
         .with_message_id(event.id.to_string().into())
         .with_correlation_id(event.command_id.as_str().into())
-        .with_type("event".into())
+        .with_type(event.kind.name().into())
         .with_timestamp(now)
         .with_app_id("transfer-worker".into())
 }

@@ -357,6 +357,11 @@ impl Harness {
 
     /// Stops the application gracefully and returns its result.
     pub async fn stop(mut self) -> Result<(), AppError> {
+        self.stop_in_place().await
+    }
+
+    /// Like [`Harness::stop`], keeping the simulator and the broker view for later checks.
+    pub async fn stop_in_place(&mut self) -> Result<(), AppError> {
         self.shutdown.stop.cancel();
         let handle = self.app.take().unwrap();
         tokio::time::timeout(Duration::from_secs(30), handle)

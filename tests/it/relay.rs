@@ -17,6 +17,7 @@ use crate::proxy::Proxy;
 
 /// Longest body the relay accepts.
 const LIMIT: usize = 256 * 1024;
+const TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// POSTs `body` to `url`, with `content_type` when given; the status answered.
 pub async fn post(url: &str, content_type: Option<&str>, body: Vec<u8>) -> StatusCode {
@@ -113,7 +114,7 @@ fn assert_callback_for(e: &Received, command: &Value, stream_id: &str, target: &
         "application/json"
     );
     assert_eq!(*p.delivery_mode(), Some(2));
-    assert_eq!(p.kind().as_ref().unwrap().as_str(), "event");
+    assert_eq!(p.kind().as_ref().unwrap().as_str(), "transfer.callback");
     assert_eq!(p.app_id().as_ref().unwrap().as_str(), "transfer-worker");
 }
 
@@ -215,7 +216,11 @@ async fn forged_tampered_truncated_and_missing_tokens_get_404_and_publish_nothin
         bot_session_id: "0123456789abcdef0000cb02".into(),
         target: Target::Agent("a-0e1f2a3b-agent".into()),
     };
-    let other = TokenSigner::new(SecretString::from("another-secret-0123456789"), vec![]);
+    let other = TokenSigner::new(
+        SecretString::from("another-secret-0123456789"),
+        vec![],
+        TOKEN_TTL,
+    );
     let forged = other.sign(&ids);
     assert_ne!(forged, token, "the test's ids match the command's");
     // One character of the signed part changed, to another valid base64url character.
@@ -333,7 +338,7 @@ async fn tokens_signed_with_a_previous_secret_still_verify_after_a_rotation() {
     };
     let old_url = format!(
         "{base}{}",
-        TokenSigner::new(SecretString::from(OLD), vec![]).sign(&ids)
+        TokenSigner::new(SecretString::from(OLD), vec![], TOKEN_TTL).sign(&ids)
     );
     assert_eq!(
         post_json(&old_url, &json!({"status": "transferred"})).await,
@@ -356,7 +361,7 @@ async fn tokens_signed_with_a_previous_secret_still_verify_after_a_rotation() {
     // A secret that is neither the current nor a previous one.
     let third_url = format!(
         "{base}{}",
-        TokenSigner::new(SecretString::from(THIRD), vec![]).sign(&ids)
+        TokenSigner::new(SecretString::from(THIRD), vec![], TOKEN_TTL).sign(&ids)
     );
     assert_eq!(
         post_json(&third_url, &json!({})).await,
@@ -367,13 +372,13 @@ async fn tokens_signed_with_a_previous_secret_still_verify_after_a_rotation() {
     let command = agent_command("cmd-after-rotation", "0123456789abcdef0000cb06");
     let (url, _) = relay_url_of(&mut h, &command).await;
     let token = url.strip_prefix(&base).unwrap();
-    let verified = TokenSigner::new(SecretString::from(NEW), vec![]).verify(token);
+    let verified = TokenSigner::new(SecretString::from(NEW), vec![], TOKEN_TTL).verify(token);
     assert_eq!(
         verified.map(|ids| ids.command_id).as_deref(),
         Some("cmd-after-rotation")
     );
     assert!(
-        TokenSigner::new(SecretString::from(OLD), vec![])
+        TokenSigner::new(SecretString::from(OLD), vec![], TOKEN_TTL)
             .verify(token)
             .is_none(),
         "a previous secret must not sign"

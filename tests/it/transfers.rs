@@ -81,7 +81,10 @@ async fn agent_and_queue_transfers_publish_contract_events() {
             p.correlation_id().as_ref().unwrap().as_str(),
             v["commandId"].as_str().unwrap()
         );
-        assert_eq!(p.kind().as_ref().unwrap().as_str(), "event");
+        assert_eq!(
+            p.kind().as_ref().unwrap().as_str(),
+            v["event"].as_str().unwrap()
+        );
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "transfer-worker");
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
