@@ -68,6 +68,16 @@ pub struct Envelope {
     pub timestamp: Option<u64>,
 }
 
+impl Envelope {
+    /// What a delivery's AMQP properties say about the command.
+    pub fn from_properties(properties: &lapin::BasicProperties) -> Self {
+        Self {
+            message_id: properties.message_id().as_ref().map(|s| s.to_string()),
+            timestamp: *properties.timestamp(),
+        }
+    }
+}
+
 /// The rules a command is read with.
 pub struct Parser {
     bots: Bots,
@@ -135,10 +145,9 @@ impl Parser {
         draft.command_id = fields.command_id.as_deref().map(str::to_owned);
         draft.bot_session_id = fields.bot_session_id.as_deref().map(str::to_owned);
         let bot = match fields.stream_id.as_deref() {
-            Some(id) => self
-                .bots
-                .get(id)
-                .ok_or_else(|| format!("unknown streamId {id:?}: no such bot is configured"))?,
+            Some(id) => self.bots.get(id).ok_or_else(|| {
+                format!("unknown streamId {}: no such bot is configured", quoted(id))
+            })?,
             None => self.bots.default_bot().ok_or_else(|| {
                 "missing streamId, and this worker serves several bots without a default".to_owned()
             })?,
@@ -149,13 +158,13 @@ impl Parser {
         let org_id = required(&fields.org_id, "orgId")?;
         let bot_session_id = required(&fields.bot_session_id, "botSessionId")?;
         let callback_url = fields.callback_url.as_deref().map(str::to_owned);
-        let expires_at = match fields.expires_at.as_deref() {
-            Some(text) => Some(
-                OffsetDateTime::parse(text, &Rfc3339)
-                    .map_err(|e| format!("expiresAt {text:?} is not an RFC 3339 time: {e}"))?,
-            ),
-            None => None,
-        };
+        let expires_at =
+            match fields.expires_at.as_deref() {
+                Some(text) => Some(OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+                    format!("expiresAt {} is not an RFC 3339 time: {e}", quoted(text))
+                })?),
+                None => None,
+            };
         // Checked: a timestamp near the end of time is no deadline, not an overflow.
         let by_age = envelope.timestamp.and_then(|secs| {
             SystemTime::UNIX_EPOCH
@@ -289,7 +298,8 @@ impl<'a> Fields<'a> {
         let queue = self.queue_id.as_deref();
         match (self.transferred_type.as_deref(), agent, queue) {
             (Some(other), _, _) if other != "AGENT" && other != "QUEUE" => Err(format!(
-                "transferredType {other:?} is not supported: use \"AGENT\" (with aId) or \"QUEUE\" (with queueId)"
+                "transferredType {} is not supported: use \"AGENT\" (with aId) or \"QUEUE\" (with queueId)",
+                quoted(other)
             )),
             (_, Some(_), Some(_)) => {
                 Err("two targets: give either aId (agent) or queueId (queue), not both".into())
@@ -313,6 +323,16 @@ fn required(field: &Option<Cow<'_, str>>, key: &str) -> Result<String, String> {
         Some(s) if !s.trim().is_empty() => Ok(s.to_owned()),
         Some(_) => Err(format!("{key} must not be empty")),
         None => Err(format!("missing required field {key}")),
+    }
+}
+
+/// A value from the command, quoted for an error message and cut to a readable length: the
+/// message travels in an event and in a dead-letter header, which must stay small.
+fn quoted(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+        None => format!("{value:?}"),
     }
 }
 
@@ -442,5 +462,172 @@ mod tests {
             c.deadline,
             Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000))
         );
+    }
+
+    /// Property tests at the edge where deliveries enter: whatever arrives, the parser answers
+    /// with a command or a rejection that says why, and never panics.
+    mod props {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        use super::*;
+
+        /// Timestamps at and near their limits, and anything in between.
+        fn timestamp() -> impl Strategy<Value = Option<u64>> {
+            proptest::option::of(prop_oneof![
+                Just(0u64),
+                Just(u64::MAX),
+                Just(u64::MAX - 1),
+                Just(i64::MAX as u64),
+                Just((i64::MAX as u64) + 1),
+                Just(253_402_300_799u64), // 9999-12-31T23:59:59Z
+                any::<u64>(),
+            ])
+        }
+
+        fn envelope() -> impl Strategy<Value = Envelope> {
+            (proptest::option::of(".{0,80}"), timestamp()).prop_map(|(message_id, timestamp)| {
+                Envelope {
+                    message_id,
+                    timestamp,
+                }
+            })
+        }
+
+        /// Any JSON value, nested a little.
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,40}".prop_map(Value::from),
+                Just(Value::from("")),
+                Just(Value::from("QUEUE")),
+                Just(Value::from("AGENT")),
+                Just(Value::from("9999-12-31T23:59:59.999999999Z")),
+                Just(Value::from("0000-01-01T00:00:00Z")),
+                Just(Value::from("2026-02-30T00:00:00+23:59")),
+            ];
+            leaf.prop_recursive(2, 12, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::btree_map(".{0,8}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Objects made of the command's own fields (and a stray one), each with any value:
+        /// close enough to a command to reach every branch of the parser.
+        fn command_like() -> impl Strategy<Value = Value> {
+            const KEYS: [&str; 10] = [
+                "commandId",
+                "streamId",
+                "orgId",
+                "botSessionId",
+                "aId",
+                "transferredType",
+                "queueId",
+                "callbackUrl",
+                "expiresAt",
+                "stray",
+            ];
+            proptest::collection::vec((proptest::sample::select(&KEYS[..]), json()), 0..10)
+                .prop_map(|pairs| {
+                    let mut map = Map::new();
+                    for (k, v) in pairs {
+                        map.insert(k.to_owned(), v);
+                    }
+                    Value::Object(map)
+                })
+        }
+
+        fn check(result: &Result<Command, Box<Rejection>>) -> Result<(), TestCaseError> {
+            match result {
+                Ok(c) => {
+                    prop_assert!(!c.command_id.is_empty());
+                    prop_assert!(!c.org_id.trim().is_empty());
+                    prop_assert!(!c.bot_session_id.trim().is_empty());
+                    match &c.target {
+                        Target::Agent(id) | Target::Queue(id) => {
+                            prop_assert!(!id.trim().is_empty())
+                        }
+                    }
+                }
+                Err(r) => {
+                    prop_assert!(!r.command_id.is_empty());
+                    prop_assert!(!r.message.is_empty());
+                    // Quoted input is cut, so a message fits an event and a header.
+                    prop_assert!(r.message.len() < 1024, "{} bytes", r.message.len());
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            #[test]
+            fn any_bytes_with_any_envelope(
+                body in proptest::collection::vec(any::<u8>(), 0..512),
+                env in envelope(),
+            ) {
+                check(&parser().parse(&body, &env))?;
+            }
+
+            #[test]
+            fn any_command_like_object_with_any_envelope(v in command_like(), env in envelope()) {
+                let body = serde_json::to_vec(&v).unwrap();
+                let result = parser().parse(&body, &env);
+                check(&result)?;
+                // A valid command's deadline is the earlier of the two, each computed without
+                // overflow.
+                if let (Ok(c), Some(ts)) = (&result, env.timestamp) {
+                    let by_age = SystemTime::UNIX_EPOCH
+                        .checked_add(Duration::from_secs(ts))
+                        .and_then(|t| t.checked_add(Duration::from_secs(300)));
+                    if let (Some(by_age), Some(deadline)) = (by_age, c.deadline) {
+                        prop_assert!(deadline <= by_age);
+                    }
+                }
+            }
+
+            #[test]
+            fn every_envelope_of_a_valid_command_parses(env in envelope()) {
+                let body = br#"{"orgId":"o","botSessionId":"s","aId":"a"}"#;
+                let c = parser().parse(body, &env).unwrap();
+                if let Some(id) = env.message_id.as_deref().filter(|id| !id.is_empty()) {
+                    prop_assert_eq!(&c.command_id, id);
+                }
+            }
+        }
+
+        /// Found while writing the properties above, kept as plain regressions.
+        #[test]
+        fn regressions() {
+            let p = parser();
+            let body = br#"{"orgId":"o","botSessionId":"s","aId":"a"}"#;
+            for ts in [u64::MAX, (i64::MAX as u64) + 1] {
+                let c = p
+                    .parse(
+                        body,
+                        &Envelope {
+                            message_id: None,
+                            timestamp: Some(ts),
+                        },
+                    )
+                    .unwrap();
+                assert_eq!(c.deadline, None, "a timestamp at {ts} is no deadline");
+            }
+            let huge = format!(
+                r#"{{"orgId":"o","botSessionId":"s","aId":"a","streamId":"{}"}}"#,
+                "x".repeat(40_000)
+            );
+            let r = p.parse(huge.as_bytes(), &Envelope::default()).unwrap_err();
+            assert!(r.message.len() < 200, "{}", r.message);
+            assert!(r.message.contains("40000 bytes"), "{}", r.message);
+        }
     }
 }

@@ -307,16 +307,22 @@ fn reject_unknown_keys(
     let Some(key) = unknown.into_iter().next() else {
         return Ok(());
     };
+    // The variable that set the key, or a key below it (an unknown section).
     let var = format!("TRANSFER__{}", key.replace('.', "__").to_uppercase());
-    let in_env = match env {
-        Some(env) => env.contains_key(&var),
-        None => std::env::var_os(&var).is_some(),
+    let sets_key = |name: &str| {
+        name.strip_prefix(var.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("__"))
     };
-    let in_file = file.filter(|f| file_has_key(f, &key));
-    let origin = match (in_file, in_env) {
-        (_, true) => format!("from environment variable {var}"),
-        (Some(f), false) => format!("in {}", f.display()),
-        (None, false) => "in the built-in defaults".to_owned(),
+    let from_env = match env {
+        Some(env) => env.keys().find(|name| sets_key(name)).cloned(),
+        None => std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .find(|name| sets_key(name)),
+    };
+    let origin = match (from_env, file.filter(|f| file_has_key(f, &key))) {
+        (Some(name), _) => format!("from environment variable {name}"),
+        (None, Some(f)) => format!("in {}", f.display()),
+        (None, None) => "in the built-in defaults".to_owned(),
     };
     Err(ConfigError::UnknownKey { key, origin })
 }
@@ -641,5 +647,59 @@ mod tests {
             "{shown}"
         );
         assert!(!format!("{s:?}").contains("demo-secret-change-me"));
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_file_is_an_error_naming_key_and_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, b"[retry]\nmax_attemps = 2\n").unwrap();
+        let err = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ConfigError::UnknownKey { .. }), "{text}");
+        assert!(text.contains("retry.max_attemps"), "{text}");
+        assert!(text.contains(&f.path().display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_environment_is_an_error_naming_the_variable() {
+        let err =
+            Settings::load_with_env(None, Some(env(&[("TRANSFER__RETRY__MAX_ATTEMPS", "2")])))
+                .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("retry.max_attemps"), "{text}");
+        assert!(text.contains("TRANSFER__RETRY__MAX_ATTEMPS"), "{text}");
+        let err =
+            Settings::load_with_env(None, Some(env(&[("TRANSFER__NOPE__X", "1")]))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("nope (from environment variable TRANSFER__NOPE__X)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_in_a_bot_or_a_whole_section_are_errors_too() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            b"[[bots]]\nstream_id='st-x'\naccount_id='a'\nclient_id='c'\nclient_secret='s'\nrate_limt=5\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(err.to_string().contains("bots.0.rate_limt"), "{err}");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, b"[amqps]\nurl = 'x'\n").unwrap();
+        let err = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+        assert!(err.to_string().contains("amqps"), "{err}");
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        let err = Settings::load_with_env(
+            None,
+            Some(env(&[("TRANSFER__RETRY__MAX_RETRY_AFTER", "400days")])),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("retry.max_retry_after"), "{err}");
     }
 }

@@ -132,4 +132,44 @@ mod tests {
         pacer.pause_until(until);
         assert!(pacer.reserve(None).unwrap() >= until);
     }
+
+    /// Any configured budget and any deadline: reservations never panic, stay paced, and
+    /// respect the deadline.
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_budget_any_deadline(
+                limit in prop_oneof![Just(0u32), Just(1), Just(u32::MAX), 1u32..10],
+                window_ms in prop_oneof![Just(0u64), Just(u64::MAX), 1u64..100_000],
+                deadline_ms in proptest::option::of(prop_oneof![Just(u64::MAX), 0u64..200_000]),
+                pause_secs in proptest::option::of(prop_oneof![Just(u64::MAX / 2), 0u64..100]),
+            ) {
+                let pacer = Pacer::new(limit, Duration::from_millis(window_ms));
+                let now = Instant::now();
+                if let Some(until) = pause_secs.and_then(|s| now.checked_add(Duration::from_secs(s))) {
+                    pacer.pause_until(until);
+                }
+                let deadline = deadline_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
+                let mut starts = Vec::new();
+                for _ in 0..12 {
+                    match pacer.reserve(deadline) {
+                        Ok(slot) => {
+                            prop_assert!(deadline.is_none_or(|d| slot <= d));
+                            starts.push(slot);
+                        }
+                        Err(DeadlineFirst { slot }) => prop_assert!(deadline.is_some_and(|d| slot > d)),
+                    }
+                }
+                prop_assert!(starts.windows(2).all(|w| w[0] <= w[1]));
+                let window = Duration::from_millis(window_ms).min(crate::config::MAX_DURATION);
+                assert_paced(&starts, usize::try_from(limit.max(1)).unwrap(), window);
+            }
+        }
+    }
 }

@@ -248,4 +248,61 @@ mod tests {
         assert_eq!(rotated.verify(&token), Some(ids()));
         assert_eq!(old.verify(&rotated.sign(&ids())), None);
     }
+
+    /// Property tests at the relay's door: any string is refused unless we signed it.
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn any_ids() -> impl Strategy<Value = CallbackIds> {
+            (".{0,40}", ".{0,40}", ".{0,40}", ".{1,40}", any::<bool>()).prop_map(
+                |(c, s, b, t, agent)| CallbackIds {
+                    command_id: c,
+                    stream_id: s,
+                    bot_session_id: b,
+                    target: if agent {
+                        Target::Agent(t)
+                    } else {
+                        Target::Queue(t)
+                    },
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            #[test]
+            fn any_string_is_refused(token in ".{0,300}") {
+                prop_assert_eq!(signer("k1-0123456789abcdef").verify(&token), None);
+            }
+
+            #[test]
+            fn any_string_shaped_like_a_token_is_refused(
+                payload in "[A-Za-z0-9_-]{0,200}",
+                tag in "[A-Za-z0-9_-]{0,60}",
+            ) {
+                let token = format!("{payload}.{tag}");
+                prop_assert_eq!(signer("k1-0123456789abcdef").verify(&token), None);
+            }
+
+            #[test]
+            fn signed_ids_round_trip_and_any_one_byte_change_is_refused(
+                ids in any_ids(),
+                at in any::<prop::sample::Index>(),
+                with in "[A-Za-z0-9_.-]",
+            ) {
+                let s = signer("k1-0123456789abcdef");
+                let token = s.sign(&ids);
+                prop_assert_eq!(s.verify(&token), Some(ids));
+                let i = at.index(token.len());
+                let mut changed = token.clone();
+                changed.replace_range(i..=i, &with);
+                if changed != token {
+                    prop_assert_eq!(s.verify(&changed), None);
+                }
+            }
+        }
+    }
 }

@@ -284,14 +284,7 @@ impl Worker {
         let p = &self.parts;
         p.metrics.commands_received.inc();
         p.metrics.commands_in_flight.inc();
-        let envelope = Envelope {
-            message_id: delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string()),
-            timestamp: *delivery.properties.timestamp(),
-        };
+        let envelope = Envelope::from_properties(&delivery.properties);
         // Reading is the first thing input reaches: a bug there must cost one command, not
         // the consumer loop.
         let parsed = std::panic::catch_unwind(AssertUnwindSafe(|| {

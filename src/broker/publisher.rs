@@ -155,26 +155,7 @@ impl Publisher {
             ));
         }
         if let Some(dead) = dead_letter {
-            let mut headers = dead.properties.headers().clone().unwrap_or_default();
-            headers.insert(
-                "x-transfer-event".into(),
-                AMQPValue::LongString(LongString::from(event.kind.name().as_bytes())),
-            );
-            headers.insert(
-                "x-transfer-error".into(),
-                AMQPValue::LongString(LongString::from(
-                    event.error.as_deref().unwrap_or_default().as_bytes(),
-                )),
-            );
-            headers.insert(
-                "x-transfer-event-id".into(),
-                AMQPValue::LongString(LongString::from(event.id.to_string().as_bytes())),
-            );
-            let properties = dead
-                .properties
-                .clone()
-                .with_headers(headers)
-                .with_delivery_mode(2);
+            let properties = dead_letter_properties(dead.properties, event);
             confirms.push((
                 self.dead_letter_exchange.as_str(),
                 self.channel
@@ -202,6 +183,33 @@ impl Publisher {
     }
 }
 
+/// Longest `x-transfer-error`: headers share one frame with everything else the broker sends.
+const MAX_ERROR_HEADER: usize = 1024;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The command's own properties and headers, as received, plus the headers that say why it
+/// ended (`x-transfer-event`, `x-transfer-error`, `x-transfer-event-id`), made persistent.
+pub fn dead_letter_properties(received: &BasicProperties, event: &Event) -> BasicProperties {
+    let mut headers = received.headers().clone().unwrap_or_default();
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+    headers.insert("x-transfer-event".into(), text(event.kind.name()));
+    let error = event.error.as_deref().unwrap_or_default();
+    headers.insert(
+        "x-transfer-error".into(),
+        text(cut(error, MAX_ERROR_HEADER)),
+    );
+    headers.insert("x-transfer-event-id".into(), text(&event.id.to_string()));
+    received.clone().with_headers(headers).with_delivery_mode(2)
+}
+
 fn event_properties(event: &Event) -> BasicProperties {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -215,4 +223,103 @@ fn event_properties(event: &Event) -> BasicProperties {
         .with_type(event.kind.name().into())
         .with_timestamp(now)
         .with_app_id("transfer-worker".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::command::Rejection;
+
+    /// Any header value AMQP can carry, nested a little.
+    fn amqp_value() -> impl Strategy<Value = AMQPValue> {
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            any::<f64>().prop_map(AMQPValue::Double),
+            ".{0,64}".prop_map(|s| AMQPValue::LongString(LongString::from(s.as_bytes()))),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::ByteArray(b.into())),
+            Just(AMQPValue::Void),
+        ];
+        leaf.prop_recursive(2, 16, 4, |inner| {
+            proptest::collection::vec(inner, 0..4)
+                .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v)))
+        })
+    }
+
+    fn properties() -> impl Strategy<Value = BasicProperties> {
+        (
+            proptest::option::of(proptest::collection::btree_map(
+                "[a-z-]{1,20}",
+                amqp_value(),
+                0..6,
+            )),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(".{0,40}"),
+        )
+            .prop_map(|(headers, timestamp, message_id)| {
+                let mut p = BasicProperties::default();
+                if let Some(headers) = headers {
+                    let mut table = FieldTable::default();
+                    for (k, v) in headers {
+                        table.insert(ShortString::from(k), v);
+                    }
+                    p = p.with_headers(table);
+                }
+                if let Some(t) = timestamp {
+                    p = p.with_timestamp(t);
+                }
+                if let Some(id) = message_id {
+                    p = p.with_message_id(ShortString::from(id));
+                }
+                p
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any properties a command arrives with become a dead-letter copy that keeps them,
+        /// says why, and whose error header stays small.
+        #[test]
+        fn dead_letter_properties_keep_what_arrived(received in properties(), message in ".{0,3000}") {
+            let rejection = Rejection {
+                command_id: "c".into(),
+                stream_id: None,
+                bot_session_id: None,
+                target: None,
+                message,
+            };
+            let event = Event::rejected(&rejection, None);
+            let out = dead_letter_properties(&received, &event);
+            let headers = out.headers().as_ref().unwrap().inner();
+            for (k, v) in received.headers().as_ref().map(|h| h.inner().clone()).unwrap_or_default() {
+                if !k.as_str().starts_with("x-transfer-") {
+                    prop_assert_eq!(headers.get(&k), Some(&v));
+                }
+            }
+            match headers.get("x-transfer-error") {
+                Some(AMQPValue::LongString(s)) => {
+                    prop_assert!(s.as_bytes().len() <= MAX_ERROR_HEADER);
+                    prop_assert!(std::str::from_utf8(s.as_bytes()).is_ok());
+                }
+                other => prop_assert!(false, "x-transfer-error: {other:?}"),
+            }
+            prop_assert_eq!(out.timestamp(), received.timestamp());
+            prop_assert_eq!(out.message_id(), received.message_id());
+            prop_assert_eq!(*out.delivery_mode(), Some(2));
+        }
+    }
+
+    #[test]
+    fn cut_keeps_characters_whole() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
+    }
 }

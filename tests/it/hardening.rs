@@ -18,6 +18,15 @@ use crate::harness::{Harness, agent_command, amqp_url, test_channel};
 use crate::init_logs;
 use crate::proxy::Proxy;
 use crate::relay::post;
+use crate::schemas::{assert_valid, schema};
+
+/// Validates an event against the union schema and its own.
+fn assert_schemas(json: &serde_json::Value) {
+    let own = format!("{}.json", json["event"].as_str().unwrap());
+    for file in ["event.json", own.as_str()] {
+        assert_valid(&schema(file), file, json);
+    }
+}
 
 /// A 429 whose `Retry-After` says this, verbatim.
 fn rate_limited(retry_after: &str) -> Reply {
@@ -131,6 +140,7 @@ async fn a_panic_inside_one_command_fails_it_alone_and_its_session_goes_on() {
     assert_eq!(e.name(), "transfer.failed", "{}", e.json);
     assert_eq!(e.command_id(), "boom");
     assert_eq!(e.json["error"]["kind"], "internal");
+    assert_schemas(&e.json);
     assert_eq!(e.json["retryable"], false);
     assert_eq!(e.json["botSessionId"], "s-boom");
     assert!(
@@ -175,6 +185,7 @@ async fn a_success_body_over_64_kib_is_cut_and_the_event_says_so() {
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.succeeded", "{}", e.json["event"]);
     assert_eq!(e.json["responseTruncated"], true);
+    assert_schemas(&e.json);
     let kept = e.json["response"].as_str().expect("a cut body is a string");
     assert_eq!(kept.len(), 64 * 1024);
     assert!(kept.starts_with(r#"{"status":"transferred""#));
@@ -354,5 +365,50 @@ async fn rejected_and_failed_events_carry_their_name_as_amqp_type() {
         e.properties.kind().as_ref().unwrap().as_str(),
         "transfer.failed"
     );
+    h.stop().await.unwrap();
+}
+
+#[test]
+fn a_typo_in_the_config_stops_run_and_config_naming_the_key_and_its_origin() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, b"[retry]\nmax_attemps = 2\n").unwrap();
+    let path = file.path().display().to_string();
+    for command in ["config", "run"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"))
+            .args([command, "--config", &path])
+            .env_remove("TRANSFER_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} accepted a typo");
+        assert!(stderr.contains("retry.max_attemps"), "{command}: {stderr}");
+        assert!(stderr.contains(&path), "{command}: {stderr}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"))
+        .arg("config")
+        .env("TRANSFER__RETRY__MAX_ATTEMPS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("TRANSFER__RETRY__MAX_ATTEMPS"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_value_quoted_in_a_rejection_is_cut_and_the_dead_letter_still_goes_out() {
+    init_logs();
+    let mut h = Harness::start(|_, _| {}).await;
+    let mut command = agent_command("huge-stream", "s-huge");
+    command["streamId"] = json!("x".repeat(60_000));
+    h.publish(&command).await;
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.rejected");
+    let message = e.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("unknown streamId"), "{message}");
+    assert!(message.len() < 300, "{} bytes", message.len());
+    let dead = h.next_dead_letter().await;
+    assert_eq!(dead.data.len(), serde_json::to_vec(&command).unwrap().len());
+    h.publish(&agent_command("after-huge", "s-huge")).await;
+    assert_eq!(h.next_event().await.name(), "transfer.succeeded");
     h.stop().await.unwrap();
 }

@@ -9,7 +9,7 @@ use transfer_worker::simulator::Reply;
 use crate::harness::{Harness, Received, agent_command, queue_command};
 use crate::relay::post_json;
 
-fn schema(file: &str) -> Validator {
+pub fn schema(file: &str) -> Validator {
     let path = format!("{}/docs/schemas/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let schema: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -30,7 +30,7 @@ fn errors(validator: &Validator, instance: &Value) -> Vec<String> {
         .collect()
 }
 
-fn assert_valid(validator: &Validator, file: &str, instance: &Value) {
+pub fn assert_valid(validator: &Validator, file: &str, instance: &Value) {
     let errors = errors(validator, instance);
     assert!(
         errors.is_empty(),
