@@ -6,7 +6,7 @@ pub mod publisher;
 pub mod topology;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 pub use publisher::{DeadLetter, PublishError, Publisher, Reply};
 
@@ -80,14 +80,14 @@ impl Broker {
     pub fn publisher(&self) -> Option<Arc<Publisher>> {
         self.publisher
             .read()
-            .expect("broker lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .filter(|p| p.is_connected())
     }
 
     /// Installs the publisher of a new connection, or clears it when the link is lost.
     pub fn set_publisher(&self, publisher: Option<Arc<Publisher>>) {
-        *self.publisher.write().expect("broker lock") = publisher;
+        *self.publisher.write().unwrap_or_else(PoisonError::into_inner) = publisher;
     }
 
     /// Connected and consuming: what `/readyz` reports.

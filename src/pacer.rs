@@ -8,7 +8,7 @@
 //! fairly and each one knows at once when it may call — or that its deadline comes first.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Absorbs the scheduling jitter between a reservation and the request on the wire, so the
@@ -55,7 +55,7 @@ impl Pacer {
     /// The caller sleeps until the returned instant, then calls.
     pub fn reserve(&self, deadline: Option<Instant>) -> Result<Instant, DeadlineFirst> {
         let now = Instant::now();
-        let mut state = self.state.lock().expect("pacer lock");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while state
             .starts
             .front()
@@ -82,7 +82,7 @@ impl Pacer {
 
     /// The API said "not before": hold every later call of this account until then.
     pub fn pause_until(&self, until: Instant) {
-        let mut state = self.state.lock().expect("pacer lock");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.paused_until = Some(state.paused_until.map_or(until, |p| p.max(until)));
     }
 }

@@ -11,6 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use serde_json::Value;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::Broker;
@@ -41,6 +42,9 @@ pub fn router(relay: Relay) -> Router {
     Router::new()
         .route("/callbacks/{token}", post(receive))
         .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
+        // A bug while handling one callback answers 500 (the sender retries) and costs nothing
+        // else.
+        .layer(CatchPanicLayer::new())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,

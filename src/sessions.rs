@@ -6,7 +6,7 @@
 //! and stops when there is none. No task waits on a lock while a command runs.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 /// Waiting jobs by session key.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ impl<J> SessionQueues<J> {
     /// Queues `job` behind its session's running job, or, if the session is idle, marks it
     /// busy and returns the job for the caller to run now.
     pub fn push(&self, session: &str, job: J) -> Option<J> {
-        let mut busy = self.busy.lock().expect("session lock");
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         match busy.get_mut(session) {
             Some(waiting) => {
                 waiting.push_back(job);
@@ -42,7 +42,7 @@ impl<J> SessionQueues<J> {
     /// The session's next job after the running one finished, or `None` — and the session is
     /// idle again.
     pub fn next(&self, session: &str) -> Option<J> {
-        let mut busy = self.busy.lock().expect("session lock");
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         let waiting = busy.get_mut(session)?;
         let next = waiting.pop_front();
         if next.is_none() {
@@ -53,7 +53,7 @@ impl<J> SessionQueues<J> {
 
     /// Sessions with a running job.
     pub fn busy_sessions(&self) -> usize {
-        self.busy.lock().expect("session lock").len()
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 

@@ -1,7 +1,7 @@
 //! AgentAssist credentials: HS256 JWTs with `appId` = client id, signed with the client secret,
 //! minted in-process and reused while valid (agentassist-api.md, "The JWT").
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -83,7 +83,7 @@ impl TokenSource {
     pub fn token(&self) -> Result<Token, TokenError> {
         if !self.unique_jti {
             let now = Instant::now();
-            let cached = self.cached.read().expect("token cache lock");
+            let cached = self.cached.read().unwrap_or_else(PoisonError::into_inner);
             if let Some((token, refresh_at)) = &*cached
                 && refresh_at.is_none_or(|at| now < at)
             {
@@ -92,15 +92,19 @@ impl TokenSource {
         }
         let token = self.mint()?;
         if !self.unique_jti {
-            let refresh_at = self.ttl.map(|ttl| Instant::now() + ttl.mul_f64(0.8));
-            *self.cached.write().expect("token cache lock") = Some((token.clone(), refresh_at));
+            // No refresh time past what an Instant holds: refresh on every call instead.
+            let now = Instant::now();
+            let refresh_at = self
+                .ttl
+                .map(|ttl| now.checked_add(ttl.mul_f64(0.8)).unwrap_or(now));
+            *self.cached.write().unwrap_or_else(PoisonError::into_inner) = Some((token.clone(), refresh_at));
         }
         Ok(token)
     }
 
     /// Forgets the cached token, after the API refused it.
     pub fn invalidate(&self) {
-        *self.cached.write().expect("token cache lock") = None;
+        *self.cached.write().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     fn mint(&self) -> Result<Token, TokenError> {
@@ -111,7 +115,7 @@ impl TokenSource {
         let claims = Claims {
             app_id: &self.client_id,
             iat: self.ttl.map(|_| now),
-            exp: self.ttl.map(|ttl| now + ttl.as_secs().max(1)),
+            exp: self.ttl.map(|ttl| now.saturating_add(ttl.as_secs().max(1))),
             jti: self.unique_jti.then(|| uuid::Uuid::new_v4().to_string()),
         };
         let jwt = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)?;
