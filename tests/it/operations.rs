@@ -77,7 +77,7 @@ async fn wait_for(what: &str, limit: Duration, mut ok: impl AsyncFnMut() -> bool
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_connection_while_healthz_stays_up() {
     init_logs();
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = Proxy::start().await;
     let url = proxy.amqp_url();
     let h = Harness::start(|s, _| s.amqp.url = url).await;
     let admin = h.admin_addr;

@@ -395,7 +395,7 @@ fn callbacks_counter(h: &Harness, result: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_broker_down_the_relay_answers_503_and_the_senders_retry_gets_through() {
     init_logs();
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = Proxy::start().await;
     let amqp_url = proxy.amqp_url();
     let mut h = Harness::start(|s, sim| {
         s.amqp.url = amqp_url;
