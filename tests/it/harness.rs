@@ -223,8 +223,22 @@ impl Harness {
 
     /// Like [`Harness::start`] with given base settings.
     pub async fn start_with(
+        settings: Settings,
+        tune: impl FnOnce(&mut Settings, &mut SimulatorConfig),
+    ) -> Self {
+        Self::launch(settings, tune, true).await
+    }
+
+    /// Like [`Harness::start`], but nothing is declared before the worker starts: the worker
+    /// declares its topology itself, and the test's consumers attach once it consumes.
+    pub async fn start_undeclared(tune: impl FnOnce(&mut Settings, &mut SimulatorConfig)) -> Self {
+        Self::launch(test_settings(), tune, false).await
+    }
+
+    async fn launch(
         mut settings: Settings,
         tune: impl FnOnce(&mut Settings, &mut SimulatorConfig),
+        declare_first: bool,
     ) -> Self {
         let mut sim_config = SimulatorConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -248,12 +262,27 @@ impl Harness {
             ],
         };
         let (conn, channel) = test_channel().await;
-        // Declared here too, so the test's own queues can bind before the worker starts.
-        let mut direct = settings.amqp.clone();
-        direct.url = amqp_url();
-        topology::declare(&channel, &direct)
-            .await
-            .expect("topology");
+        let built = App::build(settings.clone()).await.expect("app builds");
+        let shutdown = built.shutdown();
+        let broker = built.broker();
+        let metrics = built.metrics();
+        let relay_addr = built.relay_addr();
+        let admin_addr = built.admin_addr();
+        let mut built = Some(built);
+        let mut handle = None;
+        if declare_first {
+            // Declared here too, so the test's own queues can bind before the worker starts.
+            let mut direct = settings.amqp.clone();
+            direct.url = amqp_url();
+            topology::declare(&channel, &direct)
+                .await
+                .expect("topology");
+        } else {
+            // The worker declares everything; the test's queues bind once it consumes.
+            let app = built.take().expect("not started yet");
+            handle = Some(tokio::spawn(app.run_until_stopped()));
+            wait_until_ready(&broker).await;
+        }
         let events_queue = private_queue(&channel).await;
         channel
             .queue_bind(
@@ -267,13 +296,10 @@ impl Harness {
             .unwrap();
         let events = consume(&channel, &events_queue).await;
         let dead = consume(&channel, &settings.amqp.dead_letter_queue).await;
-        let app = App::build(settings.clone()).await.expect("app builds");
-        let shutdown = app.shutdown();
-        let broker = app.broker();
-        let metrics = app.metrics();
-        let relay_addr = app.relay_addr();
-        let admin_addr = app.admin_addr();
-        let handle = tokio::spawn(app.run_until_stopped());
+        let handle = match built {
+            Some(app) => tokio::spawn(app.run_until_stopped()),
+            None => handle.expect("started"),
+        };
         let harness = Self {
             settings,
             sim,
@@ -295,14 +321,7 @@ impl Harness {
 
     /// Waits until the worker consumes.
     pub async fn wait_ready(&self) {
-        let until = tokio::time::Instant::now() + EVENT_WAIT;
-        while !self.broker.is_ready() {
-            assert!(
-                tokio::time::Instant::now() < until,
-                "worker not ready in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_ready(&self.broker).await;
     }
 
     /// Publishes a raw command body with properties, confirmed.
@@ -433,6 +452,17 @@ impl Drop for Harness {
     fn drop(&mut self) {
         self.shutdown.stop.cancel();
         self.shutdown.abandon.cancel();
+    }
+}
+
+async fn wait_until_ready(broker: &Broker) {
+    let until = tokio::time::Instant::now() + EVENT_WAIT;
+    while !broker.is_ready() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "worker not ready in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
