@@ -259,8 +259,8 @@ async fn a_401_is_retried_once_with_a_fresh_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_is_transient() {
-    let mut h =
-        Harness::start(|s, _| s.agentassist.request_timeout = Duration::from_millis(300)).await;
+    // Long enough for a healthy call on a loaded machine: only the hang times out.
+    let mut h = Harness::start(|s, _| s.agentassist.request_timeout = Duration::from_secs(1)).await;
     h.sim.script([Reply::Hang, Reply::Accept]);
     h.publish(&agent_command("slow", "s-slow")).await;
     let e = h.next_event().await;
