@@ -455,3 +455,14 @@ async fn with_the_broker_down_the_relay_answers_503_and_the_senders_retry_gets_t
     h.assert_no_event(Duration::from_millis(300)).await;
     h.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "silence proves nothing")]
+async fn silence_on_a_closed_consumer_is_not_taken_for_no_event() {
+    let mut h = Harness::start(|_, _| {}).await;
+    h.channel
+        .close(200, "closed by the test".into())
+        .await
+        .unwrap();
+    h.assert_no_event(Duration::from_millis(200)).await;
+}
