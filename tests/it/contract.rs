@@ -143,7 +143,7 @@ async fn the_worker_declares_the_topology_of_section_1_itself() {
         .await
         .expect("the commands queue is a durable quorum queue with the contract's arguments");
     // The same check refuses anything else, so its success above means something.
-    let variants: [(&str, Args, bool); 4] = [
+    let variants: [(&str, Args, bool); 5] = [
         (
             "classic",
             vec![commands[1].clone(), commands[2].clone()],
@@ -160,6 +160,15 @@ async fn the_worker_declares_the_topology_of_section_1_itself() {
                 commands[0].clone(),
                 ("x-dead-letter-exchange", text("elsewhere")),
                 commands[2].clone(),
+            ],
+            true,
+        ),
+        (
+            "another delivery limit",
+            vec![
+                commands[0].clone(),
+                commands[1].clone(),
+                ("x-delivery-limit", AMQPValue::LongInt(limit as i32 + 1)),
             ],
             true,
         ),
