@@ -87,7 +87,10 @@ impl Broker {
 
     /// Installs the publisher of a new connection, or clears it when the link is lost.
     pub fn set_publisher(&self, publisher: Option<Arc<Publisher>>) {
-        *self.publisher.write().unwrap_or_else(PoisonError::into_inner) = publisher;
+        *self
+            .publisher
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = publisher;
     }
 
     /// Connected and consuming: what `/readyz` reports.

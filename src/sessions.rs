@@ -53,7 +53,10 @@ impl<J> SessionQueues<J> {
 
     /// Sessions with a running job.
     pub fn busy_sessions(&self) -> usize {
-        self.busy.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

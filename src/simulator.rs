@@ -6,7 +6,9 @@
 //! callbacks to the `callbackUrl` of accepted transfers.
 //!
 //! - [`Simulator`] is the handle tests use: start on port 0, script replies, inspect
-//!   [`requests`](Simulator::requests) and [`stats`](Simulator::stats), then shut down.
+//!   [`requests`](Simulator::requests) (each recorded when it arrives and again when it is
+//!   answered), [`in_flight`](Simulator::in_flight) and [`stats`](Simulator::stats), then shut
+//!   down.
 //! - [`serve_until`] is the same server for the `simulate` command line.
 //!
 //! Routes: `POST /agentassist/api/v1/public/{streamId}/assign-conversation`,
@@ -139,19 +141,26 @@ pub enum Reply {
     },
 }
 
-/// One request that reached the assign-conversation route, valid or not.
+/// One request that reached the assign-conversation route, valid or not. It is recorded when
+/// it arrives and completed when it is answered, so a request cut off mid-latency is seen too.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
+    /// Arrival number, from 0: the order in which requests reached the route.
+    pub seq: u64,
     /// The `{streamId}` from the URL.
     pub stream_id: String,
     /// The `accountid` header, if present and readable.
     pub account_id: Option<String>,
     /// The body as JSON; `Null` when it was not JSON.
     pub body: serde_json::Value,
-    /// The status answered; 0 for a [`Reply::Hang`], which never answers.
+    /// The `auth` header (the JWT), if present and readable.
+    pub auth: Option<String>,
+    /// The status answered; 0 while unanswered, and for a [`Reply::Hang`], which never answers.
     pub status: u16,
     /// When the request arrived.
     pub received_at: Instant,
+    /// When its answer was decided; `None` while in flight, and for a hang.
+    pub answered_at: Option<Instant>,
     /// The body's `botSessionId` when it is a string, so tests can find their request.
     pub bot_session_id: Option<String>,
 }
@@ -160,7 +169,7 @@ pub struct RecordedRequest {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SimulatorStats {
-    /// Every request that reached the assign-conversation route.
+    /// Every request that reached the assign-conversation route, counted when it arrives.
     pub calls: u64,
     /// Those answered 2xx.
     pub accepted: u64,
@@ -242,7 +251,7 @@ impl Simulator {
             config,
             checker,
             script: Mutex::new(VecDeque::new()),
-            requests: Mutex::new(VecDeque::new()),
+            requests: Mutex::new(Log::default()),
             counters: Counters::default(),
             http,
             inflight: Mutex::new(JoinSet::new()),
@@ -287,9 +296,24 @@ impl Simulator {
         lock(&self.shared.script).extend(replies);
     }
 
-    /// Requests that reached the API route, oldest first (the last 100 000 at most).
+    /// Requests that reached the API route, oldest first (the last 100 000 at most), answered
+    /// or not yet.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        lock(&self.shared.requests).iter().cloned().collect()
+        lock(&self.shared.requests)
+            .entries
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Requests that arrived and are not answered yet (a hang counts until it is released).
+    pub fn in_flight(&self) -> usize {
+        lock(&self.shared.requests).in_flight
+    }
+
+    /// The most requests ever in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        lock(&self.shared.requests).max_in_flight
     }
 
     /// The counters so far.
@@ -383,7 +407,7 @@ struct Shared {
     config: SimulatorConfig,
     checker: Checker,
     script: Mutex<VecDeque<Reply>>,
-    requests: Mutex<VecDeque<RecordedRequest>>,
+    requests: Mutex<Log>,
     counters: Counters,
     /// One client for all callbacks, so connections to a relay are reused.
     http: reqwest::Client,
@@ -404,24 +428,61 @@ struct Counters {
     callbacks_failed_attempts: AtomicU64,
 }
 
+/// The request log, with the count of requests in flight kept beside it.
+#[derive(Default)]
+struct Log {
+    entries: VecDeque<RecordedRequest>,
+    next_seq: u64,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+impl Log {
+    fn get_mut(&mut self, seq: u64) -> Option<&mut RecordedRequest> {
+        let first = self.entries.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.entries.get_mut(index)
+    }
+}
+
 impl Shared {
-    fn record(&self, mut request: RecordedRequest, status: u16) {
-        request.status = status;
+    /// Records a request as it arrives; returns its arrival number.
+    fn arrive(&self, mut request: RecordedRequest) -> u64 {
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let mut log = lock(&self.requests);
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        request.seq = seq;
+        if log.entries.len() >= MAX_RECORDED {
+            log.entries.pop_front();
+        }
+        log.entries.push_back(request);
+        log.in_flight += 1;
+        log.max_in_flight = log.max_in_flight.max(log.in_flight);
+        seq
+    }
+
+    /// Records the answer to request `seq`: its status, and when.
+    fn answered(&self, seq: u64, status: u16) {
         {
             let mut by_status = lock(&self.counters.by_status);
-            self.counters.calls.fetch_add(1, Ordering::Relaxed);
             if (200..300).contains(&status) {
                 self.counters.accepted.fetch_add(1, Ordering::Relaxed);
             }
-            if status != 0 {
-                *by_status.entry(status).or_default() += 1;
-            }
+            *by_status.entry(status).or_default() += 1;
         }
-        let mut requests = lock(&self.requests);
-        if requests.len() >= MAX_RECORDED {
-            requests.pop_front();
+        let mut log = lock(&self.requests);
+        if let Some(entry) = log.get_mut(seq) {
+            entry.status = status;
+            entry.answered_at = Some(Instant::now());
         }
-        requests.push_back(request);
+        log.in_flight = log.in_flight.saturating_sub(1);
+    }
+
+    /// A hung request released without an answer.
+    fn released(&self) {
+        let mut log = lock(&self.requests);
+        log.in_flight = log.in_flight.saturating_sub(1);
     }
 
     fn stats(&self) -> SimulatorStats {
@@ -471,6 +532,13 @@ async fn assign_conversation(
     let received_at = Instant::now();
     let (parts, body) = request.into_parts();
     let mut recorded = RecordedRequest {
+        seq: 0,
+        auth: parts
+            .headers
+            .get("auth")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        answered_at: None,
         account_id: parts
             .headers
             .get("accountid")
@@ -485,7 +553,10 @@ async fn assign_conversation(
 
     let bytes = match read_body(body).await {
         Ok(bytes) => bytes,
-        Err(rejection) => return reject(&shared, recorded, rejection).await,
+        Err(rejection) => {
+            let seq = shared.arrive(recorded);
+            return reject(&shared, seq, rejection).await;
+        }
     };
     recorded.body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     recorded.bot_session_id = recorded
@@ -493,19 +564,19 @@ async fn assign_conversation(
         .get("botSessionId")
         .and_then(Value::as_str)
         .map(str::to_owned);
-
-    let transfer = match shared
+    let checked = shared
         .checker
-        .check(&recorded.stream_id, &parts.headers, &recorded.body)
-    {
+        .check(&recorded.stream_id, &parts.headers, &recorded.body);
+    let seq = shared.arrive(recorded);
+    let transfer = match checked {
         Ok(transfer) => transfer,
-        Err(rejection) => return reject(&shared, recorded, rejection).await,
+        Err(rejection) => return reject(&shared, seq, rejection).await,
     };
 
     let (answer_tx, answer_rx) = oneshot::channel();
     let task_shared = Arc::clone(&shared);
     spawn_tracked(&shared.inflight, async move {
-        if let Some(response) = answer(task_shared, transfer, recorded).await {
+        if let Some(response) = answer(task_shared, transfer, seq).await {
             // The client may have gone; the transfer stands regardless.
             let _ = answer_tx.send(response);
         }
@@ -544,37 +615,31 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Rejection> {
         })
 }
 
-/// Records an invalid request and answers it after the configured latency. Recorded first,
-/// so a client that leaves during the latency is still counted.
-async fn reject(shared: &Shared, recorded: RecordedRequest, rejection: Rejection) -> Response {
+/// Answers an invalid request (already recorded as arrived) after the configured latency.
+async fn reject(shared: &Shared, seq: u64, rejection: Rejection) -> Response {
     tracing::debug!(
-        stream_id = %recorded.stream_id,
         status = rejection.status.as_u16(),
         reason = %rejection.msg,
         "request refused"
     );
-    shared.record(recorded, rejection.status.as_u16());
     let mut stop = shared.stop.clone();
     tokio::select! {
         () = tokio::time::sleep(shared.config.latency) => {}
         () = stopped(&mut stop) => {}
     }
+    shared.answered(seq, rejection.status.as_u16());
     error_response(rejection.status, &rejection.msg)
 }
 
 /// Decides and records the answer to a valid request; `None` for a hang.
-async fn answer(
-    shared: Arc<Shared>,
-    transfer: Transfer,
-    recorded: RecordedRequest,
-) -> Option<Response> {
+async fn answer(shared: Arc<Shared>, transfer: Transfer, seq: u64) -> Option<Response> {
     let mut stop = shared.stop.clone();
     let interrupted = tokio::select! {
         () = tokio::time::sleep(shared.config.latency) => false,
         () = stopped(&mut stop) => true,
     };
     if interrupted {
-        shared.record(recorded, StatusCode::SERVICE_UNAVAILABLE.as_u16());
+        shared.answered(seq, StatusCode::SERVICE_UNAVAILABLE.as_u16());
         return Some(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting down",
@@ -621,15 +686,15 @@ async fn answer(
             response
         }
         Reply::Hang => {
-            shared.record(recorded, 0);
             tokio::select! {
                 () = tokio::time::sleep(HANG_FOR) => {}
                 () = stopped(&mut stop) => {}
             }
+            shared.released();
             return None;
         }
     };
-    shared.record(recorded, response.status().as_u16());
+    shared.answered(seq, response.status().as_u16());
     Some(response)
 }
 

@@ -97,7 +97,8 @@ impl TokenSource {
             let refresh_at = self
                 .ttl
                 .map(|ttl| now.checked_add(ttl.mul_f64(0.8)).unwrap_or(now));
-            *self.cached.write().unwrap_or_else(PoisonError::into_inner) = Some((token.clone(), refresh_at));
+            *self.cached.write().unwrap_or_else(PoisonError::into_inner) =
+                Some((token.clone(), refresh_at));
         }
         Ok(token)
     }

@@ -774,3 +774,37 @@ fn secrets_are_redacted_in_debug() {
     let shown = format!("{:?}", bot());
     assert!(!shown.contains(SECRET), "{shown}");
 }
+
+#[tokio::test]
+async fn a_request_is_recorded_when_it_arrives_and_again_when_answered() {
+    let simulator = Arc::new(start_with(|c| c.latency = Duration::from_millis(300)).await);
+    let sending = {
+        let simulator = Arc::clone(&simulator);
+        tokio::spawn(async move { Call::agent("s-arrive").send(&simulator).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while simulator.requests().is_empty() {
+        assert!(Instant::now() < deadline, "never recorded on arrival");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let arrived = simulator.requests();
+    assert_eq!((arrived[0].status, arrived[0].answered_at), (0, None));
+    assert_eq!(simulator.in_flight(), 1);
+    assert!(
+        arrived[0]
+            .auth
+            .as_deref()
+            .is_some_and(|t| t.split('.').count() == 3)
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    let done = &simulator.requests()[0];
+    assert_eq!(done.status, 200);
+    let answered_at = done.answered_at.expect("answered");
+    assert!(answered_at - done.received_at >= Duration::from_millis(300));
+    assert_eq!((simulator.in_flight(), simulator.max_in_flight()), (0, 1));
+    Arc::into_inner(simulator).unwrap().shutdown().await;
+}

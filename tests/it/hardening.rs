@@ -214,12 +214,25 @@ async fn once_the_grace_has_run_out_no_new_call_starts() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    h.stop_in_place().await.unwrap();
+    h.stop_app().await.unwrap();
     // Stopping waited for the call on the wire to end. It was the only one: the command went
     // back to the queue instead of starting another.
     assert_eq!(h.sim.stats().calls, 1);
-    assert_eq!(h.commands_waiting().await, 1);
     assert_eq!(h.metrics.commands_requeued.get(), 1);
+    let queue = h.settings.amqp.commands_queue.clone();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let q = crate::harness::passive(&h.channel, &queue).await;
+        if q.consumer_count() == 0 {
+            assert_eq!(q.message_count(), 1, "the command is back in the queue");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the worker still consumes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,14 +322,7 @@ async fn a_publish_the_broker_never_confirmed_is_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_of_a_lost_connection_neither_pauses_nor_nacks_before_its_redelivery() {
     init_logs();
-    let upstream = amqp_url()
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(upstream).await;
+    let proxy = Proxy::start().await;
     let url = proxy.amqp_url();
     let mut h = Harness::start(|s, sim| {
         s.amqp.url = url;

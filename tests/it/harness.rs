@@ -29,6 +29,27 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The broker's `host:port` in [`amqp_url`], resolved: what a proxy in front of it forwards to.
+pub fn amqp_addr() -> SocketAddr {
+    use std::net::ToSocketAddrs;
+    let url = reqwest::Url::parse(&amqp_url()).expect("TEST_AMQP_URL is a URL");
+    let host = url.host_str().expect("a host").to_owned();
+    let port = url.port().unwrap_or(5672);
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .expect("the broker's host resolves")
+        .next()
+        .expect("an address")
+}
+
+/// [`amqp_url`] with its `host:port` replaced by `addr`: credentials and vhost kept.
+pub fn amqp_url_via(addr: SocketAddr) -> String {
+    let mut url = reqwest::Url::parse(&amqp_url()).expect("TEST_AMQP_URL is a URL");
+    url.set_host(Some(&addr.ip().to_string())).unwrap();
+    url.set_port(Some(addr.port())).unwrap();
+    url.to_string()
+}
+
 /// Longest wait for one expected event.
 pub const EVENT_WAIT: Duration = Duration::from_secs(20);
 
@@ -202,8 +223,22 @@ impl Harness {
 
     /// Like [`Harness::start`] with given base settings.
     pub async fn start_with(
+        settings: Settings,
+        tune: impl FnOnce(&mut Settings, &mut SimulatorConfig),
+    ) -> Self {
+        Self::launch(settings, tune, true).await
+    }
+
+    /// Like [`Harness::start`], but nothing is declared before the worker starts: the worker
+    /// declares its topology itself, and the test's consumers attach once it consumes.
+    pub async fn start_undeclared(tune: impl FnOnce(&mut Settings, &mut SimulatorConfig)) -> Self {
+        Self::launch(test_settings(), tune, false).await
+    }
+
+    async fn launch(
         mut settings: Settings,
         tune: impl FnOnce(&mut Settings, &mut SimulatorConfig),
+        declare_first: bool,
     ) -> Self {
         let mut sim_config = SimulatorConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -227,12 +262,27 @@ impl Harness {
             ],
         };
         let (conn, channel) = test_channel().await;
-        // Declared here too, so the test's own queues can bind before the worker starts.
-        let mut direct = settings.amqp.clone();
-        direct.url = amqp_url();
-        topology::declare(&channel, &direct)
-            .await
-            .expect("topology");
+        let built = App::build(settings.clone()).await.expect("app builds");
+        let shutdown = built.shutdown();
+        let broker = built.broker();
+        let metrics = built.metrics();
+        let relay_addr = built.relay_addr();
+        let admin_addr = built.admin_addr();
+        let mut built = Some(built);
+        let mut handle = None;
+        if declare_first {
+            // Declared here too, so the test's own queues can bind before the worker starts.
+            let mut direct = settings.amqp.clone();
+            direct.url = amqp_url();
+            topology::declare(&channel, &direct)
+                .await
+                .expect("topology");
+        } else {
+            // The worker declares everything; the test's queues bind once it consumes.
+            let app = built.take().expect("not started yet");
+            handle = Some(tokio::spawn(app.run_until_stopped()));
+            wait_until_ready(&broker).await;
+        }
         let events_queue = private_queue(&channel).await;
         channel
             .queue_bind(
@@ -246,13 +296,10 @@ impl Harness {
             .unwrap();
         let events = consume(&channel, &events_queue).await;
         let dead = consume(&channel, &settings.amqp.dead_letter_queue).await;
-        let app = App::build(settings.clone()).await.expect("app builds");
-        let shutdown = app.shutdown();
-        let broker = app.broker();
-        let metrics = app.metrics();
-        let relay_addr = app.relay_addr();
-        let admin_addr = app.admin_addr();
-        let handle = tokio::spawn(app.run_until_stopped());
+        let handle = match built {
+            Some(app) => tokio::spawn(app.run_until_stopped()),
+            None => handle.expect("started"),
+        };
         let harness = Self {
             settings,
             sim,
@@ -274,14 +321,7 @@ impl Harness {
 
     /// Waits until the worker consumes.
     pub async fn wait_ready(&self) {
-        let until = tokio::time::Instant::now() + EVENT_WAIT;
-        while !self.broker.is_ready() {
-            assert!(
-                tokio::time::Instant::now() < until,
-                "worker not ready in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_ready(&self.broker).await;
     }
 
     /// Publishes a raw command body with properties, confirmed.
@@ -332,11 +372,21 @@ impl Harness {
         out
     }
 
-    /// Asserts that no event arrives within `wait`.
+    /// Asserts that no event arrives within `wait`, on a consumer that is still open: a closed
+    /// or failed consumer is not silence.
     pub async fn assert_no_event(&mut self, wait: Duration) {
-        if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, self.events.next()).await {
-            panic!("unexpected event: {}", String::from_utf8_lossy(&d.data));
+        match tokio::time::timeout(wait, self.events.next()).await {
+            Err(_) => {}
+            Ok(Some(Ok(d))) => panic!("unexpected event: {}", String::from_utf8_lossy(&d.data)),
+            Ok(Some(Err(e))) => {
+                panic!("the events consumer failed, so silence proves nothing: {e}")
+            }
+            Ok(None) => panic!("the events consumer closed, so silence proves nothing"),
         }
+        assert!(
+            self.channel.status().connected(),
+            "the events channel closed, so silence proves nothing"
+        );
     }
 
     /// The next message on the dead-letter queue.
@@ -348,26 +398,54 @@ impl Harness {
             .expect("delivery")
     }
 
-    /// Messages waiting in the commands queue.
-    pub async fn commands_waiting(&self) -> u32 {
-        passive(&self.channel, &self.settings.amqp.commands_queue)
-            .await
-            .message_count()
-    }
-
     /// Stops the application gracefully and returns its result.
     pub async fn stop(mut self) -> Result<(), AppError> {
-        self.stop_in_place().await
+        self.stop_app().await
     }
 
     /// Like [`Harness::stop`], keeping the simulator and the broker view for later checks.
-    pub async fn stop_in_place(&mut self) -> Result<(), AppError> {
+    pub async fn stop_app(&mut self) -> Result<(), AppError> {
         self.shutdown.stop.cancel();
-        let handle = self.app.take().unwrap();
+        let handle = self.app.take().expect("the app runs");
         tokio::time::timeout(Duration::from_secs(30), handle)
             .await
             .expect("app stops in time")
             .expect("app task")
+    }
+
+    /// Stops the application and asserts that it left no command behind, ready *or* unacked:
+    /// once the worker's connection is closed, whatever it still held unacked is back in the
+    /// queue, so a fresh consumer that receives nothing proves both.
+    pub async fn stop_leaving_nothing(mut self) {
+        self.stop_app().await.expect("the app stops cleanly");
+        let queue = self.settings.amqp.commands_queue.clone();
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while passive(&self.channel, &queue).await.consumer_count() > 0 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the worker still consumes after stopping"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_conn, channel) = test_channel().await;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "left-behind".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the commands queue");
+        match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+            Err(_) => {}
+            Ok(Some(Ok(d))) => panic!(
+                "a command was left behind (redelivered: {}): {}",
+                d.redelivered,
+                String::from_utf8_lossy(&d.data)
+            ),
+            Ok(other) => panic!("the check's consumer ended: {other:?}"),
+        }
     }
 }
 
@@ -375,6 +453,17 @@ impl Drop for Harness {
     fn drop(&mut self) {
         self.shutdown.stop.cancel();
         self.shutdown.abandon.cancel();
+    }
+}
+
+async fn wait_until_ready(broker: &Broker) {
+    let until = tokio::time::Instant::now() + EVENT_WAIT;
+    while !broker.is_ready() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "worker not ready in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

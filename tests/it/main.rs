@@ -2,6 +2,8 @@
 //! AgentAssist simulator. Each test has its own queue names and ports, so they run in parallel.
 //! `RUST_LOG=transfer_worker=debug` shows the worker's logs.
 
+mod cli;
+mod contract;
 mod hardening;
 mod harness;
 mod operations;

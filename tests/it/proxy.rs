@@ -16,8 +16,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Forwards a free local port to the test broker ([`crate::harness::amqp_addr`]).
+    pub async fn start() -> Self {
+        Self::start_to(crate::harness::amqp_addr()).await
+    }
+
     /// Forwards a free local port to `upstream`.
-    pub async fn start(upstream: SocketAddr) -> Self {
+    pub async fn start_to(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
@@ -56,9 +61,9 @@ impl Proxy {
         }
     }
 
-    /// The AMQP URL through the proxy.
+    /// The test broker's AMQP URL, through the proxy.
     pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
+        crate::harness::amqp_url_via(self.addr)
     }
 
     /// Drops every connection and refuses new ones.

@@ -400,7 +400,7 @@ fn callbacks_counter(h: &Harness, result: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_broker_down_the_relay_answers_503_and_the_senders_retry_gets_through() {
     init_logs();
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = Proxy::start().await;
     let amqp_url = proxy.amqp_url();
     let mut h = Harness::start(|s, sim| {
         s.amqp.url = amqp_url;
@@ -459,4 +459,15 @@ async fn with_the_broker_down_the_relay_answers_503_and_the_senders_retry_gets_t
     assert_eq!(callbacks_counter(&h, "published"), 1);
     h.assert_no_event(Duration::from_millis(300)).await;
     h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "silence proves nothing")]
+async fn silence_on_a_closed_consumer_is_not_taken_for_no_event() {
+    let mut h = Harness::start(|_, _| {}).await;
+    h.channel
+        .close(200, "closed by the test".into())
+        .await
+        .unwrap();
+    h.assert_no_event(Duration::from_millis(200)).await;
 }

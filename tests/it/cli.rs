@@ -1,0 +1,344 @@
+//! The command line as a user runs it (CONTRACT §8): the real binary's `config`, `run` with
+//! `publish --wait`, `simulate` and `demo`.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use transfer_worker::config::Settings;
+use transfer_worker::simulator::{SimBot, Simulator, SimulatorConfig};
+use transfer_worker::token::TokenSource;
+
+use crate::harness::{Cleanup, amqp_url, test_channel, test_settings};
+
+/// The real binary, with no configuration from the test's own environment.
+fn binary() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"));
+    command
+        .env_remove("TRANSFER_CONFIG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TRANSFER__") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// Runs to the end within `limit`, capturing its output.
+async fn output(mut command: tokio::process::Command, limit: Duration) -> Output {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    tokio::time::timeout(limit, command.output())
+        .await
+        .expect("the command ends in time")
+        .expect("the binary runs")
+}
+
+fn toml_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file.flush().unwrap();
+    file
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running");
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_prints_valid_settings_redacted_and_refuses_invalid_ones() {
+    let secret = "cli-secret-never-printed-4242";
+    let valid = toml_file(&format!(
+        "[[bots]]\nstream_id = \"st-cli-config\"\naccount_id = \"acc-cli\"\n\
+         client_id = \"cs-cli\"\nclient_secret = {}\n",
+        toml_string(secret)
+    ));
+    let mut command = binary();
+    command.arg("config").arg("--config").arg(valid.path());
+    let out = output(command, Duration::from_secs(30)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("st-cli-config"), "{stdout}");
+    assert!(stdout.contains("[redacted]"), "{stdout}");
+    assert!(!stdout.contains(secret), "the secret was printed: {stdout}");
+    let printed: toml::Value = toml::from_str(&stdout).expect("the output is TOML");
+    assert_eq!(printed["bots"][0]["account_id"].as_str(), Some("acc-cli"));
+
+    let invalid = toml_file("[amqp]\nprefetch = 0\n");
+    let mut command = binary();
+    command.arg("config").arg("--config").arg(invalid.path());
+    let out = output(command, Duration::from_secs(30)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an invalid configuration exits 0");
+    assert!(stderr.contains("amqp.prefetch"), "names the key: {stderr}");
+}
+
+/// Waits until a worker consumes `queue` (declared by the worker, so it may not exist yet).
+async fn wait_consumed(queue: &str, child: &mut tokio::process::Child, log: &dyn Fn() -> String) {
+    let (conn, _) = test_channel().await;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ch = conn.create_channel().await.unwrap();
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = tokio::time::timeout(
+            Duration::from_secs(5),
+            ch.queue_declare(queue.into(), options, FieldTable::default()),
+        )
+        .await
+        .expect("queue.declare in time");
+        if declared.is_ok_and(|q| q.consumer_count() > 0) {
+            let _ = ch.close(200, "ready".into()).await;
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the worker exited early with {status}:\n{}", log());
+        }
+        assert!(
+            Instant::now() < until,
+            "the worker never consumed:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
+    crate::init_logs();
+    let settings = test_settings();
+    let amqp = &settings.amqp;
+    let _cleanup = Cleanup::new(
+        vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()],
+        vec![
+            amqp.results_exchange.clone(),
+            amqp.dead_letter_exchange.clone(),
+        ],
+    );
+    // The simulator checks every token's signature against these secrets: a worker signing
+    // with anything else gets 401s and a failed transfer.
+    let from_file = "secret-from-a-file-0001";
+    let from_env = "secret-from-the-environment-0002";
+    let bot = |n: &str, secret: &str| SimBot {
+        stream_id: format!("st-cli-{n}"),
+        account_id: "acc-cli".into(),
+        client_id: format!("cs-cli-{n}"),
+        client_secret: SecretString::from(secret.to_owned()),
+    };
+    let sim = Simulator::start(SimulatorConfig {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        bots: vec![bot("file", from_file), bot("env", from_env)],
+        callbacks: false,
+        ..SimulatorConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+
+    let mut secret_file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(secret_file, "{from_file}").unwrap();
+    secret_file.flush().unwrap();
+    let secret_var = format!("TW_TEST_SECRET_{}", std::process::id());
+    let config = toml_file(&format!(
+        "[[bots]]\nstream_id = \"st-cli-file\"\naccount_id = \"acc-cli\"\n\
+         client_id = \"cs-cli-file\"\nclient_secret_file = {}\n\n\
+         [[bots]]\nstream_id = \"st-cli-env\"\naccount_id = \"acc-cli\"\n\
+         client_id = \"cs-cli-env\"\nclient_secret_env = {}\n",
+        toml_string(&secret_file.path().display().to_string()),
+        toml_string(&secret_var),
+    ));
+    let configured = |mut command: tokio::process::Command| {
+        command
+            .arg("--config")
+            .arg(config.path())
+            .env(&secret_var, from_env)
+            .env("TRANSFER__AMQP__URL", amqp_url())
+            .env("TRANSFER__AMQP__COMMANDS_QUEUE", &amqp.commands_queue)
+            .env("TRANSFER__AMQP__RESULTS_EXCHANGE", &amqp.results_exchange)
+            .env(
+                "TRANSFER__AMQP__DEAD_LETTER_EXCHANGE",
+                &amqp.dead_letter_exchange,
+            )
+            .env("TRANSFER__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
+            .env("TRANSFER__AGENTASSIST__BASE_URL", sim.base_url())
+            .env("TRANSFER__CALLBACKS__LISTEN", "127.0.0.1:0")
+            .env("TRANSFER__ADMIN__LISTEN", "127.0.0.1:0");
+        command
+    };
+
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut run = binary();
+    run.arg("run");
+    let mut run = configured(run);
+    let mut worker = run
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("the worker starts");
+    let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    wait_consumed(&amqp.commands_queue, &mut worker, &read_log).await;
+
+    for stream in ["st-cli-file", "st-cli-env"] {
+        let mut publish = binary();
+        publish.args([
+            "publish",
+            "--org-id",
+            "o-cli",
+            "--session-id",
+            &format!("s-{stream}"),
+            "--agent",
+            "a-cli",
+            "--stream-id",
+            stream,
+            "--command-id",
+            &format!("cmd-{stream}"),
+            "--wait",
+            "--timeout",
+            "20s",
+        ]);
+        let out = output(configured(publish), Duration::from_secs(30)).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "publish --wait: {}\n{stdout}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            read_log()
+        );
+        let (id, outcome) = stdout.split_once('\n').expect("the id, then the outcome");
+        assert_eq!(id, format!("cmd-{stream}"));
+        let outcome: Value = serde_json::from_str(outcome).expect("the outcome as JSON");
+        assert_eq!(outcome["event"], "transfer.succeeded", "{outcome}");
+        assert_eq!(outcome["streamId"], stream);
+        assert_eq!(outcome["target"], json!({"type": "agent", "id": "a-cli"}));
+    }
+    let statuses: Vec<(String, u16)> = sim
+        .requests()
+        .into_iter()
+        .map(|r| (r.stream_id, r.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [("st-cli-file".into(), 200), ("st-cli-env".into(), 200)],
+        "each bot signed with its own secret"
+    );
+
+    sigterm(&worker);
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker exits in time")
+        .unwrap();
+    assert!(status.success(), "{status}\n{}", read_log());
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_answers_a_request_like_the_api() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = binary();
+    command
+        .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--no-callbacks")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().expect("the simulator starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("simulate exited early with {status}");
+        }
+        assert!(Instant::now() < until, "simulate never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The default configuration's bot, as `simulate` and `run` both read it.
+    let settings = Settings::load_with_env(None, Some(Default::default())).unwrap();
+    let bot = &settings.bots[0];
+    let send = async |secret: &SecretString| {
+        let token = TokenSource::new(bot.client_id.clone(), secret, None, false)
+            .token()
+            .unwrap();
+        http.post(format!(
+            "{base}/agentassist/api/v1/public/{}/assign-conversation",
+            bot.stream_id
+        ))
+        .header("auth", token.expose())
+        .header("accountid", &bot.account_id)
+        .header("content-type", "application/json")
+        .body(json!({"orgId": "o-sim", "botSessionId": "s-sim", "aId": "a-sim"}).to_string())
+        .send()
+        .await
+        .expect("simulate answers")
+    };
+    let accepted = send(bot.client_secret.as_ref().unwrap()).await;
+    assert_eq!(accepted.status(), 200);
+    let body: Value = serde_json::from_str(&accepted.text().await.unwrap()).unwrap();
+    assert_eq!(body["status"], "transferred", "{body}");
+    assert_eq!(body["agentId"], "a-sim");
+    assert_eq!(body["sessionId"], "s-sim");
+    // It checks the signature, as the real API does.
+    let forged = send(&SecretString::from("not-the-secret")).await;
+    assert_eq!(forged.status(), 401);
+
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("simulate exits in time")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_to_its_summary_and_exits_0() {
+    let mut command = binary();
+    command
+        .arg("demo")
+        .env("TRANSFER__AMQP__URL", amqp_url())
+        .env("NO_COLOR", "1");
+    let out = output(command, Duration::from_secs(90)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("summary"), "{stdout}");
+    assert!(stdout.contains("transfer.succeeded"), "{stdout}");
+    assert!(stdout.contains("transfer.rejected"), "{stdout}");
+}
