@@ -360,6 +360,51 @@ async fn a_broker_nack_returns_the_command_which_ends_once_its_event_is_confirme
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_that_does_not_come_in_time_returns_the_command_which_ends_from_memory() {
+    init_logs();
+    let proxy = crate::proxy::Proxy::start().await;
+    let url = proxy.amqp_url();
+    let mut h = Harness::start(|s, sim| {
+        s.amqp.url = url;
+        s.amqp.confirm_timeout = Duration::from_millis(500);
+        sim.latency = Duration::from_millis(500);
+    })
+    .await;
+    h.publish(&agent_command("unconfirmed", "s-unconfirmed"))
+        .await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while h.sim.in_flight() == 0 {
+        assert!(Instant::now() < until, "the call never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The broker will get the event, but its confirm is held back past the timeout.
+    proxy.stall();
+    let until = Instant::now() + Duration::from_secs(10);
+    while h.metrics.commands_requeued.get() == 0 {
+        assert!(
+            Instant::now() < until,
+            "the unconfirmed command was not returned"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        h.broker.is_ready(),
+        "a late confirm is not a lost connection"
+    );
+    proxy.resume();
+    // The event went out once before the timeout and once more from memory: one eventId.
+    let first = h.next_event().await;
+    let second = h.next_event().await;
+    assert_eq!(first.command_id(), "unconfirmed");
+    assert_eq!(second.command_id(), "unconfirmed");
+    assert_eq!(first.json["eventId"], second.json["eventId"]);
+    assert_eq!(h.sim.requests().len(), 1, "the API was called once");
+    assert_eq!(h.metrics.commands_deduplicated.get(), 1);
+    assert_eq!(h.metrics.commands_requeued.get(), 1);
+    h.stop_leaving_nothing().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_rejected_and_expired_events_carry_the_contracts_properties_and_dead_letters() {
     init_logs();
     let mut h = Harness::start(|_, _| {}).await;

@@ -1,10 +1,13 @@
 //! A TCP proxy in front of RabbitMQ that a test can cut: every open connection is dropped and,
-//! while down, new ones are refused — what a worker sees when the broker goes away.
+//! while down, new ones are refused — what a worker sees when the broker goes away. It can also
+//! stall: hold back everything the broker sends (confirms, deliveries) while the client's
+//! traffic still gets through, as a broker that is slow to confirm looks to its client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -12,7 +15,31 @@ pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
+    held: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Copies what the broker sends to the client, holding it back while `held` says so.
+async fn forward_unless_held(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        if held.wait_for(|held| !*held).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -27,9 +54,11 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);
+        let (held, _) = watch::channel(false);
         let task = {
             let up = up.clone();
             let generation = generation.clone();
+            let held = held.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -40,13 +69,16 @@ impl Proxy {
                         continue;
                     }
                     let mut cut = generation.subscribe();
+                    let held = held.subscribe();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(upstream).await else {
                             return;
                         };
-                        let (mut client, mut server) = (client, server);
+                        let (mut client_read, client_write) = client.into_split();
+                        let (server_read, mut server_write) = server.into_split();
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
+                            () = forward_unless_held(server_read, client_write, held) => {}
                             _ = cut.changed() => {}
                         }
                     });
@@ -57,6 +89,7 @@ impl Proxy {
             addr,
             up,
             generation,
+            held,
             task,
         }
     }
@@ -75,6 +108,16 @@ impl Proxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds back everything the broker sends, on every connection, until [`Proxy::resume`].
+    pub fn stall(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets the broker's traffic through again, what was held back first.
+    pub fn resume(&self) {
+        self.held.send_replace(false);
     }
 }
 
