@@ -34,6 +34,9 @@ use crate::transfer::{Abandoned, Transfers};
 /// refuses publishes is not hammered by redeliveries.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 
+/// Time the broker gets to apply the last acks before the consuming channel closes at shutdown.
+const ACK_SETTLE: Duration = Duration::from_millis(250);
+
 /// How often the consumer checks that its connection is still up, in case the client does not
 /// report a silent loss on the consumer stream.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
@@ -238,6 +241,11 @@ impl Worker {
                     // Drain while the consuming channel is open: the acks of in-flight commands
                     // go to it, and dropping it would hand them all back to the broker.
                     self.drain().await;
+                    // A quorum queue may drop acks that reach it right before their channel
+                    // closes, and return those commands as if never acked (rabbitmq-server
+                    // #10327): a command that ended would run again on the next worker. A
+                    // moment for the broker to apply the last acks prevents it.
+                    tokio::time::sleep(ACK_SETTLE).await;
                     // Closed one by one before the connection, so none is torn down mid-close.
                     let _ = timed("channel.close", t, channel.close(200, "shutdown".into())).await;
                     publisher.close(t).await;
