@@ -7,19 +7,20 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::admin::{self, Admin};
+use crate::agentassist::bots::Bots;
+use crate::agentassist::retry::RetryPolicy;
+use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
-use crate::bots::Bots;
-use crate::broker::{Broker, BrokerError};
-use crate::command::Parser;
+use crate::broker::{BrokerError, CurrentLink};
+use crate::callbacks::relay::{self, Relay};
+use crate::callbacks::token::{RelayUrls, TokenSigner};
 use crate::config::Settings;
-use crate::metrics::Metrics;
-use crate::outcomes::Outcomes;
-use crate::relay::{self, Relay};
-use crate::relay_token::{RelayUrls, TokenSigner};
-use crate::retry::RetryPolicy;
-use crate::transfer::Transfers;
-use crate::worker::{Shutdown, Worker, WorkerParts};
+use crate::ops::admin::{self, Admin};
+use crate::ops::metrics::Metrics;
+use crate::pipeline::command::Parser;
+use crate::pipeline::outcomes::Outcomes;
+use crate::shutdown::Shutdown;
+use crate::worker::{Worker, WorkerParts};
 
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
@@ -51,7 +52,7 @@ pub struct App {
     relay_addr: SocketAddr,
     admin_addr: SocketAddr,
     shutdown: Shutdown,
-    broker: Arc<Broker>,
+    broker: Arc<CurrentLink>,
     metrics: Arc<Metrics>,
 }
 
@@ -76,7 +77,7 @@ impl App {
             url => url.to_owned(),
         };
         let metrics = Arc::new(Metrics::new());
-        let broker = Arc::new(Broker::default());
+        let broker = Arc::new(CurrentLink::default());
         let signer = TokenSigner::new(
             settings.callbacks.secret.clone(),
             settings.callbacks.previous_secrets.clone(),
@@ -110,11 +111,11 @@ impl App {
         });
         let relay_router = relay::router(Relay {
             signer,
-            broker: broker.clone(),
+            link: broker.clone(),
             metrics: metrics.clone(),
         });
         let admin_router = admin::router(Admin {
-            broker: broker.clone(),
+            link: broker.clone(),
             metrics: metrics.clone(),
         });
         Ok(Self {
@@ -145,7 +146,7 @@ impl App {
     }
 
     /// The broker link, for readiness checks.
-    pub fn broker(&self) -> Arc<Broker> {
+    pub fn broker(&self) -> Arc<CurrentLink> {
         self.broker.clone()
     }
 

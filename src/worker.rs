@@ -17,18 +17,18 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::{self, Broker, BrokerError, DeadLetter, Publisher, Reply, timed};
-use crate::command::{Command, Envelope, Parser, Rejection};
+use crate::agentassist::transfer::{Abandoned, Transfers};
+use crate::broker::{self, BrokerError, CurrentLink, DeadLetter, Publisher, Reply, timed};
 use crate::config::AmqpSettings;
-use crate::event::{Event, EventKind, Subject};
-use crate::metrics::Metrics;
-use crate::outcomes::Outcomes;
-use crate::sessions::SessionQueues;
-use crate::transfer::{Abandoned, Transfers};
+use crate::ops::metrics::Metrics;
+use crate::pipeline::command::{Command, Envelope, Parser, Rejection};
+use crate::pipeline::event::{Event, EventKind, Subject};
+use crate::pipeline::outcomes::Outcomes;
+use crate::pipeline::sessions::SessionQueues;
+use crate::shutdown::Shutdown;
 
 /// Wait before returning a command whose outcome could not be published, so a broker that
 /// refuses publishes is not hammered by redeliveries.
@@ -37,16 +37,6 @@ const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 /// How often the consumer checks that its connection is still up, in case the client does not
 /// report a silent loss on the consumer stream.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
-
-/// Signals that stop the worker.
-#[derive(Debug, Clone, Default)]
-pub struct Shutdown {
-    /// Stop taking commands and finish those in flight.
-    pub stop: CancellationToken,
-    /// Give up waiting (pacing, backoff): the command goes back to the queue. Cancelled when
-    /// `shutdown.grace` runs out.
-    pub abandon: CancellationToken,
-}
 
 /// Everything the consumer needs.
 pub struct WorkerParts {
@@ -66,7 +56,7 @@ pub struct WorkerParts {
     /// Counts.
     pub metrics: Arc<Metrics>,
     /// The shared link.
-    pub broker: Arc<Broker>,
+    pub broker: Arc<CurrentLink>,
     /// Stop signals.
     pub shutdown: Shutdown,
 }
@@ -298,7 +288,7 @@ impl Worker {
             );
             tracing::error!(%message, "reading a command panicked");
             Err(Box::new(Rejection {
-                command_id: crate::command::body_hash(&delivery.data),
+                command_id: crate::pipeline::command::body_hash(&delivery.data),
                 stream_id: None,
                 bot_session_id: None,
                 target: None,

@@ -11,7 +11,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 use super::{BrokerError, timed};
 use crate::config::AmqpSettings;
-use crate::event::Event;
+use crate::pipeline::event::Event;
 
 /// Why a publish did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +231,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::command::Rejection;
+    use crate::pipeline::command::Rejection;
 
     /// Any header value AMQP can carry, nested a little.
     fn amqp_value() -> impl Strategy<Value = AMQPValue> {

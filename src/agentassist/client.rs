@@ -8,9 +8,9 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::bots::Bot;
-use crate::command::{Command, Target};
-use crate::token::Token;
+use crate::agentassist::bots::Bot;
+use crate::agentassist::jwt::Token;
+use crate::pipeline::command::{Command, Target};
 
 /// Error bodies kept in events are cut at this size.
 const MAX_ERROR_BODY: usize = 8 * 1024;

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::bots::{Bot, Bots};
+use crate::agentassist::bots::{Bot, Bots};
 use crate::config::MAX_COMMAND_BYTES;
 
 /// Where a transfer goes.

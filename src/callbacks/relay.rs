@@ -14,10 +14,10 @@ use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::broker::Broker;
-use crate::event::{Event, Subject, callback_event_id};
-use crate::metrics::{Metrics, RelayResult};
-use crate::relay_token::TokenSigner;
+use crate::broker::CurrentLink;
+use crate::callbacks::token::TokenSigner;
+use crate::ops::metrics::{Metrics, RelayResult};
+use crate::pipeline::event::{Event, Subject, callback_event_id};
 
 /// Largest callback body accepted.
 pub const MAX_CALLBACK_BYTES: usize = 256 * 1024;
@@ -32,7 +32,7 @@ pub struct Relay {
     /// Verifies tokens.
     pub signer: TokenSigner,
     /// Publishes.
-    pub broker: Arc<Broker>,
+    pub link: Arc<CurrentLink>,
     /// Counts.
     pub metrics: Arc<Metrics>,
 }
@@ -89,7 +89,7 @@ async fn receive(
     };
     let id = callback_event_id(&token, &body);
     let event = Event::callback(subject, id, received_at, content_type, &payload);
-    let Some(publisher) = relay.broker.publisher() else {
+    let Some(publisher) = relay.link.publisher() else {
         relay.metrics.callback(RelayResult::Unavailable);
         return (
             StatusCode::SERVICE_UNAVAILABLE,

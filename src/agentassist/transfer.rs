@@ -6,12 +6,12 @@ use std::time::{Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::{ApiClient, ApiError, ErrorKind, request_body};
-use crate::command::Command;
-use crate::event::Event;
-use crate::metrics::Metrics;
-use crate::relay_token::RelayUrls;
-use crate::retry::RetryPolicy;
+use crate::callbacks::token::RelayUrls;
+use crate::ops::metrics::Metrics;
+use crate::pipeline::command::Command;
+use crate::pipeline::event::Event;
 
 /// The worker is shutting down and the command did not finish: it goes back to the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +151,7 @@ impl Transfers {
             };
             self.metrics
                 .api_retries
-                .get_or_create(&crate::metrics::AccountLabels {
+                .get_or_create(&crate::ops::metrics::AccountLabels {
                     account: bot.account_id.clone(),
                 })
                 .inc();

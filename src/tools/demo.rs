@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::app::{App, AppError};
 use crate::broker::{BrokerError, connection, timed, topology};
 use crate::config::{AmqpSettings, Settings, redact_url};
-use crate::simulator::{self, Reply, Simulator, SimulatorConfig, SimulatorError};
+use crate::tools::simulator::{self, Reply, Simulator, SimulatorConfig, SimulatorError};
 
 /// How long the demo waits for all events before giving up.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);

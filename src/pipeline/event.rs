@@ -12,7 +12,7 @@ use uuid::Uuid;
 use sha2::{Digest, Sha256};
 
 use crate::agentassist::{ApiError, ApiResponse, ErrorKind};
-use crate::command::{Command, Rejection, Target};
+use crate::pipeline::command::{Command, Rejection, Target};
 
 /// The event names, which are also the routing keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
