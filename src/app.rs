@@ -11,16 +11,18 @@ use crate::agentassist::bots::Bots;
 use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
+use crate::broker::consumer::{Consumer, ConsumerSettings};
 use crate::broker::{BrokerError, CurrentLink};
 use crate::callbacks::relay::{self, Relay};
 use crate::callbacks::token::{RelayUrls, TokenSigner};
 use crate::config::Settings;
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
+use crate::pipeline::Pipeline;
 use crate::pipeline::command::Parser;
+use crate::pipeline::handle::Stages;
 use crate::pipeline::outcomes::Outcomes;
 use crate::shutdown::Shutdown;
-use crate::worker::{Worker, WorkerParts};
 
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
@@ -46,7 +48,7 @@ pub enum AppError {
 
 /// A built application, listening but not yet consuming.
 pub struct App {
-    worker: Arc<Worker>,
+    consumer: Consumer<Pipeline>,
     relay: (TcpListener, axum::Router),
     admin: (TcpListener, axum::Router),
     relay_addr: SocketAddr,
@@ -87,28 +89,34 @@ impl App {
             settings.agentassist.request_timeout,
             usize::from(settings.amqp.prefetch),
         )?;
-        let transfers = Transfers::new(
-            api,
-            RetryPolicy::new(&settings.retry),
-            RelayUrls::new(&public_url, signer.clone()),
-            metrics.clone(),
-        );
         let shutdown = Shutdown::default();
-        let worker = Worker::new(WorkerParts {
-            amqp: settings.amqp.clone(),
-            grace: settings.shutdown.grace,
-            settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
-            parser: Parser::new(Bots::from_settings(&settings), settings.commands.max_age),
-            transfers,
+        let stages = Stages {
+            transfers: Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone()),
+            relay: RelayUrls::new(&public_url, signer.clone()),
             outcomes: Outcomes::new(
                 settings.commands.outcome_cache_capacity,
                 settings.commands.outcome_cache_max_bytes,
                 settings.commands.outcome_cache_ttl,
             ),
             metrics: metrics.clone(),
-            broker: broker.clone(),
-            shutdown: shutdown.clone(),
-        });
+            abandon: shutdown.abandon.clone(),
+        };
+        let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
+        let pipeline = Pipeline::new(parser, stages, settings.amqp.operation_timeout);
+        let consumer = Consumer::new(
+            ConsumerSettings {
+                amqp: settings.amqp.clone(),
+                queue: settings.amqp.commands_queue.clone(),
+                grace: settings.shutdown.grace,
+                // After the grace: time for a call already on the wire to end and its outcome
+                // to be confirmed.
+                settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
+            },
+            Arc::new(pipeline),
+            broker.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
         let relay_router = relay::router(Relay {
             signer,
             link: broker.clone(),
@@ -119,7 +127,7 @@ impl App {
             metrics: metrics.clone(),
         });
         Ok(Self {
-            worker,
+            consumer,
             relay: (relay_listener, relay_router),
             admin: (admin_listener, admin_router),
             relay_addr,
@@ -172,7 +180,7 @@ impl App {
         let relay = serve(self.relay);
         let admin = serve(self.admin);
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
-        let result = self.worker.run().await;
+        let result = self.consumer.run().await;
         if let Err(e) = &result {
             tracing::error!(error = %e, "worker stopped");
         }

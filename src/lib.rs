@@ -8,8 +8,6 @@
 //! - [`broker`] — the AMQP side: [`broker::connection`], [`broker::topology`] (the queues and
 //!   exchanges of the contract), [`broker::publisher`] (publisher confirms), and the
 //!   [`broker::CurrentLink`] handle on the current link.
-//! - [`worker`] — the consumer: manual acks, reconnects, graceful shutdown; hands each
-//!   delivery to its session.
 //! - [`pipeline`] — one command to its event: [`pipeline::command`] (parse at the edge),
 //!   [`pipeline::sessions`] (order), [`pipeline::outcomes`] (dedupe), [`pipeline::event`].
 //! - [`agentassist`] — the API: [`agentassist::transfer`] (pace → call → classify → retry),
@@ -23,6 +21,7 @@
 
 pub mod agentassist;
 pub mod app;
+pub mod backoff;
 pub mod broker;
 pub mod callbacks;
 pub mod config;
@@ -30,4 +29,3 @@ pub mod ops;
 pub mod pipeline;
 pub mod shutdown;
 pub mod tools;
-pub mod worker;

@@ -20,8 +20,7 @@ const MAX_ERROR_BODY: usize = 8 * 1024;
 pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 /// What kind of failure an [`ApiError`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The API answered with a non-2xx status.
     HttpStatus,
@@ -31,12 +30,22 @@ pub enum ErrorKind {
     Connection,
     /// Anything else about sending the request.
     Request,
-    /// A fault inside the worker while it handled the command (a bug): see the log.
-    Internal,
 }
 
-/// A failed call, as published in `transfer.failed`.
-#[derive(Debug, Clone, Serialize, thiserror::Error)]
+impl ErrorKind {
+    /// Its name in events: `http_status`, `timeout`, `connection`, `request`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HttpStatus => "http_status",
+            Self::Timeout => "timeout",
+            Self::Connection => "connection",
+            Self::Request => "request",
+        }
+    }
+}
+
+/// A failed call.
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     /// The class of failure.
@@ -48,7 +57,6 @@ pub struct ApiError {
     /// The response body (JSON, or a string), if any.
     pub body: Option<Value>,
     /// The server's `Retry-After`.
-    #[serde(skip)]
     pub retry_after: Option<Duration>,
 }
 

@@ -2,6 +2,7 @@
 //! the [`CurrentLink`] handle through which the rest of the process sees the current link.
 
 pub mod connection;
+pub mod consumer;
 pub mod publisher;
 pub mod topology;
 

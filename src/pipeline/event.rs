@@ -11,7 +11,6 @@ use uuid::Uuid;
 
 use sha2::{Digest, Sha256};
 
-use crate::agentassist::{ApiError, ApiResponse, ErrorKind};
 use crate::pipeline::command::{Command, Rejection, Target};
 
 /// The event names, which are also the routing keys.
@@ -216,8 +215,23 @@ struct Succeeded<'a> {
 
 #[derive(Serialize)]
 struct Failed<'a> {
-    error: &'a ApiError,
+    error: ErrorDetail<'a>,
     retryable: bool,
+}
+
+/// The `error` of a `transfer.failed` event: the event's own wire shape, whatever the HTTP
+/// client's error type looks like.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ErrorDetail<'a> {
+    /// `http_status`, `timeout`, `connection`, `request`, or `internal` for a fault inside
+    /// the worker.
+    pub kind: &'static str,
+    /// The HTTP status, if one came back.
+    pub status: Option<u16>,
+    /// For people.
+    pub message: &'a str,
+    /// The response body (JSON, or a string), if any.
+    pub body: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -248,24 +262,31 @@ struct Callback<'a> {
 }
 
 impl Event {
-    /// `transfer.succeeded`.
+    /// `transfer.succeeded`: `response` is the body as received (JSON, or a JSON string of
+    /// it), `truncated` says it was cut.
     pub fn succeeded(
         command: &Command,
         attempts: u32,
-        response: &ApiResponse,
+        response: &RawValue,
+        truncated: bool,
         duration_ms: u64,
     ) -> Self {
         let detail = Succeeded {
-            response: &response.body,
-            response_truncated: response.truncated,
+            response,
+            response_truncated: truncated,
             duration_ms,
         };
         build(EventKind::Succeeded, command.into(), attempts, detail, None)
     }
 
     /// `transfer.failed`.
-    pub fn failed(command: &Command, attempts: u32, error: &ApiError, retryable: bool) -> Self {
-        let why = error.to_string();
+    pub fn failed(
+        command: &Command,
+        attempts: u32,
+        error: ErrorDetail<'_>,
+        retryable: bool,
+    ) -> Self {
+        let why = error.message.to_owned();
         let detail = Failed { error, retryable };
         build(
             EventKind::Failed,
@@ -279,12 +300,17 @@ impl Event {
     /// `transfer.failed` for a fault inside the worker (a panic): `error.kind` is
     /// `internal`, not retryable, and `attempts` is 0 because the count was lost with the fault.
     pub fn internal_failure(subject: Subject<'_>, message: &str) -> Self {
-        let error = ApiError::without_status(ErrorKind::Internal, message);
-        let why = error.to_string();
+        let error = ErrorDetail {
+            kind: "internal",
+            status: None,
+            message,
+            body: None,
+        };
         let detail = Failed {
-            error: &error,
+            error,
             retryable: false,
         };
+        let why = message.to_owned();
         build(EventKind::Failed, subject, 0, detail, Some(why))
     }
 
