@@ -25,6 +25,7 @@ pub mod backoff;
 pub mod broker;
 pub mod callbacks;
 pub mod config;
+pub mod json;
 pub mod ops;
 pub mod pipeline;
 pub mod shutdown;

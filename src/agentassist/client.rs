@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 use crate::agentassist::bots::Bot;
 use crate::agentassist::jwt::Token;
+use crate::json;
 use crate::pipeline::command::{Command, Target};
 
 /// Error bodies kept in events are cut at this size.
@@ -226,7 +227,7 @@ pub fn classify(
     if (200..300).contains(&status) {
         return Ok(ApiResponse {
             status,
-            body: raw_body(body, truncated),
+            body: json::raw_or_string(body, !truncated),
             truncated,
         });
     }
@@ -235,30 +236,9 @@ pub fn classify(
         kind: ErrorKind::HttpStatus,
         status: Some(status),
         message: format!("AgentAssist answered HTTP {status}"),
-        body: (!body.is_empty()).then(|| body_value(cut)),
+        body: (!body.is_empty()).then(|| json::value_or_string(cut)),
         retry_after: retry_after.and_then(parse_retry_after),
     })
-}
-
-/// The body as JSON if it is whole JSON, kept verbatim; else (not JSON, or cut short) a JSON
-/// string of its text.
-fn raw_body(bytes: &[u8], truncated: bool) -> Box<RawValue> {
-    let whole = (!truncated)
-        .then(|| std::str::from_utf8(bytes).ok())
-        .flatten()
-        .and_then(|text| RawValue::from_string(text.trim().to_owned()).ok());
-    match whole {
-        Some(raw) => raw,
-        None => {
-            let text = Value::String(String::from_utf8_lossy(bytes).into_owned());
-            RawValue::from_string(text.to_string()).expect("a JSON string is valid JSON")
-        }
-    }
-}
-
-fn body_value(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 fn transport_error(e: reqwest::Error) -> ApiError {
