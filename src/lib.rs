@@ -4,20 +4,32 @@
 //! `assign-conversation` API and publishes what happened to every command. Each folder is one
 //! component; in the order a command flows through them:
 //!
-//! - [`config`] — settings in layers (defaults, file, environment), validated once.
+//! - [`config`] — settings in layers (defaults, file, environment), validated once, section
+//!   by section.
 //! - [`broker`] — the AMQP side: [`broker::connection`], [`broker::topology`] (the queues and
-//!   exchanges of the contract), [`broker::publisher`] (publisher confirms), and the
-//!   [`broker::CurrentLink`] handle on the current link.
-//! - [`pipeline`] — one command to its event: [`pipeline::command`] (parse at the edge),
-//!   [`pipeline::sessions`] (order), [`pipeline::outcomes`] (dedupe), [`pipeline::event`].
-//! - [`agentassist`] — the API: [`agentassist::transfer`] (pace → call → classify → retry),
-//!   [`agentassist::bots`], [`agentassist::jwt`], [`agentassist::pacer`],
-//!   [`agentassist::retry`], [`agentassist::client`].
+//!   exchanges of the contract), [`broker::publisher`] (publisher confirms),
+//!   [`broker::consumer`] (one queue's consumer: connect, consume, reconnect, drain — fed to
+//!   any [`broker::consumer::Handler`]), and [`broker::CurrentLink`], the shared handle on the
+//!   current link.
+//! - [`pipeline`] — the handler of the commands queue: [`pipeline::command`] (a delivery
+//!   becomes a typed command or a rejection, once, at the edge), [`pipeline::sessions`]
+//!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
+//!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
+//!   that decides what happened to a command, without a broker), [`pipeline::event`] (the
+//!   events of the contract, serialized once); then publish, then ack.
+//! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
+//!   ([`agentassist::pacer`], per account), the call ([`agentassist::client`], with a JWT from
+//!   [`agentassist::jwt`] for one of the [`agentassist::bots`]), the classification of its
+//!   answer, and retries ([`agentassist::retry`]).
 //! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
 //!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
-//! - [`ops`] — health, readiness, Prometheus metrics, logs.
-//! - [`shutdown`] — the stop signals; [`app`] — all of the above assembled and run together.
-//! - [`tools`] — a stand-in AgentAssist API, and the `demo` and `publish` commands.
+//! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
+//!   ([`ops::telemetry`]).
+//! - [`app`] — all of the above assembled and run together, stopped by a [`shutdown`].
+//! - Shared by several: [`backoff`] (exponential, full jitter), [`json`] (bodies kept as JSON,
+//!   else as a string).
+//! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]) and the
+//!   `demo` and `publish` commands.
 
 pub mod agentassist;
 pub mod app;

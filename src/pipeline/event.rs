@@ -164,17 +164,8 @@ pub fn callback_event_id(token: &str, body: &[u8]) -> Uuid {
     Uuid::new_v5(&namespace, name.as_bytes())
 }
 
+/// An event with this id; every event but a callback gets a fresh one (`Uuid::new_v4`).
 fn build<D: Serialize>(
-    kind: EventKind,
-    subject: Subject<'_>,
-    attempts: u32,
-    detail: D,
-    error: Option<String>,
-) -> Event {
-    build_with_id(Uuid::new_v4(), kind, subject, attempts, detail, error)
-}
-
-fn build_with_id<D: Serialize>(
     id: Uuid,
     kind: EventKind,
     subject: Subject<'_>,
@@ -276,7 +267,14 @@ impl Event {
             response_truncated: truncated,
             duration_ms,
         };
-        build(EventKind::Succeeded, command.into(), attempts, detail, None)
+        build(
+            Uuid::new_v4(),
+            EventKind::Succeeded,
+            command.into(),
+            attempts,
+            detail,
+            None,
+        )
     }
 
     /// `transfer.failed`.
@@ -289,6 +287,7 @@ impl Event {
         let why = error.message.to_owned();
         let detail = Failed { error, retryable };
         build(
+            Uuid::new_v4(),
             EventKind::Failed,
             command.into(),
             attempts,
@@ -311,7 +310,14 @@ impl Event {
             retryable: false,
         };
         let why = message.to_owned();
-        build(EventKind::Failed, subject, 0, detail, Some(why))
+        build(
+            Uuid::new_v4(),
+            EventKind::Failed,
+            subject,
+            0,
+            detail,
+            Some(why),
+        )
     }
 
     /// `transfer.rejected`.
@@ -324,7 +330,14 @@ impl Event {
             message_id,
         };
         let why = rejection.message.clone();
-        build(EventKind::Rejected, rejection.into(), 0, detail, Some(why))
+        build(
+            Uuid::new_v4(),
+            EventKind::Rejected,
+            rejection.into(),
+            0,
+            detail,
+            Some(why),
+        )
     }
 
     /// `transfer.expired`.
@@ -333,6 +346,7 @@ impl Event {
         let why = format!("deadline {expires_at} passed before the transfer could be made");
         let detail = Expired { expires_at };
         build(
+            Uuid::new_v4(),
             EventKind::Expired,
             command.into(),
             attempts,
@@ -355,7 +369,7 @@ impl Event {
             content_type,
             payload,
         };
-        build_with_id(id, EventKind::Callback, subject, 0, detail, None)
+        build(id, EventKind::Callback, subject, 0, detail, None)
     }
 }
 

@@ -1,6 +1,6 @@
 //! What happens to one command: read at the edge ([`command`]), ordered by session
 //! ([`sessions`]), answered from memory when already completed ([`outcomes`]), carried out and
-//! turned into its event ([`handle`], [`event`]); then the event is published with confirms
+//! turned into its event ([`handle`](mod@handle), [`event`]); then the event is published with confirms
 //! and only then is the command acked (docs/contract.md §4).
 //!
 //! [`Pipeline`] is what a [`crate::broker::consumer::Consumer`] feeds: it reads each delivery,
