@@ -7,19 +7,22 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::admin::{self, Admin};
+use crate::agentassist::bots::Bots;
+use crate::agentassist::retry::RetryPolicy;
+use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
-use crate::bots::Bots;
-use crate::broker::{Broker, BrokerError};
-use crate::command::Parser;
+use crate::broker::consumer::{Consumer, ConsumerSettings};
+use crate::broker::{BrokerError, CurrentLink};
+use crate::callbacks::relay::{self, Relay};
+use crate::callbacks::token::{RelayUrls, TokenSigner};
 use crate::config::Settings;
-use crate::metrics::Metrics;
-use crate::outcomes::Outcomes;
-use crate::relay::{self, Relay};
-use crate::relay_token::{RelayUrls, TokenSigner};
-use crate::retry::RetryPolicy;
-use crate::transfer::Transfers;
-use crate::worker::{Shutdown, Worker, WorkerParts};
+use crate::ops::admin::{self, Admin};
+use crate::ops::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::pipeline::command::Parser;
+use crate::pipeline::handle::Stages;
+use crate::pipeline::outcomes::Outcomes;
+use crate::shutdown::Shutdown;
 
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
@@ -45,13 +48,13 @@ pub enum AppError {
 
 /// A built application, listening but not yet consuming.
 pub struct App {
-    worker: Arc<Worker>,
+    consumer: Consumer<Pipeline>,
     relay: (TcpListener, axum::Router),
     admin: (TcpListener, axum::Router),
     relay_addr: SocketAddr,
     admin_addr: SocketAddr,
     shutdown: Shutdown,
-    broker: Arc<Broker>,
+    broker: Arc<CurrentLink>,
     metrics: Arc<Metrics>,
 }
 
@@ -76,7 +79,7 @@ impl App {
             url => url.to_owned(),
         };
         let metrics = Arc::new(Metrics::new());
-        let broker = Arc::new(Broker::default());
+        let broker = Arc::new(CurrentLink::default());
         let signer = TokenSigner::new(
             settings.callbacks.secret.clone(),
             settings.callbacks.previous_secrets.clone(),
@@ -86,39 +89,45 @@ impl App {
             settings.agentassist.request_timeout,
             usize::from(settings.amqp.prefetch),
         )?;
-        let transfers = Transfers::new(
-            api,
-            RetryPolicy::new(&settings.retry),
-            RelayUrls::new(&public_url, signer.clone()),
-            metrics.clone(),
-        );
         let shutdown = Shutdown::default();
-        let worker = Worker::new(WorkerParts {
-            amqp: settings.amqp.clone(),
-            grace: settings.shutdown.grace,
-            settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
-            parser: Parser::new(Bots::from_settings(&settings), settings.commands.max_age),
-            transfers,
+        let stages = Stages {
+            transfers: Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone()),
+            relay: RelayUrls::new(&public_url, signer.clone()),
             outcomes: Outcomes::new(
                 settings.commands.outcome_cache_capacity,
                 settings.commands.outcome_cache_max_bytes,
                 settings.commands.outcome_cache_ttl,
             ),
             metrics: metrics.clone(),
-            broker: broker.clone(),
-            shutdown: shutdown.clone(),
-        });
+            abandon: shutdown.abandon.clone(),
+        };
+        let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
+        let pipeline = Pipeline::new(parser, stages, settings.amqp.operation_timeout);
+        let consumer = Consumer::new(
+            ConsumerSettings {
+                amqp: settings.amqp.clone(),
+                queue: settings.amqp.commands_queue.clone(),
+                grace: settings.shutdown.grace,
+                // After the grace: time for a call already on the wire to end and its outcome
+                // to be confirmed.
+                settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
+            },
+            Arc::new(pipeline),
+            broker.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
         let relay_router = relay::router(Relay {
             signer,
-            broker: broker.clone(),
+            link: broker.clone(),
             metrics: metrics.clone(),
         });
         let admin_router = admin::router(Admin {
-            broker: broker.clone(),
+            link: broker.clone(),
             metrics: metrics.clone(),
         });
         Ok(Self {
-            worker,
+            consumer,
             relay: (relay_listener, relay_router),
             admin: (admin_listener, admin_router),
             relay_addr,
@@ -145,7 +154,7 @@ impl App {
     }
 
     /// The broker link, for readiness checks.
-    pub fn broker(&self) -> Arc<Broker> {
+    pub fn broker(&self) -> Arc<CurrentLink> {
         self.broker.clone()
     }
 
@@ -171,7 +180,7 @@ impl App {
         let relay = serve(self.relay);
         let admin = serve(self.admin);
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
-        let result = self.worker.run().await;
+        let result = self.consumer.run().await;
         if let Err(e) = &result {
             tracing::error!(error = %e, "worker stopped");
         }

@@ -1,50 +1,44 @@
 //! transfer-worker: hands conversations from bots to Kore.ai AgentAssist agents and queues.
 //!
 //! Upstream systems publish *transfer commands* to RabbitMQ; the worker calls AgentAssist's
-//! `assign-conversation` API and publishes what happened to every command. The modules, in
-//! the order a command flows through them:
+//! `assign-conversation` API and publishes what happened to every command. Each folder is one
+//! component; in the order a command flows through them:
 //!
-//! - [`config`] — settings in layers (defaults, file, environment), validated once.
+//! - [`config`] — settings in layers (defaults, file, environment), validated once, section
+//!   by section.
 //! - [`broker`] — the AMQP side: [`broker::connection`], [`broker::topology`] (the queues and
-//!   exchanges of the contract), [`broker::publisher`] (publisher confirms), and the
-//!   [`broker::Broker`] handle on the current link.
-//! - [`worker`] — the consumer: manual acks, reconnects, graceful shutdown; hands each
-//!   delivery to its session.
-//! - [`command`] — a delivery becomes a typed [`command::Command`] or a
-//!   [`command::Rejection`], once, at the edge.
-//! - [`sessions`] — commands of one `botSessionId` in arrival order, sessions concurrently.
-//! - [`outcomes`] — recent outcomes by command id, so a completed command is never sent twice.
-//! - [`transfer`] — one command to its terminal event: pacing, the call, retries, deadline.
-//!   - [`bots`] — the configured bots and their accounts; [`token`] — their JWTs;
-//!     [`pacer`] — the per-account sliding-window budget; [`retry`] — backoff with full
-//!     jitter; [`agentassist`] — the HTTP call and the classification of its answer.
-//! - [`event`] — the events of the contract, serialized once.
-//! - [`relay`] and [`relay_token`] — AgentAssist's callbacks, authenticated by a signed URL,
-//!   relayed to the results exchange.
-//! - [`admin`] and [`metrics`] — health, readiness, Prometheus metrics.
-//! - [`app`] — all of the above assembled and run together.
-//! - [`simulator`] — a stand-in AgentAssist API; [`demo`] and [`publish`] — the `demo` and
-//!   `publish` commands; [`telemetry`] — logging.
+//!   exchanges of the contract), [`broker::publisher`] (publisher confirms),
+//!   [`broker::consumer`] (one queue's consumer: connect, consume, reconnect, drain — fed to
+//!   any [`broker::consumer::Handler`]), and [`broker::CurrentLink`], the shared handle on the
+//!   current link.
+//! - [`pipeline`] — the handler of the commands queue: [`pipeline::command`] (a delivery
+//!   becomes a typed command or a rejection, once, at the edge), [`pipeline::sessions`]
+//!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
+//!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
+//!   that decides what happened to a command, without a broker), [`pipeline::event`] (the
+//!   events of the contract, serialized once); then publish, then ack.
+//! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
+//!   ([`agentassist::pacer`], per account), the call ([`agentassist::client`], with a JWT from
+//!   [`agentassist::jwt`] for one of the [`agentassist::bots`]), the classification of its
+//!   answer, and retries ([`agentassist::retry`]).
+//! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
+//!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
+//! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
+//!   ([`ops::telemetry`]).
+//! - [`app`] — all of the above assembled and run together, stopped by a [`shutdown`].
+//! - Shared by several: [`backoff`] (exponential, full jitter), [`json`] (bodies kept as JSON,
+//!   else as a string).
+//! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]) and the
+//!   `demo` and `publish` commands.
 
-pub mod admin;
 pub mod agentassist;
 pub mod app;
-pub mod bots;
+pub mod backoff;
 pub mod broker;
-pub mod command;
+pub mod callbacks;
 pub mod config;
-pub mod demo;
-pub mod event;
-pub mod metrics;
-pub mod outcomes;
-pub mod pacer;
-pub mod publish;
-pub mod relay;
-pub mod relay_token;
-pub mod retry;
-pub mod sessions;
-pub mod simulator;
-pub mod telemetry;
-pub mod token;
-pub mod transfer;
-pub mod worker;
+pub mod json;
+pub mod ops;
+pub mod pipeline;
+pub mod shutdown;
+pub mod tools;

@@ -8,10 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use transfer_worker::app::App;
 use transfer_worker::config::Settings;
-use transfer_worker::publish::{CommandFields, publish_command};
-use transfer_worker::simulator::{self, SimulatorConfig};
-use transfer_worker::{app::App, demo, telemetry};
+use transfer_worker::ops::telemetry;
+use transfer_worker::tools::demo;
+use transfer_worker::tools::publish::{CommandFields, publish_command};
+use transfer_worker::tools::simulator::{self, SimulatorConfig};
 
 /// Transfers conversations to Kore.ai AgentAssist agents and queues, from commands on RabbitMQ.
 #[derive(Parser)]

@@ -11,7 +11,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 use super::{BrokerError, timed};
 use crate::config::AmqpSettings;
-use crate::event::Event;
+use crate::pipeline::event::Event;
 
 /// Why a publish did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,9 @@ pub enum PublishError {
     /// The channel was not in confirm mode, so nothing says the broker has the message.
     #[error("publish to {0} was not confirmed: the channel is not in confirm mode")]
     NotConfirmed(String),
+    /// The broker could route the message nowhere: the queue does not exist.
+    #[error("the broker could not route the publish to {0}")]
+    Unroutable(String),
 }
 
 /// Where a command's `reply_to` wants its outcome.
@@ -110,6 +113,37 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let limit = self.confirm_timeout;
         tokio::time::timeout(limit, self.publish_confirmed(event, reply, dead_letter))
+            .await
+            .map_err(|_| PublishError::Timeout(limit))?
+    }
+
+    /// Publishes a command to the commands queue as an upstream system would: on the default
+    /// exchange, mandatory, confirmed. A command no queue takes is
+    /// [`PublishError::Unroutable`]. For tools; the worker itself only publishes events.
+    pub async fn publish_command(
+        &self,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let limit = self.confirm_timeout;
+        let queue = self.commands_queue.as_str();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let confirmed = async {
+            let confirm = self
+                .channel
+                .basic_publish("".into(), queue.into(), options, body, properties)
+                .await?;
+            match confirm.await? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(queue.to_owned())),
+                Confirmation::Nack(_) => Err(PublishError::Nacked(queue.to_owned())),
+                Confirmation::NotRequested => Err(PublishError::NotConfirmed(queue.to_owned())),
+            }
+        };
+        tokio::time::timeout(limit, confirmed)
             .await
             .map_err(|_| PublishError::Timeout(limit))?
     }
@@ -231,7 +265,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::command::Rejection;
+    use crate::pipeline::command::Rejection;
 
     /// Any header value AMQP can carry, nested a little.
     fn amqp_value() -> impl Strategy<Value = AMQPValue> {

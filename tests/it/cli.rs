@@ -10,9 +10,9 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use secrecy::SecretString;
 use serde_json::{Value, json};
+use transfer_worker::agentassist::jwt::TokenSource;
 use transfer_worker::config::Settings;
-use transfer_worker::simulator::{SimBot, Simulator, SimulatorConfig};
-use transfer_worker::token::TokenSource;
+use transfer_worker::tools::simulator::{SimBot, Simulator, SimulatorConfig};
 
 use crate::harness::{Cleanup, amqp_url, test_channel, test_settings};
 

@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ExchangeKind};
 use serde_json::json;
 use transfer_worker::config::Settings;
-use transfer_worker::simulator::{self, Reply};
+use transfer_worker::tools::simulator::{self, Reply};
 
 use crate::harness::{Cleanup, Harness, agent_command, test_channel};
 use crate::init_logs;

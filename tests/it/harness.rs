@@ -17,11 +17,11 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use transfer_worker::app::{App, AppError};
-use transfer_worker::broker::{Broker, topology};
+use transfer_worker::broker::{CurrentLink, topology};
 use transfer_worker::config::Settings;
-use transfer_worker::metrics::Metrics;
-use transfer_worker::simulator::{self, Simulator, SimulatorConfig};
-use transfer_worker::worker::Shutdown;
+use transfer_worker::ops::metrics::Metrics;
+use transfer_worker::shutdown::Shutdown;
+use transfer_worker::tools::simulator::{self, Simulator, SimulatorConfig};
 
 /// The broker every test talks to.
 pub fn amqp_url() -> String {
@@ -164,7 +164,7 @@ pub struct Harness {
     dead: Consumer,
     app: Option<JoinHandle<Result<(), AppError>>>,
     pub shutdown: Shutdown,
-    pub broker: Arc<Broker>,
+    pub broker: Arc<CurrentLink>,
     pub metrics: Arc<Metrics>,
     pub relay_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -456,7 +456,7 @@ impl Drop for Harness {
     }
 }
 
-async fn wait_until_ready(broker: &Broker) {
+async fn wait_until_ready(broker: &CurrentLink) {
     let until = tokio::time::Instant::now() + EVENT_WAIT;
     while !broker.is_ready() {
         assert!(

@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 use transfer_worker::broker::topology;
 use transfer_worker::config::Settings;
-use transfer_worker::simulator::{self, Reply, Simulator, SimulatorConfig};
+use transfer_worker::tools::simulator::{self, Reply, Simulator, SimulatorConfig};
 
 use crate::harness::{
     Cleanup, Harness, agent_command, amqp_url, passive, queue_command, test_channel, test_settings,

@@ -8,8 +8,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::StatusCode;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use transfer_worker::command::Target;
-use transfer_worker::relay_token::{CallbackIds, TokenSigner};
+use transfer_worker::callbacks::token::{CallbackIds, TokenSigner};
+use transfer_worker::pipeline::command::Target;
 
 use crate::harness::{Harness, Received, agent_command, queue_command, sorted_keys};
 use crate::init_logs;

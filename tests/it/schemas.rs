@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use jsonschema::Validator;
 use serde_json::{Value, json};
-use transfer_worker::simulator::Reply;
+use transfer_worker::tools::simulator::Reply;
 
 use crate::harness::{Harness, Received, agent_command, queue_command};
 use crate::relay::post_json;

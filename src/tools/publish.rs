@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Confirmation};
+use lapin::BasicProperties;
 use serde_json::{Map, Value};
 
-use crate::broker::{BrokerError, connection, timed, topology};
+use crate::broker::{BrokerError, PublishError, Publisher, connection, timed, topology};
 use crate::config::{AmqpSettings, MAX_COMMAND_BYTES};
+use crate::json;
 
 /// Why a command could not be enqueued or its outcome not awaited.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,9 @@ pub enum PublishCommandError {
     /// The broker refused it.
     #[error("the broker refused the command")]
     Nacked,
+    /// The publish failed otherwise.
+    #[error(transparent)]
+    Publish(PublishError),
     /// No outcome in time.
     #[error("no outcome within {0:?}; the command is still queued or in flight")]
     WaitTimeout(Duration),
@@ -114,13 +117,7 @@ pub async fn publish_command(
     }
     let t = amqp.operation_timeout;
     let conn = connection::connect(amqp, "transfer-worker publish").await?;
-    let channel = timed("channel.open", t, conn.create_channel()).await?;
-    timed(
-        "confirm.select",
-        t,
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
+    let publisher = Publisher::open(&conn, amqp).await?;
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
@@ -129,44 +126,27 @@ pub async fn publish_command(
         .with_timestamp(unix_now());
     let mut replies = None;
     if wait.is_some() {
+        let channel = timed("channel.open", t, conn.create_channel()).await?;
         let queue = topology::private_queue(&channel, t).await?;
         let consumer = topology::watch(&channel, queue.clone(), t).await?;
-        properties = properties.with_reply_to(queue.clone());
-        replies = Some(consumer);
+        properties = properties.with_reply_to(queue);
+        replies = Some((channel, consumer));
     }
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
-    let confirm = timed(
-        "basic.publish",
-        t,
-        channel.basic_publish(
-            "".into(),
-            amqp.commands_queue.as_str().into(),
-            options,
-            &body,
-            properties,
-        ),
-    )
-    .await?;
-    match timed("publisher confirm", amqp.confirm_timeout, confirm).await? {
-        Confirmation::Ack(Some(_)) => {
-            return Err(PublishCommandError::NoQueue(amqp.commands_queue.clone()));
-        }
-        Confirmation::Nack(_) => return Err(PublishCommandError::Nacked),
-        Confirmation::Ack(None) | Confirmation::NotRequested => {}
-    }
+    publisher
+        .publish_command(&body, properties)
+        .await
+        .map_err(|e| match e {
+            PublishError::Unroutable(queue) => PublishCommandError::NoQueue(queue),
+            PublishError::Nacked(_) => PublishCommandError::Nacked,
+            e => PublishCommandError::Publish(e),
+        })?;
     let mut outcome = None;
-    if let (Some(limit), Some(mut consumer)) = (wait, replies) {
+    if let (Some(limit), Some((_channel, mut consumer))) = (wait, replies) {
         let delivery = tokio::time::timeout(limit, consumer.next())
             .await
             .map_err(|_| PublishCommandError::WaitTimeout(limit))?;
         if let Some(Ok(delivery)) = delivery {
-            outcome =
-                Some(serde_json::from_slice(&delivery.data).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&delivery.data).into())
-                }));
+            outcome = Some(json::value_or_string(&delivery.data));
         }
     }
     let _ = tokio::time::timeout(t, conn.close(200, "done".into())).await;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::time::{Duration, SystemTime};
 
-use crate::command::{Command, Target};
+use crate::pipeline::command::{Command, Target};
 
 /// The ids a callback is correlated by.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,53 +1,78 @@
 //! Carrying out one valid command: pace, call, classify, retry — until it succeeds, fails for
-//! good, runs out of budget or time, or the worker shuts down.
+//! good, runs out of budget or time, or the worker shuts down. What happened is an
+//! [`Outcome`]; turning it into an event is the pipeline's business, and where AgentAssist
+//! should post its callbacks is the caller's.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agentassist::{ApiClient, ApiError, ErrorKind, request_body};
-use crate::command::Command;
-use crate::event::Event;
-use crate::metrics::Metrics;
-use crate::relay_token::RelayUrls;
-use crate::retry::RetryPolicy;
+use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
+use super::retry::RetryPolicy;
+use crate::ops::metrics::{AccountLabels, Metrics};
+use crate::pipeline::command::Command;
 
 /// The worker is shutting down and the command did not finish: it goes back to the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Abandoned;
+
+/// How a transfer ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The API answered 2xx.
+    Succeeded {
+        /// Calls made, this one included.
+        attempts: u32,
+        /// The answer.
+        response: ApiResponse,
+        /// From the start of the execution to the answer.
+        elapsed: Duration,
+    },
+    /// A permanent error, or a transient one when the budget or the time ran out.
+    Failed {
+        /// Calls made.
+        attempts: u32,
+        /// The last error.
+        error: ApiError,
+        /// Whether trying again later could succeed.
+        retryable: bool,
+    },
+    /// The deadline passed before the API was called.
+    Expired {
+        /// Calls made: none reached the API.
+        attempts: u32,
+        /// The command's deadline.
+        deadline: SystemTime,
+    },
+}
 
 /// Executes commands against the API.
 #[derive(Debug, Clone)]
 pub struct Transfers {
     api: ApiClient,
     retry: RetryPolicy,
-    relay: RelayUrls,
     metrics: Arc<Metrics>,
 }
 
 impl Transfers {
     /// Everything an execution needs.
-    pub fn new(
-        api: ApiClient,
-        retry: RetryPolicy,
-        relay: RelayUrls,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(api: ApiClient, retry: RetryPolicy, metrics: Arc<Metrics>) -> Self {
         Self {
             api,
             retry,
-            relay,
             metrics,
         }
     }
 
-    /// Runs the command to its terminal event, or gives it up at shutdown.
+    /// Runs the command to its outcome, or gives it up at shutdown. `callback_url` is where
+    /// AgentAssist should post its callbacks for this command.
     pub async fn execute(
         &self,
         command: &Command,
+        callback_url: &str,
         shutdown: &CancellationToken,
-    ) -> Result<Event, Abandoned> {
+    ) -> Result<Outcome, Abandoned> {
         #[cfg(feature = "fault-injection")]
         if command.org_id == FAULT_PANIC_ORG_ID {
             panic!("fault injected for a test");
@@ -61,27 +86,26 @@ impl Transfers {
                 Err(_) => Some(started),
             });
         let bot = &command.bot;
-        let callback_url = match &command.callback_url {
-            Some(url) => url.clone(),
-            None => self.relay.url(command),
-        };
-        let body = request_body(command, &callback_url);
+        let body = request_body(command, callback_url);
         let mut delays = self.retry.delays();
         let mut attempts = 0u32;
         let mut reauthorized = false;
         // The deadline ends a command as `expired` if the API was never called, and as a
         // retryable `failed` with the last error if it was: that error is what went wrong.
         let mut last_error: Option<ApiError> = None;
-        let out_of_time = |attempts, last_error: Option<&ApiError>| match last_error {
-            Some(error) => Event::failed(command, attempts, error, true),
-            None => expired(command, attempts),
+        let out_of_time = |attempts, last_error: Option<ApiError>| match last_error {
+            Some(error) => failed(attempts, error, true),
+            None => Outcome::Expired {
+                attempts,
+                deadline: command.deadline.unwrap_or_else(SystemTime::now),
+            },
         };
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(out_of_time(attempts, last_error.as_ref()));
+                return Ok(out_of_time(attempts, last_error));
             }
             let Ok(slot) = bot.pacer.reserve(deadline) else {
-                return Ok(out_of_time(attempts, last_error.as_ref()));
+                return Ok(out_of_time(attempts, last_error));
             };
             sleep_until(slot, shutdown).await?;
             // Once the grace has run out no new call starts, whatever woke this command.
@@ -92,7 +116,7 @@ impl Transfers {
                 Ok(token) => token,
                 Err(e) => {
                     let error = ApiError::without_status(ErrorKind::Request, e.to_string());
-                    return Ok(Event::failed(command, attempts, &error, false));
+                    return Ok(failed(attempts, error, false));
                 }
             };
             attempts = attempts.saturating_add(1);
@@ -109,8 +133,11 @@ impl Transfers {
             );
             let error = match result {
                 Ok(response) => {
-                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    return Ok(Event::succeeded(command, attempts, &response, ms));
+                    return Ok(Outcome::Succeeded {
+                        attempts,
+                        response,
+                        elapsed: started.elapsed(),
+                    });
                 }
                 Err(error) => error,
             };
@@ -127,13 +154,13 @@ impl Transfers {
                 continue;
             }
             if !error.is_transient() {
-                return Ok(Event::failed(command, attempts, &error, false));
+                return Ok(failed(attempts, error, false));
             }
             let asked = error.retry_after.unwrap_or_default();
             let now = Instant::now();
             // The API asks for a wait the command cannot afford: say so now, not at the deadline.
             if !asked.is_zero() && deadline.is_some_and(|d| reaches(now, asked, d)) {
-                return Ok(Event::failed(command, attempts, &error, true));
+                return Ok(failed(attempts, error, true));
             }
             let retry_after = self.retry.honoured_retry_after(asked);
             if error.is_rate_limited()
@@ -142,16 +169,16 @@ impl Transfers {
                 bot.pacer.pause_until(until);
             }
             let Some(backoff) = delays.next().filter(|_| budget_left) else {
-                return Ok(Event::failed(command, attempts, &error, true));
+                return Ok(failed(attempts, error, true));
             };
             let wait = backoff.max(retry_after);
             let until = match now.checked_add(wait) {
                 Some(until) if deadline.is_none_or(|d| until < d) => until,
-                _ => return Ok(Event::failed(command, attempts, &error, true)),
+                _ => return Ok(failed(attempts, error, true)),
             };
             self.metrics
                 .api_retries
-                .get_or_create(&crate::metrics::AccountLabels {
+                .get_or_create(&AccountLabels {
                     account: bot.account_id.clone(),
                 })
                 .inc();
@@ -172,9 +199,12 @@ fn reaches(now: Instant, wait: std::time::Duration, deadline: Instant) -> bool {
 #[cfg(feature = "fault-injection")]
 pub const FAULT_PANIC_ORG_ID: &str = "o-fault-injection-panic";
 
-fn expired(command: &Command, attempts: u32) -> Event {
-    let deadline = command.deadline.unwrap_or_else(SystemTime::now);
-    Event::expired(command, attempts, deadline)
+fn failed(attempts: u32, error: ApiError, retryable: bool) -> Outcome {
+    Outcome::Failed {
+        attempts,
+        error,
+        retryable,
+    }
 }
 
 async fn sleep_until(at: Instant, shutdown: &CancellationToken) -> Result<(), Abandoned> {

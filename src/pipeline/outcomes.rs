@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 
-use crate::event::Event;
+use crate::pipeline::event::Event;
 
 /// Terminal events by command id.
 #[derive(Clone)]
@@ -86,7 +86,7 @@ fn weight(key: &str, event: &Event) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::Rejection;
+    use crate::pipeline::command::Rejection;
 
     fn event(size: usize) -> Arc<Event> {
         let rejection = Rejection {

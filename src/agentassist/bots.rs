@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::agentassist::jwt::TokenSource;
+use crate::agentassist::pacer::Pacer;
 use crate::config::Settings;
-use crate::pacer::Pacer;
-use crate::token::TokenSource;
 
 /// One configured bot.
 #[derive(Debug)]

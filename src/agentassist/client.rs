@@ -8,9 +8,10 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::bots::Bot;
-use crate::command::{Command, Target};
-use crate::token::Token;
+use crate::agentassist::bots::Bot;
+use crate::agentassist::jwt::Token;
+use crate::json;
+use crate::pipeline::command::{Command, Target};
 
 /// Error bodies kept in events are cut at this size.
 const MAX_ERROR_BODY: usize = 8 * 1024;
@@ -20,8 +21,7 @@ const MAX_ERROR_BODY: usize = 8 * 1024;
 pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 /// What kind of failure an [`ApiError`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The API answered with a non-2xx status.
     HttpStatus,
@@ -31,12 +31,22 @@ pub enum ErrorKind {
     Connection,
     /// Anything else about sending the request.
     Request,
-    /// A fault inside the worker while it handled the command (a bug): see the log.
-    Internal,
 }
 
-/// A failed call, as published in `transfer.failed`.
-#[derive(Debug, Clone, Serialize, thiserror::Error)]
+impl ErrorKind {
+    /// Its name in events: `http_status`, `timeout`, `connection`, `request`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HttpStatus => "http_status",
+            Self::Timeout => "timeout",
+            Self::Connection => "connection",
+            Self::Request => "request",
+        }
+    }
+}
+
+/// A failed call.
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     /// The class of failure.
@@ -48,7 +58,6 @@ pub struct ApiError {
     /// The response body (JSON, or a string), if any.
     pub body: Option<Value>,
     /// The server's `Retry-After`.
-    #[serde(skip)]
     pub retry_after: Option<Duration>,
 }
 
@@ -218,7 +227,7 @@ pub fn classify(
     if (200..300).contains(&status) {
         return Ok(ApiResponse {
             status,
-            body: raw_body(body, truncated),
+            body: json::raw_or_string(body, !truncated),
             truncated,
         });
     }
@@ -227,30 +236,9 @@ pub fn classify(
         kind: ErrorKind::HttpStatus,
         status: Some(status),
         message: format!("AgentAssist answered HTTP {status}"),
-        body: (!body.is_empty()).then(|| body_value(cut)),
+        body: (!body.is_empty()).then(|| json::value_or_string(cut)),
         retry_after: retry_after.and_then(parse_retry_after),
     })
-}
-
-/// The body as JSON if it is whole JSON, kept verbatim; else (not JSON, or cut short) a JSON
-/// string of its text.
-fn raw_body(bytes: &[u8], truncated: bool) -> Box<RawValue> {
-    let whole = (!truncated)
-        .then(|| std::str::from_utf8(bytes).ok())
-        .flatten()
-        .and_then(|text| RawValue::from_string(text.trim().to_owned()).ok());
-    match whole {
-        Some(raw) => raw,
-        None => {
-            let text = Value::String(String::from_utf8_lossy(bytes).into_owned());
-            RawValue::from_string(text.to_string()).expect("a JSON string is valid JSON")
-        }
-    }
-}
-
-fn body_value(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 fn transport_error(e: reqwest::Error) -> ApiError {
@@ -289,130 +277,4 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn error(status: u16, body: Option<Value>) -> ApiError {
-        ApiError {
-            kind: ErrorKind::HttpStatus,
-            status: Some(status),
-            message: String::new(),
-            body,
-            retry_after: None,
-        }
-    }
-
-    #[test]
-    fn statuses_are_classified() {
-        for s in [408, 429, 500, 502, 503, 504] {
-            assert!(error(s, None).is_transient(), "{s}");
-        }
-        for s in [400, 401, 403, 404, 409, 422] {
-            assert!(!error(s, None).is_transient(), "{s}");
-        }
-        let limited = error(
-            403,
-            Some(serde_json::json!({"errors":[{"msg":"Rate limit exceeded"}]})),
-        );
-        assert!(limited.is_transient() && limited.is_rate_limited());
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        let later = SystemTime::now() + Duration::from_secs(120);
-        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
-        assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    #[test]
-    fn retry_after_at_the_end_of_time_is_read_not_a_panic() {
-        assert_eq!(
-            parse_retry_after("18446744073709551615"),
-            Some(Duration::from_secs(u64::MAX))
-        );
-        assert_eq!(parse_retry_after("18446744073709551616"), None);
-        assert_eq!(parse_retry_after("-1"), None);
-        assert_eq!(
-            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT").map(|d| d > Duration::ZERO),
-            Some(true)
-        );
-    }
-
-    /// Property tests at the edge where the API's answers enter: any status, any
-    /// `Retry-After`, any body is classified, and never panics.
-    mod props {
-        use proptest::prelude::*;
-
-        use super::*;
-
-        fn retry_after() -> impl Strategy<Value = Option<String>> {
-            proptest::option::of(prop_oneof![
-                any::<u64>().prop_map(|n| n.to_string()),
-                Just(u64::MAX.to_string()),
-                Just("18446744073709551616".to_owned()),
-                Just("Fri, 31 Dec 9999 23:59:59 GMT".to_owned()),
-                Just("Thu, 01 Jan 1970 00:00:00 GMT".to_owned()),
-                ".{0,40}",
-            ])
-        }
-
-        fn body() -> impl Strategy<Value = Vec<u8>> {
-            prop_oneof![
-                proptest::collection::vec(any::<u8>(), 0..2048),
-                ".{0,200}".prop_map(String::into_bytes),
-                Just(br#"{"errors":[{"msg":"Rate limit exceeded"}]}"#.to_vec()),
-                Just(
-                    "{sessionId: 's', status: “transferred”}"
-                        .as_bytes()
-                        .to_vec()
-                ),
-                Just(vec![b'x'; MAX_ERROR_BODY * 2]),
-            ]
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1024))]
-
-            #[test]
-            fn any_answer_is_classified(
-                status in any::<u16>(),
-                retry_after in retry_after(),
-                body in body(),
-                truncated in any::<bool>(),
-            ) {
-                match classify(status, retry_after.as_deref(), &body, truncated) {
-                    Ok(r) => {
-                        prop_assert!((200..300).contains(&status));
-                        prop_assert_eq!(r.truncated, truncated);
-                        // The kept body is JSON: the body itself, or a string of it.
-                        let v: Value = serde_json::from_str(r.body.get()).unwrap();
-                        if truncated {
-                            prop_assert!(v.is_string());
-                        }
-                    }
-                    Err(e) => {
-                        prop_assert!(!(200..300).contains(&status));
-                        prop_assert_eq!(e.status, Some(status));
-                        prop_assert_eq!(e.body.is_some(), !body.is_empty());
-                        let kept = e.body.as_ref().map_or(0, |b| b.to_string().len());
-                        // At most the cut, escaped: six bytes a byte at the very worst.
-                        prop_assert!(kept <= MAX_ERROR_BODY * 6 + 2, "{kept}");
-                        if matches!(status, 408 | 429 | 500..) {
-                            prop_assert!(e.is_transient());
-                        }
-                        if let Some(n) = retry_after.as_deref().and_then(|v| v.trim().parse::<u64>().ok()) {
-                            prop_assert_eq!(e.retry_after, Some(Duration::from_secs(n)));
-                        }
-                    }
-                }
-            }
-
-            #[test]
-            fn any_retry_after_text_is_read_or_ignored(text in ".{0,64}") {
-                let _ = parse_retry_after(&text);
-            }
-        }
-    }
-}
+mod tests;

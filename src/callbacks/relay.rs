@@ -10,14 +10,14 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
-use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::broker::Broker;
-use crate::event::{Event, Subject, callback_event_id};
-use crate::metrics::{Metrics, RelayResult};
-use crate::relay_token::TokenSigner;
+use crate::broker::CurrentLink;
+use crate::callbacks::token::TokenSigner;
+use crate::json;
+use crate::ops::metrics::{Metrics, RelayResult};
+use crate::pipeline::event::{Event, Subject, callback_event_id};
 
 /// Largest callback body accepted.
 pub const MAX_CALLBACK_BYTES: usize = 256 * 1024;
@@ -32,7 +32,7 @@ pub struct Relay {
     /// Verifies tokens.
     pub signer: TokenSigner,
     /// Publishes.
-    pub broker: Arc<Broker>,
+    pub link: Arc<CurrentLink>,
     /// Counts.
     pub metrics: Arc<Metrics>,
 }
@@ -79,8 +79,7 @@ async fn receive(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let payload = serde_json::from_slice::<Value>(&body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    let payload = json::value_or_string(&body);
     let subject = Subject {
         command_id: &ids.command_id,
         stream_id: Some(&ids.stream_id),
@@ -89,7 +88,7 @@ async fn receive(
     };
     let id = callback_event_id(&token, &body);
     let event = Event::callback(subject, id, received_at, content_type, &payload);
-    let Some(publisher) = relay.broker.publisher() else {
+    let Some(publisher) = relay.link.publisher() else {
         relay.metrics.callback(RelayResult::Unavailable);
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -9,18 +9,15 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde_json::{Value, json};
 
 use crate::app::{App, AppError};
-use crate::broker::{BrokerError, connection, timed, topology};
+use crate::broker::{BrokerError, PublishError, Publisher, connection, timed, topology};
 use crate::config::{AmqpSettings, Settings, redact_url};
-use crate::simulator::{self, Reply, Simulator, SimulatorConfig, SimulatorError};
+use crate::tools::simulator::{self, Reply, Simulator, SimulatorConfig, SimulatorError};
 
 /// How long the demo waits for all events before giving up.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,6 +39,9 @@ pub enum DemoError {
     /// A broker operation failed midway.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// A command was not confirmed.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
     /// The simulator failed.
     #[error(transparent)]
     Simulator(#[from] SimulatorError),
@@ -91,6 +91,7 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
     )
     .await?;
     topology::declare(&channel, &amqp).await?;
+    let publisher = Publisher::open(&conn, &amqp).await?;
     let events_queue = watch_results(&channel, &amqp).await?;
 
     let sim = Simulator::start(SimulatorConfig {
@@ -122,7 +123,15 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let result = exchange_events(&channel, &amqp, &events_queue, &stream_id, count).await;
+    let result = exchange_events(
+        &channel,
+        &publisher,
+        &amqp,
+        &events_queue,
+        &stream_id,
+        count,
+    )
+    .await;
 
     shutdown.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(15), worker).await;
@@ -200,6 +209,7 @@ fn sample_commands(stream_id: &str, count: usize) -> Vec<Value> {
 
 async fn exchange_events(
     channel: &Channel,
+    publisher: &Publisher,
     amqp: &AmqpSettings,
     events_queue: &str,
     stream_id: &str,
@@ -207,12 +217,6 @@ async fn exchange_events(
 ) -> Result<DemoSummary, DemoError> {
     let t = amqp.operation_timeout;
     let mut consumer = topology::watch(channel, events_queue.into(), t).await?;
-    timed(
-        "confirm.select",
-        t,
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
     let commands = sample_commands(stream_id, count);
     // Each transfer yields a terminal event and a relayed callback; the bad one a rejection.
     let expected = count * 2 + 1;
@@ -222,19 +226,7 @@ async fn exchange_events(
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
-        let confirm = timed(
-            "basic.publish",
-            t,
-            channel.basic_publish(
-                "".into(),
-                amqp.commands_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties,
-            ),
-        )
-        .await?;
-        timed("publisher confirm", amqp.confirm_timeout, confirm).await?;
+        publisher.publish_command(&body, properties).await?;
         let target = command["aId"]
             .as_str()
             .map(|a| format!("agent {a}"))

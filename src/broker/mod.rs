@@ -1,7 +1,8 @@
 //! Everything that talks AMQP: the connection, the topology, the confirm-mode publisher, and
-//! the [`Broker`] handle through which the rest of the process sees the current link.
+//! the [`CurrentLink`] handle through which the rest of the process sees the current link.
 
 pub mod connection;
+pub mod consumer;
 pub mod publisher;
 pub mod topology;
 
@@ -70,12 +71,12 @@ pub async fn timed<T>(
 /// The current link to the broker, shared by the consumer loop, the callback relay and the
 /// readiness probe. Replaced on every reconnect.
 #[derive(Debug, Default)]
-pub struct Broker {
+pub struct CurrentLink {
     publisher: RwLock<Option<Arc<Publisher>>>,
     consuming: AtomicBool,
 }
 
-impl Broker {
+impl CurrentLink {
     /// The publisher of the live connection, if there is one.
     pub fn publisher(&self) -> Option<Arc<Publisher>> {
         self.publisher

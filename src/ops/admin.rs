@@ -11,14 +11,14 @@ use axum::routing::get;
 
 use tower_http::timeout::TimeoutLayer;
 
-use crate::broker::Broker;
-use crate::metrics::Metrics;
+use crate::broker::CurrentLink;
+use crate::ops::metrics::Metrics;
 
 /// What the endpoints report on.
 #[derive(Debug, Clone)]
 pub struct Admin {
     /// Readiness.
-    pub broker: Arc<Broker>,
+    pub link: Arc<CurrentLink>,
     /// The series.
     pub metrics: Arc<Metrics>,
 }
@@ -37,7 +37,7 @@ pub fn router(admin: Admin) -> Router {
 }
 
 async fn ready(State(admin): State<Arc<Admin>>) -> (StatusCode, &'static str) {
-    if admin.broker.is_ready() {
+    if admin.link.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (

@@ -1,11 +1,10 @@
-//! The retry schedule for transient failures: exponential backoff from backon, with full
-//! jitter — a uniformly random wait between zero and the exponential step — so that commands
-//! failing together do not come back together.
+//! The retry schedule for transient failures: exponential backoff with full jitter
+//! ([`crate::backoff`]) within `retry.max_attempts`, and how much of a `Retry-After` is
+//! honoured.
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-
+use crate::backoff;
 use crate::config::RetrySettings;
 
 /// `[retry]`, ready to use.
@@ -40,20 +39,9 @@ impl RetryPolicy {
 
     /// The waits before attempts 2, 3, …, `max_attempts`, jitter applied; then nothing.
     pub fn delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
-        ExponentialBuilder::default()
-            .with_min_delay(self.initial)
-            .with_max_delay(self.max)
-            .with_factor(2.0)
-            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
-            .build()
-            .map(full_jitter)
+        let retries = self.max_attempts.saturating_sub(1) as usize;
+        backoff::delays(self.initial, self.max, Some(retries))
     }
-}
-
-/// A uniformly random duration in `[0, step]`.
-fn full_jitter(step: Duration) -> Duration {
-    let nanos = u64::try_from(step.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
 #[cfg(test)]

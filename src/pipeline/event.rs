@@ -11,8 +11,7 @@ use uuid::Uuid;
 
 use sha2::{Digest, Sha256};
 
-use crate::agentassist::{ApiError, ApiResponse, ErrorKind};
-use crate::command::{Command, Rejection, Target};
+use crate::pipeline::command::{Command, Rejection, Target};
 
 /// The event names, which are also the routing keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,17 +164,8 @@ pub fn callback_event_id(token: &str, body: &[u8]) -> Uuid {
     Uuid::new_v5(&namespace, name.as_bytes())
 }
 
+/// An event with this id; every event but a callback gets a fresh one (`Uuid::new_v4`).
 fn build<D: Serialize>(
-    kind: EventKind,
-    subject: Subject<'_>,
-    attempts: u32,
-    detail: D,
-    error: Option<String>,
-) -> Event {
-    build_with_id(Uuid::new_v4(), kind, subject, attempts, detail, error)
-}
-
-fn build_with_id<D: Serialize>(
     id: Uuid,
     kind: EventKind,
     subject: Subject<'_>,
@@ -216,8 +206,23 @@ struct Succeeded<'a> {
 
 #[derive(Serialize)]
 struct Failed<'a> {
-    error: &'a ApiError,
+    error: ErrorDetail<'a>,
     retryable: bool,
+}
+
+/// The `error` of a `transfer.failed` event: the event's own wire shape, whatever the HTTP
+/// client's error type looks like.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ErrorDetail<'a> {
+    /// `http_status`, `timeout`, `connection`, `request`, or `internal` for a fault inside
+    /// the worker.
+    pub kind: &'static str,
+    /// The HTTP status, if one came back.
+    pub status: Option<u16>,
+    /// For people.
+    pub message: &'a str,
+    /// The response body (JSON, or a string), if any.
+    pub body: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -248,26 +253,41 @@ struct Callback<'a> {
 }
 
 impl Event {
-    /// `transfer.succeeded`.
+    /// `transfer.succeeded`: `response` is the body as received (JSON, or a JSON string of
+    /// it), `truncated` says it was cut.
     pub fn succeeded(
         command: &Command,
         attempts: u32,
-        response: &ApiResponse,
+        response: &RawValue,
+        truncated: bool,
         duration_ms: u64,
     ) -> Self {
         let detail = Succeeded {
-            response: &response.body,
-            response_truncated: response.truncated,
+            response,
+            response_truncated: truncated,
             duration_ms,
         };
-        build(EventKind::Succeeded, command.into(), attempts, detail, None)
+        build(
+            Uuid::new_v4(),
+            EventKind::Succeeded,
+            command.into(),
+            attempts,
+            detail,
+            None,
+        )
     }
 
     /// `transfer.failed`.
-    pub fn failed(command: &Command, attempts: u32, error: &ApiError, retryable: bool) -> Self {
-        let why = error.to_string();
+    pub fn failed(
+        command: &Command,
+        attempts: u32,
+        error: ErrorDetail<'_>,
+        retryable: bool,
+    ) -> Self {
+        let why = error.message.to_owned();
         let detail = Failed { error, retryable };
         build(
+            Uuid::new_v4(),
             EventKind::Failed,
             command.into(),
             attempts,
@@ -279,13 +299,25 @@ impl Event {
     /// `transfer.failed` for a fault inside the worker (a panic): `error.kind` is
     /// `internal`, not retryable, and `attempts` is 0 because the count was lost with the fault.
     pub fn internal_failure(subject: Subject<'_>, message: &str) -> Self {
-        let error = ApiError::without_status(ErrorKind::Internal, message);
-        let why = error.to_string();
+        let error = ErrorDetail {
+            kind: "internal",
+            status: None,
+            message,
+            body: None,
+        };
         let detail = Failed {
-            error: &error,
+            error,
             retryable: false,
         };
-        build(EventKind::Failed, subject, 0, detail, Some(why))
+        let why = message.to_owned();
+        build(
+            Uuid::new_v4(),
+            EventKind::Failed,
+            subject,
+            0,
+            detail,
+            Some(why),
+        )
     }
 
     /// `transfer.rejected`.
@@ -298,7 +330,14 @@ impl Event {
             message_id,
         };
         let why = rejection.message.clone();
-        build(EventKind::Rejected, rejection.into(), 0, detail, Some(why))
+        build(
+            Uuid::new_v4(),
+            EventKind::Rejected,
+            rejection.into(),
+            0,
+            detail,
+            Some(why),
+        )
     }
 
     /// `transfer.expired`.
@@ -307,6 +346,7 @@ impl Event {
         let why = format!("deadline {expires_at} passed before the transfer could be made");
         let detail = Expired { expires_at };
         build(
+            Uuid::new_v4(),
             EventKind::Expired,
             command.into(),
             attempts,
@@ -329,59 +369,9 @@ impl Event {
             content_type,
             payload,
         };
-        build_with_id(id, EventKind::Callback, subject, 0, detail, None)
+        build(id, EventKind::Callback, subject, 0, detail, None)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn timestamps_are_utc_with_milliseconds() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_064_800_007);
-        assert_eq!(rfc3339_ms(t), "2025-11-25T10:00:00.007Z");
-    }
-
-    #[test]
-    fn timestamps_outside_four_digit_years_are_clamped_not_a_panic() {
-        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
-        assert_eq!(rfc3339_ms(far), "9999-12-31T23:59:59.999Z");
-        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(70_000 * 365 * 86_400);
-        assert_eq!(rfc3339_ms(before), "0000-01-01T00:00:00.000Z");
-    }
-
-    #[test]
-    fn callback_ids_depend_on_token_and_body_only() {
-        let a = callback_event_id("tok", b"{}");
-        assert_eq!(a, callback_event_id("tok", b"{}"));
-        assert_eq!(a.get_version_num(), 5);
-        assert_ne!(a, callback_event_id("tok", b"{ }"));
-        assert_ne!(a, callback_event_id("tok2", b"{}"));
-    }
-
-    #[test]
-    fn rejected_event_has_null_ids_it_could_not_read() {
-        let r = Rejection {
-            command_id: "c1".into(),
-            stream_id: None,
-            bot_session_id: None,
-            target: None,
-            message: "body is not valid JSON".into(),
-        };
-        let e = Event::rejected(&r, Some("m1"));
-        let v: Value = serde_json::from_slice(&e.body).unwrap();
-        assert_eq!(v["event"], "transfer.rejected");
-        assert_eq!(v["eventId"], e.id.to_string());
-        assert_eq!(v["commandId"], "c1");
-        assert!(v["streamId"].is_null() && v["botSessionId"].is_null() && v["target"].is_null());
-        assert_eq!(v["attempts"], 0);
-        assert_eq!(v["messageId"], "m1");
-        assert_eq!(
-            v["error"],
-            serde_json::json!({"kind":"invalid_command","message":"body is not valid JSON"})
-        );
-        assert_eq!(e.error.as_deref(), Some("body is not valid JSON"));
-    }
-}
+mod tests;

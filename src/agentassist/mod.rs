@@ -1,0 +1,14 @@
+//! Everything that talks to Kore.ai AgentAssist: the bots and their JWTs, the per-account
+//! pacing, the retry schedule, the HTTP call and the classification of its answer, and
+//! [`transfer`], which carries one command through them.
+
+pub mod bots;
+pub mod client;
+pub mod jwt;
+pub mod pacer;
+pub mod retry;
+pub mod transfer;
+
+pub use client::{
+    ApiClient, ApiError, ApiResponse, ClientError, ErrorKind, classify, request_body,
+};

@@ -1,0 +1,151 @@
+//! Loading, layering, redaction and validation of the settings.
+
+use super::*;
+use std::collections::HashMap;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_load_and_match_the_contract() {
+    let s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+    assert_eq!(s.amqp.commands_queue, "transfer.commands");
+    assert_eq!(s.amqp.results_exchange, "transfer.results");
+    assert_eq!(s.amqp.dead_letter_exchange, "transfer.dead-letter");
+    assert_eq!(s.amqp.dead_letter_queue, "transfer.commands.dead");
+    assert_eq!(s.amqp.prefetch, 256);
+    assert_eq!(s.bots[0].rate_limit, 60);
+    assert_eq!(s.bots[0].rate_window, Duration::from_secs(60));
+    assert_eq!(s.retry.max_attempts, 8);
+    assert_eq!(s.retry.initial_delay, Duration::from_millis(200));
+    assert_eq!(s.commands.max_age, Duration::from_secs(300));
+    assert_eq!(s.shutdown.grace, Duration::from_secs(30));
+    assert_eq!(s.admin.listen.to_string(), "127.0.0.1:9090");
+}
+
+#[test]
+fn environment_overrides_file_values() {
+    let s = Settings::load_with_env(
+        None,
+        Some(env(&[
+            ("TRANSFER__AMQP__URL", "amqp://u:p@broker:5672/%2f"),
+            ("TRANSFER__AMQP__PREFETCH", "7"),
+            ("TRANSFER__RETRY__MAX_DELAY", "3s"),
+        ])),
+    )
+    .unwrap();
+    assert_eq!(s.amqp.url, "amqp://u:p@broker:5672/%2f");
+    assert_eq!(s.amqp.prefetch, 7);
+    assert_eq!(s.retry.max_delay, Duration::from_secs(3));
+}
+
+#[test]
+fn file_layer_overrides_defaults() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        b"[amqp]\nprefetch = 9\n[[bots]]\nstream_id='st-x'\naccount_id='a'\nclient_id='c'\nclient_secret='s'\n",
+    )
+    .unwrap();
+    let s = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap();
+    assert_eq!(s.amqp.prefetch, 9);
+    assert_eq!(s.bots.len(), 1);
+    assert_eq!(s.bots[0].stream_id, "st-x");
+}
+
+#[test]
+fn invalid_values_name_their_key() {
+    let err =
+        Settings::load_with_env(None, Some(env(&[("TRANSFER__AMQP__PREFETCH", "0")]))).unwrap_err();
+    assert!(err.to_string().contains("amqp.prefetch"), "{err}");
+    let err = Settings::load_with_env(None, Some(env(&[("TRANSFER__CALLBACKS__SECRET", "short")])))
+        .unwrap_err();
+    assert!(err.to_string().contains("callbacks.secret"), "{err}");
+}
+
+#[test]
+fn redacted_output_hides_every_secret() {
+    let s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+    let shown = s.to_redacted_toml();
+    assert!(!shown.contains("demo-secret-change-me"), "{shown}");
+    assert!(!shown.contains("demo-callback-secret-change-me"), "{shown}");
+    assert!(!shown.contains("guest:guest"), "{shown}");
+    assert!(
+        shown.contains("amqp://guest:[redacted]@127.0.0.1:5672/%2f"),
+        "{shown}"
+    );
+    assert!(!format!("{s:?}").contains("demo-secret-change-me"));
+}
+
+#[test]
+fn an_unknown_key_in_a_file_is_an_error_naming_key_and_file() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut f, b"[retry]\nmax_attemps = 2\n").unwrap();
+    let err = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ConfigError::UnknownKey { .. }), "{text}");
+    assert!(text.contains("retry.max_attemps"), "{text}");
+    assert!(text.contains(&f.path().display().to_string()), "{text}");
+}
+
+#[test]
+fn an_unknown_key_in_the_environment_is_an_error_naming_the_variable() {
+    let err = Settings::load_with_env(None, Some(env(&[("TRANSFER__RETRY__MAX_ATTEMPS", "2")])))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("retry.max_attemps"), "{text}");
+    assert!(text.contains("TRANSFER__RETRY__MAX_ATTEMPS"), "{text}");
+    let err = Settings::load_with_env(None, Some(env(&[("TRANSFER__NOPE__X", "1")]))).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("nope (from environment variable TRANSFER__NOPE__X)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_keys_in_a_bot_or_a_whole_section_are_errors_too() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        b"[[bots]]\nstream_id='st-x'\naccount_id='a'\nclient_id='c'\nclient_secret='s'\nrate_limt=5\n",
+    )
+    .unwrap();
+    let err = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+    assert!(err.to_string().contains("bots.0.rate_limt"), "{err}");
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut f, b"[amqps]\nurl = 'x'\n").unwrap();
+    let err = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+    assert!(err.to_string().contains("amqps"), "{err}");
+}
+
+#[test]
+fn durations_past_a_year_are_refused() {
+    let err = Settings::load_with_env(
+        None,
+        Some(env(&[("TRANSFER__RETRY__MAX_RETRY_AFTER", "400days")])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("retry.max_retry_after"), "{err}");
+}
+
+#[test]
+fn bots_of_one_account_must_agree_on_its_budget() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        b"[[bots]]\nstream_id='st-a'\naccount_id='acc'\nclient_id='c'\nclient_secret='s'\n\
+          [[bots]]\nstream_id='st-b'\naccount_id='other'\nclient_id='c'\nclient_secret='s'\nrate_limit=5\n\
+          [[bots]]\nstream_id='st-c'\naccount_id='acc'\nclient_id='c'\nclient_secret='s'\nrate_limit=7\n",
+    )
+    .unwrap();
+    let err = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap_err();
+    assert!(
+        err.to_string().contains("bots of account acc disagree"),
+        "{err}"
+    );
+}

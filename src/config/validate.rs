@@ -1,0 +1,208 @@
+//! Checking settings once, section by section: each section checks its own keys, and
+//! [`Settings::validate`] adds the rules that span sections.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use super::{
+    AgentAssistSettings, AmqpSettings, BotSettings, CallbackSettings, CommandSettings, ConfigError,
+    MAX_DURATION, RetrySettings, Settings, invalid,
+};
+
+impl Settings {
+    /// The whole: every section, then what spans sections.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.amqp.validate()?;
+        self.agentassist.validate()?;
+        validate_bots(&self.bots)?;
+        self.commands.validate(&self.bots)?;
+        self.retry.validate()?;
+        self.callbacks.validate()?;
+        self.durations_are_bounded()
+    }
+
+    /// No duration past [`MAX_DURATION`], so deadlines computed from them cannot overflow.
+    fn durations_are_bounded(&self) -> Result<(), ConfigError> {
+        let amqp = &self.amqp;
+        let mut durations = vec![
+            ("amqp.confirm_timeout", amqp.confirm_timeout),
+            ("amqp.operation_timeout", amqp.operation_timeout),
+            ("amqp.reconnect_initial_delay", amqp.reconnect_initial_delay),
+            ("amqp.reconnect_max_delay", amqp.reconnect_max_delay),
+            (
+                "agentassist.request_timeout",
+                self.agentassist.request_timeout,
+            ),
+            ("retry.initial_delay", self.retry.initial_delay),
+            ("retry.max_delay", self.retry.max_delay),
+            ("retry.max_retry_after", self.retry.max_retry_after),
+            ("commands.max_age", self.commands.max_age),
+            (
+                "commands.outcome_cache_ttl",
+                self.commands.outcome_cache_ttl,
+            ),
+            ("callbacks.token_ttl", self.callbacks.token_ttl),
+            ("shutdown.grace", self.shutdown.grace),
+        ];
+        for bot in &self.bots {
+            durations.push(("bots[].rate_window", bot.rate_window));
+            durations.extend(bot.token_ttl.map(|ttl| ("bots[].token_ttl", ttl)));
+        }
+        match durations.into_iter().find(|(_, d)| *d > MAX_DURATION) {
+            Some((key, _)) => Err(invalid(key, "must not exceed 366 days")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl AmqpSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        <lapin::uri::AMQPUri as std::str::FromStr>::from_str(&self.url)
+            .map_err(|reason| invalid("amqp.url", reason))?;
+        if self.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        for (key, name) in [
+            ("amqp.commands_queue", &self.commands_queue),
+            ("amqp.results_exchange", &self.results_exchange),
+            ("amqp.dead_letter_exchange", &self.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.dead_letter_queue),
+        ] {
+            if name.is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AgentAssistSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        reqwest::Url::parse(&self.base_url)
+            .map_err(|e| invalid("agentassist.base_url", e.to_string()))?;
+        if self.request_timeout.is_zero() {
+            return Err(invalid("agentassist.request_timeout", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Every bot on its own, stream ids unique, and bots of one account agreeing on its budget.
+fn validate_bots(bots: &[BotSettings]) -> Result<(), ConfigError> {
+    if bots.is_empty() {
+        return Err(invalid("bots", "configure at least one [[bots]] entry"));
+    }
+    let mut streams = HashMap::with_capacity(bots.len());
+    let mut budgets: HashMap<&str, (u32, Duration)> = HashMap::with_capacity(bots.len());
+    for (i, bot) in bots.iter().enumerate() {
+        bot.validate(i)?;
+        if streams.insert(bot.stream_id.as_str(), i).is_some() {
+            return Err(invalid(format!("bots[{i}].stream_id"), "appears twice"));
+        }
+        // Bots of one account share one budget, so they must agree on what it is.
+        let budget = (bot.rate_limit, bot.rate_window);
+        if *budgets.entry(bot.account_id.as_str()).or_insert(budget) != budget {
+            return Err(invalid(
+                "bots.rate_limit",
+                format!(
+                    "bots of account {} disagree on rate_limit/rate_window",
+                    bot.account_id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl BotSettings {
+    /// The `i`-th `[[bots]]` entry on its own.
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("bots[{i}].{k}");
+        for (k, v) in [
+            ("stream_id", &self.stream_id),
+            ("account_id", &self.account_id),
+            ("client_id", &self.client_id),
+        ] {
+            if v.trim().is_empty() {
+                return Err(invalid(key(k), "must not be empty"));
+            }
+        }
+        match &self.client_secret {
+            Some(s) if !s.expose_secret().is_empty() => {}
+            _ => {
+                return Err(invalid(
+                    key("client_secret"),
+                    "set client_secret, client_secret_file or client_secret_env",
+                ));
+            }
+        }
+        if self.rate_limit == 0 {
+            return Err(invalid(key("rate_limit"), "must be at least 1"));
+        }
+        if self.rate_window.is_zero() {
+            return Err(invalid(key("rate_window"), "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl CommandSettings {
+    fn validate(&self, bots: &[BotSettings]) -> Result<(), ConfigError> {
+        let default = &self.default_stream_id;
+        if !default.is_empty() && !bots.iter().any(|b| &b.stream_id == default) {
+            return Err(invalid(
+                "commands.default_stream_id",
+                format!("{default} is not a configured bot"),
+            ));
+        }
+        if self.outcome_cache_max_bytes == 0 {
+            return Err(invalid(
+                "commands.outcome_cache_max_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.outcome_cache_capacity == 0 {
+            return Err(invalid(
+                "commands.outcome_cache_capacity",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RetrySettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if self.initial_delay > self.max_delay {
+            return Err(invalid("retry.initial_delay", "exceeds retry.max_delay"));
+        }
+        if self.max_retry_after.is_zero() {
+            return Err(invalid("retry.max_retry_after", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl CallbackSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.token_ttl.is_zero() {
+            return Err(invalid("callbacks.token_ttl", "must be positive"));
+        }
+        if !self.public_url.is_empty() {
+            reqwest::Url::parse(&self.public_url)
+                .map_err(|e| invalid("callbacks.public_url", e.to_string()))?;
+        }
+        if self.secret.expose_secret().len() < 16 {
+            return Err(invalid(
+                "callbacks.secret",
+                "must be at least 16 bytes long",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The step's decisions, with the simulator as the API and no broker.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::agentassist::ApiClient;
+use crate::agentassist::bots::Bots;
+use crate::agentassist::retry::RetryPolicy;
+use crate::callbacks::token::TokenSigner;
+use crate::config::Settings;
+use crate::pipeline::command::Parser;
+use crate::pipeline::event::EventKind;
+use crate::tools::simulator::{self, Reply, Simulator, SimulatorConfig};
+
+/// The step against a simulator of its own, with the default bot.
+struct Rig {
+    stages: Stages,
+    parser: Parser,
+    sim: Simulator,
+}
+
+impl Rig {
+    async fn start() -> Self {
+        let mut settings = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+        settings.retry.initial_delay = Duration::from_millis(1);
+        settings.retry.max_delay = Duration::from_millis(5);
+        let sim = Simulator::start(SimulatorConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            bots: simulator::bots_from_settings(&settings),
+            callbacks: false,
+            ..SimulatorConfig::default()
+        })
+        .await
+        .unwrap();
+        settings.agentassist.base_url = sim.base_url();
+        let metrics = Arc::new(Metrics::new());
+        let signer = TokenSigner::new(
+            settings.callbacks.secret.clone(),
+            Vec::new(),
+            settings.callbacks.token_ttl,
+        );
+        let api = ApiClient::new(Duration::from_secs(5), 4).unwrap();
+        let stages = Stages {
+            transfers: Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone()),
+            relay: RelayUrls::new("http://relay.test", signer),
+            outcomes: Outcomes::new(100, 1024 * 1024, Duration::from_secs(60)),
+            metrics,
+            abandon: CancellationToken::new(),
+        };
+        let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
+        Self {
+            stages,
+            parser,
+            sim,
+        }
+    }
+
+    fn read(&self, body: &Value, message_id: Option<&str>) -> Parsed {
+        let envelope = Envelope {
+            message_id: message_id.map(str::to_owned),
+            timestamp: None,
+        };
+        let body = serde_json::to_vec(body).unwrap();
+        let command = self.parser.parse(&body, &envelope);
+        Parsed { envelope, command }
+    }
+}
+
+fn command(id: &str) -> Value {
+    json!({"commandId": id, "orgId": "o-1", "botSessionId": "s-1", "aId": "a-1"})
+}
+
+fn decided(handled: Handled) -> Arc<Event> {
+    match handled {
+        Handled::Decided(event) => event,
+        other => panic!("expected a decision, got {other:?}"),
+    }
+}
+
+fn body(event: &Event) -> Value {
+    serde_json::from_slice(&event.body).unwrap()
+}
+
+#[tokio::test]
+async fn a_valid_command_is_carried_out_once_and_then_answered_from_memory() {
+    let rig = Rig::start().await;
+    let parsed = rig.read(&command("c-1"), None);
+    let first = decided(handle(&rig.stages, &parsed).await);
+    assert_eq!(first.kind, EventKind::Succeeded);
+    assert_eq!(body(&first)["attempts"], 1);
+    let request = &rig.sim.requests()[0];
+    let relayed = request.body["callbackUrl"].as_str().unwrap();
+    assert!(
+        relayed.starts_with("http://relay.test/callbacks/"),
+        "{relayed}"
+    );
+
+    match handle(&rig.stages, &rig.read(&command("c-1"), None)).await {
+        Handled::Remembered(again) => assert_eq!(again.id, first.id),
+        other => panic!("expected the remembered outcome, got {other:?}"),
+    }
+    assert_eq!(
+        rig.sim.stats().calls,
+        1,
+        "a completed command is not sent again"
+    );
+    assert_eq!(rig.stages.metrics.commands_deduplicated.get(), 1);
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_callback_url_the_command_brings_is_sent_as_is() {
+    let rig = Rig::start().await;
+    let mut c = command("c-own");
+    c["callbackUrl"] = json!("https://upstream.test/cb");
+    decided(handle(&rig.stages, &rig.read(&c, None)).await);
+    assert_eq!(
+        rig.sim.requests()[0].body["callbackUrl"],
+        "https://upstream.test/cb"
+    );
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_command_is_rejected_without_a_call_and_names_its_message_id() {
+    let rig = Rig::start().await;
+    let parsed = rig.read(&json!({"botSessionId": "s-1", "aId": "a-1"}), Some("m-7"));
+    let event = decided(handle(&rig.stages, &parsed).await);
+    assert_eq!(event.kind, EventKind::Rejected);
+    let v = body(&event);
+    assert_eq!(v["commandId"], "m-7");
+    assert_eq!(v["messageId"], "m-7");
+    assert_eq!(v["error"]["kind"], "invalid_command");
+    assert_eq!(rig.sim.stats().calls, 0);
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_permanent_error_fails_with_the_error_detail_in_its_wire_order() {
+    let rig = Rig::start().await;
+    rig.sim.script([Reply::Raw {
+        status: 400,
+        headers: Vec::new(),
+        body: b"no such agent".to_vec(),
+    }]);
+    let event = decided(handle(&rig.stages, &rig.read(&command("c-bad"), None)).await);
+    assert_eq!(event.kind, EventKind::Failed);
+    let text = std::str::from_utf8(&event.body).unwrap();
+    assert!(
+        text.contains(
+            r#""error":{"kind":"http_status","status":400,"message":"AgentAssist answered HTTP 400","body":"no such agent"},"retryable":false"#
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        event.error.as_deref(),
+        Some("AgentAssist answered HTTP 400")
+    );
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_within_the_budget() {
+    let rig = Rig::start().await;
+    rig.sim.script([Reply::Status(503), Reply::Status(502)]);
+    let event = decided(handle(&rig.stages, &rig.read(&command("c-retry"), None)).await);
+    assert_eq!(event.kind, EventKind::Succeeded);
+    assert_eq!(body(&event)["attempts"], 3);
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_past_deadline_expires_the_command_without_a_call() {
+    let rig = Rig::start().await;
+    let mut c = command("c-late");
+    c["expiresAt"] = json!("2000-01-01T00:00:00Z");
+    let event = decided(handle(&rig.stages, &rig.read(&c, None)).await);
+    assert_eq!(event.kind, EventKind::Expired);
+    assert_eq!(body(&event)["expiresAt"], "2000-01-01T00:00:00.000Z");
+    assert_eq!(rig.sim.stats().calls, 0);
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn at_shutdown_a_command_goes_back_to_the_queue_and_nothing_is_remembered() {
+    let rig = Rig::start().await;
+    rig.stages.abandon.cancel();
+    let parsed = rig.read(&command("c-stop"), None);
+    assert!(matches!(
+        handle(&rig.stages, &parsed).await,
+        Handled::Requeue("shutting down")
+    ));
+    assert!(rig.stages.outcomes.get("c-stop").is_none());
+    assert_eq!(rig.sim.stats().calls, 0);
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_shutdown_while_waiting_to_retry_gives_the_command_back() {
+    let rig = Rig::start().await;
+    rig.sim.script([Reply::RateLimited {
+        retry_after: Duration::from_secs(30),
+    }]);
+    let parsed = rig.read(&command("c-wait"), None);
+    let abandon = rig.stages.abandon.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        abandon.cancel();
+    });
+    assert!(matches!(
+        handle(&rig.stages, &parsed).await,
+        Handled::Requeue("shutdown grace ran out")
+    ));
+    assert!(rig.stages.outcomes.get("c-wait").is_none());
+    rig.sim.shutdown().await;
+}
