@@ -38,6 +38,9 @@ pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), Broke
         "x-delivery-limit".into(),
         AMQPValue::LongInt(i32::try_from(amqp.delivery_limit).unwrap_or(i32::MAX)),
     );
+    // One consumer at a time (docs/contract.md §9): further replicas are hot standbys, and
+    // commands are taken in order by exactly one of them.
+    commands.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     queue(channel, &amqp.commands_queue, commands, t).await?;
     queue(channel, &amqp.dead_letter_queue, quorum(), t).await?;
     timed(

@@ -203,6 +203,35 @@ async fn consume(channel: &Channel, queue: &str) -> Consumer {
         .expect("consume")
 }
 
+/// Takes every message of `queue` off it (no acks), until none comes for half a second.
+pub async fn take_all(channel: &Channel, queue: &str) -> Vec<lapin::message::Delivery> {
+    let tag = format!("take-all-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume the queue");
+    let mut taken = Vec::new();
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+        match next {
+            Some(Ok(delivery)) => taken.push(delivery),
+            other => panic!("the queue's consumer ended: {other:?}"),
+        }
+    }
+    channel
+        .basic_cancel(tag.as_str().into(), Default::default())
+        .await
+        .expect("cancel");
+    taken
+}
+
 /// A queue's counts, without declaring it.
 pub async fn passive(channel: &Channel, queue: &str) -> lapin::Queue {
     let options = QueueDeclareOptions {

@@ -507,19 +507,14 @@ async fn sigterm_during(burst: Burst) -> Outcome {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    // A single-active-consumer queue refuses basic.get: read it with a consumer of our own
+    // until it has nothing more to give.
     let mut remaining = Vec::new();
-    while let Some(m) = channel
-        .basic_get(
-            amqp.commands_queue.as_str().into(),
-            BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
-        let v: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+    for delivery in crate::harness::take_all(&channel, &amqp.commands_queue).await {
+        let v: Value = serde_json::from_slice(&delivery.data).unwrap();
         remaining.push((
             v["commandId"].as_str().unwrap().to_owned(),
-            m.delivery.redelivered,
+            delivery.redelivered,
         ));
     }
     // A call cut off at exit is in the log from its arrival; wait for its answer all the same.
