@@ -16,6 +16,7 @@ use crate::broker::{BrokerError, CurrentLink};
 use crate::callbacks::relay::{self, Relay};
 use crate::callbacks::token::{RelayUrls, TokenSigner};
 use crate::config::Settings;
+use crate::fleet::{Fleet, FleetError};
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -44,6 +45,9 @@ pub enum AppError {
     /// The broker refused something reconnecting cannot fix.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The fleet's Redis cannot be used as configured.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
 }
 
 /// A built application, listening but not yet consuming.
@@ -56,6 +60,7 @@ pub struct App {
     shutdown: Shutdown,
     broker: Arc<CurrentLink>,
     metrics: Arc<Metrics>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
@@ -90,8 +95,21 @@ impl App {
             usize::from(settings.amqp.prefetch),
         )?;
         let shutdown = Shutdown::default();
+        let fleet = match settings.fleet.enabled() {
+            true => Some(Arc::new(Fleet::new(
+                &settings.fleet,
+                &settings.amqp.commands_queue,
+                settings.commands.outcome_cache_ttl,
+                metrics.clone(),
+            )?)),
+            false => None,
+        };
+        let mut transfers = Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone());
+        if let Some(fleet) = &fleet {
+            transfers = transfers.with_fleet(fleet.clone());
+        }
         let stages = Stages {
-            transfers: Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone()),
+            transfers,
             relay: RelayUrls::new(&public_url, signer.clone()),
             outcomes: Outcomes::new(
                 settings.commands.outcome_cache_capacity,
@@ -100,6 +118,7 @@ impl App {
             ),
             metrics: metrics.clone(),
             abandon: shutdown.abandon.clone(),
+            fleet: fleet.clone(),
         };
         let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
         let pipeline = Pipeline::new(parser, stages, settings.amqp.operation_timeout);
@@ -125,6 +144,7 @@ impl App {
         let admin_router = admin::router(Admin {
             link: broker.clone(),
             metrics: metrics.clone(),
+            fleet: fleet.clone(),
         });
         Ok(Self {
             consumer,
@@ -135,6 +155,7 @@ impl App {
             shutdown,
             broker,
             metrics,
+            fleet,
         })
     }
 
@@ -179,10 +200,19 @@ impl App {
         };
         let relay = serve(self.relay);
         let admin = serve(self.admin);
+        let health_stop = tokio_util::sync::CancellationToken::new();
+        let health = self.fleet.clone().map(|fleet| {
+            let stop = health_stop.clone();
+            tokio::spawn(async move { fleet.watch_health(stop).await })
+        });
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
         let result = self.consumer.run().await;
         if let Err(e) = &result {
             tracing::error!(error = %e, "worker stopped");
+        }
+        health_stop.cancel();
+        if let Some(health) = health {
+            let _ = health.await;
         }
         http_stop.cancel();
         for server in [relay, admin] {

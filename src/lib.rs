@@ -37,6 +37,7 @@ pub mod backoff;
 pub mod broker;
 pub mod callbacks;
 pub mod config;
+pub mod fleet;
 pub mod json;
 pub mod ops;
 pub mod pipeline;

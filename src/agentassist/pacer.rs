@@ -51,6 +51,16 @@ impl Pacer {
         }
     }
 
+    /// Calls allowed in any window.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The window, with the guard against clock jitter included.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     /// Reserves the earliest start allowed, unless it falls after `deadline`.
     /// The caller sleeps until the returned instant, then calls.
     pub fn reserve(&self, deadline: Option<Instant>) -> Result<Instant, DeadlineFirst> {

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use super::bots::Bot;
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
+use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
+use crate::fleet::Fleet;
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::pipeline::command::Command;
 
@@ -53,6 +56,8 @@ pub struct Transfers {
     api: ApiClient,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
+    /// With a fleet, the budgets are shared through Redis instead of kept in this process.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Transfers {
@@ -62,6 +67,63 @@ impl Transfers {
             api,
             retry,
             metrics,
+            fleet: None,
+        }
+    }
+
+    /// Paces through the fleet's shared budgets.
+    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// The next start allowed by the account's budget, or [`DeadlineFirst`]. With a fleet,
+    /// the budget is Redis's: while it does not answer no start is handed out (the command
+    /// waits, its deadline still counting), until it does or the grace runs out.
+    async fn reserve(
+        &self,
+        command: &Command,
+        deadline: Option<Instant>,
+        shutdown: &CancellationToken,
+    ) -> Result<Result<Instant, DeadlineFirst>, Abandoned> {
+        let bot = &command.bot;
+        let Some(fleet) = &self.fleet else {
+            return Ok(bot.pacer.reserve(deadline));
+        };
+        let reserved = fleet
+            .until_answered(shutdown, || {
+                let now = Instant::now();
+                let deadline_in = deadline.map(|d| d.saturating_duration_since(now));
+                async move {
+                    let answer = fleet
+                        .reserve(
+                            &bot.account_id,
+                            bot.pacer.limit(),
+                            bot.pacer.window(),
+                            deadline_in,
+                            &command.command_id,
+                        )
+                        .await?;
+                    Ok((now, answer))
+                }
+            })
+            .await
+            .ok_or(Abandoned)?;
+        let (asked_at, answer) = reserved;
+        let at = |delay: Duration| asked_at.checked_add(delay).unwrap_or(asked_at);
+        Ok(match answer {
+            Ok(delay) => Ok(at(delay)),
+            Err(delay) => Err(DeadlineFirst { slot: at(delay) }),
+        })
+    }
+
+    /// Holds the account's later calls for `for_`: in this process, and fleet-wide.
+    async fn pause(&self, bot: &Bot, until: Instant, for_: Duration) {
+        bot.pacer.pause_until(until);
+        if let Some(fleet) = &self.fleet
+            && let Err(e) = fleet.pause(&bot.account_id, for_).await
+        {
+            tracing::warn!(error = %e, "could not share the pause with the fleet");
         }
     }
 
@@ -104,7 +166,7 @@ impl Transfers {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(out_of_time(attempts, last_error));
             }
-            let Ok(slot) = bot.pacer.reserve(deadline) else {
+            let Ok(slot) = self.reserve(command, deadline, shutdown).await? else {
                 return Ok(out_of_time(attempts, last_error));
             };
             sleep_until(slot, shutdown).await?;
@@ -166,7 +228,7 @@ impl Transfers {
             if error.is_rate_limited()
                 && let Some(until) = now.checked_add(retry_after).filter(|_| !asked.is_zero())
             {
-                bot.pacer.pause_until(until);
+                self.pause(bot, until, retry_after).await;
             }
             let Some(backoff) = delays.next().filter(|_| budget_left) else {
                 return Ok(failed(attempts, error, true));

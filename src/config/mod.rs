@@ -84,6 +84,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Several replicas as one worker (docs/contract.md §9).
+    pub fleet: FleetSettings,
 }
 
 /// `[amqp]`
@@ -233,6 +235,31 @@ pub struct ShutdownSettings {
     pub grace: Duration,
 }
 
+/// `[fleet]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FleetSettings {
+    /// Redis shared by the replicas; empty: one worker alone (extra replicas are standbys).
+    pub redis_url: String,
+    /// This replica's name; empty: the host name and the process id.
+    pub name: String,
+    /// Partition queues of the commands queue (fleet part 2).
+    pub partitions: u16,
+    /// How long a replica's claim on a command lasts unless renewed; a replica that dies
+    /// mid-call gives its commands up after this.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Longest wait for any one Redis call.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+}
+
+impl FleetSettings {
+    /// Whether the replicas share state through Redis.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.trim().is_empty()
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LogSettings {
@@ -359,6 +386,7 @@ impl Settings {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.amqp.url = redact_url(&shown.amqp.url);
+        shown.fleet.redis_url = redact_url(&shown.fleet.redis_url);
         toml::to_string(&shown).expect("settings serialize to TOML")
     }
 }

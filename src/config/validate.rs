@@ -8,7 +8,7 @@ use secrecy::ExposeSecret;
 
 use super::{
     AgentAssistSettings, AmqpSettings, BotSettings, CallbackSettings, CommandSettings, ConfigError,
-    MAX_DURATION, RetrySettings, Settings, invalid,
+    FleetSettings, MAX_DURATION, RetrySettings, Settings, invalid,
 };
 
 impl Settings {
@@ -20,6 +20,7 @@ impl Settings {
         self.commands.validate(&self.bots)?;
         self.retry.validate()?;
         self.callbacks.validate()?;
+        self.fleet.validate()?;
         self.durations_are_bounded()
     }
 
@@ -45,6 +46,8 @@ impl Settings {
             ),
             ("callbacks.token_ttl", self.callbacks.token_ttl),
             ("shutdown.grace", self.shutdown.grace),
+            ("fleet.lease", self.fleet.lease),
+            ("fleet.redis_timeout", self.fleet.redis_timeout),
         ];
         for bot in &self.bots {
             durations.push(("bots[].rate_window", bot.rate_window));
@@ -201,6 +204,31 @@ impl CallbackSettings {
             return Err(invalid(
                 "callbacks.secret",
                 "must be at least 16 bytes long",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FleetSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled() {
+            redis::Client::open(self.redis_url.as_str())
+                .map_err(|e| invalid("fleet.redis_url", e.to_string()))?;
+        }
+        if self.partitions == 0 {
+            return Err(invalid("fleet.partitions", "must be at least 1"));
+        }
+        if self.lease < Duration::from_secs(1) {
+            return Err(invalid("fleet.lease", "must be at least 1s"));
+        }
+        if self.redis_timeout.is_zero() {
+            return Err(invalid("fleet.redis_timeout", "must be positive"));
+        }
+        if self.redis_timeout >= self.lease {
+            return Err(invalid(
+                "fleet.redis_timeout",
+                "must be shorter than fleet.lease, or a renewal could come too late",
             ));
         }
         Ok(())

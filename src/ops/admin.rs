@@ -12,6 +12,7 @@ use axum::routing::get;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::CurrentLink;
+use crate::fleet::Fleet;
 use crate::ops::metrics::Metrics;
 
 /// What the endpoints report on.
@@ -21,6 +22,8 @@ pub struct Admin {
     pub link: Arc<CurrentLink>,
     /// The series.
     pub metrics: Arc<Metrics>,
+    /// The fleet's shared state, when there is one: readiness needs Redis too.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 /// The admin routes.
@@ -37,14 +40,19 @@ pub fn router(admin: Admin) -> Router {
 }
 
 async fn ready(State(admin): State<Arc<Admin>>) -> (StatusCode, &'static str) {
-    if admin.link.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    if !admin.link.is_ready() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: broker not connected or not consuming\n",
-        )
+        );
     }
+    if admin.fleet.as_ref().is_some_and(|f| !f.is_healthy()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the fleet's Redis does not answer\n",
+        );
+    }
+    (StatusCode::OK, "ready\n")
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {

@@ -33,6 +33,13 @@ pub struct AccountLabels {
     pub account: String,
 }
 
+/// `op` label of Redis calls: `claim`, `reserve`, `record`, `renew`, `pause`, `ping`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisLabels {
+    /// Which fleet operation.
+    pub op: &'static str,
+}
+
 /// `result` label of relayed callbacks.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabels {
@@ -102,6 +109,17 @@ pub struct Metrics {
     pub commands_requeued: Counter,
     /// Commands whose processing panicked (a bug): each ended on its own, the worker went on.
     pub command_panics: Counter,
+    /// Redis round trips, by fleet operation.
+    pub redis_round_trips: Family<RedisLabels, Counter>,
+    /// Redis calls that failed or timed out, by fleet operation.
+    pub redis_errors: Family<RedisLabels, Counter>,
+    /// Redis round-trip latency, by fleet operation.
+    pub redis_round_trip_duration: Family<RedisLabels, Histogram>,
+    /// Claims taken over from a replica that died while a call of its may have been on the
+    /// wire: the only case in which the fleet may call the API twice for one command.
+    pub fleet_claims_taken_over: Counter,
+    /// Times a replica found a command claimed by another live replica and waited for it.
+    pub fleet_claim_waits: Counter,
 }
 
 impl Default for Metrics {
@@ -131,6 +149,15 @@ impl Metrics {
             broker_reconnects: Counter::default(),
             commands_requeued: Counter::default(),
             command_panics: Counter::default(),
+            redis_round_trips: Family::default(),
+            redis_errors: Family::default(),
+            redis_round_trip_duration: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ])
+            }),
+            fleet_claims_taken_over: Counter::default(),
+            fleet_claim_waits: Counter::default(),
         };
         registry.register(
             "commands_received",
@@ -188,6 +215,32 @@ impl Metrics {
             "Commands whose processing panicked; each ended as transfer.failed (internal) or went back to the queue",
             m.command_panics.clone(),
         );
+        registry.register(
+            "redis_round_trips",
+            "Redis round trips of the fleet's shared state, by operation",
+            m.redis_round_trips.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed or timed out, by operation",
+            m.redis_errors.clone(),
+        );
+        registry.register_with_unit(
+            "redis_round_trip",
+            "Redis round-trip latency, by operation",
+            prometheus_client::registry::Unit::Seconds,
+            m.redis_round_trip_duration.clone(),
+        );
+        registry.register(
+            "fleet_claims_taken_over",
+            "Claims taken over from a replica that died with a call possibly on the wire",
+            m.fleet_claims_taken_over.clone(),
+        );
+        registry.register(
+            "fleet_claim_waits",
+            "Commands found claimed by another live replica and waited for",
+            m.fleet_claim_waits.clone(),
+        );
         for kind in EventKind::ALL {
             // Zero-valued series exist from the start, so rates work from the first scrape.
             let _ = m
@@ -217,6 +270,18 @@ impl Metrics {
                 account: account.to_owned(),
             })
             .observe(seconds);
+    }
+
+    /// One Redis call of the fleet, its latency and whether it failed.
+    pub fn redis_call(&self, op: &'static str, seconds: f64, failed: bool) {
+        let labels = RedisLabels { op };
+        self.redis_round_trips.get_or_create(&labels).inc();
+        self.redis_round_trip_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+        if failed {
+            self.redis_errors.get_or_create(&labels).inc();
+        }
     }
 
     /// One callback handled by the relay.

@@ -40,6 +40,11 @@ impl EventKind {
         }
     }
 
+    /// The kind named `name`, as [`EventKind::name`] spells it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
     /// Whether the command ended without success, so a copy goes to the dead-letter exchange.
     pub fn is_dead_letter(self) -> bool {
         matches!(self, Self::Failed | Self::Rejected | Self::Expired)

@@ -18,6 +18,7 @@ use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
 use crate::agentassist::transfer::{Abandoned, Outcome, Transfers};
 use crate::callbacks::token::RelayUrls;
+use crate::fleet::{Claim, Fleet};
 use crate::ops::metrics::Metrics;
 
 /// What the step needs.
@@ -33,6 +34,8 @@ pub struct Stages {
     pub metrics: Arc<Metrics>,
     /// `shutdown.abandon`: give up waiting, the command goes back to the queue.
     pub abandon: CancellationToken,
+    /// The fleet's shared memory of outcomes and claims, when replicas share one.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 /// A delivery, read: its envelope and the command, or why it is not one.
@@ -95,14 +98,94 @@ pub async fn handle(stages: &Stages, parsed: &Parsed) -> Handled {
         tracing::info!(event = event.kind.name(), event_id = %event.id, "already completed; republishing its outcome");
         return Handled::Remembered(event);
     }
-    let event = match decide(stages, parsed).await {
-        Ok(event) => Arc::new(event),
-        Err(Abandoned) => return Handled::Requeue("shutdown grace ran out"),
+    let command_id = parsed.command_id();
+    let fleet = stages.fleet.as_deref();
+    if let Some(fleet) = fleet {
+        match claim(stages, fleet, command_id).await {
+            Ok(None) => {}
+            Ok(Some(event)) => {
+                let event = Arc::new(event);
+                stages.outcomes.insert(command_id.to_owned(), event.clone());
+                stages.metrics.commands_deduplicated.inc();
+                tracing::info!(event = event.kind.name(), event_id = %event.id, "completed in the fleet; republishing its outcome");
+                return Handled::Remembered(event);
+            }
+            Err(Abandoned) => return Handled::Requeue("shutdown grace ran out"),
+        }
+    }
+    let decided = match fleet {
+        None => decide(stages, parsed).await,
+        // The claim is renewed for as long as the command runs, however long it waits.
+        Some(fleet) => tokio::select! {
+            biased;
+            decided = decide(stages, parsed) => decided,
+            never = fleet.keep_claim(command_id) => match never {},
+        },
     };
-    stages
-        .outcomes
-        .insert(parsed.command_id().to_owned(), event.clone());
+    let event = match decided {
+        Ok(event) => Arc::new(event),
+        Err(Abandoned) => {
+            if let Some(fleet) = fleet
+                && let Err(e) = fleet.release(command_id).await
+            {
+                tracing::warn!(error = %e, "could not give the claim up; it lapses after the lease");
+            }
+            return Handled::Requeue("shutdown grace ran out");
+        }
+    };
+    stages.outcomes.insert(command_id.to_owned(), event.clone());
+    if let Some(fleet) = fleet {
+        // Recorded before it is published, so no replica can miss it once it is out. Without
+        // Redis the command waits here, like everything that needs it.
+        let recorded = fleet
+            .until_answered(&stages.abandon, || fleet.record(command_id, &event))
+            .await;
+        if recorded.is_none() {
+            tracing::warn!(
+                "the grace ran out before the fleet could record the outcome; publishing it all the same"
+            );
+        }
+    }
     Handled::Decided(event)
+}
+
+/// Claims the command for this replica before anything is done for it: `Some` event if it was
+/// completed somewhere in the fleet already; `None` once the claim is ours, after waiting
+/// for another live replica that holds it. Waits while Redis does not answer.
+async fn claim(
+    stages: &Stages,
+    fleet: &Fleet,
+    command_id: &str,
+) -> Result<Option<Event>, Abandoned> {
+    loop {
+        let claim = fleet
+            .until_answered(&stages.abandon, || fleet.claim(command_id))
+            .await
+            .ok_or(Abandoned)?;
+        let left = match claim {
+            Claim::Done(event) => return Ok(Some(event)),
+            Claim::Mine => return Ok(None),
+            Claim::TakenOver => {
+                stages.metrics.fleet_claims_taken_over.inc();
+                tracing::warn!(
+                    "took over a command whose replica is gone; a call it made may have reached the API"
+                );
+                return Ok(None);
+            }
+            Claim::Held(left) => left,
+        };
+        stages.metrics.fleet_claim_waits.inc();
+        tracing::debug!(?left, "another replica holds this command; waiting for it");
+        let wait = left.clamp(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_millis(500),
+        );
+        tokio::select! {
+            biased;
+            () = stages.abandon.cancelled() => return Err(Abandoned),
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 /// The outcome of a command not already completed: rejected, or carried out. A panic inside

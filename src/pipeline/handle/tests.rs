@@ -50,6 +50,7 @@ impl Rig {
             outcomes: Outcomes::new(100, 1024 * 1024, Duration::from_secs(60)),
             metrics,
             abandon: CancellationToken::new(),
+            fleet: None,
         };
         let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
         Self {

@@ -1,0 +1,389 @@
+//! Several replicas as one worker (docs/contract.md §9): the state they share through Redis.
+//!
+//! - *Pacing*: one sliding log per account ([`Fleet::reserve`], `lua/reserve.lua`), timed by
+//!   Redis's clock, and a shared pause after a 429 ([`Fleet::pause`]).
+//! - *Once-only*: before calling the API a replica claims the command for a lease
+//!   ([`Fleet::claim`], renewed by [`Fleet::keep_claim`] while it runs); the terminal event is
+//!   recorded for the fleet ([`Fleet::record`]). A command completed anywhere is answered from
+//!   the record; one claimed by a live replica is waited for; only a call that was on the wire
+//!   when its replica died may go out again, after the lease ([`Claim::TakenOver`], counted).
+//! - *Fail closed*: every Redis call has a timeout. While Redis does not answer, no API call
+//!   starts (the callers wait, see [`Fleet::until_answered`]), readiness is 503
+//!   ([`Fleet::is_healthy`]), and nothing is acked or lost.
+//!
+//! Every key starts with the fleet's name (its `amqp.commands_queue`) and a colon. Per command
+//! in the steady state: three round trips (claim, reserve, record).
+
+mod scripts;
+mod stored;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::FleetSettings;
+use crate::ops::metrics::Metrics;
+use crate::pipeline::event::Event;
+
+/// What went wrong talking to Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// `fleet.redis_url` cannot be used.
+    #[error("fleet.redis_url is not usable: {0}")]
+    Url(redis::RedisError),
+    /// Redis refused or failed the call.
+    #[error("Redis {op} failed: {source}")]
+    Redis {
+        /// The fleet operation.
+        op: &'static str,
+        /// The client's error.
+        source: redis::RedisError,
+    },
+    /// No answer within `fleet.redis_timeout`.
+    #[error("Redis {op} timed out")]
+    Timeout {
+        /// The fleet operation.
+        op: &'static str,
+    },
+    /// Redis answered something the scripts never return.
+    #[error("Redis {op} answered unexpectedly: {what}")]
+    Unexpected {
+        /// The fleet operation.
+        op: &'static str,
+        /// What came back.
+        what: String,
+    },
+}
+
+/// The outcome of a claim.
+#[derive(Debug)]
+pub enum Claim {
+    /// Completed somewhere in the fleet: its recorded event.
+    Done(Event),
+    /// Ours.
+    Mine,
+    /// Ours, taken over from a replica that is gone and may have had a call on the wire.
+    TakenOver,
+    /// Another live replica holds it, for about this long still.
+    Held(Duration),
+}
+
+/// The shared state of one fleet, as one replica sees it.
+pub struct Fleet {
+    redis: ConnectionManager,
+    prefix: String,
+    /// This replica, as a claimant: its name and a per-process id, so a restarted replica
+    /// with the same name (a container's pid is often 1) is not taken for its predecessor.
+    claimant: String,
+    lease: Duration,
+    timeout: Duration,
+    outcome_ttl: Duration,
+    healthy: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("prefix", &self.prefix)
+            .field("claimant", &self.claimant)
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Waits while Redis does not answer: from a tenth of a second up to two.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+impl Fleet {
+    /// The fleet named `name` (the commands queue). Connects lazily: a replica starts, unready,
+    /// while Redis is down, and becomes ready when it answers.
+    pub fn new(
+        settings: &FleetSettings,
+        name: &str,
+        outcome_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, FleetError> {
+        let client = redis::Client::open(settings.redis_url.as_str()).map_err(FleetError::Url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.redis_timeout))
+            .set_response_timeout(Some(settings.redis_timeout))
+            .set_max_delay(RETRY_MAX)
+            .set_number_of_retries(2);
+        let redis =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(FleetError::Url)?;
+        let replica = match settings.name.trim() {
+            "" => default_name(),
+            name => name.to_owned(),
+        };
+        Ok(Self {
+            redis,
+            prefix: format!("{name}:"),
+            claimant: format!("{replica}/{}", uuid::Uuid::new_v4().simple()),
+            lease: settings.lease,
+            timeout: settings.redis_timeout,
+            outcome_ttl,
+            healthy: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// Whether Redis answered the last call: what readiness reports.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// This replica as a claimant.
+    pub fn claimant(&self) -> &str {
+        &self.claimant
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + kind.len() + 1 + id.len());
+        key.push_str(&self.prefix);
+        key.push_str(kind);
+        key.push(':');
+        key.push_str(id);
+        key
+    }
+
+    /// Runs one script invocation under the timeout, counting it.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, FleetError> {
+        let mut redis = self.redis.clone();
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut redis)).await;
+        let result = match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(FleetError::Redis { op, source }),
+            Err(_) => Err(FleetError::Timeout { op }),
+        };
+        self.observe(op, started, result.is_err());
+        result
+    }
+
+    fn observe(&self, op: &'static str, started: Instant, failed: bool) {
+        self.metrics
+            .redis_call(op, started.elapsed().as_secs_f64(), failed);
+        let was = self.healthy.swap(!failed, Ordering::AcqRel);
+        if was && failed {
+            tracing::warn!(
+                op,
+                "Redis does not answer; no API call starts until it does"
+            );
+        } else if !was && !failed {
+            tracing::info!(op, "Redis answers");
+        }
+    }
+
+    /// Checks that Redis answers, so readiness recovers without traffic.
+    pub async fn ping(&self) -> Result<(), FleetError> {
+        let mut redis = self.redis.clone();
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PING").query_async::<String>(&mut redis),
+        )
+        .await;
+        let result = match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(FleetError::Redis { op: "ping", source }),
+            Err(_) => Err(FleetError::Timeout { op: "ping" }),
+        };
+        self.observe("ping", started, result.is_err());
+        result
+    }
+
+    /// Pings every second until `stop`: readiness follows Redis even when no command runs.
+    pub async fn watch_health(&self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let _ = self.ping().await;
+        }
+    }
+
+    /// One claim attempt: the recorded outcome, the claim, or who holds it.
+    pub async fn claim(&self, command_id: &str) -> Result<Claim, FleetError> {
+        let mut invocation = scripts::CLAIM.prepare_invoke();
+        invocation
+            .key(self.key("outcome", command_id))
+            .key(self.key("claim", command_id))
+            .key(self.key("wire", command_id))
+            .arg(&self.claimant)
+            .arg(millis(self.lease));
+        let (state, detail): (String, Vec<u8>) = self.invoke("claim", &invocation).await?;
+        match state.as_str() {
+            "done" => stored::decode(command_id, &detail)
+                .map(Claim::Done)
+                .ok_or_else(|| FleetError::Unexpected {
+                    op: "claim",
+                    what: "an outcome that does not read back".into(),
+                }),
+            "mine" => Ok(Claim::Mine),
+            "taken_over" => Ok(Claim::TakenOver),
+            "held" => {
+                let ms = std::str::from_utf8(&detail)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .unwrap_or(0);
+                Ok(Claim::Held(Duration::from_millis(
+                    u64::try_from(ms).unwrap_or(0),
+                )))
+            }
+            other => Err(FleetError::Unexpected {
+                op: "claim",
+                what: other.to_owned(),
+            }),
+        }
+    }
+
+    /// Extends our claim; false if it is no longer ours.
+    pub async fn renew(&self, command_id: &str) -> Result<bool, FleetError> {
+        let mut invocation = scripts::RENEW.prepare_invoke();
+        invocation
+            .key(self.key("claim", command_id))
+            .arg(&self.claimant)
+            .arg(millis(self.lease));
+        let renewed: i64 = self.invoke("renew", &invocation).await?;
+        Ok(renewed == 1)
+    }
+
+    /// Gives our claim on `command_id` up (the command goes back to the queue unfinished).
+    pub async fn release(&self, command_id: &str) -> Result<(), FleetError> {
+        let mut invocation = scripts::RELEASE.prepare_invoke();
+        invocation
+            .key(self.key("claim", command_id))
+            .arg(&self.claimant);
+        let _: i64 = self.invoke("release", &invocation).await?;
+        Ok(())
+    }
+
+    /// Renews our claim on `command_id` every third of the lease, for as long as it is
+    /// polled: the caller races it against the command, and it never ends by itself.
+    pub async fn keep_claim(&self, command_id: &str) -> std::convert::Infallible {
+        let every = self.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.renew(command_id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!(
+                        claimant = %self.claimant,
+                        "the claim on this command was lost; another replica may call the API for it too"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew the claim"),
+            }
+        }
+    }
+
+    /// Reserves the next start of `account`'s budget: `limit` calls in any `window`. `Ok(Ok)`
+    /// is how long to wait from now; `Ok(Err)` means `deadline_in` comes first and nothing
+    /// was reserved. Marks `command_id` as possibly on the wire.
+    pub async fn reserve(
+        &self,
+        account: &str,
+        limit: usize,
+        window: Duration,
+        deadline_in: Option<Duration>,
+        command_id: &str,
+    ) -> Result<Result<Duration, Duration>, FleetError> {
+        let mut invocation = scripts::RESERVE.prepare_invoke();
+        invocation
+            .key(self.key("pace", account))
+            .key(self.key("pause", account))
+            .key(self.key("wire", command_id))
+            .arg(limit)
+            .arg(micros(window))
+            .arg(deadline_in.map_or(-1, |d| i64::try_from(micros(d)).unwrap_or(i64::MAX)))
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(&self.claimant)
+            .arg(millis(self.outcome_ttl));
+        let (reserved, delay): (i64, i64) = self.invoke("reserve", &invocation).await?;
+        let delay = Duration::from_micros(u64::try_from(delay).unwrap_or(0));
+        Ok(if reserved == 1 { Ok(delay) } else { Err(delay) })
+    }
+
+    /// Holds every later start of `account`, fleet-wide, for `for_` from now.
+    pub async fn pause(&self, account: &str, for_: Duration) -> Result<(), FleetError> {
+        let mut invocation = scripts::PAUSE.prepare_invoke();
+        invocation.key(self.key("pause", account)).arg(micros(for_));
+        let _: i64 = self.invoke("pause", &invocation).await?;
+        Ok(())
+    }
+
+    /// Records the terminal event of `command_id` for the fleet and lets the claim go.
+    pub async fn record(&self, command_id: &str, event: &Event) -> Result<(), FleetError> {
+        let mut invocation = scripts::RECORD.prepare_invoke();
+        invocation
+            .key(self.key("outcome", command_id))
+            .key(self.key("claim", command_id))
+            .key(self.key("wire", command_id))
+            .arg(stored::encode(event))
+            .arg(millis(self.outcome_ttl));
+        let _: i64 = self.invoke("record", &invocation).await?;
+        Ok(())
+    }
+
+    /// Repeats `op` until Redis answers it, waiting longer each time (up to 2 s), or until
+    /// `abandon`: while Redis is away, nothing that needs it goes ahead.
+    pub async fn until_answered<T, F, Fut>(
+        &self,
+        abandon: &CancellationToken,
+        mut op: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, FleetError>>,
+    {
+        let mut wait = RETRY_MIN;
+        loop {
+            if abandon.is_cancelled() {
+                return None;
+            }
+            match op().await {
+                Ok(value) => return Some(value),
+                Err(e) => tracing::debug!(error = %e, ?wait, "Redis call failed; waiting"),
+            }
+            tokio::select! {
+                biased;
+                () = abandon.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "replica".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

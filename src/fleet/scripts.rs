@@ -1,0 +1,25 @@
+//! The fleet's Lua scripts, one a file in `lua/`, loaded at compile time. Each runs atomically
+//! in Redis; `EVALSHA` is tried first and the script is loaded once when Redis lacks it.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// `lua/claim.lua`.
+pub static CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/claim.lua")));
+/// `lua/renew.lua`.
+pub static RENEW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/renew.lua")));
+/// `lua/reserve.lua`.
+pub static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/reserve.lua")));
+/// `lua/pause.lua`.
+pub static PAUSE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/pause.lua")));
+/// `lua/record.lua`.
+pub static RECORD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/record.lua")));
+/// `lua/release.lua`.
+pub static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/release.lua")));

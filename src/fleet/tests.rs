@@ -1,0 +1,190 @@
+//! The scripts against the real Redis on 127.0.0.1:6379 (`TEST_REDIS_URL` to use another),
+//! each test under a fleet name of its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::pipeline::command::Rejection;
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A replica of a fleet of its own name, with this lease.
+fn replica(fleet: &str, lease: Duration) -> Fleet {
+    let settings = FleetSettings {
+        redis_url: redis_url(),
+        name: String::new(),
+        partitions: 1,
+        lease,
+        redis_timeout: Duration::from_millis(900),
+    };
+    Fleet::new(
+        &settings,
+        fleet,
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
+fn fleet_name() -> String {
+    format!("tw-unit-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn event(command_id: &str) -> Event {
+    Event::rejected(
+        &Rejection {
+            command_id: command_id.into(),
+            stream_id: None,
+            bot_session_id: None,
+            target: None,
+            message: "test".into(),
+        },
+        None,
+    )
+}
+
+#[tokio::test]
+async fn the_shared_log_paces_every_replica_of_the_fleet() {
+    let name = fleet_name();
+    let (a, b) = (
+        replica(&name, Duration::from_secs(5)),
+        replica(&name, Duration::from_secs(5)),
+    );
+    let window = Duration::from_secs(2);
+    let mut delays = Vec::new();
+    for (i, r) in [&a, &b, &a, &b, &a].into_iter().enumerate() {
+        let d = r
+            .reserve("acct", 3, window, None, &format!("c{i}"))
+            .await
+            .unwrap();
+        delays.push(d.unwrap());
+    }
+    // Three start at once, whoever asks; the fourth and fifth wait a whole window after the
+    // first and second.
+    for d in &delays[..3] {
+        assert!(*d < Duration::from_millis(100), "{delays:?}");
+    }
+    for d in &delays[3..] {
+        assert!(*d > Duration::from_millis(1_800), "{delays:?}");
+    }
+    // A deadline before the next free start reserves nothing.
+    let refused = b
+        .reserve("acct", 3, window, Some(Duration::from_millis(500)), "c9")
+        .await
+        .unwrap();
+    assert!(refused.is_err(), "{refused:?}");
+    // Another account has its own budget.
+    let other = a.reserve("other", 3, window, None, "c10").await.unwrap();
+    assert!(other.unwrap() < Duration::from_millis(100));
+    assert!(a.is_healthy());
+}
+
+#[tokio::test]
+async fn a_pause_holds_every_replica() {
+    let name = fleet_name();
+    let (a, b) = (
+        replica(&name, Duration::from_secs(5)),
+        replica(&name, Duration::from_secs(5)),
+    );
+    a.pause("acct", Duration::from_secs(3)).await.unwrap();
+    let d = b
+        .reserve("acct", 100, Duration::from_secs(1), None, "c1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(d > Duration::from_millis(2_500), "{d:?}");
+}
+
+#[tokio::test]
+async fn a_claim_is_held_by_one_replica_and_the_outcome_answers_the_others() {
+    let name = fleet_name();
+    let (a, b) = (
+        replica(&name, Duration::from_secs(5)),
+        replica(&name, Duration::from_secs(5)),
+    );
+    assert!(matches!(a.claim("c1").await.unwrap(), Claim::Mine));
+    assert!(
+        matches!(a.claim("c1").await.unwrap(), Claim::Mine),
+        "a claim is re-entrant"
+    );
+    match b.claim("c1").await.unwrap() {
+        Claim::Held(left) => assert!(left > Duration::from_secs(4), "{left:?}"),
+        other => panic!("{other:?}"),
+    }
+    let recorded = event("c1");
+    a.record("c1", &recorded).await.unwrap();
+    match b.claim("c1").await.unwrap() {
+        Claim::Done(e) => {
+            assert_eq!(e.id, recorded.id);
+            assert_eq!(e.body, recorded.body);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_claim_lapses_after_its_lease_and_one_with_a_call_on_the_wire_is_taken_over() {
+    let name = fleet_name();
+    let lease = Duration::from_secs(1);
+    let (a, b) = (replica(&name, lease), replica(&name, lease));
+    // Claimed, released: the next replica need not wait.
+    assert!(matches!(a.claim("quiet").await.unwrap(), Claim::Mine));
+    a.release("quiet").await.unwrap();
+    assert!(matches!(b.claim("quiet").await.unwrap(), Claim::Mine));
+    // Claimed and a start reserved (a call may be on the wire), then the replica is gone.
+    assert!(matches!(a.claim("wired").await.unwrap(), Claim::Mine));
+    a.reserve("acct", 10, Duration::from_secs(1), None, "wired")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(b.claim("wired").await.unwrap(), Claim::Held(_)));
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert!(matches!(b.claim("wired").await.unwrap(), Claim::TakenOver));
+    // A renewed claim does not lapse.
+    assert!(matches!(a.claim("kept").await.unwrap(), Claim::Mine));
+    for _ in 0..3 {
+        tokio::time::sleep(lease / 2).await;
+        assert!(a.renew("kept").await.unwrap());
+    }
+    assert!(matches!(b.claim("kept").await.unwrap(), Claim::Held(_)));
+    assert!(!b.renew("kept").await.unwrap(), "only the holder renews");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_an_error_within_the_timeout_and_unhealthy() {
+    let settings = FleetSettings {
+        // Nothing listens on port 1.
+        redis_url: "redis://127.0.0.1:1/0".into(),
+        name: "r".into(),
+        partitions: 1,
+        lease: Duration::from_secs(5),
+        redis_timeout: Duration::from_millis(300),
+    };
+    let fleet = Fleet::new(
+        &settings,
+        "x",
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    assert!(fleet.claim("c").await.is_err());
+    assert!(fleet.ping().await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!fleet.is_healthy());
+    let abandon = CancellationToken::new();
+    abandon.cancel();
+    assert!(
+        fleet
+            .until_answered(&abandon, || fleet.claim("c"))
+            .await
+            .is_none()
+    );
+}
