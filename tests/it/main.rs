@@ -4,11 +4,13 @@
 
 mod cli;
 mod contract;
+mod fleet;
 mod hardening;
 mod harness;
 mod operations;
 mod proxy;
 mod relay;
+mod replicas;
 mod schemas;
 mod transfers;
 

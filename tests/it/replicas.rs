@@ -1,0 +1,749 @@
+//! Several real `transfer-worker run` processes on one set of queues (CONTRACT §9): each with
+//! its own admin port, so a test can poll its `/readyz` and scrape its `/metrics`, kill it with
+//! SIGKILL and start it again; one simulator for all of them; a consumer of every event they
+//! publish; and a private `redis-server` a test can kill and restart on the same port.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicPublishOptions, QueueBindOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use reqwest::StatusCode;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use transfer_worker::broker::topology;
+use transfer_worker::config::Settings;
+use transfer_worker::tools::simulator::{self, Simulator, SimulatorConfig};
+
+use crate::harness::{Cleanup, EVENT_WAIT, Received, amqp_url, passive, test_channel};
+
+/// The shared Redis the tests use when they need no outage.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A free TCP port on loopback (free when asked; the caller binds it soon after).
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .expect("a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits, up to `limit`, until `ok` holds; panics with `what` (and `detail()`) otherwise.
+pub async fn wait_for(
+    what: &str,
+    limit: Duration,
+    detail: impl Fn() -> String,
+    mut ok: impl AsyncFnMut() -> bool,
+) {
+    let until = Instant::now() + limit;
+    while !ok().await {
+        assert!(
+            Instant::now() < until,
+            "{what} within {limit:?}\n{}",
+            detail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How a fleet is run.
+pub struct FleetSpec {
+    pub replicas: usize,
+    /// `fleet.redis_url`; `None`: no Redis, the replicas are hot standbys.
+    pub redis_url: Option<String>,
+    pub rate_limit: u32,
+    pub rate_window: &'static str,
+    pub prefetch: u16,
+    /// The simulator's latency for every call.
+    pub latency: Duration,
+    /// Further `TRANSFER__…` variables for every replica.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for FleetSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 2,
+            redis_url: None,
+            rate_limit: 100_000,
+            rate_window: "1s",
+            prefetch: 32,
+            latency: Duration::ZERO,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// One `transfer-worker run` process.
+pub struct Replica {
+    pub name: String,
+    pub admin: SocketAddr,
+    child: Option<tokio::process::Child>,
+    log: tempfile::NamedTempFile,
+    env: Vec<(String, String)>,
+    config: std::path::PathBuf,
+}
+
+impl Replica {
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} already runs", self.name);
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.log.path())
+            .unwrap();
+        writeln!(&out, "---- {} starts ----", self.name).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("TRANSFER_CONFIG");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("TRANSFER__") {
+                command.env_remove(key);
+            }
+        }
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let child = command
+            .env("TRANSFER__ADMIN__LISTEN", self.admin.to_string())
+            .env("TRANSFER__FLEET__NAME", &self.name)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary starts");
+        self.child = Some(child);
+    }
+
+    /// Whether the process runs (it may be starting, or stopping).
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// Its output so far, every run of it.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("the replica runs");
+        let _ = child.start_kill();
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("a killed process is reaped in time")
+            .expect("wait");
+    }
+
+    /// SIGTERM, and waits up to `limit` for the exit status.
+    pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the replica runs");
+        let pid = child.id().expect("running");
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "{} did not exit within {limit:?}:\n{}",
+                self.name,
+                self.log()
+            ),
+        }
+    }
+
+    /// Waits for the process to exit by itself, up to `limit`.
+    pub async fn exit_status(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("the replica runs");
+        let status = match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!("{} still runs after {limit:?}:\n{}", self.name, self.log()),
+        };
+        self.child = None;
+        status
+    }
+
+    /// `GET /readyz`'s status; `None` when the admin listener does not answer.
+    pub async fn readyz(&self) -> Option<StatusCode> {
+        reqwest::Client::new()
+            .get(format!("http://{}/readyz", self.admin))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status())
+    }
+
+    /// `GET /metrics`, as series; `None` when the admin listener does not answer.
+    pub async fn try_metrics(&self) -> Option<BTreeMap<String, f64>> {
+        let response = reqwest::Client::new()
+            .get(format!("http://{}/metrics", self.admin))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        if response.status() != StatusCode::OK {
+            return None;
+        }
+        Some(crate::operations::series(&response.text().await.ok()?))
+    }
+
+    /// `GET /metrics`, as series; panics when it does not answer.
+    pub async fn metrics(&self) -> BTreeMap<String, f64> {
+        match self.try_metrics().await {
+            Some(m) => m,
+            None => panic!("{} serves no metrics:\n{}", self.name, self.log()),
+        }
+    }
+
+    /// One series' value (0 when absent).
+    pub async fn metric(&self, key: &str) -> f64 {
+        self.metrics().await.get(key).copied().unwrap_or(0.0)
+    }
+
+    /// The sum of every series of a family (`name` or `name{…}`), 0 when absent.
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        family_sum(&self.metrics().await, name)
+    }
+}
+
+/// The sum of every series of a family (`name` or `name{…}`) in `series`.
+pub fn family_sum(series: &BTreeMap<String, f64>, name: &str) -> f64 {
+    series
+        .iter()
+        .filter(|(k, _)| *k == name || k.starts_with(&format!("{name}{{")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Several replicas on one queue set, one simulator, and a consumer of their events.
+pub struct Fleet {
+    pub settings: Settings,
+    pub sim: Simulator,
+    pub channel: Channel,
+    _conn: Connection,
+    pub replicas: Vec<Replica>,
+    events: Consumer,
+    env: Vec<(String, String)>,
+    config: tempfile::NamedTempFile,
+    _redis_keys: Option<RedisKeys>,
+    _cleanup: Cleanup,
+}
+
+/// A config file with the default bot at the given pace.
+fn config_file(settings: &Settings, spec: &FleetSpec) -> tempfile::NamedTempFile {
+    let bot = &settings.bots[0];
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    let s = |v: &str| toml::Value::String(v.to_owned()).to_string();
+    write!(
+        file,
+        "[[bots]]\nstream_id = {}\naccount_id = {}\nclient_id = {}\nclient_secret = {}\n\
+         rate_limit = {}\nrate_window = {}\n",
+        s(&bot.stream_id),
+        s(&bot.account_id),
+        s(&bot.client_id),
+        s(bot.client_secret.as_ref().unwrap().expose_secret()),
+        spec.rate_limit,
+        s(spec.rate_window),
+    )
+    .unwrap();
+    file.flush().unwrap();
+    file
+}
+
+impl Fleet {
+    /// Declares the topology, starts the simulator and `spec.replicas` replicas, and waits
+    /// until every replica is ready and a consumer of the commands queue.
+    pub async fn start(spec: FleetSpec) -> Self {
+        let settings = crate::harness::test_settings();
+        let (conn, channel) = test_channel().await;
+        topology::declare(&channel, &settings.amqp)
+            .await
+            .expect("topology");
+        let fleet = Self::assemble(spec, settings, conn, channel).await;
+        fleet.wait_all_ready().await;
+        fleet
+    }
+
+    /// Like [`Fleet::start`] with given settings, declaring nothing: the replicas declare
+    /// the topology themselves (or refuse to), and nothing waits for them.
+    pub async fn launch_undeclared(spec: FleetSpec, settings: Settings) -> Self {
+        let (conn, channel) = test_channel().await;
+        Self::assemble(spec, settings, conn, channel).await
+    }
+
+    async fn assemble(
+        spec: FleetSpec,
+        settings: Settings,
+        conn: Connection,
+        channel: Channel,
+    ) -> Self {
+        crate::init_logs();
+        let amqp = &settings.amqp;
+        let cleanup = Cleanup::new(
+            vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()],
+            vec![
+                amqp.results_exchange.clone(),
+                amqp.dead_letter_exchange.clone(),
+            ],
+        );
+        let redis_keys = spec
+            .redis_url
+            .as_ref()
+            .map(|url| RedisKeys::new(url, &amqp.commands_queue));
+        let sim = Simulator::start(SimulatorConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            bots: simulator::bots_from_settings(&settings),
+            latency: spec.latency,
+            callbacks: false,
+            ..SimulatorConfig::default()
+        })
+        .await
+        .expect("simulator starts");
+        // The results exchange may not exist yet (nothing declared): declare it as the worker
+        // does, so the events queue can bind.
+        channel
+            .exchange_declare(
+                amqp.results_exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("results exchange");
+        let events_queue = topology::private_queue(&channel, Duration::from_secs(10))
+            .await
+            .expect("private queue")
+            .to_string();
+        channel
+            .queue_bind(
+                events_queue.as_str().into(),
+                amqp.results_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let events = topology::watch(&channel, events_queue.as_str().into(), EVENT_WAIT)
+            .await
+            .expect("consume the events");
+
+        let config = config_file(&settings, &spec);
+        let mut env: Vec<(String, String)> = vec![
+            ("TRANSFER__AMQP__URL".into(), amqp_url()),
+            (
+                "TRANSFER__AMQP__COMMANDS_QUEUE".into(),
+                amqp.commands_queue.clone(),
+            ),
+            (
+                "TRANSFER__AMQP__RESULTS_EXCHANGE".into(),
+                amqp.results_exchange.clone(),
+            ),
+            (
+                "TRANSFER__AMQP__DEAD_LETTER_EXCHANGE".into(),
+                amqp.dead_letter_exchange.clone(),
+            ),
+            (
+                "TRANSFER__AMQP__DEAD_LETTER_QUEUE".into(),
+                amqp.dead_letter_queue.clone(),
+            ),
+            (
+                "TRANSFER__AMQP__DELIVERY_LIMIT".into(),
+                amqp.delivery_limit.to_string(),
+            ),
+            ("TRANSFER__AMQP__PREFETCH".into(), spec.prefetch.to_string()),
+            (
+                "TRANSFER__AMQP__RECONNECT_INITIAL_DELAY".into(),
+                "50ms".into(),
+            ),
+            ("TRANSFER__AMQP__RECONNECT_MAX_DELAY".into(), "500ms".into()),
+            ("TRANSFER__AGENTASSIST__BASE_URL".into(), sim.base_url()),
+            ("TRANSFER__AGENTASSIST__REQUEST_TIMEOUT".into(), "5s".into()),
+            ("TRANSFER__RETRY__INITIAL_DELAY".into(), "20ms".into()),
+            ("TRANSFER__RETRY__MAX_DELAY".into(), "200ms".into()),
+            ("TRANSFER__RETRY__MAX_ATTEMPTS".into(), "4".into()),
+            ("TRANSFER__CALLBACKS__LISTEN".into(), "127.0.0.1:0".into()),
+            ("TRANSFER__CALLBACKS__PUBLIC_URL".into(), String::new()),
+            ("TRANSFER__SHUTDOWN__GRACE".into(), "5s".into()),
+            ("TRANSFER__LOG__LEVEL".into(), "info".into()),
+        ];
+        if let Some(url) = &spec.redis_url {
+            env.push(("TRANSFER__FLEET__REDIS_URL".into(), url.clone()));
+        }
+        env.extend(spec.env.iter().cloned());
+        let mut fleet = Self {
+            settings,
+            sim,
+            channel,
+            _conn: conn,
+            replicas: Vec::with_capacity(spec.replicas),
+            events,
+            env,
+            config,
+            _redis_keys: redis_keys,
+            _cleanup: cleanup,
+        };
+        for _ in 0..spec.replicas {
+            fleet.add_replica();
+        }
+        fleet
+    }
+
+    /// Starts one more replica, named after its index, without waiting for it.
+    pub fn add_replica(&mut self) -> usize {
+        let i = self.replicas.len();
+        let tag = &self.settings.amqp.commands_queue["tw-test-".len()..][..6];
+        let mut replica = Replica {
+            name: format!("r{i}-{tag}"),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())),
+            child: None,
+            log: tempfile::NamedTempFile::new().unwrap(),
+            env: self.env.clone(),
+            config: self.config.path().to_owned(),
+        };
+        replica.spawn();
+        self.replicas.push(replica);
+        i
+    }
+
+    /// The last `lines` lines of every replica's output.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let log = r.log();
+                let all: Vec<&str> = log.lines().collect();
+                let from = all.len().saturating_sub(lines);
+                format!("==== {} ====\n{}", r.name, all[from..].join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Consumers of the commands queue, as the broker counts them (active and waiting).
+    pub async fn consumers(&self) -> u32 {
+        passive(&self.channel, &self.settings.amqp.commands_queue)
+            .await
+            .consumer_count()
+    }
+
+    /// Waits until every replica answers `/readyz` 200 (connected and consuming).
+    pub async fn wait_all_ready(&self) {
+        for r in &self.replicas {
+            wait_for(
+                &format!("{} ready", r.name),
+                Duration::from_secs(30),
+                || self.log_tails(40),
+                async || r.readyz().await == Some(StatusCode::OK),
+            )
+            .await;
+        }
+        // A single-active-consumer queue may count only its active consumer.
+        wait_for(
+            "a consumer of the commands queue",
+            Duration::from_secs(20),
+            || self.log_tails(40),
+            async || self.consumers().await >= 1,
+        )
+        .await;
+    }
+
+    /// Starts replica `i` again (same name, same admin port) and waits until it is ready.
+    pub async fn restart(&mut self, i: usize) {
+        self.replicas[i].spawn();
+        let r = &self.replicas[i];
+        wait_for(
+            &format!("{} ready again", r.name),
+            Duration::from_secs(30),
+            || r.log(),
+            async || r.readyz().await == Some(StatusCode::OK),
+        )
+        .await;
+    }
+
+    /// The replicas that have received at least one command, by index.
+    pub async fn active(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            if let Some(m) = r.try_metrics().await
+                && m.get("transfer_commands_received_total")
+                    .copied()
+                    .unwrap_or(0.0)
+                    > 0.0
+            {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// Waits until exactly one replica has received commands, and returns it.
+    pub async fn the_active_one(&self) -> usize {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let active = self.active().await;
+            assert!(
+                active.len() <= 1,
+                "several replicas received commands from a single-active-consumer queue: \
+                 {active:?}"
+            );
+            if let [one] = active[..] {
+                return one;
+            }
+            assert!(
+                Instant::now() < until,
+                "no replica received a command\n{}",
+                self.log_tails(40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publishes a JSON command, persistent, confirmed.
+    pub async fn publish(&self, command: &Value) {
+        self.publish_all(std::slice::from_ref(command)).await;
+    }
+
+    /// Publishes commands back to back, persistent, confirmed together.
+    pub async fn publish_all(&self, commands: &[Value]) {
+        let mut confirms = Vec::with_capacity(commands.len());
+        for c in commands {
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        "".into(),
+                        self.settings.amqp.commands_queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &serde_json::to_vec(c).unwrap(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        for confirm in confirms {
+            assert!(confirm.await.unwrap().is_ack());
+        }
+    }
+
+    /// The next event on the results exchange, within `limit`.
+    pub async fn next_event_within(&mut self, limit: Duration) -> Option<Received> {
+        let delivery = match tokio::time::timeout(limit, self.events.next()).await {
+            Err(_) => return None,
+            Ok(next) => next.expect("events consumer open").expect("delivery"),
+        };
+        Some(Received {
+            json: serde_json::from_slice(&delivery.data).expect("events are JSON"),
+            routing_key: delivery.routing_key.to_string(),
+            properties: delivery.properties,
+        })
+    }
+
+    /// Events until `done` says enough, each within [`EVENT_WAIT`] of the last, all within
+    /// `limit`; panics with the replicas' logs otherwise.
+    pub async fn events_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let until = Instant::now() + limit;
+        let mut out = Vec::new();
+        while !done(&out) {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.next_event_within(left.min(EVENT_WAIT)).await {
+                Some(e) => out.push(e),
+                None => panic!(
+                    "events stopped coming after {} of them: {:?}\n{}",
+                    out.len(),
+                    out.iter()
+                        .map(|e| format!("{} {}", e.name(), e.command_id()))
+                        .collect::<Vec<_>>(),
+                    self.log_tails(60)
+                ),
+            }
+        }
+        out
+    }
+
+    /// Asserts that no event arrives within `wait`.
+    pub async fn assert_no_event(&mut self, wait: Duration) {
+        if let Some(e) = self.next_event_within(wait).await {
+            panic!("unexpected event: {}", e.json);
+        }
+    }
+
+    /// Stops every running replica with SIGTERM (each must exit 0), then asserts that the
+    /// commands queue holds nothing: unacked commands are back in it once their channels close.
+    pub async fn stop_leaving_nothing(&mut self) {
+        for i in 0..self.replicas.len() {
+            if self.replicas[i].is_running() {
+                let status = self.replicas[i].terminate(Duration::from_secs(20)).await;
+                assert!(
+                    status.success(),
+                    "{} exited with {status} after SIGTERM:\n{}",
+                    self.replicas[i].name,
+                    self.replicas[i].log()
+                );
+            }
+        }
+        wait_for(
+            "no consumer left on the commands queue",
+            Duration::from_secs(10),
+            String::new,
+            async || self.consumers().await == 0,
+        )
+        .await;
+        let left =
+            crate::harness::take_all(&self.channel, &self.settings.amqp.commands_queue).await;
+        assert!(
+            left.is_empty(),
+            "{} commands left in the queue: {:?}",
+            left.len(),
+            left.iter()
+                .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Deletes a fleet's Redis keys (every one starts with its commands queue) when dropped.
+struct RedisKeys {
+    url: String,
+    prefix: String,
+}
+
+impl RedisKeys {
+    fn new(url: &str, prefix: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+        }
+    }
+}
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        let Ok(scan) = std::process::Command::new("redis-cli")
+            .args(["-u", &self.url, "--scan", "--pattern"])
+            .arg(format!("{}*", self.prefix))
+            .stderr(Stdio::null())
+            .output()
+        else {
+            return;
+        };
+        let keys: Vec<String> = String::from_utf8_lossy(&scan.stdout)
+            .lines()
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for chunk in keys.chunks(100) {
+            let _ = std::process::Command::new("redis-cli")
+                .args(["-u", &self.url, "DEL"])
+                .args(chunk)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A private `redis-server` on a port of its own, which a test can kill and start again.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<tokio::process::Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl RedisServer {
+    /// Starts one on a free port and waits until it answers.
+    pub async fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            log: tempfile::NamedTempFile::new().unwrap(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:{port}/0`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "redis-server already runs");
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.log.path())
+            .unwrap();
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is on PATH");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !self.answers().await {
+            assert!(
+                Instant::now() < until,
+                "redis-server on {} does not answer:\n{}",
+                self.port,
+                std::fs::read_to_string(self.log.path()).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether it answers PING.
+    pub async fn answers(&self) -> bool {
+        tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "PING"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .await
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+    }
+
+    /// SIGKILL, and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("redis-server runs");
+        let _ = child.start_kill();
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("redis-server reaped in time")
+            .expect("wait");
+    }
+
+    /// Starts it again on the same port (empty: nothing was saved).
+    pub async fn restart(&mut self) {
+        self.spawn().await;
+    }
+}
