@@ -21,6 +21,8 @@
 //!   ([`agentassist::pacer`], per account), the call ([`agentassist::client`], with a JWT from
 //!   [`agentassist::jwt`] for one of the [`agentassist::bots`]), the classification of its
 //!   answer, and retries ([`agentassist::retry`]).
+//! - [`fleet`] — with several replicas, the state they share through Redis: one rate budget
+//!   per account, claims and recorded outcomes, so the fleet behaves as one worker.
 //! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
 //!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
 //! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
