@@ -60,6 +60,30 @@ impl Rig {
         }
     }
 
+    /// Makes the rig a replica of the fleet `name`, on the real Redis (`TEST_REDIS_URL`).
+    fn in_fleet(mut self, name: &str) -> Self {
+        let settings = crate::config::FleetSettings {
+            redis_url: std::env::var("TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
+            name: String::new(),
+            partitions: 1,
+            lease: Duration::from_secs(5),
+            redis_timeout: Duration::from_secs(1),
+        };
+        let fleet = Arc::new(
+            crate::fleet::Fleet::new(
+                &settings,
+                name,
+                Duration::from_secs(60),
+                self.stages.metrics.clone(),
+            )
+            .unwrap(),
+        );
+        self.stages.transfers = self.stages.transfers.clone().with_fleet(fleet.clone());
+        self.stages.fleet = Some(fleet);
+        self
+    }
+
     fn read(&self, body: &Value, message_id: Option<&str>) -> Parsed {
         let envelope = Envelope {
             message_id: message_id.map(str::to_owned),
@@ -218,4 +242,55 @@ async fn a_shutdown_while_waiting_to_retry_gives_the_command_back() {
     ));
     assert!(rig.stages.outcomes.get("c-wait").is_none());
     rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_completed_by_one_replica_is_answered_by_another_from_the_fleet_record() {
+    let fleet = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
+    let a = Rig::start().await.in_fleet(&fleet);
+    let b = Rig::start().await.in_fleet(&fleet);
+    let first = decided(handle(&a.stages, &a.read(&command("c-f1"), None)).await);
+    match handle(&b.stages, &b.read(&command("c-f1"), None)).await {
+        Handled::Remembered(again) => {
+            assert_eq!(again.id, first.id);
+            assert_eq!(again.body, first.body);
+        }
+        other => panic!("expected the fleet's record, got {other:?}"),
+    }
+    assert_eq!(a.sim.stats().calls, 1);
+    assert_eq!(
+        b.sim.stats().calls,
+        0,
+        "no second call anywhere in the fleet"
+    );
+    a.sim.shutdown().await;
+    b.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_claimed_by_a_live_replica_is_waited_for_not_sent_again() {
+    let fleet = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
+    let a = Rig::start().await.in_fleet(&fleet);
+    let b = Rig::start().await.in_fleet(&fleet);
+    // A holds the claim, as while its call is on the wire.
+    let a_fleet = a.stages.fleet.clone().unwrap();
+    assert!(matches!(
+        a_fleet.claim("c-f2").await.unwrap(),
+        crate::fleet::Claim::Mine
+    ));
+    let parsed = b.read(&command("c-f2"), None);
+    let waiting = handle(&b.stages, &parsed);
+    let finishing = async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        decided(handle(&a.stages, &a.read(&command("c-f2"), None)).await)
+    };
+    let (handled, done) = tokio::join!(waiting, finishing);
+    match handled {
+        Handled::Remembered(event) => assert_eq!(event.id, done.id),
+        other => panic!("expected to wait for the holder's outcome, got {other:?}"),
+    }
+    assert_eq!(b.sim.stats().calls, 0);
+    assert!(b.stages.metrics.fleet_claim_waits.get() >= 1);
+    a.sim.shutdown().await;
+    b.sim.shutdown().await;
 }
