@@ -95,6 +95,10 @@ impl Transfers {
                 let now = Instant::now();
                 let deadline_in = deadline.map(|d| d.saturating_duration_since(now));
                 async move {
+                    // Waiting for Redis does not stop the deadline: past it, ask nothing.
+                    if deadline_in.is_some_and(|left| left.is_zero()) {
+                        return Ok((now, Err(Duration::ZERO)));
+                    }
                     let answer = fleet
                         .reserve(
                             &bot.account_id,
