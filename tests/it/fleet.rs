@@ -376,7 +376,6 @@ async fn with_redis_down_no_call_starts_readiness_fails_and_everything_completes
         replicas: 2,
         redis_url: Some(redis.url()),
         latency: Duration::from_millis(50),
-        env: vec![("TRANSFER__FLEET__REDIS_TIMEOUT".into(), "1s".into())],
         ..FleetSpec::default()
     })
     .await;
