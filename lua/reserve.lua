@@ -1,7 +1,8 @@
 -- Reserves the earliest call start an account's budget allows: a sliding log, shared by every
 -- replica, timed by Redis's clock. Call n starts at least `window` after call n - `limit`;
--- starts are handed out in order, so every caller knows at once when it may call, or that its
--- deadline comes first (then nothing is reserved).
+-- every caller knows at once when it may call, or that its deadline comes first (then nothing
+-- is reserved). A start further away than the horizon is not booked yet, only told: a replica
+-- that dies leaves at most a horizon of the account's budget booked and unused.
 --
 -- KEYS[1]  the account's log: a sorted set of reserved starts (µs since the epoch)
 -- KEYS[2]  the account's pause: no start before this (µs), set after a 429
@@ -10,7 +11,9 @@
 -- ARGV[3]  deadline, µs from now (-1: none)
 -- ARGV[4]  a unique member for this start
 -- ARGV[5]  the mark's value (the claimant)   ARGV[6] the mark's lifetime (ms)
--- Returns {1, delay µs} when reserved, {0, delay µs} when the deadline comes first.
+-- ARGV[7]  the horizon (µs)
+-- Returns {1, delay µs} when reserved, {0, delay µs} when the deadline comes first, and
+-- {2, delay µs} when the start is beyond the horizon: ask again closer to it.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit = tonumber(ARGV[1])
@@ -35,6 +38,9 @@ end
 local delay = slot - now
 if deadline >= 0 and delay > deadline then
   return {0, delay}
+end
+if delay > tonumber(ARGV[7]) then
+  return {2, delay}
 end
 redis.call('ZADD', KEYS[1], slot, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], math.floor((delay + window) / 1000) + 1000)

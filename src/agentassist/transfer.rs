@@ -12,7 +12,7 @@ use super::bots::Bot;
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Reservation};
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::pipeline::command::Command;
 
@@ -77,48 +77,71 @@ impl Transfers {
         self
     }
 
-    /// The next start allowed by the account's budget, or [`DeadlineFirst`]. With a fleet,
-    /// the budget is Redis's: while it does not answer no start is handed out (the command
-    /// waits, its deadline still counting), until it does or the grace runs out.
-    async fn reserve(
+    /// Waits for the next start the account's budget allows, or says the deadline comes
+    /// first. With a fleet, the budget is Redis's: while it does not answer no start is handed
+    /// out (the command waits, its deadline still counting), until it does or the grace runs
+    /// out; a start booked but not reached at shutdown is given back.
+    async fn wait_for_start(
         &self,
         command: &Command,
         deadline: Option<Instant>,
         shutdown: &CancellationToken,
-    ) -> Result<Result<Instant, DeadlineFirst>, Abandoned> {
+    ) -> Result<Result<(), DeadlineFirst>, Abandoned> {
         let bot = &command.bot;
         let Some(fleet) = &self.fleet else {
-            return Ok(bot.pacer.reserve(deadline));
+            return match bot.pacer.reserve(deadline) {
+                Ok(slot) => sleep_until(slot, shutdown).await.map(Ok),
+                Err(first) => Ok(Err(first)),
+            };
         };
-        let reserved = fleet
-            .until_answered(shutdown, || {
-                let now = Instant::now();
-                let deadline_in = deadline.map(|d| d.saturating_duration_since(now));
-                async move {
-                    // Waiting for Redis does not stop the deadline: past it, ask nothing.
-                    if deadline_in.is_some_and(|left| left.is_zero()) {
-                        return Ok((now, Err(Duration::ZERO)));
+        loop {
+            let (asked_at, answer) = fleet
+                .until_answered(shutdown, || {
+                    let now = Instant::now();
+                    let deadline_in = deadline.map(|d| d.saturating_duration_since(now));
+                    async move {
+                        // Waiting for Redis does not stop the deadline: past it, ask nothing.
+                        if deadline_in.is_some_and(|left| left.is_zero()) {
+                            let delay = Duration::ZERO;
+                            return Ok((now, Reservation::DeadlineFirst { delay }));
+                        }
+                        let answer = fleet
+                            .reserve(
+                                &bot.account_id,
+                                bot.pacer.limit(),
+                                bot.pacer.window(),
+                                deadline_in,
+                                &command.command_id,
+                            )
+                            .await?;
+                        Ok((now, answer))
                     }
-                    let answer = fleet
-                        .reserve(
-                            &bot.account_id,
-                            bot.pacer.limit(),
-                            bot.pacer.window(),
-                            deadline_in,
-                            &command.command_id,
-                        )
-                        .await?;
-                    Ok((now, answer))
+                })
+                .await
+                .ok_or(Abandoned)?;
+            let at = |delay: Duration| asked_at.checked_add(delay).unwrap_or(asked_at);
+            match answer {
+                Reservation::Booked { delay, booking } => {
+                    if let Err(abandoned) = sleep_until(at(delay), shutdown).await {
+                        if let Err(e) = fleet.unreserve(&booking).await {
+                            tracing::warn!(error = %e, "could not give back a booked start");
+                        }
+                        return Err(abandoned);
+                    }
+                    return Ok(Ok(()));
                 }
-            })
-            .await
-            .ok_or(Abandoned)?;
-        let (asked_at, answer) = reserved;
-        let at = |delay: Duration| asked_at.checked_add(delay).unwrap_or(asked_at);
-        Ok(match answer {
-            Ok(delay) => Ok(at(delay)),
-            Err(delay) => Err(DeadlineFirst { slot: at(delay) }),
-        })
+                Reservation::DeadlineFirst { delay } => {
+                    return Ok(Err(DeadlineFirst { slot: at(delay) }));
+                }
+                // Asked again a horizon before the start, when it can be booked.
+                Reservation::NotYet { delay } => {
+                    let again = delay
+                        .saturating_sub(fleet.horizon())
+                        .max(Duration::from_millis(50));
+                    sleep_until(at(again), shutdown).await?;
+                }
+            }
+        }
     }
 
     /// Holds the account's later calls for `for_`: in this process, and fleet-wide.
@@ -170,10 +193,13 @@ impl Transfers {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(out_of_time(attempts, last_error));
             }
-            let Ok(slot) = self.reserve(command, deadline, shutdown).await? else {
+            if self
+                .wait_for_start(command, deadline, shutdown)
+                .await?
+                .is_err()
+            {
                 return Ok(out_of_time(attempts, last_error));
-            };
-            sleep_until(slot, shutdown).await?;
+            }
             // Once the grace has run out no new call starts, whatever woke this command.
             if shutdown.is_cancelled() {
                 return Err(Abandoned);

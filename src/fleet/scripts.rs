@@ -23,3 +23,6 @@ pub static RECORD: LazyLock<Script> =
 /// `lua/release.lua`.
 pub static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/release.lua")));
+/// `lua/unreserve.lua`.
+pub static UNRESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/unreserve.lua")));

@@ -46,12 +46,53 @@ fn event(command_id: &str) -> Event {
     )
 }
 
+fn booked(r: Reservation) -> Duration {
+    match r {
+        Reservation::Booked { delay, .. } => delay,
+        other => panic!("expected a booked start, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn starts_beyond_the_horizon_are_told_not_booked_and_unused_ones_are_given_back() {
+    let name = fleet_name();
+    // Lease 3 s: the horizon is 1 s.
+    let (a, b) = (
+        replica(&name, Duration::from_secs(3)),
+        replica(&name, Duration::from_secs(3)),
+    );
+    let window = Duration::from_secs(4);
+    let first = a.reserve("acct", 1, window, None, "c1").await.unwrap();
+    assert!(booked(first) < Duration::from_millis(100));
+    // The next start is a window away, beyond the horizon: not booked, so a replica that
+    // died now would hold nothing of the account's budget but the call it made.
+    match b.reserve("acct", 1, window, None, "c2").await.unwrap() {
+        Reservation::NotYet { delay } => assert!(delay > Duration::from_secs(3), "{delay:?}"),
+        other => panic!("{other:?}"),
+    }
+    match b.reserve("acct", 1, window, None, "c3").await.unwrap() {
+        Reservation::NotYet { .. } => {}
+        other => panic!("the log is unchanged, so is the answer: {other:?}"),
+    }
+    // A start booked and given back frees the budget for the next caller.
+    let other = a.reserve("acct2", 1, window, None, "c4").await.unwrap();
+    let Reservation::Booked { booking, .. } = other else {
+        panic!("{other:?}")
+    };
+    a.unreserve(&booking).await.unwrap();
+    assert!(
+        booked(b.reserve("acct2", 1, window, None, "c5").await.unwrap())
+            < Duration::from_millis(100)
+    );
+}
+
 #[tokio::test]
 async fn the_shared_log_paces_every_replica_of_the_fleet() {
     let name = fleet_name();
+    // Lease 9 s: the horizon (3 s) is beyond the window (2 s), so every start is booked.
     let (a, b) = (
-        replica(&name, Duration::from_secs(5)),
-        replica(&name, Duration::from_secs(5)),
+        replica(&name, Duration::from_secs(9)),
+        replica(&name, Duration::from_secs(9)),
     );
     let window = Duration::from_secs(2);
     let mut delays = Vec::new();
@@ -60,7 +101,7 @@ async fn the_shared_log_paces_every_replica_of_the_fleet() {
             .reserve("acct", 3, window, None, &format!("c{i}"))
             .await
             .unwrap();
-        delays.push(d.unwrap());
+        delays.push(booked(d));
     }
     // Three start at once, whoever asks; the fourth and fifth wait a whole window after the
     // first and second.
@@ -75,10 +116,13 @@ async fn the_shared_log_paces_every_replica_of_the_fleet() {
         .reserve("acct", 3, window, Some(Duration::from_millis(500)), "c9")
         .await
         .unwrap();
-    assert!(refused.is_err(), "{refused:?}");
+    assert!(
+        matches!(refused, Reservation::DeadlineFirst { .. }),
+        "{refused:?}"
+    );
     // Another account has its own budget.
     let other = a.reserve("other", 3, window, None, "c10").await.unwrap();
-    assert!(other.unwrap() < Duration::from_millis(100));
+    assert!(booked(other) < Duration::from_millis(100));
     assert!(a.is_healthy());
 }
 
@@ -90,12 +134,17 @@ async fn a_pause_holds_every_replica() {
         replica(&name, Duration::from_secs(5)),
     );
     a.pause("acct", Duration::from_secs(3)).await.unwrap();
-    let d = b
+    match b
         .reserve("acct", 100, Duration::from_secs(1), None, "c1")
         .await
         .unwrap()
-        .unwrap();
-    assert!(d > Duration::from_millis(2_500), "{d:?}");
+    {
+        // Beyond the horizon (5 s / 3), so told rather than booked.
+        Reservation::NotYet { delay } => {
+            assert!(delay > Duration::from_millis(2_500), "{delay:?}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -136,10 +185,11 @@ async fn a_claim_lapses_after_its_lease_and_one_with_a_call_on_the_wire_is_taken
     assert!(matches!(b.claim("quiet").await.unwrap(), Claim::Mine));
     // Claimed and a start reserved (a call may be on the wire), then the replica is gone.
     assert!(matches!(a.claim("wired").await.unwrap(), Claim::Mine));
-    a.reserve("acct", 10, Duration::from_secs(1), None, "wired")
-        .await
-        .unwrap()
-        .unwrap();
+    booked(
+        a.reserve("acct", 10, Duration::from_secs(1), None, "wired")
+            .await
+            .unwrap(),
+    );
     assert!(matches!(b.claim("wired").await.unwrap(), Claim::Held(_)));
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
     assert!(matches!(b.claim("wired").await.unwrap(), Claim::TakenOver));
