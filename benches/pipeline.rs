@@ -19,32 +19,50 @@
 //! Scenarios: (a) API answers at once, 20 000 commands, prefetch 256, plus the relay;
 //! (b) API latency 200 ms, 5 000 commands, prefetch 256 (ceiling 1 280/s);
 //! (c) 10 000 in flight at once (prefetch 10 000, latency 2 s): memory per in-flight command;
-//! (d) 20 % transient 503s, 5 000 commands: every command succeeds or fails after its budget.
+//! (d) 20 % transient 503s, 5 000 commands: every command succeeds or fails after its budget;
+//! (f) scenario (a) on one replica in fleet mode (`[fleet] redis_url`: pacing, claims and
+//! outcomes shared through Redis) against the same single-process, both in every run (the order
+//! alternating between runs), on fresh queues and processes each.
+//!
+//! Scenario (f) reports each mode's throughput, latency, CPU per command and RSS, fleet ÷
+//! single-process throughput (median of the per-run ratios), and from the worker's `/metrics`
+//! (scraped just before publishing and after the last event): Redis round trips per command
+//! over every operation but the once-a-second `ping` probe, by operation (`claim`, `reserve`,
+//! `record`, …), Redis errors, the mean Redis round trip (histogram sum ÷ count), Redis's own
+//! CPU per command (its `redis-server` process) and the keys the run left in Redis (every key
+//! starts with the run's commands queue and a colon; the bench deletes them afterwards, also on
+//! error or Ctrl-C). `--runs K` makes K pairs.
 //!
 //! Targets are printed next to the numbers, never asserted. The exit code is 2 when the
-//! harness fails (broker down, a process does not start), 1 when a command was lost,
+//! harness fails (broker or Redis down, a process does not start), 1 when a command was lost,
 //! duplicated or ended unexpectedly, 0 otherwise. Results: a table on stdout and
 //! `<target dir>/bench/pipeline-<unix time>.json` plus `pipeline-latest.json`; child logs and
 //! configs in `<target dir>/bench/logs/`.
 //!
 //! ```text
-//! cargo bench --bench pipeline                              # all four, 1 run each
+//! cargo bench --bench pipeline                              # all five, 1 run each
 //! cargo bench --bench pipeline -- --scenario a --runs 3 --n 20000
+//! cargo bench --bench pipeline -- --scenario f --runs 3   # fleet mode vs single-process
 //! cargo bench --bench pipeline -- --scenario a --n 3000 --no-relay \
 //!     --wrap "valgrind --tool=callgrind --callgrind-out-file=target/bench/callgrind.out"
 //! ```
 //!
-//! Options: `--scenario a|b|c|d|all` (repeatable, or comma-separated), `--runs K`, `--n N`,
-//! `--prefetch P` (overrides (a), (b) and (d)), `--window W` (default 1000),
+//! Options: `--scenario a|b|c|d|f|all` (repeatable, or comma-separated; `all`, the default, is
+//! all five), `--runs K`, `--n N`, `--prefetch P` (overrides (a), (b), (d) and (f)),
+//! `--window W` (default 1000),
 //! `--idle-timeout SECS` (give up when no event comes for this long, default 60),
 //! `--linger-ms MS` (keep listening for duplicates after the last event, default 1000),
 //! `--no-relay`, `--wrap "CMD ARGS"` (start the worker as `CMD ARGS transfer-worker run …`; the
 //! `/proc` numbers are then the wrapper's, which is the worker itself only for wrappers that
 //! exec, like `env MALLOC_ARENA_MAX=1`, not for valgrind or perf). The broker URL is
-//! `TRANSFER__AMQP__URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`.
+//! `TRANSFER__AMQP__URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`; the Redis of (f) is
+//! `--redis-url URL`, else `TRANSFER__FLEET__REDIS_URL`, else `redis://127.0.0.1:6379/0` (when
+//! it does not answer, (f) ends with a harness error and the other scenarios still run).
 
 #[path = "pipeline/amqp.rs"]
 mod amqp;
+#[path = "pipeline/fleet.rs"]
+mod fleet;
 #[path = "pipeline/procs.rs"]
 mod procs;
 #[path = "pipeline/relay.rs"]
@@ -67,6 +85,8 @@ use run::{Ctx, Scenario};
 
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const WORKER_EXE: &str = env!("CARGO_BIN_EXE_transfer-worker");
+/// What `all` (and no `--scenario`) runs.
+const ALL: [char; 5] = ['a', 'b', 'c', 'd', 'f'];
 
 /// What the command line asked for.
 struct Options {
@@ -78,6 +98,7 @@ struct Options {
     patience: Patience,
     relay: bool,
     wrap: Vec<String>,
+    redis_url: Option<String>,
 }
 
 fn parse_options(args: &[String]) -> anyhow::Result<Options> {
@@ -94,6 +115,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
         },
         relay: true,
         wrap: Vec::new(),
+        redis_url: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -102,13 +124,13 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             "--scenario" => {
                 for key in value()?.split(',') {
                     match key.trim() {
-                        "all" => o.scenarios.extend(['a', 'b', 'c', 'd']),
+                        "all" => o.scenarios.extend(ALL),
                         k if k.len() == 1
                             && Scenario::new(k.chars().next().unwrap_or(' ')).is_some() =>
                         {
                             o.scenarios.extend(k.chars());
                         }
-                        k => bail!("unknown scenario {k:?} (a, b, c, d or all)"),
+                        k => bail!("unknown scenario {k:?} (a, b, c, d, f or all)"),
                     }
                 }
             }
@@ -120,6 +142,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             "--linger-ms" => o.patience.linger = Duration::from_millis(value()?.parse()?),
             "--wrap" => o.wrap = value()?.split_whitespace().map(str::to_owned).collect(),
             "--no-relay" => o.relay = false,
+            "--redis-url" => o.redis_url = Some(value()?.clone()),
             // `cargo bench` appends `--bench` to every bench binary's arguments.
             "--bench" => {}
             "--help" | "-h" => bail!("see the doc comment at the top of benches/pipeline.rs"),
@@ -127,7 +150,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
         }
     }
     if o.scenarios.is_empty() {
-        o.scenarios = vec!['a', 'b', 'c', 'd'];
+        o.scenarios = ALL.to_vec();
     }
     o.scenarios.dedup();
     Ok(o)
@@ -197,6 +220,12 @@ fn bench_dir() -> PathBuf {
 
 async fn bench(options: Options) -> anyhow::Result<ExitCode> {
     let url = std::env::var("TRANSFER__AMQP__URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let redis_url = options.redis_url.clone().unwrap_or_else(|| {
+        std::env::var("TRANSFER__FLEET__REDIS_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| fleet::DEFAULT_REDIS_URL.to_owned())
+    });
     let out_dir = bench_dir();
     let ctx = Ctx {
         worker_exe: PathBuf::from(WORKER_EXE),
@@ -207,6 +236,8 @@ async fn bench(options: Options) -> anyhow::Result<ExitCode> {
         wrap: options.wrap.clone(),
         registry: Registry::default(),
         url,
+        redis_url,
+        redis_keys: fleet::KeyRegistry::default(),
     };
     std::fs::create_dir_all(&ctx.log_dir)
         .with_context(|| format!("cannot create {}", ctx.log_dir.display()))?;
@@ -219,6 +250,9 @@ async fn bench(options: Options) -> anyhow::Result<ExitCode> {
         _ = tokio::signal::ctrl_c() => true,
     };
     let cleanup = ctx.registry.delete_all(&ctx.url).await;
+    if let Err(e) = ctx.redis_keys.delete_all(&ctx.redis_url).await {
+        eprintln!("warning: could not delete the fleet runs' Redis keys: {e:#}");
+    }
 
     let rows: Vec<_> = results.iter().flat_map(ScenarioResult::rows).collect();
     println!();
@@ -251,6 +285,7 @@ async fn run_all(ctx: &Ctx, options: &Options, results: &mut Vec<ScenarioResult>
         results.push(ScenarioResult {
             scenario: scenario.clone(),
             workers: Vec::new(),
+            fleet_workers: Vec::new(),
             relays: Vec::new(),
             error: None,
         });
@@ -259,6 +294,9 @@ async fn run_all(ctx: &Ctx, options: &Options, results: &mut Vec<ScenarioResult>
             let outcome = run_once(ctx, &scenario, result, i, options.runs).await;
             if let Err(e) = ctx.registry.delete_all(&ctx.url).await {
                 eprintln!("warning: cleanup failed: {e:#}");
+            }
+            if let Err(e) = ctx.redis_keys.delete_all(&ctx.redis_url).await {
+                eprintln!("warning: Redis cleanup failed: {e:#}");
             }
             if let Err(e) = outcome {
                 eprintln!("({key}) run {i}: harness error: {e:#}");
@@ -277,6 +315,9 @@ async fn run_once(
     runs: usize,
 ) -> anyhow::Result<()> {
     let key = scenario.key;
+    if scenario.fleet {
+        return run_fleet_pair(ctx, scenario, result, i, runs).await;
+    }
     if scenario.relay {
         eprintln!("({key}) run {i}/{runs}: relay, {} commands…", scenario.n);
         let relay = run::run_relay(ctx, scenario).await?;
@@ -287,12 +328,57 @@ async fn run_once(
         "({key}) run {i}/{runs}: worker, {} commands, {}…",
         scenario.n, scenario.title
     );
-    let worker = run::run_worker(ctx, scenario).await?;
+    let worker = run::run_worker(ctx, scenario, false).await?;
     eprintln!(
         "({key}) run {i}/{runs}: worker {}",
         progress(&worker.measured)
     );
     result.workers.push(worker);
+    Ok(())
+}
+
+/// Scenario (f): the worker single-process and in fleet mode, one after the other, the order
+/// alternating between runs so that neither mode always goes first.
+async fn run_fleet_pair(
+    ctx: &Ctx,
+    scenario: &Scenario,
+    result: &mut ScenarioResult,
+    i: usize,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let key = scenario.key;
+    let order = if i % 2 == 1 {
+        [false, true]
+    } else {
+        [true, false]
+    };
+    for fleet in order {
+        let mode = if fleet {
+            "fleet mode"
+        } else {
+            "single-process"
+        };
+        eprintln!(
+            "({key}) run {i}/{runs}: worker {mode}, {} commands, {}…",
+            scenario.n, scenario.title
+        );
+        let worker = run::run_worker(ctx, scenario, fleet).await?;
+        let redis = worker.redis.as_ref().map_or_else(String::new, |r| {
+            let trips = r.metrics.per_command_round_trips() / scenario.n.max(1) as f64;
+            format!(", {trips:.2} Redis round trips per command")
+        });
+        eprintln!(
+            "({key}) run {i}/{runs}: worker {mode} {}{redis}",
+            progress(&worker.measured)
+        );
+        if fleet {
+            result.fleet_workers.push(worker);
+        } else {
+            result.workers.push(worker);
+        }
+        // Each mode starts from a broker without the other's queues.
+        ctx.registry.delete_all(&ctx.url).await?;
+    }
     Ok(())
 }
 
@@ -322,7 +408,7 @@ fn write_json(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let doc = json!({
+    let mut doc = json!({
         "unixTime": now,
         "gitCommit": git(&["rev-parse", "HEAD"]),
         "gitDirty": git(&["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
@@ -341,6 +427,9 @@ fn write_json(
         "correct": correct,
         "harnessFailed": harness_failed,
     });
+    if options.scenarios.contains(&'f') {
+        doc["redis"] = json!(amqp::redact(&ctx.redis_url));
+    }
     let text = serde_json::to_string_pretty(&doc)?;
     let path = out_dir.join(format!("pipeline-{now}.json"));
     std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
+use crate::fleet::{PING_OP, RedisMetrics};
 use crate::run::{Measured, Scenario, WorkerRun};
 
 /// Metric name → value, for one run or a median.
@@ -19,8 +20,10 @@ pub fn v(numbers: &Numbers, key: &str) -> f64 {
 pub struct ScenarioResult {
     /// What was run.
     pub scenario: Scenario,
-    /// The worker's runs.
+    /// The worker's runs (in scenario (f): single-process).
     pub workers: Vec<WorkerRun>,
+    /// The worker's fleet-mode runs (scenario (f) only).
+    pub fleet_workers: Vec<WorkerRun>,
     /// The relay's runs (scenario (a) only).
     pub relays: Vec<Measured>,
     /// The harness failed during this scenario.
@@ -66,6 +69,9 @@ pub fn measured_numbers(m: &Measured) -> Numbers {
     if let Some(broker) = m.broker_cpu_s {
         out.insert("broker_cpu_us_per_command", per_command(broker));
     }
+    if let Some(redis) = m.redis_cpu_s {
+        out.insert("redis_cpu_us_per_command", per_command(redis));
+    }
     out.insert("bench_cpu_us_per_command", per_command(m.bench_cpu_s));
     out.insert("idle_rss_mib", m.idle.rss_kib as f64 / 1024.0);
     out.insert("idle_rss_anon_mib", m.idle.anon_kib as f64 / 1024.0);
@@ -90,6 +96,89 @@ pub fn worker_numbers(run: &WorkerRun, scenario: &Scenario) -> Numbers {
     let in_flight = m.n.min(usize::from(scenario.prefetch)).max(1) as f64;
     let growth_kib = m.end.hwm_kib.saturating_sub(m.idle.rss_kib) as f64;
     out.insert("rss_kib_per_in_flight", growth_kib / in_flight);
+    if let Some(redis) = &run.redis {
+        out.extend(redis_numbers(redis, m.n));
+    }
+    out
+}
+
+/// The fleet's per-command Redis operations with their keys in [`Numbers`]: round trips per
+/// command and mean latency. Any other operation but the health probe counts as `other`.
+const REDIS_OPS: [(&str, &str, &str); 7] = [
+    ("claim", "redis_claim_per_command", "redis_claim_mean_ms"),
+    (
+        "reserve",
+        "redis_reserve_per_command",
+        "redis_reserve_mean_ms",
+    ),
+    ("record", "redis_record_per_command", "redis_record_mean_ms"),
+    ("renew", "redis_renew_per_command", "redis_renew_mean_ms"),
+    ("pause", "redis_pause_per_command", "redis_pause_mean_ms"),
+    (
+        "release",
+        "redis_release_per_command",
+        "redis_release_mean_ms",
+    ),
+    ("other", "redis_other_per_command", "redis_other_mean_ms"),
+];
+
+fn is_known_op(op: &str) -> bool {
+    op == PING_OP || REDIS_OPS.iter().any(|(name, _, _)| *name == op)
+}
+
+/// What the worker's metrics say about Redis over one fleet-mode run.
+fn redis_numbers(redis: &crate::run::RedisRun, n: usize) -> Numbers {
+    let m = &redis.metrics;
+    let n = n.max(1) as f64;
+    let mut out = Numbers::new();
+    let total = m.per_command_round_trips();
+    out.insert("redis_round_trips", total);
+    out.insert("redis_round_trips_per_command", total / n);
+    for (op, per_command, mean_ms) in REDIS_OPS {
+        let count: f64 = m
+            .round_trips
+            .iter()
+            .filter(|(o, _)| {
+                if op == "other" {
+                    !is_known_op(o)
+                } else {
+                    *o == op
+                }
+            })
+            .map(|(_, v)| v)
+            .fold(0.0, |a, b| a + b);
+        out.insert(per_command, count / n);
+        let mean = if op == "other" {
+            m.mean_ms(|o| !is_known_op(o))
+        } else {
+            m.mean_ms(|o| o == op)
+        };
+        out.insert(mean_ms, mean);
+    }
+    out.insert(
+        "redis_pings",
+        m.round_trips.get(PING_OP).copied().unwrap_or(0.0),
+    );
+    out.insert("redis_errors", m.errors.values().fold(0.0, |a, b| a + b));
+    out.insert("redis_mean_ms", m.mean_ms(|o| o != PING_OP));
+    if let Some(keys) = redis.keys_left {
+        out.insert("redis_keys_left", keys as f64);
+        out.insert("redis_keys_left_per_command", keys as f64 / n);
+    }
+    out
+}
+
+/// Fleet mode against single-process mode, for one pair of runs.
+fn fleet_ratios(single: &Numbers, fleet: &Numbers) -> Numbers {
+    let mut out = Numbers::new();
+    out.insert(
+        "throughput_fleet_vs_single",
+        v(fleet, "throughput_per_s") / v(single, "throughput_per_s"),
+    );
+    out.insert(
+        "cpu_fleet_vs_single",
+        v(fleet, "cpu_us_per_command") / v(single, "cpu_us_per_command"),
+    );
     out
 }
 
@@ -182,28 +271,37 @@ impl ScenarioResult {
             .collect()
     }
 
+    /// Fleet-mode worker numbers per run.
+    fn fleet_runs(&self) -> Vec<Numbers> {
+        self.fleet_workers
+            .iter()
+            .map(|w| worker_numbers(w, &self.scenario))
+            .collect()
+    }
+
     fn relay_runs(&self) -> Vec<Numbers> {
         self.relays.iter().map(measured_numbers).collect()
     }
 
     fn ratio_runs(&self) -> Vec<Numbers> {
         let relays = self.relay_runs();
+        let fleets = self.fleet_runs();
         self.worker_runs()
             .iter()
             .enumerate()
-            .map(|(i, w)| ratios(&self.scenario, w, relays.get(i)))
+            .map(|(i, w)| {
+                let mut out = ratios(&self.scenario, w, relays.get(i));
+                if let Some(fleet) = fleets.get(i) {
+                    out.extend(fleet_ratios(w, fleet));
+                }
+                out
+            })
             .collect()
     }
 
-    /// Correctness over every run, worker and relay.
+    /// Correctness over every run, worker (both modes) and relay.
     pub fn correctness(&self) -> Correctness {
-        let mut c = Correctness::default();
-        for w in &self.workers {
-            c.add(&w.measured);
-            if w.api["calls"].as_u64() != Some(w.measured.attempts) {
-                c.api_mismatches += 1;
-            }
-        }
+        let mut c = workers_correctness(self.workers.iter().chain(&self.fleet_workers));
         for r in &self.relays {
             c.add(r);
         }
@@ -216,6 +314,10 @@ impl ScenarioResult {
         let mut rows = Vec::new();
         if let Some(e) = &self.error {
             rows.push(row(s.key, "HARNESS ERROR", e, "", None));
+        }
+        if s.fleet {
+            rows.extend(self.fleet_rows());
+            return rows;
         }
         if self.workers.is_empty() {
             return rows;
@@ -289,6 +391,283 @@ impl ScenarioResult {
         ));
         rows
     }
+}
+
+/// Correctness over some worker runs.
+fn workers_correctness<'a>(runs: impl Iterator<Item = &'a WorkerRun>) -> Correctness {
+    let mut c = Correctness::default();
+    for w in runs {
+        c.add(&w.measured);
+        if w.api["calls"].as_u64() != Some(w.measured.attempts) {
+            c.api_mismatches += 1;
+        }
+    }
+    c
+}
+
+impl ScenarioResult {
+    /// Scenario (f): both modes side by side, fleet against single-process, and what Redis
+    /// cost per command.
+    fn fleet_rows(&self) -> Vec<Row> {
+        let k = self.scenario.key;
+        let single = median(&self.worker_runs());
+        let fleet = median(&self.fleet_runs());
+        let x = median(&self.ratio_runs());
+        let mut rows = Vec::new();
+        let throughput = |n: &Numbers| format!("{:.0} cmd/s", v(n, "throughput_per_s"));
+        rows.push(row(
+            k,
+            "throughput, single-process",
+            &throughput(&single),
+            "",
+            None,
+        ));
+        let ratio = v(&x, "throughput_fleet_vs_single");
+        let text = format!(
+            "{} ({:.0} % of single-process)",
+            throughput(&fleet),
+            ratio * 100.0
+        );
+        rows.push(row(
+            k,
+            "throughput, fleet mode",
+            &text,
+            "≥ 75 % of single-process",
+            (!ratio.is_nan()).then_some(ratio >= 0.75),
+        ));
+        for (mode, n) in [("single-process", &single), ("fleet mode", &fleet)] {
+            let metric = format!("latency p50/p90/p99/max, {mode}");
+            rows.push(row(k, &metric, &latency_text(n), "", None));
+        }
+        if !fleet.is_empty() {
+            rows.extend(self.redis_rows(&fleet));
+        }
+        rows.extend(fleet_cpu_rows(k, &single, &fleet, &x));
+        for (mode, n) in [("single-process", &single), ("fleet mode", &fleet)] {
+            let peak = v(n, "peak_rss_mib");
+            let (target, met) = if self.scenario.prefetch == 256 && peak > 0.0 {
+                ("≤ 40 MiB at prefetch 256", Some(peak <= 40.0))
+            } else {
+                ("", None)
+            };
+            let text = format!("{peak:.1} MiB (idle {:.1} MiB)", v(n, "idle_rss_mib"));
+            rows.push(row(k, &format!("peak RSS, {mode}"), &text, target, met));
+        }
+        let in_flight = format!(
+            "{:.0} / {:.0} (single-process / fleet)",
+            v(&single, "peak_in_flight"),
+            v(&fleet, "peak_in_flight")
+        );
+        rows.push(row(
+            k,
+            "peak in flight (worker gauge)",
+            &in_flight,
+            "",
+            None,
+        ));
+        rows.extend(self.fleet_outcome_rows(&single, &fleet));
+        rows
+    }
+
+    /// Round trips per command by operation, errors, latency and keys, from fleet mode.
+    fn redis_rows(&self, fleet: &Numbers) -> Vec<Row> {
+        let k = self.scenario.key;
+        // Over all fleet-mode runs together, by operation name as the worker labels it, so an
+        // operation the bench does not know yet still shows.
+        let mut all = RedisMetrics::default();
+        let mut commands = 0;
+        for w in &self.fleet_workers {
+            if let Some(redis) = &w.redis {
+                all.add(&redis.metrics);
+                commands += w.measured.n;
+            }
+        }
+        let commands = commands.max(1) as f64;
+        let mut ops: Vec<&String> = all
+            .round_trips
+            .keys()
+            .filter(|op| op.as_str() != PING_OP)
+            .collect();
+        let rank = |op: &str| {
+            REDIS_OPS
+                .iter()
+                .position(|(name, _, _)| *name == op)
+                .unwrap_or(REDIS_OPS.len())
+        };
+        ops.sort_by_key(|op| (rank(op), op.as_str()));
+        let per_command = all.per_command_round_trips() / commands;
+        let breakdown = ops
+            .iter()
+            .map(|op| format!("{op} {:.2}", all.round_trips[*op] / commands))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let mut rows = vec![row(
+            k,
+            "Redis round trips per command (all runs, no ping)",
+            &format!("{per_command:.2} = {breakdown}"),
+            "≤ 3",
+            (!per_command.is_nan()).then_some(per_command <= 3.0 + 1e-9),
+        )];
+        let total: f64 = all.errors.values().fold(0.0, |a, b| a + b);
+        let by_op = all
+            .errors
+            .iter()
+            .filter(|(_, c)| **c > 0.0)
+            .map(|(op, c)| format!("{op} {c:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = if by_op.is_empty() {
+            format!("{total:.0}")
+        } else {
+            format!("{total:.0} ({by_op})")
+        };
+        rows.push(row(
+            k,
+            "Redis errors, fleet mode (all runs)",
+            &text,
+            "0",
+            Some(total == 0.0),
+        ));
+        let means = ops
+            .iter()
+            .map(|op| format!("{op} {:.3}", all.mean_ms(|o| o == op.as_str())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mean = all.mean_ms(|o| o != PING_OP);
+        let text = format!("{mean:.3} ms ({means})");
+        rows.push(row(k, "Redis round trip, mean (all runs)", &text, "", None));
+        if let Some(keys) = fleet.get("redis_keys_left") {
+            let text = format!(
+                "{keys:.0} ({:.2} per command; deleted by the bench)",
+                v(fleet, "redis_keys_left_per_command")
+            );
+            rows.push(row(k, "Redis keys after the run", &text, "", None));
+        }
+        rows
+    }
+
+    fn fleet_outcome_rows(&self, single: &Numbers, fleet: &Numbers) -> Vec<Row> {
+        let s = &self.scenario;
+        let modes = [
+            ("single-process", &self.workers),
+            ("fleet mode", &self.fleet_workers),
+        ];
+        let mut events: BTreeMap<&str, u64> = BTreeMap::new();
+        for run in self.workers.iter().chain(&self.fleet_workers) {
+            for (name, count) in &run.measured.events {
+                *events.entry(name.as_str()).or_default() += count;
+            }
+        }
+        let events = events
+            .iter()
+            .map(|(k, v)| format!("{} {v}", k.trim_start_matches("transfer.")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mismatches = self.correctness().api_mismatches;
+        let api = format!(
+            "{:.0} / {:.0} (single-process / fleet){}",
+            v(single, "api_calls"),
+            v(fleet, "api_calls"),
+            if mismatches == 0 {
+                " (= Σ attempts)"
+            } else {
+                " (≠ Σ attempts!)"
+            }
+        );
+        let mut rows = vec![
+            row(s.key, "API calls (median run)", &api, "", None),
+            row(s.key, "terminal events (all runs)", &events, "", None),
+        ];
+        for (mode, runs) in modes {
+            let c = workers_correctness(runs.iter());
+            rows.push(row(
+                s.key,
+                &format!("exactly one event per command, {mode}"),
+                &exactly_once_text(&c),
+                "none lost, all succeeded",
+                Some(c.ok() && c.commands > 0),
+            ));
+        }
+        let logs = modes
+            .iter()
+            .map(|(mode, runs)| {
+                let logged: usize = runs.iter().map(|w| w.log_lines).sum();
+                let unclean = runs.iter().filter(|w| !w.clean_exit).count();
+                format!("{logged}; {unclean} ({mode})")
+            })
+            .collect::<Vec<_>>()
+            .join(" · ");
+        rows.push(row(
+            s.key,
+            "worker warn/error log lines; unclean exits",
+            &logs,
+            "",
+            None,
+        ));
+        rows
+    }
+}
+
+/// CPU per command in both modes, Redis's share, the simulator's and everyone else's.
+fn fleet_cpu_rows(k: char, single: &Numbers, fleet: &Numbers, x: &Numbers) -> Vec<Row> {
+    let ratio = v(x, "cpu_fleet_vs_single");
+    let mut rows = vec![
+        row(
+            k,
+            "CPU per command, single-process",
+            &cpu_text(single),
+            "",
+            None,
+        ),
+        row(
+            k,
+            "CPU per command, fleet mode",
+            &format!("{} ({ratio:.2} × single-process)", cpu_text(fleet)),
+            "",
+            None,
+        ),
+    ];
+    let redis = fleet
+        .get("redis_cpu_us_per_command")
+        .map_or_else(|| "n/a".to_owned(), |us| format!("{us:.1} µs"));
+    rows.push(row(
+        k,
+        "CPU per command, Redis (fleet mode)",
+        &redis,
+        "",
+        None,
+    ));
+    let sim = format!(
+        "{:.1} / {:.1} µs (single-process / fleet)",
+        v(single, "sim_cpu_us_per_command"),
+        v(fleet, "sim_cpu_us_per_command")
+    );
+    rows.push(row(k, "CPU per command, simulator", &sim, "", None));
+    for (mode, n) in [("single-process", single), ("fleet mode", fleet)] {
+        let metric = format!("CPU per command, RabbitMQ + bench ({mode})");
+        rows.push(row(k, &metric, &others(n), "", None));
+    }
+    rows
+}
+
+fn cpu_text(n: &Numbers) -> String {
+    let sys = n.get("cpu_sys_share").copied().unwrap_or(0.0);
+    format!(
+        "{:.1} µs ({:.0} % sys)",
+        v(n, "cpu_us_per_command"),
+        sys * 100.0
+    )
+}
+
+fn exactly_once_text(c: &Correctness) -> String {
+    format!(
+        "{} of {} got one; missing {}, duplicates {}, unexpected {}",
+        c.commands - c.missing,
+        c.commands,
+        c.missing,
+        c.duplicates,
+        c.unexpected
+    )
 }
 
 fn row(scenario: char, metric: &str, value: &str, target: &str, met: Option<bool>) -> Row {
@@ -429,7 +808,8 @@ fn others(n: &Numbers) -> String {
     let total = broker
         + bench
         + v(n, "cpu_us_per_command")
-        + n.get("sim_cpu_us_per_command").copied().unwrap_or(0.0);
+        + n.get("sim_cpu_us_per_command").copied().unwrap_or(0.0)
+        + n.get("redis_cpu_us_per_command").copied().unwrap_or(0.0);
     let cores = total * v(n, "commands") / 1e6 / v(n, "elapsed_s");
     format!("{broker:.1} + {bench:.1} µs (all processes: {total:.0} µs, {cores:.2} cores busy)")
 }
@@ -554,23 +934,53 @@ fn measured_json(m: &Measured, numbers: &Numbers) -> Map<String, Value> {
     out
 }
 
-/// The scenario as JSON: parameters, every run, medians, targets, correctness.
+fn worker_json(w: &WorkerRun, numbers: &Numbers) -> Value {
+    let mut obj = measured_json(&w.measured, numbers);
+    obj.insert("api".into(), w.api.clone());
+    obj.insert("deadLettered".into(), json!(w.dead_lettered));
+    obj.insert("cleanExit".into(), json!(w.clean_exit));
+    obj.insert("logLines".into(), json!(w.log_lines));
+    obj.insert("logExcerpt".into(), json!(w.log_excerpt));
+    obj.insert("logPath".into(), json!(w.log_path));
+    if let Some(redis) = &w.redis {
+        let m = &redis.metrics;
+        obj.insert(
+            "redis".into(),
+            json!({
+                "roundTrips": m.round_trips,
+                "errors": m.errors,
+                "roundTripSecondsSum": m.seconds_sum,
+                "roundTripSecondsCount": m.seconds_count,
+                "keysLeft": redis.keys_left,
+            }),
+        );
+    }
+    Value::Object(obj)
+}
+
+fn correctness_json(c: &Correctness) -> Value {
+    json!({
+        "ok": c.ok(),
+        "commands": c.commands,
+        "missing": c.missing,
+        "duplicates": c.duplicates,
+        "unexpected": c.unexpected,
+        "apiCallMismatches": c.api_mismatches,
+        "leftInCommandsQueue": c.left_in_queue,
+        "stopped": c.stopped,
+    })
+}
+
+/// The scenario as JSON: parameters, every run, medians, targets, correctness. Scenario (f)
+/// adds its fleet-mode runs (`fleetRuns`, `median.fleet`) and correctness by mode; its `runs`
+/// are the single-process ones.
 pub fn scenario_json(result: &ScenarioResult) -> Value {
     let s = &result.scenario;
     let runs: Vec<Value> = result
         .workers
         .iter()
         .zip(result.worker_runs())
-        .map(|(w, numbers)| {
-            let mut obj = measured_json(&w.measured, &numbers);
-            obj.insert("api".into(), w.api.clone());
-            obj.insert("deadLettered".into(), json!(w.dead_lettered));
-            obj.insert("cleanExit".into(), json!(w.clean_exit));
-            obj.insert("logLines".into(), json!(w.log_lines));
-            obj.insert("logExcerpt".into(), json!(w.log_excerpt));
-            obj.insert("logPath".into(), json!(w.log_path));
-            Value::Object(obj)
-        })
+        .map(|(w, numbers)| worker_json(w, &numbers))
         .collect();
     let relays: Vec<Value> = result
         .relays
@@ -585,7 +995,7 @@ pub fn scenario_json(result: &ScenarioResult) -> Value {
         .filter(|r| r.met.is_some())
         .map(|r| json!({"metric": r.metric, "value": r.value, "target": r.target, "met": r.met}))
         .collect();
-    json!({
+    let mut doc = json!({
         "scenario": s.key.to_string(),
         "title": s.title,
         "commands": s.n,
@@ -600,16 +1010,22 @@ pub fn scenario_json(result: &ScenarioResult) -> Value {
             "ratios": numbers_json(&median(&result.ratio_runs())),
         },
         "targets": targets,
-        "correctness": {
-            "ok": c.ok(),
-            "commands": c.commands,
-            "missing": c.missing,
-            "duplicates": c.duplicates,
-            "unexpected": c.unexpected,
-            "apiCallMismatches": c.api_mismatches,
-            "leftInCommandsQueue": c.left_in_queue,
-            "stopped": c.stopped,
-        },
+        "correctness": correctness_json(&c),
         "error": result.error,
-    })
+    });
+    if s.fleet {
+        let fleet_runs: Vec<Value> = result
+            .fleet_workers
+            .iter()
+            .zip(result.fleet_runs())
+            .map(|(w, numbers)| worker_json(w, &numbers))
+            .collect();
+        doc["fleetRuns"] = json!(fleet_runs);
+        doc["median"]["fleet"] = numbers_json(&median(&result.fleet_runs()));
+        doc["correctnessByMode"] = json!({
+            "single": correctness_json(&workers_correctness(result.workers.iter())),
+            "fleet": correctness_json(&workers_correctness(result.fleet_workers.iter())),
+        });
+    }
+    doc
 }

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::amqp::{self, Names, Patience, Registry, Tally};
+use crate::fleet::{self, KeyRegistry, RedisMetrics};
 use crate::procs::{self, ChildGuard, ProcSample};
 
 /// The bot of `config/default.toml`, with pacing that never binds.
@@ -32,7 +33,7 @@ const GAUGE_PERIOD: Duration = Duration::from_millis(200);
 /// One benchmark scenario.
 #[derive(Debug, Clone)]
 pub struct Scenario {
-    /// `a`, `b`, `c` or `d`.
+    /// `a`, `b`, `c`, `d` or `f`.
     pub key: char,
     /// What it shows.
     pub title: &'static str,
@@ -46,6 +47,8 @@ pub struct Scenario {
     pub fail_rate: f64,
     /// Also measure the broker-only relay with the same N and prefetch.
     pub relay: bool,
+    /// Run the worker twice per run, single-process and in fleet mode (shared state in Redis).
+    pub fleet: bool,
 }
 
 impl Scenario {
@@ -63,6 +66,14 @@ impl Scenario {
                 false,
             ),
             'd' => ("20 % transient 503s", 5_000, 256, 0, 0.2, false),
+            'f' => (
+                "API answers at once, fleet mode vs single-process",
+                20_000,
+                256,
+                0,
+                0.0,
+                false,
+            ),
             _ => return None,
         };
         Some(Self {
@@ -73,6 +84,7 @@ impl Scenario {
             latency_ms,
             fail_rate,
             relay,
+            fleet: key == 'f',
         })
     }
 
@@ -107,6 +119,10 @@ pub struct Ctx {
     pub wrap: Vec<String>,
     /// Names to delete from the broker.
     pub registry: Registry,
+    /// Redis of the fleet-mode runs.
+    pub redis_url: String,
+    /// Key prefixes to delete from Redis.
+    pub redis_keys: KeyRegistry,
 }
 
 /// The raw results of one run of the worker or of the relay.
@@ -142,6 +158,8 @@ pub struct Measured {
     pub peak_in_flight: Option<f64>,
     /// RabbitMQ's CPU over the same interval, when its `beam.smp` was found.
     pub broker_cpu_s: Option<f64>,
+    /// Redis's CPU over the same interval, in fleet mode when its `redis-server` was found.
+    pub redis_cpu_s: Option<f64>,
     /// This bench process's CPU over the same interval (publishing and consuming).
     pub bench_cpu_s: f64,
 }
@@ -165,18 +183,37 @@ pub struct WorkerRun {
     pub log_excerpt: Vec<String>,
     /// Where its log is.
     pub log_path: PathBuf,
+    /// In fleet mode: what the worker says about Redis, and the keys left there.
+    pub redis: Option<RedisRun>,
 }
 
-/// Runs the worker and the simulator for one run of `scenario`.
-pub async fn run_worker(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<WorkerRun> {
+/// The Redis side of one fleet-mode run.
+#[derive(Debug)]
+pub struct RedisRun {
+    /// Growth of the worker's Redis series from just before publishing to the last event.
+    pub metrics: RedisMetrics,
+    /// Keys under the fleet's prefix once the worker stopped (deleted by the bench then).
+    pub keys_left: Option<u64>,
+}
+
+/// Runs the worker and the simulator for one run of `scenario`; with `fleet`, the worker
+/// shares its state through Redis (`[fleet] redis_url`).
+pub async fn run_worker(ctx: &Ctx, scenario: &Scenario, fleet: bool) -> anyhow::Result<WorkerRun> {
     let names = Names::new();
     ctx.registry.register(&names);
+    // Every key of the fleet starts with its name, the commands queue, and a colon.
+    let key_prefix = format!("{}:", names.commands);
+    if fleet {
+        fleet::ping(&ctx.redis_url).await?;
+        ctx.redis_keys.register(&key_prefix);
+    }
+    let redis_url = fleet.then_some(ctx.redis_url.as_str());
     let sim_port = procs::free_port()?;
     let admin_port = procs::free_port()?;
     let config = ctx.log_dir.join(format!("{}.toml", names.prefix));
     std::fs::write(
         &config,
-        worker_config(ctx, scenario, &names, sim_port, admin_port),
+        worker_config(ctx, scenario, &names, sim_port, admin_port, redis_url),
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
 
@@ -201,13 +238,19 @@ pub async fn run_worker(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Worker
     )
     .await?;
 
+    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
+    let redis_before = match fleet {
+        true => Some(redis_metrics(&http, &metrics_url).await?),
+        false => None,
+    };
     let sim_before = procs::sample(sim.pid())?;
-    let gauge = GaugeSampler::start(
-        http.clone(),
-        format!("http://127.0.0.1:{admin_port}/metrics"),
-    );
-    let mut measured = measure(ctx, scenario, &names, &connections, worker.pid()).await?;
+    let gauge = GaugeSampler::start(http.clone(), metrics_url.clone());
+    let mut measured = measure(ctx, scenario, &names, &connections, worker.pid(), fleet).await?;
     measured.peak_in_flight = gauge.stop().await;
+    let redis_metrics = match redis_before {
+        Some(before) => Some(redis_metrics(&http, &metrics_url).await?.since(&before)),
+        None => None,
+    };
     if let Err(e) = worker.check_alive() {
         let note = measured.stopped.take().unwrap_or_default();
         let sep = if note.is_empty() { "" } else { "; " };
@@ -222,6 +265,19 @@ pub async fn run_worker(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Worker
 
     let clean_exit = worker.stop().await.is_some_and(|s| s.success());
     sim.stop().await;
+    let redis = match redis_metrics {
+        Some(metrics) => {
+            let keys_left = fleet::delete_prefix(&ctx.redis_url, &key_prefix).await;
+            if keys_left.is_ok() {
+                ctx.redis_keys.forget(&key_prefix);
+            }
+            Some(RedisRun {
+                metrics,
+                keys_left: keys_left.ok(),
+            })
+        }
+        None => None,
+    };
     let (log_lines, log_excerpt) = log_summary(&worker_log);
     Ok(WorkerRun {
         measured,
@@ -232,6 +288,7 @@ pub async fn run_worker(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Worker
         log_lines,
         log_excerpt,
         log_path: worker_log,
+        redis,
     })
 }
 
@@ -256,7 +313,7 @@ pub async fn run_relay(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measure
         READY_TIMEOUT,
     )
     .await?;
-    let measured = measure(ctx, scenario, &names, &connections, relay.pid()).await?;
+    let measured = measure(ctx, scenario, &names, &connections, relay.pid(), false).await?;
     connections.close().await;
     relay.stop().await;
     Ok(measured)
@@ -283,13 +340,15 @@ impl Connections {
     }
 }
 
-/// Binds the sink, samples the process, publishes while collecting, samples again.
+/// Binds the sink, samples the process, publishes while collecting, samples again. With
+/// `fleet`, Redis's CPU is sampled too.
 async fn measure(
     ctx: &Ctx,
     scenario: &Scenario,
     names: &Names,
     connections: &Connections,
     pid: u32,
+    fleet: bool,
 ) -> anyhow::Result<Measured> {
     let bodies: Vec<Vec<u8>> = (0..scenario.n)
         .map(|i| command_body(&names.prefix, i))
@@ -297,6 +356,8 @@ async fn measure(
     let (_sink_channel, consumer) = amqp::bind_sink(&connections.consume, &names.results).await?;
     let broker = procs::find_by_name("beam.smp");
     let broker_before = broker.and_then(|b| procs::sample(b).ok());
+    let redis = fleet.then(|| procs::find_by_name("redis-server")).flatten();
+    let redis_before = redis.and_then(|r| procs::sample(r).ok());
     let bench_before = procs::own_cpu_s();
     let idle = procs::sample(pid)?;
     let prefix = names.prefix.clone();
@@ -319,11 +380,16 @@ async fn measure(
         .and_then(|b| procs::sample(b).ok())
         .zip(broker_before)
         .map(|(after, before)| after.cpu_s - before.cpu_s);
+    let redis_cpu_s = redis
+        .and_then(|r| procs::sample(r).ok())
+        .zip(redis_before)
+        .map(|(after, before)| after.cpu_s - before.cpu_s);
     let left_in_queue = amqp::queue_state(&connections.consume, &names.commands)
         .await?
         .map(|(messages, _)| messages);
     let mut measured = summarize(scenario, &published, tally, idle, end, left_in_queue);
     measured.broker_cpu_s = broker_cpu_s;
+    measured.redis_cpu_s = redis_cpu_s;
     measured.bench_cpu_s = bench_cpu_s;
     Ok(measured)
 }
@@ -375,6 +441,7 @@ fn summarize(
         left_in_queue,
         peak_in_flight: None,
         broker_cpu_s: None,
+        redis_cpu_s: None,
         bench_cpu_s: 0.0,
     }
 }
@@ -398,15 +465,20 @@ fn command_body(prefix: &str, i: usize) -> Vec<u8> {
     serde_json::to_vec(&body).expect("JSON values serialize")
 }
 
-/// The worker's and simulator's `--config`: this run's names, the one bot, quiet listeners.
+/// The worker's and simulator's `--config`: this run's names, the one bot, quiet listeners,
+/// and in fleet mode the Redis the fleet shares (the other `[fleet]` keys as shipped).
 fn worker_config(
     ctx: &Ctx,
     scenario: &Scenario,
     names: &Names,
     sim_port: u16,
     admin_port: u16,
+    redis_url: Option<&str>,
 ) -> String {
     let q = |s: &str| Value::String(s.to_owned()).to_string();
+    let fleet = redis_url
+        .map(|url| format!("\n[fleet]\nredis_url = {}\n", q(url)))
+        .unwrap_or_default();
     format!(
         "[amqp]\nurl = {url}\ncommands_queue = {commands}\nresults_exchange = {results}\n\
          dead_letter_exchange = {dle}\ndead_letter_queue = {dlq}\nprefetch = {prefetch}\n\n\
@@ -414,7 +486,7 @@ fn worker_config(
          [[bots]]\nstream_id = {stream}\naccount_id = {account}\nclient_id = {client}\n\
          client_secret = {secret}\nrate_limit = 100000000\nrate_window = \"1s\"\n\n\
          [callbacks]\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:9/unused\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{fleet}",
         url = q(&ctx.url),
         commands = q(&names.commands),
         results = q(&names.results),
@@ -540,6 +612,20 @@ impl GaugeSampler {
         let _ = self.stop.send(());
         self.task.await.ok().flatten()
     }
+}
+
+/// The worker's Redis series now.
+async fn redis_metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<RedisMetrics> {
+    let response = http
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    Ok(RedisMetrics::parse(&text))
 }
 
 async fn read_gauge(http: &reqwest::Client, url: &str) -> Option<f64> {
