@@ -12,10 +12,16 @@
 //!   ([`Fleet::is_healthy`]), and nothing is acked or lost.
 //!
 //! Every key starts with the fleet's name (its `amqp.commands_queue`) and a colon. Per command
-//! in the steady state: three round trips (claim, reserve, record).
+//! in the steady state: three round trips (claim, reserve, record). This file holds the client,
+//! its timeouts, health and waiting; [`claims`] the once-only, [`pacing`] the shared budget.
 
+pub mod claims;
+pub mod pacing;
 mod scripts;
 mod stored;
+
+pub use claims::Claim;
+pub use pacing::{Booking, Reservation};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +32,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::FleetSettings;
 use crate::ops::metrics::Metrics;
-use crate::pipeline::event::Event;
 
 /// What went wrong talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -56,48 +61,6 @@ pub enum FleetError {
         /// What came back.
         what: String,
     },
-}
-
-/// The outcome of a claim.
-#[derive(Debug)]
-pub enum Claim {
-    /// Completed somewhere in the fleet: its recorded event.
-    Done(Event),
-    /// Ours.
-    Mine,
-    /// Ours, taken over from a replica that is gone and may have had a call on the wire.
-    TakenOver,
-    /// Another live replica holds it, for about this long still.
-    Held(Duration),
-}
-
-/// The answer to a request for a start.
-#[derive(Debug)]
-pub enum Reservation {
-    /// Booked: call after this delay.
-    Booked {
-        /// From the request.
-        delay: Duration,
-        /// What to give back if the call does not happen.
-        booking: Booking,
-    },
-    /// The deadline comes before the next free start; nothing was booked.
-    DeadlineFirst {
-        /// When the start would have been.
-        delay: Duration,
-    },
-    /// The next free start is beyond the horizon: ask again a horizon before it.
-    NotYet {
-        /// When the start would be, as things stand.
-        delay: Duration,
-    },
-}
-
-/// A booked start, as given back by [`Fleet::unreserve`].
-#[derive(Debug, Clone)]
-pub struct Booking {
-    account: String,
-    member: String,
 }
 
 /// The shared state of one fleet, as one replica sees it.
@@ -171,7 +134,7 @@ impl Fleet {
         &self.claimant
     }
 
-    fn key(&self, kind: &str, id: &str) -> String {
+    pub(crate) fn key(&self, kind: &str, id: &str) -> String {
         let mut key = String::with_capacity(self.prefix.len() + kind.len() + 1 + id.len());
         key.push_str(&self.prefix);
         key.push_str(kind);
@@ -181,7 +144,7 @@ impl Fleet {
     }
 
     /// Runs one script invocation under the timeout, counting it.
-    async fn invoke<T: redis::FromRedisValue>(
+    pub(crate) async fn invoke<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
@@ -243,160 +206,6 @@ impl Fleet {
         }
     }
 
-    /// One claim attempt: the recorded outcome, the claim, or who holds it.
-    pub async fn claim(&self, command_id: &str) -> Result<Claim, FleetError> {
-        let mut invocation = scripts::CLAIM.prepare_invoke();
-        invocation
-            .key(self.key("outcome", command_id))
-            .key(self.key("claim", command_id))
-            .key(self.key("wire", command_id))
-            .arg(&self.claimant)
-            .arg(millis(self.lease));
-        let (state, detail): (String, Vec<u8>) = self.invoke("claim", &invocation).await?;
-        match state.as_str() {
-            "done" => stored::decode(command_id, &detail)
-                .map(Claim::Done)
-                .ok_or_else(|| FleetError::Unexpected {
-                    op: "claim",
-                    what: "an outcome that does not read back".into(),
-                }),
-            "mine" => Ok(Claim::Mine),
-            "taken_over" => Ok(Claim::TakenOver),
-            "held" => {
-                let ms = std::str::from_utf8(&detail)
-                    .ok()
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .unwrap_or(0);
-                Ok(Claim::Held(Duration::from_millis(
-                    u64::try_from(ms).unwrap_or(0),
-                )))
-            }
-            other => Err(FleetError::Unexpected {
-                op: "claim",
-                what: other.to_owned(),
-            }),
-        }
-    }
-
-    /// Extends our claim; false if it is no longer ours.
-    pub async fn renew(&self, command_id: &str) -> Result<bool, FleetError> {
-        let mut invocation = scripts::RENEW.prepare_invoke();
-        invocation
-            .key(self.key("claim", command_id))
-            .arg(&self.claimant)
-            .arg(millis(self.lease));
-        let renewed: i64 = self.invoke("renew", &invocation).await?;
-        Ok(renewed == 1)
-    }
-
-    /// Gives our claim on `command_id` up (the command goes back to the queue unfinished).
-    pub async fn release(&self, command_id: &str) -> Result<(), FleetError> {
-        let mut invocation = scripts::RELEASE.prepare_invoke();
-        invocation
-            .key(self.key("claim", command_id))
-            .arg(&self.claimant);
-        let _: i64 = self.invoke("release", &invocation).await?;
-        Ok(())
-    }
-
-    /// Renews our claim on `command_id` every third of the lease, for as long as it is
-    /// polled: the caller races it against the command, and it never ends by itself.
-    pub async fn keep_claim(&self, command_id: &str) -> std::convert::Infallible {
-        let every = self.lease / 3;
-        loop {
-            tokio::time::sleep(every).await;
-            match self.renew(command_id).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::error!(
-                        claimant = %self.claimant,
-                        "the claim on this command was lost; another replica may call the API for it too"
-                    );
-                }
-                Err(e) => tracing::warn!(error = %e, "could not renew the claim"),
-            }
-        }
-    }
-
-    /// Asks for the next start of `account`'s budget: `limit` calls in any `window`, timed by
-    /// Redis. Marks `command_id` as possibly on the wire when a start is booked.
-    pub async fn reserve(
-        &self,
-        account: &str,
-        limit: usize,
-        window: Duration,
-        deadline_in: Option<Duration>,
-        command_id: &str,
-    ) -> Result<Reservation, FleetError> {
-        let member = uuid::Uuid::new_v4().simple().to_string();
-        let mut invocation = scripts::RESERVE.prepare_invoke();
-        invocation
-            .key(self.key("pace", account))
-            .key(self.key("pause", account))
-            .key(self.key("wire", command_id))
-            .arg(limit)
-            .arg(micros(window))
-            .arg(deadline_in.map_or(-1, |d| i64::try_from(micros(d)).unwrap_or(i64::MAX)))
-            .arg(&member)
-            .arg(&self.claimant)
-            .arg(millis(self.outcome_ttl))
-            .arg(micros(self.horizon()));
-        let (state, delay): (i64, i64) = self.invoke("reserve", &invocation).await?;
-        let delay = Duration::from_micros(u64::try_from(delay).unwrap_or(0));
-        match state {
-            1 => Ok(Reservation::Booked {
-                delay,
-                booking: Booking {
-                    account: account.to_owned(),
-                    member,
-                },
-            }),
-            0 => Ok(Reservation::DeadlineFirst { delay }),
-            2 => Ok(Reservation::NotYet { delay }),
-            other => Err(FleetError::Unexpected {
-                op: "reserve",
-                what: other.to_string(),
-            }),
-        }
-    }
-
-    /// How far ahead a start is booked: a third of the lease. Further starts are only told,
-    /// so a replica that dies leaves at most this much of an account's budget unused.
-    pub fn horizon(&self) -> Duration {
-        self.lease / 3
-    }
-
-    /// Gives back a start booked but not used.
-    pub async fn unreserve(&self, booking: &Booking) -> Result<(), FleetError> {
-        let mut invocation = scripts::UNRESERVE.prepare_invoke();
-        invocation
-            .key(self.key("pace", &booking.account))
-            .arg(&booking.member);
-        let _: i64 = self.invoke("unreserve", &invocation).await?;
-        Ok(())
-    }
-
-    /// Holds every later start of `account`, fleet-wide, for `for_` from now.
-    pub async fn pause(&self, account: &str, for_: Duration) -> Result<(), FleetError> {
-        let mut invocation = scripts::PAUSE.prepare_invoke();
-        invocation.key(self.key("pause", account)).arg(micros(for_));
-        let _: i64 = self.invoke("pause", &invocation).await?;
-        Ok(())
-    }
-
-    /// Records the terminal event of `command_id` for the fleet and lets the claim go.
-    pub async fn record(&self, command_id: &str, event: &Event) -> Result<(), FleetError> {
-        let mut invocation = scripts::RECORD.prepare_invoke();
-        invocation
-            .key(self.key("outcome", command_id))
-            .key(self.key("claim", command_id))
-            .key(self.key("wire", command_id))
-            .arg(stored::encode(event))
-            .arg(millis(self.outcome_ttl));
-        let _: i64 = self.invoke("record", &invocation).await?;
-        Ok(())
-    }
-
     /// Repeats `op` until Redis answers it, waiting longer each time (up to 2 s), or until
     /// `abandon`: while Redis is away, nothing that needs it goes ahead.
     pub async fn until_answered<T, F, Fut>(
@@ -437,11 +246,11 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-fn micros(d: Duration) -> u64 {
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
