@@ -232,6 +232,22 @@ pub async fn take_all(channel: &Channel, queue: &str) -> Vec<lapin::message::Del
     taken
 }
 
+/// A private queue bound to every event of the results exchange `exchange`.
+pub async fn events_queue(channel: &Channel, exchange: &str) -> String {
+    let queue = private_queue(channel).await;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the events queue");
+    queue
+}
+
 /// A queue's counts, without declaring it.
 pub async fn passive(channel: &Channel, queue: &str) -> lapin::Queue {
     let options = QueueDeclareOptions {
@@ -312,17 +328,7 @@ impl Harness {
             handle = Some(tokio::spawn(app.run_until_stopped()));
             wait_until_ready(&broker).await;
         }
-        let events_queue = private_queue(&channel).await;
-        channel
-            .queue_bind(
-                events_queue.as_str().into(),
-                settings.amqp.results_exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let events_queue = events_queue(&channel, &settings.amqp.results_exchange).await;
         let events = consume(&channel, &events_queue).await;
         let dead = consume(&channel, &settings.amqp.dead_letter_queue).await;
         let handle = match built {

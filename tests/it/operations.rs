@@ -7,8 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -355,20 +354,7 @@ async fn sigterm_during(burst: Burst) -> Outcome {
     .expect("simulator starts");
     let (_conn, channel) = test_channel().await;
     topology::declare(&channel, amqp).await.expect("topology");
-    let events = topology::private_queue(&channel, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .to_string();
-    channel
-        .queue_bind(
-            events.as_str().into(),
-            amqp.results_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let events = crate::harness::events_queue(&channel, &amqp.results_exchange).await;
 
     let config = config_file(&settings);
     let log = tempfile::NamedTempFile::new().unwrap();

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, QueueBindOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use reqwest::StatusCode;
@@ -330,20 +330,7 @@ impl Fleet {
             )
             .await
             .expect("results exchange");
-        let events_queue = topology::private_queue(&channel, Duration::from_secs(10))
-            .await
-            .expect("private queue")
-            .to_string();
-        channel
-            .queue_bind(
-                events_queue.as_str().into(),
-                amqp.results_exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let events_queue = crate::harness::events_queue(&channel, &amqp.results_exchange).await;
         let events = topology::watch(&channel, events_queue.as_str().into(), EVENT_WAIT)
             .await
             .expect("consume the events");
