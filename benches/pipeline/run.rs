@@ -569,16 +569,17 @@ async fn wait_http_ok(
     }
 }
 
-async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+async fn get_text(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
     let response = http
         .get(url)
         .send()
         .await
         .with_context(|| format!("GET {url}"))?;
-    let text = response
-        .text()
-        .await
-        .with_context(|| format!("GET {url}"))?;
+    response.text().await.with_context(|| format!("GET {url}"))
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+    let text = get_text(http, url).await?;
     serde_json::from_str(&text).with_context(|| format!("GET {url} did not return JSON"))
 }
 
@@ -616,16 +617,7 @@ impl GaugeSampler {
 
 /// The worker's Redis series now.
 async fn redis_metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<RedisMetrics> {
-    let response = http
-        .get(url)
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    let text = response
-        .text()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    Ok(RedisMetrics::parse(&text))
+    Ok(RedisMetrics::parse(&get_text(http, url).await?))
 }
 
 async fn read_gauge(http: &reqwest::Client, url: &str) -> Option<f64> {

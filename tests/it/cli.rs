@@ -6,15 +6,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use transfer_worker::agentassist::jwt::TokenSource;
 use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{SimBot, Simulator, SimulatorConfig};
 
-use crate::harness::{Cleanup, amqp_url, test_channel, test_settings};
+use crate::harness::{Cleanup, amqp_url, sigterm, test_settings, wait_consumed};
 
 /// The real binary, with no configuration from the test's own environment.
 fn binary() -> tokio::process::Command {
@@ -51,15 +49,6 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
-fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("running");
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_prints_valid_settings_redacted_and_refuses_invalid_ones() {
     let secret = "cli-secret-never-printed-4242";
@@ -91,38 +80,6 @@ async fn config_prints_valid_settings_redacted_and_refuses_invalid_ones() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an invalid configuration exits 0");
     assert!(stderr.contains("amqp.prefetch"), "names the key: {stderr}");
-}
-
-/// Waits until a worker consumes `queue` (declared by the worker, so it may not exist yet).
-async fn wait_consumed(queue: &str, child: &mut tokio::process::Child, log: &dyn Fn() -> String) {
-    let (conn, _) = test_channel().await;
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ch = conn.create_channel().await.unwrap();
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let declared = tokio::time::timeout(
-            Duration::from_secs(5),
-            ch.queue_declare(queue.into(), options, FieldTable::default()),
-        )
-        .await
-        .expect("queue.declare in time");
-        if declared.is_ok_and(|q| q.consumer_count() > 0) {
-            let _ = ch.close(200, "ready".into()).await;
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the worker exited early with {status}:\n{}", log());
-        }
-        assert!(
-            Instant::now() < until,
-            "the worker never consumed:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -248,6 +248,52 @@ pub async fn events_queue(channel: &Channel, exchange: &str) -> String {
     queue
 }
 
+/// Sends SIGTERM to a child process.
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running");
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+/// Waits until a worker consumes `queue` (declared by the worker, so it may not exist yet).
+pub async fn wait_consumed(
+    queue: &str,
+    child: &mut tokio::process::Child,
+    log: &dyn Fn() -> String,
+) {
+    let (conn, _) = test_channel().await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ch = conn.create_channel().await.unwrap();
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = tokio::time::timeout(
+            Duration::from_secs(5),
+            ch.queue_declare(queue.into(), options, FieldTable::default()),
+        )
+        .await
+        .expect("queue.declare in time");
+        if declared.is_ok_and(|q| q.consumer_count() > 0) {
+            let _ = ch.close(200, "ready".into()).await;
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the worker exited early with {status}:\n{}", log());
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the worker never consumed:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A queue's counts, without declaring it.
 pub async fn passive(channel: &Channel, queue: &str) -> lapin::Queue {
     let options = QueueDeclareOptions {

@@ -383,25 +383,9 @@ async fn sigterm_during(burst: Burst) -> Outcome {
         .kill_on_drop(true)
         .spawn()
         .expect("the binary starts");
-    let pid = child.id().expect("running");
     let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
 
-    let until = Instant::now() + Duration::from_secs(20);
-    while passive(&channel, &amqp.commands_queue)
-        .await
-        .consumer_count()
-        == 0
-    {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the worker exited early with {status}:\n{}", read_log());
-        }
-        assert!(
-            Instant::now() < until,
-            "the worker never consumed:\n{}",
-            read_log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    crate::harness::wait_consumed(&amqp.commands_queue, &mut child, &read_log).await;
 
     // Published back to back, confirmed together.
     let mut confirms = Vec::with_capacity(burst.commands);
@@ -453,11 +437,7 @@ async fn sigterm_during(burst: Burst) -> Outcome {
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
     let signalled = Instant::now();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    crate::harness::sigterm(&child);
     let after_signal = Instant::now();
     let status = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
         Ok(status) => status.unwrap(),

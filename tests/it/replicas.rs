@@ -152,12 +152,7 @@ impl Replica {
     /// SIGTERM, and waits up to `limit` for the exit status.
     pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("the replica runs");
-        let pid = child.id().expect("running");
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
+        crate::harness::sigterm(&child);
         match tokio::time::timeout(limit, child.wait()).await {
             Ok(status) => status.unwrap(),
             Err(_) => panic!(
