@@ -336,17 +336,7 @@ impl ScenarioResult {
     fn outcome_rows(&self, w: &Numbers) -> Vec<Row> {
         let s = &self.scenario;
         let c = self.correctness();
-        let mut events: BTreeMap<&str, u64> = BTreeMap::new();
-        for run in &self.workers {
-            for (name, count) in &run.measured.events {
-                *events.entry(name.as_str()).or_default() += count;
-            }
-        }
-        let events = events
-            .iter()
-            .map(|(k, v)| format!("{} {v}", k.trim_start_matches("transfer.")))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let events = event_tally(&self.workers);
         let api = format!(
             "{:.0}{}",
             v(w, "api_calls"),
@@ -552,17 +542,7 @@ impl ScenarioResult {
             ("single-process", &self.workers),
             ("fleet mode", &self.fleet_workers),
         ];
-        let mut events: BTreeMap<&str, u64> = BTreeMap::new();
-        for run in self.workers.iter().chain(&self.fleet_workers) {
-            for (name, count) in &run.measured.events {
-                *events.entry(name.as_str()).or_default() += count;
-            }
-        }
-        let events = events
-            .iter()
-            .map(|(k, v)| format!("{} {v}", k.trim_start_matches("transfer.")))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let events = event_tally(self.workers.iter().chain(&self.fleet_workers));
         let mismatches = self.correctness().api_mismatches;
         let api = format!(
             "{:.0} / {:.0} (single-process / fleet){}",
@@ -1028,4 +1008,19 @@ pub fn scenario_json(result: &ScenarioResult) -> Value {
         });
     }
     doc
+}
+
+/// Terminal events of all these runs, by name: "succeeded 20000, failed 3".
+fn event_tally<'a>(runs: impl IntoIterator<Item = &'a WorkerRun>) -> String {
+    let mut events: BTreeMap<&str, u64> = BTreeMap::new();
+    for run in runs {
+        for (name, count) in &run.measured.events {
+            *events.entry(name.as_str()).or_default() += count;
+        }
+    }
+    events
+        .iter()
+        .map(|(k, v)| format!("{} {v}", k.trim_start_matches("transfer.")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

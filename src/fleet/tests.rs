@@ -30,6 +30,12 @@ fn replica(fleet: &str, lease: Duration) -> Fleet {
     .unwrap()
 }
 
+/// Two replicas of a fleet of their own.
+fn two_replicas(lease: Duration) -> (Fleet, Fleet) {
+    let name = fleet_name();
+    (replica(&name, lease), replica(&name, lease))
+}
+
 fn fleet_name() -> String {
     format!("tw-unit-{}", uuid::Uuid::new_v4().simple())
 }
@@ -56,12 +62,8 @@ fn booked(r: Reservation) -> Duration {
 
 #[tokio::test]
 async fn starts_beyond_the_horizon_are_told_not_booked_and_unused_ones_are_given_back() {
-    let name = fleet_name();
     // Lease 3 s: the horizon is 1 s.
-    let (a, b) = (
-        replica(&name, Duration::from_secs(3)),
-        replica(&name, Duration::from_secs(3)),
-    );
+    let (a, b) = two_replicas(Duration::from_secs(3));
     let window = Duration::from_secs(4);
     let first = a.reserve("acct", 1, window, None, "c1").await.unwrap();
     assert!(booked(first) < Duration::from_millis(100));
@@ -89,12 +91,8 @@ async fn starts_beyond_the_horizon_are_told_not_booked_and_unused_ones_are_given
 
 #[tokio::test]
 async fn the_shared_log_paces_every_replica_of_the_fleet() {
-    let name = fleet_name();
     // Lease 9 s: the horizon (3 s) is beyond the window (2 s), so every start is booked.
-    let (a, b) = (
-        replica(&name, Duration::from_secs(9)),
-        replica(&name, Duration::from_secs(9)),
-    );
+    let (a, b) = two_replicas(Duration::from_secs(9));
     let window = Duration::from_secs(2);
     let mut delays = Vec::new();
     for (i, r) in [&a, &b, &a, &b, &a].into_iter().enumerate() {
@@ -129,11 +127,7 @@ async fn the_shared_log_paces_every_replica_of_the_fleet() {
 
 #[tokio::test]
 async fn a_pause_holds_every_replica() {
-    let name = fleet_name();
-    let (a, b) = (
-        replica(&name, Duration::from_secs(5)),
-        replica(&name, Duration::from_secs(5)),
-    );
+    let (a, b) = two_replicas(Duration::from_secs(5));
     a.pause("acct", Duration::from_secs(3)).await.unwrap();
     match b
         .reserve("acct", 100, Duration::from_secs(1), None, "c1")
@@ -150,11 +144,7 @@ async fn a_pause_holds_every_replica() {
 
 #[tokio::test]
 async fn a_claim_is_held_by_one_replica_and_the_outcome_answers_the_others() {
-    let name = fleet_name();
-    let (a, b) = (
-        replica(&name, Duration::from_secs(5)),
-        replica(&name, Duration::from_secs(5)),
-    );
+    let (a, b) = two_replicas(Duration::from_secs(5));
     assert!(matches!(a.claim("c1").await.unwrap(), Claim::Mine));
     assert!(
         matches!(a.claim("c1").await.unwrap(), Claim::Mine),
@@ -177,9 +167,8 @@ async fn a_claim_is_held_by_one_replica_and_the_outcome_answers_the_others() {
 
 #[tokio::test]
 async fn a_claim_lapses_after_its_lease_and_one_with_a_call_on_the_wire_is_taken_over() {
-    let name = fleet_name();
     let lease = Duration::from_secs(1);
-    let (a, b) = (replica(&name, lease), replica(&name, lease));
+    let (a, b) = two_replicas(lease);
     // Claimed, released: the next replica need not wait.
     assert!(matches!(a.claim("quiet").await.unwrap(), Claim::Mine));
     a.release("quiet").await.unwrap();

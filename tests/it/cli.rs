@@ -12,7 +12,7 @@ use transfer_worker::agentassist::jwt::TokenSource;
 use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{SimBot, Simulator, SimulatorConfig};
 
-use crate::harness::{Cleanup, amqp_url, sigterm, test_settings, wait_consumed};
+use crate::harness::{Cleanup, amqp_url, sigterm, test_settings, wait_consumed, worker_env};
 
 /// The real binary, with no configuration from the test's own environment.
 fn binary() -> tokio::process::Command {
@@ -130,17 +130,7 @@ async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
             .arg("--config")
             .arg(config.path())
             .env(&secret_var, from_env)
-            .env("TRANSFER__AMQP__URL", amqp_url())
-            .env("TRANSFER__AMQP__COMMANDS_QUEUE", &amqp.commands_queue)
-            .env("TRANSFER__AMQP__RESULTS_EXCHANGE", &amqp.results_exchange)
-            .env(
-                "TRANSFER__AMQP__DEAD_LETTER_EXCHANGE",
-                &amqp.dead_letter_exchange,
-            )
-            .env("TRANSFER__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
-            .env("TRANSFER__AGENTASSIST__BASE_URL", sim.base_url())
-            .env("TRANSFER__CALLBACKS__LISTEN", "127.0.0.1:0")
-            .env("TRANSFER__ADMIN__LISTEN", "127.0.0.1:0");
+            .envs(worker_env(amqp, &sim.base_url()));
         command
     };
 

@@ -248,6 +248,39 @@ pub async fn events_queue(channel: &Channel, exchange: &str) -> String {
     queue
 }
 
+/// The environment that points a `transfer-worker` process at a test's own topology on the
+/// test broker and at the API `api_base_url`, with its listeners on free ports.
+pub fn worker_env(
+    amqp: &transfer_worker::config::AmqpSettings,
+    api_base_url: &str,
+) -> Vec<(String, String)> {
+    [
+        ("TRANSFER__AMQP__URL", amqp_url()),
+        (
+            "TRANSFER__AMQP__COMMANDS_QUEUE",
+            amqp.commands_queue.clone(),
+        ),
+        (
+            "TRANSFER__AMQP__RESULTS_EXCHANGE",
+            amqp.results_exchange.clone(),
+        ),
+        (
+            "TRANSFER__AMQP__DEAD_LETTER_EXCHANGE",
+            amqp.dead_letter_exchange.clone(),
+        ),
+        (
+            "TRANSFER__AMQP__DEAD_LETTER_QUEUE",
+            amqp.dead_letter_queue.clone(),
+        ),
+        ("TRANSFER__AGENTASSIST__BASE_URL", api_base_url.to_owned()),
+        ("TRANSFER__CALLBACKS__LISTEN", "127.0.0.1:0".to_owned()),
+        ("TRANSFER__ADMIN__LISTEN", "127.0.0.1:0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// Sends SIGTERM to a child process.
 pub fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().expect("running");

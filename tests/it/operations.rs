@@ -16,7 +16,7 @@ use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{self, Reply, Simulator, SimulatorConfig};
 
 use crate::harness::{
-    Cleanup, Harness, agent_command, amqp_url, passive, queue_command, test_channel, test_settings,
+    Cleanup, Harness, agent_command, passive, queue_command, test_channel, test_settings,
 };
 use crate::init_logs;
 use crate::proxy::Proxy;
@@ -363,18 +363,8 @@ async fn sigterm_during(burst: Burst) -> Outcome {
         .arg("--config")
         .arg(config.path())
         .env_remove("TRANSFER_CONFIG")
-        .env("TRANSFER__AMQP__URL", amqp_url())
-        .env("TRANSFER__AMQP__COMMANDS_QUEUE", &amqp.commands_queue)
-        .env("TRANSFER__AMQP__RESULTS_EXCHANGE", &amqp.results_exchange)
-        .env(
-            "TRANSFER__AMQP__DEAD_LETTER_EXCHANGE",
-            &amqp.dead_letter_exchange,
-        )
-        .env("TRANSFER__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
+        .envs(crate::harness::worker_env(amqp, &sim.base_url()))
         .env("TRANSFER__AMQP__PREFETCH", burst.prefetch.to_string())
-        .env("TRANSFER__AGENTASSIST__BASE_URL", sim.base_url())
-        .env("TRANSFER__CALLBACKS__LISTEN", "127.0.0.1:0")
-        .env("TRANSFER__ADMIN__LISTEN", "127.0.0.1:0")
         .env("TRANSFER__SHUTDOWN__GRACE", burst.grace)
         .env("TRANSFER__LOG__LEVEL", "info")
         .stdin(Stdio::null())

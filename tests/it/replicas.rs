@@ -20,7 +20,7 @@ use transfer_worker::broker::topology;
 use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{self, Simulator, SimulatorConfig};
 
-use crate::harness::{Cleanup, EVENT_WAIT, Received, amqp_url, passive, test_channel};
+use crate::harness::{Cleanup, EVENT_WAIT, Received, passive, test_channel};
 
 /// The shared Redis the tests use when they need no outage.
 pub fn redis_url() -> String {
@@ -331,24 +331,8 @@ impl Fleet {
             .expect("consume the events");
 
         let config = config_file(&settings, &spec);
-        let mut env: Vec<(String, String)> = vec![
-            ("TRANSFER__AMQP__URL".into(), amqp_url()),
-            (
-                "TRANSFER__AMQP__COMMANDS_QUEUE".into(),
-                amqp.commands_queue.clone(),
-            ),
-            (
-                "TRANSFER__AMQP__RESULTS_EXCHANGE".into(),
-                amqp.results_exchange.clone(),
-            ),
-            (
-                "TRANSFER__AMQP__DEAD_LETTER_EXCHANGE".into(),
-                amqp.dead_letter_exchange.clone(),
-            ),
-            (
-                "TRANSFER__AMQP__DEAD_LETTER_QUEUE".into(),
-                amqp.dead_letter_queue.clone(),
-            ),
+        let mut env = crate::harness::worker_env(amqp, &sim.base_url());
+        env.extend(Vec::<(String, String)>::from([
             (
                 "TRANSFER__AMQP__DELIVERY_LIMIT".into(),
                 amqp.delivery_limit.to_string(),
@@ -359,16 +343,14 @@ impl Fleet {
                 "50ms".into(),
             ),
             ("TRANSFER__AMQP__RECONNECT_MAX_DELAY".into(), "500ms".into()),
-            ("TRANSFER__AGENTASSIST__BASE_URL".into(), sim.base_url()),
             ("TRANSFER__AGENTASSIST__REQUEST_TIMEOUT".into(), "5s".into()),
             ("TRANSFER__RETRY__INITIAL_DELAY".into(), "20ms".into()),
             ("TRANSFER__RETRY__MAX_DELAY".into(), "200ms".into()),
             ("TRANSFER__RETRY__MAX_ATTEMPTS".into(), "4".into()),
-            ("TRANSFER__CALLBACKS__LISTEN".into(), "127.0.0.1:0".into()),
             ("TRANSFER__CALLBACKS__PUBLIC_URL".into(), String::new()),
             ("TRANSFER__SHUTDOWN__GRACE".into(), "5s".into()),
             ("TRANSFER__LOG__LEVEL".into(), "info".into()),
-        ];
+        ]));
         if let Some(url) = &spec.redis_url {
             env.push(("TRANSFER__FLEET__REDIS_URL".into(), url.clone()));
         }
