@@ -242,8 +242,15 @@ pub struct FleetSettings {
     pub redis_url: String,
     /// This replica's name; empty: the host name and the process id.
     pub name: String,
-    /// Partition queues of the commands queue (fleet part 2).
+    /// Partition queues `{commands_queue}.p{k}` the work is shared through; 0: none, the
+    /// single active consumer of the commands queue runs every command itself.
     pub partitions: u16,
+    /// How often a replica tells the fleet it is alive (and reads who else is).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A replica not heard from for this long is gone; its partitions move to the others.
+    #[serde(with = "humantime_serde")]
+    pub member_ttl: Duration,
     /// How long a replica's claim on a command lasts unless renewed; a replica that dies
     /// mid-call gives its commands up after this.
     #[serde(with = "humantime_serde")]
