@@ -19,6 +19,7 @@ use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{self, Simulator, SimulatorConfig};
 
 use crate::harness::{Cleanup, EVENT_WAIT, Received, test_settings, worker_env};
+use crate::proxy::Proxy;
 use crate::replicas::wait_for;
 
 /// The tests share the cluster's nodes: one at a time.
@@ -117,6 +118,7 @@ impl Worker {
     /// Starts a worker for `settings`' topology, with `TRANSFER__AMQP__URLS` naming every node
     /// as an operator would write it.
     fn start(settings: &Settings, api_base_url: &str) -> Self {
+        let urls = settings.amqp.urls.join(",");
         let bot = &settings.bots[0];
         let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         let s = |v: &str| toml::Value::String(v.to_owned()).to_string();
@@ -132,7 +134,6 @@ impl Worker {
         .unwrap();
         config.flush().unwrap();
         let log = tempfile::NamedTempFile::new().unwrap();
-        let urls: Vec<String> = NODES.iter().map(|&n| node_url(n)).collect();
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"));
         command.arg("run").arg("--config").arg(config.path());
         for (key, _) in std::env::vars() {
@@ -142,7 +143,7 @@ impl Worker {
         }
         command.envs(worker_env(&settings.amqp, api_base_url));
         let child = command
-            .env("TRANSFER__AMQP__URLS", urls.join(","))
+            .env("TRANSFER__AMQP__URLS", urls)
             .env("TRANSFER__AMQP__PREFETCH", "32")
             .env("TRANSFER__AMQP__RECONNECT_INITIAL_DELAY", "50ms")
             .env("TRANSFER__AMQP__RECONNECT_MAX_DELAY", "500ms")
@@ -286,6 +287,9 @@ enum Loss {
     Crash,
     /// `rabbitmqctl stop`: the node closes its connections and leaves.
     Stop,
+    /// The network between the worker and the node goes silent (a proxy holds back whatever
+    /// the node sends); nothing is closed, only heartbeats can tell.
+    Partition,
 }
 
 /// Commands per session, and sessions: each session's commands run one after another, so the
@@ -304,7 +308,30 @@ async fn node_dies_mid_burst(loss: Loss) {
     cluster_up();
 
     let mut settings = test_settings();
-    settings.amqp.urls = NODES.iter().map(|&n| node_url(n)).collect();
+    // The worker reaches each node directly, or through a proxy that can cut it off.
+    let proxies = match loss {
+        Loss::Partition => {
+            let mut proxies = Vec::new();
+            for n in NODES {
+                proxies.push(
+                    Proxy::start_to(SocketAddr::from((Ipv4Addr::LOCALHOST, amqp_port(n)))).await,
+                );
+            }
+            proxies
+        }
+        Loss::Crash | Loss::Stop => Vec::new(),
+    };
+    let addresses: Vec<String> = match loss {
+        Loss::Partition => proxies.iter().map(|p| p.addr.to_string()).collect(),
+        Loss::Crash | Loss::Stop => NODES
+            .iter()
+            .map(|&n| format!("127.0.0.1:{}", amqp_port(n)))
+            .collect(),
+    };
+    settings.amqp.urls = addresses
+        .iter()
+        .map(|a| format!("amqp://guest:guest@{a}/%2f"))
+        .collect();
     let amqp = settings.amqp.clone();
     let sim = Simulator::start(SimulatorConfig {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -330,7 +357,9 @@ async fn node_dies_mid_burst(loss: Loss) {
     };
     let dead = NODES
         .into_iter()
-        .find(|&n| *first == format!("127.0.0.1:{}", amqp_port(n)))
+        .zip(&addresses)
+        .find(|(_, a)| *a == first)
+        .map(|(n, _)| n)
         .unwrap_or_else(|| panic!("connected to {first}, not a cluster node"));
     let mut revive = Revive(None);
     let watcher = NODES.into_iter().find(|&n| n != dead).unwrap();
@@ -377,15 +406,24 @@ async fn node_dies_mid_burst(loss: Loss) {
     // The node goes while the test keeps reading events: the script's own run time (the CLI
     // starts slowly) is not the worker's.
     let lost_at = Instant::now();
-    revive.0 = Some(dead);
     let how = match loss {
         Loss::Crash => "kill-node",
         Loss::Stop => "stop-node",
+        Loss::Partition => "partition",
     };
-    let taking_away = tokio::task::spawn_blocking(move || {
-        script(&[how, &dead.to_string()]);
-        Instant::now()
-    });
+    let taking_away = match loss {
+        Loss::Partition => {
+            proxies[usize::from(dead - 1)].stall();
+            tokio::spawn(async { Instant::now() })
+        }
+        Loss::Crash | Loss::Stop => {
+            revive.0 = Some(dead);
+            tokio::task::spawn_blocking(move || {
+                script(&[how, &dead.to_string()]);
+                Instant::now()
+            })
+        }
+    };
     // Events already on their way may still arrive; the first one that arrives once the worker
     // connected to another node marks its return.
     let mut back_after = None;
@@ -420,9 +458,9 @@ async fn node_dies_mid_burst(loss: Loss) {
         "consuming again took {back_after:?}:\n{}",
         worker.log()
     );
-    let dead_address = format!("127.0.0.1:{}", amqp_port(dead));
+    let dead_address = &addresses[usize::from(dead - 1)];
     assert!(
-        nodes[1..].iter().all(|n| *n != dead_address),
+        nodes[1..].iter().all(|n| n != dead_address),
         "reconnected to the dead node: {nodes:?}"
     );
 
@@ -461,6 +499,11 @@ async fn node_dies_mid_burst(loss: Loss) {
     assert!(status.success(), "{status}:\n{}", worker.log());
     drop(revive);
     assert!(answers(dead), "node {dead} is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_by_the_network_mid_burst_is_left_and_nothing_is_lost_or_sent_twice() {
+    node_dies_mid_burst(Loss::Partition).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
