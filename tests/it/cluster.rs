@@ -373,11 +373,13 @@ async fn node_dies_mid_burst(loss: Loss) {
         ],
     );
     let expected: BTreeSet<String> = NODES.iter().map(|&n| node_name(n)).collect();
-    assert_eq!(
-        queue_members(&amqp.commands_queue),
-        expected,
-        "the commands queue is replicated on every node"
-    );
+    for queue in [&amqp.commands_queue, &amqp.dead_letter_queue] {
+        assert_eq!(
+            queue_members(queue),
+            expected,
+            "{queue} is replicated on every node"
+        );
+    }
 
     let mut observer = Observer::on(watcher, &amqp.results_exchange).await;
     let commands: Vec<Value> = (0..PER_SESSION)
