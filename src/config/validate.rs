@@ -64,8 +64,17 @@ impl Settings {
 
 impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        <lapin::uri::AMQPUri as std::str::FromStr>::from_str(&self.url)
-            .map_err(|reason| invalid("amqp.url", reason))?;
+        let parse = |key: String, url: &str| {
+            <lapin::uri::AMQPUri as std::str::FromStr>::from_str(url)
+                .map(drop)
+                .map_err(|reason| invalid(key, reason))
+        };
+        if self.urls.is_empty() {
+            parse("amqp.url".to_owned(), &self.url)?;
+        }
+        for (i, url) in self.urls.iter().enumerate() {
+            parse(format!("amqp.urls[{i}]"), url)?;
+        }
         if self.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));
         }
