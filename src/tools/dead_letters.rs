@@ -195,7 +195,8 @@ pub async fn list(amqp: &AmqpSettings, limit: Option<usize>) -> Result<Listing, 
         })
     }
     .await;
-    link.close().await;
+    let expected = result.as_ref().ok().map(|listing| listing.depth);
+    link.close(expected).await;
     result
 }
 
@@ -259,11 +260,22 @@ pub async fn replay(
             report.not_found = ids.difference(&seen).cloned().collect();
         }
         publisher.close(amqp.operation_timeout).await;
-        Ok(report)
+        let left = u32::try_from(report.replayed.len())
+            .ok()
+            .and_then(|n| depth.checked_sub(n));
+        Ok((report, left))
     }
     .await;
-    link.close().await;
-    result
+    match result {
+        Ok((report, left)) => {
+            link.close(left).await;
+            Ok(report)
+        }
+        Err(e) => {
+            link.close(None).await;
+            Err(e)
+        }
+    }
 }
 
 /// Empties the dead-letter queue, returning how many messages it removed; refuses unless
@@ -286,7 +298,7 @@ pub async fn purge(amqp: &AmqpSettings, confirmed: bool) -> Result<u32, DeadLett
         Ok(purged)
     }
     .await;
-    link.close().await;
+    link.close(None).await;
     result
 }
 
@@ -378,15 +390,44 @@ impl Link {
         Ok(got.map(|m| m.delivery))
     }
 
-    /// Closes the reading channel first: whatever it holds unacked returns to the queue.
-    async fn close(self) {
+    /// Closes the reading channel first: whatever it holds unacked returns to the queue. The
+    /// broker puts them back asynchronously, so with `expected` (the depth there should be
+    /// again) it waits, up to `amqp.operation_timeout`, until the queue holds at least that
+    /// many: when the command ends, a listing has left the depth as it was. (Another
+    /// consumer of the queue may keep it lower; then the wait just ends.)
+    async fn close(self, expected: Option<u32>) {
         let _ = timed(
             "channel.close",
             self.limit,
             self.channel.close(200, "done".into()),
         )
         .await;
+        if let Some(expected) = expected {
+            let _ = tokio::time::timeout(self.limit, self.returned(expected)).await;
+        }
         let _ = tokio::time::timeout(self.limit, self.conn.close(200, "done".into())).await;
+    }
+
+    async fn returned(&self, expected: u32) {
+        let Ok(channel) = self.conn.create_channel().await else {
+            return;
+        };
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        loop {
+            let declared = channel
+                .queue_declare(self.queue.as_str().into(), options, FieldTable::default())
+                .await;
+            match declared {
+                Ok(queue) if queue.message_count() < expected => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => break,
+            }
+        }
+        let _ = channel.close(200, "done".into()).await;
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod cli;
 mod contract;
+mod dead_letters;
 mod fleet;
 mod hardening;
 mod harness;
