@@ -454,3 +454,61 @@ async fn replay_republishes_as_received_and_keeps_what_it_could_not_confirm() {
     );
     assert_eq!(depth(&channel, &amqp.dead_letter_queue).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_dead_lettered_past_the_delivery_limit_is_listed_as_poison() {
+    crate::init_logs();
+    let mut settings = test_settings();
+    settings.amqp.delivery_limit = 1;
+    let amqp = &settings.amqp;
+    let _cleanup = cleanup(&settings);
+    let (_conn, channel) = test_channel().await;
+    topology::declare(&channel, amqp).await.expect("topology");
+    let body = b"\xffnot a command";
+    let properties = BasicProperties::default().with_message_id("m-dl-poison".into());
+    publish_to(&channel, "", &amqp.commands_queue, body, properties).await;
+    // Returned until the broker gives up on it, as after a worker crashing on it.
+    let mut consumer = channel
+        .basic_consume(
+            amqp.commands_queue.as_str().into(),
+            "poisoned".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    while depth(&channel, &amqp.dead_letter_queue).await == 0 {
+        let next = tokio::time::timeout(EVENT_WAIT, consumer.next()).await;
+        let Ok(Some(Ok(delivery))) = next else {
+            panic!("the broker did not dead-letter the message: {next:?}");
+        };
+        delivery
+            .acker
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut command = binary();
+    command
+        .args(["dead-letters", "list"])
+        .envs(worker_env(amqp, "http://127.0.0.1:9"));
+    let listed = succeeded(&output(command, Duration::from_secs(60)).await);
+    println!("{listed}");
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("m-dl-poison (not JSON; message_id)"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(line.contains("  poison  "), "the event column: {line}");
+    assert!(
+        line.contains(&format!(
+            "redelivered past the delivery limit of {}",
+            amqp.commands_queue
+        )),
+        "{line}"
+    );
+    assert_eq!(depth(&channel, &amqp.dead_letter_queue).await, 1);
+}
