@@ -94,12 +94,16 @@ pub async fn handle(stages: &Stages, parsed: &Parsed) -> Handled {
         return Handled::Requeue("shutting down");
     }
     let replayed = parsed.envelope.replayed;
-    if let Some(event) = stages.outcomes.get(parsed.command_id())
-        && answers(replayed, &event)
-    {
-        stages.metrics.commands_deduplicated.inc();
-        tracing::info!(event = event.kind.name(), event_id = %event.id, "already completed; republishing its outcome");
-        return Handled::Remembered(event);
+    if let Some(event) = stages.outcomes.get(parsed.command_id()) {
+        if answers(replayed, &event) {
+            stages.metrics.commands_deduplicated.inc();
+            tracing::info!(event = event.kind.name(), event_id = %event.id, "already completed; republishing its outcome");
+            return Handled::Remembered(event);
+        }
+        tracing::info!(
+            remembered = event.kind.name(),
+            "replayed from the dead-letter queue; processing it again"
+        );
     }
     let command_id = parsed.command_id();
     let fleet = stages.fleet.as_deref();

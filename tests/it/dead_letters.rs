@@ -424,9 +424,9 @@ async fn replay_republishes_as_received_and_keeps_what_it_could_not_confirm() {
     assert_eq!(got.correlation_id(), properties.correlation_id());
     assert_eq!(got.reply_to(), properties.reply_to());
     assert_eq!(got.timestamp(), properties.timestamp());
-    let mut got_headers = got.headers().clone().unwrap().inner().clone();
-    got_headers.remove("x-delivery-count");
-    assert_eq!(&got_headers, properties.headers().as_ref().unwrap().inner());
+    // The dead-letter queue's own count of deliveries (the listing's) is left behind.
+    let got_headers = got.headers().as_ref().unwrap().inner();
+    assert_eq!(got_headers, properties.headers().as_ref().unwrap().inner());
 
     // With the commands queue gone nothing confirms the copy: it stays where it was.
     publish_to(
