@@ -31,8 +31,10 @@
 //! - [`app`] — all of the above assembled and run together, stopped by a [`shutdown`].
 //! - Shared by several: [`backoff`] (exponential, full jitter), [`json`] (bodies kept as JSON,
 //!   else as a string).
-//! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]) and the
-//!   `demo` and `publish` commands.
+//! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]), the
+//!   `demo` and `publish` commands, and [`tools::dead_letters`] (list, replay and purge the
+//!   dead-letter queue; a replayed failed command is processed again, see
+//!   [`pipeline::handle`]).
 
 pub mod agentassist;
 pub mod app;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use transfer_worker::app::App;
 use transfer_worker::config::Settings;
 use transfer_worker::ops::telemetry;
+use transfer_worker::tools::dead_letters::{self, Selection};
 use transfer_worker::tools::demo;
 use transfer_worker::tools::publish::{CommandFields, publish_command};
 use transfer_worker::tools::simulator::{self, SimulatorConfig};
@@ -37,6 +38,40 @@ enum Command {
     Config(ConfigArg),
     /// Show the fleet: members, the partitions each owns, queue depths.
     Fleet(ConfigArg),
+    /// List, replay or purge the dead-letter queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// One line per message: commandId, event, age, error. Consumes nothing.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Show at most this many messages.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: Option<u32>,
+    },
+    /// Republish messages to the commands queue as received; each is removed once confirmed.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Replay the messages of these command ids.
+        #[arg(long = "command-id", value_name = "ID", num_args = 1.., required_unless_present = "all", conflicts_with = "all")]
+        command_ids: Vec<String>,
+        /// Replay every message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove every message, for good.
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Yes, remove them.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Args)]
@@ -258,6 +293,41 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     anyhow::bail!("the transfer did not succeed: {}", outcome["event"]);
                 }
             }
+        }
+        Command::DeadLetters(command) => dead_letters_command(command).await?,
+    }
+    Ok(())
+}
+
+async fn dead_letters_command(command: DeadLettersCommand) -> anyhow::Result<()> {
+    match command {
+        DeadLettersCommand::List { config, limit } => {
+            let settings = load(&config)?;
+            let limit = limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            print!("{}", dead_letters::list(&settings.amqp, limit).await?);
+        }
+        DeadLettersCommand::Replay {
+            config,
+            command_ids,
+            all,
+        } => {
+            let settings = load(&config)?;
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(command_ids.into_iter().collect())
+            };
+            let replayed = dead_letters::replay(&settings.amqp, selection).await?;
+            print!("{replayed}");
+            replayed.into_result()?;
+        }
+        DeadLettersCommand::Purge { config, yes } => {
+            let settings = load(&config)?;
+            let removed = dead_letters::purge(&settings.amqp, yes).await?;
+            println!(
+                "removed {removed} message(s) from {}",
+                settings.amqp.dead_letter_queue
+            );
         }
     }
     Ok(())

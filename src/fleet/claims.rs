@@ -23,13 +23,25 @@ pub enum Claim {
 impl Fleet {
     /// One claim attempt: the recorded outcome, the claim, or who holds it.
     pub async fn claim(&self, command_id: &str) -> Result<Claim, FleetError> {
+        self.claim_as(command_id, false).await
+    }
+
+    /// [`Fleet::claim`] for a command replayed from the dead-letter queue: only a recorded
+    /// `transfer.succeeded` answers it; another recorded outcome is passed over, so the
+    /// command is processed again and [`Fleet::record`] replaces that outcome.
+    pub async fn claim_replayed(&self, command_id: &str) -> Result<Claim, FleetError> {
+        self.claim_as(command_id, true).await
+    }
+
+    async fn claim_as(&self, command_id: &str, replayed: bool) -> Result<Claim, FleetError> {
         let mut invocation = scripts::CLAIM.prepare_invoke();
         invocation
             .key(self.key("outcome", command_id))
             .key(self.key("claim", command_id))
             .key(self.key("wire", command_id))
             .arg(&self.claimant)
-            .arg(millis(self.lease));
+            .arg(millis(self.lease))
+            .arg(if replayed { "1" } else { "0" });
         let (state, detail): (String, Vec<u8>) = self.invoke("claim", &invocation).await?;
         match state.as_str() {
             "done" => stored::decode(command_id, &detail)

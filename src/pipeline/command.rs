@@ -59,6 +59,10 @@ pub struct Rejection {
     pub message: String,
 }
 
+/// The header the worker's dead-letter copies carry (`broker::publisher`), which marks a
+/// replayed command.
+pub const REPLAY_MARK: &str = "x-transfer-event";
+
 /// What the edge knows about a delivery besides its body.
 #[derive(Debug, Clone, Default)]
 pub struct Envelope {
@@ -66,6 +70,10 @@ pub struct Envelope {
     pub message_id: Option<String>,
     /// AMQP `timestamp`, seconds since the epoch.
     pub timestamp: Option<u64>,
+    /// The message came back from the dead-letter queue (`dead-letters replay`): it carries
+    /// the `x-transfer-event` header the worker put on its dead-letter copy. Such a command is
+    /// processed again unless it completed (see `pipeline::handle`).
+    pub replayed: bool,
 }
 
 impl Envelope {
@@ -74,6 +82,10 @@ impl Envelope {
         Self {
             message_id: properties.message_id().as_ref().map(|s| s.to_string()),
             timestamp: *properties.timestamp(),
+            replayed: properties
+                .headers()
+                .as_ref()
+                .is_some_and(|h| h.inner().contains_key(REPLAY_MARK)),
         }
     }
 }

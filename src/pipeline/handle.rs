@@ -13,7 +13,7 @@ use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use super::command::{Command, Envelope, Rejection};
-use super::event::{ErrorDetail, Event, Subject};
+use super::event::{ErrorDetail, Event, EventKind, Subject};
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
 use crate::agentassist::transfer::{Abandoned, Outcome, Transfers};
@@ -93,15 +93,22 @@ pub async fn handle(stages: &Stages, parsed: &Parsed) -> Handled {
     if stages.abandon.is_cancelled() {
         return Handled::Requeue("shutting down");
     }
+    let replayed = parsed.envelope.replayed;
     if let Some(event) = stages.outcomes.get(parsed.command_id()) {
-        stages.metrics.commands_deduplicated.inc();
-        tracing::info!(event = event.kind.name(), event_id = %event.id, "already completed; republishing its outcome");
-        return Handled::Remembered(event);
+        if answers(replayed, &event) {
+            stages.metrics.commands_deduplicated.inc();
+            tracing::info!(event = event.kind.name(), event_id = %event.id, "already completed; republishing its outcome");
+            return Handled::Remembered(event);
+        }
+        tracing::info!(
+            remembered = event.kind.name(),
+            "replayed from the dead-letter queue; processing it again"
+        );
     }
     let command_id = parsed.command_id();
     let fleet = stages.fleet.as_deref();
     if let Some(fleet) = fleet {
-        match claim(stages, fleet, command_id).await {
+        match claim(stages, fleet, command_id, replayed).await {
             Ok(None) => {}
             Ok(Some(event)) => {
                 let event = Arc::new(event);
@@ -149,17 +156,35 @@ pub async fn handle(stages: &Stages, parsed: &Parsed) -> Handled {
     Handled::Decided(event)
 }
 
+/// Whether a remembered outcome answers a command. It always does, except for a command
+/// replayed from the dead-letter queue: an operator replays a failed (rejected, expired)
+/// command to have it processed again, so only a completed one (`transfer.succeeded`) is
+/// still answered from memory — same `eventId`, no call — and anything else is processed as
+/// new, its new outcome replacing the old one. A completed transfer is never sent twice.
+fn answers(replayed: bool, remembered: &Event) -> bool {
+    !replayed || remembered.kind == EventKind::Succeeded
+}
+
 /// Claims the command for this replica before anything is done for it: `Some` event if it was
 /// completed somewhere in the fleet already; `None` once the claim is ours, after waiting
-/// for another live replica that holds it. Waits while Redis does not answer.
+/// for another live replica that holds it. Waits while Redis does not answer. A `replayed`
+/// command is answered by the fleet's record only if that record is a completion
+/// ([`answers`]).
 async fn claim(
     stages: &Stages,
     fleet: &Fleet,
     command_id: &str,
+    replayed: bool,
 ) -> Result<Option<Event>, Abandoned> {
     loop {
         let claim = fleet
-            .until_answered(&stages.abandon, || fleet.claim(command_id))
+            .until_answered(&stages.abandon, || async {
+                if replayed {
+                    fleet.claim_replayed(command_id).await
+                } else {
+                    fleet.claim(command_id).await
+                }
+            })
             .await
             .ok_or(Abandoned)?;
         let left = match claim {

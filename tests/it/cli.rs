@@ -15,7 +15,7 @@ use transfer_worker::tools::simulator::{SimBot, Simulator, SimulatorConfig};
 use crate::harness::{Cleanup, amqp_url, sigterm, test_settings, wait_consumed, worker_env};
 
 /// The real binary, with no configuration from the test's own environment.
-fn binary() -> tokio::process::Command {
+pub fn binary() -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"));
     command
         .env_remove("TRANSFER_CONFIG")
@@ -30,7 +30,7 @@ fn binary() -> tokio::process::Command {
 }
 
 /// Runs to the end within `limit`, capturing its output.
-async fn output(mut command: tokio::process::Command, limit: Duration) -> Output {
+pub async fn output(mut command: tokio::process::Command, limit: Duration) -> Output {
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     tokio::time::timeout(limit, command.output())
         .await

@@ -5,6 +5,7 @@
 mod cli;
 mod cluster;
 mod contract;
+mod dead_letters;
 mod fleet;
 mod hardening;
 mod harness;

@@ -32,6 +32,7 @@ fn command_id_falls_back_to_message_id_then_hash() {
     let env = Envelope {
         message_id: Some("m-9".into()),
         timestamp: None,
+        replayed: false,
     };
     assert_eq!(p.parse(body, &env).unwrap().command_id, "m-9");
     let a = p.parse(body, &Envelope::default()).unwrap().command_id;
@@ -95,6 +96,7 @@ fn deadline_is_the_earlier_of_expires_at_and_timestamp_plus_max_age() {
             &Envelope {
                 message_id: None,
                 timestamp: Some(1_000),
+                replayed: false,
             },
         )
         .unwrap();
@@ -135,6 +137,7 @@ mod props {
             Envelope {
                 message_id,
                 timestamp,
+                replayed: false,
             }
         })
     }
@@ -262,6 +265,7 @@ mod props {
                     &Envelope {
                         message_id: None,
                         timestamp: Some(ts),
+                        replayed: false,
                     },
                 )
                 .unwrap();

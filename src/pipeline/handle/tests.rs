@@ -87,9 +87,19 @@ impl Rig {
     }
 
     fn read(&self, body: &Value, message_id: Option<&str>) -> Parsed {
+        self.read_as(body, message_id, false)
+    }
+
+    /// A command as `dead-letters replay` brings it back from the dead-letter queue.
+    fn read_replayed(&self, body: &Value) -> Parsed {
+        self.read_as(body, None, true)
+    }
+
+    fn read_as(&self, body: &Value, message_id: Option<&str>, replayed: bool) -> Parsed {
         let envelope = Envelope {
             message_id: message_id.map(str::to_owned),
             timestamp: None,
+            replayed,
         };
         let body = serde_json::to_vec(body).unwrap();
         let command = self.parser.parse(&body, &envelope);
@@ -295,4 +305,77 @@ async fn a_command_claimed_by_a_live_replica_is_waited_for_not_sent_again() {
     assert!(b.stages.metrics.fleet_claim_waits.get() >= 1);
     a.sim.shutdown().await;
     b.sim.shutdown().await;
+}
+
+fn remembered(handled: Handled) -> Arc<Event> {
+    match handled {
+        Handled::Remembered(event) => event,
+        other => panic!("expected the remembered outcome, got {other:?}"),
+    }
+}
+
+fn permanent_error() -> Reply {
+    Reply::Raw {
+        status: 400,
+        headers: Vec::new(),
+        body: b"no such agent".to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_failed_command_is_processed_again_and_a_completed_one_is_not() {
+    let rig = Rig::start().await;
+    rig.sim.script([permanent_error()]);
+    let failed = decided(handle(&rig.stages, &rig.read(&command("c-r1"), None)).await);
+    assert_eq!(failed.kind, EventKind::Failed);
+    // Published again as it was: answered from memory, failed.
+    let again = remembered(handle(&rig.stages, &rig.read(&command("c-r1"), None)).await);
+    assert_eq!(again.id, failed.id);
+    assert_eq!(rig.sim.stats().calls, 1);
+
+    // Replayed from the dead-letter queue: processed as new, and its outcome replaces the old.
+    let replayed = decided(handle(&rig.stages, &rig.read_replayed(&command("c-r1"))).await);
+    assert_eq!(replayed.kind, EventKind::Succeeded);
+    assert_ne!(replayed.id, failed.id);
+    assert_eq!(rig.sim.stats().calls, 2);
+
+    // Completed now: a replay, like any other copy, is answered from memory.
+    let completed = remembered(handle(&rig.stages, &rig.read_replayed(&command("c-r1"))).await);
+    assert_eq!(completed.id, replayed.id);
+    let plain = remembered(handle(&rig.stages, &rig.read(&command("c-r1"), None)).await);
+    assert_eq!(plain.id, replayed.id);
+    assert_eq!(
+        rig.sim.stats().calls,
+        2,
+        "a completed command is not sent again"
+    );
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replayed_failed_command_passes_over_the_fleet_record_and_replaces_it() {
+    let fleet = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
+    let a = Rig::start().await.in_fleet(&fleet);
+    let b = Rig::start().await.in_fleet(&fleet);
+    let c = Rig::start().await.in_fleet(&fleet);
+    a.sim.script([permanent_error()]);
+    let failed = decided(handle(&a.stages, &a.read(&command("c-r2"), None)).await);
+    assert_eq!(failed.kind, EventKind::Failed);
+    // Another replica answers a plain copy from the record...
+    let recorded = remembered(handle(&b.stages, &b.read(&command("c-r2"), None)).await);
+    assert_eq!(recorded.id, failed.id);
+    assert_eq!(b.sim.stats().calls, 0);
+    // ...but not a replay: that is processed again, even where the failure is in memory.
+    let replayed = decided(handle(&b.stages, &b.read_replayed(&command("c-r2"))).await);
+    assert_eq!(replayed.kind, EventKind::Succeeded);
+    assert_eq!(b.sim.stats().calls, 1);
+    // The new outcome replaced the record: a third replica answers any copy with it.
+    let plain = remembered(handle(&c.stages, &c.read(&command("c-r2"), None)).await);
+    assert_eq!(plain.id, replayed.id);
+    let replay = remembered(handle(&c.stages, &c.read_replayed(&command("c-r2"))).await);
+    assert_eq!(replay.id, replayed.id);
+    assert_eq!(c.sim.stats().calls, 0);
+    for rig in [a, b, c] {
+        rig.sim.shutdown().await;
+    }
 }
