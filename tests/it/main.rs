@@ -5,6 +5,7 @@
 mod breaker;
 mod cli;
 mod contract;
+mod dashboard;
 mod fleet;
 mod hardening;
 mod harness;
