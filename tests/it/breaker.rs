@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::StatusCode;
 use serde_json::json;
 use transfer_worker::ops::metrics::{Metrics, ProbeLabels};
-use transfer_worker::tools::simulator::RecordedRequest;
+use transfer_worker::tools::simulator::{RecordedRequest, Reply};
 
 use crate::harness::{Harness, Received, agent_command};
 use crate::init_logs;
@@ -194,5 +194,32 @@ async fn deadlines_still_end_commands_held_by_an_open_breaker() {
     );
     h.sim.end_outage();
     until("the breaker closes", || metrics.breaker_open.get() == 0).await;
+    h.stop_leaving_nothing().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_failing_on_its_own_while_others_succeed_gets_one_last_attempt_and_fails() {
+    init_logs();
+    // The default open_after (30 s): the breaker plays no part but for the verdict.
+    let mut h = Harness::start(|_, _| {}).await;
+    let max_attempts = h.settings.retry.max_attempts;
+    h.sim.script((0..max_attempts).map(|_| Reply::Status(503)));
+    h.publish(&agent_command("br-own", "s-br-own")).await;
+    let metrics = h.metrics.clone();
+    until("its spent budget waits for the verdict", || {
+        metrics.breaker_held.get() == 1
+    })
+    .await;
+    // Another command succeeds: the API answers, so the failures were br-own's own.
+    h.sim.script([Reply::Accept, Reply::Status(503)]);
+    h.publish(&agent_command("br-other", "s-br-other")).await;
+    let events = by_command(&mut h, 2).await;
+    assert_eq!(events["br-other"].name(), "transfer.succeeded");
+    let own = &events["br-own"];
+    assert_eq!(own.name(), "transfer.failed", "{}", own.json);
+    assert_eq!(own.json["attempts"], max_attempts + 1, "one last attempt");
+    assert_eq!(own.json["retryable"], true);
+    assert_eq!(own.json["error"]["status"], 503);
+    assert_eq!(metrics.breaker_openings.get(), 0);
     h.stop_leaving_nothing().await;
 }
