@@ -189,7 +189,7 @@ impl Breaker {
     }
 
     /// Takes in the result of a call. An outage failure is returned as recorded, for
-    /// [`Breaker::verdict`]; anything else is an answer.
+    /// [`Breaker::verdict`]; a status from the API is an answer.
     pub fn record(&self, result: &Result<ApiResponse, ApiError>) -> Option<Failure> {
         match result {
             Err(error) if is_outage(error) => Some(self.failed(&error.to_string())),
@@ -197,6 +197,8 @@ impl Breaker {
                 self.answered(ClosedBy::Call(Some(response.status)));
                 None
             }
+            // Neither: the request could not even be sent, so the API said nothing.
+            Err(error) if error.status.is_none() => None,
             Err(error) => {
                 self.answered(ClosedBy::Call(error.status));
                 None
@@ -262,7 +264,11 @@ impl Breaker {
                 if !self.is_open() {
                     break;
                 }
-                match probe().await {
+                let probed = tokio::select! {
+                    () = stop.cancelled() => return,
+                    probed = probe() => probed,
+                };
+                match probed {
                     Err(error) if is_outage(&error) => {
                         self.count_probe("failed");
                         tracing::debug!(%error, "AgentAssist probe failed; the breaker stays open");
