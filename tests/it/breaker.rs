@@ -223,3 +223,42 @@ async fn a_command_failing_on_its_own_while_others_succeed_gets_one_last_attempt
     assert_eq!(metrics.breaker_openings.get(), 0);
     h.stop_leaving_nothing().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_a_held_command_keeps_its_claim_renewed() {
+    init_logs();
+    let lease = Duration::from_secs(1);
+    let mut h = Harness::start(|s, _| {
+        s.breaker.open_after = Duration::from_secs(1);
+        s.breaker.probe_interval = PROBE_INTERVAL;
+        s.fleet.redis_url = crate::replicas::redis_url();
+        s.fleet.lease = lease;
+        s.fleet.redis_timeout = Duration::from_millis(500);
+        // The fleet's keys for this test's queue expire on their own.
+        s.commands.outcome_cache_ttl = Duration::from_secs(30);
+    })
+    .await;
+    h.sim.start_outage(503);
+    h.publish(&agent_command("br-claimed", "s-br-claimed"))
+        .await;
+    let metrics = h.metrics.clone();
+    until("the breaker opens", || metrics.breaker_open.get() == 1).await;
+    // Held for several leases: a claim left to lapse would be gone by now.
+    tokio::time::sleep(lease * 3).await;
+    let key = format!("{}:claim:br-claimed", h.settings.amqp.commands_queue);
+    let client = redis::Client::open(crate::replicas::redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the claim {key} lapsed while held (PTTL {ttl})");
+    assert_eq!(metrics.breaker_open.get(), 1, "still held");
+
+    h.sim.end_outage();
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.succeeded", "{}", e.json);
+    assert_eq!(metrics.fleet_claims_taken_over.get(), 0);
+    h.stop_leaving_nothing().await;
+}
