@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::agentassist::bots::Bots;
+use crate::agentassist::breaker::{Breaker, Prober};
 use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
@@ -74,6 +75,7 @@ pub struct App {
     broker: Arc<CurrentLink>,
     metrics: Arc<Metrics>,
     fleet: Option<Arc<Fleet>>,
+    prober: Option<Prober>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
@@ -121,6 +123,12 @@ impl App {
         if let Some(fleet) = &fleet {
             transfers = transfers.with_fleet(fleet.clone());
         }
+        let breaker = (settings.breaker.enabled)
+            .then(|| Arc::new(Breaker::new(&settings.breaker, metrics.clone())));
+        if let Some(breaker) = &breaker {
+            transfers = transfers.with_breaker(breaker.clone());
+        }
+        let prober = breaker.map(|b| Prober::new(b, transfers.api().clone(), &settings));
         let stages = Stages {
             transfers,
             relay: RelayUrls::new(&public_url, signer.clone()),
@@ -201,6 +209,7 @@ impl App {
             broker,
             metrics,
             fleet,
+            prober,
         })
     }
 
@@ -250,6 +259,10 @@ impl App {
             let stop = health_stop.clone();
             tokio::spawn(async move { fleet.watch_health(stop).await })
         });
+        // Probes run until the consumer is done: held commands may wait on them in the grace.
+        let probing = self
+            .prober
+            .map(|p| tokio::spawn(p.run(health_stop.clone())));
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
         let result = match self.worker {
             Worker::Alone(consumer) => consumer.run().await,
@@ -274,6 +287,9 @@ impl App {
         health_stop.cancel();
         if let Some(health) = health {
             let _ = health.await;
+        }
+        if let Some(probing) = probing {
+            let _ = probing.await;
         }
         http_stop.cancel();
         for server in [relay, admin] {

@@ -21,7 +21,8 @@
 //! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
 //!   ([`agentassist::pacer`], per account), the call ([`agentassist::client`], with a JWT from
 //!   [`agentassist::jwt`] for one of the [`agentassist::bots`]), the classification of its
-//!   answer, and retries ([`agentassist::retry`]).
+//!   answer, and retries ([`agentassist::retry`]); the circuit [`agentassist::breaker`] holds
+//!   every attempt while the API is down, probing it until it answers.
 //! - [`fleet`] — with several replicas, the state they share through Redis: one rate budget
 //!   per account, claims and recorded outcomes, so the fleet behaves as one worker.
 //! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL

@@ -23,6 +23,16 @@ pub struct Bot {
     pub assign_url: reqwest::Url,
 }
 
+/// `{base_url}/agentassist/api/v1/public/{stream_id}/assign-conversation`, from a validated
+/// `base_url`.
+pub fn assign_url(base_url: &str, stream_id: &str) -> reqwest::Url {
+    reqwest::Url::parse(&format!(
+        "{}/agentassist/api/v1/public/{stream_id}/assign-conversation",
+        base_url.trim_end_matches('/'),
+    ))
+    .expect("validated settings carry a valid base_url")
+}
+
 /// The bots by stream id, and the one used when a command names none.
 #[derive(Debug, Clone)]
 pub struct Bots {
@@ -44,12 +54,7 @@ impl Bots {
                 .client_secret
                 .clone()
                 .expect("validated settings carry every bot's secret");
-            let assign_url = reqwest::Url::parse(&format!(
-                "{}/agentassist/api/v1/public/{}/assign-conversation",
-                settings.agentassist.base_url.trim_end_matches('/'),
-                b.stream_id
-            ))
-            .expect("validated settings carry a valid base_url");
+            let assign_url = assign_url(&settings.agentassist.base_url, &b.stream_id);
             let bot = Bot {
                 assign_url,
                 stream_id: b.stream_id.clone(),

@@ -213,6 +213,31 @@ impl ApiClient {
         }
         classify(status, retry_after.as_deref(), &bytes, truncated)
     }
+    /// A request that cannot transfer anything, to learn whether the API answers at all (the
+    /// circuit breaker's probe): `url` (an assign-conversation route) with an empty body and
+    /// no token. An API that is up refuses it (401); only whether and how it answers matters,
+    /// so the body is not read. Bounded by the request timeout like every call.
+    pub async fn probe(&self, url: &reqwest::Url) -> Result<ApiResponse, ApiError> {
+        let response = self
+            .http
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body("{}")
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        classify(
+            response.status().as_u16(),
+            retry_after.as_deref(),
+            &[],
+            false,
+        )
+    }
 }
 
 /// What an answer means: a 2xx is a success carrying its body; anything else an error

@@ -1,8 +1,10 @@
 //! Everything that talks to Kore.ai AgentAssist: the bots and their JWTs, the per-account
-//! pacing, the retry schedule, the HTTP call and the classification of its answer, and
-//! [`transfer`], which carries one command through them.
+//! pacing, the retry schedule, the HTTP call and the classification of its answer, the
+//! circuit [`breaker`] that holds attempts while the API is down, and [`transfer`], which
+//! carries one command through them.
 
 pub mod bots;
+pub mod breaker;
 pub mod client;
 pub mod jwt;
 pub mod pacer;

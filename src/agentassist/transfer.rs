@@ -1,7 +1,8 @@
 //! Carrying out one valid command: pace, call, classify, retry — until it succeeds, fails for
 //! good, runs out of budget or time, or the worker shuts down. What happened is an
 //! [`Outcome`]; turning it into an event is the pipeline's business, and where AgentAssist
-//! should post its callbacks is the caller's.
+//! should post its callbacks is the caller's. With a [`Breaker`], every attempt first passes
+//! it, and a budget spent on an outage is the breaker's to forgive (see [`super::breaker`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::bots::Bot;
+use super::breaker::{Breaker, Interrupted};
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
@@ -58,6 +60,8 @@ pub struct Transfers {
     metrics: Arc<Metrics>,
     /// With a fleet, the budgets are shared through Redis instead of kept in this process.
     fleet: Option<Arc<Fleet>>,
+    /// Holds attempts while the API is down; `None` with `breaker.enabled = false`.
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl Transfers {
@@ -68,7 +72,19 @@ impl Transfers {
             retry,
             metrics,
             fleet: None,
+            breaker: None,
         }
+    }
+
+    /// The client every call goes through.
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    /// Passes every attempt through `breaker`.
+    pub fn with_breaker(mut self, breaker: Arc<Breaker>) -> Self {
+        self.breaker = Some(breaker);
+        self
     }
 
     /// Paces through the fleet's shared budgets.
@@ -177,7 +193,12 @@ impl Transfers {
         let bot = &command.bot;
         let body = request_body(command, callback_url);
         let mut delays = self.retry.delays();
+        // Calls made, and those of them held against the budget (forgiven after an outage).
         let mut attempts = 0u32;
+        let mut spent = 0u32;
+        // The one attempt granted after the budget ran out on an outage the API then answered.
+        let mut last_chance = false;
+        let mut ticket = self.breaker.as_ref().map(|b| b.ticket());
         let mut reauthorized = false;
         // The deadline ends a command as `expired` if the API was never called, and as a
         // retryable `failed` with the last error if it was: that error is what went wrong.
@@ -193,6 +214,22 @@ impl Transfers {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(out_of_time(attempts, last_error));
             }
+            if let (Some(breaker), Some(ticket)) = (&self.breaker, &mut ticket) {
+                match breaker.pass(ticket, deadline, shutdown).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        tracing::debug!(
+                            attempts,
+                            "an outage ended; the retry budget starts afresh"
+                        );
+                        spent = 0;
+                        delays = self.retry.delays();
+                        last_chance = false;
+                    }
+                    Err(Interrupted::Deadline) => return Ok(out_of_time(attempts, last_error)),
+                    Err(Interrupted::Abandoned) => return Err(Abandoned),
+                }
+            }
             if self
                 .wait_for_start(command, deadline, shutdown)
                 .await?
@@ -204,6 +241,10 @@ impl Transfers {
             if shutdown.is_cancelled() {
                 return Err(Abandoned);
             }
+            // The breaker may have opened while this command waited for its start.
+            if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
+                continue;
+            }
             let token = match bot.tokens.token() {
                 Ok(token) => token,
                 Err(e) => {
@@ -212,6 +253,7 @@ impl Transfers {
                 }
             };
             attempts = attempts.saturating_add(1);
+            spent = spent.saturating_add(1);
             let call_started = Instant::now();
             let result = self.api.assign(bot, &token, body.clone()).await;
             let status = match &result {
@@ -223,6 +265,7 @@ impl Transfers {
                 status,
                 call_started.elapsed().as_secs_f64(),
             );
+            let outage = self.breaker.as_ref().and_then(|b| b.record(&result));
             let error = match result {
                 Ok(response) => {
                     return Ok(Outcome::Succeeded {
@@ -233,7 +276,7 @@ impl Transfers {
                 }
                 Err(error) => error,
             };
-            let budget_left = attempts < self.retry.max_attempts();
+            let budget_left = spent < self.retry.max_attempts();
             if error.is_unauthorized() && !reauthorized && budget_left {
                 // A token the API no longer accepts (secret rotated, clock skew): mint anew once.
                 reauthorized = true;
@@ -261,7 +304,21 @@ impl Transfers {
                 self.pause(bot, until, retry_after).await;
             }
             let Some(backoff) = delays.next().filter(|_| budget_left) else {
-                return Ok(failed(attempts, error, true));
+                // Out of budget during what may be an outage: the breaker decides.
+                let (Some(breaker), Some(outage), false) = (&self.breaker, outage, last_chance)
+                else {
+                    return Ok(failed(attempts, error, true));
+                };
+                tracing::debug!(attempts, %error, "retry budget spent on a failing API; waiting for the breaker");
+                match breaker.verdict(outage, deadline, shutdown).await {
+                    Ok(_) => {
+                        last_chance = true;
+                        last_error = Some(error);
+                        continue;
+                    }
+                    Err(Interrupted::Deadline) => return Ok(failed(attempts, error, true)),
+                    Err(Interrupted::Abandoned) => return Err(Abandoned),
+                }
             };
             let wait = backoff.max(retry_after);
             let until = match now.checked_add(wait) {

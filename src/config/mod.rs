@@ -86,6 +86,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Several replicas as one worker (docs/contract.md §9).
     pub fleet: FleetSettings,
+    /// The circuit breaker in front of the API (docs/contract.md §11).
+    pub breaker: BreakerSettings,
 }
 
 /// `[amqp]`
@@ -285,6 +287,19 @@ impl FleetSettings {
     pub fn enabled(&self) -> bool {
         !self.redis_url.trim().is_empty()
     }
+}
+
+/// `[breaker]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct BreakerSettings {
+    /// Whether the breaker is in front of the API at all.
+    pub enabled: bool,
+    /// Transient failures for this long, with no answer from the API in between, open it.
+    #[serde(with = "humantime_serde")]
+    pub open_after: Duration,
+    /// While open, the API is probed this often.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
 }
 
 /// `[log]`

@@ -223,3 +223,22 @@ fn a_broker_node_that_is_not_an_amqp_url_is_named() {
     .unwrap_err();
     assert!(err.to_string().contains("amqp.urls[1]"), "{err}");
 }
+
+#[test]
+fn the_breaker_is_on_by_default_and_checks_its_durations() {
+    let s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+    assert!(s.breaker.enabled);
+    assert_eq!(s.breaker.open_after, Duration::from_secs(30));
+    assert_eq!(s.breaker.probe_interval, Duration::from_secs(5));
+    for (var, value, key) in [
+        ("TRANSFER__BREAKER__OPEN_AFTER", "0s", "breaker.open_after"),
+        (
+            "TRANSFER__BREAKER__PROBE_INTERVAL",
+            "10ms",
+            "breaker.probe_interval",
+        ),
+    ] {
+        let err = Settings::load_with_env(None, Some(env(&[(var, value)]))).unwrap_err();
+        assert!(err.to_string().contains(key), "{err}");
+    }
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use super::{
-    AgentAssistSettings, AmqpSettings, BotSettings, CallbackSettings, CommandSettings, ConfigError,
-    FleetSettings, MAX_DURATION, RetrySettings, Settings, invalid,
+    AgentAssistSettings, AmqpSettings, BotSettings, BreakerSettings, CallbackSettings,
+    CommandSettings, ConfigError, FleetSettings, MAX_DURATION, RetrySettings, Settings, invalid,
 };
 
 impl Settings {
@@ -21,6 +21,7 @@ impl Settings {
         self.retry.validate()?;
         self.callbacks.validate()?;
         self.fleet.validate()?;
+        self.breaker.validate()?;
         self.durations_are_bounded()
     }
 
@@ -50,6 +51,8 @@ impl Settings {
             ("fleet.redis_timeout", self.fleet.redis_timeout),
             ("fleet.heartbeat", self.fleet.heartbeat),
             ("fleet.member_ttl", self.fleet.member_ttl),
+            ("breaker.open_after", self.breaker.open_after),
+            ("breaker.probe_interval", self.breaker.probe_interval),
         ];
         for bot in &self.bots {
             durations.push(("bots[].rate_window", bot.rate_window));
@@ -256,6 +259,19 @@ impl FleetSettings {
                 "fleet.redis_timeout",
                 "must be shorter than fleet.lease, or a renewal could come too late",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl BreakerSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.open_after.is_zero() {
+            return Err(invalid("breaker.open_after", "must be positive"));
+        }
+        // Probing more often than this would only add load on an API that is already down.
+        if self.probe_interval < Duration::from_millis(100) {
+            return Err(invalid("breaker.probe_interval", "must be at least 100ms"));
         }
         Ok(())
     }

@@ -40,6 +40,13 @@ pub struct RedisLabels {
     pub op: &'static str,
 }
 
+/// `result` label of the breaker's probes: `answered` (the API is up) or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    /// What the probe found.
+    pub result: &'static str,
+}
+
 /// `result` label of relayed callbacks.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabels {
@@ -128,6 +135,16 @@ pub struct Metrics {
     pub fleet_rebalances: Counter,
     /// Commands the intake routed to a partition queue.
     pub fleet_routed: Counter,
+    /// 1 while the circuit breaker in front of the API is open, else 0.
+    pub breaker_open: Gauge,
+    /// Times the breaker opened.
+    pub breaker_openings: Counter,
+    /// Seconds the breaker has been open, counted when it closes.
+    pub breaker_open_time: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Probes sent while open, by result.
+    pub breaker_probes: Family<ProbeLabels, Counter>,
+    /// Commands waiting on the breaker right now (new ones, and retries held).
+    pub breaker_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -170,6 +187,11 @@ impl Metrics {
             fleet_members: Gauge::default(),
             fleet_rebalances: Counter::default(),
             fleet_routed: Counter::default(),
+            breaker_open: Gauge::default(),
+            breaker_openings: Counter::default(),
+            breaker_open_time: Counter::default(),
+            breaker_probes: Family::default(),
+            breaker_held: Gauge::default(),
         };
         registry.register(
             "commands_received",
@@ -273,11 +295,40 @@ impl Metrics {
             "Commands the intake routed to a partition queue",
             m.fleet_routed.clone(),
         );
+        registry.register(
+            "breaker_open",
+            "1 while the circuit breaker in front of AgentAssist is open (no attempt starts), else 0",
+            m.breaker_open.clone(),
+        );
+        registry.register(
+            "breaker_openings",
+            "Times the circuit breaker opened",
+            m.breaker_openings.clone(),
+        );
+        registry.register_with_unit(
+            "breaker_open_time",
+            "Time the circuit breaker spent open, counted when it closes",
+            prometheus_client::registry::Unit::Seconds,
+            m.breaker_open_time.clone(),
+        );
+        registry.register(
+            "breaker_probes",
+            "Probes of AgentAssist while the breaker is open, by result (answered, failed)",
+            m.breaker_probes.clone(),
+        );
+        registry.register(
+            "breaker_held",
+            "Commands waiting on the open circuit breaker (new ones, and retries held)",
+            m.breaker_held.clone(),
+        );
         for kind in EventKind::ALL {
             // Zero-valued series exist from the start, so rates work from the first scrape.
             let _ = m
                 .events_published
                 .get_or_create(&EventLabels { event: kind.name() });
+        }
+        for result in ["answered", "failed"] {
+            let _ = m.breaker_probes.get_or_create(&ProbeLabels { result });
         }
         Self { registry, ..m }
     }

@@ -2,9 +2,11 @@
 //! AgentAssist simulator. Each test has its own queue names and ports, so they run in parallel.
 //! `RUST_LOG=transfer_worker=debug` shows the worker's logs.
 
+mod breaker;
 mod cli;
 mod cluster;
 mod contract;
+mod dashboard;
 mod dead_letters;
 mod fleet;
 mod hardening;

@@ -9,6 +9,8 @@
 //!   [`requests`](Simulator::requests) (each recorded when it arrives and again when it is
 //!   answered), [`in_flight`](Simulator::in_flight) and [`stats`](Simulator::stats), then shut
 //!   down.
+//! - [`Simulator::start_outage`] and [`Simulator::end_outage`] make the API fail as a whole,
+//!   for tests of the worker's circuit breaker.
 //! - [`serve_until`] is the same server for the `simulate` command line.
 //!
 //! Routes: `POST /agentassist/api/v1/public/{streamId}/assign-conversation`,
@@ -180,6 +182,7 @@ impl Simulator {
             inflight: Mutex::new(JoinSet::new()),
             callbacks: Mutex::new(JoinSet::new()),
             stop: stop_rx.clone(),
+            outage: std::sync::atomic::AtomicU16::new(0),
         });
 
         let app = Router::new()
@@ -217,6 +220,18 @@ impl Simulator {
     /// rates are consulted. Invalid requests are answered by the checks and take none.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         lock(&self.shared.script).extend(replies);
+    }
+
+    /// Starts an outage: until [`end_outage`](Simulator::end_outage), every request to the API
+    /// route, valid or not, is recorded and answered `status` at once (a 5xx, as a gateway in
+    /// front of a failed API would), and nothing is transferred. Scripted replies wait.
+    pub fn start_outage(&self, status: u16) {
+        self.shared.outage.store(status, Ordering::Relaxed);
+    }
+
+    /// Ends the outage: requests are checked and answered as before.
+    pub fn end_outage(&self) {
+        self.shared.outage.store(0, Ordering::Relaxed);
     }
 
     /// Requests that reached the API route, oldest first (the last 100 000 at most), answered

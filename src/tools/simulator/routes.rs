@@ -53,6 +53,10 @@ pub(super) async fn assign_conversation(
         .checker
         .check(&recorded.stream_id, &parts.headers, &recorded.body);
     let seq = shared.arrive(recorded);
+    if let Some(status) = shared.outage() {
+        shared.answered(seq, status.as_u16());
+        return error_response(status, &message_for(status));
+    }
     let transfer = match checked {
         Ok(transfer) => transfer,
         Err(rejection) => return reject(&shared, seq, rejection).await,

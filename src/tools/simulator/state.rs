@@ -17,6 +17,8 @@ pub(super) struct Shared {
     pub(super) inflight: Mutex<JoinSet<()>>,
     pub(super) callbacks: Mutex<JoinSet<()>>,
     pub(super) stop: watch::Receiver<bool>,
+    /// During a simulated outage, the status every API request is answered with; 0 otherwise.
+    pub(super) outage: std::sync::atomic::AtomicU16,
 }
 
 #[derive(Default)]
@@ -97,6 +99,14 @@ impl Shared {
                 .counters
                 .callbacks_failed_attempts
                 .load(Ordering::Relaxed),
+        }
+    }
+
+    /// The status of a simulated outage under way, if any.
+    pub(super) fn outage(&self) -> Option<StatusCode> {
+        match self.outage.load(Ordering::Relaxed) {
+            0 => None,
+            code => Some(StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)),
         }
     }
 

@@ -1,0 +1,478 @@
+//! The circuit breaker in front of the API (docs/contract.md §11): when the API has failed
+//! transiently for `breaker.open_after` with no answer in between, no attempt starts until a
+//! probe finds it answering again.
+//!
+//! - *Closed*: calls go out. An outage failure (connect error, timeout, 408, 5xx) starts a
+//!   failure window if none is open; any answer closes it — a success, a permanent error, a 429
+//!   (the API is up and pacing us). A window older than `open_after` opens the breaker: on the
+//!   next failure, or when a command waiting for the breaker's verdict reaches that time.
+//! - *Open*: [`Breaker::pass`] holds every attempt, the first of new commands and the retries of
+//!   those in flight, within their deadlines; new deliveries stay unacked and the queue keeps
+//!   the rest once `amqp.prefetch` are in flight. [`Breaker::run`] probes every
+//!   `probe_interval` with a request that cannot transfer anything.
+//! - Back to *closed* on the first answer, from a probe or from a call that was on the wire.
+//!
+//! Retry budgets, so that no command fails for an outage its deadline outlasts:
+//! - When an outage the breaker *confirmed* ends (it opened and a probe or a call failed while
+//!   open), every command in flight starts a fresh budget: attempts spent on the outage are
+//!   forgiven ([`Breaker::pass`] says so).
+//! - A command whose budget runs out on an outage failure does not fail at once: it waits for
+//!   the breaker's [`Verdict`]. If the breaker opens, the command is held like the others. If
+//!   the API answers first (a success elsewhere, or a probe that closes an opening no failure
+//!   confirmed), the command gets one last attempt and then fails as before: failures that are
+//!   its own are not an outage.
+//! - Deadlines and shutdown end every wait, with the outcome they would give without a breaker.
+//!
+//! Each replica has its own breaker: an outage is seen by all of them at once, and keeping the
+//! decision local needs no Redis round trip on every call.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+// Tokio's clock, so that tests can pause and advance it; deadlines arrive as `std` instants.
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{ApiClient, ApiError, ApiResponse};
+use crate::config::{BreakerSettings, Settings};
+use crate::ops::metrics::{Metrics, ProbeLabels};
+
+/// Whether an error says the API is down, rather than answering: transient, and not a rate
+/// limit (a 429 comes from an API that is up).
+pub fn is_outage(error: &ApiError) -> bool {
+    error.is_transient() && !error.is_rate_limited()
+}
+
+/// Why a wait on the breaker ended before it let the command go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    /// The command's deadline passed.
+    Deadline,
+    /// `shutdown.abandon`: the command goes back to the queue.
+    Abandoned,
+}
+
+/// What the breaker says to a command whose budget ran out on an outage failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The API answered since that failure: one last attempt.
+    Answered,
+    /// The breaker opened: the command is held until it closes.
+    Opened,
+}
+
+/// Where one command stands with the breaker: the confirmed outages it has seen end.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    recoveries: u64,
+}
+
+/// An outage failure as recorded: what a command waits against for the verdict.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure {
+    answers: u64,
+    openings: u64,
+}
+
+/// Who closed the breaker, for the log.
+#[derive(Debug, Clone, Copy)]
+enum ClosedBy {
+    Call(Option<u16>),
+    Probe(Option<u16>),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The first outage failure since the API last answered; `None` while it answers.
+    failing_since: Option<Instant>,
+    /// The latest outage failure, for the log.
+    last_error: Option<String>,
+    /// Set while open.
+    opened_at: Option<Instant>,
+    /// A probe or a call failed while open: the outage is real, not a command's own failures.
+    confirmed: bool,
+    /// Answers received while a failure window was open or the breaker open.
+    answers: u64,
+    /// Times it opened.
+    openings: u64,
+    /// Confirmed outages that ended.
+    recoveries: u64,
+}
+
+/// A change worth a log line and a metric, decided under the lock and reported after it.
+enum Transition {
+    Opened {
+        failing_for: Duration,
+        last_error: String,
+    },
+    Closed {
+        open_for: Duration,
+        by: ClosedBy,
+        confirmed: bool,
+    },
+}
+
+/// One process's breaker; shared by every command and the prober.
+#[derive(Debug)]
+pub struct Breaker {
+    open_after: Duration,
+    probe_interval: Duration,
+    state: watch::Sender<State>,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts a command in `breaker_held` for as long as it waits.
+struct Held<'a>(&'a Metrics);
+
+impl<'a> Held<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.breaker_held.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.breaker_held.dec();
+    }
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(settings: &BreakerSettings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            open_after: settings.open_after,
+            probe_interval: settings.probe_interval,
+            state: watch::Sender::new(State::default()),
+            metrics,
+        }
+    }
+
+    /// Whether attempts are held now.
+    pub fn is_open(&self) -> bool {
+        self.state.borrow().opened_at.is_some()
+    }
+
+    /// A command's standing as it starts.
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            recoveries: self.state.borrow().recoveries,
+        }
+    }
+
+    /// Before every attempt: waits while the breaker is open, until it closes, the deadline
+    /// passes or the command is abandoned. `Ok(true)` when a confirmed outage ended since the
+    /// ticket was last seen here: the command's budget starts afresh.
+    pub async fn pass(
+        &self,
+        ticket: &mut Ticket,
+        deadline: Option<std::time::Instant>,
+        abandon: &CancellationToken,
+    ) -> Result<bool, Interrupted> {
+        let deadline = deadline.map(Instant::from_std);
+        let mut state = self.state.subscribe();
+        let mut held = None;
+        loop {
+            {
+                let s = state.borrow_and_update();
+                if s.opened_at.is_none() {
+                    let fresh = s.recoveries != ticket.recoveries;
+                    ticket.recoveries = s.recoveries;
+                    return Ok(fresh);
+                }
+            }
+            held.get_or_insert_with(|| Held::new(&self.metrics));
+            wait_for_change(&mut state, None, deadline, abandon).await?;
+        }
+    }
+
+    /// Takes in the result of a call. An outage failure is returned as recorded, for
+    /// [`Breaker::verdict`]; a status from the API is an answer.
+    pub fn record(&self, result: &Result<ApiResponse, ApiError>) -> Option<Failure> {
+        match result {
+            Err(error) if is_outage(error) => Some(self.failed(&error.to_string())),
+            Ok(response) => {
+                self.answered(ClosedBy::Call(Some(response.status)));
+                None
+            }
+            // Neither: the request could not even be sent, so the API said nothing.
+            Err(error) if error.status.is_none() => None,
+            Err(error) => {
+                self.answered(ClosedBy::Call(error.status));
+                None
+            }
+        }
+    }
+
+    /// For a command whose budget ran out on `failure`: waits until the API answers, the
+    /// breaker opens (by then, if no answer came, it does), the deadline passes or the command
+    /// is abandoned.
+    pub async fn verdict(
+        &self,
+        failure: Failure,
+        deadline: Option<std::time::Instant>,
+        abandon: &CancellationToken,
+    ) -> Result<Verdict, Interrupted> {
+        let deadline = deadline.map(Instant::from_std);
+        let mut state = self.state.subscribe();
+        let _held = Held::new(&self.metrics);
+        loop {
+            let due = {
+                let s = state.borrow_and_update();
+                if s.openings != failure.openings || s.opened_at.is_some() {
+                    return Ok(Verdict::Opened);
+                }
+                match s.failing_since {
+                    Some(since) if s.answers == failure.answers => {
+                        since.checked_add(self.open_after)
+                    }
+                    _ => return Ok(Verdict::Answered),
+                }
+            };
+            if due.is_none_or(|due| Instant::now() >= due) {
+                self.open_if_due();
+                continue;
+            }
+            wait_for_change(&mut state, due, deadline, abandon).await?;
+        }
+    }
+
+    /// Probes while the breaker is open, every `probe_interval`, until `stop`. `probe` is one
+    /// request that cannot transfer anything ([`super::ApiClient::probe`]).
+    pub async fn run<F, Fut>(&self, mut probe: F, stop: CancellationToken)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<ApiResponse, ApiError>>,
+    {
+        let mut state = self.state.subscribe();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                opened = state.wait_for(|s| s.opened_at.is_some()) => {
+                    if opened.is_err() {
+                        return;
+                    }
+                }
+            }
+            while self.is_open() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(self.probe_interval) => {}
+                }
+                if !self.is_open() {
+                    break;
+                }
+                let probed = tokio::select! {
+                    () = stop.cancelled() => return,
+                    probed = probe() => probed,
+                };
+                match probed {
+                    Err(error) if is_outage(&error) => {
+                        self.count_probe("failed");
+                        tracing::debug!(%error, "AgentAssist probe failed; the breaker stays open");
+                        let error = error.to_string();
+                        self.state.send_if_modified(|s| {
+                            s.confirmed = true;
+                            s.last_error = Some(error);
+                            false
+                        });
+                    }
+                    answered => {
+                        self.count_probe("answered");
+                        let status = match &answered {
+                            Ok(r) => Some(r.status),
+                            Err(e) => e.status,
+                        };
+                        self.answered(ClosedBy::Probe(status));
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_probe(&self, result: &'static str) {
+        self.metrics
+            .breaker_probes
+            .get_or_create(&ProbeLabels { result })
+            .inc();
+    }
+
+    /// An outage failure now.
+    fn failed(&self, error: &str) -> Failure {
+        let now = Instant::now();
+        let mut failure = Failure {
+            answers: 0,
+            openings: 0,
+        };
+        let mut transition = None;
+        self.state.send_if_modified(|s| {
+            s.last_error = Some(error.to_owned());
+            if s.opened_at.is_some() {
+                s.confirmed = true;
+            } else {
+                let since = *s.failing_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= self.open_after {
+                    transition = Some(open(s, now));
+                }
+            }
+            failure = Failure {
+                answers: s.answers,
+                openings: s.openings,
+            };
+            transition.is_some()
+        });
+        self.report(transition);
+        failure
+    }
+
+    /// An answer from the API: the failure window, and the breaker if open, close.
+    fn answered(&self, by: ClosedBy) {
+        let mut transition = None;
+        self.state.send_if_modified(|s| {
+            if s.failing_since.is_none() && s.opened_at.is_none() {
+                // The steady state: nothing waits on answers, no one to wake.
+                return false;
+            }
+            s.answers = s.answers.wrapping_add(1);
+            s.failing_since = None;
+            s.last_error = None;
+            if let Some(opened_at) = s.opened_at.take() {
+                let confirmed = std::mem::take(&mut s.confirmed);
+                if confirmed {
+                    s.recoveries = s.recoveries.wrapping_add(1);
+                }
+                transition = Some(Transition::Closed {
+                    open_for: opened_at.elapsed(),
+                    by,
+                    confirmed,
+                });
+            }
+            true
+        });
+        self.report(transition);
+    }
+
+    /// Opens if the failure window has lasted `open_after` with no answer.
+    fn open_if_due(&self) {
+        let now = Instant::now();
+        let mut transition = None;
+        self.state.send_if_modified(|s| {
+            let due = s.opened_at.is_none()
+                && s.failing_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= self.open_after);
+            if due {
+                transition = Some(open(s, now));
+            }
+            due
+        });
+        self.report(transition);
+    }
+
+    fn report(&self, transition: Option<Transition>) {
+        match transition {
+            None => {}
+            Some(Transition::Opened {
+                failing_for,
+                last_error,
+            }) => {
+                self.metrics.breaker_open.set(1);
+                self.metrics.breaker_openings.inc();
+                tracing::warn!(
+                    failing_for = ?failing_for,
+                    open_after = ?self.open_after,
+                    %last_error,
+                    "circuit breaker open: AgentAssist has failed transiently with no answer for open_after; no attempt starts until a probe finds it answering"
+                );
+            }
+            Some(Transition::Closed {
+                open_for,
+                by,
+                confirmed,
+            }) => {
+                self.metrics.breaker_open.set(0);
+                self.metrics
+                    .breaker_open_time
+                    .inc_by(open_for.as_secs_f64());
+                let (by, status) = match by {
+                    ClosedBy::Call(status) => ("call", status),
+                    ClosedBy::Probe(status) => ("probe", status),
+                };
+                tracing::info!(
+                    open_for = ?open_for,
+                    answered = by,
+                    status,
+                    outage_confirmed = confirmed,
+                    "circuit breaker closed: AgentAssist answers again; resuming"
+                );
+            }
+        }
+    }
+}
+
+/// The breaker and what it probes with, run by the application beside the consumer.
+#[derive(Debug)]
+pub struct Prober {
+    breaker: Arc<Breaker>,
+    api: ApiClient,
+    url: reqwest::Url,
+}
+
+impl Prober {
+    /// Probes the assign-conversation route of the first configured bot, through `api`.
+    pub fn new(breaker: Arc<Breaker>, api: ApiClient, settings: &Settings) -> Self {
+        let stream_id = settings.bots.first().map_or("", |b| b.stream_id.as_str());
+        let url = super::bots::assign_url(&settings.agentassist.base_url, stream_id);
+        Self { breaker, api, url }
+    }
+
+    /// Probes while the breaker is open, until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let Self { breaker, api, url } = self;
+        breaker.run(|| api.probe(&url), stop).await;
+    }
+}
+
+fn open(s: &mut State, now: Instant) -> Transition {
+    let since = s.failing_since.unwrap_or(now);
+    s.opened_at = Some(now);
+    s.confirmed = false;
+    s.openings = s.openings.wrapping_add(1);
+    Transition::Opened {
+        failing_for: now.saturating_duration_since(since),
+        last_error: s.last_error.clone().unwrap_or_default(),
+    }
+}
+
+/// Waits for the breaker's state to change, or `until`; ends early at the deadline or abandon.
+async fn wait_for_change(
+    state: &mut watch::Receiver<State>,
+    until: Option<Instant>,
+    deadline: Option<Instant>,
+    abandon: &CancellationToken,
+) -> Result<(), Interrupted> {
+    if abandon.is_cancelled() {
+        return Err(Interrupted::Abandoned);
+    }
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(Interrupted::Deadline);
+    }
+    let sleep = |at: Option<Instant>| async move {
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = abandon.cancelled() => Err(Interrupted::Abandoned),
+        () = sleep(deadline) => Err(Interrupted::Deadline),
+        // The sender lives as long as the breaker, which outlives every borrower.
+        _ = state.changed() => Ok(()),
+        () = sleep(until) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
