@@ -9,22 +9,26 @@
 //! - [`broker`] — the AMQP side: [`broker::connection`] (to one node of a cluster, chosen by
 //!   [`broker::nodes`]), [`broker::topology`] (the queues and exchanges of the contract),
 //!   [`broker::publisher`] (publisher confirms),
-//!   [`broker::consumer`] (one queue's consumer: connect, consume, reconnect, drain — fed to
-//!   any [`broker::consumer::Handler`]), and [`broker::CurrentLink`], the shared handle on the
+//!   [`broker::consumer`] (one queue's consumer, and the partition queues it owns: connect,
+//!   consume, reconnect, drain — fed to any [`broker::consumer::Handler`]), and [`broker::CurrentLink`], the shared handle on the
 //!   current link.
 //! - [`pipeline`] — the handler of the commands queue: [`pipeline::command`] (a delivery
 //!   becomes a typed command or a rejection, once, at the edge), [`pipeline::sessions`]
 //!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
 //!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
 //!   that decides what happened to a command, without a broker), [`pipeline::event`] (the
-//!   events of the contract, serialized once); then publish, then ack.
+//!   events of the contract, serialized once); then publish, then ack. In a fleet that
+//!   shares work, [`pipeline::intake`] is the commands queue's handler instead: it routes each
+//!   command to its session's partition queue, whose owner runs the pipeline.
 //! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
 //!   ([`agentassist::pacer`], per account), the call ([`agentassist::client`], with a JWT from
 //!   [`agentassist::jwt`] for one of the [`agentassist::bots`]), the classification of its
 //!   answer, and retries ([`agentassist::retry`]); the circuit [`agentassist::breaker`] holds
 //!   every attempt while the API is down, probing it until it answers.
 //! - [`fleet`] — with several replicas, the state they share through Redis: one rate budget
-//!   per account, claims and recorded outcomes, so the fleet behaves as one worker.
+//!   per account, claims and recorded outcomes, so the fleet behaves as one worker;
+//!   [`fleet::membership`] (heartbeats: who is alive) and [`fleet::ownership`] (which partition
+//!   a session goes to, and which replica consumes each partition).
 //! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
 //!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
 //! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
@@ -33,7 +37,7 @@
 //! - Shared by several: [`backoff`] (exponential, full jitter), [`json`] (bodies kept as JSON,
 //!   else as a string).
 //! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]), the
-//!   `demo` and `publish` commands, and [`tools::dead_letters`] (list, replay and purge the
+//!   `demo` and `publish` commands, [`tools::fleet_status`] (`transfer-worker fleet`), and [`tools::dead_letters`] (list, replay and purge the
 //!   dead-letter queue; a replayed failed command is processed again, see
 //!   [`pipeline::handle`]).
 
