@@ -389,7 +389,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             .collect();
         for k in gone {
             if let Some(subscription) = subscriptions.remove(&k) {
-                releasing.spawn(release(k, subscription, t));
+                releasing.spawn(release(k, subscription, t, self.settings.grace));
             }
         }
         // Each partition consumer's prefetch is its share of `amqp.prefetch`.
@@ -473,12 +473,26 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
 /// Hands a partition over: no more deliveries taken from it, the ones taken finish and are
 /// acked, then its channel closes, returning the rest to the queue in order and activating the
 /// new owner's consumer.
-async fn release(partition: u16, subscription: Subscription, t: Duration) {
+///
+/// The wait is bounded by `shutdown.grace`: commands that wait longer (a long outage, Redis
+/// away) go back to the queue with the channel while they still run here. That is safe: each
+/// holds its fleet claim, so the new owner waits for it instead of calling again, and is
+/// answered from its recorded outcome; the session's later commands queue behind it there.
+async fn release(partition: u16, subscription: Subscription, t: Duration, grace: Duration) {
     let started = Instant::now();
     subscription.stop.cancel();
     let _ = subscription.reader.await;
     subscription.settled.close();
-    subscription.settled.wait().await;
+    if tokio::time::timeout(grace, subscription.settled.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            partition,
+            unsettled = subscription.settled.len(),
+            "partition not drained within shutdown.grace; handing it over with commands still running (their claims keep them once-only)"
+        );
+    }
     tokio::time::sleep(ACK_SETTLE).await;
     let _ = timed(
         "channel.close",
