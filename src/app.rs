@@ -61,6 +61,7 @@ enum Worker {
     Shared {
         consumer: Consumer<Intake, Pipeline>,
         owned: tokio::sync::watch::Sender<std::collections::BTreeSet<u16>>,
+        consuming: tokio::sync::watch::Receiver<std::collections::BTreeSet<u16>>,
     },
 }
 
@@ -175,6 +176,7 @@ impl App {
                 shutdown.abandon.clone(),
             );
             let (owned, watched) = tokio::sync::watch::channel(Default::default());
+            let consuming = Arc::new(tokio::sync::watch::Sender::new(Default::default()));
             let consumer = Consumer::new(
                 consumer_settings,
                 Arc::new(intake),
@@ -186,8 +188,13 @@ impl App {
                 handler: pipeline,
                 owned: watched,
                 count: partitions,
+                consuming: consuming.clone(),
             });
-            Worker::Shared { consumer, owned }
+            Worker::Shared {
+                consumer,
+                owned,
+                consuming: consuming.subscribe(),
+            }
         };
         let relay_router = relay::router(Relay {
             signer,
@@ -266,16 +273,22 @@ impl App {
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
         let result = match self.worker {
             Worker::Alone(consumer) => consumer.run().await,
-            Worker::Shared { consumer, owned } => {
+            Worker::Shared {
+                consumer,
+                owned,
+                consuming,
+            } => {
                 let fleet = self.fleet.clone().expect("a shared worker has a fleet");
-                let leave = self.shutdown.stop.child_token();
+                let stop = self.shutdown.stop.clone();
+                let leave = tokio_util::sync::CancellationToken::new();
                 let membership = {
                     let leave = leave.clone();
-                    tokio::spawn(async move { fleet.keep_membership(owned, leave).await })
+                    tokio::spawn(async move {
+                        fleet.keep_membership(owned, consuming, stop, leave).await
+                    })
                 };
                 let result = consumer.run().await;
-                // Left at the stop signal already (the others wait on the queues' single
-                // active consumer while this one drains); here too if the consumer failed.
+                // Left once every partition was handed over; here at the latest.
                 leave.cancel();
                 let _ = membership.await;
                 result

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -78,6 +80,9 @@ pub struct Partitioned<P> {
     pub owned: watch::Receiver<BTreeSet<u16>>,
     /// `fleet.partitions`: how many partition queues to declare.
     pub count: u16,
+    /// The partitions this replica really consumes (subscribed, or releasing and not yet let
+    /// go), reported to the fleet: a new owner waits until the old one no longer lists one.
+    pub consuming: Arc<watch::Sender<BTreeSet<u16>>>,
 }
 
 /// Where and how a consumer consumes.
@@ -112,9 +117,12 @@ pub struct Consumer<H, P = H> {
 /// One partition consumed on this connection.
 struct Subscription {
     channel: Channel,
+    /// Its consumer tag, to cancel it.
+    tag: String,
     /// Stops the reader.
     stop: CancellationToken,
-    reader: tokio::task::JoinHandle<()>,
+    /// Gives the consumer back when stopped, with what it had not taken yet.
+    reader: tokio::task::JoinHandle<Option<lapin::Consumer>>,
     /// One token per delivery handed over and not yet settled.
     settled: TaskTracker,
 }
@@ -287,16 +295,36 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 Some(reason) = async { settled.take() }, if settled.is_some() => reason,
                 () = self.shutdown.stop.cancelled() => {
                     self.link.set_consuming(false);
-                    for subscription in subscriptions.values() {
-                        subscription.stop.cancel();
+                    // Every partition is handed over in order, as in a rebalance.
+                    if let Some(partitions) = &self.partitions {
+                        for (k, subscription) in subscriptions.drain() {
+                            releasing.spawn(release(
+                                k,
+                                subscription,
+                                t,
+                                self.settings.grace,
+                                partitions.consuming.clone(),
+                            ));
+                        }
                     }
                     let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-                    if let Err(e) = timed("basic.cancel", t, cancel).await {
-                        tracing::warn!(error = %e, "could not cancel the consumer");
+                    match timed("basic.cancel", t, cancel).await {
+                        // The next active consumer starts at once, so what this one still holds
+                        // is handled here rather than returned behind newer commands.
+                        Ok(()) => {
+                            while let Ok(Some(Ok(delivery))) = tokio::time::timeout(t, consumer.next()).await {
+                                if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default()) {
+                                    self.tracker.spawn(task);
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not cancel the consumer"),
                     }
                     // Drain while the consuming channels are open: the acks of in-flight work
                     // go to them, and closing them would hand it all back to the broker.
-                    self.drain().await;
+                    tokio::join!(self.drain(), async {
+                        while releasing.join_next().await.is_some() {}
+                    });
                     // A quorum queue may drop acks that reach it right before their channel
                     // closes and return those messages as if never acked (rabbitmq-server
                     // #10327): work that ended would run again. A moment for the broker to apply
@@ -304,11 +332,6 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     tokio::time::sleep(ACK_SETTLE).await;
                     // Closed one by one before the connection, so none is torn down mid-close.
                     let _ = timed("channel.close", t, channel.close(200, "shutdown".into())).await;
-                    for (_, subscription) in subscriptions.drain() {
-                        let _ = subscription.reader.await;
-                        let _ = timed("channel.close", t, subscription.channel.close(200, "shutdown".into())).await;
-                    }
-                    releasing.shutdown().await;
                     publisher.close(t).await;
                     drop(consumer);
                     return Ok((Stop::Shutdown(connection), true));
@@ -355,6 +378,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 subscription.reader.abort();
             }
             releasing.abort_all();
+            // With the connection, every partition is let go (the broker returns what was
+            // unacked, in order: a lost consumer's messages come back before it is replaced).
+            if let Some(partitions) = &self.partitions {
+                partitions.consuming.send_replace(BTreeSet::new());
+            }
             // Closing hands every unacked delivery back to the broker at once; the next
             // connection re-declares the topology and takes them again.
             let _ = timed(
@@ -389,7 +417,13 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             .collect();
         for k in gone {
             if let Some(subscription) = subscriptions.remove(&k) {
-                releasing.spawn(release(k, subscription, t, self.settings.grace));
+                releasing.spawn(release(
+                    k,
+                    subscription,
+                    t,
+                    self.settings.grace,
+                    partitions.consuming.clone(),
+                ));
             }
         }
         // Each partition consumer's prefetch is its share of `amqp.prefetch`.
@@ -409,19 +443,21 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 channel.basic_qos(share, BasicQosOptions::default()),
             )
             .await?;
+            let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
             let consumer = timed(
                 "basic.consume",
                 t,
                 channel.basic_consume(
                     queue.as_str().into(),
-                    format!("transfer-worker-{}", uuid::Uuid::new_v4())
-                        .as_str()
-                        .into(),
+                    tag.as_str().into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 ),
             )
             .await?;
+            partitions.consuming.send_modify(|c| {
+                c.insert(k);
+            });
             let stop = CancellationToken::new();
             let settled = TaskTracker::new();
             let reader = tokio::spawn(read_partition(Reader {
@@ -440,6 +476,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 k,
                 Subscription {
                     channel,
+                    tag,
                     stop,
                     reader,
                     settled,
@@ -470,26 +507,58 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     }
 }
 
-/// Hands a partition over: no more deliveries taken from it, the ones taken finish and are
-/// acked, then its channel closes, returning the rest to the queue in order and activating the
-/// new owner's consumer.
+/// Hands a partition over, in order. RabbitMQ (3.10 and later) activates the next
+/// single-active consumer as soon as the current one is cancelled — a graceful channel close
+/// included — and returns the cancelled one's unacked messages only afterwards, behind newer
+/// ones. So the next owner does not subscribe until this replica no longer lists the partition
+/// (see `fleet::membership`), and this replica lets go in this order:
 ///
-/// The wait is bounded by `shutdown.grace`: commands that wait longer (a long outage, Redis
-/// away) go back to the queue with the channel while they still run here. That is safe: each
-/// holds its fleet claim, so the new owner waits for it instead of calling again, and is
-/// answered from its recorded outcome; the session's later commands queue behind it there.
-async fn release(partition: u16, subscription: Subscription, t: Duration, grace: Duration) {
+/// 1. the reader stops handing deliveries over; the consumer is cancelled (no more come);
+/// 2. what the client had received but not handed over is rejected back to the queue, in
+///    order: the broker puts returned messages first, so the next owner starts with them;
+/// 3. the commands handed over finish and are acked, within `shutdown.grace`;
+/// 4. the channel closes, and the partition is no longer listed.
+///
+/// Commands that take longer than the grace (a long outage, Redis away) go back to the queue
+/// with the channel while they still run here. That is safe: each holds its fleet claim, so the
+/// new owner waits for it instead of calling again and is answered from its recorded outcome.
+async fn release(
+    partition: u16,
+    subscription: Subscription,
+    t: Duration,
+    grace: Duration,
+    consuming: Arc<watch::Sender<BTreeSet<u16>>>,
+) {
     let started = Instant::now();
-    subscription.stop.cancel();
-    let _ = subscription.reader.await;
-    subscription.settled.close();
-    if tokio::time::timeout(grace, subscription.settled.wait())
-        .await
-        .is_err()
-    {
+    let Subscription {
+        channel,
+        tag,
+        stop,
+        reader,
+        settled,
+    } = subscription;
+    stop.cancel();
+    let consumer = reader.await.ok().flatten();
+    let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+    let cancelled = timed("basic.cancel", t, cancel).await;
+    let mut returned = 0usize;
+    if let (Some(mut consumer), Ok(())) = (consumer, &cancelled) {
+        // After cancel-ok the stream ends once it has yielded what it still holds.
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(t, consumer.next()).await {
+            let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
+            if timed("basic.reject", t, reject).await.is_ok() {
+                returned = returned.saturating_add(1);
+            }
+        }
+    }
+    if let Err(e) = cancelled {
+        tracing::warn!(partition, error = %e, "could not cancel a released partition's consumer; closing its channel");
+    }
+    settled.close();
+    if tokio::time::timeout(grace, settled.wait()).await.is_err() {
         tracing::warn!(
             partition,
-            unsettled = subscription.settled.len(),
+            unsettled = settled.len(),
             "partition not drained within shutdown.grace; handing it over with commands still running (their claims keep them once-only)"
         );
     }
@@ -497,10 +566,13 @@ async fn release(partition: u16, subscription: Subscription, t: Duration, grace:
     let _ = timed(
         "channel.close",
         t,
-        subscription.channel.close(200, "partition released".into()),
+        channel.close(200, "partition released".into()),
     )
     .await;
-    tracing::info!(partition, drained = ?started.elapsed(), "partition released");
+    consuming.send_modify(|c| {
+        c.remove(&partition);
+    });
+    tracing::info!(partition, returned, drained = ?started.elapsed(), "partition released");
 }
 
 /// What a partition's reader needs.
@@ -517,21 +589,20 @@ struct Reader<P> {
 }
 
 /// Takes a partition's deliveries in order, each with a permit of the replica-wide limit, until
-/// stopped; what it has not taken stays with the broker's client buffer and goes back to the
-/// queue when the channel closes.
-async fn read_partition<P: Handler>(mut r: Reader<P>) {
+/// stopped; then gives the consumer back, with what it has not taken yet.
+async fn read_partition<P: Handler>(mut r: Reader<P>) -> Option<lapin::Consumer> {
     loop {
         let permit = tokio::select! {
             biased;
-            () = r.stop.cancelled() => return,
+            () = r.stop.cancelled() => return Some(r.consumer),
             permit = r.limit.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
-                Err(_) => return,
+                Err(_) => return Some(r.consumer),
             },
         };
         let delivery = tokio::select! {
             biased;
-            () = r.stop.cancelled() => return,
+            () = r.stop.cancelled() => return Some(r.consumer),
             delivery = r.consumer.next() => delivery,
         };
         let reason = match delivery {
@@ -554,7 +625,7 @@ async fn read_partition<P: Handler>(mut r: Reader<P>) {
         if !r.stop.is_cancelled() {
             let _ = r.lost.try_send(reason);
         }
-        return;
+        return None;
     }
 }
 

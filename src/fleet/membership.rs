@@ -87,15 +87,27 @@ impl Fleet {
         self.partitions
     }
 
-    /// Heartbeats until `stop`, publishing on `owned` the partitions this replica owns
-    /// whenever they change; then leaves. While Redis does not answer the set stays as it is
-    /// (no call starts anyway: the fleet fails closed), until the silence outlasts
-    /// `fleet.member_ttl`: by then the others count this replica as gone and take its
-    /// partitions, so it lets them go.
+    /// Heartbeats until `done`, publishing on `owned` the partitions this replica is to consume
+    /// whenever they change, and reporting the ones it really consumes (`consuming`, kept by
+    /// the consumer).
+    ///
+    /// A partition this replica owns but another live member still lists is not taken yet:
+    /// the other is letting it go (draining), and RabbitMQ would hand the queue over before
+    /// returning what the other still holds. It is taken at the first heartbeat after the
+    /// other stopped listing it (a member that is gone lists nothing).
+    ///
+    /// While Redis does not answer the set stays as it is (no call starts anyway: the fleet
+    /// fails closed), until the silence outlasts `fleet.member_ttl`: by then the others count
+    /// this replica as gone, so it lets its partitions go.
+    ///
+    /// At `stop` it keeps heartbeating, so the others keep off the partitions it is still
+    /// handing over, and leaves once it consumes none (or at `done`).
     pub async fn keep_membership(
         &self,
         owned: watch::Sender<BTreeSet<u16>>,
+        consuming: watch::Receiver<BTreeSet<u16>>,
         stop: CancellationToken,
+        done: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -103,18 +115,39 @@ impl Fleet {
         loop {
             tokio::select! {
                 biased;
-                () = stop.cancelled() => break,
+                () = done.cancelled() => break,
                 _ = tick.tick() => {}
             }
             let current = owned.borrow().clone();
-            let next = match self.heartbeat(&current).await {
+            let really = consuming.borrow().clone();
+            if stop.is_cancelled() && really.is_empty() {
+                break;
+            }
+            let beat = self.heartbeat(&really).await;
+            if stop.is_cancelled() {
+                // Handing over: the consumer lets every partition go; only report it.
+                continue;
+            }
+            let next = match beat {
                 Ok(members) => {
                     heard = Instant::now();
-                    let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
                     self.metrics
                         .fleet_members
-                        .set(i64::try_from(ids.len()).unwrap_or(i64::MAX));
+                        .set(i64::try_from(members.len()).unwrap_or(i64::MAX));
+                    let listed_by_others: BTreeSet<u16> = members
+                        .iter()
+                        .filter(|m| m.id != self.claimant)
+                        .flat_map(|m| m.partitions.iter().copied())
+                        .collect();
+                    let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
                     ownership::owned_by(&ids, self.partitions, &self.claimant)
+                        .into_iter()
+                        .filter(|k| {
+                            really.contains(k)
+                                || current.contains(k)
+                                || !listed_by_others.contains(k)
+                        })
+                        .collect()
                 }
                 Err(e) if heard.elapsed() >= self.member_ttl && !current.is_empty() => {
                     tracing::warn!(error = %e, "Redis has not answered for longer than fleet.member_ttl; letting every partition go, the other replicas take them");
@@ -138,6 +171,7 @@ impl Fleet {
                 owned.send_replace(next);
             }
         }
+        self.metrics.fleet_partitions_owned.set(0);
         match tokio::time::timeout(self.timeout, self.leave()).await {
             Ok(Ok(_)) => tracing::info!("left the fleet"),
             Ok(Err(e)) => {
