@@ -539,3 +539,134 @@ async fn prefetch_bounds_the_calls_in_flight_across_all_partitions_of_a_replica(
     );
     fleet.stop_leaving_nothing().await;
 }
+
+/// A RabbitMQ policy on one queue, set with `rabbitmqctl`, cleared when dropped.
+struct Policy {
+    name: String,
+}
+
+impl Policy {
+    /// Sets `definition` (JSON) on exactly `queue`.
+    async fn set(queue: &str, definition: &str) -> Self {
+        let name = format!("{queue}-policy");
+        let pattern = format!("^{}$", regex_escape(queue));
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new("rabbitmqctl")
+                .args(["set_policy", "--apply-to", "queues", "--priority", "100"])
+                .args([&name, &pattern, definition])
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .expect("rabbitmqctl in time")
+        .expect("rabbitmqctl is on PATH");
+        assert!(
+            out.status.success(),
+            "set_policy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { name }
+    }
+
+    fn clear_now(&self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        self.clear_now();
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_its_partition_refuses_stays_with_the_intake_and_survives_the_intakes_death() {
+    let partitions = 4;
+    let mut fleet = Fleet::start(partitioned(2, partitions)).await;
+    fleet.wait_balanced(&[0, 1], Duration::from_secs(30)).await;
+    let t = tag();
+    // A first command shows which replica is the intake.
+    let warm = session_command(&format!("refused-{t}-warm"), &format!("s-warm-{t}"), false);
+    fleet.publish(&warm).await;
+    fleet
+        .events_until(Duration::from_secs(20), |e| !e.is_empty())
+        .await;
+    let routed = per_replica(&fleet, "transfer_fleet_routed_total").await;
+    let intake = routed
+        .iter()
+        .position(|r| r.is_some_and(|r| r > 0.0))
+        .unwrap_or_else(|| panic!("no replica routed the first command: {routed:?}"));
+
+    // The partition of the session refuses every publish (full, reject-publish).
+    let session = format!("s-refused-{t}");
+    let k = partition_of(&session, partitions);
+    let queue = fleet.partition_queues()[usize::from(k)].clone();
+    let policy = Policy::set(&queue, r#"{"max-length":0,"overflow":"reject-publish"}"#).await;
+    // Policies apply a little later: a probe published there is refused once it does.
+    let probe = fleet.channel.clone();
+    wait_for(
+        "the policy refuses publishes",
+        Duration::from_secs(20),
+        String::new,
+        async || {
+            let confirm = probe
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"probe",
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap();
+            confirm.await.unwrap().is_nack()
+        },
+    )
+    .await;
+
+    let id = format!("refused-{t}");
+    fleet.publish(&session_command(&id, &session, false)).await;
+    let r = &fleet.replicas[intake];
+    wait_for(
+        "the intake tried to route the command and was refused",
+        Duration::from_secs(20),
+        || r.log(),
+        async || r.log().contains("could not route a command"),
+    )
+    .await;
+    // The intake dies holding it; the partition accepts again.
+    fleet.replicas[intake].kill().await;
+    policy.clear_now();
+    drop(policy);
+    let events = fleet
+        .events_until(Duration::from_secs(40), |e| {
+            e.iter().any(|e| e.command_id() == id)
+        })
+        .await;
+    let mine: Vec<&Received> = events.iter().filter(|e| e.command_id() == id).collect();
+    assert_eq!(mine[0].name(), "transfer.succeeded", "{}", mine[0].json);
+    let routed = per_replica(&fleet, "transfer_fleet_routed_total").await;
+    assert!(
+        routed[1 - intake].is_some_and(|r| r >= 1.0),
+        "the other replica routed it as the new intake: {routed:?}"
+    );
+    fleet.stop_leaving_nothing().await;
+}
