@@ -11,7 +11,7 @@ use crate::agentassist::bots::Bots;
 use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
-use crate::broker::consumer::{Consumer, ConsumerSettings};
+use crate::broker::consumer::{Consumer, ConsumerSettings, Partitioned};
 use crate::broker::{BrokerError, CurrentLink};
 use crate::callbacks::relay::{self, Relay};
 use crate::callbacks::token::{RelayUrls, TokenSigner};
@@ -22,6 +22,7 @@ use crate::ops::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::pipeline::command::Parser;
 use crate::pipeline::handle::Stages;
+use crate::pipeline::intake::Intake;
 use crate::pipeline::outcomes::Outcomes;
 use crate::shutdown::Shutdown;
 
@@ -50,9 +51,21 @@ pub enum AppError {
     Fleet(#[from] FleetError),
 }
 
+/// How commands are consumed.
+enum Worker {
+    /// From the commands queue, every command here (alone, or the active one of standbys).
+    Alone(Consumer<Pipeline>),
+    /// Work shared by a fleet: this replica routes commands to partitions while it holds the
+    /// commands queue, and runs the commands of the partitions it owns.
+    Shared {
+        consumer: Consumer<Intake, Pipeline>,
+        owned: tokio::sync::watch::Sender<std::collections::BTreeSet<u16>>,
+    },
+}
+
 /// A built application, listening but not yet consuming.
 pub struct App {
-    consumer: Consumer<Pipeline>,
+    worker: Worker,
     relay: (TcpListener, axum::Router),
     admin: (TcpListener, axum::Router),
     relay_addr: SocketAddr,
@@ -121,21 +134,53 @@ impl App {
             fleet: fleet.clone(),
         };
         let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
-        let pipeline = Pipeline::new(parser, stages, settings.amqp.operation_timeout);
-        let consumer = Consumer::new(
-            ConsumerSettings {
-                amqp: settings.amqp.clone(),
-                queue: settings.amqp.commands_queue.clone(),
-                grace: settings.shutdown.grace,
-                // After the grace: time for a call already on the wire to end and its outcome
-                // to be confirmed.
-                settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
-            },
-            Arc::new(pipeline),
-            broker.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
+        let pipeline = Arc::new(Pipeline::new(
+            parser,
+            stages,
+            settings.amqp.operation_timeout,
+        ));
+        let consumer_settings = ConsumerSettings {
+            amqp: settings.amqp.clone(),
+            queue: settings.amqp.commands_queue.clone(),
+            grace: settings.shutdown.grace,
+            // After the grace: time for a call already on the wire to end and its outcome
+            // to be confirmed.
+            settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
+        };
+        let partitions = fleet.as_ref().map_or(0, |f| f.partitions());
+        let worker = if partitions == 0 {
+            Worker::Alone(Consumer::new(
+                consumer_settings,
+                pipeline,
+                broker.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ))
+        } else {
+            let intake = Intake::new(
+                Parser::new(Bots::from_settings(&settings), settings.commands.max_age),
+                pipeline.clone(),
+                &settings.amqp.commands_queue,
+                partitions,
+                settings.amqp.operation_timeout,
+                metrics.clone(),
+                shutdown.abandon.clone(),
+            );
+            let (owned, watched) = tokio::sync::watch::channel(Default::default());
+            let consumer = Consumer::new(
+                consumer_settings,
+                Arc::new(intake),
+                broker.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .with_partitions(Partitioned {
+                handler: pipeline,
+                owned: watched,
+                count: partitions,
+            });
+            Worker::Shared { consumer, owned }
+        };
         let relay_router = relay::router(Relay {
             signer,
             link: broker.clone(),
@@ -147,7 +192,7 @@ impl App {
             fleet: fleet.clone(),
         });
         Ok(Self {
-            consumer,
+            worker,
             relay: (relay_listener, relay_router),
             admin: (admin_listener, admin_router),
             relay_addr,
@@ -206,7 +251,23 @@ impl App {
             tokio::spawn(async move { fleet.watch_health(stop).await })
         });
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
-        let result = self.consumer.run().await;
+        let result = match self.worker {
+            Worker::Alone(consumer) => consumer.run().await,
+            Worker::Shared { consumer, owned } => {
+                let fleet = self.fleet.clone().expect("a shared worker has a fleet");
+                let leave = self.shutdown.stop.child_token();
+                let membership = {
+                    let leave = leave.clone();
+                    tokio::spawn(async move { fleet.keep_membership(owned, leave).await })
+                };
+                let result = consumer.run().await;
+                // Left at the stop signal already (the others wait on the queues' single
+                // active consumer while this one drains); here too if the consumer failed.
+                leave.cancel();
+                let _ = membership.await;
+                result
+            }
+        };
         if let Err(e) = &result {
             tracing::error!(error = %e, "worker stopped");
         }

@@ -6,8 +6,9 @@
 //!
 //! - [`config`] — settings in layers (defaults, file, environment), validated once, section
 //!   by section.
-//! - [`broker`] — the AMQP side: [`broker::connection`], [`broker::topology`] (the queues and
-//!   exchanges of the contract), [`broker::publisher`] (publisher confirms),
+//! - [`broker`] — the AMQP side: [`broker::connection`] (to one node of a cluster, chosen by
+//!   [`broker::nodes`]), [`broker::topology`] (the queues and exchanges of the contract),
+//!   [`broker::publisher`] (publisher confirms),
 //!   [`broker::consumer`] (one queue's consumer: connect, consume, reconnect, drain — fed to
 //!   any [`broker::consumer::Handler`]), and [`broker::CurrentLink`], the shared handle on the
 //!   current link.

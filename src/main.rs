@@ -35,6 +35,8 @@ enum Command {
     Publish(PublishArgs),
     /// Print the effective configuration, secrets redacted; fail if it is invalid.
     Config(ConfigArg),
+    /// Show the fleet: members, the partitions each owns, queue depths.
+    Fleet(ConfigArg),
 }
 
 #[derive(Args)]
@@ -186,6 +188,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Config(arg) => {
             let settings = load(&arg)?;
             print!("{}", settings.to_redacted_toml());
+        }
+        Command::Fleet(arg) => {
+            let settings = load(&arg)?;
+            let status = transfer_worker::tools::fleet_status::fleet_status(&settings).await?;
+            print!("{status}");
         }
         Command::Run(arg) => {
             let settings = load(&arg)?;

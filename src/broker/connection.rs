@@ -1,11 +1,15 @@
-//! Opening a connection to the broker.
+//! Opening a connection to the broker: to one node of the cluster (`amqp.urls`), or to
+//! `amqp.url`. [`connect`] makes one attempt at the node [`super::nodes`] chooses, so a caller
+//! that retries with backoff fails over from a dead node to the next; [`connect_any`] tries
+//! every node once, for commands that run once.
 
 use std::str::FromStr;
+use std::sync::PoisonError;
 
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
-use super::{BrokerError, timed};
+use super::{BrokerError, nodes, timed};
 use crate::config::AmqpSettings;
 
 /// The frame size proposed when the URL names none. The client keeps send and receive buffers
@@ -13,16 +17,65 @@ use crate::config::AmqpSettings;
 /// at 32 KiB it is 2 MiB. Commands are at most 64 KiB, so larger frames buy nothing here.
 const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
-/// Connects under `amqp.operation_timeout`, naming the connection so operators can tell it
-/// apart in the management UI.
+/// The heartbeat interval (seconds) proposed when the URL names none. The client gives a
+/// connection up after two intervals without a frame from the broker: a node cut off by the
+/// network (its connections silent, not closed) is left after 6 s, well within the default
+/// `amqp.reconnect_max_delay` of 10 s, and the next attempt goes to another node. RabbitMQ's
+/// own default, 60 s, would keep the worker on a lost node for two minutes.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 3;
+
+/// One attempt, under `amqp.operation_timeout`, at the node of the cluster chosen by
+/// [`super::nodes`]: the current one, or the next after a failure of the current one (this
+/// attempt's or a connection's that ended in an error). The connection is named so operators
+/// can tell it apart in the management UI.
 pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
-    let mut uri = AMQPUri::from_str(&amqp.url).map_err(|reason| BrokerError::Url { reason })?;
+    let urls = amqp.node_urls();
+    let mut nodes = Vec::with_capacity(urls.len());
+    for url in urls {
+        nodes.push(AMQPUri::from_str(url).map_err(|reason| BrokerError::Url { reason })?);
+    }
+    let cluster = nodes::cluster(urls);
+    let node = cluster
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .choose();
+    let mut uri = nodes.swap_remove(node);
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    let address = format!("{}:{}", uri.authority.host, uri.authority.port);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    timed(
+    let attempt = timed(
         "connect",
         amqp.operation_timeout,
         Connection::connect_uri(uri, properties),
     )
-    .await
+    .await;
+    let mut cluster = cluster.lock().unwrap_or_else(PoisonError::into_inner);
+    match attempt {
+        Ok(connection) => {
+            cluster.opened(node, connection.status().clone());
+            tracing::info!(node = %address, "connected to the broker");
+            Ok(connection)
+        }
+        Err(e) => {
+            cluster.failed(node);
+            if urls.len() > 1 {
+                tracing::info!(node = %address, error = %e, "broker node unreachable; the next attempt goes to another");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The first node that answers, trying each once in [`connect`]'s order: for commands that
+/// connect once and have no retry loop of their own.
+pub async fn connect_any(amqp: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
+    let nodes = amqp.node_urls().len();
+    let mut attempt = 1;
+    loop {
+        match connect(amqp, name).await {
+            Err(e) if !e.is_fatal() && attempt < nodes => attempt += 1,
+            result => return result,
+        }
+    }
 }

@@ -5,20 +5,35 @@
 //! means: that is the handler's business. Deliveries in flight when a connection drops are
 //! redelivered by the broker to the next one.
 //!
-//! Each consumer owns its connection and its tasks, so several can run side by side, one per
-//! queue.
+//! With partitions (a fleet sharing work, docs/contract.md §9) the same connection also
+//! consumes the partition queues this replica owns, each on a channel of its own, fed to a
+//! second handler. When ownership changes, a partition that goes is drained first: its reader
+//! stops taking deliveries, the commands it handed over finish and are acked, and only then
+//! does its channel close, which returns what it had not started to the queue, in order, and
+//! lets the new owner's waiting consumer (single active consumer) take over. A partition that
+//! comes is subscribed at once; the broker holds its deliveries back until the old owner let go.
+//!
+//! RabbitMQ refuses a channel-wide (global) prefetch on quorum queues, so `amqp.prefetch`
+//! bounds the commands in flight across partitions in two steps: each partition consumer's
+//! prefetch is a share of it, and a replica-wide limit of `amqp.prefetch` permits, one held by
+//! every delivery from its reader to its ack.
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::{BrokerError, CurrentLink, Publisher, timed};
 use crate::backoff;
@@ -36,13 +51,33 @@ const ACK_SETTLE: Duration = Duration::from_millis(250);
 /// What a consumer feeds its deliveries to.
 pub trait Handler: Send + Sync + 'static {
     /// Takes one delivery, with the publisher of the connection it came on (acks go to the
-    /// delivery's own channel). Returns at once; the work it starts, if any, is returned as a
-    /// task that the consumer spawns, owns and waits for when it drains.
+    /// delivery's own channel) and its [`InFlight`] mark, to be kept until the delivery is
+    /// acked or returned. Returns at once; the work it starts, if any, is returned as a task
+    /// that the consumer spawns, owns and waits for when it drains.
     fn accept(
         this: &Arc<Self>,
         delivery: Delivery,
         publisher: &Arc<Publisher>,
+        in_flight: InFlight,
     ) -> Option<impl Future<Output = ()> + Send + 'static>;
+}
+
+/// Kept by a handler with a delivery until it is acked or returned: it tells a partition's
+/// drain that the delivery is settled, and gives back its share of `amqp.prefetch`.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    _partition: Option<TaskTrackerToken>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The partition queues a consumer also consumes, and who decides which.
+pub struct Partitioned<P> {
+    /// What partition deliveries are fed to.
+    pub handler: Arc<P>,
+    /// The partitions this replica owns, kept up to date by the fleet's membership.
+    pub owned: watch::Receiver<BTreeSet<u16>>,
+    /// `fleet.partitions`: how many partition queues to declare.
+    pub count: u16,
 }
 
 /// Where and how a consumer consumes.
@@ -58,16 +93,30 @@ pub struct ConsumerSettings {
     pub settle: Duration,
 }
 
-/// A consumer on one queue; nothing happens until [`Consumer::run`].
-pub struct Consumer<H> {
+/// A consumer on one queue, and on the partitions it owns if it has any; nothing happens until
+/// [`Consumer::run`].
+pub struct Consumer<H, P = H> {
     settings: ConsumerSettings,
     handler: Arc<H>,
+    partitions: Option<Partitioned<P>>,
+    /// `amqp.prefetch` permits shared by the partition consumers.
+    limit: Arc<Semaphore>,
     link: Arc<CurrentLink>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     tracker: TaskTracker,
     /// A connection was lost and not yet re-established (counts reconnects).
     lost: AtomicBool,
+}
+
+/// One partition consumed on this connection.
+struct Subscription {
+    channel: Channel,
+    /// Stops the reader.
+    stop: CancellationToken,
+    reader: tokio::task::JoinHandle<()>,
+    /// One token per delivery handed over and not yet settled.
+    settled: TaskTracker,
 }
 
 enum Stop {
@@ -89,8 +138,10 @@ impl<H: Handler> Consumer<H> {
         shutdown: Shutdown,
     ) -> Self {
         Self {
+            limit: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),
             settings,
             handler,
+            partitions: None,
             link,
             metrics,
             shutdown,
@@ -99,6 +150,23 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
+    /// Also consumes the partitions `partitions.owned` names, feeding them to its handler.
+    pub fn with_partitions<P: Handler>(self, partitions: Partitioned<P>) -> Consumer<H, P> {
+        Consumer {
+            settings: self.settings,
+            handler: self.handler,
+            partitions: Some(partitions),
+            limit: self.limit,
+            link: self.link,
+            metrics: self.metrics,
+            shutdown: self.shutdown,
+            tracker: self.tracker,
+            lost: self.lost,
+        }
+    }
+}
+
+impl<H: Handler, P: Handler> Consumer<H, P> {
     /// Consumes until `shutdown.stop`, reconnecting whenever the connection drops. Returns
     /// after in-flight work finished or was returned to the queue; errs only on a problem
     /// that reconnecting cannot fix.
@@ -156,6 +224,10 @@ impl<H: Handler> Consumer<H> {
             let connection = super::connection::connect(amqp, &name).await?;
             let setup = timed("channel.open", t, connection.create_channel()).await?;
             super::topology::declare(&setup, amqp).await?;
+            if let Some(partitions) = &self.partitions {
+                super::topology::declare_partitions(&setup, amqp, partitions.count).await?;
+            }
+            let _ = timed("channel.close", t, setup.close(200, "declared".into())).await;
             let publisher = Arc::new(Publisher::open(&connection, amqp).await?);
             let channel = timed("channel.open", t, connection.create_channel()).await?;
             timed(
@@ -187,18 +259,43 @@ impl<H: Handler> Consumer<H> {
             self.metrics.broker_reconnects.inc();
         }
         tracing::info!(queue, prefetch = amqp.prefetch, "consuming commands");
+        let mut owned = self.partitions.as_ref().map(|p| p.owned.clone());
+        let mut subscriptions: HashMap<u16, Subscription> = HashMap::new();
+        let mut releasing = JoinSet::new();
+        let (lost_tx, mut lost_rx) = mpsc::channel::<String>(1);
+        // The partitions owned before this connection came up are subscribed now.
+        let mut settled = None;
+        if let Some(owned) = &mut owned {
+            let want = owned.borrow_and_update().clone();
+            settled = self
+                .rebalance(
+                    &connection,
+                    &publisher,
+                    &want,
+                    &mut subscriptions,
+                    &mut releasing,
+                    &lost_tx,
+                )
+                .await
+                .err()
+                .map(|e| e.to_string());
+        }
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         loop {
             let reason = tokio::select! {
                 biased;
+                Some(reason) = async { settled.take() }, if settled.is_some() => reason,
                 () = self.shutdown.stop.cancelled() => {
                     self.link.set_consuming(false);
+                    for subscription in subscriptions.values() {
+                        subscription.stop.cancel();
+                    }
                     let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
                     if let Err(e) = timed("basic.cancel", t, cancel).await {
                         tracing::warn!(error = %e, "could not cancel the consumer");
                     }
-                    // Drain while the consuming channel is open: the acks of in-flight work
-                    // go to it, and dropping it would hand it all back to the broker.
+                    // Drain while the consuming channels are open: the acks of in-flight work
+                    // go to them, and closing them would hand it all back to the broker.
                     self.drain().await;
                     // A quorum queue may drop acks that reach it right before their channel
                     // closes and return those messages as if never acked (rabbitmq-server
@@ -207,13 +304,18 @@ impl<H: Handler> Consumer<H> {
                     tokio::time::sleep(ACK_SETTLE).await;
                     // Closed one by one before the connection, so none is torn down mid-close.
                     let _ = timed("channel.close", t, channel.close(200, "shutdown".into())).await;
+                    for (_, subscription) in subscriptions.drain() {
+                        let _ = subscription.reader.await;
+                        let _ = timed("channel.close", t, subscription.channel.close(200, "shutdown".into())).await;
+                    }
+                    releasing.shutdown().await;
                     publisher.close(t).await;
                     drop(consumer);
                     return Ok((Stop::Shutdown(connection), true));
                 }
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        if let Some(task) = H::accept(&self.handler, delivery, &publisher) {
+                        if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default()) {
                             self.tracker.spawn(task);
                         }
                         continue;
@@ -222,6 +324,19 @@ impl<H: Handler> Consumer<H> {
                     // The queue was deleted, say: a fresh connection re-declares it.
                     None => "the broker cancelled the consumer".to_owned(),
                 },
+                Some(reason) = lost_rx.recv() => reason,
+                changed = async { owned.as_mut()?.changed().await.ok() }, if owned.is_some() => {
+                    if changed.is_none() {
+                        // The membership stopped (shutdown): ownership changes no more.
+                        owned = None;
+                        continue;
+                    }
+                    let want = owned.as_mut().map(|o| o.borrow_and_update().clone()).unwrap_or_default();
+                    match self.rebalance(&connection, &publisher, &want, &mut subscriptions, &mut releasing, &lost_tx).await {
+                        Ok(()) => continue,
+                        Err(e) => e.to_string(),
+                    }
+                }
                 _ = liveness.tick() => {
                     if !connection.status().connected() {
                         "connection closed".to_owned()
@@ -236,6 +351,10 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             };
+            for (_, subscription) in subscriptions.drain() {
+                subscription.reader.abort();
+            }
+            releasing.abort_all();
             // Closing hands every unacked delivery back to the broker at once; the next
             // connection re-declares the topology and takes them again.
             let _ = timed(
@@ -246,6 +365,88 @@ impl<H: Handler> Consumer<H> {
             .await;
             return Ok((Stop::Lost(reason), true));
         }
+    }
+
+    /// Makes the partitions consumed on this connection the ones in `want`: subscribes the new
+    /// ones, and drains then closes the ones that went, in the background.
+    async fn rebalance(
+        &self,
+        connection: &Connection,
+        publisher: &Arc<Publisher>,
+        want: &BTreeSet<u16>,
+        subscriptions: &mut HashMap<u16, Subscription>,
+        releasing: &mut JoinSet<()>,
+        lost: &mpsc::Sender<String>,
+    ) -> Result<(), BrokerError> {
+        let Some(partitions) = &self.partitions else {
+            return Ok(());
+        };
+        let t = self.settings.amqp.operation_timeout;
+        let gone: Vec<u16> = subscriptions
+            .keys()
+            .filter(|k| !want.contains(k))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(subscription) = subscriptions.remove(&k) {
+                releasing.spawn(release(k, subscription, t));
+            }
+        }
+        // Each partition consumer's prefetch is its share of `amqp.prefetch`.
+        let share =
+            u16::try_from(usize::from(self.settings.amqp.prefetch).div_ceil(want.len().max(1)))
+                .unwrap_or(u16::MAX)
+                .max(1);
+        for &k in want {
+            if subscriptions.contains_key(&k) {
+                continue;
+            }
+            let queue = crate::fleet::ownership::partition_queue(&self.settings.queue, k);
+            let channel = timed("channel.open", t, connection.create_channel()).await?;
+            timed(
+                "basic.qos",
+                t,
+                channel.basic_qos(share, BasicQosOptions::default()),
+            )
+            .await?;
+            let consumer = timed(
+                "basic.consume",
+                t,
+                channel.basic_consume(
+                    queue.as_str().into(),
+                    format!("transfer-worker-{}", uuid::Uuid::new_v4())
+                        .as_str()
+                        .into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            let stop = CancellationToken::new();
+            let settled = TaskTracker::new();
+            let reader = tokio::spawn(read_partition(Reader {
+                partition: k,
+                consumer,
+                handler: partitions.handler.clone(),
+                publisher: publisher.clone(),
+                settled: settled.clone(),
+                limit: self.limit.clone(),
+                tracker: self.tracker.clone(),
+                stop: stop.clone(),
+                lost: lost.clone(),
+            }));
+            tracing::info!(partition = k, queue, prefetch = share, "partition assigned");
+            subscriptions.insert(
+                k,
+                Subscription {
+                    channel,
+                    stop,
+                    reader,
+                    settled,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Waits for in-flight work within the grace period, then gives up the rest.
@@ -266,6 +467,80 @@ impl<H: Handler> Consumer<H> {
             let _ = tokio::time::timeout(self.settings.settle, self.tracker.wait()).await;
         }
         tracing::info!(elapsed = ?started.elapsed(), "in-flight commands drained");
+    }
+}
+
+/// Hands a partition over: no more deliveries taken from it, the ones taken finish and are
+/// acked, then its channel closes, returning the rest to the queue in order and activating the
+/// new owner's consumer.
+async fn release(partition: u16, subscription: Subscription, t: Duration) {
+    let started = Instant::now();
+    subscription.stop.cancel();
+    let _ = subscription.reader.await;
+    subscription.settled.close();
+    subscription.settled.wait().await;
+    tokio::time::sleep(ACK_SETTLE).await;
+    let _ = timed(
+        "channel.close",
+        t,
+        subscription.channel.close(200, "partition released".into()),
+    )
+    .await;
+    tracing::info!(partition, drained = ?started.elapsed(), "partition released");
+}
+
+/// What a partition's reader needs.
+struct Reader<P> {
+    partition: u16,
+    consumer: lapin::Consumer,
+    handler: Arc<P>,
+    publisher: Arc<Publisher>,
+    settled: TaskTracker,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    lost: mpsc::Sender<String>,
+}
+
+/// Takes a partition's deliveries in order, each with a permit of the replica-wide limit, until
+/// stopped; what it has not taken stays with the broker's client buffer and goes back to the
+/// queue when the channel closes.
+async fn read_partition<P: Handler>(mut r: Reader<P>) {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = r.stop.cancelled() => return,
+            permit = r.limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let delivery = tokio::select! {
+            biased;
+            () = r.stop.cancelled() => return,
+            delivery = r.consumer.next() => delivery,
+        };
+        let reason = match delivery {
+            Some(Ok(delivery)) => {
+                let in_flight = InFlight {
+                    _partition: Some(r.settled.token()),
+                    _permit: Some(permit),
+                };
+                if let Some(task) = P::accept(&r.handler, delivery, &r.publisher, in_flight) {
+                    r.tracker.spawn(task);
+                }
+                continue;
+            }
+            Some(Err(e)) => format!("partition {}: {e}", r.partition),
+            None => format!(
+                "the broker cancelled the consumer of partition {}",
+                r.partition
+            ),
+        };
+        if !r.stop.is_cancelled() {
+            let _ = r.lost.try_send(reason);
+        }
+        return;
     }
 }
 

@@ -1,8 +1,9 @@
-//! Everything that talks AMQP: the connection, the topology, the confirm-mode publisher, and
-//! the [`CurrentLink`] handle through which the rest of the process sees the current link.
+//! Everything that talks AMQP: the connection (to one node of a cluster, see [`nodes`]), the
+//! topology, the confirm-mode publisher, and the [`CurrentLink`] handle through which the rest of the process sees the current link.
 
 pub mod connection;
 pub mod consumer;
+pub mod nodes;
 pub mod publisher;
 pub mod topology;
 
@@ -22,8 +23,8 @@ pub enum BrokerError {
         /// The client's error.
         source: lapin::Error,
     },
-    /// `amqp.url` is not an AMQP URL.
-    #[error("amqp.url is not a valid AMQP URL: {reason}")]
+    /// `amqp.url`, or one of `amqp.urls`, is not an AMQP URL.
+    #[error("the broker URL is not a valid AMQP URL: {reason}")]
     Url {
         /// What is wrong with it.
         reason: String,

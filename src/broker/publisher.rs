@@ -125,8 +125,20 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        let queue = self.commands_queue.clone();
+        self.publish_to_queue(queue.as_str(), body, properties)
+            .await
+    }
+
+    /// Publishes a message to `queue` on the default exchange, mandatory, confirmed: the
+    /// intake's route to a partition. `Ok` only when the broker acked it into the queue.
+    pub async fn publish_to_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
         let limit = self.confirm_timeout;
-        let queue = self.commands_queue.as_str();
         let options = BasicPublishOptions {
             mandatory: true,
             ..Default::default()

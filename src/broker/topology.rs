@@ -29,19 +29,7 @@ pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), Broke
         .await
         .map_err(|e| mismatch(e, &amqp.dead_letter_exchange))?;
 
-    let mut commands = quorum();
-    commands.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(amqp.dead_letter_exchange.as_bytes())),
-    );
-    commands.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongInt(i32::try_from(amqp.delivery_limit).unwrap_or(i32::MAX)),
-    );
-    // One consumer at a time (docs/contract.md §9): further replicas are hot standbys, and
-    // commands are taken in order by exactly one of them.
-    commands.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    queue(channel, &amqp.commands_queue, commands, t).await?;
+    queue(channel, &amqp.commands_queue, commands_arguments(amqp), t).await?;
     queue(channel, &amqp.dead_letter_queue, quorum(), t).await?;
     timed(
         "queue.bind",
@@ -55,6 +43,44 @@ pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), Broke
         ),
     )
     .await?;
+    Ok(())
+}
+
+/// The arguments of the commands queue, and of its partitions: quorum, dead-lettered past the
+/// delivery limit, one consumer at a time (docs/contract.md §9). With a single active consumer,
+/// further replicas on the commands queue are hot standbys, and commands are taken in order by
+/// exactly one of them; on a partition, a new owner waits until the old one let go.
+fn commands_arguments(amqp: &AmqpSettings) -> FieldTable {
+    let mut commands = quorum();
+    commands.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(amqp.dead_letter_exchange.as_bytes())),
+    );
+    commands.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(i32::try_from(amqp.delivery_limit).unwrap_or(i32::MAX)),
+    );
+    commands.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    commands
+}
+
+/// Declares the partition queues `{commands_queue}.p0` … `.p{partitions-1}` of a fleet, with
+/// the commands queue's arguments.
+pub async fn declare_partitions(
+    channel: &Channel,
+    amqp: &AmqpSettings,
+    partitions: u16,
+) -> Result<(), BrokerError> {
+    for k in 0..partitions {
+        let name = crate::fleet::ownership::partition_queue(&amqp.commands_queue, k);
+        queue(
+            channel,
+            &name,
+            commands_arguments(amqp),
+            amqp.operation_timeout,
+        )
+        .await?;
+    }
     Ok(())
 }
 

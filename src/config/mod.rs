@@ -93,6 +93,9 @@ pub struct Settings {
 pub struct AmqpSettings {
     /// Broker URL; its password is redacted when shown.
     pub url: String,
+    /// The nodes of one cluster; when not empty, replaces `url` (docs/contract.md §10).
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// Queue commands arrive on.
     pub commands_queue: String,
     /// Topic exchange for events.
@@ -117,6 +120,23 @@ pub struct AmqpSettings {
     /// Longest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub reconnect_max_delay: Duration,
+}
+
+impl AmqpSettings {
+    /// The broker's nodes: `urls`, or `url` alone when `urls` is empty.
+    pub fn node_urls(&self) -> &[String] {
+        if self.urls.is_empty() {
+            std::slice::from_ref(&self.url)
+        } else {
+            &self.urls
+        }
+    }
+
+    /// The nodes' URLs, passwords redacted, for messages.
+    pub fn shown_nodes(&self) -> String {
+        let shown: Vec<String> = self.node_urls().iter().map(|u| redact_url(u)).collect();
+        shown.join(", ")
+    }
 }
 
 /// `[agentassist]`
@@ -242,8 +262,15 @@ pub struct FleetSettings {
     pub redis_url: String,
     /// This replica's name; empty: the host name and the process id.
     pub name: String,
-    /// Partition queues of the commands queue (fleet part 2).
+    /// Partition queues `{commands_queue}.p{k}` the work is shared through; 0: none, the
+    /// single active consumer of the commands queue runs every command itself.
     pub partitions: u16,
+    /// How often a replica tells the fleet it is alive (and reads who else is).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A replica not heard from for this long is gone; its partitions move to the others.
+    #[serde(with = "humantime_serde")]
+    pub member_ttl: Duration,
     /// How long a replica's claim on a command lasts unless renewed; a replica that dies
     /// mid-call gives its commands up after this.
     #[serde(with = "humantime_serde")]
@@ -351,6 +378,7 @@ impl Settings {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("callbacks.previous_secrets")
+            .with_list_parse_key("amqp.urls")
             .source(env.clone());
         let merged = builder.add_source(environment).build()?;
         let settings: Settings = merged.clone().try_deserialize()?;
@@ -386,6 +414,7 @@ impl Settings {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.amqp.url = redact_url(&shown.amqp.url);
+        shown.amqp.urls = shown.amqp.urls.iter().map(|u| redact_url(u)).collect();
         shown.fleet.redis_url = redact_url(&shown.fleet.redis_url);
         toml::to_string(&shown).expect("settings serialize to TOML")
     }

@@ -149,3 +149,77 @@ fn bots_of_one_account_must_agree_on_its_budget() {
         "{err}"
     );
 }
+
+#[test]
+fn broker_nodes_come_from_a_comma_separated_variable_and_replace_url() {
+    let s = Settings::load_with_env(
+        None,
+        Some(env(&[(
+            "TRANSFER__AMQP__URLS",
+            "amqp://u:p1@rabbit-1:5672/%2f,amqp://u:p2@rabbit-2:5672/%2f,amqp://u:p3@rabbit-3:5672/%2f",
+        )])),
+    )
+    .unwrap();
+    assert_eq!(
+        s.amqp.node_urls(),
+        [
+            "amqp://u:p1@rabbit-1:5672/%2f",
+            "amqp://u:p2@rabbit-2:5672/%2f",
+            "amqp://u:p3@rabbit-3:5672/%2f",
+        ]
+    );
+    let shown = s.to_redacted_toml();
+    for password in ["p1@", "p2@", "p3@"] {
+        assert!(!shown.contains(password), "{shown}");
+    }
+    assert!(
+        shown.contains("amqp://u:[redacted]@rabbit-2:5672/%2f"),
+        "{shown}"
+    );
+
+    // Without `urls`, `url` alone is the broker.
+    let s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+    assert!(s.amqp.urls.is_empty());
+    assert_eq!(
+        s.amqp.node_urls(),
+        ["amqp://guest:guest@127.0.0.1:5672/%2f"]
+    );
+}
+
+#[test]
+fn broker_nodes_from_a_file_are_a_list() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        b"[amqp]\nurls = ['amqp://a:5672/%2f', 'amqp://b:5672/%2f']\n",
+    )
+    .unwrap();
+    let s = Settings::load_with_env(Some(f.path()), Some(HashMap::new())).unwrap();
+    assert_eq!(
+        s.amqp.node_urls(),
+        ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]
+    );
+}
+
+#[test]
+fn a_broker_node_that_is_not_an_amqp_url_is_named() {
+    let err = Settings::load_with_env(
+        None,
+        Some(env(&[(
+            "TRANSFER__AMQP__URLS",
+            "amqp://rabbit-1:5672/%2f,http://rabbit-2/",
+        )])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("amqp.urls[1]"), "{err}");
+    // A stray comma leaves an empty node: an error too, not a node skipped in silence.
+    let err = Settings::load_with_env(
+        None,
+        Some(env(&[(
+            "TRANSFER__AMQP__URLS",
+            "amqp://rabbit-1:5672/%2f,",
+        )])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("amqp.urls[1]"), "{err}");
+}

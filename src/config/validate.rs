@@ -48,6 +48,8 @@ impl Settings {
             ("shutdown.grace", self.shutdown.grace),
             ("fleet.lease", self.fleet.lease),
             ("fleet.redis_timeout", self.fleet.redis_timeout),
+            ("fleet.heartbeat", self.fleet.heartbeat),
+            ("fleet.member_ttl", self.fleet.member_ttl),
         ];
         for bot in &self.bots {
             durations.push(("bots[].rate_window", bot.rate_window));
@@ -62,8 +64,17 @@ impl Settings {
 
 impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        <lapin::uri::AMQPUri as std::str::FromStr>::from_str(&self.url)
-            .map_err(|reason| invalid("amqp.url", reason))?;
+        let parse = |key: String, url: &str| {
+            <lapin::uri::AMQPUri as std::str::FromStr>::from_str(url)
+                .map(drop)
+                .map_err(|reason| invalid(key, reason))
+        };
+        if self.urls.is_empty() {
+            parse("amqp.url".to_owned(), &self.url)?;
+        }
+        for (i, url) in self.urls.iter().enumerate() {
+            parse(format!("amqp.urls[{i}]"), url)?;
+        }
         if self.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));
         }
@@ -210,14 +221,29 @@ impl CallbackSettings {
     }
 }
 
+/// Most partition queues: each is a quorum queue with its own Raft group on every node.
+const MAX_PARTITIONS: u16 = 1024;
+
 impl FleetSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.enabled() {
             redis::Client::open(self.redis_url.as_str())
                 .map_err(|e| invalid("fleet.redis_url", e.to_string()))?;
         }
-        if self.partitions == 0 {
-            return Err(invalid("fleet.partitions", "must be at least 1"));
+        if self.partitions > MAX_PARTITIONS {
+            return Err(invalid(
+                "fleet.partitions",
+                format!("must be at most {MAX_PARTITIONS}"),
+            ));
+        }
+        if self.heartbeat < Duration::from_millis(100) {
+            return Err(invalid("fleet.heartbeat", "must be at least 100ms"));
+        }
+        if self.member_ttl < self.heartbeat * 2 {
+            return Err(invalid(
+                "fleet.member_ttl",
+                "must be at least twice fleet.heartbeat, or a live replica could seem gone",
+            ));
         }
         if self.lease < Duration::from_secs(1) {
             return Err(invalid("fleet.lease", "must be at least 1s"));

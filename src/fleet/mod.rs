@@ -11,11 +11,16 @@
 //!   starts (the callers wait, see [`Fleet::until_answered`]), readiness is 503
 //!   ([`Fleet::is_healthy`]), and nothing is acked or lost.
 //!
+//! - *Work sharing*: replicas heartbeat into Redis ([`membership`]); from the live members
+//!   each computes the same owner for every partition queue ([`ownership`]).
+//!
 //! Every key starts with the fleet's name (its `amqp.commands_queue`) and a colon. Per command
 //! in the steady state: three round trips (claim, reserve, record). This file holds the client,
 //! its timeouts, health and waiting; [`claims`] the once-only, [`pacing`] the shared budget.
 
 pub mod claims;
+pub mod membership;
+pub mod ownership;
 pub mod pacing;
 mod scripts;
 mod stored;
@@ -73,6 +78,9 @@ pub struct Fleet {
     lease: Duration,
     timeout: Duration,
     outcome_ttl: Duration,
+    partitions: u16,
+    heartbeat: Duration,
+    member_ttl: Duration,
     healthy: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -119,6 +127,9 @@ impl Fleet {
             lease: settings.lease,
             timeout: settings.redis_timeout,
             outcome_ttl,
+            partitions: settings.partitions,
+            heartbeat: settings.heartbeat,
+            member_ttl: settings.member_ttl,
             healthy: AtomicBool::new(false),
             metrics,
         })

@@ -26,3 +26,6 @@ pub static RELEASE: LazyLock<Script> =
 /// `lua/unreserve.lua`.
 pub static UNRESERVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/unreserve.lua")));
+/// `lua/heartbeat.lua`.
+pub static HEARTBEAT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/heartbeat.lua")));

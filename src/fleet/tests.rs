@@ -18,6 +18,8 @@ fn replica(fleet: &str, lease: Duration) -> Fleet {
         redis_url: redis_url(),
         name: String::new(),
         partitions: 1,
+        heartbeat: Duration::from_secs(1),
+        member_ttl: Duration::from_secs(5),
         lease,
         redis_timeout: Duration::from_millis(900),
     };
@@ -200,6 +202,8 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout_and_unhealthy() {
         redis_url: "redis://127.0.0.1:1/0".into(),
         name: "r".into(),
         partitions: 1,
+        heartbeat: Duration::from_secs(1),
+        member_ttl: Duration::from_secs(5),
         lease: Duration::from_secs(5),
         redis_timeout: Duration::from_millis(300),
     };

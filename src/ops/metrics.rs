@@ -120,6 +120,14 @@ pub struct Metrics {
     pub fleet_claims_taken_over: Counter,
     /// Times a replica found a command claimed by another live replica and waited for it.
     pub fleet_claim_waits: Counter,
+    /// Partition queues this replica owns and consumes.
+    pub fleet_partitions_owned: Gauge,
+    /// Live fleet members this replica sees, itself included.
+    pub fleet_members: Gauge,
+    /// Changes of this replica's partitions (assigned or revoked).
+    pub fleet_rebalances: Counter,
+    /// Commands the intake routed to a partition queue.
+    pub fleet_routed: Counter,
 }
 
 impl Default for Metrics {
@@ -158,6 +166,10 @@ impl Metrics {
             }),
             fleet_claims_taken_over: Counter::default(),
             fleet_claim_waits: Counter::default(),
+            fleet_partitions_owned: Gauge::default(),
+            fleet_members: Gauge::default(),
+            fleet_rebalances: Counter::default(),
+            fleet_routed: Counter::default(),
         };
         registry.register(
             "commands_received",
@@ -240,6 +252,26 @@ impl Metrics {
             "fleet_claim_waits",
             "Commands found claimed by another live replica and waited for",
             m.fleet_claim_waits.clone(),
+        );
+        registry.register(
+            "fleet_partitions_owned",
+            "Partition queues this replica owns and consumes",
+            m.fleet_partitions_owned.clone(),
+        );
+        registry.register(
+            "fleet_members",
+            "Live fleet members this replica sees, itself included",
+            m.fleet_members.clone(),
+        );
+        registry.register(
+            "fleet_rebalances",
+            "Changes of this replica's partitions",
+            m.fleet_rebalances.clone(),
+        );
+        registry.register(
+            "fleet_routed",
+            "Commands the intake routed to a partition queue",
+            m.fleet_routed.clone(),
         );
         for kind in EventKind::ALL {
             // Zero-valued series exist from the start, so rates work from the first scrape.

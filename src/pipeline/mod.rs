@@ -9,6 +9,7 @@
 pub mod command;
 pub mod event;
 pub mod handle;
+pub mod intake;
 pub mod outcomes;
 pub mod sessions;
 
@@ -22,7 +23,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tracing::Instrument;
 
-use crate::broker::consumer::Handler;
+use crate::broker::consumer::{Handler, InFlight};
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
 use command::{Envelope, Parser, Rejection};
 use event::{Event, EventKind};
@@ -47,6 +48,8 @@ struct Job {
     delivery: Delivery,
     parsed: Parsed,
     publisher: Arc<Publisher>,
+    /// Released with the job, after its ack or return.
+    _in_flight: InFlight,
 }
 
 impl Handler for Pipeline {
@@ -54,8 +57,9 @@ impl Handler for Pipeline {
         this: &Arc<Self>,
         delivery: Delivery,
         publisher: &Arc<Publisher>,
+        in_flight: InFlight,
     ) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let job = this.read(delivery, publisher);
+        let job = this.read(delivery, publisher, in_flight);
         let key = job.parsed.session_key();
         let job = this.sessions.push(&key, job)?;
         Some(this.clone().run_session(key, job))
@@ -74,7 +78,7 @@ impl Pipeline {
     }
 
     /// Reads a delivery once, at the edge.
-    fn read(&self, delivery: Delivery, publisher: &Arc<Publisher>) -> Job {
+    fn read(&self, delivery: Delivery, publisher: &Arc<Publisher>, in_flight: InFlight) -> Job {
         let metrics = &self.stages.metrics;
         metrics.commands_received.inc();
         metrics.commands_in_flight.inc();
@@ -103,6 +107,7 @@ impl Pipeline {
             delivery,
             parsed: Parsed { envelope, command },
             publisher: publisher.clone(),
+            _in_flight: in_flight,
         }
     }
 

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::app::{App, AppError};
 use crate::broker::{BrokerError, PublishError, Publisher, connection, timed, topology};
-use crate::config::{AmqpSettings, Settings, redact_url};
+use crate::config::{AmqpSettings, Settings};
 use crate::tools::simulator::{self, Reply, Simulator, SimulatorConfig, SimulatorError};
 
 /// How long the demo waits for all events before giving up.
@@ -78,10 +78,10 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
     settings.shutdown.grace = Duration::from_secs(5);
 
     let amqp = settings.amqp.clone();
-    let conn = connection::connect(&amqp, "transfer-worker demo")
+    let conn = connection::connect_any(&amqp, "transfer-worker demo")
         .await
         .map_err(|source| DemoError::NoBroker {
-            url: redact_url(&amqp.url),
+            url: amqp.shown_nodes(),
             source,
         })?;
     let channel = timed(
@@ -108,7 +108,7 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
     let stream_id = settings.bots[0].stream_id.clone();
 
     println!("transfer-worker demo");
-    println!("  broker     {}", redact_url(&amqp.url));
+    println!("  broker     {}", amqp.shown_nodes());
     println!("  commands   {}", amqp.commands_queue);
     println!("  results    {}", amqp.results_exchange);
     println!("  AgentAssist simulator at {}", sim.base_url());

@@ -116,7 +116,7 @@ pub async fn publish_command(
         )));
     }
     let t = amqp.operation_timeout;
-    let conn = connection::connect(amqp, "transfer-worker publish").await?;
+    let conn = connection::connect_any(amqp, "transfer-worker publish").await?;
     let publisher = Publisher::open(&conn, amqp).await?;
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())

@@ -102,12 +102,22 @@ impl Received {
 pub struct Cleanup {
     queues: Vec<String>,
     exchanges: Vec<String>,
+    url: String,
 }
 
 impl Cleanup {
     /// A guard for queues and exchanges a test declares itself.
     pub fn new(queues: Vec<String>, exchanges: Vec<String>) -> Self {
-        Self { queues, exchanges }
+        Self::at(amqp_url(), queues, exchanges)
+    }
+
+    /// Like [`Cleanup::new`], on the broker at `url`.
+    pub fn at(url: String, queues: Vec<String>, exchanges: Vec<String>) -> Self {
+        Self {
+            queues,
+            exchanges,
+            url,
+        }
     }
 }
 
@@ -115,6 +125,7 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let queues = std::mem::take(&mut self.queues);
         let exchanges = std::mem::take(&mut self.exchanges);
+        let url = std::mem::take(&mut self.url);
         // Drop cannot await; a thread with its own runtime can, whatever runtime we are in.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -124,7 +135,7 @@ impl Drop for Cleanup {
             rt.block_on(async {
                 let Ok(Ok(conn)) = tokio::time::timeout(
                     Duration::from_secs(5),
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()),
+                    Connection::connect(&url, ConnectionProperties::default()),
                 )
                 .await
                 else {
@@ -375,16 +386,16 @@ impl Harness {
             .await
             .expect("simulator starts");
         settings.agentassist.base_url = sim.base_url();
-        let cleanup = Cleanup {
-            queues: vec![
+        let cleanup = Cleanup::new(
+            vec![
                 settings.amqp.commands_queue.clone(),
                 settings.amqp.dead_letter_queue.clone(),
             ],
-            exchanges: vec![
+            vec![
                 settings.amqp.results_exchange.clone(),
                 settings.amqp.dead_letter_exchange.clone(),
             ],
-        };
+        );
         let (conn, channel) = test_channel().await;
         let built = App::build(settings.clone()).await.expect("app builds");
         let shutdown = built.shutdown();

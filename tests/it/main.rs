@@ -3,6 +3,7 @@
 //! `RUST_LOG=transfer_worker=debug` shows the worker's logs.
 
 mod cli;
+mod cluster;
 mod contract;
 mod fleet;
 mod hardening;

@@ -67,6 +67,8 @@ impl Rig {
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
             name: String::new(),
             partitions: 1,
+            heartbeat: Duration::from_secs(1),
+            member_ttl: Duration::from_secs(5),
             lease: Duration::from_secs(5),
             redis_timeout: Duration::from_secs(1),
         };

@@ -1,0 +1,44 @@
+-- Fleet membership: a replica says it is alive (and which partitions it consumes), leaves, or
+-- just looks. Timed by Redis's clock, so replicas' clocks need not agree.
+--
+-- KEYS[1]  members: sorted set, member -> when it expires (ms)
+-- KEYS[2]  owned: hash, member -> the partitions it consumes ("0,3,7")
+-- ARGV[1]  the member     ARGV[2] how long a heartbeat lasts (ms)
+-- ARGV[3]  'beat' | 'leave' | 'look'      ARGV[4] the member's partitions (for 'beat')
+-- Returns {now (ms), member, expires (ms), partitions, member, expires, partitions, ...},
+-- live members only, sorted by name.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, member in ipairs(gone) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('HDEL', KEYS[2], member)
+end
+if ARGV[3] == 'beat' then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+elseif ARGV[3] == 'leave' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+-- A fleet that stopped leaves nothing behind for long.
+if redis.call('ZCARD', KEYS[1]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl * 10)
+  redis.call('PEXPIRE', KEYS[2], ttl * 10)
+end
+local out = {tostring(now)}
+local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local names = {}
+local expires = {}
+for i = 1, #live, 2 do
+  table.insert(names, live[i])
+  expires[live[i]] = live[i + 1]
+end
+table.sort(names)
+for _, member in ipairs(names) do
+  table.insert(out, member)
+  table.insert(out, expires[member])
+  table.insert(out, redis.call('HGET', KEYS[2], member) or '')
+end
+return out
