@@ -89,7 +89,8 @@ fn terminal_by_command(events: &[Received]) -> BTreeMap<String, Vec<&Received>> 
 async fn per_replica(fleet: &Fleet, family: &str) -> Vec<Option<f64>> {
     let mut out = Vec::new();
     for r in &fleet.replicas {
-        out.push(r.try_metrics().await.map(|m| family_sum(&m, family)));
+        // An empty sum is -0.0; plus 0.0 prints it as 0.
+        out.push(r.try_metrics().await.map(|m| family_sum(&m, family) + 0.0));
     }
     out
 }
@@ -182,6 +183,15 @@ async fn sessions_stay_in_order_and_never_overlap_while_three_replicas_share_the
         sessions.len()
     );
     fleet.stop_leaving_nothing().await;
+}
+
+/// Milliseconds from `origin` to `t`, negative before it.
+fn ms_from(origin: Instant, t: Instant) -> i128 {
+    if t >= origin {
+        (t - origin).as_millis() as i128
+    } else {
+        -((origin - t).as_millis() as i128)
+    }
 }
 
 /// `n` sessions spread evenly over `partitions` (as many in each), so every replica of an
@@ -358,8 +368,20 @@ async fn a_replica_killed_mid_burst_loses_nothing_reorders_no_session_and_partit
             }
         }
         assert_eq!(
-            &first, wanted,
-            "session {session}: first calls out of publish order"
+            &first,
+            wanted,
+            "session {session} (partition {}): first calls out of publish order; calls (ms \
+             from the kill, arrived..answered): {:?}\n{}",
+            partition_of(session, partitions),
+            mine.iter()
+                .map(|r| format!(
+                    "{} {}..{:?}",
+                    command_of(r),
+                    ms_from(killed, r.received_at),
+                    r.answered_at.map(|a| ms_from(killed, a))
+                ))
+                .collect::<Vec<_>>(),
+            fleet.log_lines("partition")
         );
     }
     assert!(

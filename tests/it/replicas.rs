@@ -419,6 +419,19 @@ impl Fleet {
             .join("\n")
     }
 
+    /// Every replica's log lines that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> String {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let log = r.log();
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+                format!("==== {} ====\n{}", r.name, lines.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Consumers of the commands queue, as the broker counts them (active and waiting).
     pub async fn consumers(&self) -> u32 {
         passive(&self.channel, &self.settings.amqp.commands_queue)
