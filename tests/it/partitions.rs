@@ -371,7 +371,7 @@ async fn a_replica_killed_mid_burst_loses_nothing_reorders_no_session_and_partit
             &first,
             wanted,
             "session {session} (partition {}): first calls out of publish order; calls (ms \
-             from the kill, arrived..answered): {:?}\n{}",
+             from the kill, arrived..answered): {:?}\n{}\n{}",
             partition_of(session, partitions),
             mine.iter()
                 .map(|r| format!(
@@ -381,7 +381,8 @@ async fn a_replica_killed_mid_burst_loses_nothing_reorders_no_session_and_partit
                     r.answered_at.map(|a| ms_from(killed, a))
                 ))
                 .collect::<Vec<_>>(),
-            fleet.log_lines("partition")
+            fleet.log_lines("partition"),
+            fleet.log_lines("returning")
         );
     }
     assert!(
