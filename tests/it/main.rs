@@ -12,6 +12,7 @@ mod fleet;
 mod hardening;
 mod harness;
 mod operations;
+mod partitions;
 mod proxy;
 mod relay;
 mod replicas;

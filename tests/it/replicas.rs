@@ -18,7 +18,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 use transfer_worker::broker::topology;
 use transfer_worker::config::Settings;
-use transfer_worker::tools::simulator::{self, Simulator, SimulatorConfig};
+use transfer_worker::tools::simulator::{self, RecordedRequest, Simulator, SimulatorConfig};
 
 use crate::harness::{Cleanup, EVENT_WAIT, Received, passive, test_channel};
 
@@ -232,11 +232,13 @@ pub struct Fleet {
     pub settings: Settings,
     pub sim: Simulator,
     pub channel: Channel,
-    _conn: Connection,
+    conn: Connection,
     pub replicas: Vec<Replica>,
     events: Consumer,
     env: Vec<(String, String)>,
     config: tempfile::NamedTempFile,
+    /// Partition queues the replicas share (`fleet.partitions`); 0 without Redis.
+    pub partitions: u16,
     _redis_keys: Option<RedisKeys>,
     _cleanup: Cleanup,
 }
@@ -291,8 +293,20 @@ impl Fleet {
     ) -> Self {
         crate::init_logs();
         let amqp = &settings.amqp;
+        let partitions = if spec.redis_url.is_some() {
+            spec.env
+                .iter()
+                .find(|(k, _)| k == "TRANSFER__FLEET__PARTITIONS")
+                .map_or(settings.fleet.partitions, |(_, v)| {
+                    v.parse().expect("TRANSFER__FLEET__PARTITIONS is a number")
+                })
+        } else {
+            0
+        };
+        let mut queues = vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()];
+        queues.extend((0..partitions).map(|k| partition_queue(&amqp.commands_queue, k)));
         let cleanup = Cleanup::new(
-            vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()],
+            queues,
             vec![
                 amqp.results_exchange.clone(),
                 amqp.dead_letter_exchange.clone(),
@@ -359,11 +373,12 @@ impl Fleet {
             settings,
             sim,
             channel,
-            _conn: conn,
+            conn,
             replicas: Vec::with_capacity(spec.replicas),
             events,
             env,
             config,
+            partitions,
             _redis_keys: redis_keys,
             _cleanup: cleanup,
         };
@@ -399,6 +414,19 @@ impl Fleet {
                 let all: Vec<&str> = log.lines().collect();
                 let from = all.len().saturating_sub(lines);
                 format!("==== {} ====\n{}", r.name, all[from..].join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Every replica's log lines that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> String {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let log = r.log();
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+                format!("==== {} ====\n{}", r.name, lines.join("\n"))
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -587,7 +615,159 @@ impl Fleet {
                 .map(|d| String::from_utf8_lossy(&d.data).into_owned())
                 .collect::<Vec<_>>()
         );
+        // Unacked commands of a partition are back in it once its consumer is gone.
+        for queue in self.partition_queues() {
+            wait_for(
+                &format!("no consumer left on {queue}"),
+                Duration::from_secs(10),
+                String::new,
+                async || self.queue_counts(&queue).await.is_none_or(|(_, c)| c == 0),
+            )
+            .await;
+            let counts = self.queue_counts(&queue).await;
+            assert!(
+                counts.is_none_or(|(ready, _)| ready == 0),
+                "commands left in {queue}: {counts:?}"
+            );
+        }
     }
+
+    /// The partition queues, `{commands_queue}.p{k}`, by partition.
+    pub fn partition_queues(&self) -> Vec<String> {
+        (0..self.partitions)
+            .map(|k| partition_queue(&self.settings.amqp.commands_queue, k))
+            .collect()
+    }
+
+    /// A queue's ready messages and consumers, or `None` when it does not exist. Each look
+    /// is on a channel of its own: a passive declare of a missing queue closes its channel.
+    pub async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {
+        let channel = self.conn.create_channel().await.expect("a channel");
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.queue_declare(queue.into(), options, FieldTable::default()),
+        )
+        .await
+        .expect("queue.declare in time");
+        let counts = declared
+            .ok()
+            .map(|q| (q.message_count(), q.consumer_count()));
+        if channel.status().connected() {
+            let _ = channel.close(200, "looked".into()).await;
+        }
+        counts
+    }
+
+    /// The partitions replica `i` says it owns (`transfer_fleet_partitions_owned`); `None`
+    /// when it does not answer.
+    pub async fn owned(&self, i: usize) -> Option<f64> {
+        let metrics = self.replicas[i].try_metrics().await?;
+        metrics.get("transfer_fleet_partitions_owned").copied()
+    }
+
+    /// What each of `live` says it owns, and whether that is an even share of every
+    /// partition: each ⌊P/N⌋ or ⌈P/N⌉, P in all.
+    pub async fn shares(&self, live: &[usize]) -> (Vec<Option<f64>>, bool) {
+        let mut owned = Vec::with_capacity(live.len());
+        for &i in live {
+            owned.push(self.owned(i).await);
+        }
+        let p = f64::from(self.partitions);
+        let n = live.len() as f64;
+        let (low, high) = ((p / n).floor(), (p / n).ceil());
+        let even = owned
+            .iter()
+            .all(|o| o.is_some_and(|o| o == low || o == high))
+            && owned.iter().flatten().sum::<f64>() == p;
+        (owned, even)
+    }
+
+    /// Waits until the replicas `live` share the partitions evenly (see [`Fleet::shares`]),
+    /// up to `limit`; returns how long that took.
+    pub async fn wait_balanced(&self, live: &[usize], limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let (owned, even) = self.shares(live).await;
+            if even {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{} partitions not shared evenly by replicas {live:?} within {limit:?}: they \
+                 own {owned:?}\n{}",
+                self.partitions,
+                self.log_tails(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The binary running `args` with this fleet's configuration and environment (not a
+    /// replica's listeners or name).
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"));
+        command.env_remove("TRANSFER_CONFIG");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("TRANSFER__") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .envs(self.env.iter().cloned())
+            .args(args)
+            .arg("--config")
+            .arg(self.config.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+}
+
+/// Partition queue `k` of `commands_queue`, as CONTRACT §9 names it.
+pub fn partition_queue(commands_queue: &str, k: u16) -> String {
+    format!("{commands_queue}.p{k}")
+}
+
+/// A command of session `session` whose target names it (`a-{id}`, or `qu-{id}` for a
+/// queue transfer), so the simulator's log tells which command each request was for.
+pub fn session_command(id: &str, session: &str, queue: bool) -> Value {
+    if queue {
+        let mut c = crate::harness::queue_command(id, session);
+        c["queueId"] = format!("qu-{id}").into();
+        c
+    } else {
+        let mut c = crate::harness::agent_command(id, session);
+        c["aId"] = format!("a-{id}").into();
+        c
+    }
+}
+
+/// The command a request was for, from a target [`session_command`] made.
+pub fn command_of(request: &RecordedRequest) -> String {
+    let body = &request.body;
+    if let Some(agent) = body["aId"].as_str() {
+        agent.trim_start_matches("a-").to_owned()
+    } else {
+        let queue = body["queueId"].as_str().expect("an agent or a queue");
+        queue.trim_start_matches("qu-").to_owned()
+    }
+}
+
+/// The simulator's requests by `botSessionId`, each session's in arrival order.
+pub fn calls_by_session(sim: &Simulator) -> BTreeMap<String, Vec<RecordedRequest>> {
+    let mut out: BTreeMap<String, Vec<RecordedRequest>> = BTreeMap::new();
+    for r in sim.requests() {
+        let session = r.bot_session_id.clone().expect("a botSessionId");
+        out.entry(session).or_default().push(r);
+    }
+    for calls in out.values_mut() {
+        calls.sort_by_key(|r| r.seq);
+    }
+    out
 }
 
 /// Deletes a fleet's Redis keys (every one starts with its commands queue) when dropped.
