@@ -7,11 +7,10 @@
 //!
 //! With partitions (a fleet sharing work, docs/contract.md §9) the same connection also
 //! consumes the partition queues this replica owns, each on a channel of its own, fed to a
-//! second handler. When ownership changes, a partition that goes is drained first: its reader
-//! stops taking deliveries, the commands it handed over finish and are acked, and only then
-//! does its channel close, which returns what it had not started to the queue, in order, and
-//! lets the new owner's waiting consumer (single active consumer) take over. A partition that
-//! comes is subscribed at once; the broker holds its deliveries back until the old owner let go.
+//! second handler. When ownership changes, a partition that goes is handed over in order (see
+//! `release`: cancel, return what was not started, drain, close) and only then stops being
+//! listed as consumed; a partition that comes is subscribed when the fleet says no other
+//! replica consumes it.
 //!
 //! RabbitMQ refuses a channel-wide (global) prefetch on quorum queues, so `amqp.prefetch`
 //! bounds the commands in flight across partitions in two steps: each partition consumer's

@@ -82,18 +82,39 @@ impl Drop for Revive {
     }
 }
 
-/// The nodes holding a replica of `queue`, as node 1 of the cluster lists them.
+/// The nodes holding a replica of `queue`, as a node of the cluster lists them. A node revived
+/// by the test before answers AMQP a little before its command-line interface: each node is
+/// asked in turn, for up to half a minute.
 fn queue_members(queue: &str) -> BTreeSet<String> {
-    let json = script(&[
-        "ctl",
-        "1",
-        "-q",
-        "list_queues",
-        "name",
-        "members",
-        "--formatter",
-        "json",
-    ]);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let json = 'asked: loop {
+        let mut errors = String::new();
+        for node in NODES {
+            let out = Command::new(SCRIPT)
+                .args([
+                    "ctl",
+                    &node.to_string(),
+                    "-q",
+                    "list_queues",
+                    "name",
+                    "members",
+                    "--formatter",
+                    "json",
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .expect("scripts/rabbitmq-cluster runs");
+            if out.status.success() {
+                break 'asked String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            errors.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no node lists the queues:\n{errors}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
     let queues: Vec<Value> = serde_json::from_str(&json).expect("list_queues answers JSON");
     let entry = queues
         .iter()
