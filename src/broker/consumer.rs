@@ -118,10 +118,12 @@ struct Subscription {
     channel: Channel,
     /// Its consumer tag, to cancel it.
     tag: String,
+    /// Its prefetch: its share of `amqp.prefetch`.
+    share: u16,
     /// Stops the reader.
     stop: CancellationToken,
-    /// Gives the consumer back when stopped, with what it had not taken yet.
-    reader: tokio::task::JoinHandle<Option<lapin::Consumer>>,
+    /// Gives the consumer back when stopped, with what it had not handed over yet.
+    reader: tokio::task::JoinHandle<Option<Stopped>>,
     /// One token per delivery handed over and not yet settled.
     settled: TaskTracker,
 }
@@ -425,64 +427,155 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 ));
             }
         }
-        // Each partition consumer's prefetch is its share of `amqp.prefetch`.
+        // Each partition consumer's prefetch is its share of `amqp.prefetch`. A consumer's
+        // prefetch is fixed when it subscribes, so a kept partition whose share changed is
+        // subscribed again (see `renew`).
         let share =
             u16::try_from(usize::from(self.settings.amqp.prefetch).div_ceil(want.len().max(1)))
                 .unwrap_or(u16::MAX)
                 .max(1);
         for &k in want {
-            if subscriptions.contains_key(&k) {
-                continue;
+            let renewed = match subscriptions.remove(&k) {
+                Some(kept) if kept.share == share => {
+                    subscriptions.insert(k, kept);
+                    continue;
+                }
+                Some(kept) => Some(kept),
+                None => None,
+            };
+            let old_share = renewed.as_ref().map(|r| r.share);
+            if let Some(old) = renewed {
+                releasing.spawn(self.renew(old, t).await);
             }
-            let queue = crate::fleet::ownership::partition_queue(&self.settings.queue, k);
-            let channel = timed("channel.open", t, connection.create_channel()).await?;
-            timed(
-                "basic.qos",
-                t,
-                channel.basic_qos(share, BasicQosOptions::default()),
-            )
-            .await?;
-            let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
-            let consumer = timed(
-                "basic.consume",
-                t,
-                channel.basic_consume(
-                    queue.as_str().into(),
-                    tag.as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .await?;
+            let subscription = self
+                .subscribe(k, share, connection, publisher, lost)
+                .await?;
             partitions.consuming.send_modify(|c| {
                 c.insert(k);
             });
-            let stop = CancellationToken::new();
-            let settled = TaskTracker::new();
-            let reader = tokio::spawn(read_partition(Reader {
-                partition: k,
-                consumer,
-                handler: partitions.handler.clone(),
-                publisher: publisher.clone(),
-                settled: settled.clone(),
-                limit: self.limit.clone(),
-                tracker: self.tracker.clone(),
-                stop: stop.clone(),
-                lost: lost.clone(),
-            }));
-            tracing::info!(partition = k, queue, prefetch = share, "partition assigned");
-            subscriptions.insert(
-                k,
-                Subscription {
-                    channel,
-                    tag,
-                    stop,
-                    reader,
-                    settled,
-                },
-            );
+            match old_share {
+                None => tracing::info!(partition = k, prefetch = share, "partition assigned"),
+                Some(from) => tracing::debug!(
+                    partition = k,
+                    from,
+                    to = share,
+                    "partition prefetch changed"
+                ),
+            }
+            subscriptions.insert(k, subscription);
         }
         Ok(())
+    }
+
+    /// Subscribes partition `k` on a channel of its own with prefetch `share`, and starts its
+    /// reader.
+    async fn subscribe(
+        &self,
+        k: u16,
+        share: u16,
+        connection: &Connection,
+        publisher: &Arc<Publisher>,
+        lost: &mpsc::Sender<String>,
+    ) -> Result<Subscription, BrokerError> {
+        let Some(partitions) = &self.partitions else {
+            unreachable!("only a consumer with partitions subscribes partitions");
+        };
+        let t = self.settings.amqp.operation_timeout;
+        let queue = crate::fleet::ownership::partition_queue(&self.settings.queue, k);
+        let channel = timed("channel.open", t, connection.create_channel()).await?;
+        timed(
+            "basic.qos",
+            t,
+            channel.basic_qos(share, BasicQosOptions::default()),
+        )
+        .await?;
+        let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
+        let consumer = timed(
+            "basic.consume",
+            t,
+            channel.basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let stop = CancellationToken::new();
+        let settled = TaskTracker::new();
+        let reader = tokio::spawn(read_partition(Reader {
+            partition: k,
+            consumer,
+            handler: partitions.handler.clone(),
+            publisher: publisher.clone(),
+            settled: settled.clone(),
+            limit: self.limit.clone(),
+            tracker: self.tracker.clone(),
+            stop: stop.clone(),
+            lost: lost.clone(),
+        }));
+        Ok(Subscription {
+            channel,
+            tag,
+            share,
+            stop,
+            reader,
+            settled,
+        })
+    }
+
+    /// Retires a kept partition's consumer so that it can be subscribed again with another
+    /// prefetch, without letting the partition go: the old consumer is cancelled and what it
+    /// had received is handed to the handler here and now, before the new consumer (which the
+    /// broker activates at the cancel) delivers anything, so the handler still sees the
+    /// partition in order. Returns what closes the old channel once that work is settled.
+    async fn renew(
+        &self,
+        old: Subscription,
+        t: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static + use<H, P> {
+        let Subscription {
+            channel,
+            tag,
+            stop,
+            reader,
+            settled,
+            ..
+        } = old;
+        stop.cancel();
+        let stopped = reader.await.ok().flatten();
+        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        if let (Some(Stopped { mut consumer, held }), Ok(())) =
+            (stopped, timed("basic.cancel", t, cancel).await)
+            && let Some(partitions) = &self.partitions
+        {
+            let publisher = self.link.publisher();
+            let mut next = held;
+            loop {
+                let delivery = match next.take() {
+                    Some(delivery) => delivery,
+                    None => match tokio::time::timeout(t, consumer.next()).await {
+                        Ok(Some(Ok(delivery))) => delivery,
+                        _ => break,
+                    },
+                };
+                let Some(publisher) = &publisher else { break };
+                // Taken beyond the replica-wide limit for a moment, rather than out of order.
+                let in_flight = InFlight {
+                    _partition: Some(settled.token()),
+                    _permit: None,
+                };
+                if let Some(task) = P::accept(&partitions.handler, delivery, publisher, in_flight) {
+                    self.tracker.spawn(task);
+                }
+            }
+        }
+        settled.close();
+        async move {
+            settled.wait().await;
+            tokio::time::sleep(ACK_SETTLE).await;
+            let _ = timed("channel.close", t, channel.close(200, "renewed".into())).await;
+        }
     }
 
     /// Waits for in-flight work within the grace period, then gives up the rest.
@@ -535,15 +628,24 @@ async fn release(
         stop,
         reader,
         settled,
+        ..
     } = subscription;
     stop.cancel();
-    let consumer = reader.await.ok().flatten();
+    let stopped = reader.await.ok().flatten();
     let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
     let cancelled = timed("basic.cancel", t, cancel).await;
     let mut returned = 0usize;
-    if let (Some(mut consumer), Ok(())) = (consumer, &cancelled) {
+    if let (Some(Stopped { mut consumer, held }), Ok(())) = (stopped, &cancelled) {
         // After cancel-ok the stream ends once it has yielded what it still holds.
-        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(t, consumer.next()).await {
+        let mut next = held;
+        loop {
+            let delivery = match next.take() {
+                Some(delivery) => delivery,
+                None => match tokio::time::timeout(t, consumer.next()).await {
+                    Ok(Some(Ok(delivery))) => delivery,
+                    _ => break,
+                },
+            };
             let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
             if timed("basic.reject", t, reject).await.is_ok() {
                 returned = returned.saturating_add(1);
@@ -574,6 +676,12 @@ async fn release(
     tracing::info!(partition, returned, drained = ?started.elapsed(), "partition released");
 }
 
+/// A stopped reader's consumer, and the delivery it held while waiting for a permit.
+struct Stopped {
+    consumer: lapin::Consumer,
+    held: Option<Delivery>,
+}
+
 /// What a partition's reader needs.
 struct Reader<P> {
     partition: u16,
@@ -589,23 +697,28 @@ struct Reader<P> {
 
 /// Takes a partition's deliveries in order, each with a permit of the replica-wide limit, until
 /// stopped; then gives the consumer back, with what it has not taken yet.
-async fn read_partition<P: Handler>(mut r: Reader<P>) -> Option<lapin::Consumer> {
+async fn read_partition<P: Handler>(mut r: Reader<P>) -> Option<Stopped> {
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = r.stop.cancelled() => return Some(r.consumer),
-            permit = r.limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return Some(r.consumer),
-            },
-        };
+        // The delivery first, then its permit: an idle partition holds none.
         let delivery = tokio::select! {
             biased;
-            () = r.stop.cancelled() => return Some(r.consumer),
+            () = r.stop.cancelled() => return Some(Stopped { consumer: r.consumer, held: None }),
             delivery = r.consumer.next() => delivery,
         };
         let reason = match delivery {
             Some(Ok(delivery)) => {
+                let permit = tokio::select! {
+                    biased;
+                    // Not handed over: it goes first, back to the queue when the partition is
+                    // released, or to the handler when it is renewed.
+                    () = r.stop.cancelled() => {
+                        return Some(Stopped { consumer: r.consumer, held: Some(delivery) });
+                    }
+                    permit = r.limit.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return Some(Stopped { consumer: r.consumer, held: Some(delivery) }),
+                    },
+                };
                 let in_flight = InFlight {
                     _partition: Some(r.settled.token()),
                     _permit: Some(permit),

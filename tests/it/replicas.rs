@@ -93,7 +93,38 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Starts the process. The admin port was free when it was picked, but any outgoing
+    /// connection on the machine may take an ephemeral port in the meantime: a start that
+    /// fails to bind it is retried on another port.
     fn spawn(&mut self) {
+        for _ in 0..5 {
+            self.spawn_once();
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                let log = self.log();
+                if log
+                    .rsplit("starts ----")
+                    .next()
+                    .is_some_and(|l| l.contains("\"listening\""))
+                {
+                    return;
+                }
+                if !self.is_running() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let log = self.log();
+            let last = log.rsplit("starts ----").next().unwrap_or_default();
+            if self.is_running() || !last.contains("Address already in use") {
+                return;
+            }
+            self.child = None;
+            self.admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        }
+    }
+
+    fn spawn_once(&mut self) {
         assert!(self.child.is_none(), "{} already runs", self.name);
         let out = std::fs::OpenOptions::new()
             .append(true)
