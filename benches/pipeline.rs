@@ -21,8 +21,20 @@
 //! (c) 10 000 in flight at once (prefetch 10 000, latency 2 s): memory per in-flight command;
 //! (d) 20 % transient 503s, 5 000 commands: every command succeeds or fails after its budget;
 //! (f) scenario (a) on one replica in fleet mode (`[fleet] redis_url`: pacing, claims and
-//! outcomes shared through Redis) against the same single-process, both in every run (the order
-//! alternating between runs), on fresh queues and processes each.
+//! outcomes shared through Redis, the other `[fleet]` keys as shipped) against the same
+//! single-process, both in every run (the order alternating between runs), on fresh queues and
+//! processes each;
+//! (g) scenario (a) on one replica in fleet mode with `fleet.partitions = 16` (the intake's hop:
+//! every command is republished to its partition queue, then run from there) against
+//! `fleet.partitions = 0` (no partitions, no hop), paired the same way;
+//! (h) API latency 200 ms, 6 000 commands (one session each, so they spread over every
+//! partition), prefetch 64 per replica: three replicas (three `transfer-worker run` processes,
+//! fleet mode, 16 partitions) against one, paired the same way. Prefetch 64 keeps three
+//! replicas' ceiling (3 × 64 ÷ 200 ms = 960/s) within what two cores carry with RabbitMQ,
+//! Redis and the simulator beside them (about 0.7 ms of CPU per command all together), so the
+//! replicas set the pace, not the machine; `--prefetch 256` measures the shipped prefetch. With partitions the bench publishes only
+//! once every replica's `transfer_fleet_partitions_owned` is its share (⌊16/N⌋ or ⌈16/N⌉, 16
+//! together) and `transfer_fleet_members` is N, twice in a row half a second apart.
 //!
 //! Scenario (f) reports each mode's throughput, latency, CPU per command and RSS, fleet ÷
 //! single-process throughput (median of the per-run ratios), and from the worker's `/metrics`
@@ -33,6 +45,14 @@
 //! starts with the run's commands queue and a colon; the bench deletes them afterwards, also on
 //! error or Ctrl-C). `--runs K` makes K pairs.
 //!
+//! Scenarios (g) and (h) report each mode's throughput (in (h) also against the ceiling
+//! replicas × prefetch ÷ latency), the second mode ÷ the first (median of the per-run ratios,
+//! and each run's), latency, the workers' CPU per command (all replicas together) and the
+//! ratio, Redis's and the simulator's CPU, Redis round trips and commands routed through the
+//! intake per command (1 with partitions, 0 without), the partitions each replica owned when
+//! publishing started, peak RSS (all replicas) and exactly-once by mode. The partition queues
+//! (`<commands queue>.p0` …) are deleted with the run's other queues, the Redis keys as in (f).
+//!
 //! Targets are printed next to the numbers, never asserted. The exit code is 2 when the
 //! harness fails (broker or Redis down, a process does not start), 1 when a command was lost,
 //! duplicated or ended unexpectedly, 0 otherwise. Results: a table on stdout and
@@ -40,24 +60,26 @@
 //! configs in `<target dir>/bench/logs/`.
 //!
 //! ```text
-//! cargo bench --bench pipeline                              # all five, 1 run each
+//! cargo bench --bench pipeline                              # all seven, 1 run each
 //! cargo bench --bench pipeline -- --scenario a --runs 3 --n 20000
 //! cargo bench --bench pipeline -- --scenario f --runs 3   # fleet mode vs single-process
+//! cargo bench --bench pipeline -- --scenario g --runs 3   # 16 partitions vs none
+//! cargo bench --bench pipeline -- --scenario h --runs 3   # 3 replicas vs 1, latency 200 ms
 //! cargo bench --bench pipeline -- --scenario a --n 3000 --no-relay \
 //!     --wrap "valgrind --tool=callgrind --callgrind-out-file=target/bench/callgrind.out"
 //! ```
 //!
-//! Options: `--scenario a|b|c|d|f|all` (repeatable, or comma-separated; `all`, the default, is
-//! all five), `--runs K`, `--n N`, `--prefetch P` (overrides (a), (b), (d) and (f)),
+//! Options: `--scenario a|b|c|d|f|g|h|all` (repeatable, or comma-separated; `all`, the
+//! default, is all seven), `--runs K`, `--n N`, `--prefetch P` (overrides all but (c)),
 //! `--window W` (default 1000),
 //! `--idle-timeout SECS` (give up when no event comes for this long, default 60),
 //! `--linger-ms MS` (keep listening for duplicates after the last event, default 1000),
 //! `--no-relay`, `--wrap "CMD ARGS"` (start the worker as `CMD ARGS transfer-worker run …`; the
 //! `/proc` numbers are then the wrapper's, which is the worker itself only for wrappers that
 //! exec, like `env MALLOC_ARENA_MAX=1`, not for valgrind or perf). The broker URL is
-//! `TRANSFER__AMQP__URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`; the Redis of (f) is
+//! `TRANSFER__AMQP__URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`; the Redis of (f)–(h) is
 //! `--redis-url URL`, else `TRANSFER__FLEET__REDIS_URL`, else `redis://127.0.0.1:6379/0` (when
-//! it does not answer, (f) ends with a harness error and the other scenarios still run).
+//! it does not answer, (f)–(h) end with a harness error and the other scenarios still run).
 
 #[path = "pipeline/amqp.rs"]
 mod amqp;
@@ -81,12 +103,12 @@ use serde_json::json;
 
 use amqp::{Patience, Registry};
 use report::ScenarioResult;
-use run::{Ctx, Scenario};
+use run::{Ctx, Mode, Pair, Scenario};
 
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const WORKER_EXE: &str = env!("CARGO_BIN_EXE_transfer-worker");
 /// What `all` (and no `--scenario`) runs.
-const ALL: [char; 5] = ['a', 'b', 'c', 'd', 'f'];
+const ALL: [char; 7] = ['a', 'b', 'c', 'd', 'f', 'g', 'h'];
 
 /// What the command line asked for.
 struct Options {
@@ -130,7 +152,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                         {
                             o.scenarios.extend(k.chars());
                         }
-                        k => bail!("unknown scenario {k:?} (a, b, c, d, f or all)"),
+                        k => bail!("unknown scenario {k:?} (a, b, c, d, f, g, h or all)"),
                     }
                 }
             }
@@ -285,7 +307,7 @@ async fn run_all(ctx: &Ctx, options: &Options, results: &mut Vec<ScenarioResult>
         results.push(ScenarioResult {
             scenario: scenario.clone(),
             workers: Vec::new(),
-            fleet_workers: Vec::new(),
+            compared: Vec::new(),
             relays: Vec::new(),
             error: None,
         });
@@ -315,8 +337,8 @@ async fn run_once(
     runs: usize,
 ) -> anyhow::Result<()> {
     let key = scenario.key;
-    if scenario.fleet {
-        return run_fleet_pair(ctx, scenario, result, i, runs).await;
+    if let Some(pair) = scenario.pair {
+        return run_pair(ctx, scenario, pair, result, i, runs).await;
     }
     if scenario.relay {
         eprintln!("({key}) run {i}/{runs}: relay, {} commands…", scenario.n);
@@ -328,7 +350,7 @@ async fn run_once(
         "({key}) run {i}/{runs}: worker, {} commands, {}…",
         scenario.n, scenario.title
     );
-    let worker = run::run_worker(ctx, scenario, false).await?;
+    let worker = run::run_worker(ctx, scenario, Mode::SINGLE).await?;
     eprintln!(
         "({key}) run {i}/{runs}: worker {}",
         progress(&worker.measured)
@@ -337,47 +359,41 @@ async fn run_once(
     Ok(())
 }
 
-/// Scenario (f): the worker single-process and in fleet mode, one after the other, the order
-/// alternating between runs so that neither mode always goes first.
-async fn run_fleet_pair(
+/// Scenarios (f), (g), (h): the pair's two modes one after the other, the order alternating
+/// between runs so that neither always goes first.
+async fn run_pair(
     ctx: &Ctx,
     scenario: &Scenario,
+    pair: Pair,
     result: &mut ScenarioResult,
     i: usize,
     runs: usize,
 ) -> anyhow::Result<()> {
     let key = scenario.key;
-    let order = if i % 2 == 1 {
-        [false, true]
-    } else {
-        [true, false]
-    };
-    for fleet in order {
-        let mode = if fleet {
-            "fleet mode"
-        } else {
-            "single-process"
-        };
+    let order = if i % 2 == 1 { [0, 1] } else { [1, 0] };
+    for m in order {
+        let (mode, label) = (pair.modes[m], pair.labels[m]);
         eprintln!(
-            "({key}) run {i}/{runs}: worker {mode}, {} commands, {}…",
+            "({key}) run {i}/{runs}: worker {label}, {} commands, {}…",
             scenario.n, scenario.title
         );
-        let worker = run::run_worker(ctx, scenario, fleet).await?;
+        let worker = run::run_worker(ctx, scenario, mode).await?;
         let redis = worker.redis.as_ref().map_or_else(String::new, |r| {
             let trips = r.metrics.per_command_round_trips() / scenario.n.max(1) as f64;
             format!(", {trips:.2} Redis round trips per command")
         });
         eprintln!(
-            "({key}) run {i}/{runs}: worker {mode} {}{redis}",
+            "({key}) run {i}/{runs}: worker {label} {}{redis}",
             progress(&worker.measured)
         );
-        if fleet {
-            result.fleet_workers.push(worker);
-        } else {
+        if m == 0 {
             result.workers.push(worker);
+        } else {
+            result.compared.push(worker);
         }
-        // Each mode starts from a broker without the other's queues.
+        // Each mode starts from a broker and a Redis without the other's queues and keys.
         ctx.registry.delete_all(&ctx.url).await?;
+        ctx.redis_keys.delete_all(&ctx.redis_url).await?;
     }
     Ok(())
 }
@@ -427,7 +443,11 @@ fn write_json(
         "correct": correct,
         "harnessFailed": harness_failed,
     });
-    if options.scenarios.contains(&'f') {
+    if options
+        .scenarios
+        .iter()
+        .any(|k| matches!(k, 'f' | 'g' | 'h'))
+    {
         doc["redis"] = json!(amqp::redact(&ctx.redis_url));
     }
     let text = serde_json::to_string_pretty(&doc)?;

@@ -73,6 +73,8 @@ pub struct Names {
     pub dead_letter: String,
     /// Dead-letter queue.
     pub dead_queue: String,
+    /// Partition queues `<commands>.p0` … the workers declare (fleet mode with partitions).
+    pub partitions: u16,
 }
 
 impl Names {
@@ -86,7 +88,18 @@ impl Names {
             dead_letter: format!("{prefix}.dead-letter"),
             dead_queue: format!("{prefix}.commands.dead"),
             prefix,
+            partitions: 0,
         }
+    }
+
+    /// The same names, with `partitions` partition queues.
+    pub fn with_partitions(self, partitions: u16) -> Self {
+        Self { partitions, ..self }
+    }
+
+    /// `<commands>.p0` … `<commands>.p<partitions − 1>`.
+    pub fn partition_queues(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.partitions).map(|k| format!("{}.p{k}", self.commands))
     }
 }
 
@@ -110,7 +123,8 @@ impl Registry {
         }
         let connection = connect(url, "transfer-worker bench cleanup").await?;
         for names in &all {
-            for queue in [&names.commands, &names.dead_queue] {
+            let queues = [names.commands.clone(), names.dead_queue.clone()];
+            for queue in queues.into_iter().chain(names.partition_queues()) {
                 // A failed delete closes the channel, so each operation gets its own.
                 let channel = timed("channel.open", connection.create_channel()).await?;
                 let options = QueueDeleteOptions::default();

@@ -12,6 +12,9 @@ use redis::aio::MultiplexedConnection;
 /// otherwise.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
+/// `fleet.partitions` of `config/default.toml`: what a fleet-mode config without the key uses.
+pub const SHIPPED_PARTITIONS: u16 = 16;
+
 /// Every single Redis operation of the bench (connect, ping, one scan or unlink) must end
 /// within this.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);

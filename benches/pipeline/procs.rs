@@ -130,6 +130,20 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcSample> {
     })
 }
 
+/// [`sample`] of every process in `pids`, added up (CPU and memory of all replicas together).
+pub fn sample_all(pids: &[u32]) -> anyhow::Result<ProcSample> {
+    let mut total = ProcSample::default();
+    for &pid in pids {
+        let s = sample(pid)?;
+        total.cpu_s += s.cpu_s;
+        total.sys_s += s.sys_s;
+        total.rss_kib += s.rss_kib;
+        total.hwm_kib += s.hwm_kib;
+        total.anon_kib += s.anon_kib;
+    }
+    Ok(total)
+}
+
 /// utime and stime: fields 14 and 15, counted after the `(comm)` field, which may hold spaces.
 fn cpu_ticks(stat: &str) -> anyhow::Result<(u64, u64)> {
     let rest = stat

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value, json};
 
 use crate::fleet::{PING_OP, RedisMetrics};
-use crate::run::{Measured, Scenario, WorkerRun};
+use crate::run::{Measured, Pair, Scenario, WorkerRun};
 
 /// Metric name → value, for one run or a median.
 pub type Numbers = BTreeMap<&'static str, f64>;
@@ -20,10 +20,10 @@ pub fn v(numbers: &Numbers, key: &str) -> f64 {
 pub struct ScenarioResult {
     /// What was run.
     pub scenario: Scenario,
-    /// The worker's runs (in scenario (f): single-process).
+    /// The worker's runs (in (f), (g), (h): the pair's baseline, e.g. single-process).
     pub workers: Vec<WorkerRun>,
-    /// The worker's fleet-mode runs (scenario (f) only).
-    pub fleet_workers: Vec<WorkerRun>,
+    /// The runs of the pair's other mode ((f), (g), (h) only; in (f): fleet mode).
+    pub compared: Vec<WorkerRun>,
     /// The relay's runs (scenario (a) only).
     pub relays: Vec<Measured>,
     /// The harness failed during this scenario.
@@ -99,6 +99,10 @@ pub fn worker_numbers(run: &WorkerRun, scenario: &Scenario) -> Numbers {
     if let Some(redis) = &run.redis {
         out.extend(redis_numbers(redis, m.n));
     }
+    if let Some(routed) = run.routed {
+        out.insert("routed_per_command", routed / m.n.max(1) as f64);
+    }
+    out.insert("replicas", run.mode.replicas as f64);
     out
 }
 
@@ -168,7 +172,8 @@ fn redis_numbers(redis: &crate::run::RedisRun, n: usize) -> Numbers {
     out
 }
 
-/// Fleet mode against single-process mode, for one pair of runs.
+/// The pair's second mode against its first, for one pair of runs (in (f): fleet mode against
+/// single-process, whence the names).
 fn fleet_ratios(single: &Numbers, fleet: &Numbers) -> Numbers {
     let mut out = Numbers::new();
     out.insert(
@@ -271,9 +276,9 @@ impl ScenarioResult {
             .collect()
     }
 
-    /// Fleet-mode worker numbers per run.
-    fn fleet_runs(&self) -> Vec<Numbers> {
-        self.fleet_workers
+    /// Worker numbers per run of the pair's second mode.
+    fn compared_runs(&self) -> Vec<Numbers> {
+        self.compared
             .iter()
             .map(|w| worker_numbers(w, &self.scenario))
             .collect()
@@ -285,7 +290,7 @@ impl ScenarioResult {
 
     fn ratio_runs(&self) -> Vec<Numbers> {
         let relays = self.relay_runs();
-        let fleets = self.fleet_runs();
+        let fleets = self.compared_runs();
         self.worker_runs()
             .iter()
             .enumerate()
@@ -301,7 +306,7 @@ impl ScenarioResult {
 
     /// Correctness over every run, worker (both modes) and relay.
     pub fn correctness(&self) -> Correctness {
-        let mut c = workers_correctness(self.workers.iter().chain(&self.fleet_workers));
+        let mut c = workers_correctness(self.workers.iter().chain(&self.compared));
         for r in &self.relays {
             c.add(r);
         }
@@ -315,8 +320,12 @@ impl ScenarioResult {
         if let Some(e) = &self.error {
             rows.push(row(s.key, "HARNESS ERROR", e, "", None));
         }
-        if s.fleet {
+        if s.key == 'f' {
             rows.extend(self.fleet_rows());
+            return rows;
+        }
+        if let Some(pair) = s.pair {
+            rows.extend(self.pair_rows(pair));
             return rows;
         }
         if self.workers.is_empty() {
@@ -401,7 +410,7 @@ impl ScenarioResult {
     fn fleet_rows(&self) -> Vec<Row> {
         let k = self.scenario.key;
         let single = median(&self.worker_runs());
-        let fleet = median(&self.fleet_runs());
+        let fleet = median(&self.compared_runs());
         let x = median(&self.ratio_runs());
         let mut rows = Vec::new();
         let throughput = |n: &Numbers| format!("{:.0} cmd/s", v(n, "throughput_per_s"));
@@ -455,7 +464,7 @@ impl ScenarioResult {
             "",
             None,
         ));
-        rows.extend(self.fleet_outcome_rows(&single, &fleet));
+        rows.extend(self.pair_outcome_rows(&single, &fleet));
         rows
     }
 
@@ -466,7 +475,7 @@ impl ScenarioResult {
         // operation the bench does not know yet still shows.
         let mut all = RedisMetrics::default();
         let mut commands = 0;
-        for w in &self.fleet_workers {
+        for w in &self.compared {
             if let Some(redis) = &w.redis {
                 all.add(&redis.metrics);
                 commands += w.measured.n;
@@ -536,16 +545,15 @@ impl ScenarioResult {
         rows
     }
 
-    fn fleet_outcome_rows(&self, single: &Numbers, fleet: &Numbers) -> Vec<Row> {
+    /// API calls, events, exactly-once and logs of both modes of a pair.
+    fn pair_outcome_rows(&self, single: &Numbers, fleet: &Numbers) -> Vec<Row> {
         let s = &self.scenario;
-        let modes = [
-            ("single-process", &self.workers),
-            ("fleet mode", &self.fleet_workers),
-        ];
-        let events = event_tally(self.workers.iter().chain(&self.fleet_workers));
+        let [first, second] = s.pair.map_or(["first", "second"], |p| p.labels);
+        let modes = [(first, &self.workers), (second, &self.compared)];
+        let events = event_tally(self.workers.iter().chain(&self.compared));
         let mismatches = self.correctness().api_mismatches;
         let api = format!(
-            "{:.0} / {:.0} (single-process / fleet){}",
+            "{:.0} / {:.0} ({first} / {second}){}",
             v(single, "api_calls"),
             v(fleet, "api_calls"),
             if mismatches == 0 {
@@ -584,6 +592,115 @@ impl ScenarioResult {
             "",
             None,
         ));
+        rows
+    }
+}
+
+impl ScenarioResult {
+    /// Scenarios (g) and (h): the pair's two modes side by side (throughput and its ratio,
+    /// latency, CPU, Redis, routing, partitions), then the outcome by mode.
+    fn pair_rows(&self, pair: Pair) -> Vec<Row> {
+        let s = &self.scenario;
+        let k = s.key;
+        let [first, second] = pair.labels;
+        let medians = [median(&self.worker_runs()), median(&self.compared_runs())];
+        let runs = [&self.workers, &self.compared];
+        let x = median(&self.ratio_runs());
+        let mut rows = Vec::new();
+        for ((label, mode), n) in pair.labels.iter().zip(pair.modes).zip(&medians) {
+            let mut text = format!("{:.0} cmd/s", v(n, "throughput_per_s"));
+            if s.latency_ms > 0 {
+                let ceiling =
+                    mode.replicas as f64 * f64::from(s.prefetch) * 1000.0 / s.latency_ms as f64;
+                text.push_str(&format!(
+                    " ({:.1} % of replicas × prefetch ÷ latency = {ceiling:.0}/s)",
+                    v(n, "throughput_per_s") / ceiling * 100.0
+                ));
+            }
+            rows.push(row(k, &format!("throughput, {label}"), &text, "", None));
+        }
+        let per_run = self
+            .ratio_runs()
+            .iter()
+            .map(|r| format!("{:.2}", v(r, "throughput_fleet_vs_single")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "{:.2}× (runs: {per_run})",
+            v(&x, "throughput_fleet_vs_single")
+        );
+        let metric = format!("throughput, {second} ÷ {first}");
+        rows.push(row(k, &metric, &text, "", None));
+        for (label, n) in pair.labels.iter().zip(&medians) {
+            let metric = format!("latency p50/p90/p99/max, {label}");
+            rows.push(row(k, &metric, &latency_text(n), "", None));
+        }
+        for (i, (label, n)) in pair.labels.iter().zip(&medians).enumerate() {
+            let mut text = cpu_text(n);
+            if i == 1 {
+                let ratio = v(&x, "cpu_fleet_vs_single");
+                text.push_str(&format!(" ({ratio:.2} × {first})"));
+            }
+            let metric = format!("CPU per command, worker(s), {label}");
+            rows.push(row(k, &metric, &text, "", None));
+        }
+        let pairs = |key: &str, digits: usize| {
+            format!(
+                "{:.digits$} / {:.digits$} ({first} / {second})",
+                v(&medians[0], key),
+                v(&medians[1], key)
+            )
+        };
+        let redis_cpu = pairs("redis_cpu_us_per_command", 1);
+        rows.push(row(k, "CPU per command, Redis (µs)", &redis_cpu, "", None));
+        let sim = pairs("sim_cpu_us_per_command", 1);
+        rows.push(row(k, "CPU per command, simulator (µs)", &sim, "", None));
+        for (label, n) in pair.labels.iter().zip(&medians) {
+            let metric = format!("CPU per command, RabbitMQ + bench ({label})");
+            rows.push(row(k, &metric, &others(n), "", None));
+        }
+        let trips = pairs("redis_round_trips_per_command", 2);
+        rows.push(row(
+            k,
+            "Redis round trips per command, no ping",
+            &trips,
+            "",
+            None,
+        ));
+        let routed = pairs("routed_per_command", 2);
+        rows.push(row(k, "commands routed per command", &routed, "", None));
+        let owned = runs
+            .iter()
+            .zip(pair.labels)
+            .map(|(runs, label)| {
+                let owned = runs.first().map_or_else(String::new, |w| {
+                    w.partitions_owned
+                        .iter()
+                        .map(|o| format!("{o:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                });
+                let owned = if owned.is_empty() {
+                    "none"
+                } else {
+                    owned.as_str()
+                };
+                format!("{owned} ({label})")
+            })
+            .collect::<Vec<_>>()
+            .join(" · ");
+        rows.push(row(k, "partitions owned per replica", &owned, "", None));
+        let peak = pairs("peak_rss_mib", 1);
+        rows.push(row(k, "peak RSS, all replicas (MiB)", &peak, "", None));
+        let in_flight = pairs("peak_in_flight", 0);
+        rows.push(row(
+            k,
+            "peak in flight (workers' gauges)",
+            &in_flight,
+            "",
+            None,
+        ));
+        rows.extend(self.pair_outcome_rows(&medians[0], &medians[1]));
         rows
     }
 }
@@ -922,6 +1039,10 @@ fn worker_json(w: &WorkerRun, numbers: &Numbers) -> Value {
     obj.insert("logLines".into(), json!(w.log_lines));
     obj.insert("logExcerpt".into(), json!(w.log_excerpt));
     obj.insert("logPath".into(), json!(w.log_path));
+    obj.insert("replicas".into(), json!(w.mode.replicas));
+    obj.insert("partitions".into(), json!(w.mode.partition_count()));
+    obj.insert("partitionsOwned".into(), json!(w.partitions_owned));
+    obj.insert("routed".into(), json!(w.routed));
     if let Some(redis) = &w.redis {
         let m = &redis.metrics;
         obj.insert(
@@ -951,9 +1072,10 @@ fn correctness_json(c: &Correctness) -> Value {
     })
 }
 
-/// The scenario as JSON: parameters, every run, medians, targets, correctness. Scenario (f)
-/// adds its fleet-mode runs (`fleetRuns`, `median.fleet`) and correctness by mode; its `runs`
-/// are the single-process ones.
+/// The scenario as JSON: parameters, every run, medians, targets, correctness. Scenarios
+/// (f), (g), (h) add the names of their two modes (`modes`), the second mode's runs
+/// (`comparedRuns`, `median.compared`) and correctness by mode; their `runs` are the first
+/// mode's.
 pub fn scenario_json(result: &ScenarioResult) -> Value {
     let s = &result.scenario;
     let runs: Vec<Value> = result
@@ -993,18 +1115,20 @@ pub fn scenario_json(result: &ScenarioResult) -> Value {
         "correctness": correctness_json(&c),
         "error": result.error,
     });
-    if s.fleet {
-        let fleet_runs: Vec<Value> = result
-            .fleet_workers
+    if let Some(pair) = s.pair {
+        let compared: Vec<Value> = result
+            .compared
             .iter()
-            .zip(result.fleet_runs())
+            .zip(result.compared_runs())
             .map(|(w, numbers)| worker_json(w, &numbers))
             .collect();
-        doc["fleetRuns"] = json!(fleet_runs);
-        doc["median"]["fleet"] = numbers_json(&median(&result.fleet_runs()));
+        let [first, second] = pair.labels;
+        doc["modes"] = json!(pair.labels);
+        doc["comparedRuns"] = json!(compared);
+        doc["median"]["compared"] = numbers_json(&median(&result.compared_runs()));
         doc["correctnessByMode"] = json!({
-            "single": correctness_json(&workers_correctness(result.workers.iter())),
-            "fleet": correctness_json(&workers_correctness(result.fleet_workers.iter())),
+            first: correctness_json(&workers_correctness(result.workers.iter())),
+            second: correctness_json(&workers_correctness(result.compared.iter())),
         });
     }
     doc

@@ -30,10 +30,59 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the worker's `commands_in_flight` gauge is read during a run.
 const GAUGE_PERIOD: Duration = Duration::from_millis(200);
 
+/// How the worker runs: alone or in fleet mode, with how many partitions and replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// Shares its state through Redis (`[fleet] redis_url`).
+    pub fleet: bool,
+    /// `fleet.partitions` written into the config; `None`: the key as shipped.
+    pub partitions: Option<u16>,
+    /// `transfer-worker run` processes, each with its own config and admin port.
+    pub replicas: usize,
+}
+
+impl Mode {
+    /// One worker without Redis.
+    pub const SINGLE: Self = Self {
+        fleet: false,
+        partitions: None,
+        replicas: 1,
+    };
+
+    /// `replicas` workers in fleet mode, with `partitions` (`None`: as shipped).
+    pub const fn fleet(partitions: Option<u16>, replicas: usize) -> Self {
+        Self {
+            fleet: true,
+            partitions,
+            replicas,
+        }
+    }
+
+    /// The partition queues the workers use (`fleet.partitions` of `config/default.toml` when
+    /// the config leaves the key out).
+    pub fn partition_count(&self) -> u16 {
+        match (self.fleet, self.partitions) {
+            (false, _) => 0,
+            (true, Some(p)) => p,
+            (true, None) => fleet::SHIPPED_PARTITIONS,
+        }
+    }
+}
+
+/// Two ways of running the worker, measured one after the other in every run: the baseline
+/// and the one compared with it, with their names in the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Pair {
+    /// Baseline, then compared.
+    pub modes: [Mode; 2],
+    /// Their names in the table.
+    pub labels: [&'static str; 2],
+}
+
 /// One benchmark scenario.
 #[derive(Debug, Clone)]
 pub struct Scenario {
-    /// `a`, `b`, `c`, `d` or `f`.
+    /// `a`, `b`, `c`, `d`, `f`, `g` or `h`.
     pub key: char,
     /// What it shows.
     pub title: &'static str,
@@ -47,8 +96,8 @@ pub struct Scenario {
     pub fail_rate: f64,
     /// Also measure the broker-only relay with the same N and prefetch.
     pub relay: bool,
-    /// Run the worker twice per run, single-process and in fleet mode (shared state in Redis).
-    pub fleet: bool,
+    /// (f), (g), (h): two modes per run; otherwise the worker alone, single-process.
+    pub pair: Option<Pair>,
 }
 
 impl Scenario {
@@ -74,7 +123,41 @@ impl Scenario {
                 0.0,
                 false,
             ),
+            'g' => (
+                "API answers at once, one replica in fleet mode: 16 partitions vs none",
+                20_000,
+                256,
+                0,
+                0.0,
+                false,
+            ),
+            // Prefetch 64: three replicas' ceiling (960/s) stays within what the bench's two
+            // cores carry besides RabbitMQ, Redis and the simulator, so the replicas, not the
+            // machine, set the pace.
+            'h' => (
+                "API latency 200 ms, fleet mode with 16 partitions: 3 replicas vs 1",
+                6_000,
+                64,
+                200,
+                0.0,
+                false,
+            ),
             _ => return None,
+        };
+        let pair = match key {
+            'f' => Some(Pair {
+                modes: [Mode::SINGLE, Mode::fleet(None, 1)],
+                labels: ["single-process", "fleet mode"],
+            }),
+            'g' => Some(Pair {
+                modes: [Mode::fleet(Some(0), 1), Mode::fleet(Some(16), 1)],
+                labels: ["no partitions", "16 partitions"],
+            }),
+            'h' => Some(Pair {
+                modes: [Mode::fleet(Some(16), 1), Mode::fleet(Some(16), 3)],
+                labels: ["1 replica", "3 replicas"],
+            }),
+            _ => None,
         };
         Some(Self {
             key,
@@ -84,7 +167,7 @@ impl Scenario {
             latency_ms,
             fail_rate,
             relay,
-            fleet: key == 'f',
+            pair,
         })
     }
 
@@ -185,6 +268,13 @@ pub struct WorkerRun {
     pub log_path: PathBuf,
     /// In fleet mode: what the worker says about Redis, and the keys left there.
     pub redis: Option<RedisRun>,
+    /// The mode it ran in.
+    pub mode: Mode,
+    /// With partitions: `transfer_fleet_partitions_owned` of each replica when publishing
+    /// started (the bench waits until they are balanced).
+    pub partitions_owned: Vec<f64>,
+    /// Growth of `transfer_fleet_routed_total` over the run, all replicas together.
+    pub routed: Option<f64>,
 }
 
 /// The Redis side of one fleet-mode run.
@@ -196,65 +286,96 @@ pub struct RedisRun {
     pub keys_left: Option<u64>,
 }
 
-/// Runs the worker and the simulator for one run of `scenario`; with `fleet`, the worker
-/// shares its state through Redis (`[fleet] redis_url`).
-pub async fn run_worker(ctx: &Ctx, scenario: &Scenario, fleet: bool) -> anyhow::Result<WorkerRun> {
-    let names = Names::new();
+/// Runs the simulator and `mode.replicas` workers for one run of `scenario`; in fleet mode
+/// the workers share their state through Redis (`[fleet] redis_url`), and with partitions the
+/// bench publishes only once every replica owns its share of them. CPU and memory are the
+/// replicas' together.
+pub async fn run_worker(ctx: &Ctx, scenario: &Scenario, mode: Mode) -> anyhow::Result<WorkerRun> {
+    let names = Names::new().with_partitions(mode.partition_count());
     ctx.registry.register(&names);
     // Every key of the fleet starts with its name, the commands queue, and a colon.
     let key_prefix = format!("{}:", names.commands);
-    if fleet {
+    if mode.fleet {
         fleet::ping(&ctx.redis_url).await?;
         ctx.redis_keys.register(&key_prefix);
     }
-    let redis_url = fleet.then_some(ctx.redis_url.as_str());
     let sim_port = procs::free_port()?;
-    let admin_port = procs::free_port()?;
-    let config = ctx.log_dir.join(format!("{}.toml", names.prefix));
-    std::fs::write(
-        &config,
-        worker_config(ctx, scenario, &names, sim_port, admin_port, redis_url),
-    )
-    .with_context(|| format!("cannot write {}", config.display()))?;
+    let mut configs = Vec::with_capacity(mode.replicas);
+    let mut metrics_urls = Vec::with_capacity(mode.replicas);
+    for r in 0..mode.replicas.max(1) {
+        let admin_port = procs::free_port()?;
+        let file = match r {
+            0 => format!("{}.toml", names.prefix),
+            r => format!("{}.r{r}.toml", names.prefix),
+        };
+        let config = ctx.log_dir.join(file);
+        let text = worker_config(ctx, scenario, &names, sim_port, admin_port, mode, r);
+        std::fs::write(&config, text)
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        configs.push(config);
+        metrics_urls.push(format!("http://127.0.0.1:{admin_port}/metrics"));
+    }
 
     let sim_log = ctx.log_dir.join(format!("{}.simulator.log", names.prefix));
     let mut sim = ChildGuard::spawn(
         "simulator",
-        simulator_command(ctx, scenario, &config, sim_port),
+        simulator_command(ctx, scenario, &configs[0], sim_port),
         &sim_log,
     )?;
     let sim_url = format!("http://127.0.0.1:{sim_port}");
     let http = http_client()?;
     wait_http_ok(&http, &format!("{sim_url}/healthz"), &mut sim).await?;
 
-    let worker_log = ctx.log_dir.join(format!("{}.worker.log", names.prefix));
-    let mut worker = ChildGuard::spawn("worker", worker_command(ctx, &config), &worker_log)?;
+    let mut workers = Vec::with_capacity(configs.len());
+    let mut worker_logs = Vec::with_capacity(configs.len());
+    for (r, config) in configs.iter().enumerate() {
+        let log = match r {
+            0 => format!("{}.worker.log", names.prefix),
+            r => format!("{}.worker-r{r}.log", names.prefix),
+        };
+        let log = ctx.log_dir.join(log);
+        workers.push(ChildGuard::spawn(
+            "worker",
+            worker_command(ctx, config),
+            &log,
+        )?);
+        worker_logs.push(log);
+    }
     let connections = Connections::open(&ctx.url).await?;
     amqp::wait_for_consumer(
         &connections.consume,
         &names.commands,
-        &mut worker,
+        &mut workers[0],
         READY_TIMEOUT,
     )
     .await?;
+    let partitions_owned = match names.partitions {
+        0 => Vec::new(),
+        p => wait_balanced(&http, &metrics_urls, &mut workers, p).await?,
+    };
 
-    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
-    let redis_before = match fleet {
-        true => Some(redis_metrics(&http, &metrics_url).await?),
+    let before = match mode.fleet {
+        true => Some(fleet_metrics(&http, &metrics_urls).await?),
         false => None,
     };
+    let pids: Vec<u32> = workers.iter().map(ChildGuard::pid).collect();
     let sim_before = procs::sample(sim.pid())?;
-    let gauge = GaugeSampler::start(http.clone(), metrics_url.clone());
-    let mut measured = measure(ctx, scenario, &names, &connections, worker.pid(), fleet).await?;
+    let gauge = GaugeSampler::start(http.clone(), metrics_urls.clone());
+    let mut measured = measure(ctx, scenario, &names, &connections, &pids, mode.fleet).await?;
     measured.peak_in_flight = gauge.stop().await;
-    let redis_metrics = match redis_before {
-        Some(before) => Some(redis_metrics(&http, &metrics_url).await?.since(&before)),
+    let growth = match before {
+        Some((redis, routed)) => {
+            let (redis_after, routed_after) = fleet_metrics(&http, &metrics_urls).await?;
+            Some((redis_after.since(&redis), routed_after - routed))
+        }
         None => None,
     };
-    if let Err(e) = worker.check_alive() {
-        let note = measured.stopped.take().unwrap_or_default();
-        let sep = if note.is_empty() { "" } else { "; " };
-        measured.stopped = Some(format!("{note}{sep}{e:#}"));
+    for worker in &mut workers {
+        if let Err(e) = worker.check_alive() {
+            let note = measured.stopped.take().unwrap_or_default();
+            let sep = if note.is_empty() { "" } else { "; " };
+            measured.stopped = Some(format!("{note}{sep}{e:#}"));
+        }
     }
     let sim_cpu_s = procs::sample(sim.pid())?.cpu_s - sim_before.cpu_s;
     let api = get_json(&http, &format!("{sim_url}/simulator/stats")).await?;
@@ -263,22 +384,28 @@ pub async fn run_worker(ctx: &Ctx, scenario: &Scenario, fleet: bool) -> anyhow::
         .map(|(messages, _)| messages);
     connections.close().await;
 
-    let clean_exit = worker.stop().await.is_some_and(|s| s.success());
+    // All at once, as a fleet is stopped: no replica takes over another's partitions.
+    let stops = workers.iter_mut().map(ChildGuard::stop);
+    let clean_exit = futures_util::future::join_all(stops)
+        .await
+        .iter()
+        .all(|s| s.is_some_and(|s| s.success()));
     sim.stop().await;
-    let redis = match redis_metrics {
-        Some(metrics) => {
+    let (redis, routed) = match growth {
+        Some((metrics, routed)) => {
             let keys_left = fleet::delete_prefix(&ctx.redis_url, &key_prefix).await;
             if keys_left.is_ok() {
                 ctx.redis_keys.forget(&key_prefix);
             }
-            Some(RedisRun {
+            let redis = RedisRun {
                 metrics,
                 keys_left: keys_left.ok(),
-            })
+            };
+            (Some(redis), Some(routed))
         }
-        None => None,
+        None => (None, None),
     };
-    let (log_lines, log_excerpt) = log_summary(&worker_log);
+    let (log_lines, log_excerpt) = log_summary(&worker_logs);
     Ok(WorkerRun {
         measured,
         api,
@@ -287,8 +414,72 @@ pub async fn run_worker(ctx: &Ctx, scenario: &Scenario, fleet: bool) -> anyhow::
         clean_exit,
         log_lines,
         log_excerpt,
-        log_path: worker_log,
+        log_path: worker_logs.swap_remove(0),
         redis,
+        mode,
+        partitions_owned,
+        routed,
+    })
+}
+
+/// Polls every replica's `/metrics` until each sees all `replicas` members and owns its share
+/// of the `partitions` (⌊P/N⌋ or ⌈P/N⌉, together P), twice in a row half a second apart, so a
+/// rebalance in progress is not taken for the end state. Returns what each owns.
+async fn wait_balanced(
+    http: &reqwest::Client,
+    urls: &[String],
+    workers: &mut [ChildGuard],
+    partitions: u16,
+) -> anyhow::Result<Vec<f64>> {
+    let started = Instant::now();
+    let replicas = urls.len().max(1) as f64;
+    let (low, high) = (
+        (f64::from(partitions) / replicas).floor(),
+        (f64::from(partitions) / replicas).ceil(),
+    );
+    let mut stable = 0;
+    let mut last = Vec::new();
+    loop {
+        for worker in workers.iter_mut() {
+            worker.check_alive()?;
+        }
+        let mut owned = Vec::with_capacity(urls.len());
+        let mut members = Vec::with_capacity(urls.len());
+        for url in urls {
+            let text = get_text(http, url).await.unwrap_or_default();
+            owned.push(metric(&text, "transfer_fleet_partitions_owned"));
+            members.push(metric(&text, "transfer_fleet_members"));
+        }
+        let balanced = members.iter().all(|m| *m == Some(replicas))
+            && owned
+                .iter()
+                .all(|o| o.is_some_and(|o| o >= low && o <= high))
+            && owned.iter().flatten().sum::<f64>() == f64::from(partitions);
+        let owned: Vec<f64> = owned.into_iter().map(|o| o.unwrap_or(f64::NAN)).collect();
+        stable = if balanced && owned == last {
+            stable + 1
+        } else {
+            0
+        };
+        if balanced && stable >= 1 {
+            return Ok(owned);
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            bail!(
+                "the {partitions} partitions were not balanced over {replicas} replicas within \
+                 {READY_TIMEOUT:?} (owned: {owned:?}, members seen: {members:?})"
+            );
+        }
+        last = owned;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One unlabelled series of the Prometheus text exposition (`name value`).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
     })
 }
 
@@ -313,7 +504,8 @@ pub async fn run_relay(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measure
         READY_TIMEOUT,
     )
     .await?;
-    let measured = measure(ctx, scenario, &names, &connections, relay.pid(), false).await?;
+    let pids = [relay.pid()];
+    let measured = measure(ctx, scenario, &names, &connections, &pids, false).await?;
     connections.close().await;
     relay.stop().await;
     Ok(measured)
@@ -340,14 +532,14 @@ impl Connections {
     }
 }
 
-/// Binds the sink, samples the process, publishes while collecting, samples again. With
+/// Binds the sink, samples the processes, publishes while collecting, samples again. With
 /// `fleet`, Redis's CPU is sampled too.
 async fn measure(
     ctx: &Ctx,
     scenario: &Scenario,
     names: &Names,
     connections: &Connections,
-    pid: u32,
+    pids: &[u32],
     fleet: bool,
 ) -> anyhow::Result<Measured> {
     let bodies: Vec<Vec<u8>> = (0..scenario.n)
@@ -359,7 +551,7 @@ async fn measure(
     let redis = fleet.then(|| procs::find_by_name("redis-server")).flatten();
     let redis_before = redis.and_then(|r| procs::sample(r).ok());
     let bench_before = procs::own_cpu_s();
-    let idle = procs::sample(pid)?;
+    let idle = procs::sample_all(pids)?;
     let prefix = names.prefix.clone();
     let (n, patience) = (scenario.n, ctx.patience);
     let collector =
@@ -374,7 +566,7 @@ async fn measure(
         }
     };
     let tally = collector.await.context("the event collector panicked")?;
-    let end = procs::sample(pid)?;
+    let end = procs::sample_all(pids)?;
     let bench_cpu_s = procs::own_cpu_s() - bench_before;
     let broker_cpu_s = broker
         .and_then(|b| procs::sample(b).ok())
@@ -384,9 +576,14 @@ async fn measure(
         .and_then(|r| procs::sample(r).ok())
         .zip(redis_before)
         .map(|(after, before)| after.cpu_s - before.cpu_s);
-    let left_in_queue = amqp::queue_state(&connections.consume, &names.commands)
+    let mut left_in_queue = amqp::queue_state(&connections.consume, &names.commands)
         .await?
         .map(|(messages, _)| messages);
+    for queue in names.partition_queues() {
+        if let Some((messages, _)) = amqp::queue_state(&connections.consume, &queue).await? {
+            left_in_queue = Some(left_in_queue.unwrap_or(0).saturating_add(messages));
+        }
+    }
     let mut measured = summarize(scenario, &published, tally, idle, end, left_in_queue);
     measured.broker_cpu_s = broker_cpu_s;
     measured.redis_cpu_s = redis_cpu_s;
@@ -465,20 +662,31 @@ fn command_body(prefix: &str, i: usize) -> Vec<u8> {
     serde_json::to_vec(&body).expect("JSON values serialize")
 }
 
-/// The worker's and simulator's `--config`: this run's names, the one bot, quiet listeners,
-/// and in fleet mode the Redis the fleet shares (the other `[fleet]` keys as shipped).
+/// The `--config` of replica `replica` (and of the simulator): this run's names, the one bot,
+/// quiet listeners, and in fleet mode the Redis the fleet shares, `fleet.partitions` when the
+/// mode sets it and a name per replica when there are several (the other `[fleet]` keys as
+/// shipped).
 fn worker_config(
     ctx: &Ctx,
     scenario: &Scenario,
     names: &Names,
     sim_port: u16,
     admin_port: u16,
-    redis_url: Option<&str>,
+    mode: Mode,
+    replica: usize,
 ) -> String {
     let q = |s: &str| Value::String(s.to_owned()).to_string();
-    let fleet = redis_url
-        .map(|url| format!("\n[fleet]\nredis_url = {}\n", q(url)))
-        .unwrap_or_default();
+    let mut fleet = String::new();
+    if mode.fleet {
+        fleet = format!("\n[fleet]\nredis_url = {}\n", q(&ctx.redis_url));
+        if let Some(p) = mode.partitions {
+            fleet.push_str(&format!("partitions = {p}\n"));
+        }
+        if mode.replicas > 1 {
+            let name = format!("{}-r{replica}", names.prefix);
+            fleet.push_str(&format!("name = {}\n", q(&name)));
+        }
+    }
     format!(
         "[amqp]\nurl = {url}\ncommands_queue = {commands}\nresults_exchange = {results}\n\
          dead_letter_exchange = {dle}\ndead_letter_queue = {dlq}\nprefetch = {prefetch}\n\n\
@@ -583,14 +791,15 @@ async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("GET {url} did not return JSON"))
 }
 
-/// Reads the worker's `transfer_commands_in_flight` gauge periodically, keeping the highest.
+/// Reads the workers' `transfer_commands_in_flight` gauges periodically, keeping the highest
+/// sum.
 struct GaugeSampler {
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Option<f64>>,
 }
 
 impl GaugeSampler {
-    fn start(http: reqwest::Client, url: String) -> Self {
+    fn start(http: reqwest::Client, urls: Vec<String>) -> Self {
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             let mut peak: Option<f64> = None;
@@ -599,7 +808,13 @@ impl GaugeSampler {
                 tokio::select! {
                     _ = &mut stopped => return peak,
                     _ = tick.tick() => {
-                        if let Some(v) = read_gauge(&http, &url).await {
+                        let mut sum = None;
+                        for url in &urls {
+                            if let Some(v) = read_gauge(&http, url).await {
+                                sum = Some(sum.unwrap_or(0.0) + v);
+                            }
+                        }
+                        if let Some(v) = sum {
                             peak = Some(peak.map_or(v, |p| p.max(v)));
                         }
                     }
@@ -615,21 +830,32 @@ impl GaugeSampler {
     }
 }
 
-/// The worker's Redis series now.
-async fn redis_metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<RedisMetrics> {
-    Ok(RedisMetrics::parse(&get_text(http, url).await?))
+/// The workers' Redis series and `transfer_fleet_routed_total` now, all replicas together.
+async fn fleet_metrics(
+    http: &reqwest::Client,
+    urls: &[String],
+) -> anyhow::Result<(RedisMetrics, f64)> {
+    let mut redis = RedisMetrics::default();
+    let mut routed = 0.0;
+    for url in urls {
+        let text = get_text(http, url).await?;
+        redis.add(&RedisMetrics::parse(&text));
+        routed += metric(&text, "transfer_fleet_routed_total").unwrap_or(0.0);
+    }
+    Ok((redis, routed))
 }
 
 async fn read_gauge(http: &reqwest::Client, url: &str) -> Option<f64> {
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("transfer_commands_in_flight "))
-        .and_then(|v| v.trim().parse().ok())
+    metric(&text, "transfer_commands_in_flight")
 }
 
-/// How many warnings and errors the worker logged, and the first five of them.
-fn log_summary(path: &Path) -> (usize, Vec<String>) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// How many warnings and errors the workers logged, and the first five of them.
+fn log_summary(paths: &[PathBuf]) -> (usize, Vec<String>) {
+    let text: String = paths
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
