@@ -386,11 +386,18 @@ impl Harness {
             .await
             .expect("simulator starts");
         settings.agentassist.base_url = sim.base_url();
+        let mut queues = vec![
+            settings.amqp.commands_queue.clone(),
+            settings.amqp.dead_letter_queue.clone(),
+        ];
+        // A fleet that shares work declares its partition queues too.
+        if settings.fleet.enabled() {
+            queues.extend((0..settings.fleet.partitions).map(|k| {
+                transfer_worker::fleet::ownership::partition_queue(&settings.amqp.commands_queue, k)
+            }));
+        }
         let cleanup = Cleanup::new(
-            vec![
-                settings.amqp.commands_queue.clone(),
-                settings.amqp.dead_letter_queue.clone(),
-            ],
+            queues,
             vec![
                 settings.amqp.results_exchange.clone(),
                 settings.amqp.dead_letter_exchange.clone(),
