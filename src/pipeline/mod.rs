@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::broker::consumer::{Handler, InFlight};
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
+use crate::ops::trace_context::{self, CommandTrace};
 use command::{Envelope, Parser, Rejection};
 use event::{Event, EventKind};
 use handle::{Handled, Parsed, Stages, handle, panic_message};
@@ -128,10 +129,18 @@ impl Pipeline {
                 command_id = %c.command_id,
                 stream_id = %c.bot.stream_id,
                 bot_session_id = %c.bot_session_id,
+                trace_id = tracing::field::Empty,
             ),
-            Err(r) => tracing::info_span!("command", command_id = %r.command_id),
+            Err(r) => tracing::info_span!(
+                "command",
+                command_id = %r.command_id,
+                trace_id = tracing::field::Empty,
+            ),
         };
-        let done = AssertUnwindSafe(self.process(&job).instrument(span.clone()))
+        let trace = CommandTrace::start(&span, &job.parsed.envelope.trace);
+        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+        let processing = trace_context::scope(trace, self.process(&job));
+        let done = AssertUnwindSafe(processing.instrument(span.clone()))
             .catch_unwind()
             .await;
         if let Err(panic) = done {
