@@ -191,7 +191,7 @@ impl ApiClient {
             .header(reqwest::header::CONTENT_TYPE, "application/json");
         // The command's trace (docs/contract.md §11); the API's own spans, if any, continue it.
         if let Some((parent, state)) =
-            trace_context::with_current(|t| (t.traceparent(), t.state.clone()))
+            trace_context::with_current(|t| (t.traceparent().to_owned(), t.state.clone()))
         {
             request = request.header(trace_context::TRACEPARENT, parent);
             if let Some(state) = state {

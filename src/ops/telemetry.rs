@@ -106,6 +106,23 @@ fn install(log: &LogSettings, provider: Option<&SdkTracerProvider>) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
+    let Some(provider) = provider else {
+        // Without export, the plain formatting subscriber: nothing in a command's path costs
+        // more than before there was export.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = if json {
+            builder
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .try_init()
+        } else {
+            builder.try_init()
+        };
+        return;
+    };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = if json {
         fmt.json()
@@ -115,11 +132,9 @@ fn install(log: &LogSettings, provider: Option<&SdkTracerProvider>) {
     } else {
         fmt.boxed()
     };
-    let otel = provider.map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer(env!("CARGO_PKG_NAME")))
-            .with_location(false)
-    });
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+        .with_location(false);
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)

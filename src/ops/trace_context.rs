@@ -14,7 +14,7 @@
 //! span does, so the API client and the publisher need no extra argument; whatever runs
 //! outside a command (the callback relay, the breaker's probe) sends no `traceparent`.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::future::Future;
 
 use lapin::types::{AMQPValue, FieldTable};
@@ -157,9 +157,29 @@ pub struct CommandTrace {
     pub flags: u8,
     /// `tracestate`, as received.
     pub state: Option<String>,
+    /// The `traceparent` header, written once.
+    header: String,
 }
 
 impl CommandTrace {
+    /// The worker's span `span_id` in trace `trace_id`.
+    pub fn new(trace_id: [u8; 16], span_id: [u8; 8], flags: u8, state: Option<String>) -> Self {
+        let mut header = String::with_capacity(55);
+        header.push_str("00-");
+        push_hex(&mut header, &trace_id);
+        header.push('-');
+        push_hex(&mut header, &span_id);
+        header.push('-');
+        push_hex(&mut header, &[flags]);
+        Self {
+            trace_id,
+            span_id,
+            flags,
+            state,
+            header,
+        }
+    }
+
     /// Continues `incoming` (or starts a trace) in `span`, the worker's span for the command.
     /// When an OpenTelemetry layer records `span`, it is given the incoming parent and its
     /// ids are the ones returned; otherwise the span id is made here.
@@ -171,34 +191,29 @@ impl CommandTrace {
             Some(p) => (p.trace_id, p.flags & SAMPLED),
             None => (random_nonzero_u128().to_be_bytes(), SAMPLED),
         };
-        Self {
+        Self::new(
             trace_id,
-            span_id: random_nonzero_u64().to_be_bytes(),
+            random_nonzero_u64().to_be_bytes(),
             flags,
-            state: incoming.state.clone(),
-        }
+            incoming.state.clone(),
+        )
     }
 
     /// The trace id, 32 lowercase hex digits (the `trace_id` of the command's log lines).
-    pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+    pub fn trace_id_hex(&self) -> &str {
+        &self.header[3..35]
     }
 
     /// The `traceparent` the command's API call and messages carry: version 00, this trace,
     /// the worker's span as the parent.
-    pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+    pub fn traceparent(&self) -> &str {
+        &self.header
     }
 
     /// Adds `traceparent` (and `tracestate`, when one came) to AMQP headers, replacing any.
     pub fn insert_into(&self, headers: &mut FieldTable) {
         let text = |s: &str| AMQPValue::LongString(s.as_bytes().into());
-        headers.insert(TRACEPARENT.into(), text(&self.traceparent()));
+        headers.insert(TRACEPARENT.into(), text(&self.header));
         if let Some(state) = &self.state {
             headers.insert(TRACESTATE.into(), text(state));
         }
@@ -253,11 +268,13 @@ mod otel {
         let _ = span.set_parent(parent_cx);
         let cx = span.context();
         let own = cx.span().span_context().clone();
-        own.is_valid().then(|| CommandTrace {
-            trace_id: own.trace_id().to_bytes(),
-            span_id: own.span_id().to_bytes(),
-            flags: own.trace_flags().to_u8(),
-            state: incoming.state.clone(),
+        own.is_valid().then(|| {
+            CommandTrace::new(
+                own.trace_id().to_bytes(),
+                own.span_id().to_bytes(),
+                own.trace_flags().to_u8(),
+                incoming.state.clone(),
+            )
         })
     }
 }
@@ -299,11 +316,17 @@ fn hex_into(text: &[u8], out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
+    push_hex(&mut s, bytes);
     s
 }
 
