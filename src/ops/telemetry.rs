@@ -65,6 +65,9 @@ pub fn init_with_export(
         Some(provider(telemetry)?)
     };
     install(log, provider.as_ref());
+    if provider.is_some() {
+        crate::ops::trace_context::set_exporting();
+    }
     Ok(Telemetry {
         provider,
         timeout: telemetry.export_timeout,

@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lapin::types::{AMQPValue, FieldTable};
 
@@ -180,17 +181,28 @@ impl CommandTrace {
         }
     }
 
+    /// The trace a command's span will be in, when it is known before the span exists: the
+    /// incoming one, or, when spans are not exported, a new one. `None` when OpenTelemetry
+    /// will start the trace. Given to the span at its creation, the trace id costs the logs
+    /// nothing more; recorded later it would make them rewrite the span's fields.
+    pub fn preset(incoming: &Incoming) -> Option<[u8; 16]> {
+        match incoming.parent {
+            Some(p) => Some(p.trace_id),
+            None if EXPORTING.load(Ordering::Relaxed) => None,
+            None => Some(random_nonzero_u128().to_be_bytes()),
+        }
+    }
+
     /// Continues `incoming` (or starts a trace) in `span`, the worker's span for the command.
     /// When an OpenTelemetry layer records `span`, it is given the incoming parent and its
-    /// ids are the ones returned; otherwise the span id is made here.
-    pub fn start(span: &tracing::Span, incoming: &Incoming) -> Self {
+    /// ids are the ones returned; otherwise the span id is made here, in the trace `preset`
+    /// (from [`CommandTrace::preset`]) or a new one.
+    pub fn start(span: &tracing::Span, incoming: &Incoming, preset: Option<[u8; 16]>) -> Self {
         if let Some(own) = otel::start(span, incoming) {
             return own;
         }
-        let (trace_id, flags) = match incoming.parent {
-            Some(p) => (p.trace_id, p.flags & SAMPLED),
-            None => (random_nonzero_u128().to_be_bytes(), SAMPLED),
-        };
+        let trace_id = preset.unwrap_or_else(|| random_nonzero_u128().to_be_bytes());
+        let flags = incoming.parent.map_or(SAMPLED, |p| p.flags & SAMPLED);
         Self::new(
             trace_id,
             random_nonzero_u64().to_be_bytes(),
@@ -218,6 +230,14 @@ impl CommandTrace {
             headers.insert(TRACESTATE.into(), text(state));
         }
     }
+}
+
+/// Whether spans are exported: then OpenTelemetry makes new traces' ids.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Says that an OpenTelemetry layer exports spans from now on (see [`super::telemetry`]).
+pub fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
 }
 
 tokio::task_local! {
@@ -324,7 +344,8 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` in lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     push_hex(&mut s, bytes);
     s

@@ -87,7 +87,11 @@ fn without_a_layer_the_worker_makes_its_own_span() {
         parent: Some(parent),
         state: Some("k=v".into()),
     };
-    let trace = CommandTrace::start(&tracing::Span::none(), &incoming);
+    let trace = CommandTrace::start(
+        &tracing::Span::none(),
+        &incoming,
+        CommandTrace::preset(&incoming),
+    );
     assert_eq!(trace.trace_id, parent.trace_id);
     assert_ne!(trace.span_id, parent.parent_id);
     assert_ne!(trace.span_id, [0; 8]);
@@ -96,8 +100,8 @@ fn without_a_layer_the_worker_makes_its_own_span() {
     assert_eq!(out.parent_id, trace.span_id);
     assert_eq!(out.flags, 1);
 
-    let fresh = CommandTrace::start(&tracing::Span::none(), &Incoming::default());
-    let other = CommandTrace::start(&tracing::Span::none(), &Incoming::default());
+    let fresh = CommandTrace::start(&tracing::Span::none(), &Incoming::default(), None);
+    let other = CommandTrace::start(&tracing::Span::none(), &Incoming::default(), None);
     assert_ne!(fresh.trace_id, other.trace_id);
     assert_ne!(fresh.trace_id, [0; 16]);
     assert_eq!(fresh.trace_id_hex().len(), 32);
