@@ -32,7 +32,8 @@
 //! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
 //!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
 //! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
-//!   ([`ops::telemetry`]).
+//!   ([`ops::telemetry`], with spans exported over OTLP when configured), and the W3C trace
+//!   context a command carries on to its API call and events ([`ops::trace_context`]).
 //! - [`app`] — all of the above assembled and run together, stopped by a [`shutdown`].
 //! - Shared by several: [`backoff`] (exponential, full jitter), [`json`] (bodies kept as JSON,
 //!   else as a string).

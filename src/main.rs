@@ -231,10 +231,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Run(arg) => {
             let settings = load(&arg)?;
-            telemetry::init(&settings.log);
+            let telemetry = telemetry::init_with_export(&settings.log, &settings.telemetry)?;
             let app = App::build(settings).await?;
             cancel_on_signal(app.shutdown().stop);
-            app.run_until_stopped().await?;
+            let ran = app.run_until_stopped().await;
+            // The last spans, exported within `telemetry.export_timeout`.
+            tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+            ran?;
         }
         Command::Simulate(args) => {
             let settings = load(&args.config)?;

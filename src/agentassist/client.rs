@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use crate::agentassist::bots::Bot;
 use crate::agentassist::jwt::Token;
 use crate::json;
+use crate::ops::trace_context;
 use crate::pipeline::command::{Command, Target};
 
 /// Error bodies kept in events are cut at this size.
@@ -182,16 +183,22 @@ impl ApiClient {
         token: &Token,
         body: Bytes,
     ) -> Result<ApiResponse, ApiError> {
-        let mut response = self
+        let mut request = self
             .http
             .post(bot.assign_url.clone())
             .header("auth", token.expose())
             .header("accountid", &bot.account_id)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(transport_error)?;
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        // The command's trace (docs/contract.md §11); the API's own spans, if any, continue it.
+        if let Some((parent, state)) =
+            trace_context::with_current(|t| (t.traceparent().to_owned(), t.state.clone()))
+        {
+            request = request.header(trace_context::TRACEPARENT, parent);
+            if let Some(state) = state {
+                request = request.header(trace_context::TRACESTATE, state);
+            }
+        }
+        let mut response = request.body(body).send().await.map_err(transport_error)?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()

@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
 use super::{BrokerError, timed};
 use crate::config::AmqpSettings;
+use crate::ops::trace_context;
 use crate::pipeline::event::Event;
 
 /// Why a publish did not succeed.
@@ -242,7 +243,8 @@ fn cut(s: &str, max: usize) -> &str {
 }
 
 /// The command's own properties and headers, as received, plus the headers that say why it
-/// ended (`x-transfer-event`, `x-transfer-error`, `x-transfer-event-id`), made persistent.
+/// ended (`x-transfer-event`, `x-transfer-error`, `x-transfer-event-id`), made persistent;
+/// within a command's processing, its `traceparent` is the worker's span for the command.
 pub fn dead_letter_properties(received: &BasicProperties, event: &Event) -> BasicProperties {
     let mut headers = received.headers().clone().unwrap_or_default();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
@@ -253,6 +255,9 @@ pub fn dead_letter_properties(received: &BasicProperties, event: &Event) -> Basi
         text(cut(error, MAX_ERROR_HEADER)),
     );
     headers.insert("x-transfer-event-id".into(), text(&event.id.to_string()));
+    // The copy comes from the worker's span for the command: a replay continues the trace
+    // under it.
+    trace_context::with_current(|trace| trace.insert_into(&mut headers));
     received.clone().with_headers(headers).with_delivery_mode(2)
 }
 
@@ -261,14 +266,24 @@ fn event_properties(event: &Event) -> BasicProperties {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    BasicProperties::default()
+    let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_message_id(event.id.to_string().into())
         .with_correlation_id(event.command_id.as_str().into())
         .with_type(event.kind.name().into())
         .with_timestamp(now)
-        .with_app_id("transfer-worker".into())
+        .with_app_id("transfer-worker".into());
+    // Only an event published while its command is processed has a trace; the relay's
+    // callback events, published later, carry none.
+    match trace_context::with_current(|trace| {
+        let mut headers = FieldTable::default();
+        trace.insert_into(&mut headers);
+        headers
+    }) {
+        Some(headers) => properties.with_headers(headers),
+        None => properties,
+    }
 }
 
 #[cfg(test)]

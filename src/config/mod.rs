@@ -88,6 +88,8 @@ pub struct Settings {
     pub fleet: FleetSettings,
     /// The circuit breaker in front of the API (docs/contract.md §11).
     pub breaker: BreakerSettings,
+    /// Spans exported over OTLP (docs/contract.md §11).
+    pub telemetry: TelemetrySettings,
 }
 
 /// `[amqp]`
@@ -309,6 +311,19 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// EnvFilter directives.
     pub level: String,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP (protobuf) collector base URL, e.g. `http://collector:4318`; spans go to
+    /// its `/v1/traces`. Empty: nothing is exported.
+    pub otlp_endpoint: String,
+    /// The `service.name` of exported spans.
+    pub service_name: String,
+    /// Longest wait for one export, and for the last spans at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
 }
 
 /// Log output format.

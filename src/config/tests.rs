@@ -242,3 +242,40 @@ fn the_breaker_is_on_by_default_and_checks_its_durations() {
         assert!(err.to_string().contains(key), "{err}");
     }
 }
+
+#[test]
+fn telemetry_exports_nothing_by_default_and_checks_its_endpoint() {
+    let s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+    assert_eq!(s.telemetry.otlp_endpoint, "");
+    assert_eq!(s.telemetry.service_name, "transfer-worker");
+    let ok = env(&[(
+        "TRANSFER__TELEMETRY__OTLP_ENDPOINT",
+        "http://collector:4318",
+    )]);
+    Settings::load_with_env(None, Some(ok)).unwrap();
+    for (var, value, key) in [
+        (
+            "TRANSFER__TELEMETRY__OTLP_ENDPOINT",
+            "collector:4318",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "TRANSFER__TELEMETRY__OTLP_ENDPOINT",
+            "not a url",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "TRANSFER__TELEMETRY__SERVICE_NAME",
+            " ",
+            "telemetry.service_name",
+        ),
+        (
+            "TRANSFER__TELEMETRY__EXPORT_TIMEOUT",
+            "0s",
+            "telemetry.export_timeout",
+        ),
+    ] {
+        let err = Settings::load_with_env(None, Some(env(&[(var, value)]))).unwrap_err();
+        assert!(err.to_string().contains(key), "{err}");
+    }
+}

@@ -8,7 +8,8 @@ use secrecy::ExposeSecret;
 
 use super::{
     AgentAssistSettings, AmqpSettings, BotSettings, BreakerSettings, CallbackSettings,
-    CommandSettings, ConfigError, FleetSettings, MAX_DURATION, RetrySettings, Settings, invalid,
+    CommandSettings, ConfigError, FleetSettings, MAX_DURATION, RetrySettings, Settings,
+    TelemetrySettings, invalid,
 };
 
 impl Settings {
@@ -22,6 +23,7 @@ impl Settings {
         self.callbacks.validate()?;
         self.fleet.validate()?;
         self.breaker.validate()?;
+        self.telemetry.validate()?;
         self.durations_are_bounded()
     }
 
@@ -272,6 +274,31 @@ impl BreakerSettings {
         // Probing more often than this would only add load on an API that is already down.
         if self.probe_interval < Duration::from_millis(100) {
             return Err(invalid("breaker.probe_interval", "must be at least 100ms"));
+        }
+        Ok(())
+    }
+}
+
+impl TelemetrySettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.otlp_endpoint.is_empty() {
+            let url = reqwest::Url::parse(&self.otlp_endpoint)
+                .map_err(|e| invalid("telemetry.otlp_endpoint", format!("not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
+        }
+        if self.export_timeout.is_zero() || self.export_timeout > Duration::from_secs(60) {
+            return Err(invalid(
+                "telemetry.export_timeout",
+                "must be between 1ms and 60s",
+            ));
         }
         Ok(())
     }

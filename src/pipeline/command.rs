@@ -14,6 +14,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::agentassist::bots::{Bot, Bots};
 use crate::config::MAX_COMMAND_BYTES;
+use crate::ops::trace_context::Incoming;
 
 /// Where a transfer goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +75,8 @@ pub struct Envelope {
     /// the `x-transfer-event` header the worker put on its dead-letter copy. Such a command is
     /// processed again unless it completed (see `pipeline::handle`).
     pub replayed: bool,
+    /// The W3C trace context of the headers; an invalid one is ignored, never a rejection.
+    pub trace: Incoming,
 }
 
 impl Envelope {
@@ -86,6 +89,7 @@ impl Envelope {
                 .headers()
                 .as_ref()
                 .is_some_and(|h| h.inner().contains_key(REPLAY_MARK)),
+            trace: Incoming::from_headers(properties.headers().as_ref()),
         }
     }
 }

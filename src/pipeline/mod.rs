@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::broker::consumer::{Handler, InFlight};
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
+use crate::ops::trace_context::{self, CommandTrace};
 use command::{Envelope, Parser, Rejection};
 use event::{Event, EventKind};
 use handle::{Handled, Parsed, Stages, handle, panic_message};
@@ -122,16 +123,27 @@ impl Pipeline {
     }
 
     async fn run_one(&self, job: Job) {
+        let incoming = &job.parsed.envelope.trace;
+        let preset = CommandTrace::preset(incoming);
+        // `None` records nothing until the trace id is known.
+        let trace_id = preset.map(|id| trace_context::hex(&id));
+        let trace_id = trace_id.as_deref();
         let span = match &job.parsed.command {
             Ok(c) => tracing::info_span!(
                 "command",
                 command_id = %c.command_id,
                 stream_id = %c.bot.stream_id,
                 bot_session_id = %c.bot_session_id,
+                trace_id,
             ),
-            Err(r) => tracing::info_span!("command", command_id = %r.command_id),
+            Err(r) => tracing::info_span!("command", command_id = %r.command_id, trace_id),
         };
-        let done = AssertUnwindSafe(self.process(&job).instrument(span.clone()))
+        let trace = CommandTrace::start(&span, incoming, preset);
+        if preset != Some(trace.trace_id) {
+            span.record("trace_id", trace.trace_id_hex());
+        }
+        let processing = trace_context::scope(trace, self.process(&job));
+        let done = AssertUnwindSafe(processing.instrument(span.clone()))
             .catch_unwind()
             .await;
         if let Err(panic) = done {

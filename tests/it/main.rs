@@ -17,6 +17,7 @@ mod proxy;
 mod relay;
 mod replicas;
 mod schemas;
+mod trace_context;
 mod transfers;
 
 /// Installs a log subscriber once, when RUST_LOG asks for one.

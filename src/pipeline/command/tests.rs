@@ -33,6 +33,7 @@ fn command_id_falls_back_to_message_id_then_hash() {
         message_id: Some("m-9".into()),
         timestamp: None,
         replayed: false,
+        trace: Default::default(),
     };
     assert_eq!(p.parse(body, &env).unwrap().command_id, "m-9");
     let a = p.parse(body, &Envelope::default()).unwrap().command_id;
@@ -97,6 +98,7 @@ fn deadline_is_the_earlier_of_expires_at_and_timestamp_plus_max_age() {
                 message_id: None,
                 timestamp: Some(1_000),
                 replayed: false,
+                trace: Default::default(),
             },
         )
         .unwrap();
@@ -138,6 +140,7 @@ mod props {
                 message_id,
                 timestamp,
                 replayed: false,
+                trace: Default::default(),
             }
         })
     }
@@ -266,6 +269,7 @@ mod props {
                         message_id: None,
                         timestamp: Some(ts),
                         replayed: false,
+                        trace: Default::default(),
                     },
                 )
                 .unwrap();

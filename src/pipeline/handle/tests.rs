@@ -100,6 +100,7 @@ impl Rig {
             message_id: message_id.map(str::to_owned),
             timestamp: None,
             replayed,
+            trace: Default::default(),
         };
         let body = serde_json::to_vec(body).unwrap();
         let command = self.parser.parse(&body, &envelope);

@@ -88,6 +88,8 @@ pub struct RecordedRequest {
     pub answered_at: Option<Instant>,
     /// The body's `botSessionId` when it is a string, so tests can find their request.
     pub bot_session_id: Option<String>,
+    /// The W3C `traceparent` header, if present and readable.
+    pub traceparent: Option<String>,
 }
 
 /// Counters since start. Also served as JSON (camelCase) by `GET /simulator/stats`.

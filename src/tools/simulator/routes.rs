@@ -34,6 +34,11 @@ pub(super) async fn assign_conversation(
         status: 0,
         received_at,
         bot_session_id: None,
+        traceparent: parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     };
 
     let bytes = match read_body(body).await {
