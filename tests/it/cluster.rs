@@ -314,7 +314,8 @@ enum Loss {
 }
 
 /// Commands per session, and sessions: each session's commands run one after another, so the
-/// burst lasts about `PER_SESSION` API latencies and is mid-flight when the node goes.
+/// burst lasts about `PER_SESSION` API latencies (5 s) and is mid-flight when the node goes:
+/// taking a node away takes the script up to 2 s.
 const SESSIONS: usize = 4;
 const PER_SESSION: usize = 50;
 /// The events seen before the node is taken away.
@@ -357,7 +358,7 @@ async fn node_dies_mid_burst(loss: Loss) {
     let sim = Simulator::start(SimulatorConfig {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         bots: simulator::bots_from_settings(&settings),
-        latency: Duration::from_millis(40),
+        latency: Duration::from_millis(100),
         callbacks: false,
         ..SimulatorConfig::default()
     })
