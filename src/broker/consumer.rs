@@ -534,38 +534,18 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         old: Subscription,
         t: Duration,
     ) -> impl Future<Output = ()> + Send + 'static + use<H, P> {
-        let Subscription {
-            channel,
-            tag,
-            stop,
-            reader,
-            settled,
-            ..
-        } = old;
-        stop.cancel();
-        let stopped = reader.await.ok().flatten();
-        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-        if let (Some(Stopped { mut consumer, held }), Ok(())) =
-            (stopped, timed("basic.cancel", t, cancel).await)
-            && let Some(partitions) = &self.partitions
+        let (channel, settled, left) = old.stop(t).await;
+        if let (Ok(left), Some(partitions), Some(publisher)) =
+            (left, &self.partitions, self.link.publisher())
         {
-            let publisher = self.link.publisher();
-            let mut next = held;
-            loop {
-                let delivery = match next.take() {
-                    Some(delivery) => delivery,
-                    None => match tokio::time::timeout(t, consumer.next()).await {
-                        Ok(Some(Ok(delivery))) => delivery,
-                        _ => break,
-                    },
-                };
-                let Some(publisher) = &publisher else { break };
+            for delivery in left {
                 // Taken beyond the replica-wide limit for a moment, rather than out of order.
                 let in_flight = InFlight {
                     _partition: Some(settled.token()),
                     _permit: None,
                 };
-                if let Some(task) = P::accept(&partitions.handler, delivery, publisher, in_flight) {
+                if let Some(task) = P::accept(&partitions.handler, delivery, &publisher, in_flight)
+                {
                     self.tracker.spawn(task);
                 }
             }
@@ -622,38 +602,20 @@ async fn release(
     consuming: Arc<watch::Sender<BTreeSet<u16>>>,
 ) {
     let started = Instant::now();
-    let Subscription {
-        channel,
-        tag,
-        stop,
-        reader,
-        settled,
-        ..
-    } = subscription;
-    stop.cancel();
-    let stopped = reader.await.ok().flatten();
-    let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-    let cancelled = timed("basic.cancel", t, cancel).await;
+    let (channel, settled, left) = subscription.stop(t).await;
     let mut returned = 0usize;
-    if let (Some(Stopped { mut consumer, held }), Ok(())) = (stopped, &cancelled) {
-        // After cancel-ok the stream ends once it has yielded what it still holds.
-        let mut next = held;
-        loop {
-            let delivery = match next.take() {
-                Some(delivery) => delivery,
-                None => match tokio::time::timeout(t, consumer.next()).await {
-                    Ok(Some(Ok(delivery))) => delivery,
-                    _ => break,
-                },
-            };
-            let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
-            if timed("basic.reject", t, reject).await.is_ok() {
-                returned = returned.saturating_add(1);
+    match left {
+        Ok(left) => {
+            for delivery in left {
+                let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
+                if timed("basic.reject", t, reject).await.is_ok() {
+                    returned = returned.saturating_add(1);
+                }
             }
         }
-    }
-    if let Err(e) = cancelled {
-        tracing::warn!(partition, error = %e, "could not cancel a released partition's consumer; closing its channel");
+        Err(e) => {
+            tracing::warn!(partition, error = %e, "could not cancel a released partition's consumer; closing its channel");
+        }
     }
     settled.close();
     if tokio::time::timeout(grace, settled.wait()).await.is_err() {
@@ -674,6 +636,35 @@ async fn release(
         c.remove(&partition);
     });
     tracing::info!(partition, returned, drained = ?started.elapsed(), "partition released");
+}
+
+impl Subscription {
+    /// Stops the reader and cancels the consumer: no more deliveries come. Returns the channel,
+    /// the tracker of what was handed over, and, in order, what was received but not handed
+    /// over (after cancel-ok the stream ends once it has yielded what it still holds).
+    async fn stop(self, t: Duration) -> (Channel, TaskTracker, Result<Vec<Delivery>, BrokerError>) {
+        self.stop.cancel();
+        let stopped = self.reader.await.ok().flatten();
+        let cancel = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+        let left = match timed("basic.cancel", t, cancel).await {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let mut left = Vec::new();
+                if let Some(Stopped { mut consumer, held }) = stopped {
+                    left.extend(held);
+                    while let Ok(Some(Ok(delivery))) =
+                        tokio::time::timeout(t, consumer.next()).await
+                    {
+                        left.push(delivery);
+                    }
+                }
+                Ok(left)
+            }
+        };
+        (self.channel, self.settled, left)
+    }
 }
 
 /// A stopped reader's consumer, and the delivery it held while waiting for a permit.
