@@ -115,14 +115,10 @@ impl Intake {
         u16::try_from(self.queues.len()).unwrap_or(u16::MAX)
     }
 
-    async fn run_session(self: Arc<Self>, session: String, mut route: Route) {
-        loop {
-            self.route(route).await;
-            match self.sessions.next(&session) {
-                Some(next) => route = next,
-                None => return,
-            }
-        }
+    async fn run_session(self: Arc<Self>, session: String, route: Route) {
+        self.sessions
+            .run_in_order(&session, route, |route| self.route(route))
+            .await;
     }
 
     /// Publishes the command to its partition until the broker confirms it, then acks it. If

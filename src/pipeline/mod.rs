@@ -112,14 +112,10 @@ impl Pipeline {
         }
     }
 
-    async fn run_session(self: Arc<Self>, key: String, mut job: Job) {
-        loop {
-            self.run_one(job).await;
-            match self.sessions.next(&key) {
-                Some(next) => job = next,
-                None => return,
-            }
-        }
+    async fn run_session(self: Arc<Self>, key: String, job: Job) {
+        self.sessions
+            .run_in_order(&key, job, |job| self.run_one(job))
+            .await;
     }
 
     async fn run_one(&self, job: Job) {

@@ -51,6 +51,22 @@ impl<J> SessionQueues<J> {
         next
     }
 
+    /// Runs `job` and then, one after another, the session's jobs queued behind it, until the
+    /// session is idle: what the task that got a job from [`SessionQueues::push`] does.
+    pub async fn run_in_order<F, Fut>(&self, session: &str, mut job: J, mut run: F)
+    where
+        F: FnMut(J) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        loop {
+            run(job).await;
+            match self.next(session) {
+                Some(next) => job = next,
+                None => return,
+            }
+        }
+    }
+
     /// Sessions with a running job.
     pub fn busy_sessions(&self) -> usize {
         self.busy
