@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::agentassist::account::Account;
 use crate::agentassist::bots::Bots;
 use crate::agentassist::breaker::{Breaker, Prober};
 use crate::agentassist::retry::RetryPolicy;
@@ -29,6 +30,9 @@ use crate::shutdown::Shutdown;
 
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// How often the per-account gauges (waiting, oldest wait) are brought up to date.
+const ACCOUNT_GAUGES: Duration = Duration::from_secs(1);
 
 /// Why the application could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +81,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     fleet: Option<Arc<Fleet>>,
     prober: Option<Prober>,
+    accounts: Vec<Arc<Account>>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
@@ -142,9 +147,12 @@ impl App {
             abandon: shutdown.abandon.clone(),
             fleet: fleet.clone(),
         };
-        let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
+        // One registry of bots, so one budget and one set of slots per account in the process.
+        let bots = Bots::new(&settings, &metrics);
+        let accounts = bots.accounts();
+        let parser = Parser::new(bots, settings.commands.max_age);
         let pipeline = Arc::new(Pipeline::new(
-            parser,
+            parser.clone(),
             stages,
             settings.amqp.operation_timeout,
         ));
@@ -167,7 +175,7 @@ impl App {
             ))
         } else {
             let intake = Intake::new(
-                Parser::new(Bots::from_settings(&settings), settings.commands.max_age),
+                parser,
                 pipeline.clone(),
                 &settings.amqp.commands_queue,
                 partitions,
@@ -217,6 +225,7 @@ impl App {
             metrics,
             fleet,
             prober,
+            accounts,
         })
     }
 
@@ -270,6 +279,19 @@ impl App {
         let probing = self
             .prober
             .map(|p| tokio::spawn(p.run(health_stop.clone())));
+        let gauges = {
+            let stop = health_stop.clone();
+            let accounts = self.accounts.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(ACCOUNT_GAUGES);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = every.tick() => accounts.iter().for_each(|a| a.refresh_gauges()),
+                    }
+                }
+            })
+        };
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
         let result = match self.worker {
             Worker::Alone(consumer) => consumer.run().await,
@@ -298,6 +320,7 @@ impl App {
             tracing::error!(error = %e, "worker stopped");
         }
         health_stop.cancel();
+        let _ = gauges.await;
         if let Some(health) = health {
             let _ = health.await;
         }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::agentassist::account::{Account, AccountMetrics, effective_cap};
 use crate::agentassist::jwt::TokenSource;
-use crate::agentassist::pacer::Pacer;
 use crate::config::Settings;
+use crate::ops::metrics::Metrics;
 
 /// One configured bot.
 #[derive(Debug)]
@@ -17,8 +18,8 @@ pub struct Bot {
     pub account_id: String,
     /// JWTs for this bot's app.
     pub tokens: TokenSource,
-    /// The account's budget.
-    pub pacer: Arc<Pacer>,
+    /// Its account: budget, slots, congestion (shared by the account's bots).
+    pub account: Arc<Account>,
     /// `{base_url}/agentassist/api/v1/public/{stream_id}/assign-conversation`, parsed once.
     pub assign_url: reqwest::Url,
 }
@@ -41,14 +42,36 @@ pub struct Bots {
 }
 
 impl Bots {
-    /// Builds the registry from validated settings.
+    /// Builds the registry from validated settings, with series of its own (for tests and
+    /// tools; the worker uses [`Bots::new`]).
     pub fn from_settings(settings: &Settings) -> Self {
-        let mut pacers: HashMap<&str, Arc<Pacer>> = HashMap::new();
+        Self::new(settings, &Metrics::new())
+    }
+
+    /// Builds the registry from validated settings: one [`Account`] per account id, its
+    /// series in `metrics`.
+    pub fn new(settings: &Settings, metrics: &Metrics) -> Self {
+        let mut accounts: HashMap<&str, Arc<Account>> = HashMap::new();
         let mut by_stream = HashMap::new();
         for b in &settings.bots {
-            let pacer = pacers
+            let account = accounts
                 .entry(b.account_id.as_str())
-                .or_insert_with(|| Arc::new(Pacer::new(b.rate_limit, b.rate_window)))
+                .or_insert_with(|| {
+                    let cap = effective_cap(
+                        settings.max_in_flight(b),
+                        b.rate_limit,
+                        b.rate_window,
+                        settings.amqp.consumer_timeout,
+                    );
+                    Arc::new(Account::new(
+                        &b.account_id,
+                        b.rate_limit,
+                        b.rate_window,
+                        cap,
+                        settings.commands.aside_after,
+                        AccountMetrics::of(metrics, &b.account_id),
+                    ))
+                })
                 .clone();
             let secret = b
                 .client_secret
@@ -60,7 +83,7 @@ impl Bots {
                 stream_id: b.stream_id.clone(),
                 account_id: b.account_id.clone(),
                 tokens: TokenSource::new(b.client_id.clone(), &secret, b.token_ttl, b.token_jti),
-                pacer,
+                account,
             };
             by_stream.insert(b.stream_id.clone(), Arc::new(bot));
         }
@@ -78,6 +101,18 @@ impl Bots {
     /// The bot with this stream id.
     pub fn get(&self, stream_id: &str) -> Option<Arc<Bot>> {
         self.by_stream.get(stream_id).cloned()
+    }
+
+    /// Every account, once each.
+    pub fn accounts(&self) -> Vec<Arc<Account>> {
+        let mut accounts: Vec<Arc<Account>> = Vec::new();
+        for bot in self.by_stream.values() {
+            if !accounts.iter().any(|a| a.id == bot.account.id) {
+                accounts.push(bot.account.clone());
+            }
+        }
+        accounts.sort_by(|a, b| a.id.cmp(&b.id));
+        accounts
     }
 
     /// The bot for commands without `streamId`.

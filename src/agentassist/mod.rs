@@ -3,6 +3,7 @@
 //! circuit [`breaker`] that holds attempts while the API is down, and [`transfer`], which
 //! carries one command through them.
 
+pub mod account;
 pub mod bots;
 pub mod breaker;
 pub mod client;

@@ -22,6 +22,22 @@ use crate::pipeline::command::Command;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Abandoned;
 
+/// Why an execution ended without an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfinished {
+    /// The worker is shutting down: the command goes back to the queue.
+    Abandoned,
+    /// Its account cannot start it within the `aside` it was given, and nothing was booked or
+    /// called: it may wait in its account's queue instead (docs/contract.md §12).
+    Aside,
+}
+
+impl From<Abandoned> for Unfinished {
+    fn from(_: Abandoned) -> Self {
+        Self::Abandoned
+    }
+}
+
 /// How a transfer ended.
 #[derive(Debug)]
 pub enum Outcome {
@@ -101,15 +117,37 @@ impl Transfers {
         &self,
         command: &Command,
         deadline: Option<Instant>,
+        aside: Option<Duration>,
         shutdown: &CancellationToken,
-    ) -> Result<Result<(), DeadlineFirst>, Abandoned> {
+    ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
+        // With `aside`, a start further away than that is not booked: the command may wait
+        // in its account's queue instead.
+        let aside_at = aside.and_then(|d| Instant::now().checked_add(d));
+        let by_aside = aside_at.filter(|a| deadline.is_none_or(|d| *a < d));
+        let deadline = by_aside.or(deadline);
+        let first = |first: DeadlineFirst| match by_aside {
+            Some(_) => Err(Unfinished::Aside),
+            None => Ok(Err(first)),
+        };
         let bot = &command.bot;
         let Some(fleet) = &self.fleet else {
-            return match bot.pacer.reserve(deadline) {
-                Ok(slot) => sleep_until(slot, shutdown).await.map(Ok),
-                Err(first) => Ok(Err(first)),
+            let asked = Instant::now();
+            return match bot.account.pacer.reserve(deadline) {
+                Ok(slot) => {
+                    let delay = slot.saturating_duration_since(asked);
+                    bot.account.starts_in(delay);
+                    let waited = sleep_until(slot, shutdown).await;
+                    bot.account.waited_for_budget(asked.elapsed());
+                    Ok(waited.map(Ok)?)
+                }
+                Err(e) => {
+                    bot.account
+                        .starts_in(e.slot.saturating_duration_since(asked));
+                    first(e)
+                }
             };
         };
+        let first_asked = Instant::now();
         loop {
             let (asked_at, answer) = fleet
                 .until_answered(shutdown, || {
@@ -124,8 +162,8 @@ impl Transfers {
                         let answer = fleet
                             .reserve(
                                 &bot.account_id,
-                                bot.pacer.limit(),
-                                bot.pacer.window(),
+                                bot.account.pacer.limit(),
+                                bot.account.pacer.window(),
                                 deadline_in,
                                 &command.command_id,
                             )
@@ -138,19 +176,27 @@ impl Transfers {
             let at = |delay: Duration| asked_at.checked_add(delay).unwrap_or(asked_at);
             match answer {
                 Reservation::Booked { delay, booking } => {
-                    if let Err(abandoned) = sleep_until(at(delay), shutdown).await {
+                    bot.account.starts_in(delay);
+                    let waited = sleep_until(at(delay), shutdown).await;
+                    bot.account.waited_for_budget(first_asked.elapsed());
+                    if let Err(abandoned) = waited {
                         if let Err(e) = fleet.unreserve(&booking).await {
                             tracing::warn!(error = %e, "could not give back a booked start");
                         }
-                        return Err(abandoned);
+                        return Err(abandoned.into());
                     }
                     return Ok(Ok(()));
                 }
                 Reservation::DeadlineFirst { delay } => {
-                    return Ok(Err(DeadlineFirst { slot: at(delay) }));
+                    bot.account.starts_in(delay);
+                    return first(DeadlineFirst { slot: at(delay) });
                 }
                 // Asked again a horizon before the start, when it can be booked.
                 Reservation::NotYet { delay } => {
+                    bot.account.starts_in(delay);
+                    if by_aside.is_some() {
+                        return Err(Unfinished::Aside);
+                    }
                     let again = delay
                         .saturating_sub(fleet.horizon())
                         .max(Duration::from_millis(50));
@@ -162,7 +208,7 @@ impl Transfers {
 
     /// Holds the account's later calls for `for_`: in this process, and fleet-wide.
     async fn pause(&self, bot: &Bot, until: Instant, for_: Duration) {
-        bot.pacer.pause_until(until);
+        bot.account.pacer.pause_until(until);
         if let Some(fleet) = &self.fleet
             && let Err(e) = fleet.pause(&bot.account_id, for_).await
         {
@@ -171,13 +217,16 @@ impl Transfers {
     }
 
     /// Runs the command to its outcome, or gives it up at shutdown. `callback_url` is where
-    /// AgentAssist should post its callbacks for this command.
+    /// AgentAssist should post its callbacks for this command. With `aside`, a first start
+    /// further away than that ends the execution as [`Unfinished::Aside`], before anything was
+    /// booked or called.
     pub async fn execute(
         &self,
         command: &Command,
         callback_url: &str,
         shutdown: &CancellationToken,
-    ) -> Result<Outcome, Abandoned> {
+        aside: Option<Duration>,
+    ) -> Result<Outcome, Unfinished> {
         #[cfg(feature = "fault-injection")]
         if command.org_id == FAULT_PANIC_ORG_ID {
             panic!("fault injected for a test");
@@ -227,11 +276,13 @@ impl Transfers {
                         last_chance = false;
                     }
                     Err(Interrupted::Deadline) => return Ok(out_of_time(attempts, last_error)),
-                    Err(Interrupted::Abandoned) => return Err(Abandoned),
+                    Err(Interrupted::Abandoned) => return Err(Unfinished::Abandoned),
                 }
             }
+            // Only a command that has not been called yet may be set aside.
+            let aside = aside.filter(|_| attempts == 0);
             if self
-                .wait_for_start(command, deadline, shutdown)
+                .wait_for_start(command, deadline, aside, shutdown)
                 .await?
                 .is_err()
             {
@@ -239,7 +290,7 @@ impl Transfers {
             }
             // Once the grace has run out no new call starts, whatever woke this command.
             if shutdown.is_cancelled() {
-                return Err(Abandoned);
+                return Err(Unfinished::Abandoned);
             }
             // The breaker may have opened while this command waited for its start.
             if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
@@ -317,7 +368,7 @@ impl Transfers {
                         continue;
                     }
                     Err(Interrupted::Deadline) => return Ok(failed(attempts, error, true)),
-                    Err(Interrupted::Abandoned) => return Err(Abandoned),
+                    Err(Interrupted::Abandoned) => return Err(Unfinished::Abandoned),
                 }
             };
             let wait = backoff.max(retry_after);

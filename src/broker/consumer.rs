@@ -51,16 +51,50 @@ const ACK_SETTLE: Duration = Duration::from_millis(250);
 
 /// What a consumer feeds its deliveries to.
 pub trait Handler: Send + Sync + 'static {
-    /// Takes one delivery, with the publisher of the connection it came on (acks go to the
-    /// delivery's own channel) and its [`InFlight`] mark, to be kept until the delivery is
-    /// acked or returned. Returns at once; the work it starts, if any, is returned as a task
-    /// that the consumer spawns, owns and waits for when it drains.
+    /// Takes one delivery of `source` (the queue it came from), with the publisher of the
+    /// connection it came on (acks go to the delivery's own channel) and its [`InFlight`]
+    /// mark, to be kept until the delivery is acked or returned. Returns at once; the work it
+    /// starts, if any, is returned as a task that the consumer spawns, owns and waits for when
+    /// it drains.
     fn accept(
         this: &Arc<Self>,
         delivery: Delivery,
         publisher: &Arc<Publisher>,
         in_flight: InFlight,
+        source: &str,
     ) -> Option<impl Future<Output = ()> + Send + 'static>;
+
+    /// A source (the consumer's queue, or a partition) is consumed, or is about to hand this
+    /// consumer its first delivery: what the handler consumes beside it (an account's queue)
+    /// starts or is looked at again. Called again for a source already open, it refreshes.
+    fn open(_this: &Arc<Self>, _source: Source) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// A source is let go: the handler stops taking from beside it, lets what it started
+    /// settle (within the grace), and closes what it opened for it.
+    fn close(_this: &Arc<Self>, _queue: &str) -> impl Future<Output = ()> + Send + 'static {
+        async {}
+    }
+}
+
+/// A queue being consumed, and what a handler may use beside it.
+#[derive(Clone)]
+pub struct Source {
+    /// The queue.
+    pub queue: String,
+    /// The connection it is consumed on.
+    pub connection: Arc<Connection>,
+    /// That connection's publisher.
+    pub publisher: Arc<Publisher>,
+    /// Tasks the consumer waits for when it drains.
+    pub tracker: TaskTracker,
+    /// Reports a loss the consumer must reconnect for.
+    pub lost: mpsc::Sender<String>,
+    /// `[amqp]`.
+    pub amqp: AmqpSettings,
+    /// `shutdown.grace`.
+    pub grace: Duration,
 }
 
 /// Kept by a handler with a delivery until it is acked or returned: it tells a partition's
@@ -69,6 +103,16 @@ pub trait Handler: Send + Sync + 'static {
 pub struct InFlight {
     _partition: Option<TaskTrackerToken>,
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl InFlight {
+    /// Settled when dropped, as far as `settled` is concerned.
+    pub fn tracked(settled: &TaskTracker) -> Self {
+        Self {
+            _partition: Some(settled.token()),
+            _permit: None,
+        }
+    }
 }
 
 /// The partition queues a consumer also consumes, and who decides which.
@@ -115,6 +159,8 @@ pub struct Consumer<H, P = H> {
 
 /// One partition consumed on this connection.
 struct Subscription {
+    /// Its queue.
+    queue: String,
     channel: Channel,
     /// Its consumer tag, to cancel it.
     tag: String,
@@ -130,7 +176,7 @@ struct Subscription {
 
 enum Stop {
     /// Stopped while connected and drained: close this connection.
-    Shutdown(Connection),
+    Shutdown(Arc<Connection>),
     /// Stopped before a connection was up.
     Stopped,
     /// The connection went away.
@@ -262,6 +308,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             r = setup => r?,
             () = self.shutdown.stop.cancelled() => return Ok((Stop::Stopped, false)),
         };
+        let connection = Arc::new(connection);
         self.link.set_publisher(Some(publisher.clone()));
         self.link.set_consuming(true);
         if self.lost.swap(false, Ordering::Relaxed) {
@@ -272,6 +319,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         let mut subscriptions: HashMap<u16, Subscription> = HashMap::new();
         let mut releasing = JoinSet::new();
         let (lost_tx, mut lost_rx) = mpsc::channel::<String>(1);
+        // What the handler consumes beside the queue is looked at now, and again right before
+        // its first delivery: a standby becomes active only then.
+        let source = self.source(queue, &connection, &publisher, &lost_tx);
+        H::open(&self.handler, source.clone()).await;
+        let mut activated = false;
         // The partitions owned before this connection came up are subscribed now.
         let mut settled = None;
         if let Some(owned) = &mut owned {
@@ -305,6 +357,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                                 t,
                                 self.settings.grace,
                                 partitions.consuming.clone(),
+                                partitions.handler.clone(),
                             ));
                         }
                     }
@@ -314,7 +367,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                         // is handled here rather than returned behind newer commands.
                         Ok(()) => {
                             while let Ok(Some(Ok(delivery))) = tokio::time::timeout(t, consumer.next()).await {
-                                if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default()) {
+                                if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default(), queue) {
                                     self.tracker.spawn(task);
                                 }
                             }
@@ -323,7 +376,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     }
                     // Drain while the consuming channels are open: the acks of in-flight work
                     // go to them, and closing them would hand it all back to the broker.
-                    tokio::join!(self.drain(), async {
+                    tokio::join!(self.drain(), H::close(&self.handler, queue), async {
                         while releasing.join_next().await.is_some() {}
                     });
                     // A quorum queue may drop acks that reach it right before their channel
@@ -339,7 +392,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 }
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default()) {
+                        if !activated {
+                            activated = true;
+                            H::open(&self.handler, source.clone()).await;
+                        }
+                        if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default(), queue) {
                             self.tracker.spawn(task);
                         }
                         continue;
@@ -375,10 +432,15 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     }
                 }
             };
-            for (_, subscription) in subscriptions.drain() {
+            for (k, subscription) in subscriptions.drain() {
                 subscription.reader.abort();
+                if let Some(partitions) = &self.partitions {
+                    let queue = crate::fleet::ownership::partition_queue(queue, k);
+                    tokio::spawn(P::close(&partitions.handler, &queue));
+                }
             }
             releasing.abort_all();
+            tokio::spawn(H::close(&self.handler, queue));
             // With the connection, every partition is let go (the broker returns what was
             // unacked, in order: a lost consumer's messages come back before it is replaced).
             if let Some(partitions) = &self.partitions {
@@ -400,7 +462,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     /// ones, and drains then closes the ones that went, in the background.
     async fn rebalance(
         &self,
-        connection: &Connection,
+        connection: &Arc<Connection>,
         publisher: &Arc<Publisher>,
         want: &BTreeSet<u16>,
         subscriptions: &mut HashMap<u16, Subscription>,
@@ -424,6 +486,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     t,
                     self.settings.grace,
                     partitions.consuming.clone(),
+                    partitions.handler.clone(),
                 ));
             }
         }
@@ -473,7 +536,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         &self,
         k: u16,
         share: u16,
-        connection: &Connection,
+        connection: &Arc<Connection>,
         publisher: &Arc<Publisher>,
         lost: &mpsc::Sender<String>,
     ) -> Result<Subscription, BrokerError> {
@@ -501,10 +564,17 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             ),
         )
         .await?;
+        // The partition's account queues, if any, are taken up with it.
+        P::open(
+            &partitions.handler,
+            self.source(&queue, connection, publisher, lost),
+        )
+        .await;
         let stop = CancellationToken::new();
         let settled = TaskTracker::new();
         let reader = tokio::spawn(read_partition(Reader {
             partition: k,
+            queue: queue.clone(),
             consumer,
             handler: partitions.handler.clone(),
             publisher: publisher.clone(),
@@ -515,6 +585,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             lost: lost.clone(),
         }));
         Ok(Subscription {
+            queue: queue.clone(),
             channel,
             tag,
             share,
@@ -534,6 +605,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         old: Subscription,
         t: Duration,
     ) -> impl Future<Output = ()> + Send + 'static + use<H, P> {
+        let queue = old.queue.clone();
         let (channel, settled, left) = old.stop(t).await;
         if let (Ok(left), Some(partitions), Some(publisher)) =
             (left, &self.partitions, self.link.publisher())
@@ -544,7 +616,8 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     _partition: Some(settled.token()),
                     _permit: None,
                 };
-                if let Some(task) = P::accept(&partitions.handler, delivery, &publisher, in_flight)
+                if let Some(task) =
+                    P::accept(&partitions.handler, delivery, &publisher, in_flight, &queue)
                 {
                     self.tracker.spawn(task);
                 }
@@ -555,6 +628,25 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             settled.wait().await;
             tokio::time::sleep(ACK_SETTLE).await;
             let _ = timed("channel.close", t, channel.close(200, "renewed".into())).await;
+        }
+    }
+
+    /// `queue` as a [`Source`] for the handler.
+    fn source(
+        &self,
+        queue: &str,
+        connection: &Arc<Connection>,
+        publisher: &Arc<Publisher>,
+        lost: &mpsc::Sender<String>,
+    ) -> Source {
+        Source {
+            queue: queue.to_owned(),
+            connection: connection.clone(),
+            publisher: publisher.clone(),
+            tracker: self.tracker.clone(),
+            lost: lost.clone(),
+            amqp: self.settings.amqp.clone(),
+            grace: self.settings.grace,
         }
     }
 
@@ -594,14 +686,16 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
 /// Commands that take longer than the grace (a long outage, Redis away) go back to the queue
 /// with the channel while they still run here. That is safe: each holds its fleet claim, so the
 /// new owner waits for it instead of calling again and is answered from its recorded outcome.
-async fn release(
+async fn release<P: Handler>(
     partition: u16,
     subscription: Subscription,
     t: Duration,
     grace: Duration,
     consuming: Arc<watch::Sender<BTreeSet<u16>>>,
+    handler: Arc<P>,
 ) {
     let started = Instant::now();
+    let queue = subscription.queue.clone();
     let (channel, settled, left) = subscription.stop(t).await;
     let mut returned = 0usize;
     match left {
@@ -618,6 +712,8 @@ async fn release(
         }
     }
     settled.close();
+    // What was set aside for the partition's accounts goes with it, after what it started.
+    P::close(&handler, &queue).await;
     if tokio::time::timeout(grace, settled.wait()).await.is_err() {
         tracing::warn!(
             partition,
@@ -676,6 +772,7 @@ struct Stopped {
 /// What a partition's reader needs.
 struct Reader<P> {
     partition: u16,
+    queue: String,
     consumer: lapin::Consumer,
     handler: Arc<P>,
     publisher: Arc<Publisher>,
@@ -714,7 +811,9 @@ async fn read_partition<P: Handler>(mut r: Reader<P>) -> Option<Stopped> {
                     _partition: Some(r.settled.token()),
                     _permit: Some(permit),
                 };
-                if let Some(task) = P::accept(&r.handler, delivery, &r.publisher, in_flight) {
+                if let Some(task) =
+                    P::accept(&r.handler, delivery, &r.publisher, in_flight, &r.queue)
+                {
                     r.tracker.spawn(task);
                 }
                 continue;

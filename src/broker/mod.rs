@@ -1,6 +1,7 @@
 //! Everything that talks AMQP: the connection (to one node of a cluster, see [`nodes`]), the
 //! topology, the confirm-mode publisher, and the [`CurrentLink`] handle through which the rest of the process sees the current link.
 
+pub mod account_queue;
 pub mod connection;
 pub mod consumer;
 pub mod nodes;

@@ -50,7 +50,7 @@ pub async fn declare(channel: &Channel, amqp: &AmqpSettings) -> Result<(), Broke
 /// delivery limit, one consumer at a time (docs/contract.md §9). With a single active consumer,
 /// further replicas on the commands queue are hot standbys, and commands are taken in order by
 /// exactly one of them; on a partition, a new owner waits until the old one let go.
-fn commands_arguments(amqp: &AmqpSettings) -> FieldTable {
+pub(crate) fn commands_arguments(amqp: &AmqpSettings) -> FieldTable {
     let mut commands = quorum();
     commands.insert(
         "x-dead-letter-exchange".into(),
@@ -93,7 +93,7 @@ fn quorum() -> FieldTable {
     args
 }
 
-async fn queue(
+pub(crate) async fn queue(
     channel: &Channel,
     name: &str,
     args: FieldTable,
@@ -114,7 +114,7 @@ async fn queue(
 }
 
 /// PRECONDITION_FAILED (406) on a declare means "exists with other arguments".
-fn mismatch(error: BrokerError, name: &str) -> BrokerError {
+pub(crate) fn mismatch(error: BrokerError, name: &str) -> BrokerError {
     if let BrokerError::Amqp { source, .. } = &error {
         let text = source.to_string();
         if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {

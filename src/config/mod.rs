@@ -124,6 +124,10 @@ pub struct AmqpSettings {
     /// Longest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub reconnect_max_delay: Duration,
+    /// The broker's `consumer_timeout`: no delivery is held unacked for half of it
+    /// (docs/contract.md §12).
+    #[serde(with = "humantime_serde")]
+    pub consumer_timeout: Duration,
 }
 
 impl AmqpSettings {
@@ -183,6 +187,10 @@ pub struct BotSettings {
     /// Unique `jti` per token.
     #[serde(default)]
     pub token_jti: bool,
+    /// The account's commands in flight at most (docs/contract.md §12); `None`: half of
+    /// `amqp.prefetch`.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 fn default_rate_limit() -> u32 {
@@ -224,6 +232,10 @@ pub struct CommandSettings {
     /// How long an outcome is remembered.
     #[serde(with = "humantime_serde")]
     pub outcome_cache_ttl: Duration,
+    /// A command whose account cannot start it sooner than this is set aside in the account's
+    /// queue instead of waiting in memory (docs/contract.md §12).
+    #[serde(with = "humantime_serde")]
+    pub aside_after: Duration,
 }
 
 /// `[callbacks]`
@@ -384,6 +396,20 @@ pub fn redact_url(url: &str) -> String {
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl Settings {
+    /// `bot.max_in_flight`, or its default: as many calls as the account's budget can have
+    /// on the wire at once when each takes the whole `agentassist.request_timeout` (10 at the
+    /// vendor's 60 a minute and 10 s), so a healthy account never waits for a slot and a slow
+    /// one cannot take more than its budget could use.
+    pub fn max_in_flight(&self, bot: &BotSettings) -> u32 {
+        bot.max_in_flight.unwrap_or_else(|| {
+            let window = bot.rate_window.as_millis().max(1);
+            let calls = u128::from(bot.rate_limit)
+                .saturating_mul(self.agentassist.request_timeout.as_millis())
+                .div_ceil(window);
+            u32::try_from(calls).unwrap_or(u32::MAX).max(1)
+        })
+    }
+
     /// Loads the layers from the process environment and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_with_env(file, None)

@@ -19,12 +19,31 @@ impl Settings {
         self.agentassist.validate()?;
         validate_bots(&self.bots)?;
         self.commands.validate(&self.bots)?;
+        self.account_queues_have_names()?;
         self.retry.validate()?;
         self.callbacks.validate()?;
         self.fleet.validate()?;
         self.breaker.validate()?;
         self.telemetry.validate()?;
         self.durations_are_bounded()
+    }
+
+    /// Every account queue (`<commands_queue>[.p<k>].account.<account_id>`) has a name the
+    /// broker accepts: at most 255 bytes.
+    fn account_queues_have_names(&self) -> Result<(), ConfigError> {
+        for (i, bot) in self.bots.iter().enumerate() {
+            let longest = format!(
+                "{}.p{}.account.{}",
+                self.amqp.commands_queue, MAX_PARTITIONS, bot.account_id
+            );
+            if longest.len() > 255 {
+                return Err(invalid(
+                    format!("bots[{i}].account_id"),
+                    "too long: the account's queue name would pass the broker's 255 bytes",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// No duration past [`MAX_DURATION`], so deadlines computed from them cannot overflow.
@@ -35,6 +54,8 @@ impl Settings {
             ("amqp.operation_timeout", amqp.operation_timeout),
             ("amqp.reconnect_initial_delay", amqp.reconnect_initial_delay),
             ("amqp.reconnect_max_delay", amqp.reconnect_max_delay),
+            ("amqp.consumer_timeout", amqp.consumer_timeout),
+            ("commands.aside_after", self.commands.aside_after),
             (
                 "agentassist.request_timeout",
                 self.agentassist.request_timeout,
@@ -83,6 +104,9 @@ impl AmqpSettings {
         if self.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));
         }
+        if self.consumer_timeout < Duration::from_secs(4) {
+            return Err(invalid("amqp.consumer_timeout", "must be at least 4s"));
+        }
         for (key, name) in [
             ("amqp.commands_queue", &self.commands_queue),
             ("amqp.results_exchange", &self.results_exchange),
@@ -114,19 +138,20 @@ fn validate_bots(bots: &[BotSettings]) -> Result<(), ConfigError> {
         return Err(invalid("bots", "configure at least one [[bots]] entry"));
     }
     let mut streams = HashMap::with_capacity(bots.len());
-    let mut budgets: HashMap<&str, (u32, Duration)> = HashMap::with_capacity(bots.len());
+    let mut budgets: HashMap<&str, (u32, Duration, Option<u32>)> =
+        HashMap::with_capacity(bots.len());
     for (i, bot) in bots.iter().enumerate() {
         bot.validate(i)?;
         if streams.insert(bot.stream_id.as_str(), i).is_some() {
             return Err(invalid(format!("bots[{i}].stream_id"), "appears twice"));
         }
         // Bots of one account share one budget, so they must agree on what it is.
-        let budget = (bot.rate_limit, bot.rate_window);
+        let budget = (bot.rate_limit, bot.rate_window, bot.max_in_flight);
         if *budgets.entry(bot.account_id.as_str()).or_insert(budget) != budget {
             return Err(invalid(
                 "bots.rate_limit",
                 format!(
-                    "bots of account {} disagree on rate_limit/rate_window",
+                    "bots of account {} disagree on rate_limit/rate_window/max_in_flight",
                     bot.account_id
                 ),
             ));
@@ -163,6 +188,9 @@ impl BotSettings {
         if self.rate_window.is_zero() {
             return Err(invalid(key("rate_window"), "must be positive"));
         }
+        if self.max_in_flight == Some(0) {
+            return Err(invalid(key("max_in_flight"), "must be at least 1"));
+        }
         Ok(())
     }
 }
@@ -181,6 +209,9 @@ impl CommandSettings {
                 "commands.outcome_cache_max_bytes",
                 "must be at least 1",
             ));
+        }
+        if self.aside_after < Duration::from_millis(10) {
+            return Err(invalid("commands.aside_after", "must be at least 10ms"));
         }
         if self.outcome_cache_capacity == 0 {
             return Err(invalid(

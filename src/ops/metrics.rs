@@ -145,6 +145,16 @@ pub struct Metrics {
     pub breaker_probes: Family<ProbeLabels, Counter>,
     /// Commands waiting on the breaker right now (new ones, and retries held).
     pub breaker_held: Gauge,
+    /// Commands of an account waiting: in memory for a slot, or set aside in its queues.
+    pub account_waiting: Family<AccountLabels, Gauge>,
+    /// How long the oldest waiting command of an account has waited.
+    pub account_oldest_wait: Family<AccountLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Commands of an account holding one of its slots (waiting for a start, or calling).
+    pub account_in_flight: Family<AccountLabels, Gauge>,
+    /// Time commands of an account spent waiting for its budget.
+    pub account_budget_wait: Family<AccountLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Commands of an account set aside in its queues.
+    pub account_set_aside: Family<AccountLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -192,6 +202,11 @@ impl Metrics {
             breaker_open_time: Counter::default(),
             breaker_probes: Family::default(),
             breaker_held: Gauge::default(),
+            account_waiting: Family::default(),
+            account_oldest_wait: Family::default(),
+            account_in_flight: Family::default(),
+            account_budget_wait: Family::default(),
+            account_set_aside: Family::default(),
         };
         registry.register(
             "commands_received",
@@ -320,6 +335,33 @@ impl Metrics {
             "breaker_held",
             "Commands waiting on the open circuit breaker (new ones, and retries held)",
             m.breaker_held.clone(),
+        );
+        registry.register(
+            "account_waiting",
+            "Commands of an account waiting: in memory for a slot, or set aside in its own queues",
+            m.account_waiting.clone(),
+        );
+        registry.register_with_unit(
+            "account_oldest_wait",
+            "How long the oldest waiting command of an account has waited",
+            prometheus_client::registry::Unit::Seconds,
+            m.account_oldest_wait.clone(),
+        );
+        registry.register(
+            "account_in_flight",
+            "Commands of an account holding one of its bots.max_in_flight slots (waiting for a start, or calling)",
+            m.account_in_flight.clone(),
+        );
+        registry.register_with_unit(
+            "account_budget_wait",
+            "Time commands of an account spent waiting for its rate budget (or a 429 pause)",
+            prometheus_client::registry::Unit::Seconds,
+            m.account_budget_wait.clone(),
+        );
+        registry.register(
+            "account_set_aside",
+            "Commands of an account set aside in its own queue because it could not start them soon",
+            m.account_set_aside.clone(),
         );
         for kind in EventKind::ALL {
             // Zero-valued series exist from the start, so rates work from the first scrape.

@@ -100,10 +100,16 @@ fn provider(telemetry: &TelemetrySettings) -> Result<SdkTracerProvider, Telemetr
         .build())
 }
 
+/// Directives appended to `log.level`.
+const QUIET_CLIENT: &str = "lapin::channel=off";
+
 fn install(log: &LogSettings, provider: Option<&SdkTracerProvider>) {
+    // The AMQP client logs every channel the broker closes as an error, including the
+    // expected NOT_FOUND of looking for an account queue that does not exist; the worker
+    // reports the failures that matter itself, from the operation that failed.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(format!("{},{QUIET_CLIENT}", log.level)))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET_CLIENT}")));
     let json = match log.format {
         LogFormat::Json => true,
         LogFormat::Text => false,

@@ -95,12 +95,18 @@ impl Envelope {
 }
 
 /// The rules a command is read with.
+#[derive(Debug, Clone)]
 pub struct Parser {
     bots: Bots,
     max_age: Duration,
 }
 
 impl Parser {
+    /// The bots it reads commands for.
+    pub fn bots(&self) -> &Bots {
+        &self.bots
+    }
+
     /// A parser for these bots, with this `commands.max_age`.
     pub fn new(bots: Bots, max_age: Duration) -> Self {
         Self { bots, max_age }

@@ -16,7 +16,7 @@ use super::command::{Command, Envelope, Rejection};
 use super::event::{ErrorDetail, Event, EventKind, Subject};
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
-use crate::agentassist::transfer::{Abandoned, Outcome, Transfers};
+use crate::agentassist::transfer::{Abandoned, Outcome, Transfers, Unfinished};
 use crate::callbacks::token::RelayUrls;
 use crate::fleet::{Claim, Fleet};
 use crate::ops::metrics::Metrics;
@@ -85,11 +85,20 @@ pub enum Handled {
     Remembered(Arc<Event>),
     /// Not finished: it goes back to the queue, for this reason.
     Requeue(&'static str),
+    /// Not started: its account cannot start it within the `aside` it was given; it may wait
+    /// in the account's queue (docs/contract.md §12). Nothing was booked, called or
+    /// remembered, and its fleet claim is given up.
+    Aside,
 }
 
 /// Takes a read delivery to its outcome. The outcome is remembered before it is returned, so
-/// a publish lost with the connection is redone from memory.
-pub async fn handle(stages: &Stages, parsed: &Parsed) -> Handled {
+/// a publish lost with the connection is redone from memory. With `aside`, a command its
+/// account cannot start within that is handed back as [`Handled::Aside`].
+pub async fn handle(
+    stages: &Stages,
+    parsed: &Parsed,
+    aside: Option<std::time::Duration>,
+) -> Handled {
     if stages.abandon.is_cancelled() {
         return Handled::Requeue("shutting down");
     }
@@ -121,21 +130,24 @@ pub async fn handle(stages: &Stages, parsed: &Parsed) -> Handled {
         }
     }
     let decided = match fleet {
-        None => decide(stages, parsed).await,
+        None => decide(stages, parsed, aside).await,
         // The claim is renewed for as long as the command runs, however long it waits.
         Some(fleet) => tokio::select! {
             biased;
-            decided = decide(stages, parsed) => decided,
+            decided = decide(stages, parsed, aside) => decided,
             never = fleet.keep_claim(command_id) => match never {},
         },
     };
     let event = match decided {
         Ok(event) => Arc::new(event),
-        Err(Abandoned) => {
+        Err(unfinished) => {
             if let Some(fleet) = fleet
                 && let Err(e) = fleet.release(command_id).await
             {
                 tracing::warn!(error = %e, "could not give the claim up; it lapses after the lease");
+            }
+            if unfinished == Unfinished::Aside {
+                return Handled::Aside;
             }
             return Handled::Requeue("shutdown grace ran out");
         }
@@ -215,7 +227,11 @@ async fn claim(
 
 /// The outcome of a command not already completed: rejected, or carried out. A panic inside
 /// (a bug) ends this command alone, as `transfer.failed` with `error.kind = "internal"`.
-async fn decide(stages: &Stages, parsed: &Parsed) -> Result<Event, Abandoned> {
+async fn decide(
+    stages: &Stages,
+    parsed: &Parsed,
+    aside: Option<std::time::Duration>,
+) -> Result<Event, Unfinished> {
     let decided = AssertUnwindSafe(async {
         match &parsed.command {
             Err(rejection) => Ok(Event::rejected(
@@ -233,9 +249,10 @@ async fn decide(stages: &Stages, parsed: &Parsed) -> Result<Event, Abandoned> {
                 };
                 // Boxed, like the publish: a session task then holds only the phase it is in,
                 // not the largest of them, for every command in flight.
-                let execution = stages
-                    .transfers
-                    .execute(command, callback_url, &stages.abandon);
+                let execution =
+                    stages
+                        .transfers
+                        .execute(command, callback_url, &stages.abandon, aside);
                 Box::pin(execution)
                     .await
                     .map(|outcome| event_of(command, outcome))

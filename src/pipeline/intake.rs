@@ -58,6 +58,7 @@ impl Handler for Intake {
         delivery: Delivery,
         publisher: &Arc<Publisher>,
         in_flight: InFlight,
+        source: &str,
     ) -> Option<impl Future<Output = ()> + Send + 'static> {
         let envelope = Envelope::from_properties(&delivery.properties);
         // A bug while reading costs one command, never the intake: the pipeline reads it again
@@ -71,7 +72,7 @@ impl Handler for Intake {
         .ok()
         .flatten();
         let Some(session) = session else {
-            return Pipeline::accept(&this.pipeline, delivery, publisher, in_flight)
+            return Pipeline::accept(&this.pipeline, delivery, publisher, in_flight, source)
                 .map(Either::Left);
         };
         let partition = ownership::partition_of(&session, this.partition_count());

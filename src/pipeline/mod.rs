@@ -10,12 +10,14 @@ pub mod command;
 pub mod event;
 pub mod handle;
 pub mod intake;
+pub mod lanes;
 pub mod outcomes;
 pub mod sessions;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -23,12 +25,14 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tracing::Instrument;
 
-use crate::broker::consumer::{Handler, InFlight};
+use crate::agentassist::account::{Account, Slot, Waiting};
+use crate::broker::consumer::{Handler, InFlight, Source};
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
 use crate::ops::trace_context::{self, CommandTrace};
 use command::{Envelope, Parser, Rejection};
 use event::{Event, EventKind};
 use handle::{Handled, Parsed, Stages, handle, panic_message};
+use lanes::{Route, SourceLanes, Taken};
 use sessions::SessionQueues;
 
 /// Wait before returning a command whose outcome could not be published, so a broker that
@@ -42,6 +46,10 @@ pub struct Pipeline {
     sessions: SessionQueues<Job>,
     /// `amqp.operation_timeout`, for acks and nacks.
     operation_timeout: Duration,
+    /// Every account, for the lanes of each source.
+    accounts: Vec<Arc<Account>>,
+    /// The lanes of each source consumed (docs/fairness.md).
+    lanes: Mutex<HashMap<String, Arc<SourceLanes>>>,
 }
 
 /// A delivery, read, waiting for or in its session's turn.
@@ -51,6 +59,16 @@ struct Job {
     publisher: Arc<Publisher>,
     /// Released with the job, after its ack or return.
     _in_flight: InFlight,
+    /// Taken in directly, waiting for one of its account's slots.
+    waiting: Option<Waiting>,
+    /// One of its account's slots, once it has it.
+    slot: Option<Slot>,
+    /// Taken from its account's queue.
+    taken: Option<Taken>,
+    /// The lanes it was taken in by, directly: it may still be set aside there.
+    lanes: Option<Arc<SourceLanes>>,
+    /// It may not be set aside (a later command of its session already was).
+    stays: bool,
 }
 
 impl Handler for Pipeline {
@@ -59,11 +77,58 @@ impl Handler for Pipeline {
         delivery: Delivery,
         publisher: &Arc<Publisher>,
         in_flight: InFlight,
+        source: &str,
     ) -> Option<impl Future<Output = ()> + Send + 'static> {
         let job = this.read(delivery, publisher, in_flight);
-        let key = job.parsed.session_key();
-        let job = this.sessions.push(&key, job)?;
-        Some(this.clone().run_session(key, job))
+        let lanes = this.lanes_of(source);
+        match (&job.parsed.command, lanes) {
+            (Ok(command), Some(lanes)) => {
+                let account = command.bot.account.clone();
+                let queue_up = |job: Job| this.sessions.push(&job.parsed.session_key(), job);
+                match lanes.route(&account, job, queue_up) {
+                    Route::Here(job) => job.map(|job| this.clone().run_session(*job)),
+                    Route::Aside => None,
+                }
+            }
+            _ => this.queue_up(job).map(|job| this.clone().run_session(job)),
+        }
+    }
+
+    fn open(this: &Arc<Self>, source: Source) -> impl Future<Output = ()> + Send {
+        let lanes = {
+            let mut all = this.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            let fresh = || {
+                Arc::new(SourceLanes::new(
+                    source.clone(),
+                    Arc::downgrade(this),
+                    this.accounts.clone(),
+                ))
+            };
+            match all.get(&source.queue) {
+                Some(open) if !open.is_stale() => open.clone(),
+                _ => {
+                    let lanes = fresh();
+                    if let Some(stale) = all.insert(source.queue.clone(), lanes.clone()) {
+                        tokio::spawn(async move { stale.close().await });
+                    }
+                    lanes
+                }
+            }
+        };
+        async move { lanes.refresh().await }
+    }
+
+    fn close(this: &Arc<Self>, queue: &str) -> impl Future<Output = ()> + Send + 'static {
+        let lanes = this
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(queue);
+        async move {
+            if let Some(lanes) = lanes {
+                lanes.close().await;
+            }
+        }
     }
 }
 
@@ -71,11 +136,45 @@ impl Pipeline {
     /// A pipeline reading with `parser` and deciding with `stages`.
     pub fn new(parser: Parser, stages: Stages, operation_timeout: Duration) -> Self {
         Self {
+            accounts: parser.bots().accounts(),
             parser,
             stages,
             sessions: SessionQueues::default(),
             operation_timeout,
+            lanes: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn lanes_of(&self, source: &str) -> Option<Arc<SourceLanes>> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(source)
+            .cloned()
+    }
+
+    /// Queues a job behind its session; the job to run now, if the session was idle. A job
+    /// queued behind others gives its slot back until its turn.
+    fn queue_up(&self, mut job: Job) -> Option<Job> {
+        let slot = job.slot.take();
+        let mut job = self.sessions.push(&job.parsed.session_key(), job)?;
+        job.slot = slot;
+        Some(job)
+    }
+
+    /// Takes a command back from its account's queue, with the slot it will run in.
+    fn accept_aside(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        publisher: &Arc<Publisher>,
+        in_flight: InFlight,
+        slot: Slot,
+        taken: Taken,
+    ) -> Option<impl Future<Output = ()> + Send + 'static + use<>> {
+        let mut job = self.read(delivery, publisher, in_flight);
+        job.slot = Some(slot);
+        job.taken = Some(taken);
+        self.queue_up(job).map(|job| self.clone().run_session(job))
     }
 
     /// Reads a delivery once, at the edge.
@@ -109,16 +208,64 @@ impl Pipeline {
             parsed: Parsed { envelope, command },
             publisher: publisher.clone(),
             _in_flight: in_flight,
+            waiting: None,
+            slot: None,
+            taken: None,
+            lanes: None,
+            stays: false,
         }
     }
 
-    async fn run_session(self: Arc<Self>, key: String, job: Job) {
-        self.sessions
-            .run_in_order(&key, job, |job| self.run_one(job))
-            .await;
+    /// Runs a session's jobs one after another until it is idle. A job its account cannot
+    /// start soon is set aside with the jobs waiting behind it, if its lane allows; else it
+    /// runs here after all.
+    async fn run_session(self: Arc<Self>, mut job: Job) {
+        let key = job.parsed.session_key();
+        loop {
+            if let Some(aside) = self.run_one(job).await {
+                let lanes = aside
+                    .lanes
+                    .clone()
+                    .expect("only a job taken in is set aside");
+                match lanes.defer(Box::new(aside), || self.sessions.take_waiting(&key)) {
+                    Ok(()) => return,
+                    Err(stays) => {
+                        job = *stays;
+                        job.stays = true;
+                        continue;
+                    }
+                }
+            }
+            match self.sessions.next(&key) {
+                Some(next) => job = next,
+                None => return,
+            }
+        }
     }
 
-    async fn run_one(&self, job: Job) {
+    /// Runs one job; hands it back if it should be set aside instead.
+    async fn run_one(&self, mut job: Job) -> Option<Job> {
+        // A command runs in one of its account's slots (docs/contract.md §12).
+        let aside = match &job.parsed.command {
+            Ok(command) if job.lanes.is_some() && !job.stays => {
+                Some(command.bot.account.aside_after())
+            }
+            _ => None,
+        };
+        if let (Ok(command), None) = (&job.parsed.command, &job.slot) {
+            let account = command.bot.account.clone();
+            let wait = aside.unwrap_or(Duration::MAX);
+            tokio::select! {
+                biased;
+                // Handled below: the command goes back to the queue.
+                () = self.stages.abandon.cancelled() => {}
+                slot = tokio::time::timeout(wait, account.slot()) => match slot {
+                    Ok(slot) => job.slot = Some(slot),
+                    // Every slot stayed taken: it may wait in the account queue instead.
+                    Err(_) => return Some(job),
+                },
+            }
+        }
         let incoming = &job.parsed.envelope.trace;
         let preset = CommandTrace::preset(incoming);
         // `None` records nothing until the trace id is known.
@@ -138,10 +285,14 @@ impl Pipeline {
         if preset != Some(trace.trace_id) {
             span.record("trace_id", trace.trace_id_hex());
         }
-        let processing = trace_context::scope(trace, self.process(&job));
+        let processing = trace_context::scope(trace, self.process(&mut job, aside));
         let done = AssertUnwindSafe(processing.instrument(span.clone()))
             .catch_unwind()
             .await;
+        if let Ok(true) = done {
+            return Some(job);
+        }
+        job.waiting = None;
         if let Err(panic) = done {
             // Past the decision (which has its own guard): publishing or acking panicked. The
             // command goes back to the queue; its outcome, if decided, is remembered.
@@ -152,19 +303,31 @@ impl Pipeline {
                     "processing a command panicked; returning it to the queue"
                 );
             });
-            self.requeue(&job, "internal error").instrument(span).await;
+            self.requeue(&mut job, "internal error")
+                .instrument(span)
+                .await;
         }
         self.stages.metrics.commands_in_flight.dec();
+        None
     }
 
-    async fn process(&self, job: &Job) {
+    /// Takes the job to its outcome, publishes it and acks; true if it is to be set aside
+    /// instead (nothing was done for it).
+    async fn process(&self, job: &mut Job, aside: Option<Duration>) -> bool {
         if !job.publisher.is_connected() {
             // Its connection is gone; the broker has already put it back on the queue.
-            return;
+            return false;
         }
-        let event = match handle(&self.stages, &job.parsed).await {
+        let handled = handle(&self.stages, &job.parsed, aside).await;
+        // The call is over: its slot is free for the account's next command.
+        job.slot = None;
+        let event = match handled {
             Handled::Decided(event) | Handled::Remembered(event) => event,
-            Handled::Requeue(why) => return self.requeue(job, why).await,
+            Handled::Requeue(why) => {
+                self.requeue(job, why).await;
+                return false;
+            }
+            Handled::Aside => return true,
         };
         let command_id = job.parsed.command_id();
         let props = &job.delivery.properties;
@@ -201,9 +364,13 @@ impl Pipeline {
                 self.requeue(job, "outcome not confirmed").await;
             }
         }
+        false
     }
 
-    async fn requeue(&self, job: &Job, why: &str) {
+    async fn requeue(&self, job: &mut Job, why: &str) {
+        if let Some(taken) = &mut job.taken {
+            taken.returned();
+        }
         self.stages.metrics.commands_requeued.inc();
         tracing::info!(why, "returning the command to the queue");
         let nack = job.delivery.acker.nack(BasicNackOptions {

@@ -51,6 +51,13 @@ impl<J> SessionQueues<J> {
         next
     }
 
+    /// Takes every job waiting in `session` and marks it idle: its running job was moved
+    /// elsewhere, and they go with it, in order.
+    pub fn take_waiting(&self, session: &str) -> Vec<J> {
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        busy.remove(session).map(Vec::from).unwrap_or_default()
+    }
+
     /// Runs `job` and then, one after another, the session's jobs queued behind it, until the
     /// session is idle: what the task that got a job from [`SessionQueues::push`] does.
     pub async fn run_in_order<F, Fut>(&self, session: &str, mut job: J, mut run: F)

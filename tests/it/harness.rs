@@ -243,6 +243,45 @@ pub async fn take_all(channel: &Channel, queue: &str) -> Vec<lapin::message::Del
     taken
 }
 
+/// The commandIds of what is left in `queues` (taken off them), once nothing consumes
+/// them; a queue that does not exist holds nothing.
+pub async fn left_in(queues: &[String]) -> Vec<String> {
+    let (conn, channel) = test_channel().await;
+    let mut ids = Vec::new();
+    for queue in queues {
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // A channel of its own: a passive declare of a missing queue closes it.
+            let probe = conn.create_channel().await.expect("a channel");
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match probe
+                .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                .await
+            {
+                Ok(q) if q.consumer_count() == 0 => {
+                    ids.extend(take_all(&channel, queue).await.iter().map(|d| {
+                        let json: Value = serde_json::from_slice(&d.data).unwrap_or_default();
+                        json["commandId"].as_str().unwrap_or_default().to_owned()
+                    }));
+                    break;
+                }
+                Ok(_) => {
+                    assert!(
+                        tokio::time::Instant::now() < until,
+                        "{queue} is still consumed"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    ids
+}
+
 /// A private queue bound to every event of the results exchange `exchange`.
 pub async fn events_queue(channel: &Channel, exchange: &str) -> String {
     let queue = private_queue(channel).await;
@@ -391,11 +430,15 @@ impl Harness {
             settings.amqp.dead_letter_queue.clone(),
         ];
         // A fleet that shares work declares its partition queues too.
-        if settings.fleet.enabled() {
-            queues.extend((0..settings.fleet.partitions).map(|k| {
-                transfer_worker::fleet::ownership::partition_queue(&settings.amqp.commands_queue, k)
-            }));
-        }
+        let partitions = if settings.fleet.enabled() {
+            settings.fleet.partitions
+        } else {
+            0
+        };
+        queues.extend((0..partitions).map(|k| {
+            transfer_worker::fleet::ownership::partition_queue(&settings.amqp.commands_queue, k)
+        }));
+        queues.extend(account_queues(&settings, partitions));
         let cleanup = Cleanup::new(
             queues,
             vec![
@@ -535,6 +578,23 @@ impl Harness {
         self.stop_app().await
     }
 
+    /// The commandIds of what is left in `queues`: see [`left_in`].
+    pub async fn left_in(&self, queues: &[String]) -> Vec<String> {
+        left_in(queues).await
+    }
+
+    /// The commandIds of the events still to be read, until none comes for a second.
+    pub async fn drain_events(&mut self) -> Vec<String> {
+        let mut ids = Vec::new();
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_secs(1), self.events.next()).await
+        {
+            let json: Value = serde_json::from_slice(&d.data).unwrap_or_default();
+            ids.push(json["commandId"].as_str().unwrap_or_default().to_owned());
+        }
+        ids
+    }
+
     /// Like [`Harness::stop`], keeping the simulator and the broker view for later checks.
     pub async fn stop_app(&mut self) -> Result<(), AppError> {
         self.shutdown.stop.cancel();
@@ -639,6 +699,30 @@ pub fn sorted_keys(v: &Value) -> Vec<&str> {
         .collect();
     keys.sort();
     keys
+}
+
+/// Every account queue the worker may set commands aside in: one per account beside the
+/// commands queue and beside each of `partitions` partitions.
+pub fn account_queues(settings: &Settings, partitions: u16) -> Vec<String> {
+    let q = &settings.amqp.commands_queue;
+    let mut sources = vec![q.clone()];
+    sources
+        .extend((0..partitions).map(|k| transfer_worker::fleet::ownership::partition_queue(q, k)));
+    let mut accounts: Vec<&str> = settings
+        .bots
+        .iter()
+        .map(|b| b.account_id.as_str())
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    sources
+        .iter()
+        .flat_map(|source| {
+            accounts
+                .iter()
+                .map(move |a| transfer_worker::broker::account_queue::name(source, a))
+        })
+        .collect()
 }
 
 /// An agent transfer for session `session`.

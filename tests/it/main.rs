@@ -8,6 +8,7 @@ mod cluster;
 mod contract;
 mod dashboard;
 mod dead_letters;
+mod fairness;
 mod fleet;
 mod hardening;
 mod harness;

@@ -66,6 +66,18 @@ pub struct FleetSpec {
     pub latency: Duration,
     /// Further `TRANSFER__…` variables for every replica.
     pub env: Vec<(String, String)>,
+    /// Bots of further accounts, beside the default bot (paced by `rate_limit`).
+    pub more_bots: Vec<BotSpec>,
+}
+
+/// A bot of an account of its own.
+#[derive(Clone, Debug)]
+pub struct BotSpec {
+    pub stream_id: String,
+    pub account_id: String,
+    pub rate_limit: u32,
+    pub rate_window: &'static str,
+    pub max_in_flight: Option<u32>,
 }
 
 impl Default for FleetSpec {
@@ -78,6 +90,7 @@ impl Default for FleetSpec {
             prefetch: 32,
             latency: Duration::ZERO,
             env: Vec::new(),
+            more_bots: Vec::new(),
         }
     }
 }
@@ -291,6 +304,23 @@ fn config_file(settings: &Settings, spec: &FleetSpec) -> tempfile::NamedTempFile
         s(spec.rate_window),
     )
     .unwrap();
+    for more in &spec.more_bots {
+        write!(
+            file,
+            "[[bots]]\nstream_id = {}\naccount_id = {}\nclient_id = {}\nclient_secret = {}\n\
+             rate_limit = {}\nrate_window = {}\n",
+            s(&more.stream_id),
+            s(&more.account_id),
+            s(&bot.client_id),
+            s(bot.client_secret.as_ref().unwrap().expose_secret()),
+            more.rate_limit,
+            s(more.rate_window),
+        )
+        .unwrap();
+        if let Some(max) = more.max_in_flight {
+            writeln!(file, "max_in_flight = {max}").unwrap();
+        }
+    }
     file.flush().unwrap();
     file
 }
@@ -318,11 +348,19 @@ impl Fleet {
 
     async fn assemble(
         spec: FleetSpec,
-        settings: Settings,
+        mut settings: Settings,
         conn: Connection,
         channel: Channel,
     ) -> Self {
         crate::init_logs();
+        for more in &spec.more_bots {
+            let mut bot = settings.bots[0].clone();
+            bot.stream_id = more.stream_id.clone();
+            bot.account_id = more.account_id.clone();
+            bot.rate_limit = more.rate_limit;
+            bot.max_in_flight = more.max_in_flight;
+            settings.bots.push(bot);
+        }
         let amqp = &settings.amqp;
         let partitions = if spec.redis_url.is_some() {
             spec.env
@@ -336,6 +374,7 @@ impl Fleet {
         };
         let mut queues = vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()];
         queues.extend((0..partitions).map(|k| partition_queue(&amqp.commands_queue, k)));
+        queues.extend(crate::harness::account_queues(&settings, partitions));
         let cleanup = Cleanup::new(
             queues,
             vec![

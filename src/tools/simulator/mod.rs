@@ -25,7 +25,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -185,6 +185,7 @@ impl Simulator {
             callbacks: Mutex::new(JoinSet::new()),
             stop: stop_rx.clone(),
             outage: std::sync::atomic::AtomicU16::new(0),
+            latency_of: Mutex::new(HashMap::new()),
         });
 
         let app = Router::new()
@@ -229,6 +230,12 @@ impl Simulator {
     /// front of a failed API would), and nothing is transferred. Scripted replies wait.
     pub fn start_outage(&self, status: u16) {
         self.shared.outage.store(status, Ordering::Relaxed);
+    }
+
+    /// Calls for `stream_id` take `latency` from now on, instead of the configured one: one
+    /// slow bot (account) beside fast ones.
+    pub fn set_latency(&self, stream_id: &str, latency: Duration) {
+        lock(&self.shared.latency_of).insert(stream_id.to_owned(), latency);
     }
 
     /// Ends the outage: requests are checked and answered as before.

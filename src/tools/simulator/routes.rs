@@ -57,6 +57,7 @@ pub(super) async fn assign_conversation(
     let checked = shared
         .checker
         .check(&recorded.stream_id, &parts.headers, &recorded.body);
+    let recorded_stream = recorded.stream_id.clone();
     let seq = shared.arrive(recorded);
     if let Some(status) = shared.outage() {
         shared.answered(seq, status.as_u16());
@@ -69,8 +70,9 @@ pub(super) async fn assign_conversation(
 
     let (answer_tx, answer_rx) = oneshot::channel();
     let task_shared = Arc::clone(&shared);
+    let latency = shared.latency(&recorded_stream);
     spawn_tracked(&shared.inflight, async move {
-        if let Some(response) = answer(task_shared, transfer, seq).await {
+        if let Some(response) = answer(task_shared, transfer, seq, latency).await {
             // The client may have gone; the transfer stands regardless.
             let _ = answer_tx.send(response);
         }
@@ -126,10 +128,15 @@ pub(super) async fn reject(shared: &Shared, seq: u64, rejection: Rejection) -> R
 }
 
 /// Decides and records the answer to a valid request; `None` for a hang.
-pub(super) async fn answer(shared: Arc<Shared>, transfer: Transfer, seq: u64) -> Option<Response> {
+pub(super) async fn answer(
+    shared: Arc<Shared>,
+    transfer: Transfer,
+    seq: u64,
+    latency: Duration,
+) -> Option<Response> {
     let mut stop = shared.stop.clone();
     let interrupted = tokio::select! {
-        () = tokio::time::sleep(shared.config.latency) => false,
+        () = tokio::time::sleep(latency) => false,
         () = stopped(&mut stop) => true,
     };
     if interrupted {

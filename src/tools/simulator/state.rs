@@ -19,6 +19,8 @@ pub(super) struct Shared {
     pub(super) stop: watch::Receiver<bool>,
     /// During a simulated outage, the status every API request is answered with; 0 otherwise.
     pub(super) outage: std::sync::atomic::AtomicU16,
+    /// Latencies of particular bots, instead of the configured one.
+    pub(super) latency_of: Mutex<HashMap<String, Duration>>,
 }
 
 #[derive(Default)]
@@ -49,6 +51,14 @@ impl Log {
 }
 
 impl Shared {
+    /// The latency of calls for `stream_id`.
+    pub(super) fn latency(&self, stream_id: &str) -> Duration {
+        lock(&self.latency_of)
+            .get(stream_id)
+            .copied()
+            .unwrap_or(self.config.latency)
+    }
+
     /// Records a request as it arrives; returns its arrival number.
     pub(super) fn arrive(&self, mut request: RecordedRequest) -> u64 {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,405 @@
+//! One account at the vendor, as this worker sees it (docs/contract.md §12): its rate budget
+//! ([`Pacer`]), its cap on commands in flight, and whether it is *congested* — its next start is
+//! further away than `commands.aside_after`, or it already has as many commands waiting in
+//! memory as its cap. A congested account's new commands are set aside in its own queue
+//! (see `pipeline::lanes`) instead of holding the worker's prefetch, so another account's
+//! commands never wait behind them.
+//!
+//! Bots that share an account share one `Account`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::pacer::Pacer;
+use crate::ops::metrics::{AccountLabels, Metrics};
+
+/// The account's series, labelled with its id.
+#[derive(Debug, Clone, Default)]
+pub struct AccountMetrics {
+    /// Commands waiting: in memory for a slot or a start, and set aside in its queues.
+    pub waiting: Gauge,
+    /// How long the oldest of them has waited.
+    pub oldest_wait: Gauge<f64, AtomicU64>,
+    /// Commands holding one of the account's slots (waiting for a start, or calling).
+    pub in_flight: Gauge,
+    /// Time commands spent waiting for the account's budget.
+    pub budget_wait: Counter<f64, AtomicU64>,
+    /// Commands set aside in the account's queues.
+    pub set_aside: Counter,
+}
+
+impl AccountMetrics {
+    /// The series of `account` in `metrics`, created (at zero) if new.
+    pub fn of(metrics: &Metrics, account: &str) -> Self {
+        let labels = AccountLabels {
+            account: account.to_owned(),
+        };
+        Self {
+            waiting: metrics.account_waiting.get_or_create(&labels).clone(),
+            oldest_wait: metrics.account_oldest_wait.get_or_create(&labels).clone(),
+            in_flight: metrics.account_in_flight.get_or_create(&labels).clone(),
+            budget_wait: metrics.account_budget_wait.get_or_create(&labels).clone(),
+            set_aside: metrics.account_set_aside.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+/// One account's budget, slots and congestion.
+#[derive(Debug)]
+pub struct Account {
+    /// The account id.
+    pub id: String,
+    /// The account's budget in this process (a fleet paces through Redis instead).
+    pub pacer: Pacer,
+    /// `bots.max_in_flight`, as applied (see [`effective_cap`]).
+    cap: usize,
+    /// One permit per command in flight: from its slot to the end of its execution.
+    slots: Arc<Semaphore>,
+    /// `commands.aside_after`.
+    aside_after: Duration,
+    /// Instants are kept as microseconds since this.
+    epoch: Instant,
+    /// Congested until then (µs since `epoch`): a start was found that far away.
+    congested_until: AtomicU64,
+    /// Commands taken in directly and not yet holding a slot, by admission number, with the
+    /// instant they were taken in.
+    waiting: Mutex<BTreeMap<u64, Instant>>,
+    /// Admission numbers.
+    admitted: AtomicU64,
+    /// Commands set aside and not yet settled, over every lane of this process.
+    aside: AtomicUsize,
+    /// Since when the oldest command set aside has waited, per lane.
+    aside_since: Mutex<BTreeMap<String, std::time::SystemTime>>,
+    metrics: AccountMetrics,
+}
+
+/// The cap applied: `max_in_flight`, but no more than the budget can start in a quarter of
+/// the broker's `consumer_timeout`, so no delivery waits in memory for half of it (a waiting
+/// command has at most twice the cap ahead of it).
+pub fn effective_cap(
+    max_in_flight: u32,
+    rate_limit: u32,
+    rate_window: Duration,
+    consumer_timeout: Duration,
+) -> usize {
+    let quarter = consumer_timeout / 4;
+    let window = rate_window.max(Duration::from_millis(1));
+    // Starts the budget allows in a quarter of the timeout, computed without overflow.
+    let starts = u128::from(rate_limit).saturating_mul(quarter.as_millis()) / window.as_millis();
+    let bound = usize::try_from(starts).unwrap_or(usize::MAX).max(1);
+    usize::try_from(max_in_flight)
+        .unwrap_or(usize::MAX)
+        .clamp(1, bound)
+}
+
+/// A command taken in directly, waiting in memory for its slot; leaves the count on drop.
+#[derive(Debug)]
+pub struct Waiting {
+    account: Arc<Account>,
+    number: u64,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.account
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.number);
+    }
+}
+
+/// A slot of the account: held from the moment a command may start until its execution ends.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    in_flight: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
+impl Account {
+    /// An account with `limit` calls per `window`, `cap` commands in flight, set aside when
+    /// its next start is further than `aside_after`.
+    pub fn new(
+        id: &str,
+        limit: u32,
+        window: Duration,
+        cap: usize,
+        aside_after: Duration,
+        metrics: AccountMetrics,
+    ) -> Self {
+        Self {
+            id: id.to_owned(),
+            pacer: Pacer::new(limit, window),
+            cap: cap.max(1),
+            slots: Arc::new(Semaphore::new(cap.max(1))),
+            aside_after,
+            epoch: Instant::now(),
+            congested_until: AtomicU64::new(0),
+            waiting: Mutex::new(BTreeMap::new()),
+            admitted: AtomicU64::new(0),
+            aside: AtomicUsize::new(0),
+            aside_since: Mutex::new(BTreeMap::new()),
+            metrics,
+        }
+    }
+
+    /// Commands in flight at most.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// `commands.aside_after`.
+    pub fn aside_after(&self) -> Duration {
+        self.aside_after
+    }
+
+    /// Its series.
+    pub fn metrics(&self) -> &AccountMetrics {
+        &self.metrics
+    }
+
+    fn micros_since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a new command should be set aside rather than wait in memory: the account's
+    /// next start is known to be further than `aside_after`, or a command waited longer than
+    /// that for a slot.
+    pub fn congested(&self) -> bool {
+        let now = self.micros_since_epoch(Instant::now());
+        now < self.congested_until.load(Ordering::Relaxed)
+    }
+
+    /// Takes a command in directly, unless the account is congested.
+    pub fn take_in(self: &Arc<Self>) -> Option<Waiting> {
+        if self.congested() {
+            return None;
+        }
+        let number = self.admitted.fetch_add(1, Ordering::Relaxed);
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(number, Instant::now());
+        Some(Waiting {
+            account: self.clone(),
+            number,
+        })
+    }
+
+    /// Commands taken in directly and not yet holding a slot.
+    pub fn waiting_in_memory(&self) -> usize {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Waits for a slot. A wait longer than `aside_after` marks the account congested for as
+    /// long again, so commands behind it are set aside meanwhile.
+    pub async fn slot(&self) -> Slot {
+        let acquire = self.slots.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            match tokio::time::timeout(self.aside_after, &mut acquire).await {
+                Ok(permit) => break permit.expect("the slots semaphore is never closed"),
+                Err(_) => self.congest_for(self.aside_after),
+            }
+        };
+        self.metrics.in_flight.inc();
+        Slot {
+            _permit: permit,
+            in_flight: self.metrics.in_flight.clone(),
+        }
+    }
+
+    /// A slot if one is free now.
+    pub fn try_slot(&self) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.metrics.in_flight.inc();
+        Some(Slot {
+            _permit: permit,
+            in_flight: self.metrics.in_flight.clone(),
+        })
+    }
+
+    /// A start was booked (or found) `delay` away: past `aside_after`, the account is
+    /// congested until the start is that close again. Counts the wait.
+    pub fn starts_in(&self, delay: Duration) {
+        if delay > self.aside_after {
+            self.congest_for(delay.saturating_sub(self.aside_after));
+        }
+    }
+
+    /// Time spent waiting for the budget.
+    pub fn waited_for_budget(&self, waited: Duration) {
+        self.metrics.budget_wait.inc_by(waited.as_secs_f64());
+    }
+
+    fn congest_for(&self, d: Duration) {
+        let until = Instant::now().checked_add(d).unwrap_or_else(Instant::now);
+        self.congested_until
+            .fetch_max(self.micros_since_epoch(until), Ordering::Relaxed);
+    }
+
+    /// Commands set aside (in a lane's inbox, in an account queue, or taken from it and not
+    /// settled) went up or down by `delta`.
+    pub fn aside_changed(&self, delta: isize) {
+        if delta >= 0 {
+            self.aside
+                .fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            let _ = self
+                .aside
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(delta.unsigned_abs()))
+                });
+        }
+    }
+
+    /// Notes since when the head of `lane`'s queue has waited; `None` when it is empty.
+    pub fn lane_head(&self, lane: &str, since: Option<std::time::SystemTime>) {
+        let mut heads = self
+            .aside_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match since {
+            Some(since) => {
+                heads.insert(lane.to_owned(), since);
+            }
+            None => {
+                heads.remove(lane);
+            }
+        }
+    }
+
+    /// Sets the gauges of waiting commands and of the oldest wait.
+    pub fn refresh_gauges(&self) {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let in_memory = waiting.len();
+        let oldest_in_memory = waiting.values().next().map(|t| t.elapsed());
+        drop(waiting);
+        let aside = self.aside.load(Ordering::Relaxed);
+        let oldest_aside = self
+            .aside_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .min()
+            .and_then(|since| since.elapsed().ok());
+        let total = in_memory.saturating_add(aside);
+        self.metrics
+            .waiting
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        let oldest = oldest_in_memory
+            .into_iter()
+            .chain(oldest_aside)
+            .max()
+            .unwrap_or_default();
+        self.metrics.oldest_wait.set(oldest.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(cap: usize, aside_after: Duration) -> Arc<Account> {
+        Arc::new(Account::new(
+            "a",
+            60,
+            Duration::from_secs(60),
+            cap,
+            aside_after,
+            AccountMetrics::default(),
+        ))
+    }
+
+    #[test]
+    fn takes_in_up_to_the_cap_of_waiting_commands() {
+        let a = account(2, Duration::from_secs(1));
+        let one = a.take_in().expect("room");
+        let _two = a.take_in().expect("room");
+        assert!(a.take_in().is_none(), "two wait already");
+        drop(one);
+        assert!(a.take_in().is_some(), "room again once one took its slot");
+    }
+
+    #[test]
+    fn a_far_start_congests_until_it_is_near() {
+        let a = account(8, Duration::from_millis(100));
+        a.starts_in(Duration::from_millis(50));
+        assert!(
+            !a.congested(),
+            "a start within aside_after is no congestion"
+        );
+        a.starts_in(Duration::from_millis(400));
+        assert!(a.congested());
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(!a.congested(), "the start is near again");
+    }
+
+    #[tokio::test]
+    async fn a_long_wait_for_a_slot_congests() {
+        let a = account(1, Duration::from_millis(50));
+        let held = a.try_slot().expect("free");
+        assert!(a.try_slot().is_none());
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.slot().await })
+        };
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(a.congested(), "the slot wait outlasted aside_after");
+        drop(held);
+        let _slot = waiter.await.unwrap();
+    }
+
+    #[test]
+    fn the_cap_bounds_the_wait_to_a_quarter_of_the_consumer_timeout() {
+        let half_hour = Duration::from_secs(1800);
+        assert_eq!(
+            effective_cap(32, 60, Duration::from_secs(60), half_hour),
+            32
+        );
+        // One call a minute: no more than 7 may queue up for a 7.5-minute quarter.
+        assert_eq!(effective_cap(32, 1, Duration::from_secs(60), half_hour), 7);
+        assert_eq!(effective_cap(0, 1, Duration::from_secs(3600), half_hour), 1);
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Any configured numbers: never zero, never past what was asked, never a panic.
+            #[test]
+            fn effective_cap_is_bounded(
+                max in any::<u32>(),
+                limit in any::<u32>(),
+                window_ms in any::<u64>(),
+                timeout_ms in any::<u64>(),
+            ) {
+                let cap = effective_cap(
+                    max,
+                    limit,
+                    Duration::from_millis(window_ms),
+                    Duration::from_millis(timeout_ms),
+                );
+                prop_assert!(cap >= 1);
+                prop_assert!(cap <= usize::try_from(max.max(1)).unwrap());
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! An account's own queue beside a source queue (docs/contract.md §12, docs/fairness.md):
+//! `<source>.account.<account_id>`, where commands of an account that cannot start soon wait,
+//! out of the way of every other account's. It has the commands queue's arguments (quorum,
+//! dead-lettered past the delivery limit, one consumer at a time), exists only while the
+//! account has commands set aside there, and is consumed by whoever consumes its source.
+
+use lapin::Connection;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+
+use super::{BrokerError, timed, topology};
+use crate::config::AmqpSettings;
+
+/// The account queue of `account` beside `source`.
+pub fn name(source: &str, account: &str) -> String {
+    format!("{source}.account.{account}")
+}
+
+/// Declares the queue; returns how many messages it holds.
+pub async fn declare(
+    connection: &Connection,
+    amqp: &AmqpSettings,
+    queue: &str,
+) -> Result<u32, BrokerError> {
+    let t = amqp.operation_timeout;
+    let channel = timed("channel.open", t, connection.create_channel()).await?;
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let declared = timed(
+        "queue.declare",
+        t,
+        channel.queue_declare(queue.into(), options, topology::commands_arguments(amqp)),
+    )
+    .await
+    .map_err(|e| topology::mismatch(e, queue));
+    let _ = timed("channel.close", t, channel.close(200, "declared".into())).await;
+    Ok(declared?.message_count())
+}
+
+/// Whether the queue exists, and how many messages it holds. Asked on a channel of its own,
+/// which the broker closes when the queue does not exist.
+pub async fn probe(
+    connection: &Connection,
+    amqp: &AmqpSettings,
+    queue: &str,
+) -> Result<Option<u32>, BrokerError> {
+    let t = amqp.operation_timeout;
+    let channel = timed("channel.open", t, connection.create_channel()).await?;
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let probed = timed(
+        "queue.declare",
+        t,
+        channel.queue_declare(queue.into(), options, Default::default()),
+    )
+    .await;
+    match probed {
+        Ok(declared) => {
+            let _ = timed("channel.close", t, channel.close(200, "probed".into())).await;
+            Ok(Some(declared.message_count()))
+        }
+        Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes the queue if it holds no message; false if it does (and stays).
+pub async fn delete_if_empty(
+    connection: &Connection,
+    amqp: &AmqpSettings,
+    queue: &str,
+) -> Result<bool, BrokerError> {
+    let t = amqp.operation_timeout;
+    let channel = timed("channel.open", t, connection.create_channel()).await?;
+    let options = QueueDeleteOptions {
+        if_empty: true,
+        ..Default::default()
+    };
+    match timed(
+        "queue.delete",
+        t,
+        channel.queue_delete(queue.into(), options),
+    )
+    .await
+    {
+        Ok(_) => {
+            let _ = timed("channel.close", t, channel.close(200, "deleted".into())).await;
+            Ok(true)
+        }
+        Err(BrokerError::Amqp { source, .. })
+            if source.to_string().contains("PRECONDITION_FAILED") =>
+        {
+            Ok(false)
+        }
+        Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}

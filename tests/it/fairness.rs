@@ -1,0 +1,386 @@
+//! Fairness between accounts (docs/contract.md §12): one account's backlog never holds
+//! another's commands, the backlogged account still gets exactly its budget, and one account
+//! whose calls are slow cannot take every slot.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use transfer_worker::config::Settings;
+use transfer_worker::tools::simulator::{self, RecordedRequest, SimulatorConfig};
+
+use transfer_worker::broker::account_queue;
+
+use crate::harness::{EVENT_WAIT, Harness, Received, agent_command};
+use crate::replicas::{BotSpec, Fleet, FleetSpec, redis_url};
+
+/// The quiet account's bot.
+const QUIET_STREAM: &str = "st-00000000-0000-4000-8000-0000000000b1";
+const NOISY: &str = "acc-noisy";
+const QUIET: &str = "acc-quiet";
+
+/// How long a quiet command may take from publish to its event (docs/contract.md §12).
+const QUIET_BOUND: Duration = Duration::from_secs(2);
+
+/// Two accounts: the default bot's, paced at `limit` per `window`, and a quiet one with budget
+/// to spare; the API answers in 100 ms.
+fn two_accounts(s: &mut Settings, sim: &mut SimulatorConfig, limit: u32, window: Duration) {
+    s.bots[0].account_id = NOISY.into();
+    s.bots[0].rate_limit = limit;
+    s.bots[0].rate_window = window;
+    let mut quiet = s.bots[0].clone();
+    quiet.stream_id = QUIET_STREAM.into();
+    quiet.account_id = QUIET.into();
+    quiet.rate_limit = 10_000;
+    quiet.rate_window = Duration::from_secs(1);
+    s.bots.push(quiet);
+    sim.bots = simulator::bots_from_settings(s);
+    sim.latency = Duration::from_millis(100);
+}
+
+fn command(stream: &str, id: &str, session: &str) -> Value {
+    let mut c = agent_command(id, session);
+    c["streamId"] = json!(stream);
+    c
+}
+
+/// The calls the simulator saw for `account`, in arrival order.
+fn calls_of(requests: &[RecordedRequest], account: &str) -> Vec<RecordedRequest> {
+    requests
+        .iter()
+        .filter(|r| r.account_id.as_deref() == Some(account))
+        .cloned()
+        .collect()
+}
+
+/// Asserts that no `window` holds more than `limit` of `calls` (by arrival), and, while the
+/// account had a backlog, that every window held `limit`: call n + limit came no later than
+/// `window` plus `slack` after call n.
+fn assert_exact_budget(calls: &[RecordedRequest], limit: usize, window: Duration, slack: Duration) {
+    assert!(
+        calls.len() > limit,
+        "too few calls to judge: {}",
+        calls.len()
+    );
+    for pair in calls.windows(limit + 1) {
+        let (first, last) = (pair[0].received_at, pair[limit].received_at);
+        let apart = last.duration_since(first);
+        assert!(
+            apart >= window,
+            "{} calls within {apart:?}: over the budget of {limit} per {window:?}",
+            limit + 1
+        );
+        assert!(
+            apart <= window + slack,
+            "calls {} and {} were {apart:?} apart: the account lost budget while it had a backlog",
+            pair[0].seq,
+            pair[limit].seq
+        );
+    }
+}
+
+/// One worker or a fleet, as these tests drive it.
+trait Rig {
+    async fn send(&self, command: &Value);
+    async fn event(&mut self) -> Received;
+}
+
+impl Rig for Harness {
+    async fn send(&self, command: &Value) {
+        self.publish(command).await;
+    }
+    async fn event(&mut self) -> Received {
+        self.next_event().await
+    }
+}
+
+impl Rig for Fleet {
+    async fn send(&self, command: &Value) {
+        self.publish(command).await;
+    }
+    async fn event(&mut self) -> Received {
+        self.next_event_within(EVENT_WAIT)
+            .await
+            .expect("an event in time")
+    }
+}
+
+/// Publishes the quiet account's commands one by one and returns how long each took to its
+/// event; events of other accounts arriving meanwhile are collected in `others`.
+async fn quiet_latencies(rig: &mut impl Rig, n: usize, others: &mut Vec<String>) -> Vec<Duration> {
+    let mut published = HashMap::new();
+    for i in 0..n {
+        let id = format!("quiet-{i}");
+        rig.send(&command(QUIET_STREAM, &id, &format!("s-quiet-{i}")))
+            .await;
+        published.insert(id, Instant::now());
+    }
+    let mut took = Vec::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while took.len() < n {
+        assert!(
+            Instant::now() < until,
+            "the quiet account's commands did not all end within 30 s: {took:?}"
+        );
+        let event = rig.event().await;
+        if let Some(at) = published.remove(event.command_id()) {
+            assert_eq!(event.name(), "transfer.succeeded", "{}", event.json);
+            took.push(at.elapsed());
+        } else {
+            others.push(event.command_id().to_owned());
+        }
+    }
+    took
+}
+
+#[tokio::test]
+async fn a_backlog_of_one_account_does_not_hold_another() {
+    let mut h = Harness::start(|s, sim| {
+        two_accounts(s, sim, 5, Duration::from_secs(3));
+        s.amqp.prefetch = 64;
+    })
+    .await;
+    let noisy = h.settings.bots[0].stream_id.clone();
+    for i in 0..300 {
+        h.publish(&command(
+            &noisy,
+            &format!("noisy-{i}"),
+            &format!("s-noisy-{i}"),
+        ))
+        .await;
+    }
+    let mut noisy_done = Vec::new();
+    let took = quiet_latencies(&mut h, 5, &mut noisy_done).await;
+    assert!(
+        took.iter().all(|t| *t < QUIET_BOUND),
+        "the quiet account waited behind the noisy one's backlog: {took:?}"
+    );
+    // The noisy account keeps to its pace meanwhile.
+    let noisy_calls = calls_of(&h.sim.requests(), NOISY);
+    assert!(!noisy_calls.is_empty());
+    for pair in noisy_calls.windows(6) {
+        assert!(pair[5].received_at.duration_since(pair[0].received_at) >= Duration::from_secs(3));
+    }
+    // Nothing is lost or doubled: each noisy command ended, or waits in the commands queue or
+    // in its account's queue, exactly once.
+    h.stop_app().await.expect("the app stops cleanly");
+    noisy_done.extend(h.drain_events().await);
+    let waiting = h
+        .left_in(&[
+            h.settings.amqp.commands_queue.clone(),
+            account_queue::name(&h.settings.amqp.commands_queue, NOISY),
+        ])
+        .await;
+    assert_each_once(noisy_done, waiting, 300);
+}
+
+/// Asserts that each of `all` (every noisy command) either ended or is among `left`, exactly
+/// once.
+fn assert_each_once(ended: Vec<String>, left: Vec<String>, all: usize) {
+    let mut ids: Vec<String> = ended.into_iter().chain(left).collect();
+    ids.sort();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(
+        before,
+        ids.len(),
+        "a command both ended and still waits, or waits twice"
+    );
+    assert_eq!(ids.len(), all, "a command was lost");
+}
+
+#[tokio::test]
+async fn in_a_fleet_a_backlog_of_one_account_does_not_hold_another() {
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 3,
+        redis_url: Some(redis_url()),
+        rate_limit: 5,
+        rate_window: "3s",
+        prefetch: 64,
+        latency: Duration::from_millis(100),
+        env: vec![
+            ("TRANSFER__FLEET__PARTITIONS".into(), "8".into()),
+            ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
+            ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
+        ],
+        more_bots: vec![BotSpec {
+            stream_id: QUIET_STREAM.into(),
+            account_id: QUIET.into(),
+            rate_limit: 10_000,
+            rate_window: "1s",
+            max_in_flight: None,
+        }],
+    })
+    .await;
+    fleet
+        .wait_balanced(&[0, 1, 2], Duration::from_secs(20))
+        .await;
+    let noisy_account = fleet.settings.bots[0].account_id.clone();
+    let noisy = fleet.settings.bots[0].stream_id.clone();
+    let commands: Vec<Value> = (0..300)
+        .map(|i| command(&noisy, &format!("noisy-{i}"), &format!("s-noisy-{i}")))
+        .collect();
+    fleet.publish_all(&commands).await;
+    let mut ended = Vec::new();
+    let took = quiet_latencies(&mut fleet, 5, &mut ended).await;
+    assert!(
+        took.iter().all(|t| *t < QUIET_BOUND),
+        "the quiet account waited behind the noisy one's backlog: {took:?}\n{}",
+        fleet.log_tails(30)
+    );
+    // The noisy account keeps to its pace fleet-wide.
+    let noisy_calls = calls_of(&fleet.sim.requests(), &noisy_account);
+    assert!(!noisy_calls.is_empty());
+    for pair in noisy_calls.windows(6) {
+        assert!(pair[5].received_at.duration_since(pair[0].received_at) >= Duration::from_secs(3));
+    }
+    for r in &mut fleet.replicas {
+        let status = r.terminate(Duration::from_secs(20)).await;
+        assert!(status.success(), "{} exited with {status}", r.name);
+    }
+    while let Some(e) = fleet.next_event_within(Duration::from_secs(1)).await {
+        ended.push(e.command_id().to_owned());
+    }
+    ended.retain(|id| id.starts_with("noisy-"));
+    let mut queues = vec![fleet.settings.amqp.commands_queue.clone()];
+    queues.extend(fleet.partition_queues());
+    queues.extend(crate::harness::account_queues(
+        &fleet.settings,
+        fleet.partitions,
+    ));
+    assert_each_once(ended, crate::harness::left_in(&queues).await, 300);
+}
+
+/// Quiet commands published every `every` for `during`, each checked to end within
+/// [`QUIET_BOUND`]; events of other accounts are collected in `others`.
+async fn steady_quiet(
+    rig: &mut impl Rig,
+    every: Duration,
+    during: Duration,
+    others: &mut Vec<String>,
+) -> Vec<Duration> {
+    let started = Instant::now();
+    let mut published: HashMap<String, Instant> = HashMap::new();
+    let mut took = Vec::new();
+    let mut next = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < during || !published.is_empty() {
+        if started.elapsed() < during && Instant::now() >= next {
+            let id = format!("steady-{i}");
+            rig.send(&command(QUIET_STREAM, &id, &format!("s-steady-{i}")))
+                .await;
+            published.insert(id, Instant::now());
+            i += 1;
+            next += every;
+        }
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(5));
+        let event = tokio::time::timeout(wait, rig.event()).await;
+        if let Ok(event) = event {
+            match published.remove(event.command_id()) {
+                Some(at) => took.push(at.elapsed()),
+                None => others.push(event.command_id().to_owned()),
+            }
+        }
+        assert!(
+            started.elapsed() < during + Duration::from_secs(30),
+            "quiet commands never ended: {published:?}"
+        );
+    }
+    took
+}
+
+#[tokio::test]
+async fn a_backlogged_account_gets_exactly_its_budget_while_others_flow() {
+    let window = Duration::from_secs(2);
+    let mut h = Harness::start(|s, sim| {
+        two_accounts(s, sim, 5, window);
+        s.amqp.prefetch = 64;
+    })
+    .await;
+    let noisy = h.settings.bots[0].stream_id.clone();
+    for i in 0..60 {
+        h.publish(&command(
+            &noisy,
+            &format!("noisy-{i}"),
+            &format!("s-noisy-{i}"),
+        ))
+        .await;
+    }
+    let mut ended = Vec::new();
+    let took = steady_quiet(
+        &mut h,
+        Duration::from_millis(200),
+        Duration::from_secs(12),
+        &mut ended,
+    )
+    .await;
+    assert!(
+        took.iter().all(|t| *t < QUIET_BOUND),
+        "a quiet command waited: {took:?}"
+    );
+    let noisy_calls = calls_of(&h.sim.requests(), NOISY);
+    // Twelve seconds of a 5-per-2-s budget: about 30 calls, every window full, none over.
+    assert_exact_budget(&noisy_calls, 5, window, Duration::from_millis(400));
+    assert!(
+        noisy_calls.len() >= 25,
+        "{} noisy calls in 12 s",
+        noisy_calls.len()
+    );
+}
+
+#[tokio::test]
+async fn a_slow_account_cannot_take_every_slot() {
+    let cap = 4;
+    let mut h = Harness::start(|s, sim| {
+        two_accounts(s, sim, 10_000, Duration::from_secs(1));
+        s.bots[0].max_in_flight = Some(cap);
+        s.amqp.prefetch = 64;
+    })
+    .await;
+    let noisy = h.settings.bots[0].stream_id.clone();
+    h.sim.set_latency(&noisy, Duration::from_secs(2));
+    for i in 0..100 {
+        h.publish(&command(
+            &noisy,
+            &format!("slow-{i}"),
+            &format!("s-slow-{i}"),
+        ))
+        .await;
+    }
+    let mut ended = Vec::new();
+    let took = quiet_latencies(&mut h, 5, &mut ended).await;
+    assert!(
+        took.iter().all(|t| *t < QUIET_BOUND),
+        "the quiet account waited behind the slow one: {took:?}"
+    );
+    // Let the slow account run a while, then look at its calls in flight over time.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let calls = calls_of(&h.sim.requests(), NOISY);
+    let most = most_at_once(&calls);
+    assert!(
+        most <= cap as usize,
+        "{most} calls of the slow account at once, cap {cap}"
+    );
+    assert_eq!(most, cap as usize, "the slow account never used its cap");
+}
+
+/// The most calls of `calls` that were in flight at one time (an unanswered one counts to
+/// now).
+fn most_at_once(calls: &[RecordedRequest]) -> usize {
+    let mut edges: Vec<(Instant, i32)> = Vec::new();
+    for c in calls {
+        edges.push((c.received_at, 1));
+        edges.push((c.answered_at.unwrap_or_else(Instant::now), -1));
+    }
+    // An answer before an arrival at the same instant.
+    edges.sort_by_key(|&(at, delta)| (at, delta));
+    let mut now = 0i32;
+    let mut most = 0i32;
+    for (_, delta) in edges {
+        now += delta;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap_or(0)
+}
