@@ -327,13 +327,26 @@ mod tests {
     }
 
     #[test]
-    fn takes_in_up_to_the_cap_of_waiting_commands() {
-        let a = account(2, Duration::from_secs(1));
-        let one = a.take_in().expect("room");
-        let _two = a.take_in().expect("room");
-        assert!(a.take_in().is_none(), "two wait already");
+    fn takes_in_unless_congested_and_shows_what_waits() {
+        let a = account(2, Duration::from_millis(100));
+        let one = a.take_in().expect("not congested");
+        let _two = a.take_in().expect("not congested");
+        a.aside_changed(3);
+        a.refresh_gauges();
+        assert_eq!(
+            a.metrics().waiting.get(),
+            5,
+            "two in memory, three set aside"
+        );
         drop(one);
-        assert!(a.take_in().is_some(), "room again once one took its slot");
+        a.aside_changed(-3);
+        a.refresh_gauges();
+        assert_eq!(a.metrics().waiting.get(), 1);
+        a.starts_in(Duration::from_secs(5));
+        assert!(
+            a.take_in().is_none(),
+            "congested: its next start is 5 s away"
+        );
     }
 
     #[test]

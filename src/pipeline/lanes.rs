@@ -41,6 +41,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::sessions::SessionQueues;
 use super::{Job, Pipeline};
 use crate::agentassist::account::Account;
 use crate::backoff;
@@ -254,17 +255,27 @@ impl SourceLanes {
         self: &Arc<Self>,
         account: &Arc<Account>,
         mut job: Job,
-        queue_up: impl FnOnce(Job) -> Option<Job>,
+        sessions: &SessionQueues<Job>,
     ) -> Route {
         let lane = self.lane(account);
         let mut state = lane.state();
+        let session = job.parsed.session_key();
+        let take_in = |mut job: Job| {
+            job.lanes = Some(self.clone());
+            Route::Here(sessions.push_marked(&session, job, true).map(Box::new))
+        };
         if !state.on {
             if let Some(waiting) = account.take_in() {
                 job.waiting = Some(waiting);
-                job.lanes = Some(self.clone());
-                return Route::Here(queue_up(job).map(Box::new));
+                return take_in(job);
             }
             lane.turn_on(&mut state);
+        }
+        // A session with commands taken in from the source keeps its new ones behind them, in
+        // memory: were the worker to die, those would go back to the source, and these must
+        // not be found ahead of them in the account queue.
+        if sessions.pinned(&session) > 0 {
+            return take_in(job);
         }
         self.set_aside(&lane, &mut state, job);
         Route::Aside
@@ -381,7 +392,15 @@ impl SourceLanes {
                         // Deleted under a standby, or its channel failed: look again.
                         if !self.stop.is_cancelled() {
                             match account_queue::probe(&self.source.connection, &self.source.amqp, &lane.queue).await {
-                                Ok(Some(_)) => tokio::time::sleep(delays.next().unwrap_or(LINGER)).await,
+                                // Its channel failed (a consumer_timeout, say): a broker
+                                // problem, met like any other by a new connection.
+                                Ok(Some(_)) => {
+                                    let _ = self.source.lost.try_send(format!(
+                                        "the consumer of account queue {} ended",
+                                        lane.queue
+                                    ));
+                                    tokio::time::sleep(delays.next().unwrap_or(LINGER)).await;
+                                }
                                 Ok(None) => {
                                     declared = false;
                                     let mut state = lane.state();

@@ -84,8 +84,7 @@ impl Handler for Pipeline {
         match (&job.parsed.command, lanes) {
             (Ok(command), Some(lanes)) => {
                 let account = command.bot.account.clone();
-                let queue_up = |job: Job| this.sessions.push(&job.parsed.session_key(), job);
-                match lanes.route(&account, job, queue_up) {
+                match lanes.route(&account, job, &this.sessions) {
                     Route::Here(job) => job.map(|job| this.clone().run_session(*job)),
                     Route::Aside => None,
                 }
@@ -157,7 +156,11 @@ impl Pipeline {
     /// queued behind others gives its slot back until its turn.
     fn queue_up(&self, mut job: Job) -> Option<Job> {
         let slot = job.slot.take();
-        let mut job = self.sessions.push(&job.parsed.session_key(), job)?;
+        // Jobs from the source are pinned; those taken back from an account queue are not.
+        let pinned = job.taken.is_none();
+        let mut job = self
+            .sessions
+            .push_marked(&job.parsed.session_key(), job, pinned)?;
         job.slot = slot;
         Some(job)
     }
@@ -222,6 +225,7 @@ impl Pipeline {
     async fn run_session(self: Arc<Self>, mut job: Job) {
         let key = job.parsed.session_key();
         loop {
+            let pinned = job.taken.is_none();
             if let Some(aside) = self.run_one(job).await {
                 let lanes = aside
                     .lanes
@@ -236,7 +240,7 @@ impl Pipeline {
                     }
                 }
             }
-            match self.sessions.next(&key) {
+            match self.sessions.next_after(&key, pinned) {
                 Some(next) => job = next,
                 None => return,
             }

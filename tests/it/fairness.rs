@@ -12,7 +12,7 @@ use transfer_worker::tools::simulator::{self, RecordedRequest, SimulatorConfig};
 use transfer_worker::broker::account_queue;
 
 use crate::harness::{EVENT_WAIT, Harness, Received, agent_command};
-use crate::replicas::{BotSpec, Fleet, FleetSpec, redis_url};
+use crate::replicas::{BotSpec, Fleet, FleetSpec, command_of, redis_url, session_command};
 
 /// The quiet account's bot.
 const QUIET_STREAM: &str = "st-00000000-0000-4000-8000-0000000000b1";
@@ -383,4 +383,205 @@ fn most_at_once(calls: &[RecordedRequest]) -> usize {
         most = most.max(now);
     }
     usize::try_from(most).unwrap_or(0)
+}
+
+/// Node 4 of `scripts/rabbitmq-cluster`: a broker alone with a 10 s `consumer_timeout`.
+fn short_timeout_broker() -> String {
+    std::env::var("TEST_SHORT_TIMEOUT_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5684/%2f".into())
+}
+
+/// That broker enforces its timeout: a consumer that holds a delivery for 15 s loses its
+/// channel. Without this, the test below would prove nothing.
+async fn assert_the_broker_enforces_its_consumer_timeout(url: &str) {
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    let (_conn, channel) = crate::harness::test_channel_at(url).await;
+    let queue = format!("tw-test-timeout-{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = crate::harness::Cleanup::at(url.to_owned(), vec![queue.clone()], vec![]);
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), durable, args)
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"held",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let held_on = crate::harness::test_channel_at(url).await;
+    let mut consumer = held_on
+        .1
+        .basic_consume(
+            queue.as_str().into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let _held = consumer
+        .next()
+        .await
+        .expect("a delivery")
+        .expect("delivered");
+    let until = Instant::now() + Duration::from_secs(20);
+    while held_on.1.status().connected() {
+        assert!(
+            Instant::now() < until,
+            "the broker at {url} did not enforce a short consumer_timeout; is scripts/rabbitmq-cluster up?"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn no_delivery_is_held_for_half_the_consumer_timeout_while_a_backlog_waits() {
+    let url = short_timeout_broker();
+    assert_the_broker_enforces_its_consumer_timeout(&url).await;
+    let mut base = crate::harness::test_settings();
+    base.amqp.url = url;
+    // The broker's 10 s; the worker keeps every delivery under 5 s.
+    base.amqp.consumer_timeout = Duration::from_secs(10);
+    let window = Duration::from_secs(3);
+    let mut h = Harness::start_with(base, |s, sim| {
+        two_accounts(s, sim, 5, window);
+        s.amqp.prefetch = 64;
+    })
+    .await;
+    let noisy = h.settings.bots[0].stream_id.clone();
+    // 60 commands at 5 per 3 s take 36 s: today's prefetch alone would hold most of them for
+    // longer than the broker allows.
+    for i in 0..60 {
+        h.publish(&command(
+            &noisy,
+            &format!("noisy-{i}"),
+            &format!("s-noisy-{i}"),
+        ))
+        .await;
+    }
+    let mut ended = Vec::new();
+    let took = steady_quiet(
+        &mut h,
+        Duration::from_millis(500),
+        Duration::from_secs(25),
+        &mut ended,
+    )
+    .await;
+    assert!(took.iter().all(|t| *t < QUIET_BOUND), "{took:?}");
+    assert_eq!(
+        h.metrics.broker_reconnects.get(),
+        0,
+        "the broker closed a channel: a delivery was held past its consumer_timeout"
+    );
+    assert_eq!(h.metrics.commands_requeued.get(), 0);
+    // Meanwhile the noisy account used its budget, every window.
+    let calls = calls_of(&h.sim.requests(), NOISY);
+    assert_exact_budget(&calls, 5, window, Duration::from_millis(400));
+}
+
+#[tokio::test]
+async fn a_replica_killed_in_the_middle_of_a_backlog_loses_nothing_and_keeps_sessions_in_order() {
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 3,
+        redis_url: Some(redis_url()),
+        rate_limit: 20,
+        rate_window: "1s",
+        prefetch: 32,
+        latency: Duration::from_millis(50),
+        env: vec![
+            ("TRANSFER__FLEET__PARTITIONS".into(), "8".into()),
+            ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
+            ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
+            ("TRANSFER__FLEET__LEASE".into(), "3s".into()),
+        ],
+        more_bots: vec![BotSpec {
+            stream_id: QUIET_STREAM.into(),
+            account_id: QUIET.into(),
+            rate_limit: 10_000,
+            rate_window: "1s",
+            max_in_flight: None,
+        }],
+    })
+    .await;
+    fleet
+        .wait_balanced(&[0, 1, 2], Duration::from_secs(20))
+        .await;
+    let noisy_account = fleet.settings.bots[0].account_id.clone();
+    let noisy = fleet.settings.bots[0].stream_id.clone();
+    // 40 sessions of 5 commands, interleaved: 10 s of the noisy account's budget.
+    let (sessions, per_session) = (40, 5);
+    let commands: Vec<Value> = (0..per_session)
+        .flat_map(|n| {
+            let noisy = &noisy;
+            (0..sessions).map(move |s| {
+                let mut c = session_command(&format!("k-{s}-{n}"), &format!("s-k-{s}"), false);
+                c["streamId"] = json!(noisy);
+                c
+            })
+        })
+        .collect();
+    fleet.publish_all(&commands).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.replicas[1].kill().await;
+    let events = fleet
+        .events_until(Duration::from_secs(90), |seen| {
+            let mut ids: Vec<&str> = seen.iter().map(Received::command_id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len() >= sessions * per_session
+        })
+        .await;
+    assert!(events.iter().all(|e| e.name() == "transfer.succeeded"));
+    // The kill left account queues behind, and the partitions' new owners took them up.
+    let found = fleet.log_lines("account queue found");
+    assert!(
+        found.matches("account queue found").count() > 0,
+        "no account queue was taken over from the killed replica:\n{found}"
+    );
+    let calls = calls_of(&fleet.sim.requests(), &noisy_account);
+    // Per session, the first call of each command, in arrival order.
+    let mut order: HashMap<String, Vec<String>> = HashMap::new();
+    for call in &calls {
+        let seen = order
+            .entry(call.bot_session_id.clone().unwrap_or_default())
+            .or_default();
+        let id = command_of(call);
+        if !seen.contains(&id) {
+            seen.push(id);
+        }
+    }
+    assert_eq!(order.len(), sessions);
+    for (session, seen) in &order {
+        let s = &session["s-k-".len()..];
+        let published: Vec<String> = (0..per_session).map(|n| format!("k-{s}-{n}")).collect();
+        assert_eq!(seen, &published, "session {session} out of order");
+    }
+    // Called again only if in doubt at the kill: at most the prefetch of the killed replica.
+    let twice = calls.len() - sessions * per_session;
+    assert!(twice <= 32, "{twice} commands called twice");
+    // The budget held fleet-wide throughout (less the scheduling jitter of three busy
+    // processes on a small machine, which can send one call late after its booked start).
+    for pair in calls.windows(21) {
+        let apart = pair[20].received_at.duration_since(pair[0].received_at);
+        assert!(
+            apart >= Duration::from_millis(900),
+            "21 calls within {apart:?}"
+        );
+    }
 }

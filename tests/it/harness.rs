@@ -184,9 +184,14 @@ pub struct Harness {
 
 /// Opens a confirm-mode channel on the test broker.
 pub async fn test_channel() -> (Connection, Channel) {
+    test_channel_at(&amqp_url()).await
+}
+
+/// Like [`test_channel`], on the broker at `url`.
+pub async fn test_channel_at(url: &str) -> (Connection, Channel) {
     let conn = tokio::time::timeout(
         Duration::from_secs(10),
-        Connection::connect(&amqp_url(), ConnectionProperties::default()),
+        Connection::connect(url, ConnectionProperties::default()),
     )
     .await
     .expect("connect in time")
@@ -420,6 +425,9 @@ impl Harness {
             callbacks: false,
             ..SimulatorConfig::default()
         };
+        // The broker of the base settings is the test's; `tune` may point the worker elsewhere
+        // (through a proxy, say).
+        let test_broker = settings.amqp.url.clone();
         tune(&mut settings, &mut sim_config);
         let sim = Simulator::start(sim_config)
             .await
@@ -439,14 +447,15 @@ impl Harness {
             transfer_worker::fleet::ownership::partition_queue(&settings.amqp.commands_queue, k)
         }));
         queues.extend(account_queues(&settings, partitions));
-        let cleanup = Cleanup::new(
+        let cleanup = Cleanup::at(
+            test_broker.clone(),
             queues,
             vec![
                 settings.amqp.results_exchange.clone(),
                 settings.amqp.dead_letter_exchange.clone(),
             ],
         );
-        let (conn, channel) = test_channel().await;
+        let (conn, channel) = test_channel_at(&test_broker).await;
         let built = App::build(settings.clone()).await.expect("app builds");
         let shutdown = built.shutdown();
         let broker = built.broker();
@@ -458,7 +467,7 @@ impl Harness {
         if declare_first {
             // Declared here too, so the test's own queues can bind before the worker starts.
             let mut direct = settings.amqp.clone();
-            direct.url = amqp_url();
+            direct.url = test_broker.clone();
             topology::declare(&channel, &direct)
                 .await
                 .expect("topology");
