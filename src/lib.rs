@@ -8,7 +8,8 @@
 //!   by section.
 //! - [`broker`] — the AMQP side: [`broker::connection`] (to one node of a cluster, chosen by
 //!   [`broker::nodes`]), [`broker::topology`] (the queues and exchanges of the contract),
-//!   [`broker::publisher`] (publisher confirms),
+//!   [`broker::publisher`] (publisher confirms), [`broker::account_queue`] (an account's
+//!   queue beside a source, where its commands wait while it is congested),
 //!   [`broker::consumer`] (one queue's consumer, and the partition queues it owns: connect,
 //!   consume, reconnect, drain — fed to any [`broker::consumer::Handler`]), and [`broker::CurrentLink`], the shared handle on the
 //!   current link.
@@ -17,11 +18,14 @@
 //!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
 //!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
 //!   that decides what happened to a command, without a broker), [`pipeline::event`] (the
-//!   events of the contract, serialized once); then publish, then ack. In a fleet that
+//!   events of the contract, serialized once); then publish, then ack. [`pipeline::lanes`]
+//!   keeps accounts apart: a congested account's commands wait in its own queue, taken back
+//!   at its pace (docs/fairness.md). In a fleet that
 //!   shares work, [`pipeline::intake`] is the commands queue's handler instead: it routes each
 //!   command to its session's partition queue, whose owner runs the pipeline.
 //! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
-//!   ([`agentassist::pacer`], per account), the call ([`agentassist::client`], with a JWT from
+//!   ([`agentassist::pacer`], per [`agentassist::account`], which also has its slots and knows
+//!   when it is congested), the call ([`agentassist::client`], with a JWT from
 //!   [`agentassist::jwt`] for one of the [`agentassist::bots`]), the classification of its
 //!   answer, and retries ([`agentassist::retry`]); the circuit [`agentassist::breaker`] holds
 //!   every attempt while the API is down, probing it until it answers.
@@ -38,7 +42,8 @@
 //! - Shared by several: [`backoff`] (exponential, full jitter), [`json`] (bodies kept as JSON,
 //!   else as a string).
 //! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]), the
-//!   `demo` and `publish` commands, [`tools::fleet_status`] (`transfer-worker fleet`), and [`tools::dead_letters`] (list, replay and purge the
+//!   `demo` and `publish` commands, [`tools::fleet_status`] (`transfer-worker fleet`),
+//!   [`tools::account_status`] (`transfer-worker status`), and [`tools::dead_letters`] (list, replay and purge the
 //!   dead-letter queue; a replayed failed command is processed again, see
 //!   [`pipeline::handle`]).
 

@@ -38,6 +38,8 @@ enum Command {
     Config(ConfigArg),
     /// Show the fleet: members, the partitions each owns, queue depths.
     Fleet(ConfigArg),
+    /// Show each account: its budget, slots, and what waits in its account queues.
+    Status(ConfigArg),
     /// List, replay or purge the dead-letter queue.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
@@ -227,6 +229,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Fleet(arg) => {
             let settings = load(&arg)?;
             let status = transfer_worker::tools::fleet_status::fleet_status(&settings).await?;
+            print!("{status}");
+        }
+        Command::Status(arg) => {
+            let settings = load(&arg)?;
+            let status = transfer_worker::tools::account_status::status(&settings).await?;
             print!("{status}");
         }
         Command::Run(arg) => {

@@ -75,6 +75,9 @@ pub struct Names {
     pub dead_queue: String,
     /// Partition queues `<commands>.p0` … the workers declare (fleet mode with partitions).
     pub partitions: u16,
+    /// Accounts whose queues the workers may declare beside the commands queue and each
+    /// partition (`<source>.account.<account>`).
+    pub accounts: Vec<String>,
 }
 
 impl Names {
@@ -89,7 +92,29 @@ impl Names {
             dead_queue: format!("{prefix}.commands.dead"),
             prefix,
             partitions: 0,
+            accounts: vec!["demo-account".to_owned()],
         }
+    }
+
+    /// The same names, for these accounts.
+    #[allow(dead_code)]
+    pub fn with_accounts(self, accounts: &[&str]) -> Self {
+        Self {
+            accounts: accounts.iter().map(|a| (*a).to_owned()).collect(),
+            ..self
+        }
+    }
+
+    /// Every account queue the workers may have declared.
+    pub fn account_queues(&self) -> Vec<String> {
+        let sources = std::iter::once(self.commands.clone()).chain(self.partition_queues());
+        sources
+            .flat_map(|source| {
+                self.accounts
+                    .iter()
+                    .map(move |a| format!("{source}.account.{a}"))
+            })
+            .collect()
     }
 
     /// The same names, with `partitions` partition queues.
@@ -124,7 +149,12 @@ impl Registry {
         let connection = connect(url, "transfer-worker bench cleanup").await?;
         for names in &all {
             let queues = [names.commands.clone(), names.dead_queue.clone()];
-            for queue in queues.into_iter().chain(names.partition_queues()) {
+            let accounts = names.account_queues();
+            for queue in queues
+                .into_iter()
+                .chain(names.partition_queues())
+                .chain(accounts)
+            {
                 // A failed delete closes the channel, so each operation gets its own.
                 let channel = timed("channel.open", connection.create_channel()).await?;
                 let options = QueueDeleteOptions::default();

@@ -98,7 +98,7 @@ pub async fn fleet_status(settings: &Settings) -> Result<FleetStatus, FleetStatu
 }
 
 /// A passive declare on a channel of its own: a queue that does not exist closes the channel.
-async fn queue_state(
+pub async fn queue_state(
     connection: &lapin::Connection,
     name: &str,
     t: Duration,

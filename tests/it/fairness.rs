@@ -161,6 +161,22 @@ async fn a_backlog_of_one_account_does_not_hold_another() {
     for pair in noisy_calls.windows(6) {
         assert!(pair[5].received_at.duration_since(pair[0].received_at) >= Duration::from_secs(3));
     }
+    // `transfer-worker status` shows where the backlog waits.
+    let shown = status_of(&h.settings).await;
+    let queue = account_queue::name(&h.settings.amqp.commands_queue, NOISY);
+    let line = shown
+        .lines()
+        .find(|l| l.starts_with(NOISY))
+        .unwrap_or_else(|| panic!("no line for {NOISY}:\n{shown}"));
+    let waiting: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(waiting > 200, "{shown}");
+    assert!(line.contains(&queue), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with(QUIET) && l.ends_with(" -")),
+        "{shown}"
+    );
     // Nothing is lost or doubled: each noisy command ended, or waits in the commands queue or
     // in its account's queue, exactly once.
     h.stop_app().await.expect("the app stops cleanly");
@@ -285,7 +301,8 @@ async fn steady_quiet(
         }
         assert!(
             started.elapsed() < during + Duration::from_secs(30),
-            "quiet commands never ended: {published:?}"
+            "{} quiet commands never ended",
+            published.len()
         );
     }
     took
@@ -300,7 +317,8 @@ async fn a_backlogged_account_gets_exactly_its_budget_while_others_flow() {
     })
     .await;
     let noisy = h.settings.bots[0].stream_id.clone();
-    for i in 0..60 {
+    // More than the prefetch: without fairness the quiet account would find no room.
+    for i in 0..200 {
         h.publish(&command(
             &noisy,
             &format!("noisy-{i}"),
@@ -584,4 +602,43 @@ async fn a_replica_killed_in_the_middle_of_a_backlog_loses_nothing_and_keeps_ses
             "21 calls within {apart:?}"
         );
     }
+}
+
+/// What `transfer-worker status` prints for these settings' queues and bots.
+async fn status_of(settings: &Settings) -> String {
+    use secrecy::ExposeSecret;
+    use std::io::Write as _;
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    for bot in &settings.bots {
+        writeln!(
+            file,
+            "[[bots]]\nstream_id = {:?}\naccount_id = {:?}\nclient_id = {:?}\n\
+             client_secret = {:?}\nrate_limit = {}\nrate_window = \"{}ms\"",
+            bot.stream_id,
+            bot.account_id,
+            bot.client_id,
+            bot.client_secret.as_ref().unwrap().expose_secret(),
+            bot.rate_limit,
+            bot.rate_window.as_millis(),
+        )
+        .unwrap();
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"))
+        .args(["status", "--config"])
+        .arg(file.path())
+        .env("TRANSFER__AMQP__URL", &settings.amqp.url)
+        .env(
+            "TRANSFER__AMQP__COMMANDS_QUEUE",
+            &settings.amqp.commands_queue,
+        )
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }

@@ -1,0 +1,524 @@
+//! Scenario (i), a noisy neighbour (docs/fairness.md): account A has a backlog (10 000 commands
+//! at the vendor's 60 a minute) while account B publishes a steady 50 commands a second; the
+//! API answers in 100 ms. Measured on the real artifact — `transfer-worker simulate` and one or
+//! three `transfer-worker run` processes (three: fleet mode, Redis, 16 partitions) — against
+//! the local RabbitMQ:
+//!
+//! - B's latency from publish to its event: p50, p99, max, and how many of B's commands ended;
+//! - A's calls per rate window, sliding, from the workers' `transfer_api_calls_total`, sampled
+//!   every second once A's first window has passed: the least and the most (the target is the
+//!   limit, both);
+//! - the workers' peak RSS (all replicas together), and what they report waiting for A.
+//!
+//! `--backlog 100000 --duration 30 --quiet-rate 0` measures the memory of a large backlog.
+//! `--worker-exe PATH` runs another build (the one before a change, say) with the same load.
+//! Numbers are printed, never asserted; the exit code is 2 when the harness fails, else 0.
+//!
+//! ```text
+//! cargo bench --bench fairness                       # one worker, then three replicas
+//! cargo bench --bench fairness -- --replicas 1 --duration 70
+//! cargo bench --bench fairness -- --backlog 100000 --duration 30 --quiet-rate 0 --replicas 1
+//! ```
+//!
+//! Options: `--replicas 1|3` (repeatable; default both), `--backlog N` (10 000), `--limit N`
+//! and `--window-secs S` (A's budget, 60 per 60), `--quiet-rate R` (B's commands a second, 50),
+//! `--duration S` (how long B publishes, 130: two whole windows after A's first), `--prefetch P`
+//! (256), `--worker-exe PATH`. Broker: `TRANSFER__AMQP__URL`, else the local one; Redis:
+//! `TRANSFER__FLEET__REDIS_URL`, else `redis://127.0.0.1:6379/0`.
+
+#[path = "pipeline/amqp.rs"]
+#[allow(dead_code)]
+mod amqp;
+#[path = "pipeline/fleet.rs"]
+#[allow(dead_code)]
+mod fleet;
+#[path = "pipeline/procs.rs"]
+#[allow(dead_code)]
+mod procs;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use serde_json::{Value, json};
+
+use amqp::{Names, Registry};
+use procs::ChildGuard;
+
+const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/0";
+const WORKER_EXE: &str = env!("CARGO_BIN_EXE_transfer-worker");
+const NOISY: &str = "noisy";
+const QUIET: &str = "quiet";
+const NOISY_STREAM: &str = "st-00000000-0000-4000-8000-00000000000a";
+const QUIET_STREAM: &str = "st-00000000-0000-4000-8000-00000000000b";
+const CLIENT_ID: &str = "cs-00000000-0000-4000-8000-000000000001";
+const CLIENT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
+const PARTITIONS: u16 = 16;
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Options {
+    replicas: Vec<usize>,
+    backlog: usize,
+    limit: u32,
+    window: Duration,
+    quiet_rate: u32,
+    duration: Duration,
+    prefetch: u16,
+    worker_exe: PathBuf,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options {
+        replicas: Vec::new(),
+        backlog: 10_000,
+        limit: 60,
+        window: Duration::from_secs(60),
+        quiet_rate: 50,
+        duration: Duration::from_secs(130),
+        prefetch: 256,
+        worker_exe: PathBuf::from(WORKER_EXE),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--replicas" => o.replicas.push(value()?.parse()?),
+            "--backlog" => o.backlog = value()?.parse()?,
+            "--limit" => o.limit = value()?.parse()?,
+            "--window-secs" => o.window = Duration::from_secs(value()?.parse()?),
+            "--quiet-rate" => o.quiet_rate = value()?.parse()?,
+            "--duration" => o.duration = Duration::from_secs(value()?.parse()?),
+            "--prefetch" => o.prefetch = value()?.parse()?,
+            "--worker-exe" => o.worker_exe = PathBuf::from(value()?),
+            // What cargo bench passes.
+            "--bench" => {}
+            other => bail!("unknown option {other}"),
+        }
+    }
+    if o.replicas.is_empty() {
+        o.replicas = vec![1, 3];
+    }
+    if o.replicas.iter().any(|r| !matches!(r, 1 | 3)) {
+        bail!("--replicas is 1 or 3");
+    }
+    Ok(o)
+}
+
+/// What one run measured.
+struct Outcome {
+    replicas: usize,
+    quiet_published: usize,
+    quiet_ended: usize,
+    quiet_latency_ms: Histogram<u64>,
+    noisy_windows: Option<(f64, f64)>,
+    noisy_ended: usize,
+    peak_rss_mib: f64,
+    noisy_waiting: f64,
+    oldest_wait_s: f64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let options = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let url = std::env::var("TRANSFER__AMQP__URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let redis =
+        std::env::var("TRANSFER__FLEET__REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS.to_owned());
+    let registry = Registry::default();
+    let keys = fleet::KeyRegistry::default();
+    let mut outcomes = Vec::new();
+    let mut code = ExitCode::SUCCESS;
+    for &replicas in &options.replicas {
+        let run = tokio::select! {
+            r = run(&options, &url, &redis, replicas, &registry, &keys) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        let _ = registry.delete_all(&url).await;
+        let _ = keys.delete_all(&redis).await;
+        match run {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => {
+                eprintln!("scenario (i) with {replicas} replica(s) failed: {e:#}");
+                code = ExitCode::from(2);
+                break;
+            }
+        }
+    }
+    report(&options, &outcomes);
+    code
+}
+
+fn dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let dir = target.join("bench").join("logs");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+fn config(
+    o: &Options,
+    url: &str,
+    names: &Names,
+    sim: u16,
+    admin: u16,
+    fleet: Option<(&str, usize)>,
+) -> String {
+    let q = |s: &str| Value::String(s.to_owned()).to_string();
+    let bot = |stream: &str, account: &str, limit: u32, window: Duration| {
+        format!(
+            "[[bots]]\nstream_id = {}\naccount_id = {}\nclient_id = {}\nclient_secret = {}\n\
+             rate_limit = {limit}\nrate_window = \"{}s\"\n\n",
+            q(stream),
+            q(account),
+            q(CLIENT_ID),
+            q(CLIENT_SECRET),
+            window.as_secs(),
+        )
+    };
+    let mut text = format!(
+        "[amqp]\nurl = {}\ncommands_queue = {}\nresults_exchange = {}\n\
+         dead_letter_exchange = {}\ndead_letter_queue = {}\nprefetch = {}\n\n\
+         [agentassist]\nbase_url = \"http://127.0.0.1:{sim}\"\n\n{}{}\
+         [callbacks]\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:9/unused\"\n\
+         secret = \"bench-callback-secret-bench-callback\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+        q(url),
+        q(&names.commands),
+        q(&names.results),
+        q(&names.dead_letter),
+        q(&names.dead_queue),
+        o.prefetch,
+        bot(NOISY_STREAM, NOISY, o.limit, o.window),
+        bot(QUIET_STREAM, QUIET, 100_000_000, Duration::from_secs(1)),
+    );
+    if let Some((redis, replica)) = fleet {
+        text.push_str(&format!(
+            "\n[fleet]\nredis_url = {}\npartitions = {PARTITIONS}\nname = {}\n",
+            q(redis),
+            q(&format!("{}-r{replica}", names.prefix)),
+        ));
+    }
+    text
+}
+
+fn clean(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TRANSFER_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+async fn run(
+    o: &Options,
+    url: &str,
+    redis: &str,
+    replicas: usize,
+    registry: &Registry,
+    keys: &fleet::KeyRegistry,
+) -> anyhow::Result<Outcome> {
+    let fleet_mode = replicas > 1;
+    let names = Names::new()
+        .with_partitions(if fleet_mode { PARTITIONS } else { 0 })
+        .with_accounts(&[NOISY, QUIET]);
+    registry.register(&names);
+    if fleet_mode {
+        fleet::ping(redis).await?;
+        keys.register(&format!("{}:", names.commands));
+    }
+    let logs = dir();
+    let sim_port = procs::free_port()?;
+    let mut admin_urls = Vec::new();
+    let mut configs = Vec::new();
+    for r in 0..replicas {
+        let admin = procs::free_port()?;
+        let path = logs.join(format!("{}.r{r}.toml", names.prefix));
+        let fleet = fleet_mode.then_some((redis, r));
+        std::fs::write(&path, config(o, url, &names, sim_port, admin, fleet))?;
+        configs.push(path);
+        admin_urls.push(format!("http://127.0.0.1:{admin}/metrics"));
+    }
+    let mut sim_cmd = clean(&o.worker_exe);
+    sim_cmd
+        .env("TRANSFER__LOG__LEVEL", "warn")
+        .args(["simulate", "--config"])
+        .arg(&configs[0])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--latency-ms",
+            "100",
+            "--no-callbacks",
+        ]);
+    let _sim = ChildGuard::spawn(
+        "simulator",
+        sim_cmd,
+        &logs.join(format!("{}.sim.log", names.prefix)),
+    )?;
+    let mut workers = Vec::new();
+    for (r, path) in configs.iter().enumerate() {
+        let mut cmd = clean(&o.worker_exe);
+        cmd.args(["run", "--config"]).arg(path);
+        let log = logs.join(format!("{}.worker-r{r}.log", names.prefix));
+        workers.push(ChildGuard::spawn("worker", cmd, &log)?);
+    }
+    let connection = amqp::connect(url, "transfer-worker bench (i)").await?;
+    amqp::wait_for_consumer(&connection, &names.commands, &mut workers[0], READY_TIMEOUT).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    if fleet_mode {
+        // Until every replica owns its share of the partitions.
+        let until = Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut owned = 0.0;
+            for u in &admin_urls {
+                owned += series(&http, u, "transfer_fleet_partitions_owned", "").await;
+            }
+            if owned >= f64::from(PARTITIONS) {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                break;
+            }
+            if Instant::now() > until {
+                bail!("the partitions were not taken within {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let (_sink_channel, mut sink) = amqp::bind_sink(&connection, &names.results).await?;
+
+    // A's backlog, all at once.
+    let bodies: Vec<Vec<u8>> = (0..o.backlog)
+        .map(|i| {
+            command(
+                NOISY_STREAM,
+                &format!("{}-a-{i}", names.prefix),
+                &format!("a-{i}"),
+            )
+        })
+        .collect();
+    let published = Instant::now();
+    amqp::publish_all(&connection, &names.commands, &bodies, 1000).await?;
+    eprintln!(
+        "({replicas} replica(s)) {} commands of account A published in {:.1?}",
+        o.backlog,
+        published.elapsed()
+    );
+
+    // Events: B's latency, A's count.
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let quiet_latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let counts = Arc::new(Mutex::new((0usize, 0usize)));
+    let collector = {
+        let (sent, quiet_latency, counts) = (sent.clone(), quiet_latency.clone(), counts.clone());
+        let prefix = names.prefix.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = sink.next().await {
+                let event: Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+                let id = event["commandId"].as_str().unwrap_or_default();
+                if !id.starts_with(&prefix) {
+                    continue;
+                }
+                if let Some(at) = sent.lock().unwrap().remove(id) {
+                    let ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    let _ = quiet_latency.lock().unwrap().record(ms.max(1));
+                    counts.lock().unwrap().1 += 1;
+                } else {
+                    counts.lock().unwrap().0 += 1;
+                }
+            }
+        })
+    };
+
+    // A's calls, sampled every second; RSS too.
+    let started = Instant::now();
+    let sampler = {
+        let (http, urls) = (http.clone(), admin_urls.clone());
+        let pids: Vec<u32> = workers.iter().map(ChildGuard::pid).collect();
+        let total = o.duration;
+        tokio::spawn(async move {
+            let mut samples: Vec<(Duration, f64)> = Vec::new();
+            let mut peak_kib = 0u64;
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            while started.elapsed() <= total + Duration::from_secs(2) {
+                every.tick().await;
+                let mut calls = 0.0;
+                for u in &urls {
+                    calls += series(&http, u, "transfer_api_calls_total", NOISY).await;
+                }
+                samples.push((started.elapsed(), calls));
+                let rss: u64 = pids
+                    .iter()
+                    .filter_map(|p| procs::sample(*p).ok())
+                    .map(|s| s.rss_kib)
+                    .sum();
+                peak_kib = peak_kib.max(rss);
+            }
+            (samples, peak_kib)
+        })
+    };
+
+    // B: a steady rate, each publish confirmed on its own channel.
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut quiet_published = 0usize;
+    if o.quiet_rate > 0 {
+        let mut every = tokio::time::interval(Duration::from_secs(1) / o.quiet_rate);
+        while started.elapsed() < o.duration {
+            every.tick().await;
+            let id = format!("{}-b-{quiet_published}", names.prefix);
+            let body = command(QUIET_STREAM, &id, &format!("b-{quiet_published}"));
+            sent.lock().unwrap().insert(id, Instant::now());
+            let props = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            channel
+                .basic_publish(
+                    "".into(),
+                    names.commands.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?
+                .await?;
+            quiet_published += 1;
+        }
+    } else {
+        tokio::time::sleep(o.duration).await;
+    }
+    // The last of B's commands get a few seconds to end.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !sent.lock().unwrap().is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (samples, peak_kib) = sampler.await?;
+    let mut noisy_waiting = 0.0;
+    let mut oldest = 0.0f64;
+    for u in &admin_urls {
+        noisy_waiting += series(&http, u, "transfer_account_waiting", NOISY).await;
+        oldest = oldest.max(series(&http, u, "transfer_account_oldest_wait_seconds", NOISY).await);
+    }
+    collector.abort();
+    for w in &mut workers {
+        w.stop().await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+    let (noisy_ended, quiet_ended) = *counts.lock().unwrap();
+    let latency = quiet_latency.lock().unwrap().clone();
+    Ok(Outcome {
+        replicas,
+        quiet_published,
+        quiet_ended,
+        quiet_latency_ms: latency,
+        noisy_windows: windows(&samples, o.window),
+        noisy_ended,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+        noisy_waiting,
+        oldest_wait_s: oldest,
+    })
+}
+
+/// The least and the most calls any whole window held, sliding by the second, from the end of
+/// the first window on (the first holds the burst the budget allows at once).
+fn windows(samples: &[(Duration, f64)], window: Duration) -> Option<(f64, f64)> {
+    let mut least = f64::INFINITY;
+    let mut most: f64 = 0.0;
+    for (i, (at, calls)) in samples.iter().enumerate() {
+        if *at < window {
+            continue;
+        }
+        let Some(start) = samples[..i].iter().rev().find(|(t, _)| *at - *t >= window) else {
+            continue;
+        };
+        let held = calls - start.1;
+        least = least.min(held);
+        most = most.max(held);
+    }
+    least.is_finite().then_some((least, most))
+}
+
+fn command(stream: &str, id: &str, session: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "commandId": id,
+        "streamId": stream,
+        "orgId": "o-6a8a7a3e-5c9b-4f0e-9a57-1f1b2c3d4e5f",
+        "botSessionId": session,
+        "aId": "a-0e1f2a3b-agent",
+    }))
+    .expect("JSON")
+}
+
+/// The sum of a series' samples whose labels mention `label` (all when empty).
+async fn series(http: &reqwest::Client, url: &str, name: &str, label: &str) -> f64 {
+    let Ok(response) = http.get(url).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name) && (label.is_empty() || l.contains(&format!("\"{label}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn report(o: &Options, outcomes: &[Outcome]) {
+    println!(
+        "\n(i) noisy neighbour: A has {} waiting at {} per {:?}; B publishes {} a second for {:?}; API 100 ms",
+        o.backlog, o.limit, o.window, o.quiet_rate, o.duration
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>11} {:>14} {:>8} {:>10} {:>10} {:>11}",
+        "replicas",
+        "B p50 ms",
+        "B p99 ms",
+        "B max ms",
+        "B ended",
+        "A per window",
+        "A ended",
+        "peak MiB",
+        "A waiting",
+        "oldest (s)"
+    );
+    for r in outcomes {
+        let h = &r.quiet_latency_ms;
+        let per_window = r
+            .noisy_windows
+            .map_or_else(|| "-".to_owned(), |(l, m)| format!("{l:.0}..{m:.0}"));
+        println!(
+            "{:<10} {:>9} {:>9} {:>9} {:>11} {:>14} {:>8} {:>10.1} {:>10.0} {:>11.0}",
+            r.replicas,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max(),
+            format!("{}/{}", r.quiet_ended, r.quiet_published),
+            per_window,
+            r.noisy_ended,
+            r.peak_rss_mib,
+            r.noisy_waiting,
+            r.oldest_wait_s,
+        );
+    }
+}
