@@ -5,9 +5,10 @@
 //! the local RabbitMQ:
 //!
 //! - B's latency from publish to its event: p50, p99, max, and how many of B's commands ended;
-//! - A's calls per rate window, sliding, from the workers' `transfer_api_calls_total`, sampled
-//!   every second once A's first window has passed: the least and the most (the target is the
-//!   limit, both);
+//! - A's calls against its budget, as the simulator saw them arrive (`/simulator/arrivals`):
+//!   the calls in each whole window from A's first call (least and most; the target is the limit,
+//!   both), and the time from call n to call n + limit (shortest and longest; the target is the
+//!   window: never under it, and not much over it);
 //! - the workers' peak RSS (all replicas together), and what they report waiting for A.
 //!
 //! `--backlog 100000 --duration 30 --quiet-rate 0` measures the memory of a large backlog.
@@ -118,7 +119,7 @@ struct Outcome {
     quiet_published: usize,
     quiet_ended: usize,
     quiet_latency_ms: Histogram<u64>,
-    noisy_windows: Option<(f64, f64)>,
+    noisy_budget: Option<BudgetUse>,
     noisy_ended: usize,
     peak_rss_mib: f64,
     noisy_waiting: f64,
@@ -257,7 +258,8 @@ async fn run(
         configs.push(path);
         admin_urls.push(format!("http://127.0.0.1:{admin}/metrics"));
     }
-    let mut sim_cmd = clean(&o.worker_exe);
+    // The simulator is this build's, whatever worker is measured.
+    let mut sim_cmd = clean(Path::new(WORKER_EXE));
     sim_cmd
         .env("TRANSFER__LOG__LEVEL", "warn")
         .args(["simulate", "--config"])
@@ -269,7 +271,7 @@ async fn run(
             "100",
             "--no-callbacks",
         ]);
-    let _sim = ChildGuard::spawn(
+    let mut sim = ChildGuard::spawn(
         "simulator",
         sim_cmd,
         &logs.join(format!("{}.sim.log", names.prefix)),
@@ -349,23 +351,16 @@ async fn run(
         })
     };
 
-    // A's calls, sampled every second; RSS too.
+    // The workers' RSS, every second.
     let started = Instant::now();
     let sampler = {
-        let (http, urls) = (http.clone(), admin_urls.clone());
         let pids: Vec<u32> = workers.iter().map(ChildGuard::pid).collect();
         let total = o.duration;
         tokio::spawn(async move {
-            let mut samples: Vec<(Duration, f64)> = Vec::new();
             let mut peak_kib = 0u64;
             let mut every = tokio::time::interval(Duration::from_secs(1));
             while started.elapsed() <= total + Duration::from_secs(2) {
                 every.tick().await;
-                let mut calls = 0.0;
-                for u in &urls {
-                    calls += series(&http, u, "transfer_api_calls_total", NOISY).await;
-                }
-                samples.push((started.elapsed(), calls));
                 let rss: u64 = pids
                     .iter()
                     .filter_map(|p| procs::sample(*p).ok())
@@ -373,7 +368,7 @@ async fn run(
                     .sum();
                 peak_kib = peak_kib.max(rss);
             }
-            (samples, peak_kib)
+            peak_kib
         })
     };
 
@@ -413,7 +408,16 @@ async fn run(
     while !sent.lock().unwrap().is_empty() && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (samples, peak_kib) = sampler.await?;
+    let peak_kib = sampler.await?;
+    let arrivals = http
+        .get(format!("http://127.0.0.1:{sim_port}/simulator/arrivals"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let arrivals: HashMap<String, Vec<u64>> =
+        serde_json::from_str(&arrivals).context("the simulator's arrivals")?;
+    let noisy_calls = arrivals.get(NOISY).cloned().unwrap_or_default();
     let mut noisy_waiting = 0.0;
     let mut oldest = 0.0f64;
     for u in &admin_urls {
@@ -424,6 +428,7 @@ async fn run(
     for w in &mut workers {
         w.stop().await;
     }
+    sim.stop().await;
     let _ = connection.close(200, "done".into()).await;
     let (noisy_ended, quiet_ended) = *counts.lock().unwrap();
     let latency = quiet_latency.lock().unwrap().clone();
@@ -432,7 +437,7 @@ async fn run(
         quiet_published,
         quiet_ended,
         quiet_latency_ms: latency,
-        noisy_windows: windows(&samples, o.window),
+        noisy_budget: budget_use(&noisy_calls, o.limit, o.window),
         noisy_ended,
         peak_rss_mib: peak_kib as f64 / 1024.0,
         noisy_waiting,
@@ -440,23 +445,40 @@ async fn run(
     })
 }
 
-/// The least and the most calls any whole window held, sliding by the second, from the end of
-/// the first window on (the first holds the burst the budget allows at once).
-fn windows(samples: &[(Duration, f64)], window: Duration) -> Option<(f64, f64)> {
-    let mut least = f64::INFINITY;
-    let mut most: f64 = 0.0;
-    for (i, (at, calls)) in samples.iter().enumerate() {
-        if *at < window {
-            continue;
-        }
-        let Some(start) = samples[..i].iter().rev().find(|(t, _)| *at - *t >= window) else {
-            continue;
-        };
-        let held = calls - start.1;
-        least = least.min(held);
-        most = most.max(held);
-    }
-    least.is_finite().then_some((least, most))
+/// A's calls against its budget, from their arrivals (ms since the first call the simulator
+/// saw): the least and the most calls in the whole windows that follow one another from the
+/// first call, and the shortest and longest time from call n to call n + limit (never under the
+/// window: never over the budget; not much over it: no budget lost while a backlog waits).
+fn budget_use(calls: &[u64], limit: u32, window: Duration) -> Option<BudgetUse> {
+    let w = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+    let first = *calls.first()?;
+    let last = *calls.last()?;
+    let whole = (last - first) / w;
+    let per_window: Vec<usize> = (0..whole)
+        .map(|k| {
+            let (from, to) = (first + k * w, first + (k + 1) * w);
+            calls.iter().filter(|&&t| t >= from && t < to).count()
+        })
+        .collect();
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let gaps: Vec<u64> = calls
+        .iter()
+        .zip(calls.iter().skip(limit))
+        .map(|(a, b)| b - a)
+        .collect();
+    Some(BudgetUse {
+        windows: (
+            per_window.iter().copied().min()?,
+            per_window.iter().copied().max()?,
+        ),
+        gaps_ms: (gaps.iter().copied().min()?, gaps.iter().copied().max()?),
+    })
+}
+
+/// What [`budget_use`] found.
+struct BudgetUse {
+    windows: (usize, usize),
+    gaps_ms: (u64, u64),
 }
 
 fn command(stream: &str, id: &str, session: &str) -> Vec<u8> {
@@ -490,31 +512,40 @@ fn report(o: &Options, outcomes: &[Outcome]) {
         o.backlog, o.limit, o.window, o.quiet_rate, o.duration
     );
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>11} {:>14} {:>8} {:>10} {:>10} {:>11}",
+        "{:<9} {:>8} {:>8} {:>8} {:>10} {:>12} {:>16} {:>7} {:>9} {:>9} {:>10}",
         "replicas",
         "B p50 ms",
         "B p99 ms",
         "B max ms",
         "B ended",
         "A per window",
+        "A n->n+limit s",
         "A ended",
         "peak MiB",
         "A waiting",
-        "oldest (s)"
+        "oldest s"
     );
     for r in outcomes {
         let h = &r.quiet_latency_ms;
-        let per_window = r
-            .noisy_windows
-            .map_or_else(|| "-".to_owned(), |(l, m)| format!("{l:.0}..{m:.0}"));
+        let (per_window, gaps) = r.noisy_budget.as_ref().map_or_else(
+            || ("-".to_owned(), "-".to_owned()),
+            |b| {
+                let s = |ms: u64| ms as f64 / 1000.0;
+                (
+                    format!("{}..{}", b.windows.0, b.windows.1),
+                    format!("{:.3}..{:.3}", s(b.gaps_ms.0), s(b.gaps_ms.1)),
+                )
+            },
+        );
         println!(
-            "{:<10} {:>9} {:>9} {:>9} {:>11} {:>14} {:>8} {:>10.1} {:>10.0} {:>11.0}",
+            "{:<9} {:>8} {:>8} {:>8} {:>10} {:>12} {:>16} {:>7} {:>9.1} {:>9.0} {:>10.0}",
             r.replicas,
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.99),
             h.max(),
             format!("{}/{}", r.quiet_ended, r.quiet_published),
             per_window,
+            gaps,
             r.noisy_ended,
             r.peak_rss_mib,
             r.noisy_waiting,

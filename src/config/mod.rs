@@ -396,17 +396,21 @@ pub fn redact_url(url: &str) -> String {
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl Settings {
-    /// `bot.max_in_flight`, or its default: as many calls as the account's budget can have
-    /// on the wire at once when each takes the whole `agentassist.request_timeout` (10 at the
-    /// vendor's 60 a minute and 10 s), so a healthy account never waits for a slot and a slow
-    /// one cannot take more than its budget could use.
+    /// `bot.max_in_flight`, or its default: the most calls its budget lets start at once
+    /// (`rate_limit`, a window's burst), or, if more, as many as the budget keeps on the wire
+    /// when each takes the whole `agentassist.request_timeout`. A healthy account never waits
+    /// for a slot; a slow one cannot take more than its budget could use (60 at the vendor's
+    /// 60 a minute).
     pub fn max_in_flight(&self, bot: &BotSettings) -> u32 {
         bot.max_in_flight.unwrap_or_else(|| {
             let window = bot.rate_window.as_millis().max(1);
-            let calls = u128::from(bot.rate_limit)
+            let on_the_wire = u128::from(bot.rate_limit)
                 .saturating_mul(self.agentassist.request_timeout.as_millis())
                 .div_ceil(window);
-            u32::try_from(calls).unwrap_or(u32::MAX).max(1)
+            u32::try_from(on_the_wire)
+                .unwrap_or(u32::MAX)
+                .max(bot.rate_limit)
+                .max(1)
         })
     }
 

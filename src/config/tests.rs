@@ -279,3 +279,25 @@ fn telemetry_exports_nothing_by_default_and_checks_its_endpoint() {
         assert!(err.to_string().contains(key), "{err}");
     }
 }
+
+#[test]
+fn an_accounts_slots_default_to_its_burst_or_what_its_budget_keeps_on_the_wire() {
+    let mut s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+    assert_eq!(s.commands.aside_after, Duration::from_secs(1));
+    assert_eq!(s.amqp.consumer_timeout, Duration::from_secs(1800));
+    // The vendor's 60 a minute: its whole burst.
+    assert_eq!(s.max_in_flight(&s.bots[0]), 60);
+    // 100 a second at 10 s a call: 1 000 on the wire.
+    s.bots[0].rate_limit = 100;
+    s.bots[0].rate_window = Duration::from_secs(1);
+    assert_eq!(s.max_in_flight(&s.bots[0]), 1000);
+    s.bots[0].max_in_flight = Some(4);
+    assert_eq!(s.max_in_flight(&s.bots[0]), 4);
+    // Zero is refused, by name.
+    let err = Settings::load_with_env(
+        None,
+        Some(env(&[("TRANSFER__COMMANDS__ASIDE_AFTER", "1ms")])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("commands.aside_after"), "{err}");
+}

@@ -77,7 +77,8 @@ pub(super) struct SourceLanes {
     settled: TaskTracker,
     /// The lanes' tasks.
     tasks: TaskTracker,
-    /// Stops the readers.
+    /// Stops the readers; cancelled when the source is let go, after which nothing more is
+    /// set aside.
     stop: CancellationToken,
 }
 
@@ -310,6 +311,11 @@ impl SourceLanes {
 
     /// Sends `job` to the lane's task, to be published to the account queue.
     fn set_aside(self: &Arc<Self>, lane: &Arc<Lane>, state: &mut LaneState, mut job: Job) {
+        if self.stop.is_cancelled() {
+            // The source is let go: the delivery goes back with its channel.
+            self.forget(job);
+            return;
+        }
         job.waiting = None;
         job.slot = None;
         if let Some(mark) = state.marks.get_mut(bucket(&job.parsed.session_key())) {
@@ -324,8 +330,18 @@ impl SourceLanes {
         let inbox = state.inbox.as_ref().expect("started above");
         if let Err(mpsc::error::SendError(job)) = inbox.send(job) {
             // The task ended (the source is closing): the delivery goes back with its channel.
-            drop(job);
+            state.queued = state.queued.saturating_sub(1);
+            lane.account.aside_changed(-1);
+            self.forget(job);
         }
+    }
+
+    /// A job dropped unsettled: its delivery goes back to the source with its channel.
+    fn forget(&self, job: Job) {
+        if let Some(pipeline) = self.pipeline.upgrade() {
+            pipeline.stages.metrics.commands_in_flight.dec();
+        }
+        drop(job);
     }
 
     /// Starts the lane's task.
@@ -458,7 +474,14 @@ impl SourceLanes {
             }
         }
         // Whatever was not published goes back to the source with its channel.
-        let unpublished = pending.len().saturating_add(inbox.len());
+        inbox.close();
+        while let Ok(job) = inbox.try_recv() {
+            pending.push(job);
+        }
+        let unpublished = pending.len();
+        for job in pending {
+            self.forget(job);
+        }
         if unpublished > 0 {
             lane.account
                 .aside_changed(-isize::try_from(unpublished).unwrap_or(isize::MAX));

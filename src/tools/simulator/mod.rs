@@ -14,8 +14,10 @@
 //! - [`serve_until`] is the same server for the `simulate` command line.
 //!
 //! Routes: `POST /agentassist/api/v1/public/{streamId}/assign-conversation`,
-//! `GET /simulator/stats` (the [`SimulatorStats`] as JSON, for a benchmark in another process)
-//! and `GET /healthz`.
+//! `GET /simulator/stats` (the [`SimulatorStats`] as JSON, for a benchmark in another process),
+//! `GET /simulator/arrivals` (when each recorded request arrived, in ms since the first, by
+//! `accountid` header: `{"acme": [0, 2, 1000, …]}`, so a benchmark can check pacing) and
+//! `GET /healthz`.
 
 mod callback;
 mod check;
@@ -191,6 +193,7 @@ impl Simulator {
         let app = Router::new()
             .route(ASSIGN_ROUTE, post(assign_conversation))
             .route("/simulator/stats", get(stats_route))
+            .route("/simulator/arrivals", get(routes::arrivals_route))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(Arc::clone(&shared));
         let mut server_stop = stop_rx;

@@ -9,6 +9,25 @@ pub(super) async fn stats_route(State(shared): State<Arc<Shared>>) -> Json<Simul
     Json(shared.stats())
 }
 
+/// When each recorded request arrived, in ms since the first recorded one, by account.
+pub(super) async fn arrivals_route(
+    State(shared): State<Arc<Shared>>,
+) -> Json<BTreeMap<String, Vec<u64>>> {
+    let log = lock(&shared.requests);
+    let mut by_account: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    if let Some(first) = log.entries.front().map(|r| r.received_at) {
+        for r in &log.entries {
+            let ms =
+                u64::try_from(r.received_at.duration_since(first).as_millis()).unwrap_or(u64::MAX);
+            by_account
+                .entry(r.account_id.clone().unwrap_or_default())
+                .or_default()
+                .push(ms);
+        }
+    }
+    Json(by_account)
+}
+
 pub(super) async fn assign_conversation(
     State(shared): State<Arc<Shared>>,
     Path(stream_id): Path<String>,

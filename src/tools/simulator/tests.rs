@@ -725,6 +725,27 @@ async fn stats_and_health_routes_answer() {
     assert_eq!(stats["callbacksDelivered"], 0);
     let parsed: SimulatorStats = serde_json::from_value(stats).unwrap();
     assert_eq!(parsed, simulator.stats());
+    let arrivals = client
+        .get(format!("{}/simulator/arrivals", simulator.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let arrivals: Value = serde_json::from_str(&arrivals).unwrap();
+    let recorded = simulator.requests();
+    let account = recorded[0].account_id.clone().unwrap_or_default();
+    assert_eq!(arrivals[&account][0], 0, "{arrivals}");
+    assert_eq!(
+        arrivals
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_array().unwrap().len())
+            .sum::<usize>(),
+        recorded.len()
+    );
     simulator.shutdown().await;
 }
 
