@@ -67,11 +67,10 @@ pub struct Account {
     epoch: Instant,
     /// Congested until then (µs since `epoch`): a start was found that far away.
     congested_until: AtomicU64,
-    /// Commands taken in directly and not yet holding a slot, by admission number, with the
-    /// instant they were taken in.
-    waiting: Mutex<BTreeMap<u64, Instant>>,
-    /// Admission numbers.
-    admitted: AtomicU64,
+    /// Commands taken in directly and not yet holding a slot, counted by the second (since
+    /// `epoch`, modulo [`WAIT_SECONDS`]) they were taken in: lock-free on the path of every
+    /// command, and enough to tell the oldest wait to the second.
+    waiting: Vec<AtomicUsize>,
     /// Commands set aside and not yet settled, over every lane of this process.
     aside: AtomicUsize,
     /// Since when the oldest command set aside has waited, per lane.
@@ -98,20 +97,21 @@ pub fn effective_cap(
         .clamp(1, bound)
 }
 
+/// How many seconds of waits in memory are told apart; an older one counts as this old.
+const WAIT_SECONDS: usize = 64;
+
 /// A command taken in directly, waiting in memory for its slot; leaves the count on drop.
 #[derive(Debug)]
 pub struct Waiting {
     account: Arc<Account>,
-    number: u64,
+    second: usize,
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.account
-            .waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.number);
+        if let Some(count) = self.account.waiting.get(self.second % WAIT_SECONDS) {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -147,8 +147,7 @@ impl Account {
             aside_after,
             epoch: Instant::now(),
             congested_until: AtomicU64::new(0),
-            waiting: Mutex::new(BTreeMap::new()),
-            admitted: AtomicU64::new(0),
+            waiting: (0..WAIT_SECONDS).map(|_| AtomicUsize::new(0)).collect(),
             aside: AtomicUsize::new(0),
             aside_since: Mutex::new(BTreeMap::new()),
             metrics,
@@ -187,23 +186,23 @@ impl Account {
         if self.congested() {
             return None;
         }
-        let number = self.admitted.fetch_add(1, Ordering::Relaxed);
-        self.waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(number, Instant::now());
+        let second = self.second_now();
+        if let Some(count) = self.waiting.get(second % WAIT_SECONDS) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
         Some(Waiting {
             account: self.clone(),
-            number,
+            second,
         })
+    }
+
+    fn second_now(&self) -> usize {
+        usize::try_from(self.epoch.elapsed().as_secs()).unwrap_or(usize::MAX)
     }
 
     /// Commands taken in directly and not yet holding a slot.
     pub fn waiting_in_memory(&self) -> usize {
-        self.waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.waiting.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
     /// Waits for a slot. A wait longer than `aside_after` marks the account congested for as
@@ -286,10 +285,13 @@ impl Account {
 
     /// Sets the gauges of waiting commands and of the oldest wait.
     pub fn refresh_gauges(&self) {
-        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        let in_memory = waiting.len();
-        let oldest_in_memory = waiting.values().next().map(|t| t.elapsed());
-        drop(waiting);
+        let in_memory = self.waiting_in_memory();
+        let now = self.second_now();
+        let oldest_in_memory = (0..WAIT_SECONDS).rev().find_map(|age| {
+            let second = now.checked_sub(age)?;
+            let count = self.waiting.get(second % WAIT_SECONDS)?;
+            (count.load(Ordering::Relaxed) > 0).then(|| Duration::from_secs(age as u64))
+        });
         let aside = self.aside.load(Ordering::Relaxed);
         let oldest_aside = self
             .aside_since

@@ -197,6 +197,9 @@ impl SourceLanes {
 
     fn lane(&self, account: &Arc<Account>) -> Arc<Lane> {
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lane) = lanes.get(&account.id) {
+            return lane.clone();
+        }
         lanes
             .entry(account.id.clone())
             .or_insert_with(|| {

@@ -79,7 +79,7 @@ impl Handler for Pipeline {
         in_flight: InFlight,
         source: &str,
     ) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let job = this.read(delivery, publisher, in_flight);
+        let job = this.read(delivery, publisher, in_flight, true);
         let lanes = this.lanes_of(source);
         match (&job.parsed.command, lanes) {
             (Ok(command), Some(lanes)) => {
@@ -174,16 +174,26 @@ impl Pipeline {
         slot: Slot,
         taken: Taken,
     ) -> Option<impl Future<Output = ()> + Send + 'static + use<>> {
-        let mut job = self.read(delivery, publisher, in_flight);
+        // Counted as received once, when it first came from its source.
+        let mut job = self.read(delivery, publisher, in_flight, false);
         job.slot = Some(slot);
         job.taken = Some(taken);
         self.queue_up(job).map(|job| self.clone().run_session(job))
     }
 
-    /// Reads a delivery once, at the edge.
-    fn read(&self, delivery: Delivery, publisher: &Arc<Publisher>, in_flight: InFlight) -> Job {
+    /// Reads a delivery once, at the edge; `received` counts it as a command received (one
+    /// taken back from its account queue was counted when it first came).
+    fn read(
+        &self,
+        delivery: Delivery,
+        publisher: &Arc<Publisher>,
+        in_flight: InFlight,
+        received: bool,
+    ) -> Job {
         let metrics = &self.stages.metrics;
-        metrics.commands_received.inc();
+        if received {
+            metrics.commands_received.inc();
+        }
         metrics.commands_in_flight.inc();
         let envelope = Envelope::from_properties(&delivery.properties);
         // Reading is the first thing input reaches: a bug there must cost one command, not
