@@ -207,30 +207,7 @@ fn assert_each_once(ended: Vec<String>, left: Vec<String>, all: usize) {
 
 #[tokio::test]
 async fn in_a_fleet_a_backlog_of_one_account_does_not_hold_another() {
-    let mut fleet = Fleet::start(FleetSpec {
-        replicas: 3,
-        redis_url: Some(redis_url()),
-        rate_limit: 5,
-        rate_window: "3s",
-        prefetch: 64,
-        latency: Duration::from_millis(100),
-        env: vec![
-            ("TRANSFER__FLEET__PARTITIONS".into(), "8".into()),
-            ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
-            ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
-        ],
-        more_bots: vec![BotSpec {
-            stream_id: QUIET_STREAM.into(),
-            account_id: QUIET.into(),
-            rate_limit: 10_000,
-            rate_window: "1s",
-            max_in_flight: None,
-        }],
-    })
-    .await;
-    fleet
-        .wait_balanced(&[0, 1, 2], Duration::from_secs(20))
-        .await;
+    let mut fleet = two_account_fleet(5, "3s", 64, Duration::from_millis(100)).await;
     let noisy_account = fleet.settings.bots[0].account_id.clone();
     let noisy = fleet.settings.bots[0].stream_id.clone();
     let commands: Vec<Value> = (0..300)
@@ -515,31 +492,7 @@ async fn no_delivery_is_held_for_half_the_consumer_timeout_while_a_backlog_waits
 
 #[tokio::test]
 async fn a_replica_killed_in_the_middle_of_a_backlog_loses_nothing_and_keeps_sessions_in_order() {
-    let mut fleet = Fleet::start(FleetSpec {
-        replicas: 3,
-        redis_url: Some(redis_url()),
-        rate_limit: 20,
-        rate_window: "1s",
-        prefetch: 32,
-        latency: Duration::from_millis(50),
-        env: vec![
-            ("TRANSFER__FLEET__PARTITIONS".into(), "8".into()),
-            ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
-            ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
-            ("TRANSFER__FLEET__LEASE".into(), "3s".into()),
-        ],
-        more_bots: vec![BotSpec {
-            stream_id: QUIET_STREAM.into(),
-            account_id: QUIET.into(),
-            rate_limit: 10_000,
-            rate_window: "1s",
-            max_in_flight: None,
-        }],
-    })
-    .await;
-    fleet
-        .wait_balanced(&[0, 1, 2], Duration::from_secs(20))
-        .await;
+    let mut fleet = two_account_fleet(20, "1s", 32, Duration::from_millis(50)).await;
     let noisy_account = fleet.settings.bots[0].account_id.clone();
     let noisy = fleet.settings.bots[0].stream_id.clone();
     // 40 sessions of 5 commands, interleaved: 10 s of the noisy account's budget.
@@ -641,4 +594,41 @@ async fn status_of(settings: &Settings) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// Three replicas sharing 8 partitions through Redis, ready and balanced: the noisy account
+/// (the default bot) at `limit` per `window`, and the quiet one with budget to spare.
+async fn two_account_fleet(
+    limit: u32,
+    window: &'static str,
+    prefetch: u16,
+    latency: Duration,
+) -> Fleet {
+    let fleet = Fleet::start(FleetSpec {
+        replicas: 3,
+        redis_url: Some(redis_url()),
+        rate_limit: limit,
+        rate_window: window,
+        prefetch,
+        latency,
+        env: vec![
+            ("TRANSFER__FLEET__PARTITIONS".into(), "8".into()),
+            ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
+            ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
+            // A call on the wire when its replica dies may go out again after this.
+            ("TRANSFER__FLEET__LEASE".into(), "3s".into()),
+        ],
+        more_bots: vec![BotSpec {
+            stream_id: QUIET_STREAM.into(),
+            account_id: QUIET.into(),
+            rate_limit: 10_000,
+            rate_window: "1s",
+            max_in_flight: None,
+        }],
+    })
+    .await;
+    fleet
+        .wait_balanced(&[0, 1, 2], Duration::from_secs(20))
+        .await;
+    fleet
 }
