@@ -5,8 +5,11 @@
 -- KEYS[2]  owned: hash, member -> the partitions it consumes ("0,3,7")
 -- ARGV[1]  the member     ARGV[2] how long a heartbeat lasts (ms)
 -- ARGV[3]  'beat' | 'leave' | 'look'      ARGV[4] the member's partitions (for 'beat')
--- Returns {now (ms), member, expires (ms), partitions, member, expires, partitions, ...},
--- live members only, sorted by name.
+-- KEYS[3..] the holds the member keeps (lua/hold.lua), for 'beat': each held by it lasts
+--          another ttl; one that is not its own any more is reported lost.
+-- Returns {now (ms), lost, member, expires (ms), partitions, member, expires, partitions, ...}:
+-- lost lists the positions (1 for KEYS[3]) of the holds lost, comma-separated; the members
+-- are the live ones, sorted by name.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
@@ -15,9 +18,17 @@ for _, member in ipairs(gone) do
   redis.call('ZREM', KEYS[1], member)
   redis.call('HDEL', KEYS[2], member)
 end
+local lost = {}
 if ARGV[3] == 'beat' then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+  for i = 3, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[1] then
+      redis.call('PEXPIRE', KEYS[i], ttl)
+    else
+      table.insert(lost, tostring(i - 2))
+    end
+  end
 elseif ARGV[3] == 'leave' then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
@@ -27,7 +38,7 @@ if redis.call('ZCARD', KEYS[1]) > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl * 10)
   redis.call('PEXPIRE', KEYS[2], ttl * 10)
 end
-local out = {tostring(now)}
+local out = {tostring(now), table.concat(lost, ',')}
 local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local names = {}
 local expires = {}

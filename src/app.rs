@@ -31,6 +31,9 @@ use crate::shutdown::Shutdown;
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
 
+/// The shortest wait before asking again for a queue another replica holds.
+const HOLD_RETRY_MIN: Duration = Duration::from_millis(50);
+
 /// How often the per-account gauges (waiting, oldest wait) are brought up to date.
 const ACCOUNT_GAUGES: Duration = Duration::from_secs(1);
 
@@ -197,7 +200,11 @@ impl App {
                 owned: watched,
                 count: partitions,
                 consuming: consuming.clone(),
-            });
+            })
+            .with_holds(
+                fleet.clone().expect("partitions come with a fleet"),
+                (settings.fleet.heartbeat / 4).max(HOLD_RETRY_MIN),
+            );
             Worker::Shared {
                 consumer,
                 owned,

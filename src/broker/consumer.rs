@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use super::holds::Holds;
 use super::{BrokerError, CurrentLink, Publisher, timed};
 use crate::backoff;
 use crate::config::AmqpSettings;
@@ -155,6 +156,20 @@ pub struct Consumer<H, P = H> {
     tracker: TaskTracker,
     /// A connection was lost and not yet re-established (counts reconnects).
     lost: AtomicBool,
+    /// One holder per queue across a fleet: registers only on queues it holds.
+    holds: Option<Arc<dyn Holds>>,
+    /// How often a queue another replica holds is asked for again.
+    hold_retry: Duration,
+}
+
+/// The consumer of the queue itself, once registered.
+struct Registered {
+    channel: Channel,
+    /// Its consumer tag, to cancel it.
+    tag: String,
+    consumer: lapin::Consumer,
+    /// One token per delivery handed over and not yet settled.
+    settled: TaskTracker,
 }
 
 /// One partition consumed on this connection.
@@ -202,6 +217,8 @@ impl<H: Handler> Consumer<H> {
             shutdown,
             tracker: TaskTracker::new(),
             lost: AtomicBool::new(false),
+            holds: None,
+            hold_retry: Duration::from_secs(1),
         }
     }
 
@@ -217,7 +234,20 @@ impl<H: Handler> Consumer<H> {
             shutdown: self.shutdown,
             tracker: self.tracker,
             lost: self.lost,
+            holds: self.holds,
+            hold_retry: self.hold_retry,
         }
+    }
+}
+
+impl<H: Handler, P: Handler> Consumer<H, P> {
+    /// Registers on its queue and on each partition only while it holds it (a fleet's
+    /// consumer, docs/contract.md §9), asking again every `retry` for one another replica
+    /// holds; stops consuming by itself at the holds' deadline.
+    pub fn with_holds(mut self, holds: Arc<dyn Holds>, retry: Duration) -> Self {
+        self.holds = Some(holds);
+        self.hold_retry = retry;
+        self
     }
 }
 
@@ -273,7 +303,6 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         let amqp = &self.settings.amqp;
         let queue = self.settings.queue.as_str();
         let t = amqp.operation_timeout;
-        let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
         let setup = async {
             let name = format!("transfer-worker {}", std::process::id());
             let connection = super::connection::connect(amqp, &name).await?;
@@ -284,38 +313,25 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             }
             let _ = timed("channel.close", t, setup.close(200, "declared".into())).await;
             let publisher = Arc::new(Publisher::open(&connection, amqp).await?);
-            let channel = timed("channel.open", t, connection.create_channel()).await?;
-            timed(
-                "basic.qos",
-                t,
-                channel.basic_qos(amqp.prefetch, BasicQosOptions::default()),
-            )
-            .await?;
-            let consumer = timed(
-                "basic.consume",
-                t,
-                channel.basic_consume(
-                    queue.into(),
-                    tag.as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .await?;
-            Ok::<_, BrokerError>((connection, publisher, channel, consumer))
+            Ok::<_, BrokerError>((connection, publisher))
         };
-        let (connection, publisher, channel, mut consumer) = tokio::select! {
+        let (connection, publisher) = tokio::select! {
             r = setup => r?,
             () = self.shutdown.stop.cancelled() => return Ok((Stop::Stopped, false)),
         };
         let connection = Arc::new(connection);
+        // Without holds the queue is registered now, as part of the setup.
+        let mut intake = match &self.holds {
+            None => self.register(&connection).await?,
+            Some(_) => None,
+        };
         self.link.set_publisher(Some(publisher.clone()));
         self.link.set_consuming(true);
         if self.lost.swap(false, Ordering::Relaxed) {
             self.metrics.broker_reconnects.inc();
         }
-        tracing::info!(queue, prefetch = amqp.prefetch, "consuming commands");
         let mut owned = self.partitions.as_ref().map(|p| p.owned.clone());
+        let mut wanted = BTreeSet::new();
         let mut subscriptions: HashMap<u16, Subscription> = HashMap::new();
         let mut releasing = JoinSet::new();
         let (lost_tx, mut lost_rx) = mpsc::channel::<String>(1);
@@ -324,25 +340,40 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         let source = self.source(queue, &connection, &publisher, &lost_tx);
         H::open(&self.handler, source.clone()).await;
         let mut activated = false;
-        // The partitions owned before this connection came up are subscribed now.
+        let mut deadline = self.holds.as_ref().map(|h| h.deadline());
+        let mut retry = tokio::time::interval(self.hold_retry);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With holds, the queue is registered once held; the partitions owned before this
+        // connection came up are subscribed now (those held elsewhere once given up).
         let mut settled = None;
+        if self.holds.is_some() {
+            match self.register(&connection).await {
+                Ok(registered) => intake = registered,
+                Err(e) => settled = Some(e.to_string()),
+            }
+        }
         if let Some(owned) = &mut owned {
-            let want = owned.borrow_and_update().clone();
-            settled = self
-                .rebalance(
-                    &connection,
-                    &publisher,
-                    &want,
-                    &mut subscriptions,
-                    &mut releasing,
-                    &lost_tx,
-                )
-                .await
-                .err()
-                .map(|e| e.to_string());
+            wanted = owned.borrow_and_update().clone();
+            if settled.is_none() {
+                settled = self
+                    .rebalance(
+                        &connection,
+                        &publisher,
+                        &wanted,
+                        &mut subscriptions,
+                        &mut releasing,
+                        &lost_tx,
+                    )
+                    .await
+                    .err()
+                    .map(|e| e.to_string());
+            }
         }
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         loop {
+            let stop_by = deadline.as_mut().and_then(|d| *d.borrow_and_update());
+            let waiting = self.holds.is_some()
+                && (intake.is_none() || wanted.iter().any(|k| !subscriptions.contains_key(k)));
             let reason = tokio::select! {
                 biased;
                 Some(reason) = async { settled.take() }, if settled.is_some() => reason,
@@ -358,45 +389,55 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                                 self.settings.grace,
                                 partitions.consuming.clone(),
                                 partitions.handler.clone(),
+                                self.holds.clone(),
                             ));
                         }
                     }
-                    let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-                    match timed("basic.cancel", t, cancel).await {
-                        // The next active consumer starts at once, so what this one still holds
-                        // is handled here rather than returned behind newer commands.
-                        Ok(()) => {
-                            while let Ok(Some(Ok(delivery))) = tokio::time::timeout(t, consumer.next()).await {
-                                if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default(), queue) {
-                                    self.tracker.spawn(task);
-                                }
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "could not cancel the consumer"),
-                    }
+                    // The next consumer may start at once, so what this one still holds is
+                    // handled here rather than returned behind newer commands.
+                    let handover = match intake.take() {
+                        Some(intake) => Some(intake.stop(t, &self.handler, &publisher, &self.tracker, queue).await),
+                        None => None,
+                    };
                     // Drain while the consuming channels are open: the acks of in-flight work
                     // go to them, and closing them would hand it all back to the broker.
-                    tokio::join!(self.drain(), H::close(&self.handler, queue), async {
-                        while releasing.join_next().await.is_some() {}
-                    });
-                    // A quorum queue may drop acks that reach it right before their channel
-                    // closes and return those messages as if never acked (rabbitmq-server
-                    // #10327): work that ended would run again. A moment for the broker to apply
-                    // the last acks prevents it.
-                    tokio::time::sleep(ACK_SETTLE).await;
-                    // Closed one by one before the connection, so none is torn down mid-close.
-                    let _ = timed("channel.close", t, channel.close(200, "shutdown".into())).await;
+                    let limit = self.settings.grace + self.settings.settle;
+                    tokio::join!(
+                        self.drain(),
+                        H::close(&self.handler, queue),
+                        async {
+                            if let Some(intake) = handover {
+                                intake.close(t, limit, self.holds.as_deref(), queue).await;
+                            }
+                        },
+                        async { while releasing.join_next().await.is_some() {} },
+                    );
                     publisher.close(t).await;
-                    drop(consumer);
                     return Ok((Stop::Shutdown(connection), true));
                 }
-                delivery = consumer.next() => match delivery {
+                () = until(stop_by), if stop_by.is_some() => {
+                    let now = Instant::now();
+                    match deadline.as_mut().and_then(|d| *d.borrow_and_update()) {
+                        Some(by) if by <= now => "the fleet has not kept this replica's holds for \
+                            fleet.member_ttl less fleet.heartbeat; letting every queue go (running \
+                            commands keep their claims)".to_owned(),
+                        _ => continue,
+                    }
+                }
+                changed = async { deadline.as_mut()?.changed().await.ok() }, if deadline.is_some() => {
+                    if changed.is_none() {
+                        deadline = None;
+                    }
+                    continue;
+                }
+                delivery = next(&mut intake), if intake.is_some() => match delivery {
                     Some(Ok(delivery)) => {
                         if !activated {
                             activated = true;
                             H::open(&self.handler, source.clone()).await;
                         }
-                        if let Some(task) = H::accept(&self.handler, delivery, &publisher, InFlight::default(), queue) {
+                        let in_flight = intake.as_ref().map(|i| InFlight::tracked(&i.settled)).unwrap_or_default();
+                        if let Some(task) = H::accept(&self.handler, delivery, &publisher, in_flight, queue) {
                             self.tracker.spawn(task);
                         }
                         continue;
@@ -412,8 +453,23 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                         owned = None;
                         continue;
                     }
-                    let want = owned.as_mut().map(|o| o.borrow_and_update().clone()).unwrap_or_default();
-                    match self.rebalance(&connection, &publisher, &want, &mut subscriptions, &mut releasing, &lost_tx).await {
+                    wanted = owned.as_mut().map(|o| o.borrow_and_update().clone()).unwrap_or_default();
+                    match self.rebalance(&connection, &publisher, &wanted, &mut subscriptions, &mut releasing, &lost_tx).await {
+                        Ok(()) => continue,
+                        Err(e) => e.to_string(),
+                    }
+                }
+                _ = retry.tick(), if waiting => {
+                    // Queues held by another replica (or not yet asked for) are asked for again.
+                    let registered = match intake {
+                        Some(_) => Ok(()),
+                        None => self.register(&connection).await.map(|r| intake = r),
+                    };
+                    let subscribed = match registered {
+                        Ok(()) => self.rebalance(&connection, &publisher, &wanted, &mut subscriptions, &mut releasing, &lost_tx).await,
+                        Err(e) => Err(e),
+                    };
+                    match subscribed {
                         Ok(()) => continue,
                         Err(e) => e.to_string(),
                     }
@@ -421,7 +477,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 _ = liveness.tick() => {
                     if !connection.status().connected() {
                         "connection closed".to_owned()
-                    } else if !channel.status().connected() {
+                    } else if intake.as_ref().is_some_and(|i| !i.channel.status().connected()) {
                         "consumer channel closed".to_owned()
                     } else if !publisher.is_connected() {
                         // The broker closes a channel on errors such as publishing to an exchange
@@ -454,8 +510,51 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 connection.close(200, reason.as_str().into()),
             )
             .await;
+            // Every consuming channel went with the connection: the holds may go too.
+            if let Some(holds) = &self.holds {
+                holds.give_all().await;
+            }
             return Ok((Stop::Lost(reason), true));
         }
+    }
+
+    /// Registers the consumer of the queue itself, holding it first when the consumer keeps
+    /// holds: `None` while another replica holds it.
+    async fn register(&self, connection: &Connection) -> Result<Option<Registered>, BrokerError> {
+        let queue = self.settings.queue.as_str();
+        if let Some(holds) = &self.holds
+            && !holds.take(queue).await
+        {
+            return Ok(None);
+        }
+        let amqp = &self.settings.amqp;
+        let t = amqp.operation_timeout;
+        let channel = timed("channel.open", t, connection.create_channel()).await?;
+        timed(
+            "basic.qos",
+            t,
+            channel.basic_qos(amqp.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
+        let consumer = timed(
+            "basic.consume",
+            t,
+            channel.basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        tracing::info!(queue, prefetch = amqp.prefetch, "consuming commands");
+        Ok(Some(Registered {
+            channel,
+            tag,
+            consumer,
+            settled: TaskTracker::new(),
+        }))
     }
 
     /// Makes the partitions consumed on this connection the ones in `want`: subscribes the new
@@ -487,6 +586,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     self.settings.grace,
                     partitions.consuming.clone(),
                     partitions.handler.clone(),
+                    self.holds.clone(),
                 ));
             }
         }
@@ -507,6 +607,18 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 None => None,
             };
             let old_share = renewed.as_ref().map(|r| r.share);
+            // A new partition is subscribed only once held; a renewed one stays held.
+            if renewed.is_none()
+                && let Some(holds) = &self.holds
+                && !holds
+                    .take(&crate::fleet::ownership::partition_queue(
+                        &self.settings.queue,
+                        k,
+                    ))
+                    .await
+            {
+                continue;
+            }
             if let Some(old) = renewed {
                 releasing.spawn(self.renew(old, t).await);
             }
@@ -693,6 +805,7 @@ async fn release<P: Handler>(
     grace: Duration,
     consuming: Arc<watch::Sender<BTreeSet<u16>>>,
     handler: Arc<P>,
+    holds: Option<Arc<dyn Holds>>,
 ) {
     let started = Instant::now();
     let queue = subscription.queue.clone();
@@ -728,6 +841,10 @@ async fn release<P: Handler>(
         channel.close(200, "partition released".into()),
     )
     .await;
+    // Only now may another replica register there.
+    if let Some(holds) = &holds {
+        holds.give(&queue).await;
+    }
     consuming.send_modify(|c| {
         c.remove(&partition);
     });
@@ -828,6 +945,82 @@ async fn read_partition<P: Handler>(mut r: Reader<P>) -> Option<Stopped> {
             let _ = r.lost.try_send(reason);
         }
         return None;
+    }
+}
+
+/// The next delivery of the queue's own consumer; never, while it has none.
+async fn next(intake: &mut Option<Registered>) -> Option<Result<Delivery, lapin::Error>> {
+    match intake {
+        Some(intake) => intake.consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`; forever when there is none.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Registered {
+    /// Cancels the consumer and hands what it still holds to the handler, in order.
+    async fn stop<H: Handler>(
+        mut self,
+        t: Duration,
+        handler: &Arc<H>,
+        publisher: &Arc<Publisher>,
+        tracker: &TaskTracker,
+        queue: &str,
+    ) -> Self {
+        let cancel = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+        match timed("basic.cancel", t, cancel).await {
+            Ok(()) => {
+                while let Ok(Some(Ok(delivery))) =
+                    tokio::time::timeout(t, self.consumer.next()).await
+                {
+                    let in_flight = InFlight::tracked(&self.settled);
+                    if let Some(task) = H::accept(handler, delivery, publisher, in_flight, queue) {
+                        tracker.spawn(task);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not cancel the consumer"),
+        }
+        self
+    }
+
+    /// Waits (up to `limit`) until what it delivered is settled, closes its channel, and only
+    /// then gives its hold up.
+    async fn close(self, t: Duration, limit: Duration, holds: Option<&dyn Holds>, queue: &str) {
+        self.settled.close();
+        if tokio::time::timeout(limit, self.settled.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                queue,
+                unsettled = self.settled.len(),
+                "closing the consumer with commands unsettled; the broker returns them"
+            );
+        }
+        // A quorum queue may drop acks that reach it right before their channel closes and
+        // return those messages as if never acked (rabbitmq-server #10327): work that ended
+        // would run again. A moment for the broker to apply the last acks prevents it.
+        tokio::time::sleep(ACK_SETTLE).await;
+        let _ = timed(
+            "channel.close",
+            t,
+            self.channel.close(200, "shutdown".into()),
+        )
+        .await;
+        drop(self.consumer);
+        if let Some(holds) = holds {
+            holds.give(queue).await;
+        }
     }
 }
 

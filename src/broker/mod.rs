@@ -4,6 +4,7 @@
 pub mod account_queue;
 pub mod connection;
 pub mod consumer;
+pub mod holds;
 pub mod nodes;
 pub mod publisher;
 pub mod topology;

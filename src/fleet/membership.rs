@@ -8,9 +8,10 @@
 //! A replica that stops leaves at once, so the others take its partitions at their next
 //! heartbeat instead of after the time-to-live.
 //!
-//! Views may differ for a heartbeat (one replica has seen a change, another not yet). Each
-//! partition queue is single-active-consumer, so two replicas that both think they own a
-//! partition cannot both receive from it: the later one waits until the earlier lets go.
+//! Views may differ for a heartbeat (one replica has seen a change, another not yet), so two
+//! replicas may both think they own a partition. Only one holds it ([`super::holds`]): the
+//! other registers no consumer until the holder has closed its channel and given the hold up.
+//! The heartbeat also keeps this replica's holds.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -51,20 +52,30 @@ impl Fleet {
             Beat::Leave => ("leave", String::new()),
             Beat::Look => ("look", String::new()),
         };
+        let keep = match beat {
+            Beat::Alive(_) => self.holds_to_keep(),
+            Beat::Leave | Beat::Look => Vec::new(),
+        };
         let ttl = millis(self.member_ttl);
         let mut invocation = scripts::HEARTBEAT.prepare_invoke();
         invocation
             .key(self.key("fleet", "members"))
-            .key(self.key("fleet", "owned"))
-            .arg(&self.claimant)
-            .arg(ttl)
-            .arg(mode)
-            .arg(owned);
+            .key(self.key("fleet", "owned"));
+        for queue in &keep {
+            invocation.key(self.key("hold", queue));
+        }
+        invocation.arg(&self.claimant).arg(ttl).arg(mode).arg(owned);
+        // The holds' expiry is set after this instant, never before it.
+        let sent = Instant::now();
         let reply: Vec<String> = self.invoke("heartbeat", &invocation).await?;
-        parse_roster(&reply, ttl).ok_or_else(|| FleetError::Unexpected {
+        let roster = parse_roster(&reply, ttl).ok_or_else(|| FleetError::Unexpected {
             op: "heartbeat",
             what: format!("{} fields", reply.len()),
-        })
+        })?;
+        if !keep.is_empty() {
+            self.holds_kept(sent, &keep, &roster.lost);
+        }
+        Ok(roster.members)
     }
 
     /// Says this replica is alive and consumes `owned`; the live members, sorted by id.
@@ -91,17 +102,17 @@ impl Fleet {
     /// whenever they change, and reporting the ones it really consumes (`consuming`, kept by
     /// the consumer).
     ///
-    /// A partition this replica owns but another live member still lists is not taken yet:
-    /// the other is letting it go (draining), and RabbitMQ would hand the queue over before
-    /// returning what the other still holds. It is taken at the first heartbeat after the
-    /// other stopped listing it (a member that is gone lists nothing).
+    /// A partition this replica owns but another live member still lists is not asked for
+    /// yet: the other is letting it go (draining). This only saves the consumer from asking
+    /// for a hold it cannot have; the hold is what keeps two consumers apart.
     ///
     /// While Redis does not answer the set stays as it is (no call starts anyway: the fleet
     /// fails closed), until the silence outlasts `fleet.member_ttl`: by then the others count
-    /// this replica as gone, so it lets its partitions go.
+    /// this replica as gone, so it lets its partitions go. (Its consumer stopped earlier, at
+    /// the holds' deadline.)
     ///
-    /// At `stop` it keeps heartbeating, so the others keep off the partitions it is still
-    /// handing over, and leaves once it consumes none (or at `done`).
+    /// At `stop` it keeps heartbeating, so its holds last while it hands the queues over, and
+    /// leaves once it consumes none and holds none (or at `done`).
     pub async fn keep_membership(
         &self,
         owned: watch::Sender<BTreeSet<u16>>,
@@ -120,9 +131,11 @@ impl Fleet {
             }
             let current = owned.borrow().clone();
             let really = consuming.borrow().clone();
-            if stop.is_cancelled() && really.is_empty() {
+            if stop.is_cancelled() && really.is_empty() && !self.holding() {
                 break;
             }
+            // Before the call, not after: Redis timed the membership after this instant.
+            let sent = Instant::now();
             let beat = self.heartbeat(&really).await;
             if stop.is_cancelled() {
                 // Handing over: the consumer lets every partition go; only report it.
@@ -130,7 +143,7 @@ impl Fleet {
             }
             let next = match beat {
                 Ok(members) => {
-                    heard = Instant::now();
+                    heard = sent;
                     self.metrics
                         .fleet_members
                         .set(i64::try_from(members.len()).unwrap_or(i64::MAX));
@@ -192,14 +205,30 @@ fn join(owned: &BTreeSet<u16>) -> String {
         .join(",")
 }
 
-/// `{now, id, expires, partitions, …}` → members; `None` when it does not read.
-fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Vec<Member>> {
+/// A heartbeat's answer.
+#[derive(Debug)]
+struct Roster {
+    /// The live members, sorted by id.
+    members: Vec<Member>,
+    /// The holds it could not keep, by position (0-based) among those it was given.
+    lost: Vec<usize>,
+}
+
+/// `{now, lost, id, expires, partitions, …}` → the roster; `None` when it does not read.
+fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
     let (now, rest) = reply.split_first()?;
     let now: u64 = now.parse().ok()?;
+    let (lost, rest) = rest.split_first()?;
+    let lost = lost
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().ok()?.checked_sub(1))
+        .collect::<Option<Vec<usize>>>()?;
     if rest.len() % 3 != 0 {
         return None;
     }
-    rest.chunks_exact(3)
+    let members = rest
+        .chunks_exact(3)
         .map(|m| {
             let expires = m[1]
                 .parse::<f64>()
@@ -220,7 +249,8 @@ fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Vec<Member>> {
                 partitions,
             })
         })
-        .collect()
+        .collect::<Option<Vec<Member>>>()?;
+    Some(Roster { members, lost })
 }
 
 #[cfg(test)]
@@ -231,17 +261,21 @@ mod tests {
 
     #[test]
     fn a_roster_reads() {
-        let reply: Vec<String> = ["10000", "a/1", "14000", "0,3", "b/2", "15000", ""]
+        let reply: Vec<String> = ["10000", "2", "a/1", "14000", "0,3", "b/2", "15000", ""]
             .map(String::from)
             .to_vec();
-        let members = parse_roster(&reply, 5000).unwrap();
+        let roster = parse_roster(&reply, 5000).unwrap();
+        assert_eq!(roster.lost, vec![1]);
+        let members = roster.members;
         assert_eq!(members.len(), 2);
         assert_eq!(members[0].name(), "a");
         assert_eq!(members[0].seen, Duration::from_millis(1000));
         assert_eq!(members[0].partitions, BTreeSet::from([0, 3]));
         assert_eq!(members[1].seen, Duration::ZERO);
         assert!(members[1].partitions.is_empty());
-        assert!(parse_roster(&["1".into(), "a".into()], 5000).is_none());
+        assert!(parse_roster(&["1".into(), "".into(), "a".into()], 5000).is_none());
+        assert!(parse_roster(&["1".into(), "0".into()], 5000).is_none());
+        assert!(parse_roster(&["1".into(), "".into()], 5000).is_some());
         assert!(parse_roster(&[], 5000).is_none());
     }
 

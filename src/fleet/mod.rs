@@ -13,12 +13,15 @@
 //!
 //! - *Work sharing*: replicas heartbeat into Redis ([`membership`]); from the live members
 //!   each computes the same owner for every partition queue ([`ownership`]).
+//! - *One holder at a time*: a replica registers a consumer on a partition, or on the commands
+//!   queue as intake, only while it holds that queue ([`holds`]).
 //!
 //! Every key starts with the fleet's name (its `amqp.commands_queue`) and a colon. Per command
 //! in the steady state: three round trips (claim, reserve, record). This file holds the client,
 //! its timeouts, health and waiting; [`claims`] the once-only, [`pacing`] the shared budget.
 
 pub mod claims;
+pub mod holds;
 pub mod membership;
 pub mod ownership;
 pub mod pacing;
@@ -83,6 +86,7 @@ pub struct Fleet {
     member_ttl: Duration,
     healthy: AtomicBool,
     metrics: Arc<Metrics>,
+    holds: holds::HoldState,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -132,6 +136,7 @@ impl Fleet {
             member_ttl: settings.member_ttl,
             healthy: AtomicBool::new(false),
             metrics,
+            holds: holds::HoldState::default(),
         })
     }
 

@@ -29,3 +29,6 @@ pub static UNRESERVE: LazyLock<Script> =
 /// `lua/heartbeat.lua`.
 pub static HEARTBEAT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/heartbeat.lua")));
+/// `lua/hold.lua`.
+pub static HOLD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/hold.lua")));

@@ -336,6 +336,28 @@ pub fn worker_env(
     .collect()
 }
 
+/// Publishes JSON commands to `queue` back to back, persistent, confirmed together.
+pub async fn publish_confirmed(channel: &Channel, queue: &str, commands: &[Value]) {
+    let mut confirms = Vec::with_capacity(commands.len());
+    for c in commands {
+        confirms.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    &serde_json::to_vec(c).unwrap(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        assert!(confirm.await.unwrap().is_ack());
+    }
+}
+
 /// Sends SIGTERM to a child process.
 pub fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().expect("running");

@@ -17,6 +17,7 @@ mod partitions;
 mod proxy;
 mod relay;
 mod replicas;
+mod rolling;
 mod schemas;
 mod trace_context;
 mod transfers;

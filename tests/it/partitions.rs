@@ -22,7 +22,7 @@ fn partition_of(session: &str, partitions: u16) -> u16 {
 }
 
 /// A Redis-backed fleet spec with `partitions` partitions and quick membership.
-fn partitioned(replicas: usize, partitions: u16) -> FleetSpec {
+pub fn partitioned(replicas: usize, partitions: u16) -> FleetSpec {
     FleetSpec {
         replicas,
         redis_url: Some(redis_url()),
@@ -38,7 +38,7 @@ fn partitioned(replicas: usize, partitions: u16) -> FleetSpec {
 }
 
 /// A short tag, so command ids and sessions are this run's own.
-fn tag() -> String {
+pub fn tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
@@ -67,7 +67,7 @@ fn is_terminal(e: &Received) -> bool {
 }
 
 /// Whether every one of `ids` has a terminal event among `events`.
-fn all_ended<'a>(events: &[Received], ids: impl IntoIterator<Item = &'a String>) -> bool {
+pub fn all_ended<'a>(events: &[Received], ids: impl IntoIterator<Item = &'a String>) -> bool {
     let ended: HashSet<&str> = events
         .iter()
         .filter(|e| is_terminal(e))
@@ -77,7 +77,7 @@ fn all_ended<'a>(events: &[Received], ids: impl IntoIterator<Item = &'a String>)
 }
 
 /// Terminal events by command.
-fn terminal_by_command(events: &[Received]) -> BTreeMap<String, Vec<&Received>> {
+pub fn terminal_by_command(events: &[Received]) -> BTreeMap<String, Vec<&Received>> {
     let mut out: BTreeMap<String, Vec<&Received>> = BTreeMap::new();
     for e in events.iter().filter(|e| is_terminal(e)) {
         out.entry(e.command_id().to_owned()).or_default().push(e);
@@ -186,7 +186,7 @@ async fn sessions_stay_in_order_and_never_overlap_while_three_replicas_share_the
 }
 
 /// Milliseconds from `origin` to `t`, negative before it.
-fn ms_from(origin: Instant, t: Instant) -> i128 {
+pub fn ms_from(origin: Instant, t: Instant) -> i128 {
     if t >= origin {
         (t - origin).as_millis() as i128
     } else {

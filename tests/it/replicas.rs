@@ -10,9 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, Consumer};
+use lapin::{Channel, Connection, Consumer};
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -588,24 +587,12 @@ impl Fleet {
 
     /// Publishes commands back to back, persistent, confirmed together.
     pub async fn publish_all(&self, commands: &[Value]) {
-        let mut confirms = Vec::with_capacity(commands.len());
-        for c in commands {
-            confirms.push(
-                self.channel
-                    .basic_publish(
-                        "".into(),
-                        self.settings.amqp.commands_queue.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &serde_json::to_vec(c).unwrap(),
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap(),
-            );
-        }
-        for confirm in confirms {
-            assert!(confirm.await.unwrap().is_ack());
-        }
+        crate::harness::publish_confirmed(
+            &self.channel,
+            &self.settings.amqp.commands_queue,
+            commands,
+        )
+        .await;
     }
 
     /// The next event on the results exchange, within `limit`.

@@ -1,0 +1,190 @@
+//! The holds of one replica (docs/contract.md §9, "One holder at a time"): at most one replica
+//! has a consumer registered on a partition queue, or on the commands queue as intake.
+//!
+//! - [`Fleet::take_hold`] (`lua/hold.lua`) takes a queue's hold atomically, before the
+//!   consumer registers: a queue another replica holds is left alone, waiting consumers
+//!   included.
+//! - Every heartbeat keeps this replica's holds for another `fleet.member_ttl`
+//!   (`lua/heartbeat.lua`); a hold not kept expires, so a replica that died loses its holds.
+//! - [`Fleet::give_hold`] gives one up, once the consumer's channel is closed.
+//! - So that expiry is safe, a replica whose holds were last kept at `t` (the instant *before*
+//!   the heartbeat that kept them was sent: Redis set their expiry after it) must have stopped
+//!   consuming by `t + member_ttl − heartbeat`: the [`deadline`](Fleet::hold_deadline) the
+//!   consumer watches. It then closes its channels by itself and takes the holds again when
+//!   the fleet answers; its running commands keep their claims.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::watch;
+
+use super::{Fleet, FleetError, millis, scripts};
+use crate::broker::holds::Holds;
+
+/// What this replica holds, each queue with the instant by which its consumer must have
+/// stopped unless the hold is kept again; and the earliest of them.
+#[derive(Debug)]
+pub(crate) struct HoldState {
+    held: Mutex<BTreeMap<String, Instant>>,
+    deadline: watch::Sender<Option<Instant>>,
+}
+
+impl Default for HoldState {
+    fn default() -> Self {
+        Self {
+            held: Mutex::default(),
+            deadline: watch::Sender::new(None),
+        }
+    }
+}
+
+impl HoldState {
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Instant>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Brings the deadline in line with `held`: the earliest.
+    fn settle(&self, held: &BTreeMap<String, Instant>) {
+        let next = held.values().min().copied();
+        self.deadline.send_if_modified(|deadline| {
+            let changed = *deadline != next;
+            *deadline = next;
+            changed
+        });
+    }
+}
+
+impl Fleet {
+    fn hold_key(&self, queue: &str) -> String {
+        self.key("hold", queue)
+    }
+
+    /// The deadline for holds kept by a call sent at `sent`.
+    fn stop_by(&self, sent: Instant) -> Instant {
+        sent + self.member_ttl.saturating_sub(self.heartbeat)
+    }
+
+    /// Takes the hold of `queue`: `None` when this replica holds it now, else the holder.
+    pub async fn take_hold(&self, queue: &str) -> Result<Option<String>, FleetError> {
+        let sent = Instant::now();
+        let mut invocation = scripts::HOLD.prepare_invoke();
+        invocation
+            .key(self.hold_key(queue))
+            .arg(&self.claimant)
+            .arg("take")
+            .arg(millis(self.member_ttl));
+        let holder: String = self.invoke("hold", &invocation).await?;
+        if !holder.is_empty() {
+            return Ok(Some(holder));
+        }
+        let mut held = self.holds.held();
+        held.insert(queue.to_owned(), self.stop_by(sent));
+        self.holds.settle(&held);
+        Ok(None)
+    }
+
+    /// Gives the hold of `queue` up (once the consumer's channel is closed). It is no longer
+    /// kept either way: if Redis does not answer, it expires.
+    pub async fn give_hold(&self, queue: &str) {
+        {
+            let mut held = self.holds.held();
+            if held.remove(queue).is_none() {
+                return;
+            }
+            self.holds.settle(&held);
+        }
+        let mut invocation = scripts::HOLD.prepare_invoke();
+        invocation
+            .key(self.hold_key(queue))
+            .arg(&self.claimant)
+            .arg("give")
+            .arg(millis(self.member_ttl));
+        match self.invoke::<String>("hold", &invocation).await {
+            Ok(holder) if holder.is_empty() => tracing::debug!(queue, "hold given"),
+            Ok(holder) => {
+                tracing::warn!(queue, %holder, "a hold this replica gave had already gone to another")
+            }
+            Err(e) => {
+                tracing::warn!(queue, error = %e, "could not give a hold; it expires within fleet.member_ttl")
+            }
+        }
+    }
+
+    /// The queues held, in the order the heartbeat keeps them.
+    pub(crate) fn holds_to_keep(&self) -> Vec<String> {
+        self.holds.held().keys().cloned().collect()
+    }
+
+    /// Whether this replica holds any queue.
+    pub fn holding(&self) -> bool {
+        !self.holds.held().is_empty()
+    }
+
+    /// A heartbeat sent at `sent` kept `kept`, except those at the positions in `lost`
+    /// (0-based). A hold lost while still held means another may consume there: consuming
+    /// must stop now.
+    pub(crate) fn holds_kept(&self, sent: Instant, kept: &[String], lost: &[usize]) {
+        let mut held = self.holds.held();
+        let really_lost: Vec<&String> = lost
+            .iter()
+            .filter_map(|&i| kept.get(i))
+            .filter(|q| held.contains_key(*q))
+            .collect();
+        if !really_lost.is_empty() {
+            tracing::error!(queues = ?really_lost, "holds lost to expiry; letting every queue go at once");
+            held.values_mut().for_each(|by| *by = sent);
+        } else {
+            let by = self.stop_by(sent);
+            for queue in kept {
+                if let Some(at) = held.get_mut(queue) {
+                    *at = (*at).max(by);
+                }
+            }
+        }
+        self.holds.settle(&held);
+    }
+
+    /// When consuming must have stopped (see the module's documentation).
+    pub fn hold_deadline(&self) -> watch::Receiver<Option<Instant>> {
+        self.holds.deadline.subscribe()
+    }
+}
+
+impl Holds for Fleet {
+    fn take<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, bool> {
+        async move {
+            match self.take_hold(queue).await {
+                Ok(None) => true,
+                Ok(Some(holder)) => {
+                    tracing::debug!(queue, %holder, "held by another replica; waiting");
+                    false
+                }
+                Err(e) => {
+                    tracing::debug!(queue, error = %e, "cannot take a hold");
+                    false
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn give<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, ()> {
+        self.give_hold(queue).boxed()
+    }
+
+    fn give_all(&self) -> BoxFuture<'_, ()> {
+        async move {
+            for queue in self.holds_to_keep() {
+                self.give_hold(&queue).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn deadline(&self) -> watch::Receiver<Option<Instant>> {
+        self.hold_deadline()
+    }
+}
