@@ -137,7 +137,7 @@ impl App {
         if let Some(breaker) = &breaker {
             transfers = transfers.with_breaker(breaker.clone());
         }
-        let prober = breaker.map(|b| Prober::new(b, transfers.api().clone(), &settings));
+        let probe_with = (transfers.api().clone(), fleet.clone());
         let stages = Stages {
             transfers,
             relay: RelayUrls::new(&public_url, signer.clone()),
@@ -153,6 +153,8 @@ impl App {
         // One registry of bots, so one budget and one set of slots per account in the process.
         let bots = Bots::new(&settings, &metrics);
         let accounts = bots.accounts();
+        let prober =
+            breaker.map(|b| Prober::new(b, probe_with.0, bots.default_bot(), probe_with.1));
         let parser = Parser::new(bots, settings.commands.max_age);
         let pipeline = Arc::new(Pipeline::new(
             parser.clone(),

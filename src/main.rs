@@ -111,6 +111,10 @@ struct SimulateArgs {
     /// Fraction of callbacks that report a failed transfer.
     #[arg(long, default_value_t = 0.0)]
     callback_fail_rate: f64,
+    /// During an outage, refuse unauthenticated requests with 401 before routing, as an API
+    /// gateway in front of the service would.
+    #[arg(long)]
+    edge_authenticates_first: bool,
     /// Post no callbacks.
     #[arg(long)]
     no_callbacks: bool,
@@ -260,6 +264,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 callbacks: !args.no_callbacks,
                 callback_delay: Duration::from_millis(args.callback_delay_ms),
                 callback_fail_rate: args.callback_fail_rate,
+                edge: if args.edge_authenticates_first {
+                    simulator::Edge::AuthenticatesFirst
+                } else {
+                    simulator::Edge::RoutesFirst
+                },
             };
             let stop = CancellationToken::new();
             cancel_on_signal(stop.clone());

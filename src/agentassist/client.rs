@@ -221,13 +221,16 @@ impl ApiClient {
         classify(status, retry_after.as_deref(), &bytes, truncated)
     }
     /// A request that cannot transfer anything, to learn whether the API answers at all (the
-    /// circuit breaker's probe): `url` (an assign-conversation route) with an empty body and
-    /// no token. An API that is up refuses it (401); only whether and how it answers matters,
-    /// so the body is not read. Bounded by the request timeout like every call.
-    pub async fn probe(&self, url: &reqwest::Url) -> Result<ApiResponse, ApiError> {
+    /// circuit breaker's probe): `bot`'s assign-conversation route, signed and with its
+    /// `accountid` as every call, and the body `{}` (no target, no session), which an API
+    /// that is up refuses with 400. Only whether and how it answers matters, so the body is
+    /// not read. Bounded by the request timeout like every call.
+    pub async fn probe(&self, bot: &Bot, token: &Token) -> Result<ApiResponse, ApiError> {
         let response = self
             .http
-            .post(url.clone())
+            .post(bot.assign_url.clone())
+            .header("auth", token.expose())
+            .header("accountid", &bot.account_id)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body("{}")
             .send()

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::StatusCode;
 use serde_json::json;
 use transfer_worker::ops::metrics::{Metrics, ProbeLabels};
-use transfer_worker::tools::simulator::{RecordedRequest, Reply};
+use transfer_worker::tools::simulator::{Edge, RecordedRequest, Reply};
 
 use crate::harness::{Harness, Received, agent_command};
 use crate::init_logs;
@@ -18,9 +18,15 @@ const OPEN_AFTER: Duration = Duration::from_secs(2);
 const PROBE_INTERVAL: Duration = Duration::from_millis(300);
 
 async fn start(open_after: Duration) -> Harness {
-    Harness::start(|s, _| {
+    start_behind(open_after, Edge::RoutesFirst).await
+}
+
+/// The worker, with the simulator behind `edge`.
+async fn start_behind(open_after: Duration, edge: Edge) -> Harness {
+    Harness::start(|s, sim| {
         s.breaker.open_after = open_after;
         s.breaker.probe_interval = PROBE_INTERVAL;
+        sim.edge = edge;
     })
     .await
 }
@@ -44,9 +50,9 @@ fn probes(metrics: &Metrics, result: &'static str) -> u64 {
         .get()
 }
 
-/// The breaker's probe carries no token; every real attempt does.
+/// The breaker's probe names no session; every real attempt does.
 fn is_probe(r: &RecordedRequest) -> bool {
-    r.auth.is_none()
+    r.bot_session_id.is_none()
 }
 
 async fn readiness(h: &Harness) -> StatusCode {
@@ -69,8 +75,19 @@ async fn by_command(h: &mut Harness, n: usize) -> HashMap<String, Received> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_open_after_fails_no_command_and_spends_no_attempt_while_open() {
+    outage_longer_than_open_after(Edge::RoutesFirst).await;
+}
+
+/// An edge that refuses an unsigned request with 401 while the service behind it is down
+/// must not close the breaker: the probe is signed, so it reaches the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_an_edge_that_authenticates_first_the_probe_still_sees_the_outage() {
+    outage_longer_than_open_after(Edge::AuthenticatesFirst).await;
+}
+
+async fn outage_longer_than_open_after(edge: Edge) {
     init_logs();
-    let mut h = start(OPEN_AFTER).await;
+    let mut h = start_behind(OPEN_AFTER, edge).await;
     let max_attempts = u64::from(h.settings.retry.max_attempts);
     h.publish(&agent_command("br-warm", "s-br-warm")).await;
     assert_eq!(h.next_event().await.name(), "transfer.succeeded");
@@ -126,7 +143,30 @@ async fn an_outage_longer_than_open_after_fails_no_command_and_spends_no_attempt
     let probe_seqs: Vec<&RecordedRequest> = requests.iter().filter(|r| is_probe(r)).collect();
     let (first, last) = (probe_seqs[0], probe_seqs[probe_seqs.len() - 1]);
     assert!(probe_seqs.len() >= 3, "{} probes", probe_seqs.len());
-    assert_eq!(last.status, 401, "an API that is up refuses a probe");
+    assert_eq!(last.status, 400, "an API that is up refuses a probe");
+    assert!(
+        probe_seqs
+            .iter()
+            .all(|p| p.auth.is_some() && p.account_id.is_some()),
+        "every probe passes the front door: signed, with its account"
+    );
+    if edge == Edge::AuthenticatesFirst {
+        // The edge does refuse an unsigned request while the service is down.
+        h.sim.start_outage(503);
+        let unsigned = reqwest::Client::new()
+            .post(format!(
+                "{}/agentassist/api/v1/public/{}/assign-conversation",
+                h.sim.base_url(),
+                h.settings.bots[0].stream_id
+            ))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+        h.sim.end_outage();
+    }
     assert!(
         probe_seqs[..probe_seqs.len() - 1]
             .iter()

@@ -12,6 +12,7 @@ mod fairness;
 mod fleet;
 mod hardening;
 mod harness;
+mod holds;
 mod operations;
 mod partitions;
 mod proxy;

@@ -828,13 +828,13 @@ pub fn calls_by_session(sim: &Simulator) -> BTreeMap<String, Vec<RecordedRequest
 }
 
 /// Deletes a fleet's Redis keys (every one starts with its commands queue) when dropped.
-struct RedisKeys {
+pub struct RedisKeys {
     url: String,
     prefix: String,
 }
 
 impl RedisKeys {
-    fn new(url: &str, prefix: &str) -> Self {
+    pub fn new(url: &str, prefix: &str) -> Self {
         Self {
             url: url.to_owned(),
             prefix: prefix.to_owned(),

@@ -188,7 +188,7 @@ async fn run_probes_every_interval_while_open_until_the_api_answers() {
             b.run(
                 || {
                     let n = probes.fetch_add(1, Ordering::SeqCst);
-                    async move { if n < 2 { status(503) } else { status(401) } }
+                    async move { Some(if n < 2 { status(503) } else { status(400) }) }
                 },
                 stop,
             )

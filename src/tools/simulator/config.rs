@@ -39,6 +39,19 @@ pub struct SimulatorConfig {
     pub callback_delay: Duration,
     /// Fraction of accepted transfers whose callback reports the transfer as failed.
     pub callback_fail_rate: f64,
+    /// What the front of the API does during a simulated outage.
+    pub edge: Edge,
+}
+
+/// The front door of the API, as seen during an outage of the service behind it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Edge {
+    /// Every request reaches the service: an outage answers each with its status.
+    #[default]
+    RoutesFirst,
+    /// The edge checks the token and account before it routes: a request it refuses is
+    /// answered 401 even while the service behind it is down.
+    AuthenticatesFirst,
 }
 
 impl Default for SimulatorConfig {
@@ -54,6 +67,7 @@ impl Default for SimulatorConfig {
             callbacks: true,
             callback_delay: Duration::from_millis(200),
             callback_fail_rate: 0.0,
+            edge: Edge::RoutesFirst,
         }
     }
 }

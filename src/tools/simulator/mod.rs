@@ -49,7 +49,7 @@ use tokio::task::JoinSet;
 
 use check::Checker;
 use config::validate;
-pub use config::{Reply, SimBot, SimulatorConfig, bots_from_settings};
+pub use config::{Edge, Reply, SimBot, SimulatorConfig, bots_from_settings};
 use routes::{assign_conversation, stats_route};
 use state::{Counters, Log, Shared};
 

@@ -78,7 +78,11 @@ pub(super) async fn assign_conversation(
         .check(&recorded.stream_id, &parts.headers, &recorded.body);
     let recorded_stream = recorded.stream_id.clone();
     let seq = shared.arrive(recorded);
-    if let Some(status) = shared.outage() {
+    let refused_at_the_edge = shared.config.edge == Edge::AuthenticatesFirst
+        && matches!(&checked, Err(r) if r.status == StatusCode::UNAUTHORIZED);
+    if let Some(status) = shared.outage()
+        && !refused_at_the_edge
+    {
         shared.answered(seq, status.as_u16());
         return error_response(status, &message_for(status));
     }
