@@ -6,7 +6,8 @@
 -- ARGV[1]  the member     ARGV[2] how long a heartbeat lasts (ms)
 -- ARGV[3]  'beat' | 'leave' | 'look'      ARGV[4] the member's partitions (for 'beat')
 -- KEYS[3..] the holds the member keeps (lua/hold.lua), for 'beat': each held by it lasts
---          another ttl; one that is not its own any more is reported lost.
+--          another ttl (one found gone is set again); one another member holds is reported
+--          lost.
 -- Returns {now (ms), lost, member, expires (ms), partitions, member, expires, partitions, ...}:
 -- lost lists the positions (1 for KEYS[3]) of the holds lost, comma-separated; the members
 -- are the live ones, sorted by name.
@@ -23,8 +24,13 @@ if ARGV[3] == 'beat' then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
   for i = 3, #KEYS do
-    if redis.call('GET', KEYS[i]) == ARGV[1] then
+    local holder = redis.call('GET', KEYS[i])
+    if holder == ARGV[1] then
       redis.call('PEXPIRE', KEYS[i], ttl)
+    elseif not holder then
+      -- Gone without another taking it: Redis lost its data (a restart without persistence).
+      -- The member still consumes there, having kept it in time, so it takes it again.
+      redis.call('SET', KEYS[i], ARGV[1], 'PX', ttl)
     else
       table.insert(lost, tostring(i - 2))
     end

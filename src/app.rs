@@ -153,8 +153,9 @@ impl App {
         // One registry of bots, so one budget and one set of slots per account in the process.
         let bots = Bots::new(&settings, &metrics);
         let accounts = bots.accounts();
-        let prober =
-            breaker.map(|b| Prober::new(b, probe_with.0, bots.default_bot(), probe_with.1));
+        // The breaker probes through the first configured bot.
+        let first_bot = settings.bots.first().and_then(|b| bots.get(&b.stream_id));
+        let prober = breaker.map(|b| Prober::new(b, probe_with.0, first_bot, probe_with.1));
         let parser = Parser::new(bots, settings.commands.max_age);
         let pipeline = Arc::new(Pipeline::new(
             parser.clone(),

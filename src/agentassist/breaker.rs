@@ -461,7 +461,12 @@ impl Prober {
     }
 
     async fn probe(&self) -> Option<Result<ApiResponse, ApiError>> {
-        let bot = self.bot.as_ref()?;
+        let Some(bot) = self.bot.as_ref() else {
+            tracing::warn!(
+                "no bot to probe the API through; the breaker closes only when a call is answered"
+            );
+            return None;
+        };
         let start = self.start(bot).await?;
         tokio::time::sleep_until(Instant::from_std(start)).await;
         let token = match bot.tokens.token() {

@@ -6,6 +6,7 @@
 
 use lapin::Connection;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
 
 use super::{BrokerError, timed, topology};
 use crate::config::AmqpSettings;
@@ -70,6 +71,11 @@ pub async fn probe(
 }
 
 /// Deletes the queue if it holds no message; false if it does (and stays).
+///
+/// Quorum queues refuse `queue.delete` with `if-empty` (some RabbitMQ versions with a
+/// connection error), so the queue is looked at first and deleted only when empty. The caller
+/// is the queue's only publisher and has nothing taken from it unsettled, so nothing can come
+/// between the look and the delete.
 pub async fn delete_if_empty(
     connection: &Connection,
     amqp: &AmqpSettings,
@@ -77,29 +83,32 @@ pub async fn delete_if_empty(
 ) -> Result<bool, BrokerError> {
     let t = amqp.operation_timeout;
     let channel = timed("channel.open", t, connection.create_channel()).await?;
-    let options = QueueDeleteOptions {
-        if_empty: true,
+    let look = QueueDeclareOptions {
+        passive: true,
         ..Default::default()
     };
-    match timed(
-        "queue.delete",
+    let found = timed(
+        "queue.declare",
         t,
-        channel.queue_delete(queue.into(), options),
+        channel.queue_declare(queue.into(), look, FieldTable::default()),
     )
-    .await
-    {
-        Ok(_) => {
-            let _ = timed("channel.close", t, channel.close(200, "deleted".into())).await;
-            Ok(true)
-        }
-        Err(BrokerError::Amqp { source, .. })
-            if source.to_string().contains("PRECONDITION_FAILED") =>
-        {
-            Ok(false)
-        }
+    .await;
+    let deleted = match found {
+        Ok(q) if q.message_count() > 0 => Ok(false),
+        Ok(_) => timed(
+            "queue.delete",
+            t,
+            channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
+        )
+        .await
+        .map(|_| true),
         Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
-            Ok(true)
+            return Ok(true);
         }
         Err(e) => Err(e),
+    };
+    if channel.status().connected() {
+        let _ = timed("channel.close", t, channel.close(200, "looked".into())).await;
     }
+    deleted
 }
