@@ -12,6 +12,9 @@
 //! listed as consumed; a partition that comes is subscribed when the fleet says no other
 //! replica consumes it.
 //!
+//! The consumer of the queue itself is in `registered`, a partition's reader and hand-over in
+//! `partition`.
+//!
 //! RabbitMQ refuses a channel-wide (global) prefetch on quorum queues, so `amqp.prefetch`
 //! bounds the commands in flight across partitions in two steps: each partition consumer's
 //! prefetch is a share of it, and a replica-wide limit of `amqp.prefetch` permits, one held by
@@ -23,13 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +49,12 @@ const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 
 /// Time the broker gets to apply the last acks before the consuming channel closes at shutdown.
 const ACK_SETTLE: Duration = Duration::from_millis(250);
+
+mod partition;
+mod registered;
+
+use partition::{Reader, Subscription, read_partition, release};
+use registered::{Registered, next};
 
 /// What a consumer feeds its deliveries to.
 pub trait Handler: Send + Sync + 'static {
@@ -160,33 +166,6 @@ pub struct Consumer<H, P = H> {
     holds: Option<Arc<dyn Holds>>,
     /// How often a queue another replica holds is asked for again.
     hold_retry: Duration,
-}
-
-/// The consumer of the queue itself, once registered.
-struct Registered {
-    channel: Channel,
-    /// Its consumer tag, to cancel it.
-    tag: String,
-    consumer: lapin::Consumer,
-    /// One token per delivery handed over and not yet settled.
-    settled: TaskTracker,
-}
-
-/// One partition consumed on this connection.
-struct Subscription {
-    /// Its queue.
-    queue: String,
-    channel: Channel,
-    /// Its consumer tag, to cancel it.
-    tag: String,
-    /// Its prefetch: its share of `amqp.prefetch`.
-    share: u16,
-    /// Stops the reader.
-    stop: CancellationToken,
-    /// Gives the consumer back when stopped, with what it had not handed over yet.
-    reader: tokio::task::JoinHandle<Option<Stopped>>,
-    /// One token per delivery handed over and not yet settled.
-    settled: TaskTracker,
 }
 
 enum Stop {
@@ -783,244 +762,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     }
 }
 
-/// Hands a partition over, in order. RabbitMQ (3.10 and later) activates the next
-/// single-active consumer as soon as the current one is cancelled — a graceful channel close
-/// included — and returns the cancelled one's unacked messages only afterwards, behind newer
-/// ones. So the next owner does not subscribe until this replica no longer lists the partition
-/// (see `fleet::membership`), and this replica lets go in this order:
-///
-/// 1. the reader stops handing deliveries over; the consumer is cancelled (no more come);
-/// 2. what the client had received but not handed over is rejected back to the queue, in
-///    order: the broker puts returned messages first, so the next owner starts with them;
-/// 3. the commands handed over finish and are acked, within `shutdown.grace`;
-/// 4. the channel closes, and the partition is no longer listed.
-///
-/// Commands that take longer than the grace (a long outage, Redis away) go back to the queue
-/// with the channel while they still run here. That is safe: each holds its fleet claim, so the
-/// new owner waits for it instead of calling again and is answered from its recorded outcome.
-async fn release<P: Handler>(
-    partition: u16,
-    subscription: Subscription,
-    t: Duration,
-    grace: Duration,
-    consuming: Arc<watch::Sender<BTreeSet<u16>>>,
-    handler: Arc<P>,
-    holds: Option<Arc<dyn Holds>>,
-) {
-    let started = Instant::now();
-    let queue = subscription.queue.clone();
-    let (channel, settled, left) = subscription.stop(t).await;
-    let mut returned = 0usize;
-    match left {
-        Ok(left) => {
-            for delivery in left {
-                let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
-                if timed("basic.reject", t, reject).await.is_ok() {
-                    returned = returned.saturating_add(1);
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(partition, error = %e, "could not cancel a released partition's consumer; closing its channel");
-        }
-    }
-    settled.close();
-    // What was set aside for the partition's accounts goes with it, after what it started.
-    P::close(&handler, &queue).await;
-    if tokio::time::timeout(grace, settled.wait()).await.is_err() {
-        tracing::warn!(
-            partition,
-            unsettled = settled.len(),
-            "partition not drained within shutdown.grace; handing it over with commands still running (their claims keep them once-only)"
-        );
-    }
-    tokio::time::sleep(ACK_SETTLE).await;
-    let _ = timed(
-        "channel.close",
-        t,
-        channel.close(200, "partition released".into()),
-    )
-    .await;
-    // Only now may another replica register there.
-    if let Some(holds) = &holds {
-        holds.give(&queue).await;
-    }
-    consuming.send_modify(|c| {
-        c.remove(&partition);
-    });
-    tracing::info!(partition, returned, drained = ?started.elapsed(), "partition released");
-}
-
-impl Subscription {
-    /// Stops the reader and cancels the consumer: no more deliveries come. Returns the channel,
-    /// the tracker of what was handed over, and, in order, what was received but not handed
-    /// over (after cancel-ok the stream ends once it has yielded what it still holds).
-    async fn stop(self, t: Duration) -> (Channel, TaskTracker, Result<Vec<Delivery>, BrokerError>) {
-        self.stop.cancel();
-        let stopped = self.reader.await.ok().flatten();
-        let cancel = self
-            .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
-        let left = match timed("basic.cancel", t, cancel).await {
-            Err(e) => Err(e),
-            Ok(()) => {
-                let mut left = Vec::new();
-                if let Some(Stopped { mut consumer, held }) = stopped {
-                    left.extend(held);
-                    while let Ok(Some(Ok(delivery))) =
-                        tokio::time::timeout(t, consumer.next()).await
-                    {
-                        left.push(delivery);
-                    }
-                }
-                Ok(left)
-            }
-        };
-        (self.channel, self.settled, left)
-    }
-}
-
-/// A stopped reader's consumer, and the delivery it held while waiting for a permit.
-struct Stopped {
-    consumer: lapin::Consumer,
-    held: Option<Delivery>,
-}
-
-/// What a partition's reader needs.
-struct Reader<P> {
-    partition: u16,
-    queue: String,
-    consumer: lapin::Consumer,
-    handler: Arc<P>,
-    publisher: Arc<Publisher>,
-    settled: TaskTracker,
-    limit: Arc<Semaphore>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    lost: mpsc::Sender<String>,
-}
-
-/// Takes a partition's deliveries in order, each with a permit of the replica-wide limit, until
-/// stopped; then gives the consumer back, with what it has not taken yet.
-async fn read_partition<P: Handler>(mut r: Reader<P>) -> Option<Stopped> {
-    loop {
-        // The delivery first, then its permit: an idle partition holds none.
-        let delivery = tokio::select! {
-            biased;
-            () = r.stop.cancelled() => return Some(Stopped { consumer: r.consumer, held: None }),
-            delivery = r.consumer.next() => delivery,
-        };
-        let reason = match delivery {
-            Some(Ok(delivery)) => {
-                let permit = tokio::select! {
-                    biased;
-                    // Not handed over: it goes first, back to the queue when the partition is
-                    // released, or to the handler when it is renewed.
-                    () = r.stop.cancelled() => {
-                        return Some(Stopped { consumer: r.consumer, held: Some(delivery) });
-                    }
-                    permit = r.limit.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => return Some(Stopped { consumer: r.consumer, held: Some(delivery) }),
-                    },
-                };
-                let in_flight = InFlight {
-                    _partition: Some(r.settled.token()),
-                    _permit: Some(permit),
-                };
-                if let Some(task) =
-                    P::accept(&r.handler, delivery, &r.publisher, in_flight, &r.queue)
-                {
-                    r.tracker.spawn(task);
-                }
-                continue;
-            }
-            Some(Err(e)) => format!("partition {}: {e}", r.partition),
-            None => format!(
-                "the broker cancelled the consumer of partition {}",
-                r.partition
-            ),
-        };
-        if !r.stop.is_cancelled() {
-            let _ = r.lost.try_send(reason);
-        }
-        return None;
-    }
-}
-
-/// The next delivery of the queue's own consumer; never, while it has none.
-async fn next(intake: &mut Option<Registered>) -> Option<Result<Delivery, lapin::Error>> {
-    match intake {
-        Some(intake) => intake.consumer.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Sleeps until `at`; forever when there is none.
 async fn until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-impl Registered {
-    /// Cancels the consumer and hands what it still holds to the handler, in order.
-    async fn stop<H: Handler>(
-        mut self,
-        t: Duration,
-        handler: &Arc<H>,
-        publisher: &Arc<Publisher>,
-        tracker: &TaskTracker,
-        queue: &str,
-    ) -> Self {
-        let cancel = self
-            .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
-        match timed("basic.cancel", t, cancel).await {
-            Ok(()) => {
-                while let Ok(Some(Ok(delivery))) =
-                    tokio::time::timeout(t, self.consumer.next()).await
-                {
-                    let in_flight = InFlight::tracked(&self.settled);
-                    if let Some(task) = H::accept(handler, delivery, publisher, in_flight, queue) {
-                        tracker.spawn(task);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not cancel the consumer"),
-        }
-        self
-    }
-
-    /// Waits (up to `limit`) until what it delivered is settled, closes its channel, and only
-    /// then gives its hold up.
-    async fn close(self, t: Duration, limit: Duration, holds: Option<&dyn Holds>, queue: &str) {
-        self.settled.close();
-        if tokio::time::timeout(limit, self.settled.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                queue,
-                unsettled = self.settled.len(),
-                "closing the consumer with commands unsettled; the broker returns them"
-            );
-        }
-        // A quorum queue may drop acks that reach it right before their channel closes and
-        // return those messages as if never acked (rabbitmq-server #10327): work that ended
-        // would run again. A moment for the broker to apply the last acks prevents it.
-        tokio::time::sleep(ACK_SETTLE).await;
-        let _ = timed(
-            "channel.close",
-            t,
-            self.channel.close(200, "shutdown".into()),
-        )
-        .await;
-        drop(self.consumer);
-        if let Some(holds) = holds {
-            holds.give(queue).await;
-        }
     }
 }
 
