@@ -172,16 +172,6 @@ fn cluster(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn logs() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
-        PathBuf::from,
-    );
-    let dir = target.join("bench").join("chaos");
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
-
 /// A TCP proxy in front of a broker node that can stall: hold back what the node sends.
 async fn stalling_proxy(upstream: u16, held: watch::Receiver<bool>) -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -249,16 +239,6 @@ fn config(names: &Names, urls: &[String], sim: u16, admin: u16, redis: u16, r: u
         bot(FREE.0, FREE.1, 100_000, Duration::from_secs(1)),
         q(&format!("{}-r{r}", names.prefix)),
     )
-}
-
-fn clean(program: &Path) -> Command {
-    let mut command = Command::new(program);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TRANSFER_") || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    command
 }
 
 /// A private `redis-server`, killed (SIGKILL) when dropped.
@@ -456,11 +436,12 @@ struct Fleet {
 impl Fleet {
     fn start(&mut self, r: usize) -> anyhow::Result<()> {
         self.starts[r] += 1;
-        let mut cmd = clean(&self.exe);
+        let mut cmd = procs::clean_command(&self.exe);
         cmd.env("TRANSFER__LOG__LEVEL", "info")
             .args(["run", "--config"])
             .arg(&self.configs[r]);
-        let log = logs().join(format!("{}.r{r}.{}.log", self.prefix, self.starts[r]));
+        let log =
+            procs::bench_dir("chaos").join(format!("{}.r{r}.{}.log", self.prefix, self.starts[r]));
         self.replicas[r] = Some(ChildGuard::spawn("worker", cmd, &log)?);
         Ok(())
     }
@@ -502,7 +483,7 @@ async fn soak(o: &Options, registry: &Registry) -> anyhow::Result<Report> {
         .with_partitions(PARTITIONS)
         .with_accounts(&[PACED.0, FREE.0]);
     registry.register(&names);
-    let dir = logs();
+    let dir = procs::bench_dir("chaos");
     let redis_port = procs::free_port()?;
     let redis_log = dir.join(format!("{}.redis.log", names.prefix));
     let mut redis_server = Some(redis(redis_port, &redis_log)?);

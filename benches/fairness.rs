@@ -39,7 +39,7 @@ mod procs;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -163,16 +163,6 @@ async fn main() -> ExitCode {
     code
 }
 
-fn dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
-        PathBuf::from,
-    );
-    let dir = target.join("bench").join("logs");
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
-
 fn config(
     o: &Options,
     url: &str,
@@ -219,16 +209,6 @@ fn config(
     text
 }
 
-fn clean(program: &Path) -> Command {
-    let mut command = Command::new(program);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TRANSFER_") || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
 async fn run(
     o: &Options,
     url: &str,
@@ -246,7 +226,7 @@ async fn run(
         fleet::ping(redis).await?;
         keys.register(&format!("{}:", names.commands));
     }
-    let logs = dir();
+    let logs = procs::bench_dir("logs");
     let sim_port = procs::free_port()?;
     let mut admin_urls = Vec::new();
     let mut configs = Vec::new();
@@ -259,7 +239,7 @@ async fn run(
         admin_urls.push(format!("http://127.0.0.1:{admin}/metrics"));
     }
     // The simulator is this build's, whatever worker is measured.
-    let mut sim_cmd = clean(Path::new(WORKER_EXE));
+    let mut sim_cmd = procs::clean_command(Path::new(WORKER_EXE));
     sim_cmd
         .env("TRANSFER__LOG__LEVEL", "warn")
         .args(["simulate", "--config"])
@@ -278,7 +258,7 @@ async fn run(
     )?;
     let mut workers = Vec::new();
     for (r, path) in configs.iter().enumerate() {
-        let mut cmd = clean(&o.worker_exe);
+        let mut cmd = procs::clean_command(&o.worker_exe);
         cmd.args(["run", "--config"]).arg(path);
         let log = logs.join(format!("{}.worker-r{r}.log", names.prefix));
         workers.push(ChildGuard::spawn("worker", cmd, &log)?);

@@ -230,16 +230,6 @@ async fn relay_child(args: &[String]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `<target dir>/bench`: the worker binary is `<target dir>/<profile>/transfer-worker`, so this
-/// follows `CARGO_TARGET_DIR` and `build.target-dir` as cargo resolved them.
-fn bench_dir() -> PathBuf {
-    let exe = Path::new(WORKER_EXE);
-    exe.parent()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("target"))
-        .join("bench")
-}
-
 async fn bench(options: Options) -> anyhow::Result<ExitCode> {
     let url = std::env::var("TRANSFER__AMQP__URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
     let redis_url = options.redis_url.clone().unwrap_or_else(|| {
@@ -248,7 +238,7 @@ async fn bench(options: Options) -> anyhow::Result<ExitCode> {
             .filter(|u| !u.trim().is_empty())
             .unwrap_or_else(|| fleet::DEFAULT_REDIS_URL.to_owned())
     });
-    let out_dir = bench_dir();
+    let out_dir = procs::bench_dir("");
     let ctx = Ctx {
         worker_exe: PathBuf::from(WORKER_EXE),
         self_exe: std::env::current_exe().context("cannot find the bench binary")?,

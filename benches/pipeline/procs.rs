@@ -203,3 +203,30 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// A command whose environment holds no `TRANSFER_*` or `RUST_LOG` of the caller: the
+/// configuration comes from the bench's `--config` file alone, so the worker is measured as
+/// shipped, logging at its default level (`info`).
+pub fn clean_command(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TRANSFER_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// `<target dir>/bench/{name}`, created if missing: the worker binary is
+/// `<target dir>/<profile>/transfer-worker`, so this follows `CARGO_TARGET_DIR` and
+/// `build.target-dir` as cargo resolved them.
+pub fn bench_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_transfer-worker"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("target"))
+        .join("bench")
+        .join(name);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}

@@ -708,21 +708,8 @@ fn worker_config(
     )
 }
 
-/// A command whose environment holds no `TRANSFER_*` or `RUST_LOG` of the caller: the
-/// configuration comes from the bench's `--config` file alone, so the worker is measured as
-/// shipped, logging at its default level (`info`).
-fn clean_command(program: &Path) -> Command {
-    let mut command = Command::new(program);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TRANSFER_") || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
 fn simulator_command(ctx: &Ctx, scenario: &Scenario, config: &Path, port: u16) -> Command {
-    let mut command = clean_command(&ctx.worker_exe);
+    let mut command = procs::clean_command(&ctx.worker_exe);
     command.env("TRANSFER__LOG__LEVEL", "warn");
     command.args(["simulate", "--config"]).arg(config).args([
         "--listen".to_owned(),
@@ -740,11 +727,11 @@ fn simulator_command(ctx: &Ctx, scenario: &Scenario, config: &Path, port: u16) -
 fn worker_command(ctx: &Ctx, config: &Path) -> Command {
     let mut command = match ctx.wrap.split_first() {
         Some((wrapper, args)) => {
-            let mut command = clean_command(Path::new(wrapper));
+            let mut command = procs::clean_command(Path::new(wrapper));
             command.args(args).arg(&ctx.worker_exe);
             command
         }
-        None => clean_command(&ctx.worker_exe),
+        None => procs::clean_command(&ctx.worker_exe),
     };
     command.args(["run", "--config"]).arg(config);
     command

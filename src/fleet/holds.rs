@@ -62,6 +62,17 @@ impl Fleet {
         self.key("hold", queue)
     }
 
+    /// `lua/hold.lua` on `queue`'s hold, `mode` `take` or `give`: '' or the other holder.
+    async fn hold(&self, queue: &str, mode: &str) -> Result<String, FleetError> {
+        let mut invocation = scripts::HOLD.prepare_invoke();
+        invocation
+            .key(self.hold_key(queue))
+            .arg(&self.claimant)
+            .arg(mode)
+            .arg(millis(self.member_ttl));
+        self.invoke("hold", &invocation).await
+    }
+
     /// The deadline for holds kept by a call sent at `sent`.
     fn stop_by(&self, sent: Instant) -> Instant {
         sent + self.member_ttl.saturating_sub(self.heartbeat)
@@ -70,13 +81,7 @@ impl Fleet {
     /// Takes the hold of `queue`: `None` when this replica holds it now, else the holder.
     pub async fn take_hold(&self, queue: &str) -> Result<Option<String>, FleetError> {
         let sent = Instant::now();
-        let mut invocation = scripts::HOLD.prepare_invoke();
-        invocation
-            .key(self.hold_key(queue))
-            .arg(&self.claimant)
-            .arg("take")
-            .arg(millis(self.member_ttl));
-        let holder: String = self.invoke("hold", &invocation).await?;
+        let holder = self.hold(queue, "take").await?;
         if !holder.is_empty() {
             return Ok(Some(holder));
         }
@@ -96,13 +101,7 @@ impl Fleet {
             }
             self.holds.settle(&held);
         }
-        let mut invocation = scripts::HOLD.prepare_invoke();
-        invocation
-            .key(self.hold_key(queue))
-            .arg(&self.claimant)
-            .arg("give")
-            .arg(millis(self.member_ttl));
-        match self.invoke::<String>("hold", &invocation).await {
+        match self.hold(queue, "give").await {
             Ok(holder) if holder.is_empty() => tracing::debug!(queue, "hold given"),
             Ok(holder) => {
                 tracing::warn!(queue, %holder, "a hold this replica gave had already gone to another")

@@ -85,6 +85,21 @@ pub fn terminal_by_command(events: &[Received]) -> BTreeMap<String, Vec<&Receive
     out
 }
 
+/// Exactly `n` commands ended, each with `transfer.succeeded`; an outcome told again (after a
+/// failover) is the same event, same `eventId`.
+pub fn assert_each_succeeded_once(events: &[Received], n: usize) {
+    let ended = terminal_by_command(events);
+    assert_eq!(ended.len(), n, "terminal events for other commands");
+    for (id, mine) in &ended {
+        assert!(
+            mine.iter().all(|e| e.name() == "transfer.succeeded"
+                && e.json["eventId"] == mine[0].json["eventId"]),
+            "{id}: {:?}",
+            mine.iter().map(|e| &e.json).collect::<Vec<_>>()
+        );
+    }
+}
+
 /// Each replica's sum of a metric family, by index (`None` when it does not answer).
 async fn per_replica(fleet: &Fleet, family: &str) -> Vec<Option<f64>> {
     let mut out = Vec::new();
@@ -334,16 +349,7 @@ async fn a_replica_killed_mid_burst_loses_nothing_reorders_no_session_and_partit
     fleet.assert_no_event(Duration::from_secs(1)).await;
 
     // Every command has its outcome; an outcome told twice is one event.
-    let ended = terminal_by_command(&events);
-    assert_eq!(ended.len(), n, "terminal events for other commands");
-    for (id, mine) in &ended {
-        assert!(
-            mine.iter().all(|e| e.name() == "transfer.succeeded"
-                && e.json["eventId"] == mine[0].json["eventId"]),
-            "{id}: {:?}",
-            mine.iter().map(|e| &e.json).collect::<Vec<_>>()
-        );
-    }
+    assert_each_succeeded_once(&events, n);
 
     // Per session, the first call of each command in publish order; a call again only for a
     // command whose first call went out before the kill, and no more of those than the dead

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::partitions::{all_ended, partitioned, tag, terminal_by_command};
+use crate::partitions::{all_ended, assert_each_succeeded_once, partitioned, tag};
 use crate::replicas::{Fleet, FleetSpec, calls_by_session, command_of, session_command};
 
 /// What went wrong in one session's calls: overlaps, order, repeats; empty when none.
@@ -116,16 +116,7 @@ async fn a_rolling_restart_under_load_never_overlaps_reorders_repeats_or_loses_a
         })
         .await;
     fleet.assert_no_event(Duration::from_secs(1)).await;
-    let ended = terminal_by_command(&events);
-    assert_eq!(ended.len(), n, "terminal events for other commands");
-    for (id, mine) in &ended {
-        assert!(
-            mine.iter().all(|e| e.name() == "transfer.succeeded"
-                && e.json["eventId"] == mine[0].json["eventId"]),
-            "{id}: {:?}",
-            mine.iter().map(|e| &e.json).collect::<Vec<_>>()
-        );
-    }
+    assert_each_succeeded_once(&events, n);
     let faults = session_faults(&fleet, &order);
     assert!(
         faults.is_empty(),
