@@ -219,10 +219,11 @@ impl App {
             link: broker.clone(),
             metrics: metrics.clone(),
         });
+        let mut readiness: Vec<Arc<dyn admin::Readiness>> = vec![broker.clone()];
+        readiness.extend(fleet.clone().map(|f| f as Arc<dyn admin::Readiness>));
         let admin_router = admin::router(Admin {
-            link: broker.clone(),
+            readiness,
             metrics: metrics.clone(),
-            fleet: fleet.clone(),
         });
         Ok(Self {
             worker,

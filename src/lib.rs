@@ -4,6 +4,9 @@
 //! `assign-conversation` API and publishes what happened to every command. Each folder is one
 //! component; in the order a command flows through them:
 //!
+//! - [`contract`] — the bottom: the contract's commands, targets, rejections and events, and
+//!   the names of the queues the worker makes (docs/contract.md). It uses nothing else; every
+//!   other component may use it (docs/architecture.md has the whole table).
 //! - [`config`] — settings in layers (defaults, file, environment), validated once, section
 //!   by section.
 //! - [`broker`] — the AMQP side: [`broker::connection`] (to one node of a cluster, chosen by
@@ -17,8 +20,8 @@
 //!   becomes a typed command or a rejection, once, at the edge), [`pipeline::sessions`]
 //!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
 //!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
-//!   that decides what happened to a command, without a broker), [`pipeline::event`] (the
-//!   events of the contract, serialized once); then publish, then ack. [`pipeline::lanes`]
+//!   that decides what happened to a command, without a broker, into one of the
+//!   [`contract::event`]s, serialized once); then publish, then ack. [`pipeline::lanes`]
 //!   keeps accounts apart: a congested account's commands wait in its own queue, taken back
 //!   at its pace (docs/fairness.md). In a fleet that
 //!   shares work, [`pipeline::intake`] is the commands queue's handler instead: it routes each
@@ -53,6 +56,7 @@ pub mod backoff;
 pub mod broker;
 pub mod callbacks;
 pub mod config;
+pub mod contract;
 pub mod fleet;
 pub mod json;
 pub mod ops;

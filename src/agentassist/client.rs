@@ -10,9 +10,9 @@ use serde_json::value::RawValue;
 
 use crate::agentassist::bots::Bot;
 use crate::agentassist::jwt::Token;
+use crate::contract::{Command, Target};
 use crate::json;
 use crate::ops::trace_context;
-use crate::pipeline::command::{Command, Target};
 
 /// Error bodies kept in events are cut at this size.
 const MAX_ERROR_BODY: usize = 8 * 1024;

@@ -14,9 +14,9 @@ use super::breaker::{Breaker, Interrupted};
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
+use crate::contract::Command;
 use crate::fleet::{Fleet, Reservation};
 use crate::ops::metrics::{AccountLabels, Metrics};
-use crate::pipeline::command::Command;
 
 /// The worker is shutting down and the command did not finish: it goes back to the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +116,7 @@ impl Transfers {
     async fn wait_for_start(
         &self,
         command: &Command,
+        bot: &Bot,
         deadline: Option<Instant>,
         aside: Option<Duration>,
         shutdown: &CancellationToken,
@@ -129,7 +130,6 @@ impl Transfers {
             Some(_) => Err(Unfinished::Aside),
             None => Ok(Err(first)),
         };
-        let bot = &command.bot;
         let Some(fleet) = &self.fleet else {
             let asked = Instant::now();
             return match bot.account.pacer.reserve(deadline) {
@@ -223,6 +223,7 @@ impl Transfers {
     pub async fn execute(
         &self,
         command: &Command,
+        bot: &Bot,
         callback_url: &str,
         shutdown: &CancellationToken,
         aside: Option<Duration>,
@@ -239,7 +240,6 @@ impl Transfers {
                 Ok(left) => started.checked_add(left),
                 Err(_) => Some(started),
             });
-        let bot = &command.bot;
         let body = request_body(command, callback_url);
         let mut delays = self.retry.delays();
         // Calls made, and those of them held against the budget (forgiven after an outage).
@@ -282,7 +282,7 @@ impl Transfers {
             // Only a command that has not been called yet may be set aside.
             let aside = aside.filter(|_| attempts == 0);
             if self
-                .wait_for_start(command, deadline, aside, shutdown)
+                .wait_for_start(command, bot, deadline, aside, shutdown)
                 .await?
                 .is_err()
             {

@@ -11,11 +11,6 @@ use lapin::types::FieldTable;
 use super::{BrokerError, timed, topology};
 use crate::config::AmqpSettings;
 
-/// The account queue of `account` beside `source`.
-pub fn name(source: &str, account: &str) -> String {
-    format!("{source}.account.{account}")
-}
-
 /// Declares the queue; returns how many messages it holds.
 pub async fn declare(
     connection: &Connection,

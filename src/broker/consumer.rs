@@ -470,7 +470,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             for (k, subscription) in subscriptions.drain() {
                 subscription.reader.abort();
                 if let Some(partitions) = &self.partitions {
-                    let queue = crate::fleet::ownership::partition_queue(queue, k);
+                    let queue = crate::contract::names::partition_queue(queue, k);
                     tokio::spawn(P::close(&partitions.handler, &queue));
                 }
             }
@@ -590,7 +590,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             if renewed.is_none()
                 && let Some(holds) = &self.holds
                 && !holds
-                    .take(&crate::fleet::ownership::partition_queue(
+                    .take(&crate::contract::names::partition_queue(
                         &self.settings.queue,
                         k,
                     ))
@@ -635,7 +635,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             unreachable!("only a consumer with partitions subscribes partitions");
         };
         let t = self.settings.amqp.operation_timeout;
-        let queue = crate::fleet::ownership::partition_queue(&self.settings.queue, k);
+        let queue = crate::contract::names::partition_queue(&self.settings.queue, k);
         let channel = timed("channel.open", t, connection.create_channel()).await?;
         timed(
             "basic.qos",

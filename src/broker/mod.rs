@@ -107,3 +107,13 @@ impl CurrentLink {
         self.consuming.store(consuming, Ordering::Release);
     }
 }
+
+impl crate::ops::admin::Readiness for CurrentLink {
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err("broker not connected or not consuming")
+        }
+    }
+}

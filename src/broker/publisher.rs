@@ -11,8 +11,8 @@ use lapin::{BasicProperties, Channel, Connection};
 
 use super::{BrokerError, timed};
 use crate::config::AmqpSettings;
+use crate::contract::event::Event;
 use crate::ops::trace_context;
-use crate::pipeline::event::Event;
 
 /// Why a publish did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -292,7 +292,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::pipeline::command::Rejection;
+    use crate::contract::Rejection;
 
     /// Any header value AMQP can carry, nested a little.
     fn amqp_value() -> impl Strategy<Value = AMQPValue> {

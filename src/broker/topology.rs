@@ -72,7 +72,7 @@ pub async fn declare_partitions(
     partitions: u16,
 ) -> Result<(), BrokerError> {
     for k in 0..partitions {
-        let name = crate::fleet::ownership::partition_queue(&amqp.commands_queue, k);
+        let name = crate::contract::names::partition_queue(&amqp.commands_queue, k);
         queue(
             channel,
             &name,

@@ -15,9 +15,9 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::CurrentLink;
 use crate::callbacks::token::TokenSigner;
+use crate::contract::event::{Event, Subject, callback_event_id};
 use crate::json;
 use crate::ops::metrics::{Metrics, RelayResult};
-use crate::pipeline::event::{Event, Subject, callback_event_id};
 
 /// Largest callback body accepted.
 pub const MAX_CALLBACK_BYTES: usize = 256 * 1024;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::time::{Duration, SystemTime};
 
-use crate::pipeline::command::{Command, Target};
+use crate::contract::{Command, Target};
 
 /// The ids a callback is correlated by.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +37,7 @@ impl From<&Command> for CallbackIds {
     fn from(c: &Command) -> Self {
         Self {
             command_id: c.command_id.clone(),
-            stream_id: c.bot.stream_id.clone(),
+            stream_id: c.stream_id.clone(),
             bot_session_id: c.bot_session_id.clone(),
             target: c.target.clone(),
         }

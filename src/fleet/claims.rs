@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{Fleet, FleetError, millis, scripts, stored};
-use crate::pipeline::event::Event;
+use crate::contract::event::Event;
 
 /// The outcome of a claim.
 #[derive(Debug)]

@@ -272,3 +272,13 @@ pub(crate) fn micros(d: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+impl crate::ops::admin::Readiness for Fleet {
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.is_healthy() {
+            Ok(())
+        } else {
+            Err("the fleet's Redis does not answer")
+        }
+    }
+}

@@ -41,11 +41,6 @@ pub fn partition_of(bot_session_id: &str, partitions: u16) -> u16 {
     u16::try_from(k).unwrap_or(0)
 }
 
-/// The name of partition `k` of `commands_queue`.
-pub fn partition_queue(commands_queue: &str, k: u16) -> String {
-    format!("{commands_queue}.p{k}")
-}
-
 /// The part of a member id that names the replica (`name/instance` → `name`): ranks follow the
 /// name, so a replica restarted under the same name gets the same partitions back.
 fn replica_name(member: &str) -> &str {
@@ -128,10 +123,6 @@ mod tests {
         assert_eq!(fnv1a(*b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(u64::from(partition_of("a", 16)), 0xaf63_dc4c_8601_ec8c % 16);
         assert_eq!(partition_of("anything", 0), 0);
-        assert_eq!(
-            partition_queue("transfer.commands", 3),
-            "transfer.commands.p3"
-        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::pipeline::event::{Event, EventKind};
+use crate::contract::event::{Event, EventKind};
 
 #[derive(Serialize)]
 struct Out<'a> {
@@ -52,7 +52,7 @@ pub fn decode(command_id: &str, record: &[u8]) -> Option<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::command::Rejection;
+    use crate::contract::Rejection;
 
     #[test]
     fn a_recorded_event_reads_back_the_same() {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::pipeline::command::Rejection;
-use crate::pipeline::event::Event;
+use crate::contract::Rejection;
+use crate::contract::event::Event;
 
 fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())

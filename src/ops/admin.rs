@@ -11,19 +11,22 @@ use axum::routing::get;
 
 use tower_http::timeout::TimeoutLayer;
 
-use crate::broker::CurrentLink;
-use crate::fleet::Fleet;
 use crate::ops::metrics::Metrics;
 
+/// Something the worker needs to take commands: the broker link, the fleet's Redis. Each
+/// component says for itself whether it is ready, so this module needs none of them.
+pub trait Readiness: Send + Sync + 'static {
+    /// `Err` with what is missing, for the operator, when commands cannot be taken now.
+    fn ready(&self) -> Result<(), &'static str>;
+}
+
 /// What the endpoints report on.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admin {
-    /// Readiness.
-    pub link: Arc<CurrentLink>,
+    /// Every condition of readiness, asked in order; the first not met is reported.
+    pub readiness: Vec<Arc<dyn Readiness>>,
     /// The series.
     pub metrics: Arc<Metrics>,
-    /// The fleet's shared state, when there is one: readiness needs Redis too.
-    pub fleet: Option<Arc<Fleet>>,
 }
 
 /// The admin routes.
@@ -39,20 +42,14 @@ pub fn router(admin: Admin) -> Router {
         .with_state(Arc::new(admin))
 }
 
-async fn ready(State(admin): State<Arc<Admin>>) -> (StatusCode, &'static str) {
-    if !admin.link.is_ready() {
-        return (
+async fn ready(State(admin): State<Arc<Admin>>) -> (StatusCode, String) {
+    match admin.readiness.iter().try_for_each(|r| r.ready()) {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(missing) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: broker not connected or not consuming\n",
-        );
+            format!("not ready: {missing}\n"),
+        ),
     }
-    if admin.fleet.as_ref().is_some_and(|f| !f.is_healthy()) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the fleet's Redis does not answer\n",
-        );
-    }
-    (StatusCode::OK, "ready\n")
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::pipeline::event::EventKind;
+use crate::contract::event::EventKind;
 
 /// `event` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -14,55 +14,17 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::agentassist::bots::{Bot, Bots};
 use crate::config::MAX_COMMAND_BYTES;
+use crate::contract::{Command, REPLAY_MARK, Rejection, Target};
 use crate::ops::trace_context::Incoming;
 
-/// Where a transfer goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", content = "id", rename_all = "lowercase")]
-pub enum Target {
-    /// A specific agent (`aId`).
-    Agent(String),
-    /// A queue (`queueId`).
-    Queue(String),
-}
-
-/// A valid transfer command.
+/// A valid command and the configured bot it names: what the edge hands on.
 #[derive(Debug, Clone)]
-pub struct Command {
-    /// Idempotency key.
-    pub command_id: String,
-    /// The bot acting.
+pub struct Valid {
+    /// The command.
+    pub command: Command,
+    /// Its bot (`command.stream_id`): credentials, account, URL.
     pub bot: Arc<Bot>,
-    /// Passed to the API.
-    pub org_id: String,
-    /// Passed to the API; the ordering key.
-    pub bot_session_id: String,
-    /// Agent or queue.
-    pub target: Target,
-    /// Given by the command: sent as is, and nothing is relayed.
-    pub callback_url: Option<String>,
-    /// No attempt starts after this.
-    pub deadline: Option<SystemTime>,
 }
-
-/// A delivery that is not a valid command, with every id that could still be read.
-#[derive(Debug, Clone)]
-pub struct Rejection {
-    /// Always known: from the body, the AMQP `message_id`, or a hash of the body.
-    pub command_id: String,
-    /// If it could be read and names a known bot.
-    pub stream_id: Option<String>,
-    /// If it could be read.
-    pub bot_session_id: Option<String>,
-    /// If exactly one target could be read.
-    pub target: Option<Target>,
-    /// What is wrong, for people.
-    pub message: String,
-}
-
-/// The header the worker's dead-letter copies carry (`broker::publisher`), which marks a
-/// replayed command.
-pub const REPLAY_MARK: &str = "x-transfer-event";
 
 /// What the edge knows about a delivery besides its body.
 #[derive(Debug, Clone, Default)]
@@ -113,7 +75,7 @@ impl Parser {
     }
 
     /// Reads one delivery.
-    pub fn parse(&self, body: &[u8], envelope: &Envelope) -> Result<Command, Box<Rejection>> {
+    pub fn parse(&self, body: &[u8], envelope: &Envelope) -> Result<Valid, Box<Rejection>> {
         let mut draft = Draft {
             command_id: None,
             envelope,
@@ -133,7 +95,7 @@ impl Parser {
         body: &[u8],
         envelope: &Envelope,
         draft: &mut Draft<'_>,
-    ) -> Result<Command, String> {
+    ) -> Result<Valid, String> {
         if body.len() > MAX_COMMAND_BYTES {
             return Err(format!(
                 "body is {} bytes; the limit is {MAX_COMMAND_BYTES}",
@@ -197,15 +159,16 @@ impl Parser {
             .into_iter()
             .flatten()
             .min();
-        Ok(Command {
+        let command = Command {
             command_id: draft.command_id(),
-            bot,
+            stream_id: bot.stream_id.clone(),
             org_id,
             bot_session_id,
             target,
             callback_url,
             deadline,
-        })
+        };
+        Ok(Valid { command, bot })
     }
 }
 

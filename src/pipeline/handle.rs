@@ -12,14 +12,15 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{Command, Envelope, Rejection};
-use super::event::{ErrorDetail, Event, EventKind, Subject};
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
 use crate::agentassist::transfer::{Abandoned, Outcome, Transfers, Unfinished};
 use crate::callbacks::token::RelayUrls;
+use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
+use crate::contract::{Command, Rejection};
 use crate::fleet::{Claim, Fleet};
 use crate::ops::metrics::Metrics;
+use crate::pipeline::command::{Envelope, Valid};
 
 /// What the step needs.
 #[derive(Debug, Clone)]
@@ -43,15 +44,15 @@ pub struct Stages {
 pub struct Parsed {
     /// What the AMQP properties said.
     pub envelope: Envelope,
-    /// The command, or its rejection.
-    pub command: Result<Command, Box<Rejection>>,
+    /// The command and its bot, or its rejection.
+    pub command: Result<Valid, Box<Rejection>>,
 }
 
 impl Parsed {
     /// The idempotency key.
     pub fn command_id(&self) -> &str {
         match &self.command {
-            Ok(c) => &c.command_id,
+            Ok(v) => &v.command.command_id,
             Err(r) => &r.command_id,
         }
     }
@@ -59,7 +60,7 @@ impl Parsed {
     /// The ids its event carries.
     pub fn subject(&self) -> Subject<'_> {
         match &self.command {
-            Ok(c) => c.into(),
+            Ok(v) => (&v.command).into(),
             Err(r) => r.as_ref().into(),
         }
     }
@@ -67,7 +68,7 @@ impl Parsed {
     /// Commands of one `botSessionId` run in order; a rejection without one runs on its own.
     pub fn session_key(&self) -> String {
         match &self.command {
-            Ok(c) => c.bot_session_id.clone(),
+            Ok(v) => v.command.bot_session_id.clone(),
             Err(r) => r
                 .bot_session_id
                 .clone()
@@ -238,7 +239,7 @@ async fn decide(
                 rejection,
                 parsed.envelope.message_id.as_deref(),
             )),
-            Ok(command) => {
+            Ok(Valid { command, bot }) => {
                 let relay;
                 let callback_url = match &command.callback_url {
                     Some(url) => url.as_str(),
@@ -252,7 +253,7 @@ async fn decide(
                 let execution =
                     stages
                         .transfers
-                        .execute(command, callback_url, &stages.abandon, aside);
+                        .execute(command, bot, callback_url, &stages.abandon, aside);
                 Box::pin(execution)
                     .await
                     .map(|outcome| event_of(command, outcome))

@@ -20,12 +20,12 @@ use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use super::command::{Envelope, Parser};
 use super::sessions::SessionQueues;
 use crate::broker::consumer::{Handler, InFlight};
 use crate::broker::{Publisher, timed};
 use crate::fleet::ownership;
 use crate::ops::metrics::Metrics;
+use crate::pipeline::command::{Envelope, Parser};
 
 /// First and longest wait before routing a command again after the broker refused it.
 const RETRY_MIN: Duration = Duration::from_millis(200);
@@ -67,7 +67,7 @@ impl Handler for Intake {
             this.parser
                 .parse(&delivery.data, &envelope)
                 .ok()
-                .map(|command| command.bot_session_id)
+                .map(|valid| valid.command.bot_session_id)
         }))
         .ok()
         .flatten();
@@ -103,7 +103,7 @@ impl Intake {
             parser,
             pipeline,
             queues: (0..partitions)
-                .map(|k| ownership::partition_queue(commands_queue, k))
+                .map(|k| crate::contract::names::partition_queue(commands_queue, k))
                 .collect(),
             sessions: SessionQueues::default(),
             operation_timeout,

@@ -205,7 +205,7 @@ impl SourceLanes {
             .or_insert_with(|| {
                 Arc::new(Lane {
                     account: account.clone(),
-                    queue: account_queue::name(&self.source.queue, &account.id),
+                    queue: crate::contract::names::account_queue(&self.source.queue, &account.id),
                     state: Mutex::new(LaneState::default()),
                     in_queue: AtomicUsize::new(0),
                     taken: AtomicUsize::new(0),

@@ -1,13 +1,12 @@
 //! What happens to one command: read at the edge ([`command`]), ordered by session
 //! ([`sessions`]), answered from memory when already completed ([`outcomes`]), carried out and
-//! turned into its event ([`handle`](mod@handle), [`event`]); then the event is published with confirms
+//! turned into its event ([`handle`](mod@handle), [`crate::contract::event`]); then the event is published with confirms
 //! and only then is the command acked (docs/contract.md §4).
 //!
 //! [`Pipeline`] is what a [`crate::broker::consumer::Consumer`] feeds: it reads each delivery,
 //! queues it behind its session, and runs each session's commands one after another.
 
 pub mod command;
-pub mod event;
 pub mod handle;
 pub mod intake;
 pub mod lanes;
@@ -28,9 +27,9 @@ use tracing::Instrument;
 use crate::agentassist::account::{Account, Slot, Waiting};
 use crate::broker::consumer::{Handler, InFlight, Source};
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
+use crate::contract::{Event, EventKind, Rejection};
 use crate::ops::trace_context::{self, CommandTrace};
-use command::{Envelope, Parser, Rejection};
-use event::{Event, EventKind};
+use command::{Envelope, Parser};
 use handle::{Handled, Parsed, Stages, handle, panic_message};
 use lanes::{Route, SourceLanes, Taken};
 use sessions::SessionQueues;
@@ -288,9 +287,9 @@ impl Pipeline {
         let span = match &job.parsed.command {
             Ok(c) => tracing::info_span!(
                 "command",
-                command_id = %c.command_id,
-                stream_id = %c.bot.stream_id,
-                bot_session_id = %c.bot_session_id,
+                command_id = %c.command.command_id,
+                stream_id = %c.command.stream_id,
+                bot_session_id = %c.command.bot_session_id,
                 trace_id,
             ),
             Err(r) => tracing::info_span!("command", command_id = %r.command_id, trace_id),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 
-use crate::pipeline::event::Event;
+use crate::contract::event::Event;
 
 /// Terminal events by command id.
 #[derive(Clone)]
@@ -86,7 +86,7 @@ fn weight(key: &str, event: &Event) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::command::Rejection;
+    use crate::contract::Rejection;
 
     fn event(size: usize) -> Arc<Event> {
         let rejection = Rejection {

@@ -5,9 +5,8 @@
 use std::fmt;
 
 use crate::agentassist::account::effective_cap;
-use crate::broker::{BrokerError, account_queue, connection, timed};
+use crate::broker::{BrokerError, connection, timed};
 use crate::config::Settings;
-use crate::fleet::ownership;
 use crate::tools::fleet_status::{QueueState, queue_state};
 
 /// One account.
@@ -55,8 +54,10 @@ pub async fn status(settings: &Settings) -> Result<Status, BrokerError> {
             0
         };
         let mut sources = vec![amqp.commands_queue.clone()];
-        sources
-            .extend((0..partitions).map(|k| ownership::partition_queue(&amqp.commands_queue, k)));
+        sources.extend(
+            (0..partitions)
+                .map(|k| crate::contract::names::partition_queue(&amqp.commands_queue, k)),
+        );
         let mut accounts: Vec<AccountState> = Vec::new();
         for bot in &settings.bots {
             if accounts.iter().any(|a| a.id == bot.account_id) {
@@ -64,7 +65,7 @@ pub async fn status(settings: &Settings) -> Result<Status, BrokerError> {
             }
             let mut queues = Vec::new();
             for source in &sources {
-                let name = account_queue::name(source, &bot.account_id);
+                let name = crate::contract::names::account_queue(source, &bot.account_id);
                 let state = queue_state(&connection, &name, amqp.operation_timeout).await?;
                 if state.depth.is_some() {
                     queues.push(state);

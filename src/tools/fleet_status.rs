@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use crate::broker::{BrokerError, connection, timed};
 use crate::config::Settings;
 use crate::fleet::membership::Member;
-use crate::fleet::{Fleet, FleetError, ownership};
+use crate::fleet::{Fleet, FleetError};
 use crate::ops::metrics::Metrics;
 
 /// Why the fleet could not be shown.
@@ -71,7 +71,7 @@ pub async fn fleet_status(settings: &Settings) -> Result<FleetStatus, FleetStatu
         let intake = queue_state(&connection, &amqp.commands_queue, amqp.operation_timeout).await?;
         let mut partitions = Vec::new();
         for k in 0..settings.fleet.partitions {
-            let name = ownership::partition_queue(&amqp.commands_queue, k);
+            let name = crate::contract::names::partition_queue(&amqp.commands_queue, k);
             let state = queue_state(&connection, &name, amqp.operation_timeout).await?;
             let owner = members
                 .iter()

@@ -198,14 +198,14 @@ async fn deadlines_still_end_commands_held_by_an_open_breaker() {
     // Fails, spends its budget, is held; its deadline passes while the breaker is open.
     let mut tried = agent_command("br-tried", "s-br-tried");
     let expires = SystemTime::now() + Duration::from_secs(3);
-    tried["expiresAt"] = json!(transfer_worker::pipeline::event::rfc3339_ms(expires));
+    tried["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(expires));
     h.publish(&tried).await;
     let metrics = h.metrics.clone();
     until("the breaker opens", || metrics.breaker_open.get() == 1).await;
     // Never called: the breaker was open from its arrival to its deadline.
     let mut never = agent_command("br-never", "s-br-never");
     let expires = SystemTime::now() + Duration::from_millis(1500);
-    never["expiresAt"] = json!(transfer_worker::pipeline::event::rfc3339_ms(expires));
+    never["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(expires));
     h.publish(&never).await;
 
     let events = by_command(&mut h, 2).await;

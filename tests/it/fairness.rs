@@ -9,8 +9,6 @@ use serde_json::{Value, json};
 use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{self, RecordedRequest, SimulatorConfig};
 
-use transfer_worker::broker::account_queue;
-
 use crate::harness::{EVENT_WAIT, Harness, Received, agent_command};
 use crate::replicas::{BotSpec, Fleet, FleetSpec, command_of, redis_url, session_command};
 
@@ -163,7 +161,8 @@ async fn a_backlog_of_one_account_does_not_hold_another() {
     }
     // `transfer-worker status` shows where the backlog waits.
     let shown = status_of(&h.settings).await;
-    let queue = account_queue::name(&h.settings.amqp.commands_queue, NOISY);
+    let queue =
+        transfer_worker::contract::names::account_queue(&h.settings.amqp.commands_queue, NOISY);
     let line = shown
         .lines()
         .find(|l| l.starts_with(NOISY))
@@ -184,7 +183,7 @@ async fn a_backlog_of_one_account_does_not_hold_another() {
     let waiting = h
         .left_in(&[
             h.settings.amqp.commands_queue.clone(),
-            account_queue::name(&h.settings.amqp.commands_queue, NOISY),
+            transfer_worker::contract::names::account_queue(&h.settings.amqp.commands_queue, NOISY),
         ])
         .await;
     assert_each_once(noisy_done, waiting, 300);

@@ -10,8 +10,8 @@ use serde_json::json;
 use transfer_worker::agentassist::transfer::FAULT_PANIC_ORG_ID;
 use transfer_worker::broker::{PublishError, Publisher};
 use transfer_worker::callbacks::token::{CallbackIds, TokenSigner};
-use transfer_worker::pipeline::command::Target;
-use transfer_worker::pipeline::event::{Event, EventKind, callback_event_id};
+use transfer_worker::contract::Target;
+use transfer_worker::contract::event::{Event, EventKind, callback_event_id};
 use transfer_worker::tools::simulator::Reply;
 
 use crate::harness::{Harness, agent_command, amqp_url, test_channel};
@@ -115,7 +115,7 @@ async fn a_retry_after_past_the_deadline_fails_the_command_at_once() {
     h.sim.script([rate_limited("120"), Reply::Accept]);
     let expires = SystemTime::now() + Duration::from_secs(30);
     let mut command = agent_command("ra-deadline", "s-ra-deadline");
-    command["expiresAt"] = json!(transfer_worker::pipeline::event::rfc3339_ms(expires));
+    command["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(expires));
     h.publish(&command).await;
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.failed", "{}", e.json);
@@ -302,7 +302,7 @@ async fn a_publish_the_broker_never_confirmed_is_an_error() {
     amqp.results_exchange = "amq.topic".into();
     amqp.dead_letter_exchange = "amq.fanout".into();
     let publisher = Publisher::on_channel(channel, &amqp);
-    let rejection = transfer_worker::pipeline::command::Rejection {
+    let rejection = transfer_worker::contract::Rejection {
         command_id: "nc-1".into(),
         stream_id: None,
         bot_session_id: None,

@@ -466,7 +466,7 @@ impl Harness {
             0
         };
         queues.extend((0..partitions).map(|k| {
-            transfer_worker::fleet::ownership::partition_queue(&settings.amqp.commands_queue, k)
+            transfer_worker::contract::names::partition_queue(&settings.amqp.commands_queue, k)
         }));
         queues.extend(account_queues(&settings, partitions));
         let cleanup = Cleanup::at(
@@ -738,7 +738,7 @@ pub fn account_queues(settings: &Settings, partitions: u16) -> Vec<String> {
     let q = &settings.amqp.commands_queue;
     let mut sources = vec![q.clone()];
     sources
-        .extend((0..partitions).map(|k| transfer_worker::fleet::ownership::partition_queue(q, k)));
+        .extend((0..partitions).map(|k| transfer_worker::contract::names::partition_queue(q, k)));
     let mut accounts: Vec<&str> = settings
         .bots
         .iter()
@@ -751,7 +751,7 @@ pub fn account_queues(settings: &Settings, partitions: u16) -> Vec<String> {
         .flat_map(|source| {
             accounts
                 .iter()
-                .map(move |a| transfer_worker::broker::account_queue::name(source, a))
+                .map(move |a| transfer_worker::contract::names::account_queue(source, a))
         })
         .collect()
 }

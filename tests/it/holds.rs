@@ -291,7 +291,7 @@ impl Scene {
 }
 
 fn partition(settings: &Settings, k: u16) -> String {
-    transfer_worker::fleet::ownership::partition_queue(&settings.amqp.commands_queue, k)
+    transfer_worker::contract::names::partition_queue(&settings.amqp.commands_queue, k)
 }
 
 /// One replica: its consumer (partitions owned as the test says), its fleet, and the test's

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use transfer_worker::callbacks::token::{CallbackIds, TokenSigner};
-use transfer_worker::pipeline::command::Target;
+use transfer_worker::contract::Target;
 
 use crate::harness::{Harness, Received, agent_command, queue_command, sorted_keys};
 use crate::init_logs;

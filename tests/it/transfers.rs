@@ -533,7 +533,7 @@ async fn a_command_whose_deadline_passes_while_paced_expires_unsent() {
     assert_eq!(h.next_event().await.name(), "transfer.succeeded");
     let mut c = agent_command("waits", "s-waits");
     let soon = SystemTime::now() + Duration::from_secs(2);
-    c["expiresAt"] = json!(transfer_worker::pipeline::event::rfc3339_ms(soon));
+    c["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(soon));
     h.publish(&c).await;
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.expired");
@@ -551,7 +551,7 @@ async fn a_deadline_that_passes_between_attempts_fails_with_the_last_error() {
     h.sim.script([Reply::Status(503)]);
     let mut c = agent_command("out-of-time", "s-out-of-time");
     let soon = SystemTime::now() + Duration::from_secs(2);
-    c["expiresAt"] = json!(transfer_worker::pipeline::event::rfc3339_ms(soon));
+    c["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(soon));
     h.publish(&c).await;
     let e = h.next_event().await;
     // The retry's slot lies 30 s out, past the deadline: the 503 is what went wrong.

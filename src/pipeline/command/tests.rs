@@ -7,7 +7,9 @@ fn parser() -> Parser {
 }
 
 fn parse(body: &str) -> Result<Command, Box<Rejection>> {
-    parser().parse(body.as_bytes(), &Envelope::default())
+    parser()
+        .parse(body.as_bytes(), &Envelope::default())
+        .map(|valid| valid.command)
 }
 
 #[test]
@@ -35,9 +37,17 @@ fn command_id_falls_back_to_message_id_then_hash() {
         replayed: false,
         trace: Default::default(),
     };
-    assert_eq!(p.parse(body, &env).unwrap().command_id, "m-9");
-    let a = p.parse(body, &Envelope::default()).unwrap().command_id;
-    let b = p.parse(body, &Envelope::default()).unwrap().command_id;
+    assert_eq!(p.parse(body, &env).unwrap().command.command_id, "m-9");
+    let a = p
+        .parse(body, &Envelope::default())
+        .unwrap()
+        .command
+        .command_id;
+    let b = p
+        .parse(body, &Envelope::default())
+        .unwrap()
+        .command
+        .command_id;
     assert_eq!(a, b);
     assert_eq!(a.len(), 7 + 64);
 }
@@ -103,12 +113,12 @@ fn deadline_is_the_earlier_of_expires_at_and_timestamp_plus_max_age() {
         )
         .unwrap();
     assert_eq!(
-        c.deadline,
+        c.command.deadline,
         Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_300))
     );
     let c = p.parse(body, &Envelope::default()).unwrap();
     assert_eq!(
-        c.deadline,
+        c.command.deadline,
         Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000))
     );
 }
@@ -226,21 +236,21 @@ mod props {
             body in proptest::collection::vec(any::<u8>(), 0..512),
             env in envelope(),
         ) {
-            check(&parser().parse(&body, &env))?;
+            check(&parser().parse(&body, &env).map(|v| v.command))?;
         }
 
         #[test]
         fn any_command_like_object_with_any_envelope(v in command_like(), env in envelope()) {
             let body = serde_json::to_vec(&v).unwrap();
             let result = parser().parse(&body, &env);
-            check(&result)?;
+            check(&result.clone().map(|v| v.command))?;
             // A valid command's deadline is the earlier of the two, each computed without
             // overflow.
             if let (Ok(c), Some(ts)) = (&result, env.timestamp) {
                 let by_age = SystemTime::UNIX_EPOCH
                     .checked_add(Duration::from_secs(ts))
                     .and_then(|t| t.checked_add(Duration::from_secs(300)));
-                if let (Some(by_age), Some(deadline)) = (by_age, c.deadline) {
+                if let (Some(by_age), Some(deadline)) = (by_age, c.command.deadline) {
                     prop_assert!(deadline <= by_age);
                 }
             }
@@ -251,7 +261,7 @@ mod props {
             let body = br#"{"orgId":"o","botSessionId":"s","aId":"a"}"#;
             let c = parser().parse(body, &env).unwrap();
             if let Some(id) = env.message_id.as_deref().filter(|id| !id.is_empty()) {
-                prop_assert_eq!(&c.command_id, id);
+                prop_assert_eq!(&c.command.command_id, id);
             }
         }
     }
@@ -273,7 +283,10 @@ mod props {
                     },
                 )
                 .unwrap();
-            assert_eq!(c.deadline, None, "a timestamp at {ts} is no deadline");
+            assert_eq!(
+                c.command.deadline, None,
+                "a timestamp at {ts} is no deadline"
+            );
         }
         let huge = format!(
             r#"{{"orgId":"o","botSessionId":"s","aId":"a","streamId":"{}"}}"#,

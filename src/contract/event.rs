@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use sha2::{Digest, Sha256};
 
-use crate::pipeline::command::{Command, Rejection, Target};
+use crate::contract::{Command, Rejection, Target};
 
 /// The event names, which are also the routing keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,7 +107,7 @@ impl<'a> From<&'a Command> for Subject<'a> {
     fn from(c: &'a Command) -> Self {
         Self {
             command_id: &c.command_id,
-            stream_id: Some(&c.bot.stream_id),
+            stream_id: Some(&c.stream_id),
             bot_session_id: Some(&c.bot_session_id),
             target: Some(&c.target),
         }
