@@ -118,7 +118,7 @@ impl App {
             settings.agentassist.request_timeout,
             usize::from(settings.amqp.prefetch),
         )?;
-        let shutdown = Shutdown::default();
+        let shutdown = Shutdown::new();
         let fleet = match settings.fleet.enabled() {
             true => Some(Arc::new(Fleet::new(
                 &settings.fleet,
@@ -147,7 +147,7 @@ impl App {
                 settings.commands.outcome_cache_ttl,
             ),
             metrics: metrics.clone(),
-            abandon: shutdown.abandon.clone(),
+            shutdown: shutdown.clone(),
             fleet: fleet.clone(),
         };
         // One registry of bots, so one budget and one set of slots per account in the process.
@@ -187,7 +187,7 @@ impl App {
                 partitions,
                 settings.amqp.operation_timeout,
                 metrics.clone(),
-                shutdown.abandon.clone(),
+                shutdown.clone(),
             );
             let (owned, watched) = tokio::sync::watch::channel(Default::default());
             let consuming = Arc::new(tokio::sync::watch::Sender::new(Default::default()));
@@ -265,7 +265,7 @@ impl App {
         self.metrics.clone()
     }
 
-    /// Runs until `shutdown.stop` is cancelled and in-flight work has finished or been
+    /// Runs until the shutdown stops it and in-flight work has finished or been
     /// returned; then lets the HTTP listeners drain.
     pub async fn run_until_stopped(self) -> Result<(), AppError> {
         let http_stop = tokio_util::sync::CancellationToken::new();
@@ -312,7 +312,7 @@ impl App {
                 consuming,
             } => {
                 let fleet = self.fleet.clone().expect("a shared worker has a fleet");
-                let stop = self.shutdown.stop.clone();
+                let stop = self.shutdown.stop_token().clone();
                 let leave = tokio_util::sync::CancellationToken::new();
                 let membership = {
                     let leave = leave.clone();

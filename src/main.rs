@@ -172,8 +172,8 @@ fn load(arg: &ConfigArg) -> anyhow::Result<Settings> {
     Ok(Settings::load(arg.config.as_deref())?)
 }
 
-/// Cancels `token` on SIGINT or SIGTERM.
-fn cancel_on_signal(token: CancellationToken) {
+/// Calls `then` on SIGINT or SIGTERM.
+fn on_signal(then: impl FnOnce() + Send + 'static) {
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
@@ -189,13 +189,12 @@ fn cancel_on_signal(token: CancellationToken) {
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
         tracing::info!("signal received; shutting down");
-        token.cancel();
+        then();
     });
 }
 
 /// mimalloc: the worker allocates and frees small buffers per command on several threads,
-/// where the system allocator spent a fifth of the worker's CPU time (see the README's
-/// Performance section).
+/// where the system allocator spent a fifth of the worker's CPU time (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -244,7 +243,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let settings = load(&arg)?;
             let telemetry = telemetry::init_with_export(&settings.log, &settings.telemetry)?;
             let app = App::build(settings).await?;
-            cancel_on_signal(app.shutdown().stop);
+            let shutdown = app.shutdown();
+            on_signal(move || shutdown.stop());
             let ran = app.run_until_stopped().await;
             // The last spans, exported within `telemetry.export_timeout`.
             tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
@@ -271,7 +271,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 },
             };
             let stop = CancellationToken::new();
-            cancel_on_signal(stop.clone());
+            let token = stop.clone();
+            on_signal(move || token.cancel());
             simulator::serve_until(config, async move { stop.cancelled().await }).await?;
         }
         Command::Demo(args) => {

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{ApiError, ApiResponse};
 use crate::config::BreakerSettings;
 use crate::ops::metrics::{Metrics, ProbeLabels};
+use crate::shutdown::Shutdown;
 
 /// Whether an error says the API is down, rather than answering: transient, and not a rate
 /// limit (a 429 comes from an API that is up).
@@ -169,7 +170,7 @@ impl Breaker {
         &self,
         ticket: &mut Ticket,
         deadline: Option<std::time::Instant>,
-        abandon: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Result<bool, Interrupted> {
         let deadline = deadline.map(Instant::from_std);
         let mut state = self.state.subscribe();
@@ -184,7 +185,7 @@ impl Breaker {
                 }
             }
             held.get_or_insert_with(|| Held::new(&self.metrics));
-            wait_for_change(&mut state, None, deadline, abandon).await?;
+            wait_for_change(&mut state, None, deadline, shutdown).await?;
         }
     }
 
@@ -213,7 +214,7 @@ impl Breaker {
         &self,
         failure: Failure,
         deadline: Option<std::time::Instant>,
-        abandon: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Result<Verdict, Interrupted> {
         let deadline = deadline.map(Instant::from_std);
         let mut state = self.state.subscribe();
@@ -235,7 +236,7 @@ impl Breaker {
                 self.open_if_due();
                 continue;
             }
-            wait_for_change(&mut state, due, deadline, abandon).await?;
+            wait_for_change(&mut state, due, deadline, shutdown).await?;
         }
     }
 
@@ -431,9 +432,9 @@ async fn wait_for_change(
     state: &mut watch::Receiver<State>,
     until: Option<Instant>,
     deadline: Option<Instant>,
-    abandon: &CancellationToken,
+    shutdown: &Shutdown,
 ) -> Result<(), Interrupted> {
-    if abandon.is_cancelled() {
+    if shutdown.is_abandoned() {
         return Err(Interrupted::Abandoned);
     }
     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -447,7 +448,7 @@ async fn wait_for_change(
     };
     tokio::select! {
         biased;
-        () = abandon.cancelled() => Err(Interrupted::Abandoned),
+        () = shutdown.abandoned() => Err(Interrupted::Abandoned),
         () = sleep(deadline) => Err(Interrupted::Deadline),
         // The sender lives as long as the breaker, which outlives every borrower.
         _ = state.changed() => Ok(()),

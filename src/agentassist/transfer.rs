@@ -7,8 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio_util::sync::CancellationToken;
-
 use super::bots::Bot;
 use super::breaker::{Breaker, Interrupted};
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
@@ -17,10 +15,7 @@ use super::retry::RetryPolicy;
 use crate::contract::Command;
 use crate::fleet::{Fleet, Reservation};
 use crate::ops::metrics::{AccountLabels, Metrics};
-
-/// The worker is shutting down and the command did not finish: it goes back to the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Abandoned;
+use crate::shutdown::{Abandoned, Shutdown};
 
 /// Why an execution ended without an outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +114,7 @@ impl Transfers {
         bot: &Bot,
         deadline: Option<Instant>,
         aside: Option<Duration>,
-        shutdown: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
         // With `aside`, a start further away than that is not booked: the command may wait
         // in its account's queue instead.
@@ -136,7 +131,7 @@ impl Transfers {
                 Ok(slot) => {
                     let delay = slot.saturating_duration_since(asked);
                     bot.account.starts_in(delay);
-                    let waited = sleep_until(slot, shutdown).await;
+                    let waited = shutdown.sleep_until(slot).await;
                     bot.account.waited_for_budget(asked.elapsed());
                     Ok(waited.map(Ok)?)
                 }
@@ -177,7 +172,7 @@ impl Transfers {
             match answer {
                 Reservation::Booked { delay, booking } => {
                     bot.account.starts_in(delay);
-                    let waited = sleep_until(at(delay), shutdown).await;
+                    let waited = shutdown.sleep_until(at(delay)).await;
                     bot.account.waited_for_budget(first_asked.elapsed());
                     if let Err(abandoned) = waited {
                         if let Err(e) = fleet.unreserve(&booking).await {
@@ -200,7 +195,7 @@ impl Transfers {
                     let again = delay
                         .saturating_sub(fleet.horizon())
                         .max(Duration::from_millis(50));
-                    sleep_until(at(again), shutdown).await?;
+                    shutdown.sleep_until(at(again)).await?;
                 }
             }
         }
@@ -225,7 +220,7 @@ impl Transfers {
         command: &Command,
         bot: &Bot,
         callback_url: &str,
-        shutdown: &CancellationToken,
+        shutdown: &Shutdown,
         aside: Option<Duration>,
     ) -> Result<Outcome, Unfinished> {
         #[cfg(feature = "fault-injection")]
@@ -289,7 +284,7 @@ impl Transfers {
                 return Ok(out_of_time(attempts, last_error));
             }
             // Once the grace has run out no new call starts, whatever woke this command.
-            if shutdown.is_cancelled() {
+            if shutdown.is_abandoned() {
                 return Err(Unfinished::Abandoned);
             }
             // The breaker may have opened while this command waited for its start.
@@ -384,7 +379,7 @@ impl Transfers {
                 .inc();
             tracing::debug!(attempts, ?wait, %error, "transient failure; retrying");
             last_error = Some(error);
-            sleep_until(until, shutdown).await?;
+            shutdown.sleep_until(until).await?;
         }
     }
 }
@@ -404,19 +399,5 @@ fn failed(attempts: u32, error: ApiError, retryable: bool) -> Outcome {
         attempts,
         error,
         retryable,
-    }
-}
-
-async fn sleep_until(at: Instant, shutdown: &CancellationToken) -> Result<(), Abandoned> {
-    if shutdown.is_cancelled() {
-        return Err(Abandoned);
-    }
-    if at <= Instant::now() {
-        return Ok(());
-    }
-    tokio::select! {
-        biased;
-        () = shutdown.cancelled() => Err(Abandoned),
-        () = tokio::time::sleep_until(at.into()) => Ok(()),
     }
 }

@@ -267,11 +267,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             let wait = delays.next().unwrap_or(amqp.reconnect_max_delay);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = self.shutdown.stop.cancelled() => break,
+                () = self.shutdown.cancelled() => break,
             }
         }
         // Stopped while disconnected: nothing can be published, so nothing can finish.
-        self.shutdown.abandon.cancel();
+        self.shutdown.abandon();
         self.drain().await;
         Ok(())
     }
@@ -296,7 +296,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         };
         let (connection, publisher) = tokio::select! {
             r = setup => r?,
-            () = self.shutdown.stop.cancelled() => return Ok((Stop::Stopped, false)),
+            () = self.shutdown.cancelled() => return Ok((Stop::Stopped, false)),
         };
         let connection = Arc::new(connection);
         // Without holds the queue is registered now, as part of the setup.
@@ -356,7 +356,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             let reason = tokio::select! {
                 biased;
                 Some(reason) = async { settled.take() }, if settled.is_some() => reason,
-                () = self.shutdown.stop.cancelled() => {
+                () = self.shutdown.cancelled() => {
                     self.link.set_consuming(false);
                     // Every partition is handed over in order, as in a rebalance.
                     if let Some(partitions) = &self.partitions {
@@ -753,7 +753,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 sessions = self.tracker.len(),
                 "shutdown grace ran out; returning unfinished commands to the queue"
             );
-            self.shutdown.abandon.cancel();
+            self.shutdown.abandon();
             // Waits end at once; a call already on the wire may finish (abandoning it could
             // transfer the conversation twice), and its outcome still gets published.
             let _ = tokio::time::timeout(self.settings.settle, self.tracker.wait()).await;

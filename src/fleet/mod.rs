@@ -38,8 +38,10 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff;
 use crate::config::FleetSettings;
 use crate::ops::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// What went wrong talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -223,31 +225,23 @@ impl Fleet {
     }
 
     /// Repeats `op` until Redis answers it, waiting longer each time (up to 2 s), or until
-    /// `abandon`: while Redis is away, nothing that needs it goes ahead.
-    pub async fn until_answered<T, F, Fut>(
-        &self,
-        abandon: &CancellationToken,
-        mut op: F,
-    ) -> Option<T>
+    /// the shutdown abandons it: while Redis is away, nothing that needs it goes ahead.
+    pub async fn until_answered<T, F, Fut>(&self, shutdown: &Shutdown, mut op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, FleetError>>,
     {
-        let mut wait = RETRY_MIN;
+        let mut waits = backoff::delays(RETRY_MIN, RETRY_MAX, None);
         loop {
-            if abandon.is_cancelled() {
+            if shutdown.is_abandoned() {
                 return None;
             }
+            let wait = waits.next().unwrap_or(RETRY_MAX);
             match op().await {
                 Ok(value) => return Some(value),
                 Err(e) => tracing::debug!(error = %e, ?wait, "Redis call failed; waiting"),
             }
-            tokio::select! {
-                biased;
-                () = abandon.cancelled() => return None,
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(RETRY_MAX);
+            shutdown.sleep(wait).await.ok()?;
         }
     }
 }

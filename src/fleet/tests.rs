@@ -223,11 +223,11 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout_and_unhealthy() {
         started.elapsed()
     );
     assert!(!fleet.is_healthy());
-    let abandon = CancellationToken::new();
-    abandon.cancel();
+    let shutdown = Shutdown::new();
+    shutdown.abandon();
     assert!(
         fleet
-            .until_answered(&abandon, || fleet.claim("c"))
+            .until_answered(&shutdown, || fleet.claim("c"))
             .await
             .is_none()
     );

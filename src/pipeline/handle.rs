@@ -10,17 +10,17 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
-use tokio_util::sync::CancellationToken;
 
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
-use crate::agentassist::transfer::{Abandoned, Outcome, Transfers, Unfinished};
+use crate::agentassist::transfer::{Outcome, Transfers, Unfinished};
 use crate::callbacks::token::RelayUrls;
 use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
 use crate::contract::{Command, Rejection};
 use crate::fleet::{Claim, Fleet};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::command::{Envelope, Valid};
+use crate::shutdown::{Abandoned, Shutdown};
 
 /// What the step needs.
 #[derive(Debug, Clone)]
@@ -33,8 +33,8 @@ pub struct Stages {
     pub outcomes: Outcomes,
     /// Counts.
     pub metrics: Arc<Metrics>,
-    /// `shutdown.abandon`: give up waiting, the command goes back to the queue.
-    pub abandon: CancellationToken,
+    /// Waits end when the shutdown abandons them: the command goes back to the queue.
+    pub shutdown: Shutdown,
     /// The fleet's shared memory of outcomes and claims, when replicas share one.
     pub fleet: Option<Arc<Fleet>>,
 }
@@ -100,7 +100,7 @@ pub async fn handle(
     parsed: &Parsed,
     aside: Option<std::time::Duration>,
 ) -> Handled {
-    if stages.abandon.is_cancelled() {
+    if stages.shutdown.is_abandoned() {
         return Handled::Requeue("shutting down");
     }
     let replayed = parsed.envelope.replayed;
@@ -158,7 +158,7 @@ pub async fn handle(
         // Recorded before it is published, so no replica can miss it once it is out. Without
         // Redis the command waits here, like everything that needs it.
         let recorded = fleet
-            .until_answered(&stages.abandon, || fleet.record(command_id, &event))
+            .until_answered(&stages.shutdown, || fleet.record(command_id, &event))
             .await;
         if recorded.is_none() {
             tracing::warn!(
@@ -191,7 +191,7 @@ async fn claim(
 ) -> Result<Option<Event>, Abandoned> {
     loop {
         let claim = fleet
-            .until_answered(&stages.abandon, || async {
+            .until_answered(&stages.shutdown, || async {
                 if replayed {
                     fleet.claim_replayed(command_id).await
                 } else {
@@ -218,11 +218,7 @@ async fn claim(
             std::time::Duration::from_millis(50),
             std::time::Duration::from_millis(500),
         );
-        tokio::select! {
-            biased;
-            () = stages.abandon.cancelled() => return Err(Abandoned),
-            () = tokio::time::sleep(wait) => {}
-        }
+        stages.shutdown.sleep(wait).await?;
     }
 }
 
@@ -253,7 +249,7 @@ async fn decide(
                 let execution =
                     stages
                         .transfers
-                        .execute(command, bot, callback_url, &stages.abandon, aside);
+                        .execute(command, bot, callback_url, &stages.shutdown, aside);
                 Box::pin(execution)
                     .await
                     .map(|outcome| event_of(command, outcome))

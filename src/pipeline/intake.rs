@@ -14,13 +14,14 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
 use futures_util::future::Either;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
 use super::sessions::SessionQueues;
+use crate::backoff;
 use crate::broker::consumer::{Handler, InFlight};
 use crate::broker::{Publisher, timed};
 use crate::fleet::ownership;
@@ -41,7 +42,7 @@ pub struct Intake {
     operation_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Cancelled when the shutdown grace ran out: stop retrying, the broker returns the rest.
-    abandon: CancellationToken,
+    shutdown: Shutdown,
 }
 
 /// A command on its way to its partition.
@@ -97,7 +98,7 @@ impl Intake {
         partitions: u16,
         operation_timeout: Duration,
         metrics: Arc<Metrics>,
-        abandon: CancellationToken,
+        shutdown: Shutdown,
     ) -> Self {
         Self {
             parser,
@@ -108,7 +109,7 @@ impl Intake {
             sessions: SessionQueues::default(),
             operation_timeout,
             metrics,
-            abandon,
+            shutdown,
         }
     }
 
@@ -128,9 +129,9 @@ impl Intake {
         let Some(queue) = self.queues.get(usize::from(route.partition)) else {
             return;
         };
-        let mut wait = RETRY_MIN;
+        let mut waits = backoff::delays(RETRY_MIN, RETRY_MAX, None);
         loop {
-            if !route.publisher.is_connected() || self.abandon.is_cancelled() {
+            if !route.publisher.is_connected() || self.shutdown.is_abandoned() {
                 return;
             }
             let publish = route.publisher.publish_to_queue(
@@ -146,15 +147,13 @@ impl Intake {
                 }
                 Err(e) => {
                     // Never nacked back: the session's next command would overtake it.
+                    let wait = waits.next().unwrap_or(RETRY_MAX);
                     tracing::error!(error = %e, queue, ?wait, "could not route a command; trying again");
+                    if self.shutdown.sleep(wait).await.is_err() {
+                        return;
+                    }
                 }
             }
-            tokio::select! {
-                biased;
-                () = self.abandon.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(RETRY_MAX);
         }
         self.metrics.fleet_routed.inc();
         let ack = route.delivery.acker.ack(BasicAckOptions::default());

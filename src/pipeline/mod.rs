@@ -271,7 +271,7 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 // Handled below: the command goes back to the queue.
-                () = self.stages.abandon.cancelled() => {}
+                () = self.stages.shutdown.abandoned() => {}
                 slot = tokio::time::timeout(wait, account.slot()) => match slot {
                     Ok(slot) => job.slot = Some(slot),
                     // Every slot stayed taken: it may wait in the account queue instead.

@@ -133,7 +133,7 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
     )
     .await;
 
-    shutdown.stop.cancel();
+    shutdown.stop();
     let _ = tokio::time::timeout(Duration::from_secs(15), worker).await;
     let stats = sim.stats();
     sim.shutdown().await;

@@ -117,7 +117,7 @@ impl Rig {
     }
 
     async fn stop(mut self) {
-        self.shutdown.stop.cancel();
+        self.shutdown.stop();
         let handle = self.app.take().expect("running");
         tokio::time::timeout(Duration::from_secs(30), handle)
             .await
@@ -129,8 +129,7 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        self.shutdown.stop.cancel();
-        self.shutdown.abandon.cancel();
+        self.shutdown.abandon();
     }
 }
 

@@ -628,7 +628,7 @@ impl Harness {
 
     /// Like [`Harness::stop`], keeping the simulator and the broker view for later checks.
     pub async fn stop_app(&mut self) -> Result<(), AppError> {
-        self.shutdown.stop.cancel();
+        self.shutdown.stop();
         let handle = self.app.take().expect("the app runs");
         tokio::time::timeout(Duration::from_secs(30), handle)
             .await
@@ -674,8 +674,7 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        self.shutdown.stop.cancel();
-        self.shutdown.abandon.cancel();
+        self.shutdown.abandon();
     }
 }
 

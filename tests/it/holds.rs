@@ -388,7 +388,7 @@ impl Replica {
 
     /// Stops it as SIGTERM does, and waits until it has stopped.
     async fn stop(self) {
-        self.shutdown.stop.cancel();
+        self.shutdown.stop();
         tokio::time::timeout(Duration::from_secs(30), self.run)
             .await
             .expect("stopped in time")

@@ -87,9 +87,9 @@ async fn a_rate_limit_is_an_answer_and_a_success_closes_an_open_breaker() {
 #[tokio::test(start_paused = true)]
 async fn pass_holds_while_open_and_forgives_the_budget_after_a_confirmed_outage() {
     let b = breaker();
-    let abandon = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let mut ticket = b.ticket();
-    assert_eq!(b.pass(&mut ticket, None, &abandon).await, Ok(false));
+    assert_eq!(b.pass(&mut ticket, None, &shutdown).await, Ok(false));
     b.record(&status(503));
     advance(OPEN_AFTER).await;
     b.record(&status(503));
@@ -97,8 +97,8 @@ async fn pass_holds_while_open_and_forgives_the_budget_after_a_confirmed_outage(
 
     let waiting = {
         let b = b.clone();
-        let abandon = abandon.clone();
-        tokio::spawn(async move { b.pass(&mut ticket, None, &abandon).await })
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { b.pass(&mut ticket, None, &shutdown).await })
     };
     advance(Duration::from_secs(60)).await;
     assert!(!waiting.is_finished(), "held while open");
@@ -116,7 +116,7 @@ async fn pass_holds_while_open_and_forgives_the_budget_after_a_confirmed_outage(
     b.record(&status(503));
     assert!(b.is_open());
     b.answered(ClosedBy::Probe(Some(401)));
-    assert_eq!(b.pass(&mut ticket, None, &abandon).await, Ok(false));
+    assert_eq!(b.pass(&mut ticket, None, &shutdown).await, Ok(false));
 }
 
 #[tokio::test(start_paused = true)]
@@ -125,16 +125,16 @@ async fn waits_end_at_the_deadline_and_at_abandon() {
     b.record(&status(503));
     advance(OPEN_AFTER).await;
     b.record(&status(503));
-    let abandon = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let mut ticket = b.ticket();
     let deadline = in_(Duration::from_secs(7));
     assert_eq!(
-        b.pass(&mut ticket, deadline, &abandon).await,
+        b.pass(&mut ticket, deadline, &shutdown).await,
         Err(Interrupted::Deadline)
     );
-    abandon.cancel();
+    shutdown.abandon();
     assert_eq!(
-        b.pass(&mut ticket, None, &abandon).await,
+        b.pass(&mut ticket, None, &shutdown).await,
         Err(Interrupted::Abandoned)
     );
     assert_eq!(b.metrics.breaker_held.get(), 0);
@@ -143,13 +143,13 @@ async fn waits_end_at_the_deadline_and_at_abandon() {
 #[tokio::test(start_paused = true)]
 async fn a_spent_budget_waits_for_an_answer_or_for_the_breaker_to_open() {
     let b = breaker();
-    let abandon = CancellationToken::new();
+    let shutdown = Shutdown::new();
     // Another command's success after this failure: the API answers, one last attempt.
     let failure = b.record(&status(503)).unwrap();
     let verdict = {
         let b = b.clone();
-        let abandon = abandon.clone();
-        tokio::spawn(async move { b.verdict(failure, None, &abandon).await })
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { b.verdict(failure, None, &shutdown).await })
     };
     advance(Duration::from_secs(10)).await;
     assert!(!verdict.is_finished());
@@ -160,7 +160,7 @@ async fn a_spent_budget_waits_for_an_answer_or_for_the_breaker_to_open() {
     let failure = b.record(&status(503)).unwrap();
     let started = Instant::now();
     assert_eq!(
-        b.verdict(failure, None, &abandon).await,
+        b.verdict(failure, None, &shutdown).await,
         Ok(Verdict::Opened)
     );
     assert_eq!(started.elapsed(), OPEN_AFTER);
@@ -170,7 +170,7 @@ async fn a_spent_budget_waits_for_an_answer_or_for_the_breaker_to_open() {
     b.answered(ClosedBy::Probe(None));
     let failure = b.record(&status(503)).unwrap();
     assert_eq!(
-        b.verdict(failure, in_(Duration::from_secs(5)), &abandon)
+        b.verdict(failure, in_(Duration::from_secs(5)), &shutdown)
             .await,
         Err(Interrupted::Deadline)
     );
@@ -211,9 +211,9 @@ async fn run_probes_every_interval_while_open_until_the_api_answers() {
     advance(PROBE_INTERVAL).await;
     assert_eq!(probes.load(Ordering::SeqCst), 3);
     assert!(!b.is_open(), "the 401 is an answer");
-    let abandon = CancellationToken::new();
+    let shutdown = Shutdown::new();
     assert_eq!(
-        b.pass(&mut ticket, None, &abandon).await,
+        b.pass(&mut ticket, None, &shutdown).await,
         Ok(true),
         "failed probes confirmed the outage"
     );

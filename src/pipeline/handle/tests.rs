@@ -49,7 +49,7 @@ impl Rig {
             relay: RelayUrls::new("http://relay.test", signer),
             outcomes: Outcomes::new(100, 1024 * 1024, Duration::from_secs(60)),
             metrics,
-            abandon: CancellationToken::new(),
+            shutdown: Shutdown::new(),
             fleet: None,
         };
         let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
@@ -226,7 +226,7 @@ async fn a_past_deadline_expires_the_command_without_a_call() {
 #[tokio::test]
 async fn at_shutdown_a_command_goes_back_to_the_queue_and_nothing_is_remembered() {
     let rig = Rig::start().await;
-    rig.stages.abandon.cancel();
+    rig.stages.shutdown.abandon();
     let parsed = rig.read(&command("c-stop"), None);
     assert!(matches!(
         handle(&rig.stages, &parsed, None).await,
@@ -244,10 +244,10 @@ async fn a_shutdown_while_waiting_to_retry_gives_the_command_back() {
         retry_after: Duration::from_secs(30),
     }]);
     let parsed = rig.read(&command("c-wait"), None);
-    let abandon = rig.stages.abandon.clone();
+    let shutdown = rig.stages.shutdown.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        abandon.cancel();
+        shutdown.abandon();
     });
     assert!(matches!(
         handle(&rig.stages, &parsed, None).await,

@@ -3,6 +3,7 @@
 //! retries with backoff on errors, gives up after a while. A relay under test then has to
 //! cope with delays and repeats.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -77,67 +78,19 @@ pub(super) async fn deliver(
     }
 
     let started = Instant::now();
-    let mut backoff = FIRST_BACKOFF;
+    let mut waits = crate::backoff::delays(FIRST_BACKOFF, MAX_BACKOFF, None);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let result = shared
-            .http
-            .post(&callback.url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(callback.body.clone())
-            .timeout(ATTEMPT_TIMEOUT)
-            .send()
-            .await;
-        match result {
-            Ok(response) if response.status().is_success() => {
-                shared
-                    .counters
-                    .callbacks_delivered
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(bot_session_id = %callback.bot_session_id, attempt, "callback delivered");
-                return;
-            }
-            Ok(response) => {
-                shared
-                    .counters
-                    .callbacks_failed_attempts
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    bot_session_id = %callback.bot_session_id,
-                    attempt,
-                    status = response.status().as_u16(),
-                    "callback refused"
-                );
-            }
-            Err(error) => {
-                shared
-                    .counters
-                    .callbacks_failed_attempts
-                    .fetch_add(1, Ordering::Relaxed);
-                // A URL that cannot even be turned into a request will not improve with time.
-                if error.is_builder() {
-                    tracing::warn!(
-                        bot_session_id = %callback.bot_session_id,
-                        "callbackUrl is not a usable URL; callback dropped"
-                    );
-                    return;
-                }
-                // The URL is not logged: it may carry the receiver's signed token.
-                tracing::debug!(
-                    bot_session_id = %callback.bot_session_id,
-                    attempt,
-                    error = %error,
-                    "callback attempt failed"
-                );
-            }
+        if post(&shared, &callback, attempt).await.is_break() {
+            return;
         }
-
         if *stop.borrow() {
             tracing::info!(bot_session_id = %callback.bot_session_id, "callback abandoned at shutdown");
             return;
         }
-        if started.elapsed() + backoff > GIVE_UP_AFTER {
+        let wait = waits.next().unwrap_or(MAX_BACKOFF);
+        if started.elapsed() + wait > GIVE_UP_AFTER {
             tracing::warn!(
                 bot_session_id = %callback.bot_session_id,
                 attempts = attempt,
@@ -146,9 +99,50 @@ pub(super) async fn deliver(
             return;
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
             () = stopped(&mut stop) => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// One post of a callback: `Break` when it is done with (delivered, or never deliverable),
+/// `Continue` when it is worth another try.
+async fn post(shared: &Shared, callback: &Callback, attempt: u32) -> ControlFlow<()> {
+    let result = shared
+        .http
+        .post(&callback.url)
+        .header(CONTENT_TYPE, "application/json")
+        .body(callback.body.clone())
+        .timeout(ATTEMPT_TIMEOUT)
+        .send()
+        .await;
+    let counters = &shared.counters;
+    let session = &callback.bot_session_id;
+    match result {
+        Ok(response) if response.status().is_success() => {
+            counters.callbacks_delivered.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(bot_session_id = %session, attempt, "callback delivered");
+            return ControlFlow::Break(());
+        }
+        Ok(response) => {
+            counters
+                .callbacks_failed_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            let status = response.status().as_u16();
+            tracing::debug!(bot_session_id = %session, attempt, status, "callback refused");
+        }
+        Err(error) => {
+            counters
+                .callbacks_failed_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            // A URL that cannot even be turned into a request will not improve with time.
+            if error.is_builder() {
+                tracing::warn!(bot_session_id = %session, "callbackUrl is not a usable URL; callback dropped");
+                return ControlFlow::Break(());
+            }
+            // The URL is not logged: it may carry the receiver's signed token.
+            tracing::debug!(bot_session_id = %session, attempt, error = %error, "callback attempt failed");
+        }
+    }
+    ControlFlow::Continue(())
 }
