@@ -5,15 +5,23 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
+/// A schedule of waits: doubling steps, each jittered in full.
+#[derive(Debug)]
+pub struct Delays(ExponentialBackoff);
+
+impl Iterator for Delays {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.0.next().map(full_jitter)
+    }
+}
 
 /// Waits doubling from `min` up to `max`, each jittered in full; `times` of them, or without
 /// end when `None`.
-pub fn delays(
-    min: Duration,
-    max: Duration,
-    times: Option<usize>,
-) -> impl Iterator<Item = Duration> + Send + use<> {
+pub fn delays(min: Duration, max: Duration, times: Option<usize>) -> Delays {
     let builder = ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)
@@ -22,7 +30,7 @@ pub fn delays(
         Some(n) => builder.with_max_times(n),
         None => builder.without_max_times(),
     };
-    builder.build().map(full_jitter)
+    Delays(builder.build())
 }
 
 /// A uniformly random duration in `[0, step]`.

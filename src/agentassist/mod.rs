@@ -4,12 +4,14 @@
 //! carries one command through them.
 
 pub mod account;
+pub mod attempts;
 pub mod bots;
 pub mod breaker;
 pub mod client;
 pub mod jwt;
 pub mod pacer;
 pub mod retry;
+pub mod start;
 pub mod transfer;
 
 pub use client::{

@@ -38,7 +38,7 @@ impl RetryPolicy {
     }
 
     /// The waits before attempts 2, 3, …, `max_attempts`, jitter applied; then nothing.
-    pub fn delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+    pub fn delays(&self) -> backoff::Delays {
         let retries = self.max_attempts.saturating_sub(1) as usize;
         backoff::delays(self.initial, self.max, Some(retries))
     }

@@ -7,13 +7,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
+
+use super::attempts::AttemptBudget;
 use super::bots::Bot;
-use super::breaker::{Breaker, Interrupted};
+use super::breaker::{Breaker, Failure as BreakerFailure, Interrupted};
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
+use super::start;
 use crate::contract::Command;
-use crate::fleet::{Fleet, Reservation};
+use crate::fleet::Fleet;
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::shutdown::{Abandoned, Shutdown};
 
@@ -105,9 +109,8 @@ impl Transfers {
     }
 
     /// Waits for the next start the account's budget allows, or says the deadline comes
-    /// first. With a fleet, the budget is Redis's: while it does not answer no start is handed
-    /// out (the command waits, its deadline still counting), until it does or the grace runs
-    /// out; a start booked but not reached at shutdown is given back.
+    /// first. With `aside`, a start further away than that is not booked: the command may
+    /// wait in its account's queue instead ([`Unfinished::Aside`]).
     async fn wait_for_start(
         &self,
         command: &Command,
@@ -116,88 +119,25 @@ impl Transfers {
         aside: Option<Duration>,
         shutdown: &Shutdown,
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
-        // With `aside`, a start further away than that is not booked: the command may wait
-        // in its account's queue instead.
         let aside_at = aside.and_then(|d| Instant::now().checked_add(d));
         let by_aside = aside_at.filter(|a| deadline.is_none_or(|d| *a < d));
-        let deadline = by_aside.or(deadline);
-        let first = |first: DeadlineFirst| match by_aside {
-            Some(_) => Err(Unfinished::Aside),
-            None => Ok(Err(first)),
-        };
-        let Some(fleet) = &self.fleet else {
-            let asked = Instant::now();
-            return match bot.account.pacer.reserve(deadline) {
-                Ok(slot) => {
-                    let delay = slot.saturating_duration_since(asked);
-                    bot.account.starts_in(delay);
-                    let waited = shutdown.sleep_until(slot).await;
-                    bot.account.waited_for_budget(asked.elapsed());
-                    Ok(waited.map(Ok)?)
-                }
-                Err(e) => {
-                    bot.account
-                        .starts_in(e.slot.saturating_duration_since(asked));
-                    first(e)
-                }
-            };
-        };
-        let first_asked = Instant::now();
-        loop {
-            let (asked_at, answer) = fleet
-                .until_answered(shutdown, || {
-                    let now = Instant::now();
-                    let deadline_in = deadline.map(|d| d.saturating_duration_since(now));
-                    async move {
-                        // Waiting for Redis does not stop the deadline: past it, ask nothing.
-                        if deadline_in.is_some_and(|left| left.is_zero()) {
-                            let delay = Duration::ZERO;
-                            return Ok((now, Reservation::DeadlineFirst { delay }));
-                        }
-                        let answer = fleet
-                            .reserve(
-                                &bot.account_id,
-                                bot.account.pacer.limit(),
-                                bot.account.pacer.window(),
-                                deadline_in,
-                                &command.command_id,
-                            )
-                            .await?;
-                        Ok((now, answer))
-                    }
-                })
-                .await
-                .ok_or(Abandoned)?;
-            let at = |delay: Duration| asked_at.checked_add(delay).unwrap_or(asked_at);
-            match answer {
-                Reservation::Booked { delay, booking } => {
-                    bot.account.starts_in(delay);
-                    let waited = shutdown.sleep_until(at(delay)).await;
-                    bot.account.waited_for_budget(first_asked.elapsed());
-                    if let Err(abandoned) = waited {
-                        if let Err(e) = fleet.unreserve(&booking).await {
-                            tracing::warn!(error = %e, "could not give back a booked start");
-                        }
-                        return Err(abandoned.into());
-                    }
-                    return Ok(Ok(()));
-                }
-                Reservation::DeadlineFirst { delay } => {
-                    bot.account.starts_in(delay);
-                    return first(DeadlineFirst { slot: at(delay) });
-                }
-                // Asked again a horizon before the start, when it can be booked.
-                Reservation::NotYet { delay } => {
-                    bot.account.starts_in(delay);
-                    if by_aside.is_some() {
-                        return Err(Unfinished::Aside);
-                    }
-                    let again = delay
-                        .saturating_sub(fleet.horizon())
-                        .max(Duration::from_millis(50));
-                    shutdown.sleep_until(at(again)).await?;
-                }
+        let limit = by_aside.or(deadline);
+        let started = match &self.fleet {
+            None => start::here(bot, limit, shutdown).await?,
+            Some(fleet) => {
+                let start = start::FleetStart {
+                    fleet,
+                    command,
+                    bot,
+                    limit,
+                    aside: by_aside.is_some(),
+                };
+                start.wait(shutdown).await?
             }
+        };
+        match (started, by_aside) {
+            (Err(_), Some(_)) => Err(Unfinished::Aside),
+            (started, _) => Ok(started),
         }
     }
 
@@ -236,52 +176,32 @@ impl Transfers {
                 Err(_) => Some(started),
             });
         let body = request_body(command, callback_url);
-        let mut delays = self.retry.delays();
-        // Calls made, and those of them held against the budget (forgiven after an outage).
-        let mut attempts = 0u32;
-        let mut spent = 0u32;
-        // The one attempt granted after the budget ran out on an outage the API then answered.
-        let mut last_chance = false;
+        let mut budget = AttemptBudget::new(self.retry, command.deadline);
         let mut ticket = self.breaker.as_ref().map(|b| b.ticket());
-        let mut reauthorized = false;
-        // The deadline ends a command as `expired` if the API was never called, and as a
-        // retryable `failed` with the last error if it was: that error is what went wrong.
-        let mut last_error: Option<ApiError> = None;
-        let out_of_time = |attempts, last_error: Option<ApiError>| match last_error {
-            Some(error) => failed(attempts, error, true),
-            None => Outcome::Expired {
-                attempts,
-                deadline: command.deadline.unwrap_or_else(SystemTime::now),
-            },
-        };
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(out_of_time(attempts, last_error));
+                return Ok(budget.out_of_time());
             }
             if let (Some(breaker), Some(ticket)) = (&self.breaker, &mut ticket) {
                 match breaker.pass(ticket, deadline, shutdown).await {
                     Ok(false) => {}
                     Ok(true) => {
+                        let attempts = budget.made();
                         tracing::debug!(
                             attempts,
                             "an outage ended; the retry budget starts afresh"
                         );
-                        spent = 0;
-                        delays = self.retry.delays();
-                        last_chance = false;
+                        budget.forgive();
                     }
-                    Err(Interrupted::Deadline) => return Ok(out_of_time(attempts, last_error)),
+                    Err(Interrupted::Deadline) => return Ok(budget.out_of_time()),
                     Err(Interrupted::Abandoned) => return Err(Unfinished::Abandoned),
                 }
             }
             // Only a command that has not been called yet may be set aside.
-            let aside = aside.filter(|_| attempts == 0);
-            if self
-                .wait_for_start(command, bot, deadline, aside, shutdown)
-                .await?
-                .is_err()
-            {
-                return Ok(out_of_time(attempts, last_error));
+            let aside = aside.filter(|_| budget.made() == 0);
+            let start = self.wait_for_start(command, bot, deadline, aside, shutdown);
+            if start.await?.is_err() {
+                return Ok(budget.out_of_time());
             }
             // Once the grace has run out no new call starts, whatever woke this command.
             if shutdown.is_abandoned() {
@@ -291,97 +211,150 @@ impl Transfers {
             if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
                 continue;
             }
-            let token = match bot.tokens.token() {
-                Ok(token) => token,
-                Err(e) => {
-                    let error = ApiError::without_status(ErrorKind::Request, e.to_string());
-                    return Ok(failed(attempts, error, false));
-                }
-            };
-            attempts = attempts.saturating_add(1);
-            spent = spent.saturating_add(1);
-            let call_started = Instant::now();
-            let result = self.api.assign(bot, &token, body.clone()).await;
-            let status = match &result {
-                Ok(r) => Some(r.status),
-                Err(e) => e.status,
-            };
-            self.metrics.api_call(
-                &bot.account_id,
-                status,
-                call_started.elapsed().as_secs_f64(),
-            );
-            let outage = self.breaker.as_ref().and_then(|b| b.record(&result));
-            let error = match result {
-                Ok(response) => {
+            let (error, outage) = match self.call(bot, &body, &mut budget).await {
+                Call::Answered(response) => {
+                    let (attempts, elapsed) = (budget.made(), started.elapsed());
                     return Ok(Outcome::Succeeded {
                         attempts,
                         response,
-                        elapsed: started.elapsed(),
+                        elapsed,
                     });
                 }
-                Err(error) => error,
+                Call::NoToken(error) => return Ok(budget.failed(error, false)),
+                Call::Failed(error, outage) => (error, outage),
             };
-            let budget_left = spent < self.retry.max_attempts();
-            if error.is_unauthorized() && !reauthorized && budget_left {
-                // A token the API no longer accepts (secret rotated, clock skew): mint anew once.
-                reauthorized = true;
-                bot.tokens.invalidate();
-                last_error = Some(error);
-                tracing::warn!(
-                    attempts,
-                    "AgentAssist refused the token; retrying with a new one"
-                );
-                continue;
-            }
-            if !error.is_transient() {
-                return Ok(failed(attempts, error, false));
-            }
-            let asked = error.retry_after.unwrap_or_default();
-            let now = Instant::now();
-            // The API asks for a wait the command cannot afford: say so now, not at the deadline.
-            if !asked.is_zero() && deadline.is_some_and(|d| reaches(now, asked, d)) {
-                return Ok(failed(attempts, error, true));
-            }
-            let retry_after = self.retry.honoured_retry_after(asked);
-            if error.is_rate_limited()
-                && let Some(until) = now.checked_add(retry_after).filter(|_| !asked.is_zero())
-            {
-                self.pause(bot, until, retry_after).await;
-            }
-            let Some(backoff) = delays.next().filter(|_| budget_left) else {
-                // Out of budget during what may be an outage: the breaker decides.
-                let (Some(breaker), Some(outage), false) = (&self.breaker, outage, last_chance)
-                else {
-                    return Ok(failed(attempts, error, true));
-                };
-                tracing::debug!(attempts, %error, "retry budget spent on a failing API; waiting for the breaker");
-                match breaker.verdict(outage, deadline, shutdown).await {
-                    Ok(_) => {
-                        last_chance = true;
-                        last_error = Some(error);
-                        continue;
-                    }
-                    Err(Interrupted::Deadline) => return Ok(failed(attempts, error, true)),
-                    Err(Interrupted::Abandoned) => return Err(Unfinished::Abandoned),
-                }
+            let failure = Failure {
+                error,
+                outage,
+                deadline,
             };
-            let wait = backoff.max(retry_after);
-            let until = match now.checked_add(wait) {
-                Some(until) if deadline.is_none_or(|d| until < d) => until,
-                _ => return Ok(failed(attempts, error, true)),
-            };
-            self.metrics
-                .api_retries
-                .get_or_create(&AccountLabels {
-                    account: bot.account_id.clone(),
-                })
-                .inc();
-            tracing::debug!(attempts, ?wait, %error, "transient failure; retrying");
-            last_error = Some(error);
-            shutdown.sleep_until(until).await?;
+            match self.after(failure, bot, &mut budget, shutdown).await? {
+                Next::Now => {}
+                Next::At(until) => shutdown.sleep_until(until).await?,
+                Next::Done(outcome) => return Ok(outcome),
+            }
         }
     }
+
+    /// One call: a token, the request, its series and the breaker's record of it.
+    async fn call(&self, bot: &Bot, body: &Bytes, budget: &mut AttemptBudget) -> Call {
+        let token = match bot.tokens.token() {
+            Ok(token) => token,
+            Err(e) => {
+                return Call::NoToken(ApiError::without_status(ErrorKind::Request, e.to_string()));
+            }
+        };
+        budget.call();
+        let call_started = Instant::now();
+        let result = self.api.assign(bot, &token, body.clone()).await;
+        let status = match &result {
+            Ok(r) => Some(r.status),
+            Err(e) => e.status,
+        };
+        let seconds = call_started.elapsed().as_secs_f64();
+        self.metrics.api_call(&bot.account_id, status, seconds);
+        let outage = self.breaker.as_ref().and_then(|b| b.record(&result));
+        match result {
+            Ok(response) => Call::Answered(response),
+            Err(error) => Call::Failed(error, outage),
+        }
+    }
+
+    /// What follows a failed call: another at once (a fresh token, or the breaker's last
+    /// chance), another after a wait, or the end.
+    async fn after(
+        &self,
+        failure: Failure,
+        bot: &Bot,
+        budget: &mut AttemptBudget,
+        shutdown: &Shutdown,
+    ) -> Result<Next, Unfinished> {
+        let Failure {
+            error,
+            outage,
+            deadline,
+        } = failure;
+        let attempts = budget.made();
+        if error.is_unauthorized() && budget.reauthorize() {
+            // A token the API no longer accepts (secret rotated, clock skew): mint anew once.
+            bot.tokens.invalidate();
+            budget.failed_with(error);
+            tracing::warn!(
+                attempts,
+                "AgentAssist refused the token; retrying with a new one"
+            );
+            return Ok(Next::Now);
+        }
+        if !error.is_transient() {
+            return Ok(Next::Done(budget.failed(error, false)));
+        }
+        let asked = error.retry_after.unwrap_or_default();
+        let now = Instant::now();
+        // The API asks for a wait the command cannot afford: say so now, not at the deadline.
+        if !asked.is_zero() && deadline.is_some_and(|d| reaches(now, asked, d)) {
+            return Ok(Next::Done(budget.failed(error, true)));
+        }
+        let retry_after = self.retry.honoured_retry_after(asked);
+        if error.is_rate_limited()
+            && let Some(until) = now.checked_add(retry_after).filter(|_| !asked.is_zero())
+        {
+            self.pause(bot, until, retry_after).await;
+        }
+        let Some(backoff) = budget.next_wait() else {
+            // Out of budget during what may be an outage: the breaker decides.
+            let (Some(breaker), Some(outage)) = (&self.breaker, outage) else {
+                return Ok(Next::Done(budget.failed(error, true)));
+            };
+            if !budget.last_chance() {
+                return Ok(Next::Done(budget.failed(error, true)));
+            }
+            tracing::debug!(attempts, %error, "retry budget spent on a failing API; waiting for the breaker");
+            return match breaker.verdict(outage, deadline, shutdown).await {
+                Ok(_) => {
+                    budget.failed_with(error);
+                    Ok(Next::Now)
+                }
+                Err(Interrupted::Deadline) => Ok(Next::Done(budget.failed(error, true))),
+                Err(Interrupted::Abandoned) => Err(Unfinished::Abandoned),
+            };
+        };
+        let wait = backoff.max(retry_after);
+        let until = match now.checked_add(wait) {
+            Some(until) if deadline.is_none_or(|d| until < d) => until,
+            _ => return Ok(Next::Done(budget.failed(error, true))),
+        };
+        let account = bot.account_id.clone();
+        self.metrics
+            .api_retries
+            .get_or_create(&AccountLabels { account })
+            .inc();
+        tracing::debug!(attempts, ?wait, %error, "transient failure; retrying");
+        budget.failed_with(error);
+        Ok(Next::At(until))
+    }
+}
+
+/// How one call went.
+enum Call {
+    Answered(ApiResponse),
+    Failed(ApiError, Option<BreakerFailure>),
+    /// No token could be made: nothing was sent, and trying again will not help.
+    NoToken(ApiError),
+}
+
+/// A failed call, and what it is judged against.
+struct Failure {
+    error: ApiError,
+    /// The breaker's record of it, when it looks like an outage.
+    outage: Option<BreakerFailure>,
+    deadline: Option<Instant>,
+}
+
+/// What a command does after a failed call.
+enum Next {
+    Now,
+    At(Instant),
+    Done(Outcome),
 }
 
 /// Whether waiting `wait` from `now` reaches `deadline` (or past anything representable).
@@ -393,11 +366,3 @@ fn reaches(now: Instant, wait: std::time::Duration, deadline: Instant) -> bool {
 /// processing, so tests can show that a fault stays inside one command.
 #[cfg(feature = "fault-injection")]
 pub const FAULT_PANIC_ORG_ID: &str = "o-fault-injection-panic";
-
-fn failed(attempts: u32, error: ApiError, retryable: bool) -> Outcome {
-    Outcome::Failed {
-        attempts,
-        error,
-        retryable,
-    }
-}
