@@ -97,6 +97,120 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
     Ok((listener, local))
 }
 
+/// What every part of one application shares.
+struct Shared {
+    metrics: Arc<Metrics>,
+    broker: Arc<CurrentLink>,
+    shutdown: Shutdown,
+    fleet: Option<Arc<Fleet>>,
+}
+
+impl Shared {
+    /// Readiness (the broker link, and the fleet's Redis if any) and the series.
+    fn admin_router(&self) -> axum::Router {
+        let mut readiness: Vec<Arc<dyn admin::Readiness>> = vec![self.broker.clone()];
+        if let Some(fleet) = &self.fleet {
+            readiness.push(fleet.clone());
+        }
+        admin::router(Admin {
+            readiness,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    fn new(settings: &Settings) -> Result<Self, AppError> {
+        let metrics = Arc::new(Metrics::new());
+        let fleet = match settings.fleet.enabled() {
+            true => Some(Arc::new(Fleet::new(
+                &settings.fleet,
+                &settings.amqp.commands_queue,
+                settings.commands.outcome_cache_ttl,
+                metrics.clone(),
+            )?)),
+            false => None,
+        };
+        Ok(Self {
+            metrics,
+            broker: Arc::new(CurrentLink::default()),
+            shutdown: Shutdown::new(),
+            fleet,
+        })
+    }
+
+    /// The API side: the client, the retry policy, the fleet's budgets and the breaker, with
+    /// the breaker's prober (which probes through the first configured bot).
+    fn transfers(
+        &self,
+        settings: &Settings,
+        bots: &Bots,
+    ) -> Result<(Transfers, Option<Prober>), AppError> {
+        let api = ApiClient::new(
+            settings.agentassist.request_timeout,
+            usize::from(settings.amqp.prefetch),
+        )?;
+        let policy = RetryPolicy::new(&settings.retry);
+        let mut transfers = Transfers::new(api.clone(), policy, self.metrics.clone());
+        if let Some(fleet) = &self.fleet {
+            transfers = transfers.with_fleet(fleet.clone());
+        }
+        if !settings.breaker.enabled {
+            return Ok((transfers, None));
+        }
+        let breaker = Arc::new(Breaker::new(&settings.breaker, self.metrics.clone()));
+        let first_bot = settings.bots.first().and_then(|b| bots.get(&b.stream_id));
+        let prober = Prober::new(breaker.clone(), api, first_bot, self.fleet.clone());
+        Ok((transfers.with_breaker(breaker), Some(prober)))
+    }
+
+    /// How commands are consumed: the pipeline on the commands queue, or, with partitions,
+    /// the intake there and the pipeline on the partitions this replica owns.
+    fn worker(&self, settings: &Settings, parser: Parser, pipeline: Arc<Pipeline>) -> Worker {
+        let consumer_settings = ConsumerSettings {
+            amqp: settings.amqp.clone(),
+            queue: settings.amqp.commands_queue.clone(),
+            grace: settings.shutdown.grace,
+            // After the grace: time for a call already on the wire to end and its outcome
+            // to be confirmed.
+            settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
+        };
+        let (link, metrics, shutdown) = (
+            self.broker.clone(),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        );
+        let Some(fleet) = self.fleet.as_ref().filter(|f| f.partitions() > 0) else {
+            let consumer = Consumer::new(consumer_settings, pipeline, link, metrics, shutdown);
+            return Worker::Alone(consumer);
+        };
+        let partitions = fleet.partitions();
+        let intake = Intake::new(
+            parser,
+            pipeline.clone(),
+            &settings.amqp.commands_queue,
+            partitions,
+            settings.amqp.operation_timeout,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        );
+        let (owned, watched) = tokio::sync::watch::channel(Default::default());
+        let consuming = Arc::new(tokio::sync::watch::Sender::new(Default::default()));
+        let hold_retry = (settings.fleet.heartbeat / 4).max(HOLD_RETRY_MIN);
+        let consumer = Consumer::new(consumer_settings, Arc::new(intake), link, metrics, shutdown)
+            .with_partitions(Partitioned {
+                handler: pipeline,
+                owned: watched,
+                count: partitions,
+                consuming: consuming.clone(),
+            })
+            .with_holds(fleet.clone(), hold_retry);
+        Worker::Shared {
+            consumer,
+            owned,
+            consuming: consuming.subscribe(),
+        }
+    }
+}
+
 impl App {
     /// Binds the listeners and wires the parts. An empty `callbacks.public_url` means "the
     /// relay listener's own address", which is what tests on port 0 need.
@@ -107,37 +221,17 @@ impl App {
             "" => format!("http://{relay_addr}"),
             url => url.to_owned(),
         };
-        let metrics = Arc::new(Metrics::new());
-        let broker = Arc::new(CurrentLink::default());
+        let shared = Shared::new(&settings)?;
+        // One registry of bots and one parser, so one budget and one set of slots per
+        // account in the process.
+        let bots = Bots::new(&settings, &shared.metrics);
+        let accounts = bots.accounts();
+        let (transfers, prober) = shared.transfers(&settings, &bots)?;
         let signer = TokenSigner::new(
             settings.callbacks.secret.clone(),
             settings.callbacks.previous_secrets.clone(),
             settings.callbacks.token_ttl,
         );
-        let api = ApiClient::new(
-            settings.agentassist.request_timeout,
-            usize::from(settings.amqp.prefetch),
-        )?;
-        let shutdown = Shutdown::new();
-        let fleet = match settings.fleet.enabled() {
-            true => Some(Arc::new(Fleet::new(
-                &settings.fleet,
-                &settings.amqp.commands_queue,
-                settings.commands.outcome_cache_ttl,
-                metrics.clone(),
-            )?)),
-            false => None,
-        };
-        let mut transfers = Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone());
-        if let Some(fleet) = &fleet {
-            transfers = transfers.with_fleet(fleet.clone());
-        }
-        let breaker = (settings.breaker.enabled)
-            .then(|| Arc::new(Breaker::new(&settings.breaker, metrics.clone())));
-        if let Some(breaker) = &breaker {
-            transfers = transfers.with_breaker(breaker.clone());
-        }
-        let probe_with = (transfers.api().clone(), fleet.clone());
         let stages = Stages {
             transfers,
             relay: RelayUrls::new(&public_url, signer.clone()),
@@ -146,95 +240,29 @@ impl App {
                 settings.commands.outcome_cache_max_bytes,
                 settings.commands.outcome_cache_ttl,
             ),
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
-            fleet: fleet.clone(),
+            metrics: shared.metrics.clone(),
+            shutdown: shared.shutdown.clone(),
+            fleet: shared.fleet.clone(),
         };
-        // One registry of bots, so one budget and one set of slots per account in the process.
-        let bots = Bots::new(&settings, &metrics);
-        let accounts = bots.accounts();
-        // The breaker probes through the first configured bot.
-        let first_bot = settings.bots.first().and_then(|b| bots.get(&b.stream_id));
-        let prober = breaker.map(|b| Prober::new(b, probe_with.0, first_bot, probe_with.1));
         let parser = Parser::new(bots, settings.commands.max_age);
-        let pipeline = Arc::new(Pipeline::new(
-            parser.clone(),
-            stages,
-            settings.amqp.operation_timeout,
-        ));
-        let consumer_settings = ConsumerSettings {
-            amqp: settings.amqp.clone(),
-            queue: settings.amqp.commands_queue.clone(),
-            grace: settings.shutdown.grace,
-            // After the grace: time for a call already on the wire to end and its outcome
-            // to be confirmed.
-            settle: settings.agentassist.request_timeout + settings.amqp.confirm_timeout,
-        };
-        let partitions = fleet.as_ref().map_or(0, |f| f.partitions());
-        let worker = if partitions == 0 {
-            Worker::Alone(Consumer::new(
-                consumer_settings,
-                pipeline,
-                broker.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            ))
-        } else {
-            let intake = Intake::new(
-                parser,
-                pipeline.clone(),
-                &settings.amqp.commands_queue,
-                partitions,
-                settings.amqp.operation_timeout,
-                metrics.clone(),
-                shutdown.clone(),
-            );
-            let (owned, watched) = tokio::sync::watch::channel(Default::default());
-            let consuming = Arc::new(tokio::sync::watch::Sender::new(Default::default()));
-            let consumer = Consumer::new(
-                consumer_settings,
-                Arc::new(intake),
-                broker.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            )
-            .with_partitions(Partitioned {
-                handler: pipeline,
-                owned: watched,
-                count: partitions,
-                consuming: consuming.clone(),
-            })
-            .with_holds(
-                fleet.clone().expect("partitions come with a fleet"),
-                (settings.fleet.heartbeat / 4).max(HOLD_RETRY_MIN),
-            );
-            Worker::Shared {
-                consumer,
-                owned,
-                consuming: consuming.subscribe(),
-            }
-        };
+        let timeout = settings.amqp.operation_timeout;
+        let pipeline = Arc::new(Pipeline::new(parser.clone(), stages, timeout));
+        let worker = shared.worker(&settings, parser, pipeline);
         let relay_router = relay::router(Relay {
             signer,
-            link: broker.clone(),
-            metrics: metrics.clone(),
-        });
-        let mut readiness: Vec<Arc<dyn admin::Readiness>> = vec![broker.clone()];
-        readiness.extend(fleet.clone().map(|f| f as Arc<dyn admin::Readiness>));
-        let admin_router = admin::router(Admin {
-            readiness,
-            metrics: metrics.clone(),
+            link: shared.broker.clone(),
+            metrics: shared.metrics.clone(),
         });
         Ok(Self {
             worker,
             relay: (relay_listener, relay_router),
-            admin: (admin_listener, admin_router),
+            admin: (admin_listener, shared.admin_router()),
             relay_addr,
             admin_addr,
-            shutdown,
-            broker,
-            metrics,
-            fleet,
+            shutdown: shared.shutdown,
+            broker: shared.broker,
+            metrics: shared.metrics,
+            fleet: shared.fleet,
             prober,
             accounts,
         })
