@@ -20,7 +20,7 @@
 //! prefetch is a share of it, and a replica-wide limit of `amqp.prefetch` permits, one held by
 //! every delivery from its reader to its ack.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +31,6 @@ use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -50,11 +48,12 @@ const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 /// Time the broker gets to apply the last acks before the consuming channel closes at shutdown.
 const ACK_SETTLE: Duration = Duration::from_millis(250);
 
+mod owned;
 mod partition;
 mod registered;
+mod serve;
 
-use partition::{Reader, Subscription, read_partition, release};
-use registered::{Registered, next};
+use registered::Registered;
 
 /// What a consumer feeds its deliveries to.
 pub trait Handler: Send + Sync + 'static {
@@ -276,227 +275,6 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         Ok(())
     }
 
-    /// One connection's life: connect, declare, consume until it ends. The flag says whether
-    /// consuming began, so the backoff restarts from its first step after a healthy period.
-    async fn serve(&self) -> Result<(Stop, bool), BrokerError> {
-        let amqp = &self.settings.amqp;
-        let queue = self.settings.queue.as_str();
-        let t = amqp.operation_timeout;
-        let setup = async {
-            let name = format!("transfer-worker {}", std::process::id());
-            let connection = super::connection::connect(amqp, &name).await?;
-            let setup = timed("channel.open", t, connection.create_channel()).await?;
-            super::topology::declare(&setup, amqp).await?;
-            if let Some(partitions) = &self.partitions {
-                super::topology::declare_partitions(&setup, amqp, partitions.count).await?;
-            }
-            let _ = timed("channel.close", t, setup.close(200, "declared".into())).await;
-            let publisher = Arc::new(Publisher::open(&connection, amqp).await?);
-            Ok::<_, BrokerError>((connection, publisher))
-        };
-        let (connection, publisher) = tokio::select! {
-            r = setup => r?,
-            () = self.shutdown.cancelled() => return Ok((Stop::Stopped, false)),
-        };
-        let connection = Arc::new(connection);
-        // Without holds the queue is registered now, as part of the setup.
-        let mut intake = match &self.holds {
-            None => self.register(&connection).await?,
-            Some(_) => None,
-        };
-        self.link.set_publisher(Some(publisher.clone()));
-        self.link.set_consuming(true);
-        if self.lost.swap(false, Ordering::Relaxed) {
-            self.metrics.broker_reconnects.inc();
-        }
-        let mut owned = self.partitions.as_ref().map(|p| p.owned.clone());
-        let mut wanted = BTreeSet::new();
-        let mut subscriptions: HashMap<u16, Subscription> = HashMap::new();
-        let mut releasing = JoinSet::new();
-        let (lost_tx, mut lost_rx) = mpsc::channel::<String>(1);
-        // What the handler consumes beside the queue is looked at now, and again right before
-        // its first delivery: a standby becomes active only then.
-        let source = self.source(queue, &connection, &publisher, &lost_tx);
-        H::open(&self.handler, source.clone()).await;
-        let mut activated = false;
-        let mut deadline = self.holds.as_ref().map(|h| h.deadline());
-        let mut retry = tokio::time::interval(self.hold_retry);
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // With holds, the queue is registered once held; the partitions owned before this
-        // connection came up are subscribed now (those held elsewhere once given up).
-        let mut settled = None;
-        if self.holds.is_some() {
-            match self.register(&connection).await {
-                Ok(registered) => intake = registered,
-                Err(e) => settled = Some(e.to_string()),
-            }
-        }
-        if let Some(owned) = &mut owned {
-            wanted = owned.borrow_and_update().clone();
-            if settled.is_none() {
-                settled = self
-                    .rebalance(
-                        &connection,
-                        &publisher,
-                        &wanted,
-                        &mut subscriptions,
-                        &mut releasing,
-                        &lost_tx,
-                    )
-                    .await
-                    .err()
-                    .map(|e| e.to_string());
-            }
-        }
-        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
-        loop {
-            let stop_by = deadline.as_mut().and_then(|d| *d.borrow_and_update());
-            let waiting = self.holds.is_some()
-                && (intake.is_none() || wanted.iter().any(|k| !subscriptions.contains_key(k)));
-            let reason = tokio::select! {
-                biased;
-                Some(reason) = async { settled.take() }, if settled.is_some() => reason,
-                () = self.shutdown.cancelled() => {
-                    self.link.set_consuming(false);
-                    // Every partition is handed over in order, as in a rebalance.
-                    if let Some(partitions) = &self.partitions {
-                        for (k, subscription) in subscriptions.drain() {
-                            releasing.spawn(release(
-                                k,
-                                subscription,
-                                t,
-                                self.settings.grace,
-                                partitions.consuming.clone(),
-                                partitions.handler.clone(),
-                                self.holds.clone(),
-                            ));
-                        }
-                    }
-                    // The next consumer may start at once, so what this one still holds is
-                    // handled here rather than returned behind newer commands.
-                    let handover = match intake.take() {
-                        Some(intake) => Some(intake.stop(t, &self.handler, &publisher, &self.tracker, queue).await),
-                        None => None,
-                    };
-                    // Drain while the consuming channels are open: the acks of in-flight work
-                    // go to them, and closing them would hand it all back to the broker.
-                    let limit = self.settings.grace + self.settings.settle;
-                    tokio::join!(
-                        self.drain(),
-                        H::close(&self.handler, queue),
-                        async {
-                            if let Some(intake) = handover {
-                                intake.close(t, limit, self.holds.as_deref(), queue).await;
-                            }
-                        },
-                        async { while releasing.join_next().await.is_some() {} },
-                    );
-                    publisher.close(t).await;
-                    return Ok((Stop::Shutdown(connection), true));
-                }
-                () = until(stop_by), if stop_by.is_some() => {
-                    let now = Instant::now();
-                    match deadline.as_mut().and_then(|d| *d.borrow_and_update()) {
-                        Some(by) if by <= now => "the fleet has not kept this replica's holds for \
-                            fleet.member_ttl less fleet.heartbeat; letting every queue go (running \
-                            commands keep their claims)".to_owned(),
-                        _ => continue,
-                    }
-                }
-                changed = async { deadline.as_mut()?.changed().await.ok() }, if deadline.is_some() => {
-                    if changed.is_none() {
-                        deadline = None;
-                    }
-                    continue;
-                }
-                delivery = next(&mut intake), if intake.is_some() => match delivery {
-                    Some(Ok(delivery)) => {
-                        if !activated {
-                            activated = true;
-                            H::open(&self.handler, source.clone()).await;
-                        }
-                        let in_flight = intake.as_ref().map(|i| InFlight::tracked(&i.settled)).unwrap_or_default();
-                        if let Some(task) = H::accept(&self.handler, delivery, &publisher, in_flight, queue) {
-                            self.tracker.spawn(task);
-                        }
-                        continue;
-                    }
-                    Some(Err(e)) => e.to_string(),
-                    // The queue was deleted, say: a fresh connection re-declares it.
-                    None => "the broker cancelled the consumer".to_owned(),
-                },
-                Some(reason) = lost_rx.recv() => reason,
-                changed = async { owned.as_mut()?.changed().await.ok() }, if owned.is_some() => {
-                    if changed.is_none() {
-                        // The membership stopped (shutdown): ownership changes no more.
-                        owned = None;
-                        continue;
-                    }
-                    wanted = owned.as_mut().map(|o| o.borrow_and_update().clone()).unwrap_or_default();
-                    match self.rebalance(&connection, &publisher, &wanted, &mut subscriptions, &mut releasing, &lost_tx).await {
-                        Ok(()) => continue,
-                        Err(e) => e.to_string(),
-                    }
-                }
-                _ = retry.tick(), if waiting => {
-                    // Queues held by another replica (or not yet asked for) are asked for again.
-                    let registered = match intake {
-                        Some(_) => Ok(()),
-                        None => self.register(&connection).await.map(|r| intake = r),
-                    };
-                    let subscribed = match registered {
-                        Ok(()) => self.rebalance(&connection, &publisher, &wanted, &mut subscriptions, &mut releasing, &lost_tx).await,
-                        Err(e) => Err(e),
-                    };
-                    match subscribed {
-                        Ok(()) => continue,
-                        Err(e) => e.to_string(),
-                    }
-                }
-                _ = liveness.tick() => {
-                    if !connection.status().connected() {
-                        "connection closed".to_owned()
-                    } else if intake.as_ref().is_some_and(|i| !i.channel.status().connected()) {
-                        "consumer channel closed".to_owned()
-                    } else if !publisher.is_connected() {
-                        // The broker closes a channel on errors such as publishing to an exchange
-                        // that was deleted. Without a publisher nothing can finish here.
-                        "publisher channel closed".to_owned()
-                    } else {
-                        continue;
-                    }
-                }
-            };
-            for (k, subscription) in subscriptions.drain() {
-                subscription.reader.abort();
-                if let Some(partitions) = &self.partitions {
-                    let queue = crate::contract::names::partition_queue(queue, k);
-                    tokio::spawn(P::close(&partitions.handler, &queue));
-                }
-            }
-            releasing.abort_all();
-            tokio::spawn(H::close(&self.handler, queue));
-            // With the connection, every partition is let go (the broker returns what was
-            // unacked, in order: a lost consumer's messages come back before it is replaced).
-            if let Some(partitions) = &self.partitions {
-                partitions.consuming.send_replace(BTreeSet::new());
-            }
-            // Closing hands every unacked delivery back to the broker at once; the next
-            // connection re-declares the topology and takes them again.
-            let _ = timed(
-                "connection.close",
-                t,
-                connection.close(200, reason.as_str().into()),
-            )
-            .await;
-            // Every consuming channel went with the connection: the holds may go too.
-            if let Some(holds) = &self.holds {
-                holds.give_all().await;
-            }
-            return Ok((Stop::Lost(reason), true));
-        }
-    }
-
     /// Registers the consumer of the queue itself, holding it first when the consumer keeps
     /// holds: `None` while another replica holds it.
     async fn register(&self, connection: &Connection) -> Result<Option<Registered>, BrokerError> {
@@ -536,192 +314,6 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         }))
     }
 
-    /// Makes the partitions consumed on this connection the ones in `want`: subscribes the new
-    /// ones, and drains then closes the ones that went, in the background.
-    async fn rebalance(
-        &self,
-        connection: &Arc<Connection>,
-        publisher: &Arc<Publisher>,
-        want: &BTreeSet<u16>,
-        subscriptions: &mut HashMap<u16, Subscription>,
-        releasing: &mut JoinSet<()>,
-        lost: &mpsc::Sender<String>,
-    ) -> Result<(), BrokerError> {
-        let Some(partitions) = &self.partitions else {
-            return Ok(());
-        };
-        let t = self.settings.amqp.operation_timeout;
-        let gone: Vec<u16> = subscriptions
-            .keys()
-            .filter(|k| !want.contains(k))
-            .copied()
-            .collect();
-        for k in gone {
-            if let Some(subscription) = subscriptions.remove(&k) {
-                releasing.spawn(release(
-                    k,
-                    subscription,
-                    t,
-                    self.settings.grace,
-                    partitions.consuming.clone(),
-                    partitions.handler.clone(),
-                    self.holds.clone(),
-                ));
-            }
-        }
-        // Each partition consumer's prefetch is its share of `amqp.prefetch`. A consumer's
-        // prefetch is fixed when it subscribes, so a kept partition whose share changed is
-        // subscribed again (see `renew`).
-        let share =
-            u16::try_from(usize::from(self.settings.amqp.prefetch).div_ceil(want.len().max(1)))
-                .unwrap_or(u16::MAX)
-                .max(1);
-        for &k in want {
-            let renewed = match subscriptions.remove(&k) {
-                Some(kept) if kept.share == share => {
-                    subscriptions.insert(k, kept);
-                    continue;
-                }
-                Some(kept) => Some(kept),
-                None => None,
-            };
-            let old_share = renewed.as_ref().map(|r| r.share);
-            // A new partition is subscribed only once held; a renewed one stays held.
-            if renewed.is_none()
-                && let Some(holds) = &self.holds
-                && !holds
-                    .take(&crate::contract::names::partition_queue(
-                        &self.settings.queue,
-                        k,
-                    ))
-                    .await
-            {
-                continue;
-            }
-            if let Some(old) = renewed {
-                releasing.spawn(self.renew(old, t).await);
-            }
-            let subscription = self
-                .subscribe(k, share, connection, publisher, lost)
-                .await?;
-            partitions.consuming.send_modify(|c| {
-                c.insert(k);
-            });
-            match old_share {
-                None => tracing::info!(partition = k, prefetch = share, "partition assigned"),
-                Some(from) => tracing::debug!(
-                    partition = k,
-                    from,
-                    to = share,
-                    "partition prefetch changed"
-                ),
-            }
-            subscriptions.insert(k, subscription);
-        }
-        Ok(())
-    }
-
-    /// Subscribes partition `k` on a channel of its own with prefetch `share`, and starts its
-    /// reader.
-    async fn subscribe(
-        &self,
-        k: u16,
-        share: u16,
-        connection: &Arc<Connection>,
-        publisher: &Arc<Publisher>,
-        lost: &mpsc::Sender<String>,
-    ) -> Result<Subscription, BrokerError> {
-        let Some(partitions) = &self.partitions else {
-            unreachable!("only a consumer with partitions subscribes partitions");
-        };
-        let t = self.settings.amqp.operation_timeout;
-        let queue = crate::contract::names::partition_queue(&self.settings.queue, k);
-        let channel = timed("channel.open", t, connection.create_channel()).await?;
-        timed(
-            "basic.qos",
-            t,
-            channel.basic_qos(share, BasicQosOptions::default()),
-        )
-        .await?;
-        let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
-        let consumer = timed(
-            "basic.consume",
-            t,
-            channel.basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-        // The partition's account queues, if any, are taken up with it.
-        P::open(
-            &partitions.handler,
-            self.source(&queue, connection, publisher, lost),
-        )
-        .await;
-        let stop = CancellationToken::new();
-        let settled = TaskTracker::new();
-        let reader = tokio::spawn(read_partition(Reader {
-            partition: k,
-            queue: queue.clone(),
-            consumer,
-            handler: partitions.handler.clone(),
-            publisher: publisher.clone(),
-            settled: settled.clone(),
-            limit: self.limit.clone(),
-            tracker: self.tracker.clone(),
-            stop: stop.clone(),
-            lost: lost.clone(),
-        }));
-        Ok(Subscription {
-            queue: queue.clone(),
-            channel,
-            tag,
-            share,
-            stop,
-            reader,
-            settled,
-        })
-    }
-
-    /// Retires a kept partition's consumer so that it can be subscribed again with another
-    /// prefetch, without letting the partition go: the old consumer is cancelled and what it
-    /// had received is handed to the handler here and now, before the new consumer (which the
-    /// broker activates at the cancel) delivers anything, so the handler still sees the
-    /// partition in order. Returns what closes the old channel once that work is settled.
-    async fn renew(
-        &self,
-        old: Subscription,
-        t: Duration,
-    ) -> impl Future<Output = ()> + Send + 'static + use<H, P> {
-        let queue = old.queue.clone();
-        let (channel, settled, left) = old.stop(t).await;
-        if let (Ok(left), Some(partitions), Some(publisher)) =
-            (left, &self.partitions, self.link.publisher())
-        {
-            for delivery in left {
-                // Taken beyond the replica-wide limit for a moment, rather than out of order.
-                let in_flight = InFlight {
-                    _partition: Some(settled.token()),
-                    _permit: None,
-                };
-                if let Some(task) =
-                    P::accept(&partitions.handler, delivery, &publisher, in_flight, &queue)
-                {
-                    self.tracker.spawn(task);
-                }
-            }
-        }
-        settled.close();
-        async move {
-            settled.wait().await;
-            tokio::time::sleep(ACK_SETTLE).await;
-            let _ = timed("channel.close", t, channel.close(200, "renewed".into())).await;
-        }
-    }
-
     /// `queue` as a [`Source`] for the handler.
     fn source(
         &self,
@@ -759,14 +351,6 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             let _ = tokio::time::timeout(self.settings.settle, self.tracker.wait()).await;
         }
         tracing::info!(elapsed = ?started.elapsed(), "in-flight commands drained");
-    }
-}
-
-/// Sleeps until `at`; forever when there is none.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 

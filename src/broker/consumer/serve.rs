@@ -1,0 +1,310 @@
+//! One connection's life: connect, declare the topology, open the publisher, register on the
+//! queue (once held, with holds), take up the partitions owned; then feed deliveries to the
+//! handler until the connection is lost or the shutdown comes. At shutdown everything is handed
+//! over in order on the open connection; on a loss everything is let go with it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use lapin::Connection;
+use lapin::message::Delivery;
+use tokio::sync::{mpsc, watch};
+
+use super::owned::Owned;
+use super::registered::{Registered, next};
+use super::{Consumer, Handler, InFlight, LIVENESS_CHECK, Source, Stop};
+use crate::broker::{BrokerError, Publisher, timed};
+
+/// What lives as long as one connection.
+pub(super) struct Connected {
+    pub(super) connection: Arc<Connection>,
+    pub(super) publisher: Arc<Publisher>,
+    /// Reports a loss the consumer must reconnect for (a partition's reader, the handler).
+    pub(super) lost: mpsc::Sender<String>,
+    /// The queue itself, as the handler sees it.
+    source: Source,
+    /// The consumer registered on the queue: `None` while another replica holds it.
+    intake: Option<Registered>,
+    /// The queue's first delivery came (the handler looks at its sources again then).
+    activated: bool,
+    /// The partitions consumed on this connection.
+    pub(super) owned: Owned,
+}
+
+impl<H: Handler, P: Handler> Consumer<H, P> {
+    /// One connection's life: connect, declare, consume until it ends. The flag says whether
+    /// consuming began, so the backoff restarts from its first step after a healthy period.
+    pub(super) async fn serve(&self) -> Result<(Stop, bool), BrokerError> {
+        let (connection, publisher) = tokio::select! {
+            r = self.connect() => r?,
+            () = self.shutdown.cancelled() => return Ok((Stop::Stopped, false)),
+        };
+        let connection = Arc::new(connection);
+        // Without holds the queue is registered now, as part of the setup.
+        let intake = match &self.holds {
+            None => self.register(&connection).await?,
+            Some(_) => None,
+        };
+        self.link.set_publisher(Some(publisher.clone()));
+        self.link.set_consuming(true);
+        if self.lost.swap(false, Ordering::Relaxed) {
+            self.metrics.broker_reconnects.inc();
+        }
+        let (lost, lost_rx) = mpsc::channel::<String>(1);
+        let source = self.source(&self.settings.queue, &connection, &publisher, &lost);
+        // What the handler consumes beside the queue is looked at now, and again right before
+        // its first delivery: a standby becomes active only then.
+        H::open(&self.handler, source.clone()).await;
+        let owned = Owned::new(self.partitions.as_ref().map(|p| p.owned.clone()));
+        let mut link = Connected {
+            connection,
+            publisher,
+            lost,
+            source,
+            intake,
+            activated: false,
+            owned,
+        };
+        let settled = self.take_up(&mut link).await;
+        self.consume(link, lost_rx, settled).await
+    }
+
+    /// Connects, declares the topology (with the partition queues) and opens the publisher.
+    async fn connect(&self) -> Result<(Connection, Arc<Publisher>), BrokerError> {
+        let amqp = &self.settings.amqp;
+        let t = amqp.operation_timeout;
+        let name = format!("transfer-worker {}", std::process::id());
+        let connection = crate::broker::connection::connect(amqp, &name).await?;
+        let setup = timed("channel.open", t, connection.create_channel()).await?;
+        crate::broker::topology::declare(&setup, amqp).await?;
+        if let Some(partitions) = &self.partitions {
+            crate::broker::topology::declare_partitions(&setup, amqp, partitions.count).await?;
+        }
+        let _ = timed("channel.close", t, setup.close(200, "declared".into())).await;
+        let publisher = Arc::new(Publisher::open(&connection, amqp).await?);
+        Ok((connection, publisher))
+    }
+
+    /// With holds, the queue is registered once held; the partitions owned before this
+    /// connection came up are subscribed now (those held elsewhere once given up). Returns why
+    /// the connection must go, if it must.
+    async fn take_up(&self, link: &mut Connected) -> Option<String> {
+        if self.holds.is_some() {
+            match self.register(&link.connection).await {
+                Ok(registered) => link.intake = registered,
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        let watch = link.owned.watch.as_mut()?;
+        link.owned.wanted = watch.borrow_and_update().clone();
+        self.rebalance(link).await.err().map(|e| e.to_string())
+    }
+
+    /// Feeds deliveries and follows ownership until the connection goes or the shutdown
+    /// comes.
+    async fn consume(
+        &self,
+        mut link: Connected,
+        mut lost: mpsc::Receiver<String>,
+        mut settled: Option<String>,
+    ) -> Result<(Stop, bool), BrokerError> {
+        let mut deadline = self.holds.as_ref().map(|h| h.deadline());
+        let mut retry = tokio::time::interval(self.hold_retry);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        loop {
+            let stop_by = deadline.as_mut().and_then(|d| *d.borrow_and_update());
+            let waiting = self.holds.is_some() && (link.intake.is_none() || link.owned.waiting());
+            let reason = tokio::select! {
+                biased;
+                Some(reason) = async { settled.take() }, if settled.is_some() => Some(reason),
+                () = self.shutdown.cancelled() => return Ok(self.hand_over(link).await),
+                () = until(stop_by), if stop_by.is_some() => {
+                    let now = Instant::now();
+                    match deadline.as_mut().and_then(|d| *d.borrow_and_update()) {
+                        Some(by) if by <= now => Some("the fleet has not kept this replica's \
+                            holds for fleet.member_ttl less fleet.heartbeat; letting every queue \
+                            go (running commands keep their claims)".to_owned()),
+                        _ => None,
+                    }
+                }
+                changed = changed(&mut deadline), if deadline.is_some() => {
+                    if changed.is_none() {
+                        deadline = None;
+                    }
+                    None
+                }
+                delivery = next(&mut link.intake), if link.intake.is_some() => {
+                    self.delivered(&mut link, delivery).await
+                }
+                Some(reason) = lost.recv() => Some(reason),
+                changed = changed(&mut link.owned.watch), if link.owned.watch.is_some() => {
+                    self.ownership_changed(&mut link, changed).await
+                }
+                _ = retry.tick(), if waiting => self.ask_again(&mut link).await,
+                _ = liveness.tick() => link.loss(),
+            };
+            if let Some(reason) = reason {
+                return Ok(self.let_go(link, reason).await);
+            }
+        }
+    }
+
+    /// A delivery (or the end) from the queue's own consumer: handed to the handler, or why
+    /// the connection must go.
+    async fn delivered(
+        &self,
+        link: &mut Connected,
+        delivery: Option<Result<Delivery, lapin::Error>>,
+    ) -> Option<String> {
+        let queue = self.settings.queue.as_str();
+        match delivery {
+            Some(Ok(delivery)) => {
+                if !link.activated {
+                    link.activated = true;
+                    H::open(&self.handler, link.source.clone()).await;
+                }
+                let in_flight = link.intake.as_ref().map(|i| InFlight::tracked(&i.settled));
+                let in_flight = in_flight.unwrap_or_default();
+                let publisher = &link.publisher;
+                if let Some(task) = H::accept(&self.handler, delivery, publisher, in_flight, queue)
+                {
+                    self.tracker.spawn(task);
+                }
+                None
+            }
+            Some(Err(e)) => Some(e.to_string()),
+            // The queue was deleted, say: a fresh connection re-declares it.
+            None => Some("the broker cancelled the consumer".to_owned()),
+        }
+    }
+
+    /// The fleet's membership changed what this replica owns.
+    async fn ownership_changed(&self, link: &mut Connected, changed: Option<()>) -> Option<String> {
+        if changed.is_none() {
+            // The membership stopped (shutdown): ownership changes no more.
+            link.owned.watch = None;
+            return None;
+        }
+        let owned = link
+            .owned
+            .watch
+            .as_mut()
+            .map(|o| o.borrow_and_update().clone());
+        link.owned.wanted = owned.unwrap_or_default();
+        self.rebalance(link).await.err().map(|e| e.to_string())
+    }
+
+    /// Queues held by another replica (or not yet asked for) are asked for again.
+    async fn ask_again(&self, link: &mut Connected) -> Option<String> {
+        if link.intake.is_none() {
+            match self.register(&link.connection).await {
+                Ok(registered) => link.intake = registered,
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        self.rebalance(link).await.err().map(|e| e.to_string())
+    }
+
+    /// The shutdown, on a connection still up: every partition is handed over in order, as
+    /// in a rebalance; what the queue's consumer still holds is handled here, rather than
+    /// returned behind newer commands, since the next consumer may start at once; in-flight
+    /// work drains while the consuming channels are open, since its acks go to them and
+    /// closing them would hand it all back to the broker.
+    async fn hand_over(&self, mut link: Connected) -> (Stop, bool) {
+        self.link.set_consuming(false);
+        let t = self.settings.amqp.operation_timeout;
+        let queue = self.settings.queue.as_str();
+        self.release_all(&mut link.owned);
+        let handover = match link.intake.take() {
+            Some(intake) => {
+                let (handler, tracker) = (&self.handler, &self.tracker);
+                Some(
+                    intake
+                        .stop(t, handler, &link.publisher, tracker, queue)
+                        .await,
+                )
+            }
+            None => None,
+        };
+        let limit = self.settings.grace + self.settings.settle;
+        let releasing = &mut link.owned.releasing;
+        tokio::join!(
+            self.drain(),
+            H::close(&self.handler, queue),
+            async {
+                if let Some(intake) = handover {
+                    intake.close(t, limit, self.holds.as_deref(), queue).await;
+                }
+            },
+            async { while releasing.join_next().await.is_some() {} },
+        );
+        link.publisher.close(t).await;
+        (Stop::Shutdown(link.connection), true)
+    }
+
+    /// The connection is lost (or must go): everything on it is let go with it. Closing it
+    /// hands every unacked delivery back to the broker at once, in order (a lost consumer's
+    /// messages come back before it is replaced); the next connection re-declares the topology
+    /// and takes them again.
+    async fn let_go(&self, mut link: Connected, reason: String) -> (Stop, bool) {
+        let t = self.settings.amqp.operation_timeout;
+        let queue = self.settings.queue.as_str();
+        for (k, subscription) in link.owned.subscriptions.drain() {
+            subscription.reader.abort();
+            if let Some(partitions) = &self.partitions {
+                let queue = crate::contract::names::partition_queue(queue, k);
+                tokio::spawn(P::close(&partitions.handler, &queue));
+            }
+        }
+        link.owned.releasing.abort_all();
+        tokio::spawn(H::close(&self.handler, queue));
+        if let Some(partitions) = &self.partitions {
+            partitions.consuming.send_replace(BTreeSet::new());
+        }
+        let close = link.connection.close(200, reason.as_str().into());
+        let _ = timed("connection.close", t, close).await;
+        // Every consuming channel went with the connection: the holds may go too.
+        if let Some(holds) = &self.holds {
+            holds.give_all().await;
+        }
+        (Stop::Lost(reason), true)
+    }
+}
+
+impl Connected {
+    /// Why the connection must go, if a periodic look finds it, or a channel on it, closed.
+    fn loss(&self) -> Option<String> {
+        let reason = if !self.connection.status().connected() {
+            "connection closed"
+        } else if self
+            .intake
+            .as_ref()
+            .is_some_and(|i| !i.channel.status().connected())
+        {
+            "consumer channel closed"
+        } else if !self.publisher.is_connected() {
+            // The broker closes a channel on errors such as publishing to an exchange that
+            // was deleted. Without a publisher nothing can finish here.
+            "publisher channel closed"
+        } else {
+            return None;
+        };
+        Some(reason.to_owned())
+    }
+}
+
+/// Sleeps until `at`; forever when there is none.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next change of a watched value: `None` when its sender is gone (or there is none).
+async fn changed<T>(watch: &mut Option<watch::Receiver<T>>) -> Option<()> {
+    watch.as_mut()?.changed().await.ok()
+}
