@@ -61,9 +61,15 @@ async fn receive(
     let received_at = SystemTime::now();
     // The token is checked before the body is looked at: an unauthenticated caller learns
     // nothing, not even the size limit.
-    let Some(ids) = relay.signer.verify(&token) else {
-        relay.metrics.callback(RelayResult::Forbidden);
-        return (StatusCode::NOT_FOUND, "not found\n");
+    let ids = match relay.signer.verify(&token) {
+        Ok(ids) => ids,
+        Err(e) => {
+            // Debug only: it tells an operator why (say, a previous secret dropped too early),
+            // while every caller gets the same answer.
+            tracing::debug!(reason = %e, "callback token refused");
+            relay.metrics.callback(RelayResult::Forbidden);
+            return (StatusCode::NOT_FOUND, "not found\n");
+        }
     };
     let body = match body {
         Ok(body) => body,

@@ -1,20 +1,27 @@
 //! Relay tokens and URLs: the token is the last path segment of the callback URL handed to
-//! AgentAssist. It carries the command's ids and an HMAC-SHA256 over them, so any worker
-//! holding the secret can relay any callback, after restarts too, with no shared state.
+//! AgentAssist. It carries the command's ids, signed, so any worker holding the secret can
+//! relay any callback, after restarts too, with no shared state.
 //!
-//! Format: `base64url(json ids) "." base64url(hmac)`, unpadded, URL-safe. The ids include the
-//! token's expiry (`e`, seconds since the epoch): after `callbacks.token_ttl` a token is
-//! refused like a forged one.
+//! A token is a JWT, HS256 (HMAC-SHA256) under `callbacks.secret`: its claims are the ids and
+//! `exp`, `callbacks.token_ttl` after signing; its header's `kid` names the secret that signed
+//! it, so secrets can rotate (`callbacks.previous_secrets` still verify) and the relay picks
+//! the key rather than trying each. A JWT is base64url and dots, so it stays one URL-safe path
+//! segment. Tokens of the format before JWTs are honoured until they expire (`legacy`). The
+//! format, rotation and the upgrade: docs/relay-tokens.md.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, KeyInit, Mac};
-use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+mod legacy;
+
 use std::time::{Duration, SystemTime};
 
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
 use crate::contract::{Command, Target};
+
+use legacy::LegacyVerifier;
 
 /// The ids a callback is correlated by.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,13 +51,31 @@ impl From<&Command> for CallbackIds {
     }
 }
 
-/// What a token carries: the ids and when it stops being valid.
+/// Why a token was refused. The relay answers each the same 404, so a caller learns nothing;
+/// the reason is for the relay's debug log (say, a previous secret dropped too early).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not shaped like a token of either format.
+    #[error("not a relay token")]
+    Malformed,
+    /// No `kid`, or one that names none of this worker's secrets.
+    #[error("signed with a key this worker does not hold")]
+    UnknownKey,
+    /// A bad signature, an algorithm other than HS256, or no `exp`.
+    #[error("bad signature, algorithm or claims")]
+    Invalid,
+    /// Past its expiry.
+    #[error("expired")]
+    Expired,
+}
+
+/// The claims of a token: the ids and when it stops being valid.
 #[derive(Serialize)]
 struct Claims<'a> {
     #[serde(flatten)]
     ids: &'a CallbackIds,
     /// Expiry, whole seconds since the epoch.
-    e: u64,
+    exp: u64,
 }
 
 /// [`Claims`], read back.
@@ -58,15 +83,46 @@ struct Claims<'a> {
 struct ReadClaims {
     #[serde(flatten)]
     ids: CallbackIds,
-    e: u64,
+    exp: u64,
+}
+
+/// Hashed before the secret, so a kid is no plain hash of the secret that another system
+/// might also publish.
+const KID_LABEL: &[u8] = b"transfer-worker relay token kid\n";
+
+/// The `kid` of a secret: the first 8 hex digits of SHA-256 over [`KID_LABEL`] and the secret.
+/// Derived, so rotating needs no new key in the configuration; 32 bits of a hash say nothing
+/// usable about a secret of at least 16 bytes.
+fn kid(secret: &SecretString) -> String {
+    let digest = Sha256::new()
+        .chain_update(KID_LABEL)
+        .chain_update(secret.expose_secret().as_bytes())
+        .finalize();
+    format!(
+        "{:08x}",
+        u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+    )
+}
+
+/// One secret that verifies, under its kid.
+#[derive(Clone)]
+struct VerifyingKey {
+    kid: String,
+    key: DecodingKey,
 }
 
 /// Signs with the current secret; verifies with it and with earlier ones during a rotation.
-/// Keys are derived once; each signature starts from a copy of the keyed state.
+/// Keys are derived once.
 #[derive(Clone)]
 pub struct TokenSigner {
-    current: Hmac<Sha256>,
-    previous: Vec<Hmac<Sha256>>,
+    /// The current secret's kid, in every token signed.
+    kid: String,
+    signing: EncodingKey,
+    /// The current secret first, then the previous ones.
+    verifying: Vec<VerifyingKey>,
+    /// HS256 only, `exp` required, no leeway.
+    validation: Validation,
+    legacy: LegacyVerifier,
     ttl: Duration,
 }
 
@@ -76,23 +132,29 @@ impl std::fmt::Debug for TokenSigner {
     }
 }
 
-fn keyed(secret: &SecretString) -> Hmac<Sha256> {
-    Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
-        .expect("HMAC takes keys of any length")
-}
-
-fn mac(key: &Hmac<Sha256>, data: &[u8]) -> Hmac<Sha256> {
-    let mut mac = key.clone();
-    mac.update(data);
-    mac
-}
-
 impl TokenSigner {
     /// `current` signs; `previous` only verify; tokens are valid for `ttl` after signing.
     pub fn new(current: SecretString, previous: Vec<SecretString>, ttl: Duration) -> Self {
+        let secrets = || std::iter::once(&current).chain(&previous);
+        let verifying = secrets()
+            .map(|secret| VerifyingKey {
+                kid: kid(secret),
+                key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+            })
+            .collect();
+        // Pinned to HS256, so a header naming another algorithm (`none`, RS256 with the
+        // secret as a "public key", HS384) is refused before any key is used.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp"]);
+        // The contract allows no grace after `callbacks.token_ttl`; the library's default is
+        // 60 s.
+        validation.leeway = 0;
         Self {
-            current: keyed(&current),
-            previous: previous.iter().map(keyed).collect(),
+            kid: kid(&current),
+            signing: EncodingKey::from_secret(current.expose_secret().as_bytes()),
+            verifying,
+            validation,
+            legacy: LegacyVerifier::new(secrets()),
             ttl,
         }
     }
@@ -103,38 +165,51 @@ impl TokenSigner {
     }
 
     /// The ids, if the token was signed by one of our secrets, is intact and has not expired.
-    pub fn verify(&self, token: &str) -> Option<CallbackIds> {
+    pub fn verify(&self, token: &str) -> Result<CallbackIds, TokenError> {
         self.verify_at(token, SystemTime::now())
     }
 
     /// [`TokenSigner::sign`] as if the time were `now`.
     pub fn sign_at(&self, ids: &CallbackIds, now: SystemTime) -> String {
-        let expires = epoch_secs(now).saturating_add(self.ttl.as_secs());
-        let claims = Claims { ids, e: expires };
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("ids serialize"));
-        let tag = mac(&self.current, payload.as_bytes())
-            .finalize()
-            .into_bytes();
-        let mut token = payload;
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(tag, &mut token);
-        token
+        let claims = Claims {
+            ids,
+            exp: epoch_secs(now).saturating_add(self.ttl.as_secs()),
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.signing)
+            .expect("an HMAC over claims of strings and a number cannot fail")
     }
 
     /// [`TokenSigner::verify`] as if the time were `now`.
-    pub fn verify_at(&self, token: &str, now: SystemTime) -> Option<CallbackIds> {
-        let (payload, tag) = token.split_once('.')?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-        let signed = std::iter::once(&self.current)
-            .chain(&self.previous)
-            // verify_slice compares in constant time.
-            .any(|key| mac(key, payload.as_bytes()).verify_slice(&tag).is_ok());
-        if !signed {
-            return None;
+    pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<CallbackIds, TokenError> {
+        let now = epoch_secs(now);
+        // base64url has no dots: a JWT has two, a legacy token one.
+        match token.bytes().filter(|&b| b == b'.').count() {
+            2 => self.verify_jwt(token, now),
+            1 => self.legacy.verify_at(token, now),
+            _ => Err(TokenError::Malformed),
         }
-        let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
-        let claims: ReadClaims = serde_json::from_slice(&json).ok()?;
-        (epoch_secs(now) < claims.e).then_some(claims.ids)
+    }
+
+    fn verify_jwt(&self, token: &str, now: u64) -> Result<CallbackIds, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        let kid = header.kid.ok_or(TokenError::UnknownKey)?;
+        let mut refused = TokenError::UnknownKey;
+        // Two secrets may share a kid (one chance in 2^32): each is tried.
+        for key in self.verifying.iter().filter(|key| key.kid == kid) {
+            // The library also checks `exp` against the system clock; `now` is checked after,
+            // so `verify_at` means what it says in tests.
+            match jsonwebtoken::decode::<ReadClaims>(token, &key.key, &self.validation) {
+                Ok(data) if now < data.claims.exp => return Ok(data.claims.ids),
+                Ok(_) => return Err(TokenError::Expired),
+                Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => {
+                    return Err(TokenError::Expired);
+                }
+                Err(_) => refused = TokenError::Invalid,
+            }
+        }
+        Err(refused)
     }
 }
 
@@ -168,141 +243,4 @@ impl RelayUrls {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ids() -> CallbackIds {
-        CallbackIds {
-            command_id: "c-1".into(),
-            stream_id: "st-1".into(),
-            bot_session_id: "s-1".into(),
-            target: Target::Queue("qu-1".into()),
-        }
-    }
-
-    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
-
-    fn signer(secret: &str) -> TokenSigner {
-        TokenSigner::new(SecretString::from(secret), vec![], WEEK)
-    }
-
-    #[test]
-    fn tokens_expire_after_their_ttl() {
-        let s = signer("k1-0123456789abcdef");
-        let issued = SystemTime::now();
-        let token = s.sign_at(&ids(), issued);
-        let almost = issued + WEEK - Duration::from_secs(2);
-        assert_eq!(s.verify_at(&token, almost), Some(ids()));
-        assert_eq!(
-            s.verify_at(&token, issued + WEEK + Duration::from_secs(1)),
-            None
-        );
-    }
-
-    #[test]
-    fn a_signed_token_without_expiry_is_refused() {
-        // As an earlier version signed them: ids only.
-        let s = signer("k1-0123456789abcdef");
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&ids()).unwrap());
-        let tag = mac(&s.current, payload.as_bytes()).finalize().into_bytes();
-        let token = format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag));
-        assert_eq!(s.verify(&token), None);
-    }
-
-    #[test]
-    fn signed_tokens_verify_and_carry_the_ids() {
-        let s = signer("k1-0123456789abcdef");
-        let token = s.sign(&ids());
-        assert!(
-            token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        );
-        assert_eq!(s.verify(&token), Some(ids()));
-    }
-
-    #[test]
-    fn forged_tampered_and_truncated_tokens_fail() {
-        let s = signer("k1-0123456789abcdef");
-        let token = s.sign(&ids());
-        assert_eq!(signer("other-secret-000000").verify(&token), None);
-        let (payload, tag) = token.split_once('.').unwrap();
-        let mut other = ids();
-        other.command_id = "c-2".into();
-        let forged_payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&other).unwrap());
-        assert_eq!(s.verify(&format!("{forged_payload}.{tag}")), None);
-        assert_eq!(s.verify(&token[..token.len() - 2]), None);
-        assert_eq!(s.verify(payload), None);
-        assert_eq!(s.verify(""), None);
-    }
-
-    #[test]
-    fn previous_secrets_verify_but_do_not_sign() {
-        let old = signer("old-secret-0123456789");
-        let token = old.sign(&ids());
-        let rotated = TokenSigner::new(
-            SecretString::from("new-secret-0123456789"),
-            vec![SecretString::from("old-secret-0123456789")],
-            WEEK,
-        );
-        assert_eq!(rotated.verify(&token), Some(ids()));
-        assert_eq!(old.verify(&rotated.sign(&ids())), None);
-    }
-
-    /// Property tests at the relay's door: any string is refused unless we signed it.
-    mod props {
-        use proptest::prelude::*;
-
-        use super::*;
-
-        fn any_ids() -> impl Strategy<Value = CallbackIds> {
-            (".{0,40}", ".{0,40}", ".{0,40}", ".{1,40}", any::<bool>()).prop_map(
-                |(c, s, b, t, agent)| CallbackIds {
-                    command_id: c,
-                    stream_id: s,
-                    bot_session_id: b,
-                    target: if agent {
-                        Target::Agent(t)
-                    } else {
-                        Target::Queue(t)
-                    },
-                },
-            )
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1024))]
-
-            #[test]
-            fn any_string_is_refused(token in ".{0,300}") {
-                prop_assert_eq!(signer("k1-0123456789abcdef").verify(&token), None);
-            }
-
-            #[test]
-            fn any_string_shaped_like_a_token_is_refused(
-                payload in "[A-Za-z0-9_-]{0,200}",
-                tag in "[A-Za-z0-9_-]{0,60}",
-            ) {
-                let token = format!("{payload}.{tag}");
-                prop_assert_eq!(signer("k1-0123456789abcdef").verify(&token), None);
-            }
-
-            #[test]
-            fn signed_ids_round_trip_and_any_one_byte_change_is_refused(
-                ids in any_ids(),
-                at in any::<prop::sample::Index>(),
-                with in "[A-Za-z0-9_.-]",
-            ) {
-                let s = signer("k1-0123456789abcdef");
-                let token = s.sign(&ids);
-                prop_assert_eq!(s.verify(&token), Some(ids));
-                let i = at.index(token.len());
-                let mut changed = token.clone();
-                changed.replace_range(i..=i, &with);
-                if changed != token {
-                    prop_assert_eq!(s.verify(&changed), None);
-                }
-            }
-        }
-    }
-}
+mod tests;

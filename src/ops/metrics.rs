@@ -6,7 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::contract::event::EventKind;
 
@@ -163,10 +163,100 @@ impl Default for Metrics {
     }
 }
 
+/// Every series, in the order of the exposition: name (after the `transfer_` prefix), unit (the
+/// encoder appends it to the name), the field of [`Metrics`] that holds it, and help. Kept as
+/// a table, one row a series, rather than a call each, so `new` stays short and a series is
+/// described in one place; rustfmt would spread each row over six lines.
+#[rustfmt::skip]
+const SERIES: &[Series] = &[
+    ("commands_received", None, |m| &m.commands_received,
+        "Commands taken from the commands queue"),
+    ("events_published", None, |m| &m.events_published,
+        "Events confirmed by the broker, by event name"),
+    ("commands_deduplicated", None, |m| &m.commands_deduplicated,
+        "Commands already completed whose outcome was republished from memory instead of calling the API again"),
+    ("api_calls", None, |m| &m.api_calls,
+        "AgentAssist calls by HTTP status class and account"),
+    ("api_call_duration", Some(Unit::Seconds), |m| &m.api_call_duration,
+        "AgentAssist call latency"),
+    ("api_retries", None, |m| &m.api_retries,
+        "Retries scheduled after transient AgentAssist failures"),
+    ("commands_in_flight", None, |m| &m.commands_in_flight,
+        "Commands received and not yet acked or returned"),
+    ("callbacks", None, |m| &m.callbacks,
+        "AgentAssist callbacks received by the relay, by result"),
+    ("broker_reconnects", None, |m| &m.broker_reconnects,
+        "Broker connections re-established after a loss"),
+    ("commands_requeued", None, |m| &m.commands_requeued,
+        "Commands returned to the queue unacked: outcome not confirmed, or shutdown"),
+    ("command_panics", None, |m| &m.command_panics,
+        "Commands whose processing panicked; each ended as transfer.failed (internal) or went back to the queue"),
+    ("redis_round_trips", None, |m| &m.redis_round_trips,
+        "Redis round trips of the fleet's shared state, by operation"),
+    ("redis_errors", None, |m| &m.redis_errors,
+        "Redis calls that failed or timed out, by operation"),
+    ("redis_round_trip", Some(Unit::Seconds), |m| &m.redis_round_trip_duration,
+        "Redis round-trip latency, by operation"),
+    ("fleet_claims_taken_over", None, |m| &m.fleet_claims_taken_over,
+        "Claims taken over from a replica that died with a call possibly on the wire"),
+    ("fleet_claim_waits", None, |m| &m.fleet_claim_waits,
+        "Commands found claimed by another live replica and waited for"),
+    ("fleet_partitions_owned", None, |m| &m.fleet_partitions_owned,
+        "Partition queues this replica owns and consumes"),
+    ("fleet_members", None, |m| &m.fleet_members,
+        "Live fleet members this replica sees, itself included"),
+    ("fleet_rebalances", None, |m| &m.fleet_rebalances,
+        "Changes of this replica's partitions"),
+    ("fleet_routed", None, |m| &m.fleet_routed,
+        "Commands the intake routed to a partition queue"),
+    ("breaker_open", None, |m| &m.breaker_open,
+        "1 while the circuit breaker in front of AgentAssist is open (no attempt starts), else 0"),
+    ("breaker_openings", None, |m| &m.breaker_openings,
+        "Times the circuit breaker opened"),
+    ("breaker_open_time", Some(Unit::Seconds), |m| &m.breaker_open_time,
+        "Time the circuit breaker spent open, counted when it closes"),
+    ("breaker_probes", None, |m| &m.breaker_probes,
+        "Probes of AgentAssist while the breaker is open, by result (answered, failed)"),
+    ("breaker_held", None, |m| &m.breaker_held,
+        "Commands waiting on the open circuit breaker (new ones, and retries held)"),
+    ("account_waiting", None, |m| &m.account_waiting,
+        "Commands of an account waiting: in memory for a slot, or set aside in its own queues"),
+    ("account_oldest_wait", Some(Unit::Seconds), |m| &m.account_oldest_wait,
+        "How long the oldest waiting command of an account has waited"),
+    ("account_in_flight", None, |m| &m.account_in_flight,
+        "Commands of an account holding one of its bots.max_in_flight slots (waiting for a start, or calling)"),
+    ("account_budget_wait", Some(Unit::Seconds), |m| &m.account_budget_wait,
+        "Time commands of an account spent waiting for its rate budget (or a 429 pause)"),
+    ("account_set_aside", None, |m| &m.account_set_aside,
+        "Commands of an account set aside in its own queue because it could not start them soon"),
+];
+
+/// One row of [`SERIES`].
+type Series = (
+    &'static str,
+    Option<Unit>,
+    fn(&Metrics) -> &dyn Registrable,
+    &'static str,
+);
+
+/// A field of [`Metrics`], registered under a row of [`SERIES`]: the registry keeps a clone,
+/// which shares the field's values.
+trait Registrable {
+    fn register(&self, registry: &mut Registry, name: &str, unit: Option<Unit>, help: &str);
+}
+
+impl<M: Metric + Clone> Registrable for M {
+    fn register(&self, registry: &mut Registry, name: &str, unit: Option<Unit>, help: &str) {
+        match unit {
+            Some(unit) => registry.register_with_unit(name, help, unit, self.clone()),
+            None => registry.register(name, help, self.clone()),
+        }
+    }
+}
+
 impl Metrics {
-    /// Registers every series under the `transfer_` prefix.
+    /// Registers every series (the table `SERIES`) under the `transfer_` prefix.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("transfer");
         let m = Self {
             registry: Registry::default(),
             commands_received: Counter::default(),
@@ -208,161 +298,10 @@ impl Metrics {
             account_budget_wait: Family::default(),
             account_set_aside: Family::default(),
         };
-        registry.register(
-            "commands_received",
-            "Commands taken from the commands queue",
-            m.commands_received.clone(),
-        );
-        registry.register(
-            "events_published",
-            "Events confirmed by the broker, by event name",
-            m.events_published.clone(),
-        );
-        registry.register(
-            "commands_deduplicated",
-            "Commands already completed whose outcome was republished from memory instead of calling the API again",
-            m.commands_deduplicated.clone(),
-        );
-        registry.register(
-            "api_calls",
-            "AgentAssist calls by HTTP status class and account",
-            m.api_calls.clone(),
-        );
-        registry.register_with_unit(
-            "api_call_duration",
-            "AgentAssist call latency",
-            prometheus_client::registry::Unit::Seconds,
-            m.api_call_duration.clone(),
-        );
-        registry.register(
-            "api_retries",
-            "Retries scheduled after transient AgentAssist failures",
-            m.api_retries.clone(),
-        );
-        registry.register(
-            "commands_in_flight",
-            "Commands received and not yet acked or returned",
-            m.commands_in_flight.clone(),
-        );
-        registry.register(
-            "callbacks",
-            "AgentAssist callbacks received by the relay, by result",
-            m.callbacks.clone(),
-        );
-        registry.register(
-            "broker_reconnects",
-            "Broker connections re-established after a loss",
-            m.broker_reconnects.clone(),
-        );
-        registry.register(
-            "commands_requeued",
-            "Commands returned to the queue unacked: outcome not confirmed, or shutdown",
-            m.commands_requeued.clone(),
-        );
-        registry.register(
-            "command_panics",
-            "Commands whose processing panicked; each ended as transfer.failed (internal) or went back to the queue",
-            m.command_panics.clone(),
-        );
-        registry.register(
-            "redis_round_trips",
-            "Redis round trips of the fleet's shared state, by operation",
-            m.redis_round_trips.clone(),
-        );
-        registry.register(
-            "redis_errors",
-            "Redis calls that failed or timed out, by operation",
-            m.redis_errors.clone(),
-        );
-        registry.register_with_unit(
-            "redis_round_trip",
-            "Redis round-trip latency, by operation",
-            prometheus_client::registry::Unit::Seconds,
-            m.redis_round_trip_duration.clone(),
-        );
-        registry.register(
-            "fleet_claims_taken_over",
-            "Claims taken over from a replica that died with a call possibly on the wire",
-            m.fleet_claims_taken_over.clone(),
-        );
-        registry.register(
-            "fleet_claim_waits",
-            "Commands found claimed by another live replica and waited for",
-            m.fleet_claim_waits.clone(),
-        );
-        registry.register(
-            "fleet_partitions_owned",
-            "Partition queues this replica owns and consumes",
-            m.fleet_partitions_owned.clone(),
-        );
-        registry.register(
-            "fleet_members",
-            "Live fleet members this replica sees, itself included",
-            m.fleet_members.clone(),
-        );
-        registry.register(
-            "fleet_rebalances",
-            "Changes of this replica's partitions",
-            m.fleet_rebalances.clone(),
-        );
-        registry.register(
-            "fleet_routed",
-            "Commands the intake routed to a partition queue",
-            m.fleet_routed.clone(),
-        );
-        registry.register(
-            "breaker_open",
-            "1 while the circuit breaker in front of AgentAssist is open (no attempt starts), else 0",
-            m.breaker_open.clone(),
-        );
-        registry.register(
-            "breaker_openings",
-            "Times the circuit breaker opened",
-            m.breaker_openings.clone(),
-        );
-        registry.register_with_unit(
-            "breaker_open_time",
-            "Time the circuit breaker spent open, counted when it closes",
-            prometheus_client::registry::Unit::Seconds,
-            m.breaker_open_time.clone(),
-        );
-        registry.register(
-            "breaker_probes",
-            "Probes of AgentAssist while the breaker is open, by result (answered, failed)",
-            m.breaker_probes.clone(),
-        );
-        registry.register(
-            "breaker_held",
-            "Commands waiting on the open circuit breaker (new ones, and retries held)",
-            m.breaker_held.clone(),
-        );
-        registry.register(
-            "account_waiting",
-            "Commands of an account waiting: in memory for a slot, or set aside in its own queues",
-            m.account_waiting.clone(),
-        );
-        registry.register_with_unit(
-            "account_oldest_wait",
-            "How long the oldest waiting command of an account has waited",
-            prometheus_client::registry::Unit::Seconds,
-            m.account_oldest_wait.clone(),
-        );
-        registry.register(
-            "account_in_flight",
-            "Commands of an account holding one of its bots.max_in_flight slots (waiting for a start, or calling)",
-            m.account_in_flight.clone(),
-        );
-        registry.register_with_unit(
-            "account_budget_wait",
-            "Time commands of an account spent waiting for its rate budget (or a 429 pause)",
-            prometheus_client::registry::Unit::Seconds,
-            m.account_budget_wait.clone(),
-        );
-        registry.register(
-            "account_set_aside",
-            "Commands of an account set aside in its own queue because it could not start them soon",
-            m.account_set_aside.clone(),
-        );
+        let mut registry = Registry::with_prefix("transfer");
+        for (name, unit, field, help) in SERIES {
+            field(&m).register(&mut registry, name, unit.clone(), help);
+        }
         for kind in EventKind::ALL {
             // Zero-valued series exist from the start, so rates work from the first scrape.
             let _ = m

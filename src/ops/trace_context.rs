@@ -13,6 +13,13 @@
 //! The context travels with the command's task ([`scope`], [`with_current`]), as the current
 //! span does, so the API client and the publisher need no extra argument; whatever runs
 //! outside a command (the callback relay, the breaker's probe) sends no `traceparent`.
+//!
+//! The headers are read here rather than by `opentelemetry_sdk`'s `TraceContextPropagator`,
+//! which reads them otherwise (it trims spaces, takes a trailing dash after version 00 and ids
+//! of any length, `00-1-2-01`; it re-encodes `tracestate`, dropping a list it cannot parse and
+//! keeping one over [`MAX_TRACESTATE`]) and builds a `Context` for every command, spans
+//! exported or not: 2 allocations without a `tracestate`, 17 with one of two entries, against
+//! 0 and 1 here.
 
 use std::fmt;
 use std::future::Future;

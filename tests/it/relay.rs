@@ -1,15 +1,19 @@
 //! The callback relay (CONTRACT §5): AgentAssist's callbacks, authenticated by the signed URL
-//! the worker handed out, become `transfer.callback` events; anything else gets nothing.
+//! the worker handed out, become `transfer.callback` events; anything else gets nothing. Relay
+//! URLs handed out before tokens became JWTs keep working until they expire.
 
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
 use reqwest::StatusCode;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
+use sha2::Sha256;
 use transfer_worker::callbacks::token::{CallbackIds, TokenSigner};
 use transfer_worker::contract::Target;
+use transfer_worker::contract::event::callback_event_id;
 
 use crate::harness::{Harness, Received, agent_command, queue_command, sorted_keys};
 use crate::init_logs;
@@ -207,7 +211,10 @@ async fn forged_tampered_truncated_and_missing_tokens_get_404_and_publish_nothin
     let (url, _) = relay_url_of(&mut h, &command).await;
     let base = format!("http://{}/callbacks/", h.relay_addr);
     let token = url.strip_prefix(&base).unwrap();
-    let (payload, tag) = token.split_once('.').expect("payload.tag");
+    let parts: Vec<&str> = token.split('.').collect();
+    let [header, payload, tag] = parts[..] else {
+        panic!("{token} is not header.claims.signature");
+    };
 
     // The very ids of the command, signed with a secret the worker does not hold.
     let ids = CallbackIds {
@@ -223,30 +230,43 @@ async fn forged_tampered_truncated_and_missing_tokens_get_404_and_publish_nothin
     );
     let forged = other.sign(&ids);
     assert_ne!(forged, token, "the test's ids match the command's");
-    // One character of the signed part changed, to another valid base64url character.
+    // One character of the signed claims changed, to another valid base64url character.
     let mut tampered = payload.as_bytes().to_vec();
     tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
-    let tampered = format!("{}.{tag}", String::from_utf8(tampered).unwrap());
-    // Other, well-formed ids under the genuine tag.
-    let mut swapped_ids = ids.clone();
-    swapped_ids.command_id = "someone-elses-command".into();
+    let tampered = format!("{header}.{}.{tag}", String::from_utf8(tampered).unwrap());
+    // Other, well-formed claims under the genuine header and signature.
+    let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap())
+        .expect("the claims are JSON");
+    claims["c"] = "someone-elses-command".into();
     let swapped = format!(
-        "{}.{tag}",
-        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&swapped_ids).unwrap())
+        "{header}.{}.{tag}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
     );
+    // The genuine claims and signature under a header that names no algorithm.
+    let mut unsigned: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap())
+        .expect("the header is JSON");
+    unsigned["alg"] = "none".into();
+    let unsigned = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&unsigned).unwrap());
     let cases = [
         ("signed with another secret", format!("{base}{forged}")),
-        ("payload changed", format!("{base}{tampered}")),
+        ("claims changed", format!("{base}{tampered}")),
         ("ids swapped", format!("{base}{swapped}")),
+        ("alg none", format!("{base}{unsigned}.{payload}.")),
         (
-            "tag truncated",
+            "alg none, signed",
+            format!("{base}{unsigned}.{payload}.{tag}"),
+        ),
+        (
+            "signature truncated",
             format!("{base}{}", &token[..token.len() - 1]),
         ),
-        ("tag dropped", format!("{base}{payload}.")),
-        ("payload only", format!("{base}{payload}")),
+        ("signature dropped", format!("{base}{header}.{payload}.")),
+        ("no signature", format!("{base}{header}.{payload}")),
+        ("claims only", format!("{base}{payload}")),
         ("no token", base.clone()),
         ("garbage", format!("{base}not-a-token")),
         ("garbage with a dot", format!("{base}abc.def")),
+        ("garbage with two dots", format!("{base}abc.def.ghi")),
     ];
     let body = json!({"status": "transferred", "forged": true});
     for (case, url) in &cases {
@@ -375,17 +395,87 @@ async fn tokens_signed_with_a_previous_secret_still_verify_after_a_rotation() {
     let verified = TokenSigner::new(SecretString::from(NEW), vec![], TOKEN_TTL).verify(token);
     assert_eq!(
         verified.map(|ids| ids.command_id).as_deref(),
-        Some("cmd-after-rotation")
+        Ok("cmd-after-rotation")
     );
     assert!(
         TokenSigner::new(SecretString::from(OLD), vec![], TOKEN_TTL)
             .verify(token)
-            .is_none(),
+            .is_err(),
         "a previous secret must not sign"
     );
     assert_eq!(post_json(&url, &json!({})).await, StatusCode::OK);
     let e = h.next_event().await;
     assert_eq!(e.json["commandId"], "cmd-after-rotation");
+    h.assert_no_event(Duration::from_millis(300)).await;
+    h.stop().await.unwrap();
+}
+
+/// A relay token of the format before JWTs, made by hand as the worker made them then:
+/// `base64url(JSON ids and expiry "e") "." base64url(HMAC-SHA256 under the secret)`.
+fn legacy_token(secret: &str, ids: &Value, expires: SystemTime) -> String {
+    let mut claims = ids.clone();
+    claims["e"] = expires
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .into();
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(payload.as_bytes());
+    format!(
+        "{payload}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_url_handed_out_before_jwts_works_until_it_expires() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let secret = h.settings.callbacks.secret.expose_secret().to_owned();
+    let stream_id = h.settings.bots[0].stream_id.clone();
+    let base = format!("http://{}/callbacks/", h.relay_addr);
+    let ids = json!({
+        "c": "cmd-legacy",
+        "s": stream_id,
+        "b": "0123456789abcdef0000cb08",
+        "t": {"type": "queue", "id": "qu-legacy"},
+    });
+    let token = legacy_token(&secret, &ids, SystemTime::now() + Duration::from_secs(3600));
+    let body = br#"{"status":"transferred"}"#.to_vec();
+    let status = post(
+        &format!("{base}{token}"),
+        Some("application/json"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.callback");
+    assert_eq!(e.json["commandId"], "cmd-legacy");
+    assert_eq!(e.json["streamId"], stream_id.as_str());
+    assert_eq!(e.json["botSessionId"], "0123456789abcdef0000cb08");
+    assert_eq!(
+        e.json["target"],
+        json!({"type": "queue", "id": "qu-legacy"})
+    );
+    assert_eq!(
+        e.json["eventId"],
+        callback_event_id(&token, &body).to_string(),
+        "the eventId is derived from the token as posted, whatever its format"
+    );
+
+    let expired = legacy_token(&secret, &ids, SystemTime::now() - Duration::from_secs(1));
+    let status = post(
+        &format!("{base}{expired}"),
+        Some("application/json"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    let forged = legacy_token("another-secret-0123456789", &ids, far);
+    let status = post(&format!("{base}{forged}"), Some("application/json"), body).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     h.assert_no_event(Duration::from_millis(300)).await;
     h.stop().await.unwrap();
 }
