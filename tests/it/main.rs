@@ -2,6 +2,7 @@
 //! AgentAssist simulator. Each test has its own queue names and ports, so they run in parallel.
 //! `RUST_LOG=transfer_worker=debug` shows the worker's logs.
 
+mod architecture;
 mod breaker;
 mod cli;
 mod cluster;
