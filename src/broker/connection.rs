@@ -79,3 +79,11 @@ pub async fn connect_any(amqp: &AmqpSettings, name: &str) -> Result<Connection, 
         }
     }
 }
+
+/// Closes `connection` with `reason`, within `amqp.operation_timeout`. Its outcome does not
+/// matter to anyone: a connection that cannot close cleanly is dropped, and the broker lets go
+/// of what it held either way.
+pub async fn close(connection: &Connection, amqp: &AmqpSettings, reason: &str) {
+    let close = connection.close(200, reason.into());
+    let _ = timed("connection.close", amqp.operation_timeout, close).await;
+}

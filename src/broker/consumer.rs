@@ -244,12 +244,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             self.link.set_publisher(None);
             match attempt {
                 Ok((Stop::Shutdown(connection), _)) => {
-                    let _ = timed(
-                        "connection.close",
-                        amqp.operation_timeout,
-                        connection.close(200, "shutdown".into()),
-                    )
-                    .await;
+                    super::connection::close(&connection, amqp, "shutdown").await;
                     return Ok(());
                 }
                 Ok((Stop::Stopped, _)) => break,

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::agentassist::account::effective_cap;
-use crate::broker::{BrokerError, connection, timed};
+use crate::broker::{BrokerError, connection};
 use crate::config::Settings;
 use crate::tools::fleet_status::{QueueState, queue_state};
 
@@ -86,12 +86,7 @@ pub async fn status(settings: &Settings) -> Result<Status, BrokerError> {
         Ok::<_, BrokerError>(Status { commands, accounts })
     }
     .await;
-    let _ = timed(
-        "connection.close",
-        amqp.operation_timeout,
-        connection.close(200, "done".into()),
-    )
-    .await;
+    connection::close(&connection, amqp, "done").await;
     result
 }
 

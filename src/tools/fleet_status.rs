@@ -82,12 +82,7 @@ pub async fn fleet_status(settings: &Settings) -> Result<FleetStatus, FleetStatu
         Ok::<_, BrokerError>((intake, partitions))
     }
     .await;
-    let _ = timed(
-        "connection.close",
-        amqp.operation_timeout,
-        connection.close(200, "done".into()),
-    )
-    .await;
+    connection::close(&connection, amqp, "done").await;
     let (intake, partitions) = result?;
     Ok(FleetStatus {
         name: amqp.commands_queue.clone(),

@@ -250,7 +250,6 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     /// messages come back before it is replaced); the next connection re-declares the topology
     /// and takes them again.
     async fn let_go(&self, mut link: Connected, reason: String) -> (Stop, bool) {
-        let t = self.settings.amqp.operation_timeout;
         let queue = self.settings.queue.as_str();
         for (k, subscription) in link.owned.subscriptions.drain() {
             subscription.reader.abort();
@@ -264,8 +263,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         if let Some(partitions) = &self.partitions {
             partitions.consuming.send_replace(BTreeSet::new());
         }
-        let close = link.connection.close(200, reason.as_str().into());
-        let _ = timed("connection.close", t, close).await;
+        crate::broker::connection::close(&link.connection, &self.settings.amqp, &reason).await;
         // Every consuming channel went with the connection: the holds may go too.
         if let Some(holds) = &self.holds {
             holds.give_all().await;
