@@ -2,53 +2,53 @@
 //!
 //! Upstream systems publish *transfer commands* to RabbitMQ; the worker calls AgentAssist's
 //! `assign-conversation` API and publishes what happened to every command. Each folder is one
-//! component; in the order a command flows through them:
+//! component; bottom up, and then in the order a command flows through them (which component
+//! may use which: docs/architecture.md, checked by a test):
 //!
 //! - [`contract`] — the bottom: the contract's commands, targets, rejections and events, and
-//!   the names of the queues the worker makes (docs/contract.md). It uses nothing else; every
-//!   other component may use it (docs/architecture.md has the whole table).
+//!   the names of the queues the worker makes (docs/contract.md). It uses nothing else.
 //! - [`config`] — settings in layers (defaults, file, environment), validated once, section
-//!   by section.
+//!   by section. Beside it, used by several: [`backoff`] (exponential, full jitter),
+//!   [`json`] (bodies kept as JSON, else as a string), [`shutdown`] (stop, then abandon;
+//!   every wait that shutdown may cut short goes through it).
+//! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
+//!   ([`ops::telemetry`], with spans exported over OTLP when configured), and the W3C trace
+//!   context a command carries on to its API call and events ([`ops::trace_context`]).
 //! - [`broker`] — the AMQP side: [`broker::connection`] (to one node of a cluster, chosen by
 //!   [`broker::nodes`]), [`broker::topology`] (the queues and exchanges of the contract),
 //!   [`broker::publisher`] (publisher confirms), [`broker::account_queue`] (an account's
-//!   queue beside a source, where its commands wait while it is congested),
-//!   [`broker::consumer`] (one queue's consumer, and the partition queues it owns: connect,
-//!   consume, reconnect, drain — fed to any [`broker::consumer::Handler`]), and [`broker::CurrentLink`], the shared handle on the
-//!   current link.
+//!   queue beside a source, where its commands wait while it is congested), and
+//!   [`broker::consumer`]: one queue's consumer and the partition queues it owns (connect,
+//!   consume, rebalance, reconnect, drain), fed to any [`broker::consumer::Handler`];
+//!   [`broker::CurrentLink`] is the shared handle on the current link.
+//! - [`fleet`] — with several replicas, the state they share through Redis: one rate budget
+//!   per account, claims and recorded outcomes, so the fleet behaves as one worker;
+//!   [`fleet::membership`] (heartbeats: who is alive), [`fleet::ownership`] (which partition
+//!   a session goes to, and which replica consumes each partition) and [`fleet::holds`] (one
+//!   holder per queue).
+//! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
+//!   ([`agentassist::start`]: the local [`agentassist::pacer`] of its
+//!   [`agentassist::account`], or the fleet's budget), the call ([`agentassist::client`],
+//!   with a JWT from [`agentassist::jwt`] for one of the [`agentassist::bots`]), the
+//!   classification of its answer, and retries ([`agentassist::retry`], within an
+//!   [`agentassist::attempts`] budget); the circuit [`agentassist::breaker`] holds every
+//!   attempt while the API is down, probing it until it answers.
+//! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
+//!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
 //! - [`pipeline`] — the handler of the commands queue: [`pipeline::command`] (a delivery
 //!   becomes a typed command or a rejection, once, at the edge), [`pipeline::sessions`]
 //!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
 //!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
-//!   that decides what happened to a command, without a broker, into one of the
-//!   [`contract::event`]s, serialized once); then publish, then ack. [`pipeline::lanes`]
-//!   keeps accounts apart: a congested account's commands wait in its own queue, taken back
-//!   at its pace (docs/fairness.md). In a fleet that
-//!   shares work, [`pipeline::intake`] is the commands queue's handler instead: it routes each
-//!   command to its session's partition queue, whose owner runs the pipeline.
-//! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
-//!   ([`agentassist::pacer`], per [`agentassist::account`], which also has its slots and knows
-//!   when it is congested), the call ([`agentassist::client`], with a JWT from
-//!   [`agentassist::jwt`] for one of the [`agentassist::bots`]), the classification of its
-//!   answer, and retries ([`agentassist::retry`]); the circuit [`agentassist::breaker`] holds
-//!   every attempt while the API is down, probing it until it answers.
-//! - [`fleet`] — with several replicas, the state they share through Redis: one rate budget
-//!   per account, claims and recorded outcomes, so the fleet behaves as one worker;
-//!   [`fleet::membership`] (heartbeats: who is alive) and [`fleet::ownership`] (which partition
-//!   a session goes to, and which replica consumes each partition).
-//! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
-//!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
-//! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
-//!   ([`ops::telemetry`], with spans exported over OTLP when configured), and the W3C trace
-//!   context a command carries on to its API call and events ([`ops::trace_context`]).
-//! - [`app`] — all of the above assembled and run together, stopped by a [`shutdown`].
-//! - Shared by several: [`backoff`] (exponential, full jitter), [`json`] (bodies kept as JSON,
-//!   else as a string).
+//!   that decides what happened to a command, without a broker); then publish, then ack.
+//!   [`pipeline::lanes`] keeps accounts apart: a congested account's commands wait in its
+//!   own queue, taken back at its pace (docs/fairness.md). In a fleet that shares work,
+//!   [`pipeline::intake`] is the commands queue's handler instead: it routes each command to
+//!   its session's partition queue, whose owner runs the pipeline.
+//! - [`app`] — all of the above assembled and run together.
 //! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]), the
 //!   `demo` and `publish` commands, [`tools::fleet_status`] (`transfer-worker fleet`),
-//!   [`tools::account_status`] (`transfer-worker status`), and [`tools::dead_letters`] (list, replay and purge the
-//!   dead-letter queue; a replayed failed command is processed again, see
-//!   [`pipeline::handle`]).
+//!   [`tools::account_status`] (`transfer-worker status`), and [`tools::dead_letters`]
+//!   (list, replay and purge the dead-letter queue).
 
 pub mod agentassist;
 pub mod app;
