@@ -239,84 +239,107 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let status = transfer_worker::tools::account_status::status(&settings).await?;
             print!("{status}");
         }
-        Command::Run(arg) => {
-            let settings = load(&arg)?;
-            let telemetry = telemetry::init_with_export(&settings.log, &settings.telemetry)?;
-            let app = App::build(settings).await?;
-            let shutdown = app.shutdown();
-            on_signal(move || shutdown.stop());
-            let ran = app.run_until_stopped().await;
-            // The last spans, exported within `telemetry.export_timeout`.
-            tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
-            ran?;
-        }
-        Command::Simulate(args) => {
-            let settings = load(&args.config)?;
-            telemetry::init(&settings.log);
-            let config = SimulatorConfig {
-                listen: args.listen,
-                bots: simulator::bots_from_settings(&settings),
-                latency: Duration::from_millis(args.latency_ms),
-                fail_rate: args.fail_rate,
-                rate_limited_rate: args.rate_limited_rate,
-                retry_after: Duration::from_secs(args.retry_after_secs),
-                reject_rate: args.reject_rate,
-                callbacks: !args.no_callbacks,
-                callback_delay: Duration::from_millis(args.callback_delay_ms),
-                callback_fail_rate: args.callback_fail_rate,
-                edge: if args.edge_authenticates_first {
-                    simulator::Edge::AuthenticatesFirst
-                } else {
-                    simulator::Edge::RoutesFirst
-                },
-            };
-            let stop = CancellationToken::new();
-            let token = stop.clone();
-            on_signal(move || token.cancel());
-            simulator::serve_until(config, async move { stop.cancelled().await }).await?;
-        }
+        Command::Run(arg) => run(load(&arg)?).await?,
+        Command::Simulate(args) => simulate(args).await?,
         Command::Demo(args) => {
             let settings = load(&args.config)?;
             demo::run(settings, args.count).await?;
         }
-        Command::Publish(args) => {
-            let settings = load(&args.config)?;
-            let command = match &args.file {
-                Some(path) => {
-                    let text = if path.as_os_str() == "-" {
-                        std::io::read_to_string(std::io::stdin())?
-                    } else {
-                        std::fs::read_to_string(path)
-                            .with_context(|| format!("cannot read {}", path.display()))?
-                    };
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("{} is not JSON", path.display()))?
-                }
-                None => CommandFields {
-                    command_id: args.command_id,
-                    stream_id: args.stream_id,
-                    org_id: args.org_id.unwrap_or_default(),
-                    bot_session_id: args.session_id.unwrap_or_default(),
-                    agent: args.agent,
-                    queue: args.queue,
-                    callback_url: args.callback_url,
-                    expires_at: args.expires_at,
-                }
-                .to_json(),
-            };
-            let wait = args.wait.then_some(args.timeout);
-            let published = publish_command(&settings.amqp, command, wait).await?;
-            println!("{}", published.command_id);
-            if let Some(outcome) = published.outcome {
-                println!("{}", serde_json::to_string_pretty(&outcome)?);
-                if outcome["event"] != "transfer.succeeded" {
-                    anyhow::bail!("the transfer did not succeed: {}", outcome["event"]);
-                }
-            }
-        }
+        Command::Publish(args) => publish(args).await?,
         Command::DeadLetters(command) => dead_letters_command(command).await?,
     }
     Ok(())
+}
+
+/// `run`: the worker until a signal, then its last spans exported.
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let telemetry = telemetry::init_with_export(&settings.log, &settings.telemetry)?;
+    let app = App::build(settings).await?;
+    let shutdown = app.shutdown();
+    on_signal(move || shutdown.stop());
+    let ran = app.run_until_stopped().await;
+    // The last spans, exported within `telemetry.export_timeout`.
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    ran?;
+    Ok(())
+}
+
+/// `simulate`: the stand-in API until a signal.
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let settings = load(&args.config)?;
+    telemetry::init(&settings.log);
+    let config = args.simulator_config(&settings);
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    on_signal(move || token.cancel());
+    simulator::serve_until(config, async move { stop.cancelled().await }).await?;
+    Ok(())
+}
+
+impl SimulateArgs {
+    /// The simulator as the flags describe it, for the bots of `settings`.
+    fn simulator_config(&self, settings: &Settings) -> SimulatorConfig {
+        SimulatorConfig {
+            listen: self.listen,
+            bots: simulator::bots_from_settings(settings),
+            latency: Duration::from_millis(self.latency_ms),
+            fail_rate: self.fail_rate,
+            rate_limited_rate: self.rate_limited_rate,
+            retry_after: Duration::from_secs(self.retry_after_secs),
+            reject_rate: self.reject_rate,
+            callbacks: !self.no_callbacks,
+            callback_delay: Duration::from_millis(self.callback_delay_ms),
+            callback_fail_rate: self.callback_fail_rate,
+            edge: if self.edge_authenticates_first {
+                simulator::Edge::AuthenticatesFirst
+            } else {
+                simulator::Edge::RoutesFirst
+            },
+        }
+    }
+}
+
+/// `publish`: one command enqueued, its id printed, and with `--wait` its outcome; an error if
+/// that outcome is not a success.
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let settings = load(&args.config)?;
+    let wait = args.wait.then_some(args.timeout);
+    let command = args.command()?;
+    let published = publish_command(&settings.amqp, command, wait).await?;
+    println!("{}", published.command_id);
+    if let Some(outcome) = published.outcome {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        if outcome["event"] != "transfer.succeeded" {
+            anyhow::bail!("the transfer did not succeed: {}", outcome["event"]);
+        }
+    }
+    Ok(())
+}
+
+impl PublishArgs {
+    /// The command: read from `--file` (`-`: stdin), or made of the flags.
+    fn command(self) -> anyhow::Result<serde_json::Value> {
+        let Some(path) = &self.file else {
+            return Ok(CommandFields {
+                command_id: self.command_id,
+                stream_id: self.stream_id,
+                org_id: self.org_id.unwrap_or_default(),
+                bot_session_id: self.session_id.unwrap_or_default(),
+                agent: self.agent,
+                queue: self.queue,
+                callback_url: self.callback_url,
+                expires_at: self.expires_at,
+            }
+            .to_json());
+        };
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+        };
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+    }
 }
 
 async fn dead_letters_command(command: DeadLettersCommand) -> anyhow::Result<()> {

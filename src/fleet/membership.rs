@@ -144,23 +144,7 @@ impl Fleet {
             let next = match beat {
                 Ok(members) => {
                     heard = sent;
-                    self.metrics
-                        .fleet_members
-                        .set(i64::try_from(members.len()).unwrap_or(i64::MAX));
-                    let listed_by_others: BTreeSet<u16> = members
-                        .iter()
-                        .filter(|m| m.id != self.claimant)
-                        .flat_map(|m| m.partitions.iter().copied())
-                        .collect();
-                    let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
-                    ownership::owned_by(&ids, self.partitions, &self.claimant)
-                        .into_iter()
-                        .filter(|k| {
-                            really.contains(k)
-                                || current.contains(k)
-                                || !listed_by_others.contains(k)
-                        })
-                        .collect()
+                    self.to_own(members, &current, &really)
                 }
                 Err(e) if heard.elapsed() >= self.member_ttl && !current.is_empty() => {
                     tracing::warn!(error = %e, "Redis has not answered for longer than fleet.member_ttl; letting every partition go, the other replicas take them");
@@ -169,22 +153,62 @@ impl Fleet {
                 Err(_) => continue,
             };
             if next != current {
-                let assigned: Vec<u16> = next.difference(&current).copied().collect();
-                let revoked: Vec<u16> = current.difference(&next).copied().collect();
-                tracing::info!(
-                    ?assigned,
-                    ?revoked,
-                    owned = next.len(),
-                    "partitions rebalanced"
-                );
-                self.metrics.fleet_rebalances.inc();
-                self.metrics
-                    .fleet_partitions_owned
-                    .set(i64::try_from(next.len()).unwrap_or(i64::MAX));
-                owned.send_replace(next);
+                self.rebalanced(&owned, &current, next);
             }
         }
         self.metrics.fleet_partitions_owned.set(0);
+        self.leave_at_the_end().await;
+    }
+
+    /// The partitions to consume, from the live `members` (their number goes to the metrics):
+    /// those [`ownership::owned_by`] gives this replica, less any that another member still
+    /// lists and this replica neither consumes (`really`) nor owned already (`current`): the
+    /// other is letting it go.
+    fn to_own(
+        &self,
+        members: Vec<Member>,
+        current: &BTreeSet<u16>,
+        really: &BTreeSet<u16>,
+    ) -> BTreeSet<u16> {
+        self.metrics
+            .fleet_members
+            .set(i64::try_from(members.len()).unwrap_or(i64::MAX));
+        let listed_by_others: BTreeSet<u16> = members
+            .iter()
+            .filter(|m| m.id != self.claimant)
+            .flat_map(|m| m.partitions.iter().copied())
+            .collect();
+        let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
+        ownership::owned_by(&ids, self.partitions, &self.claimant)
+            .into_iter()
+            .filter(|k| really.contains(k) || current.contains(k) || !listed_by_others.contains(k))
+            .collect()
+    }
+
+    /// Publishes `next` on `owned` in place of `current`, logged and counted.
+    fn rebalanced(
+        &self,
+        owned: &watch::Sender<BTreeSet<u16>>,
+        current: &BTreeSet<u16>,
+        next: BTreeSet<u16>,
+    ) {
+        let assigned: Vec<u16> = next.difference(current).copied().collect();
+        let revoked: Vec<u16> = current.difference(&next).copied().collect();
+        tracing::info!(
+            ?assigned,
+            ?revoked,
+            owned = next.len(),
+            "partitions rebalanced"
+        );
+        self.metrics.fleet_rebalances.inc();
+        self.metrics
+            .fleet_partitions_owned
+            .set(i64::try_from(next.len()).unwrap_or(i64::MAX));
+        owned.send_replace(next);
+    }
+
+    /// Leaves the fleet as the heartbeats end, within `fleet.redis_timeout`.
+    async fn leave_at_the_end(&self) {
         match tokio::time::timeout(self.timeout, self.leave()).await {
             Ok(Ok(_)) => tracing::info!("left the fleet"),
             Ok(Err(e)) => {

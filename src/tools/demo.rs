@@ -11,13 +11,17 @@ use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
 use crate::app::{App, AppError};
 use crate::broker::{BrokerError, PublishError, Publisher, connection, timed, topology};
 use crate::config::{AmqpSettings, Settings};
-use crate::tools::simulator::{self, Reply, Simulator, SimulatorConfig, SimulatorError};
+use crate::shutdown::Shutdown;
+use crate::tools::simulator::{
+    self, Reply, Simulator, SimulatorConfig, SimulatorError, SimulatorStats,
+};
 
 /// How long the demo waits for all events before giving up.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -69,6 +73,34 @@ pub struct DemoSummary {
 
 /// Runs the demo with `count` transfers, printing as it goes.
 pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, DemoError> {
+    let loopback = demo_settings(&mut settings);
+    let amqp = settings.amqp.clone();
+    let broker = DemoBroker::open(&amqp).await?;
+    let sim = start_simulator(&mut settings, loopback).await?;
+    let stream_id = settings.bots[0].stream_id.clone();
+
+    println!("transfer-worker demo");
+    println!("  broker     {}", amqp.shown_nodes());
+    println!("  commands   {}", amqp.commands_queue);
+    println!("  results    {}", amqp.results_exchange);
+    println!("  AgentAssist simulator at {}", sim.base_url());
+    let worker = DemoWorker::start(settings).await?;
+
+    let result = exchange_events(&broker, &amqp, &stream_id, count).await;
+
+    worker.stop().await;
+    let stats = sim.stats();
+    sim.shutdown().await;
+    broker.close(&amqp).await;
+
+    let summary = result?;
+    print_summary(&summary, &stats);
+    Ok(summary)
+}
+
+/// The demo's settings: a private topology, listeners on loopback ports the system picks, a
+/// short grace. Returns that loopback address.
+fn demo_settings(settings: &mut Settings) -> SocketAddr {
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
     private_topology(&mut settings.amqp, suffix);
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
@@ -76,27 +108,70 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
     settings.callbacks.public_url = String::new();
     settings.admin.listen = loopback;
     settings.shutdown.grace = Duration::from_secs(5);
+    loopback
+}
 
-    let amqp = settings.amqp.clone();
-    let conn = connection::connect_any(&amqp, "transfer-worker demo")
-        .await
-        .map_err(|source| DemoError::NoBroker {
-            url: amqp.shown_nodes(),
-            source,
-        })?;
-    let channel = timed(
-        "channel.open",
-        amqp.operation_timeout,
-        conn.create_channel(),
-    )
-    .await?;
-    topology::declare(&channel, &amqp).await?;
-    let publisher = Publisher::open(&conn, &amqp).await?;
-    let events_queue = watch_results(&channel, &amqp).await?;
+fn private_topology(amqp: &mut AmqpSettings, suffix: &str) {
+    amqp.commands_queue = format!("transfer-demo-{suffix}.commands");
+    amqp.results_exchange = format!("transfer-demo-{suffix}.results");
+    amqp.dead_letter_exchange = format!("transfer-demo-{suffix}.dead-letter");
+    amqp.dead_letter_queue = format!("transfer-demo-{suffix}.commands.dead");
+}
 
+/// The demo's own link to the broker: the private topology declared, a publisher, and a
+/// queue that receives every event.
+struct DemoBroker {
+    conn: Connection,
+    channel: Channel,
+    publisher: Publisher,
+    events_queue: String,
+}
+
+impl DemoBroker {
+    /// Connects and declares; a broker that cannot be reached is [`DemoError::NoBroker`].
+    async fn open(amqp: &AmqpSettings) -> Result<Self, DemoError> {
+        let conn = connection::connect_any(amqp, "transfer-worker demo")
+            .await
+            .map_err(|source| DemoError::NoBroker {
+                url: amqp.shown_nodes(),
+                source,
+            })?;
+        let channel = timed(
+            "channel.open",
+            amqp.operation_timeout,
+            conn.create_channel(),
+        )
+        .await?;
+        topology::declare(&channel, amqp).await?;
+        let publisher = Publisher::open(&conn, amqp).await?;
+        let events_queue = watch_results(&channel, amqp).await?;
+        Ok(Self {
+            conn,
+            channel,
+            publisher,
+            events_queue,
+        })
+    }
+
+    /// Removes what the demo declared, then closes the connection.
+    async fn close(&self, amqp: &AmqpSettings) {
+        remove_topology(&self.channel, amqp, &self.events_queue).await;
+        let _ = tokio::time::timeout(
+            amqp.operation_timeout,
+            self.conn.close(200, "demo done".into()),
+        )
+        .await;
+    }
+}
+
+/// Starts the simulator on `listen` and points the worker at it.
+async fn start_simulator(
+    settings: &mut Settings,
+    listen: SocketAddr,
+) -> Result<Simulator, DemoError> {
     let sim = Simulator::start(SimulatorConfig {
-        listen: loopback,
-        bots: simulator::bots_from_settings(&settings),
+        listen,
+        bots: simulator::bots_from_settings(settings),
         latency: Duration::from_millis(120),
         callback_delay: Duration::from_millis(400),
         ..SimulatorConfig::default()
@@ -105,42 +180,41 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
     // The first call meets a transient 503, to show a retry.
     sim.script([Reply::Status(503)]);
     settings.agentassist.base_url = sim.base_url();
-    let stream_id = settings.bots[0].stream_id.clone();
+    Ok(sim)
+}
 
-    println!("transfer-worker demo");
-    println!("  broker     {}", amqp.shown_nodes());
-    println!("  commands   {}", amqp.commands_queue);
-    println!("  results    {}", amqp.results_exchange);
-    println!("  AgentAssist simulator at {}", sim.base_url());
-    let app = App::build(settings).await?;
-    println!("  callback relay at http://{}", app.relay_addr());
-    println!();
-    let shutdown = app.shutdown();
-    let broker = app.broker();
-    let worker = tokio::spawn(app.run_until_stopped());
-    let ready_by = Instant::now() + Duration::from_secs(15);
-    while !broker.is_ready() && Instant::now() < ready_by {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// The worker, running in-process.
+struct DemoWorker {
+    shutdown: Shutdown,
+    task: JoinHandle<Result<(), AppError>>,
+}
+
+impl DemoWorker {
+    /// Builds the worker, says where its callback relay listens, starts it and waits until
+    /// it is ready (15 s at most).
+    async fn start(settings: Settings) -> Result<Self, DemoError> {
+        let app = App::build(settings).await?;
+        println!("  callback relay at http://{}", app.relay_addr());
+        println!();
+        let shutdown = app.shutdown();
+        let broker = app.broker();
+        let task = tokio::spawn(app.run_until_stopped());
+        let ready_by = Instant::now() + Duration::from_secs(15);
+        while !broker.is_ready() && Instant::now() < ready_by {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self { shutdown, task })
     }
 
-    let result = exchange_events(
-        &channel,
-        &publisher,
-        &amqp,
-        &events_queue,
-        &stream_id,
-        count,
-    )
-    .await;
+    /// Stops the worker and gives it 15 s to finish.
+    async fn stop(self) {
+        self.shutdown.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+}
 
-    shutdown.stop();
-    let _ = tokio::time::timeout(Duration::from_secs(15), worker).await;
-    let stats = sim.stats();
-    sim.shutdown().await;
-    remove_topology(&channel, &amqp, &events_queue).await;
-    let _ = tokio::time::timeout(amqp.operation_timeout, conn.close(200, "demo done".into())).await;
-
-    let summary = result?;
+/// What the demo saw, and what the simulator counted.
+fn print_summary(summary: &DemoSummary, stats: &SimulatorStats) {
     println!();
     println!(
         "summary ({:.1?} from first command to last event)",
@@ -153,14 +227,6 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
         "  API calls: {} ({} accepted), callbacks posted: {}",
         stats.calls, stats.accepted, stats.callbacks_delivered
     );
-    Ok(summary)
-}
-
-fn private_topology(amqp: &mut AmqpSettings, suffix: &str) {
-    amqp.commands_queue = format!("transfer-demo-{suffix}.commands");
-    amqp.results_exchange = format!("transfer-demo-{suffix}.results");
-    amqp.dead_letter_exchange = format!("transfer-demo-{suffix}.dead-letter");
-    amqp.dead_letter_queue = format!("transfer-demo-{suffix}.commands.dead");
 }
 
 async fn watch_results(channel: &Channel, amqp: &AmqpSettings) -> Result<String, BrokerError> {
@@ -208,15 +274,14 @@ fn sample_commands(stream_id: &str, count: usize) -> Vec<Value> {
 }
 
 async fn exchange_events(
-    channel: &Channel,
-    publisher: &Publisher,
+    broker: &DemoBroker,
     amqp: &AmqpSettings,
-    events_queue: &str,
     stream_id: &str,
     count: usize,
 ) -> Result<DemoSummary, DemoError> {
     let t = amqp.operation_timeout;
-    let mut consumer = topology::watch(channel, events_queue.into(), t).await?;
+    let mut consumer =
+        topology::watch(&broker.channel, broker.events_queue.as_str().into(), t).await?;
     let commands = sample_commands(stream_id, count);
     // Each transfer yields a terminal event and a relayed callback; the bad one a rejection.
     let expected = count * 2 + 1;
@@ -226,7 +291,7 @@ async fn exchange_events(
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
-        publisher.publish_command(&body, properties).await?;
+        broker.publisher.publish_command(&body, properties).await?;
         let target = command["aId"]
             .as_str()
             .map(|a| format!("agent {a}"))

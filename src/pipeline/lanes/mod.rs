@@ -1,0 +1,375 @@
+//! Fairness between accounts (docs/contract.md §12, docs/fairness.md). A queue is FIFO, so a
+//! command can only get past another account's backlog if that backlog moves out of the way.
+//! Each source queue (the commands queue, or a partition) has a *lane* per account: while the
+//! account is congested (its next start is further than `commands.aside_after`, or it has
+//! `max_in_flight` commands waiting in memory already), its new commands are set aside, in
+//! arrival order, in the account's own queue beside the source
+//! ([`crate::broker::account_queue`]), and acked there only once the broker confirmed them. That
+//! queue is consumed at the account's pace: a command is taken from it only when one of the
+//! account's slots is free. Every other account's commands flow past.
+//!
+//! A command taken in may still be set aside when its turn comes and its account cannot start
+//! it within `aside_after` (a burst that arrived before the account was known to be congested):
+//! then it and the commands of its session waiting behind it go to the account queue, in order.
+//!
+//! Order within a session holds because, once a lane is on, every later command of the account
+//! is set aside too, in arrival order, until the account queue is empty and nothing taken from
+//! it is unsettled; only then is the queue deleted and the lane off. A session's commands in
+//! memory are thus older than its commands set aside, which come back in order behind them. The
+//! one move against that grain, a command taken in and then set aside, is made only when no
+//! later command of its session is set aside or taken back: the lane keeps a count per session
+//! (hashed into a fixed number of buckets, so memory stays bounded; a shared bucket only makes
+//! the check more careful) and, for an account queue found already holding commands, sets
+//! nothing aside that way until the queue has drained.
+//!
+//! Only the holder of a source sets aside for it or consumes its account queues; a new holder
+//! looks for them before it takes anything (a standby of the commands queue again right before
+//! its first delivery).
+
+mod publish;
+mod reader;
+mod task;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::sessions::SessionQueues;
+use super::{Job, Pipeline};
+use crate::agentassist::account::Account;
+use crate::broker::account_queue;
+use crate::broker::consumer::Source;
+
+pub use publish::{WAITING_SINCE, waiting_since};
+
+/// Buckets of the per-session counts of a lane.
+const BUCKETS: usize = 1024;
+
+/// The lanes of one source queue.
+pub(super) struct SourceLanes {
+    source: Source,
+    pipeline: Weak<Pipeline>,
+    accounts: Vec<Arc<Account>>,
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    /// What was taken from the account queues and not yet settled.
+    settled: TaskTracker,
+    /// The lanes' tasks.
+    tasks: TaskTracker,
+    /// Stops the readers; cancelled when the source is let go, after which nothing more is
+    /// set aside.
+    stop: CancellationToken,
+}
+
+/// One account's lane beside a source.
+struct Lane {
+    account: Arc<Account>,
+    queue: String,
+    state: Mutex<LaneState>,
+    /// Messages in the account queue, as far as this holder knows.
+    in_queue: AtomicUsize,
+    /// Taken from the account queue and not yet settled.
+    taken: AtomicUsize,
+}
+
+struct LaneState {
+    /// Every new command of the account is set aside.
+    on: bool,
+    /// The lane's task, while it runs.
+    inbox: Option<mpsc::UnboundedSender<Job>>,
+    /// Jobs sent to the task and not yet confirmed in the account queue.
+    queued: usize,
+    /// Commands set aside, or taken back and not settled, by bucket of their session.
+    marks: Vec<u32>,
+    /// The account queue was found holding commands this holder knows nothing of.
+    unknown: bool,
+}
+
+impl Default for LaneState {
+    fn default() -> Self {
+        Self {
+            on: false,
+            inbox: None,
+            queued: 0,
+            marks: vec![0; BUCKETS],
+            unknown: false,
+        }
+    }
+}
+
+/// The bucket of a session's count.
+fn bucket(session: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    session.hash(&mut h);
+    usize::try_from(h.finish() % BUCKETS as u64).unwrap_or(0)
+}
+
+/// A command taken from an account queue, counted until it settles.
+#[derive(Debug)]
+pub(super) struct Taken {
+    lane: Weak<Lane>,
+    bucket: usize,
+    returned: bool,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane").field("queue", &self.queue).finish()
+    }
+}
+
+impl Taken {
+    /// It goes back to the account queue instead of settling.
+    pub(super) fn returned(&mut self) {
+        self.returned = true;
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let Some(lane) = self.lane.upgrade() else {
+            return;
+        };
+        lane.taken.fetch_sub(1, Ordering::Relaxed);
+        if self.returned {
+            lane.in_queue.fetch_add(1, Ordering::Relaxed);
+        } else {
+            lane.account.aside_changed(-1);
+            if let Some(mark) = lane.state().marks.get_mut(self.bucket) {
+                *mark = mark.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Where a command of a lane's account goes.
+pub(super) enum Route {
+    /// Taken in, queued behind its session: the job to run now, if its session was idle.
+    Here(Option<Box<Job>>),
+    /// Set aside in the account queue.
+    Aside,
+}
+
+impl SourceLanes {
+    /// The lanes of `source` for `accounts`; nothing runs until [`SourceLanes::refresh`].
+    pub(super) fn new(
+        source: Source,
+        pipeline: Weak<Pipeline>,
+        accounts: Vec<Arc<Account>>,
+    ) -> Self {
+        Self {
+            source,
+            pipeline,
+            accounts,
+            lanes: Mutex::new(HashMap::new()),
+            settled: TaskTracker::new(),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Whether these lanes belong to a connection that is gone.
+    pub(super) fn is_stale(&self) -> bool {
+        !self.source.connection.status().connected()
+    }
+
+    fn lane(&self, account: &Arc<Account>) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lane) = lanes.get(&account.id) {
+            return lane.clone();
+        }
+        lanes
+            .entry(account.id.clone())
+            .or_insert_with(|| {
+                Arc::new(Lane {
+                    account: account.clone(),
+                    queue: crate::contract::names::account_queue(&self.source.queue, &account.id),
+                    state: Mutex::new(LaneState::default()),
+                    in_queue: AtomicUsize::new(0),
+                    taken: AtomicUsize::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Looks for account queues left by an earlier holder of the source (or by the active
+    /// consumer while this one stood by) and takes up each one found, before anything of the
+    /// source is taken in.
+    pub(super) async fn refresh(self: &Arc<Self>) {
+        for account in &self.accounts {
+            let lane = self.lane(account);
+            if lane.state().on {
+                continue;
+            }
+            let amqp = &self.source.amqp;
+            match account_queue::probe(&self.source.connection, amqp, &lane.queue).await {
+                Ok(Some(found)) => {
+                    let found = usize::try_from(found).unwrap_or(usize::MAX);
+                    lane.in_queue.store(found, Ordering::Relaxed);
+                    lane.account
+                        .aside_changed(isize::try_from(found).unwrap_or(isize::MAX));
+                    tracing::info!(
+                        account = %account.id,
+                        queue = %lane.queue,
+                        found,
+                        "account queue found; its commands go first and new ones join them"
+                    );
+                    let mut state = lane.state();
+                    state.on = true;
+                    state.unknown = true;
+                    self.start(&lane, &mut state, true);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Unknown: the lane stays off until the next look, and commands are taken
+                    // in; the connection is most likely going, and a new one looks again.
+                    tracing::warn!(account = %account.id, error = %e, "could not look for an account queue");
+                }
+            }
+        }
+    }
+
+    /// Where a new command of `account` goes: taken in unless its account is congested or its
+    /// lane is on; else, in arrival order, to the account queue. A command taken in is queued
+    /// behind its session by `queue_up` while the lane is held, so no command set aside later
+    /// can pass it.
+    pub(super) fn route(
+        self: &Arc<Self>,
+        account: &Arc<Account>,
+        mut job: Job,
+        sessions: &SessionQueues<Job>,
+    ) -> Route {
+        let lane = self.lane(account);
+        let mut state = lane.state();
+        let session = job.parsed.session_key();
+        let take_in = |mut job: Job| {
+            job.lanes = Some(self.clone());
+            Route::Here(sessions.push_marked(&session, job, true).map(Box::new))
+        };
+        if !state.on {
+            if let Some(waiting) = account.take_in() {
+                job.waiting = Some(waiting);
+                return take_in(job);
+            }
+            lane.turn_on(&mut state);
+        }
+        // A session with commands taken in from the source keeps its new ones behind them, in
+        // memory: were the worker to die, those would go back to the source, and these must
+        // not be found ahead of them in the account queue.
+        if sessions.pinned(&session) > 0 {
+            return take_in(job);
+        }
+        self.set_aside(&lane, &mut state, job);
+        Route::Aside
+    }
+
+    /// Sets aside `job`, taken in earlier, and `behind()` (the commands of its session waiting
+    /// after it), unless a later command of its session is set aside or taken back already:
+    /// then the job is handed back, to run here.
+    pub(super) fn defer(
+        self: &Arc<Self>,
+        job: Box<Job>,
+        behind: impl FnOnce() -> Vec<Job>,
+    ) -> Result<(), Box<Job>> {
+        let Ok(command) = &job.parsed.command else {
+            return Err(job);
+        };
+        let lane = self.lane(&command.bot.account);
+        let mut state = lane.state();
+        let session = bucket(&job.parsed.session_key());
+        if state.unknown || state.marks.get(session).is_some_and(|m| *m > 0) {
+            return Err(job);
+        }
+        if !state.on {
+            lane.turn_on(&mut state);
+        }
+        self.set_aside(&lane, &mut state, *job);
+        for job in behind() {
+            self.set_aside(&lane, &mut state, job);
+        }
+        Ok(())
+    }
+
+    /// Sends `job` to the lane's task, to be published to the account queue.
+    fn set_aside(self: &Arc<Self>, lane: &Arc<Lane>, state: &mut LaneState, mut job: Job) {
+        if self.stop.is_cancelled() {
+            // The source is let go: the delivery goes back with its channel.
+            self.forget(job);
+            return;
+        }
+        job.waiting = None;
+        job.slot = None;
+        if let Some(mark) = state.marks.get_mut(bucket(&job.parsed.session_key())) {
+            *mark = mark.saturating_add(1);
+        }
+        lane.account.aside_changed(1);
+        lane.account.metrics().set_aside.inc();
+        state.queued = state.queued.saturating_add(1);
+        if state.inbox.is_none() {
+            self.start(lane, state, false);
+        }
+        let inbox = state.inbox.as_ref().expect("started above");
+        if let Err(mpsc::error::SendError(job)) = inbox.send(job) {
+            // The task ended (the source is closing): the delivery goes back with its channel.
+            state.queued = state.queued.saturating_sub(1);
+            lane.account.aside_changed(-1);
+            self.forget(job);
+        }
+    }
+
+    /// A job dropped unsettled: its delivery goes back to the source with its channel.
+    fn forget(&self, job: Job) {
+        if let Some(pipeline) = self.pipeline.upgrade() {
+            pipeline.stages.metrics.commands_in_flight.dec();
+        }
+        drop(job);
+    }
+
+    /// Starts the lane's task.
+    fn start(self: &Arc<Self>, lane: &Arc<Lane>, state: &mut LaneState, declared: bool) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        state.inbox = Some(tx);
+        self.tasks
+            .spawn(self.clone().run_lane(lane.clone(), rx, declared));
+    }
+
+    /// Lets the source go: no more commands are set aside or taken from the account queues;
+    /// what the lanes hold is published and acked, what they took and started settles (within
+    /// the grace); then their channels close.
+    pub(super) async fn close(&self) {
+        self.stop.cancel();
+        {
+            let lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            for lane in lanes.values() {
+                lane.state().inbox = None;
+            }
+        }
+        self.tasks.close();
+        self.settled.close();
+        let grace = self.source.grace;
+        let _ = tokio::time::timeout(grace, async {
+            self.tasks.wait().await;
+            self.settled.wait().await;
+        })
+        .await;
+    }
+}
+
+impl Lane {
+    fn state(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn turn_on(&self, state: &mut LaneState) {
+        state.on = true;
+        tracing::info!(
+            account = %self.account.id,
+            queue = %self.queue,
+            "account backlog: its commands wait in its own queue, out of the others' way"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Taking commands back from an account queue: a consumer on a channel of its own, with the
+//! account's cap as prefetch, takes each command only when one of the account's slots is free;
+//! stopped, it returns what it received and did not take to the queue, in order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+
+use super::{Lane, SourceLanes, Taken, bucket, waiting_since};
+use crate::broker::consumer::InFlight;
+use crate::broker::{BrokerError, timed};
+
+impl SourceLanes {
+    /// Starts consuming the lane's account queue on a channel of its own, with the account's
+    /// cap as prefetch.
+    pub(super) async fn read(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+    ) -> Result<LaneReader, BrokerError> {
+        let t = self.source.amqp.operation_timeout;
+        let channel = timed("channel.open", t, self.source.connection.create_channel()).await?;
+        let prefetch = u16::try_from(lane.account.cap()).unwrap_or(u16::MAX);
+        timed(
+            "basic.qos",
+            t,
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
+        let consumer = timed(
+            "basic.consume",
+            t,
+            channel.basic_consume(
+                lane.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let stop = self.stop.child_token();
+        let task = tokio::spawn(self.clone().take(lane.clone(), consumer, stop.clone()));
+        Ok(LaneReader {
+            channel,
+            tag,
+            stop,
+            task,
+        })
+    }
+
+    /// Takes the account queue's commands in order, each when one of the account's slots is
+    /// free, until stopped; then gives the consumer back with what it has not taken.
+    async fn take(
+        self: Arc<Self>,
+        lane: Arc<Lane>,
+        mut consumer: lapin::Consumer,
+        stop: CancellationToken,
+    ) -> Option<Held> {
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Some(Held { consumer, held: None }),
+                delivery = consumer.next() => delivery,
+            };
+            let Some(Ok(delivery)) = delivery else {
+                return None;
+            };
+            let _ = lane
+                .in_queue
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
+            let slot = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Some(Held { consumer, held: Some(delivery) }),
+                slot = lane.account.slot() => slot,
+            };
+            let Some(pipeline) = self.pipeline.upgrade() else {
+                return Some(Held {
+                    consumer,
+                    held: Some(delivery),
+                });
+            };
+            lane.account
+                .lane_head(&lane.queue, waiting_since(&delivery.properties));
+            lane.taken.fetch_add(1, Ordering::Relaxed);
+            let session = session_of(&delivery.data);
+            let taken = Taken {
+                lane: Arc::downgrade(&lane),
+                bucket: bucket(&session),
+                returned: false,
+            };
+            let in_flight = InFlight::tracked(&self.settled);
+            if let Some(task) =
+                pipeline.accept_aside(delivery, &self.source.publisher, in_flight, slot, taken)
+            {
+                self.source.tracker.spawn(task);
+            }
+        }
+    }
+}
+
+/// A running reader of an account queue.
+pub(super) struct LaneReader {
+    channel: Channel,
+    tag: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Option<Held>>,
+}
+
+/// A stopped reader's consumer, and the delivery it held while waiting for a slot.
+struct Held {
+    consumer: lapin::Consumer,
+    held: Option<Delivery>,
+}
+
+impl LaneReader {
+    /// Resolves when the reader ended by itself (its consumer was cancelled or failed);
+    /// never without one.
+    pub(super) async fn ended(reader: &mut Option<Self>) {
+        match reader {
+            Some(r) if !r.task.is_finished() => {
+                // Polled by reference; the handle stays for `stop`.
+                let _ = (&mut r.task).await;
+            }
+            Some(_) => {}
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops taking, cancels the consumer and returns what it had received but not taken to
+    /// the account queue, in order. Returns the channel, to be closed once what it took has
+    /// settled.
+    pub(super) async fn stop(self, lane: &Lane, t: Duration) -> Channel {
+        self.stop.cancel();
+        let held = (self.task.await).ok().flatten();
+        let cancel = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+        let mut left = Vec::new();
+        if timed("basic.cancel", t, cancel).await.is_ok()
+            && let Some(Held { mut consumer, held }) = held
+        {
+            left.extend(held);
+            while let Ok(Some(Ok(delivery))) = tokio::time::timeout(t, consumer.next()).await {
+                left.push(delivery);
+            }
+        }
+        for delivery in left {
+            let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
+            if timed("basic.reject", t, reject).await.is_ok() {
+                lane.in_queue.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.channel
+    }
+}
+
+/// The session a command set aside belongs to, as the pipeline keys it (it was read once
+/// already, so it is JSON with a `botSessionId`; anything else keys nothing).
+fn session_of(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Session {
+        #[serde(rename = "botSessionId")]
+        bot_session_id: String,
+    }
+    serde_json::from_slice::<Session>(body)
+        .map(|s| s.bot_session_id)
+        .unwrap_or_default()
+}
