@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::reader::LaneReader;
 use super::{Lane, SourceLanes};
-use crate::backoff;
+use crate::backoff::{self, Delays};
 use crate::broker::{account_queue, timed};
 use crate::pipeline::Job;
 
@@ -25,14 +25,8 @@ const BATCH: usize = 256;
 const LINGER: Duration = Duration::from_secs(2);
 
 /// Waits between failed attempts, growing; started afresh after a success.
-type Delays = Box<dyn Iterator<Item = Duration> + Send>;
-
 fn retry_delays() -> Delays {
-    Box::new(backoff::delays(
-        Duration::from_millis(200),
-        Duration::from_secs(5),
-        None,
-    ))
+    backoff::delays(Duration::from_millis(200), Duration::from_secs(5), None)
 }
 
 /// What a lane's task does after a step.
