@@ -253,6 +253,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
 
 /// `run`: the worker until a signal, then its last spans exported.
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    // A shipped example (a secret, a bot) never consumes real commands.
+    settings.ready_for_production()?;
     let telemetry = telemetry::init_with_export(&settings.log, &settings.telemetry)?;
     let app = App::build(settings).await?;
     let shutdown = app.shutdown();

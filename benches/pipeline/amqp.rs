@@ -92,7 +92,8 @@ impl Names {
             dead_queue: format!("{prefix}.commands.dead"),
             prefix,
             partitions: 0,
-            accounts: vec!["demo-account".to_owned()],
+            // The pipeline bench's account; the other benches name theirs.
+            accounts: vec!["bench-account".to_owned()],
         }
     }
 

@@ -15,11 +15,14 @@ use crate::amqp::{self, Names, Patience, Registry, Tally};
 use crate::fleet::{self, KeyRegistry, RedisMetrics};
 use crate::procs::{self, ChildGuard, ProcSample};
 
-/// The bot of `config/default.toml`, with pacing that never binds.
-const STREAM_ID: &str = "st-00000000-0000-4000-8000-000000000001";
-const ACCOUNT_ID: &str = "demo-account";
-const CLIENT_ID: &str = "cs-00000000-0000-4000-8000-000000000001";
-const CLIENT_SECRET: &str = "demo-secret-change-me";
+/// The bench's own bot (`run` refuses the example bot of `config/default.toml`), with pacing
+/// that never binds.
+const STREAM_ID: &str = "st-00000000-0000-4000-8000-0000000be9c4";
+const ACCOUNT_ID: &str = "bench-account";
+const CLIENT_ID: &str = "cs-00000000-0000-4000-8000-0000000be9c4";
+const CLIENT_SECRET: &str = "bench-client-secret-bench-client-secret";
+/// The bench's own relay secret: `run` refuses the shipped one.
+const CALLBACK_SECRET: &str = "bench-callback-secret-bench-callback-secret";
 /// `retry.max_attempts` of the defaults: a `transfer.failed` after transient errors must have
 /// used all of them.
 pub const MAX_ATTEMPTS: u64 = 8;
@@ -693,7 +696,8 @@ fn worker_config(
          [agentassist]\nbase_url = \"http://127.0.0.1:{sim_port}\"\n\n\
          [[bots]]\nstream_id = {stream}\naccount_id = {account}\nclient_id = {client}\n\
          client_secret = {secret}\nrate_limit = 100000000\nrate_window = \"1s\"\n\n\
-         [callbacks]\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:9/unused\"\n\n\
+         [callbacks]\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:9/unused\"\n\
+         secret = {callback_secret}\n\n\
          [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{fleet}",
         url = q(&ctx.url),
         commands = q(&names.commands),
@@ -705,6 +709,7 @@ fn worker_config(
         account = q(ACCOUNT_ID),
         client = q(CLIENT_ID),
         secret = q(CLIENT_SECRET),
+        callback_secret = q(CALLBACK_SECRET),
     )
 }
 

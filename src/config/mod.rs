@@ -10,11 +10,13 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
+mod production;
 mod redact;
 mod sections;
 mod unknown_keys;
 mod validate;
 
+pub use production::MIN_CALLBACK_SECRET_BYTES;
 pub use redact::redact_url;
 pub use sections::{
     AdminSettings, AgentAssistSettings, AmqpSettings, BotSettings, BreakerSettings,
