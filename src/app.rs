@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 
 use crate::agentassist::account::Account;
 use crate::agentassist::bots::Bots;
-use crate::agentassist::breaker::{Breaker, Prober};
+use crate::agentassist::breaker::Prober;
+use crate::agentassist::breakers::Breakers;
 use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
@@ -83,7 +84,7 @@ pub struct App {
     broker: Arc<CurrentLink>,
     metrics: Arc<Metrics>,
     fleet: Option<Arc<Fleet>>,
-    prober: Option<Prober>,
+    probers: Vec<Prober>,
     accounts: Vec<Arc<Account>>,
 }
 
@@ -137,13 +138,13 @@ impl Shared {
         })
     }
 
-    /// The API side: the client, the retry policy, the fleet's budgets and the breaker, with
-    /// the breaker's prober (which probes through the first configured bot).
+    /// The API side: the client, the retry policy, the fleet's budgets and a breaker per API
+    /// host, with their probers (each through the first configured bot of its host).
     fn transfers(
         &self,
         settings: &Settings,
         bots: &Bots,
-    ) -> Result<(Transfers, Option<Prober>), AppError> {
+    ) -> Result<(Transfers, Vec<Prober>), AppError> {
         let api = ApiClient::new(
             settings.agentassist.request_timeout,
             usize::from(settings.amqp.prefetch),
@@ -153,13 +154,9 @@ impl Shared {
         if let Some(fleet) = &self.fleet {
             transfers = transfers.with_fleet(fleet.clone());
         }
-        if !settings.breaker.enabled {
-            return Ok((transfers, None));
-        }
-        let breaker = Arc::new(Breaker::new(&settings.breaker, self.metrics.clone()));
-        let first_bot = settings.bots.first().and_then(|b| bots.get(&b.stream_id));
-        let prober = Prober::new(breaker.clone(), api, first_bot, self.fleet.clone());
-        Ok((transfers.with_breaker(breaker), Some(prober)))
+        let fleet = self.fleet.clone();
+        let (breakers, probers) = Breakers::new(settings, bots, &api, fleet, &self.metrics);
+        Ok((transfers.with_breakers(breakers), probers))
     }
 
     /// How commands are consumed: the pipeline on the commands queue, or, with partitions,
@@ -226,7 +223,7 @@ impl App {
         // account in the process.
         let bots = Bots::new(&settings, &shared.metrics);
         let accounts = bots.accounts();
-        let (transfers, prober) = shared.transfers(&settings, &bots)?;
+        let (transfers, probers) = shared.transfers(&settings, &bots)?;
         let signer = TokenSigner::new(
             settings.callbacks.secret.clone(),
             settings.callbacks.previous_secrets.clone(),
@@ -263,7 +260,7 @@ impl App {
             broker: shared.broker,
             metrics: shared.metrics,
             fleet: shared.fleet,
-            prober,
+            probers,
             accounts,
         })
     }
@@ -315,9 +312,9 @@ impl App {
             tokio::spawn(async move { fleet.watch_health(stop).await })
         });
         // Probes run until the consumer is done: held commands may wait on them in the grace.
-        let probing = self
-            .prober
-            .map(|p| tokio::spawn(p.run(health_stop.clone())));
+        let probing: Vec<_> = (self.probers.into_iter())
+            .map(|p| tokio::spawn(p.run(health_stop.clone())))
+            .collect();
         let gauges = {
             let stop = health_stop.clone();
             let accounts = self.accounts.clone();
@@ -363,7 +360,7 @@ impl App {
         if let Some(health) = health {
             let _ = health.await;
         }
-        if let Some(probing) = probing {
+        for probing in probing {
             let _ = probing.await;
         }
         http_stop.cancel();

@@ -22,6 +22,17 @@ pub struct Bot {
     pub account: Arc<Account>,
     /// `{base_url}/agentassist/api/v1/public/{stream_id}/assign-conversation`, parsed once.
     pub assign_url: reqwest::Url,
+    /// The API host it calls (scheme, host and port of its `base_url`): its circuit
+    /// breaker's key.
+    pub host: String,
+}
+
+/// The host of a validated `base_url`: scheme, host and port.
+pub fn host_of(base_url: &str) -> String {
+    reqwest::Url::parse(base_url)
+        .expect("validated settings carry a valid base_url")
+        .origin()
+        .ascii_serialization()
 }
 
 /// `{base_url}/agentassist/api/v1/public/{stream_id}/assign-conversation`, from a validated
@@ -77,9 +88,10 @@ impl Bots {
                 .client_secret
                 .clone()
                 .expect("validated settings carry every bot's secret");
-            let assign_url = assign_url(&settings.agentassist.base_url, &b.stream_id);
+            let base_url = b.base_url(&settings.agentassist);
             let bot = Bot {
-                assign_url,
+                assign_url: assign_url(base_url, &b.stream_id),
+                host: host_of(base_url),
                 stream_id: b.stream_id.clone(),
                 account_id: b.account_id.clone(),
                 tokens: TokenSource::new(b.client_id.clone(), &secret, b.token_ttl, b.token_jti),
@@ -113,6 +125,11 @@ impl Bots {
         }
         accounts.sort_by(|a, b| a.id.cmp(&b.id));
         accounts
+    }
+
+    /// Every bot, in the order of the settings' `[[bots]]`.
+    pub fn in_order<'a>(&'a self, settings: &'a Settings) -> impl Iterator<Item = Arc<Bot>> + 'a {
+        settings.bots.iter().filter_map(|b| self.get(&b.stream_id))
     }
 
     /// The bot for commands without `streamId`.

@@ -81,6 +81,8 @@ pub struct Failure {
 /// One process's breaker; shared by every command and the prober.
 #[derive(Debug)]
 pub struct Breaker {
+    /// The API host it stands in front of, for its logs.
+    host: String,
     open_after: Duration,
     probe_interval: Duration,
     state: watch::Sender<State>,
@@ -107,11 +109,18 @@ impl Breaker {
     /// A closed breaker.
     pub fn new(settings: &BreakerSettings, metrics: Arc<Metrics>) -> Self {
         Self {
+            host: String::new(),
             open_after: settings.open_after,
             probe_interval: settings.probe_interval,
             state: watch::Sender::new(State::default()),
             metrics,
         }
+    }
+
+    /// The breaker of API host `host` (scheme, host and port), which its logs name.
+    pub fn for_host(mut self, host: &str) -> Self {
+        self.host = host.to_owned();
+        self
     }
 
     /// Whether attempts are held now.

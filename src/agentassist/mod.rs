@@ -7,6 +7,7 @@ pub mod account;
 pub mod attempts;
 pub mod bots;
 pub mod breaker;
+pub mod breakers;
 pub mod client;
 pub mod jwt;
 pub mod pacer;

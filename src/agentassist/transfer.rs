@@ -11,7 +11,8 @@ use bytes::Bytes;
 
 use super::attempts::AttemptBudget;
 use super::bots::Bot;
-use super::breaker::{Breaker, Failure as BreakerFailure, Interrupted};
+use super::breaker::{Failure as BreakerFailure, Interrupted};
+use super::breakers::Breakers;
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
@@ -75,8 +76,8 @@ pub struct Transfers {
     metrics: Arc<Metrics>,
     /// With a fleet, the budgets are shared through Redis instead of kept in this process.
     fleet: Option<Arc<Fleet>>,
-    /// Holds attempts while the API is down; `None` with `breaker.enabled = false`.
-    breaker: Option<Arc<Breaker>>,
+    /// Hold attempts while their API host is down; none with `breaker.enabled = false`.
+    breakers: Breakers,
 }
 
 impl Transfers {
@@ -87,7 +88,7 @@ impl Transfers {
             retry,
             metrics,
             fleet: None,
-            breaker: None,
+            breakers: Breakers::default(),
         }
     }
 
@@ -96,9 +97,9 @@ impl Transfers {
         &self.api
     }
 
-    /// Passes every attempt through `breaker`.
-    pub fn with_breaker(mut self, breaker: Arc<Breaker>) -> Self {
-        self.breaker = Some(breaker);
+    /// Passes every attempt through the breaker of its bot's host.
+    pub fn with_breakers(mut self, breakers: Breakers) -> Self {
+        self.breakers = breakers;
         self
     }
 
@@ -177,12 +178,13 @@ impl Transfers {
             });
         let body = request_body(command, callback_url);
         let mut budget = AttemptBudget::new(self.retry, command.deadline);
-        let mut ticket = self.breaker.as_ref().map(|b| b.ticket());
+        let breaker = self.breakers.of(bot);
+        let mut ticket = breaker.map(|b| b.ticket());
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(budget.out_of_time());
             }
-            if let (Some(breaker), Some(ticket)) = (&self.breaker, &mut ticket) {
+            if let (Some(breaker), Some(ticket)) = (breaker, &mut ticket) {
                 match breaker.pass(ticket, deadline, shutdown).await {
                     Ok(false) => {}
                     Ok(true) => {
@@ -208,7 +210,7 @@ impl Transfers {
                 return Err(Unfinished::Abandoned);
             }
             // The breaker may have opened while this command waited for its start.
-            if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
+            if breaker.is_some_and(|b| b.is_open()) {
                 continue;
             }
             let (error, outage) = match self.call(bot, &body, &mut budget).await {
@@ -253,7 +255,7 @@ impl Transfers {
         };
         let seconds = call_started.elapsed().as_secs_f64();
         self.metrics.api_call(&bot.account_id, status, seconds);
-        let outage = self.breaker.as_ref().and_then(|b| b.record(&result));
+        let outage = self.breakers.of(bot).and_then(|b| b.record(&result));
         match result {
             Ok(response) => Call::Answered(response),
             Err(error) => Call::Failed(error, outage),
@@ -302,7 +304,7 @@ impl Transfers {
         }
         let Some(backoff) = budget.next_wait() else {
             // Out of budget during what may be an outage: the breaker decides.
-            let (Some(breaker), Some(outage)) = (&self.breaker, outage) else {
+            let (Some(breaker), Some(outage)) = (self.breakers.of(bot), outage) else {
                 return Ok(Next::Done(budget.failed(error, true)));
             };
             if !budget.last_chance() {

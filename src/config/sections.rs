@@ -109,6 +109,17 @@ pub struct BotSettings {
     /// `amqp.prefetch`.
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+    /// This bot's regional host (`https://de-platform.kore.ai`, say); `None`:
+    /// `agentassist.base_url`. Each host has a circuit breaker of its own.
+    #[serde(default)]
+    pub base_url: Option<String>,
+}
+
+impl BotSettings {
+    /// Where this bot's calls go: its own `base_url`, else the global one.
+    pub fn base_url<'a>(&'a self, agentassist: &'a AgentAssistSettings) -> &'a str {
+        self.base_url.as_deref().unwrap_or(&agentassist.base_url)
+    }
 }
 
 fn default_rate_limit() -> u32 {

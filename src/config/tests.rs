@@ -301,3 +301,21 @@ fn an_accounts_slots_default_to_its_burst_or_what_its_budget_keeps_on_the_wire()
     .unwrap_err();
     assert!(err.to_string().contains("commands.aside_after"), "{err}");
 }
+
+#[test]
+fn a_bot_s_own_base_url_is_checked_and_used_for_its_calls() {
+    let mut s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+    s.bots[0].base_url = Some("not a url".into());
+    match s.validate() {
+        Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "bots[0].base_url"),
+        other => panic!("expected bots[0].base_url refused, got {other:?}"),
+    }
+    s.bots[0].base_url = Some("https://de-platform.kore.ai".into());
+    s.validate().unwrap();
+    assert_eq!(
+        s.bots[0].base_url(&s.agentassist),
+        "https://de-platform.kore.ai"
+    );
+    s.bots[0].base_url = None;
+    assert_eq!(s.bots[0].base_url(&s.agentassist), s.agentassist.base_url);
+}

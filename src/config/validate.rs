@@ -191,6 +191,13 @@ impl BotSettings {
         if self.max_in_flight == Some(0) {
             return Err(invalid(key("max_in_flight"), "must be at least 1"));
         }
+        if let Some(url) = &self.base_url {
+            let parsed =
+                reqwest::Url::parse(url).map_err(|e| invalid(key("base_url"), e.to_string()))?;
+            if parsed.host_str().is_none() {
+                return Err(invalid(key("base_url"), "names no host"));
+            }
+        }
         Ok(())
     }
 }

@@ -135,7 +135,7 @@ pub struct Metrics {
     pub fleet_rebalances: Counter,
     /// Commands the intake routed to a partition queue.
     pub fleet_routed: Counter,
-    /// 1 while the circuit breaker in front of the API is open, else 0.
+    /// Circuit breakers open (one per API host): 1 while the only one is open, else 0.
     pub breaker_open: Gauge,
     /// Times the breaker opened.
     pub breaker_openings: Counter,
@@ -210,7 +210,7 @@ const SERIES: &[Series] = &[
     ("fleet_routed", None, |m| &m.fleet_routed,
         "Commands the intake routed to a partition queue"),
     ("breaker_open", None, |m| &m.breaker_open,
-        "1 while the circuit breaker in front of AgentAssist is open (no attempt starts), else 0"),
+        "Circuit breakers open, one per AgentAssist host (no attempt to that host starts): 1 while the only one is open"),
     ("breaker_openings", None, |m| &m.breaker_openings,
         "Times the circuit breaker opened"),
     ("breaker_open_time", Some(Unit::Seconds), |m| &m.breaker_open_time,

@@ -126,9 +126,11 @@ impl Breaker {
                 failing_for,
                 last_error,
             }) => {
-                self.metrics.breaker_open.set(1);
+                // One breaker per API host: the gauge counts those open.
+                self.metrics.breaker_open.inc();
                 self.metrics.breaker_openings.inc();
                 tracing::warn!(
+                    host = %self.host,
                     failing_for = ?failing_for,
                     open_after = ?self.open_after,
                     %last_error,
@@ -140,7 +142,7 @@ impl Breaker {
                 by,
                 confirmed,
             }) => {
-                self.metrics.breaker_open.set(0);
+                self.metrics.breaker_open.dec();
                 self.metrics
                     .breaker_open_time
                     .inc_by(open_for.as_secs_f64());
@@ -149,6 +151,7 @@ impl Breaker {
                     ClosedBy::Probe(status) => ("probe", status),
                 };
                 tracing::info!(
+                    host = %self.host,
                     open_for = ?open_for,
                     answered = by,
                     status,
