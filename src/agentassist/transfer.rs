@@ -1,8 +1,8 @@
 //! Carrying out one valid command: pace, call, classify, retry — until it succeeds, fails for
 //! good, runs out of budget or time, or the worker shuts down. What happened is an
 //! [`Outcome`]; turning it into an event is the pipeline's business, and where AgentAssist
-//! should post its callbacks is the caller's. With a [`Breaker`], every attempt first passes
-//! it, and a budget spent on an outage is the breaker's to forgive (see [`super::breaker`]).
+//! should post its callbacks is the caller's. With [`Breakers`], every attempt first passes
+//! the breaker of its host, and a budget spent on an outage is the breaker's to forgive (see [`super::breaker`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
