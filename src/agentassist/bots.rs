@@ -53,12 +53,6 @@ pub struct Bots {
 }
 
 impl Bots {
-    /// Builds the registry from validated settings, with series of its own (for tests and
-    /// tools; the worker uses [`Bots::new`]).
-    pub fn from_settings(settings: &Settings) -> Self {
-        Self::new(settings, &Metrics::new())
-    }
-
     /// Builds the registry from validated settings: one [`Account`] per account id, its
     /// series in `metrics`.
     pub fn new(settings: &Settings, metrics: &Metrics) -> Self {

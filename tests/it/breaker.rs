@@ -3,15 +3,14 @@
 //! completes once the API answers; deadlines still end commands that wait.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::json;
 use transfer_worker::ops::metrics::{Metrics, ProbeLabels};
 use transfer_worker::tools::simulator::{Edge, RecordedRequest, Reply};
 
-use crate::harness::{Harness, Received, agent_command};
-use crate::init_logs;
+use crate::harness::admin::get;
+use crate::harness::{Harness, Received, agent_command, eventually, expire_in, redis_url};
 
 /// Short enough for a test, long enough that commands spend their whole budget before it.
 const OPEN_AFTER: Duration = Duration::from_secs(2);
@@ -31,18 +30,6 @@ async fn start_behind(open_after: Duration, edge: Edge) -> Harness {
     .await
 }
 
-/// Waits until `check` holds, polling; panics with `what` after 20 s.
-async fn until(what: &str, check: impl Fn() -> bool) {
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn probes(metrics: &Metrics, result: &'static str) -> u64 {
     metrics
         .breaker_probes
@@ -53,16 +40,6 @@ fn probes(metrics: &Metrics, result: &'static str) -> u64 {
 /// The breaker's probe names no session; every real attempt does.
 fn is_probe(r: &RecordedRequest) -> bool {
     r.bot_session_id.is_none()
-}
-
-async fn readiness(h: &Harness) -> StatusCode {
-    reqwest::Client::new()
-        .get(format!("http://{}/readyz", h.admin_addr))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .expect("the admin listener answers")
-        .status()
 }
 
 async fn by_command(h: &mut Harness, n: usize) -> HashMap<String, Received> {
@@ -86,7 +63,6 @@ async fn behind_an_edge_that_authenticates_first_the_probe_still_sees_the_outage
 }
 
 async fn outage_longer_than_open_after(edge: Edge) {
-    init_logs();
     let mut h = start_behind(OPEN_AFTER, edge).await;
     let max_attempts = u64::from(h.settings.retry.max_attempts);
     h.publish(&agent_command("br-warm", "s-br-warm")).await;
@@ -100,9 +76,9 @@ async fn outage_longer_than_open_after(edge: Edge) {
         h.publish(&agent_command(id, &format!("s-{id}"))).await;
     }
     let metrics = h.metrics.clone();
-    until("the breaker opens", || metrics.breaker_open.get() == 1).await;
+    eventually("the breaker opens", || metrics.breaker_open.get() == 1).await;
     assert_eq!(
-        readiness(&h).await,
+        get(h.admin_addr, "/readyz").await.0,
         StatusCode::OK,
         "the worker is healthy; the vendor is not"
     );
@@ -111,8 +87,8 @@ async fn outage_longer_than_open_after(edge: Edge) {
     for id in &held {
         h.publish(&agent_command(id, &format!("s-{id}"))).await;
     }
-    until("two probes fail", || probes(&metrics, "failed") >= 2).await;
-    until("every command waits on the breaker", || {
+    eventually("two probes fail", || probes(&metrics, "failed") >= 2).await;
+    eventually("every command waits on the breaker", || {
         metrics.breaker_held.get() == 6
     })
     .await;
@@ -192,20 +168,17 @@ async fn outage_longer_than_open_after(edge: Edge) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_still_end_commands_held_by_an_open_breaker() {
-    init_logs();
     let mut h = start(Duration::from_secs(1)).await;
     h.sim.start_outage(503);
     // Fails, spends its budget, is held; its deadline passes while the breaker is open.
     let mut tried = agent_command("br-tried", "s-br-tried");
-    let expires = SystemTime::now() + Duration::from_secs(3);
-    tried["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(expires));
+    expire_in(&mut tried, Duration::from_secs(3));
     h.publish(&tried).await;
     let metrics = h.metrics.clone();
-    until("the breaker opens", || metrics.breaker_open.get() == 1).await;
+    eventually("the breaker opens", || metrics.breaker_open.get() == 1).await;
     // Never called: the breaker was open from its arrival to its deadline.
     let mut never = agent_command("br-never", "s-br-never");
-    let expires = SystemTime::now() + Duration::from_millis(1500);
-    never["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(expires));
+    expire_in(&mut never, Duration::from_millis(1500));
     h.publish(&never).await;
 
     let events = by_command(&mut h, 2).await;
@@ -233,20 +206,19 @@ async fn deadlines_still_end_commands_held_by_an_open_breaker() {
         "a command held from its arrival is never called"
     );
     h.sim.end_outage();
-    until("the breaker closes", || metrics.breaker_open.get() == 0).await;
+    eventually("the breaker closes", || metrics.breaker_open.get() == 0).await;
     h.stop_leaving_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_failing_on_its_own_while_others_succeed_gets_one_last_attempt_and_fails() {
-    init_logs();
     // The default open_after (30 s): the breaker plays no part but for the verdict.
     let mut h = Harness::start(|_, _| {}).await;
     let max_attempts = h.settings.retry.max_attempts;
     h.sim.script((0..max_attempts).map(|_| Reply::Status(503)));
     h.publish(&agent_command("br-own", "s-br-own")).await;
     let metrics = h.metrics.clone();
-    until("its spent budget waits for the verdict", || {
+    eventually("its spent budget waits for the verdict", || {
         metrics.breaker_held.get() == 1
     })
     .await;
@@ -266,12 +238,11 @@ async fn a_command_failing_on_its_own_while_others_succeed_gets_one_last_attempt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_fleet_a_held_command_keeps_its_claim_renewed() {
-    init_logs();
     let lease = Duration::from_secs(1);
     let mut h = Harness::start(|s, _| {
         s.breaker.open_after = Duration::from_secs(1);
         s.breaker.probe_interval = PROBE_INTERVAL;
-        s.fleet.redis_url = crate::replicas::redis_url();
+        s.fleet.redis_url = redis_url();
         s.fleet.lease = lease;
         s.fleet.redis_timeout = Duration::from_millis(500);
         // The fleet's keys for this test's queue expire on their own.
@@ -282,11 +253,11 @@ async fn in_a_fleet_a_held_command_keeps_its_claim_renewed() {
     h.publish(&agent_command("br-claimed", "s-br-claimed"))
         .await;
     let metrics = h.metrics.clone();
-    until("the breaker opens", || metrics.breaker_open.get() == 1).await;
+    eventually("the breaker opens", || metrics.breaker_open.get() == 1).await;
     // Held for several leases: a claim left to lapse would be gone by now.
     tokio::time::sleep(lease * 3).await;
     let key = format!("{}:claim:br-claimed", h.settings.amqp.commands_queue);
-    let client = redis::Client::open(crate::replicas::redis_url()).unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&key)

@@ -2,41 +2,17 @@
 //! `publish --wait`, `simulate` and `demo`.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use transfer_worker::agentassist::jwt::TokenSource;
 use transfer_worker::config::Settings;
-use transfer_worker::tools::simulator::{SimBot, Simulator, SimulatorConfig};
+use transfer_worker::tools::simulator::{SimBot, SimulatorConfig};
 
-use crate::harness::{Cleanup, amqp_url, sigterm, test_settings, wait_consumed, worker_env};
-
-/// The real binary, with no configuration from the test's own environment.
-pub fn binary() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"));
-    command
-        .env_remove("TRANSFER_CONFIG")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("TRANSFER__") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-/// Runs to the end within `limit`, capturing its output.
-pub async fn output(mut command: tokio::process::Command, limit: Duration) -> Output {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    tokio::time::timeout(limit, command.output())
-        .await
-        .expect("the command ends in time")
-        .expect("the binary runs")
-}
+use crate::harness::{
+    Process, amqp_url, binary, free_port, output, own_topology, sim, succeeded, worker_env,
+};
 
 fn toml_file(text: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
@@ -59,14 +35,7 @@ async fn config_prints_valid_settings_redacted_and_refuses_invalid_ones() {
     ));
     let mut command = binary();
     command.arg("config").arg("--config").arg(valid.path());
-    let out = output(command, Duration::from_secs(30)).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&output(command, Duration::from_secs(30)).await);
     assert!(stdout.contains("st-cli-config"), "{stdout}");
     assert!(stdout.contains("[redacted]"), "{stdout}");
     assert!(!stdout.contains(secret), "the secret was printed: {stdout}");
@@ -84,16 +53,8 @@ async fn config_prints_valid_settings_redacted_and_refuses_invalid_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
-    crate::init_logs();
-    let settings = test_settings();
+    let (settings, _cleanup) = own_topology();
     let amqp = &settings.amqp;
-    let _cleanup = Cleanup::new(
-        vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()],
-        vec![
-            amqp.results_exchange.clone(),
-            amqp.dead_letter_exchange.clone(),
-        ],
-    );
     // The simulator checks every token's signature against these secrets: a worker signing
     // with anything else gets 401s and a failed transfer.
     let from_file = "secret-from-a-file-0001";
@@ -104,14 +65,11 @@ async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
         client_id: format!("cs-cli-{n}"),
         client_secret: SecretString::from(secret.to_owned()),
     };
-    let sim = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+    let sim = sim::start(SimulatorConfig {
         bots: vec![bot("file", from_file), bot("env", from_env)],
-        callbacks: false,
-        ..SimulatorConfig::default()
+        ..sim::config(&settings)
     })
-    .await
-    .expect("simulator starts");
+    .await;
 
     let mut secret_file = tempfile::NamedTempFile::new().unwrap();
     writeln!(secret_file, "{from_file}").unwrap();
@@ -134,17 +92,10 @@ async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
         command
     };
 
-    let log = tempfile::NamedTempFile::new().unwrap();
     let mut run = binary();
     run.arg("run");
-    let mut run = configured(run);
-    let mut worker = run
-        .stdout(log.reopen().unwrap())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("the worker starts");
-    let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
-    wait_consumed(&amqp.commands_queue, &mut worker, &read_log).await;
+    let mut worker = Process::start("the worker", configured(run));
+    worker.wait_consumed(&amqp.commands_queue).await;
 
     for stream in ["st-cli-file", "st-cli-env"] {
         let mut publish = binary();
@@ -171,7 +122,7 @@ async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
             "publish --wait: {}\n{stdout}\n{}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr),
-            read_log()
+            worker.log()
         );
         let (id, outcome) = stdout.split_once('\n').expect("the id, then the outcome");
         assert_eq!(id, format!("cmd-{stream}"));
@@ -191,29 +142,19 @@ async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
         "each bot signed with its own secret"
     );
 
-    sigterm(&worker);
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker exits in time")
-        .unwrap();
-    assert!(status.success(), "{status}\n{}", read_log());
+    let status = worker.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}\n{}", worker.log());
     sim.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_answers_a_request_like_the_api() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut command = binary();
     command
         .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--no-callbacks")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = command.spawn().expect("the simulator starts");
+        .arg("--no-callbacks");
+    let mut child = Process::start("simulate", command);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -226,9 +167,11 @@ async fn simulate_answers_a_request_like_the_api() {
         {
             break;
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("simulate exited early with {status}");
-        }
+        assert!(
+            child.is_running(),
+            "simulate exited early:\n{}",
+            child.log()
+        );
         assert!(Instant::now() < until, "simulate never listened");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -262,11 +205,7 @@ async fn simulate_answers_a_request_like_the_api() {
     let forged = send(&SecretString::from("not-the-secret")).await;
     assert_eq!(forged.status(), 401);
 
-    sigterm(&child);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("simulate exits in time")
-        .unwrap();
+    let status = child.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
 }
 
@@ -277,14 +216,7 @@ async fn demo_runs_to_its_summary_and_exits_0() {
         .arg("demo")
         .env("TRANSFER__AMQP__URL", amqp_url())
         .env("NO_COLOR", "1");
-    let out = output(command, Duration::from_secs(90)).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&output(command, Duration::from_secs(90)).await);
     assert!(stdout.contains("summary"), "{stdout}");
     assert!(stdout.contains("transfer.succeeded"), "{stdout}");
     assert!(stdout.contains("transfer.rejected"), "{stdout}");

@@ -16,8 +16,10 @@ use serde_json::json;
 use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{self, Reply};
 
-use crate::harness::{Cleanup, Harness, agent_command, test_channel};
-use crate::init_logs;
+use crate::harness::admin::series;
+use crate::harness::{
+    Cleanup, Harness, agent_command, publish_confirmed, sim, test_channel, wait_for,
+};
 
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes()))
@@ -114,7 +116,6 @@ async fn declare_exchange(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_declares_the_topology_of_section_1_itself() {
-    init_logs();
     let limit = 3;
     let mut h = Harness::start_undeclared(|s, _| s.amqp.delivery_limit = limit).await;
     let amqp = h.settings.amqp.clone();
@@ -232,17 +233,8 @@ async fn the_worker_declares_the_topology_of_section_1_itself() {
     }
 
     // The dead-letter queue is bound to the dead-letter exchange, whatever the routing key.
-    let confirm = channel
-        .basic_publish(
-            amqp.dead_letter_exchange.as_str().into(),
-            "any.key".into(),
-            lapin::options::BasicPublishOptions::default(),
-            b"bound?",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap();
-    assert!(confirm.await.unwrap().is_ack());
+    let bound = [(b"bound?", BasicProperties::default())];
+    publish_confirmed(&channel, &amqp.dead_letter_exchange, "any.key", bound).await;
     assert_eq!(h.next_dead_letter().await.data, b"bound?");
     h.stop_leaving_nothing().await;
 }
@@ -279,7 +271,6 @@ async fn block_results(h: &Harness) -> (String, Cleanup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_whose_outcome_is_never_confirmed_is_dead_lettered_after_the_delivery_limit() {
-    init_logs();
     let limit = 3;
     let mut h = Harness::start_undeclared(|s, _| s.amqp.delivery_limit = limit).await;
     let (_blocker, _cleanup) = block_results(&h).await;
@@ -327,15 +318,17 @@ async fn a_command_whose_outcome_is_never_confirmed_is_dead_lettered_after_the_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_nack_returns_the_command_which_ends_once_its_event_is_confirmed() {
-    init_logs();
     let h = Harness::start(|s, _| s.amqp.delivery_limit = 1_000_000).await;
     let (blocker, _cleanup) = block_results(&h).await;
     h.publish(&agent_command("nacked", "s-nacked")).await;
-    let until = Instant::now() + Duration::from_secs(10);
-    while h.metrics.commands_requeued.get() < 2 {
-        assert!(Instant::now() < until, "the command never came back");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let back = async || h.metrics.commands_requeued.get() >= 2;
+    wait_for(
+        "the command back",
+        Duration::from_secs(10),
+        String::new,
+        back,
+    )
+    .await;
     // Not acked: the command comes back, again and again, while the broker refuses its event.
     assert!(h.metrics.commands_received.get() >= 2);
     h.channel
@@ -344,16 +337,16 @@ async fn a_broker_nack_returns_the_command_which_ends_once_its_event_is_confirme
         .unwrap();
     // Once the event is confirmed the command ends, answered from memory.
     let confirmed = || {
-        crate::operations::series(&h.metrics.encode())
+        series(&h.metrics.encode())
             .get(r#"transfer_events_published_total{event="transfer.succeeded"}"#)
             .copied()
             .unwrap_or(0.0)
     };
-    let until = Instant::now() + Duration::from_secs(10);
-    while confirmed() < 1.0 {
-        assert!(Instant::now() < until, "the event was never confirmed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let limit = Duration::from_secs(10);
+    wait_for("the event confirmed", limit, String::new, async || {
+        confirmed() >= 1.0
+    })
+    .await;
     assert_eq!(h.sim.requests().len(), 1, "the API was called once");
     assert!(h.metrics.commands_deduplicated.get() >= 1);
     h.stop_leaving_nothing().await;
@@ -361,32 +354,19 @@ async fn a_broker_nack_returns_the_command_which_ends_once_its_event_is_confirme
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirm_that_does_not_come_in_time_returns_the_command_which_ends_from_memory() {
-    init_logs();
-    let proxy = crate::proxy::Proxy::start().await;
-    let url = proxy.amqp_url();
-    let mut h = Harness::start(|s, sim| {
-        s.amqp.url = url;
+    let (proxy, mut h) = Harness::start_behind_proxy(|s, sim| {
         s.amqp.confirm_timeout = Duration::from_millis(500);
         sim.latency = Duration::from_millis(500);
     })
     .await;
     h.publish(&agent_command("unconfirmed", "s-unconfirmed"))
         .await;
-    let until = Instant::now() + Duration::from_secs(10);
-    while h.sim.in_flight() == 0 {
-        assert!(Instant::now() < until, "the call never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    sim::call_on_the_wire(&h.sim).await;
     // The broker will get the event, but its confirm is held back past the timeout.
     proxy.stall();
-    let until = Instant::now() + Duration::from_secs(10);
-    while h.metrics.commands_requeued.get() == 0 {
-        assert!(
-            Instant::now() < until,
-            "the unconfirmed command was not returned"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let returned = async || h.metrics.commands_requeued.get() > 0;
+    let what = "the unconfirmed command returned";
+    wait_for(what, Duration::from_secs(10), String::new, returned).await;
     assert!(
         h.broker.is_ready(),
         "a late confirm is not a lost connection"
@@ -406,7 +386,6 @@ async fn a_confirm_that_does_not_come_in_time_returns_the_command_which_ends_fro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_rejected_and_expired_events_carry_the_contracts_properties_and_dead_letters() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     h.sim.script([Reply::Status(400)]);
     let mut expired = agent_command("props-expired", "s-props-expired");
@@ -451,20 +430,11 @@ async fn failed_rejected_and_expired_events_carry_the_contracts_properties_and_d
         assert_eq!(e.name(), *name);
         assert_eq!(e.command_id(), *id);
         let event_id = e.json["eventId"].as_str().unwrap();
-        let p = &e.properties;
-        assert_eq!(
-            p.content_type().as_ref().map(|s| s.as_str()),
-            Some("application/json"),
+        e.assert_properties();
+        assert!(
+            e.properties.timestamp().unwrap().abs_diff(now) < 60,
             "{name}"
         );
-        assert_eq!(*p.delivery_mode(), Some(2), "{name} is persistent");
-        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some(event_id));
-        assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some(*id));
-        assert_eq!(
-            p.app_id().as_ref().map(|s| s.as_str()),
-            Some("transfer-worker")
-        );
-        assert!(p.timestamp().unwrap().abs_diff(now) < 60, "{name}");
 
         // The dead-letter copy: the command as received, body and properties, plus why.
         let dead = h.next_dead_letter().await;

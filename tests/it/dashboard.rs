@@ -2,14 +2,13 @@
 //! the worker's `/metrics` serves.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use serde_json::Value;
 use transfer_worker::ops::metrics::RelayResult;
 use transfer_worker::tools::simulator::Reply;
 
+use crate::harness::admin::get;
 use crate::harness::{Harness, agent_command};
-use crate::init_logs;
 
 const DASHBOARD: &str = include_str!("../../docs/grafana-dashboard.json");
 
@@ -48,7 +47,6 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_queries_only_series_the_worker_serves() {
-    init_logs();
     let dashboard: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
     let inputs = dashboard["__inputs"].as_array().expect("__inputs");
     assert!(
@@ -88,15 +86,7 @@ async fn the_dashboard_queries_only_series_the_worker_serves() {
     assert_eq!(h.next_event().await.name(), "transfer.succeeded");
     h.metrics.callback(RelayResult::Forbidden);
     h.metrics.redis_call("ping", 0.001, true);
-    let exposition = reqwest::Client::new()
-        .get(format!("http://{}/metrics", h.admin_addr))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .expect("the admin listener answers")
-        .text()
-        .await
-        .unwrap();
+    let (_, _, exposition) = get(h.admin_addr, "/metrics").await;
     let served = sample_names(&exposition);
     assert!(served.contains("transfer_breaker_open"), "{exposition}");
     let mut queried = BTreeSet::new();

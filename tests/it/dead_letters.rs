@@ -2,166 +2,36 @@
 //! the real binary against the dead-letter queue a real worker filled, on the local broker.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Output;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, Consumer};
+use lapin::{BasicProperties, Channel};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use transfer_worker::app::{App, AppError};
-use transfer_worker::broker::topology;
-use transfer_worker::config::Settings;
-use transfer_worker::shutdown::Shutdown;
-use transfer_worker::tools::simulator::{self, Reply, Simulator, SimulatorConfig};
+use transfer_worker::tools::simulator::Reply;
 
-use crate::cli::{binary, output};
 use crate::harness::{
-    Cleanup, EVENT_WAIT, events_queue, passive, take_all, test_channel, test_settings, worker_env,
+    EVENT_WAIT, Harness, binary, declared, output, own_topology, passive, publish_confirmed,
+    succeeded, take_all, wait_for, worker_env,
 };
 
-/// A worker and its simulator, with a consumer of every event. Unlike the shared harness it
-/// does not consume the dead-letter queue: that is what the commands under test read.
-struct Rig {
-    settings: Settings,
-    sim: Simulator,
-    _conn: Connection,
-    channel: Channel,
-    events: Consumer,
-    app: Option<JoinHandle<Result<(), AppError>>>,
-    shutdown: Shutdown,
-    _cleanup: Cleanup,
-}
-
-impl Rig {
-    async fn start() -> Self {
-        crate::init_logs();
-        let mut settings = test_settings();
-        let sim = Simulator::start(SimulatorConfig {
-            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            bots: simulator::bots_from_settings(&settings),
-            callbacks: false,
-            ..SimulatorConfig::default()
-        })
-        .await
-        .expect("simulator starts");
-        settings.agentassist.base_url = sim.base_url();
-        let cleanup = cleanup(&settings);
-        let (conn, channel) = test_channel().await;
-        topology::declare(&channel, &settings.amqp)
-            .await
-            .expect("topology");
-        let queue = events_queue(&channel, &settings.amqp.results_exchange).await;
-        let events = topology::watch(&channel, queue.into(), Duration::from_secs(10))
-            .await
-            .expect("consume events");
-        let app = App::build(settings.clone()).await.expect("app builds");
-        let shutdown = app.shutdown();
-        let broker = app.broker();
-        let handle = tokio::spawn(app.run_until_stopped());
-        let until = tokio::time::Instant::now() + EVENT_WAIT;
-        while !broker.is_ready() {
-            assert!(tokio::time::Instant::now() < until, "worker not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self {
-            settings,
-            sim,
-            _conn: conn,
-            channel,
-            events,
-            app: Some(handle),
-            shutdown,
-            _cleanup: cleanup,
-        }
-    }
-
-    async fn publish(&self, command: &Value) {
-        publish_to(
-            &self.channel,
-            "",
-            &self.settings.amqp.commands_queue,
-            &serde_json::to_vec(command).unwrap(),
-            BasicProperties::default().with_timestamp(unix_now()),
-        )
+/// Publishes a command stamped with the time it was sent.
+async fn publish(h: &Harness, command: &Value) {
+    let stamped = BasicProperties::default().with_timestamp(unix_now());
+    h.publish_raw(&serde_json::to_vec(command).unwrap(), stamped)
         .await;
-    }
-
-    /// The next event: its name, commandId and eventId.
-    async fn next_event(&mut self) -> (String, String, String) {
-        let delivery = tokio::time::timeout(EVENT_WAIT, self.events.next())
-            .await
-            .expect("an event in time")
-            .expect("consumer open")
-            .expect("delivery");
-        let v: Value = serde_json::from_slice(&delivery.data).unwrap();
-        let text = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-        (text("event"), text("commandId"), text("eventId"))
-    }
-
-    fn dead_letter_queue(&self) -> &str {
-        &self.settings.amqp.dead_letter_queue
-    }
-
-    /// The `dead-letters` command with these arguments, pointed at this test's topology.
-    async fn cli(&self, args: &[&str]) -> Output {
-        let mut command = binary();
-        command
-            .arg("dead-letters")
-            .args(args)
-            .envs(worker_env(&self.settings.amqp, &self.sim.base_url()));
-        output(command, Duration::from_secs(60)).await
-    }
-
-    async fn stop(mut self) {
-        self.shutdown.stop();
-        let handle = self.app.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(30), handle)
-            .await
-            .expect("app stops in time")
-            .expect("app task")
-            .expect("app stops cleanly");
-    }
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.shutdown.abandon();
-    }
-}
-
-fn cleanup(settings: &Settings) -> Cleanup {
-    let amqp = &settings.amqp;
-    Cleanup::new(
-        vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()],
-        vec![
-            amqp.results_exchange.clone(),
-            amqp.dead_letter_exchange.clone(),
-        ],
-    )
-}
-
-async fn publish_to(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .unwrap();
-    assert!(confirm.await.unwrap().is_ack());
+/// The `dead-letters` command with these arguments, pointed at this test's topology.
+async fn cli(h: &Harness, args: &[&str]) -> Output {
+    let mut command = binary();
+    command
+        .arg("dead-letters")
+        .args(args)
+        .envs(worker_env(&h.settings.amqp, &h.sim.base_url()));
+    output(command, Duration::from_secs(60)).await
 }
 
 fn unix_now() -> u64 {
@@ -191,60 +61,41 @@ async fn depth(channel: &Channel, queue: &str) -> u32 {
 
 /// Waits until `queue` holds `n` ready messages.
 async fn wait_depth(channel: &Channel, queue: &str, n: u32) {
-    let until = tokio::time::Instant::now() + EVENT_WAIT;
-    loop {
-        let now = depth(channel, queue).await;
-        if now == n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{queue} holds {now} messages, not {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let what = format!("{queue} holding {n} messages");
+    wait_for(&what, EVENT_WAIT, String::new, async || {
+        depth(channel, queue).await == n
+    })
+    .await;
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn succeeded(out: &Output) -> String {
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-    stdout
-}
-
 /// A failed and a rejected command, dead-lettered by the worker; returns their ids.
-async fn fill(rig: &mut Rig, tag: &str) -> (String, String) {
+async fn fill(h: &mut Harness, tag: &str) -> (String, String) {
     let failed = format!("dl-failed-{tag}");
     let rejected = format!("dl-rejected-{tag}");
-    rig.sim.script([permanent_error()]);
-    rig.publish(&command(&failed)).await;
-    assert_eq!(rig.next_event().await.0, "transfer.failed");
-    rig.publish(&json!({"commandId": rejected, "botSessionId": "s-bad", "aId": "a-dl"}))
-        .await;
-    assert_eq!(rig.next_event().await.0, "transfer.rejected");
-    let queue = rig.dead_letter_queue().to_owned();
-    wait_depth(&rig.channel, &queue, 2).await;
+    h.sim.script([permanent_error()]);
+    publish(h, &command(&failed)).await;
+    assert_eq!(h.next_event().await.name(), "transfer.failed");
+    let bad = json!({"commandId": rejected, "botSessionId": "s-bad", "aId": "a-dl"});
+    publish(h, &bad).await;
+    assert_eq!(h.next_event().await.name(), "transfer.rejected");
+    wait_depth(&h.channel, &h.settings.amqp.dead_letter_queue, 2).await;
     (failed, rejected)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_names_what_is_dead_lettered_and_leaves_it_there_and_purge_wants_yes() {
-    let mut rig = Rig::start().await;
+    let mut h = Harness::start(|_, _| {}).await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let (failed, rejected) = fill(&mut rig, &tag).await;
-    let queue = rig.dead_letter_queue().to_owned();
+    let (failed, rejected) = fill(&mut h, &tag).await;
+    let queue = h.settings.amqp.dead_letter_queue.clone();
 
     // `--config FILE`, like `run`: the queue's name comes from the file.
     let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    let amqp = &rig.settings.amqp;
+    let amqp = &h.settings.amqp;
     writeln!(
         config,
         "[amqp]\nurl = {:?}\ncommands_queue = {:?}\ndead_letter_queue = {:?}",
@@ -278,101 +129,94 @@ async fn list_names_what_is_dead_lettered_and_leaves_it_there_and_purge_wants_ye
         listed.contains(&format!("2 message(s) in {queue}")),
         "{listed}"
     );
-    assert_eq!(depth(&rig.channel, &queue).await, 2, "list consumed");
+    assert_eq!(depth(&h.channel, &queue).await, 2, "list consumed");
 
     // Listed again, they are all still there: returning them cost nothing.
-    let limited = succeeded(&rig.cli(&["list", "--limit", "1"]).await);
+    let limited = succeeded(&cli(&h, &["list", "--limit", "1"]).await);
     assert_eq!(limited.lines().count(), 3, "{limited}");
     assert!(limited.contains("1 of 2 message(s)"), "{limited}");
-    let again = succeeded(&rig.cli(&["list"]).await);
+    let again = succeeded(&cli(&h, &["list"]).await);
     assert!(
         again.contains(&failed) && again.contains(&rejected),
         "{again}"
     );
-    assert_eq!(depth(&rig.channel, &queue).await, 2);
+    assert_eq!(depth(&h.channel, &queue).await, 2);
 
     // An id that is not there: non-zero, and nothing moves.
-    let unknown = rig.cli(&["replay", "--command-id", "dl-unknown"]).await;
+    let unknown = cli(&h, &["replay", "--command-id", "dl-unknown"]).await;
     assert!(!unknown.status.success(), "{}", text(&unknown.stdout));
     assert!(
         text(&unknown.stdout).contains("not found: dl-unknown"),
         "{}",
         text(&unknown.stdout)
     );
-    assert_eq!(depth(&rig.channel, &queue).await, 2);
-    assert_eq!(
-        depth(&rig.channel, &rig.settings.amqp.commands_queue).await,
-        0
-    );
-    assert_eq!(rig.sim.stats().calls, 1);
+    assert_eq!(depth(&h.channel, &queue).await, 2);
+    assert_eq!(depth(&h.channel, &h.settings.amqp.commands_queue).await, 0);
+    assert_eq!(h.sim.stats().calls, 1);
 
-    let refused = rig.cli(&["purge"]).await;
+    let refused = cli(&h, &["purge"]).await;
     assert!(!refused.status.success());
     assert!(
         text(&refused.stderr).contains("--yes"),
         "{}",
         text(&refused.stderr)
     );
-    assert_eq!(depth(&rig.channel, &queue).await, 2);
-    let purged = succeeded(&rig.cli(&["purge", "--yes"]).await);
+    assert_eq!(depth(&h.channel, &queue).await, 2);
+    let purged = succeeded(&cli(&h, &["purge", "--yes"]).await);
     assert!(purged.contains("removed 2 message(s)"), "{purged}");
-    assert_eq!(depth(&rig.channel, &queue).await, 0);
-    rig.stop().await;
+    assert_eq!(depth(&h.channel, &queue).await, 0);
+    h.stop().await.expect("app stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_processes_a_failed_command_again_and_answers_a_completed_one_from_memory() {
-    let mut rig = Rig::start().await;
+    let mut h = Harness::start(|_, _| {}).await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let (failed, rejected) = fill(&mut rig, &tag).await;
+    let (failed, rejected) = fill(&mut h, &tag).await;
     // Published again, the failed command is answered from memory: a second copy of it is
     // dead-lettered, with the same eventId.
-    rig.publish(&command(&failed)).await;
-    let (event, _, _) = rig.next_event().await;
-    assert_eq!(event, "transfer.failed");
-    let queue = rig.dead_letter_queue().to_owned();
-    wait_depth(&rig.channel, &queue, 3).await;
-    assert_eq!(rig.sim.stats().calls, 1);
+    publish(&h, &command(&failed)).await;
+    assert_eq!(h.next_event().await.name(), "transfer.failed");
+    let queue = h.settings.amqp.dead_letter_queue.clone();
+    wait_depth(&h.channel, &queue, 3).await;
+    assert_eq!(h.sim.stats().calls, 1);
 
     // The simulator accepts from now on. Both copies go back, in order: the first is
     // processed as new, the second finds it completed.
-    let out = succeeded(&rig.cli(&["replay", "--command-id", &failed]).await);
+    let out = succeeded(&cli(&h, &["replay", "--command-id", &failed]).await);
     assert!(
         out.contains("replayed 2 message(s)") && out.contains(&failed),
         "{out}"
     );
-    let (first, id, first_event_id) = rig.next_event().await;
+    let first = h.next_event().await;
     assert_eq!(
-        (first.as_str(), id.as_str()),
+        (first.name(), first.command_id()),
         ("transfer.succeeded", failed.as_str())
     );
-    let (second, id, second_event_id) = rig.next_event().await;
+    let second = h.next_event().await;
     assert_eq!(
-        (second.as_str(), id.as_str()),
+        (second.name(), second.command_id()),
         ("transfer.succeeded", failed.as_str())
     );
     assert_eq!(
-        second_event_id, first_event_id,
+        second.json["eventId"], first.json["eventId"],
         "the completed command is answered from memory"
     );
-    assert_eq!(rig.sim.stats().calls, 2, "one new call, not two");
+    assert_eq!(h.sim.stats().calls, 2, "one new call, not two");
 
     // Exactly those were removed: the rejected command stays.
-    assert_eq!(depth(&rig.channel, &queue).await, 1);
-    let listed = succeeded(&rig.cli(&["list"]).await);
+    assert_eq!(depth(&h.channel, &queue).await, 1);
+    let listed = succeeded(&cli(&h, &["list"]).await);
     assert!(listed.contains(&rejected), "{listed}");
     assert!(!listed.contains(&failed), "{listed}");
-    rig.stop().await;
+    h.stop().await.expect("app stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_republishes_as_received_and_keeps_what_it_could_not_confirm() {
-    crate::init_logs();
-    let settings = test_settings();
+    let (settings, _cleanup) = own_topology();
     let amqp = &settings.amqp;
-    let _cleanup = cleanup(&settings);
-    let (_conn, channel) = test_channel().await;
-    topology::declare(&channel, amqp).await.expect("topology");
+    let (_conn, channel) = declared(amqp).await;
     let mut headers = FieldTable::default();
     let long = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
     headers.insert("x-transfer-event".into(), long("transfer.failed"));
@@ -391,14 +235,8 @@ async fn replay_republishes_as_received_and_keeps_what_it_could_not_confirm() {
         .with_timestamp(1_700_000_000)
         .with_headers(headers);
     let body = br#"{"commandId":"dl-asis","orgId":"o"}"#;
-    publish_to(
-        &channel,
-        &amqp.dead_letter_exchange,
-        "",
-        body,
-        properties.clone(),
-    )
-    .await;
+    let dead = [(body, properties.clone())];
+    publish_confirmed(&channel, &amqp.dead_letter_exchange, "", dead.clone()).await;
     wait_depth(&channel, &amqp.dead_letter_queue, 1).await;
     let env = worker_env(amqp, "http://127.0.0.1:9");
     let run = async |args: &[&str]| {
@@ -428,14 +266,7 @@ async fn replay_republishes_as_received_and_keeps_what_it_could_not_confirm() {
     assert_eq!(got_headers, properties.headers().as_ref().unwrap().inner());
 
     // With the commands queue gone nothing confirms the copy: it stays where it was.
-    publish_to(
-        &channel,
-        &amqp.dead_letter_exchange,
-        "",
-        body,
-        properties.clone(),
-    )
-    .await;
+    publish_confirmed(&channel, &amqp.dead_letter_exchange, "", dead).await;
     wait_depth(&channel, &amqp.dead_letter_queue, 1).await;
     channel
         .queue_delete(
@@ -456,16 +287,13 @@ async fn replay_republishes_as_received_and_keeps_what_it_could_not_confirm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_broker_dead_lettered_past_the_delivery_limit_is_listed_as_poison() {
-    crate::init_logs();
-    let mut settings = test_settings();
+    let (mut settings, _cleanup) = own_topology();
     settings.amqp.delivery_limit = 1;
     let amqp = &settings.amqp;
-    let _cleanup = cleanup(&settings);
-    let (_conn, channel) = test_channel().await;
-    topology::declare(&channel, amqp).await.expect("topology");
+    let (_conn, channel) = declared(amqp).await;
     let body = b"\xffnot a command";
     let properties = BasicProperties::default().with_message_id("m-dl-poison".into());
-    publish_to(&channel, "", &amqp.commands_queue, body, properties).await;
+    publish_confirmed(&channel, "", &amqp.commands_queue, [(body, properties)]).await;
     // Returned until the broker gives up on it, as after a worker crashing on it.
     let mut consumer = channel
         .basic_consume(

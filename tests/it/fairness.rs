@@ -9,8 +9,12 @@ use serde_json::{Value, json};
 use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{self, RecordedRequest, SimulatorConfig};
 
-use crate::harness::{EVENT_WAIT, Harness, Received, agent_command};
-use crate::replicas::{BotSpec, Fleet, FleetSpec, command_of, redis_url, session_command};
+use crate::harness::process::config_file;
+use crate::harness::{
+    BotSpec, Cleanup, Fleet, FleetSpec, Harness, Received, account_queues, agent_command, binary,
+    command_of, left_in, output, publish_confirmed, session_command, succeeded, test_channel_at,
+    test_settings,
+};
 
 /// The quiet account's bot.
 const QUIET_STREAM: &str = "st-00000000-0000-4000-8000-0000000000b1";
@@ -34,6 +38,31 @@ fn two_accounts(s: &mut Settings, sim: &mut SimulatorConfig, limit: u32, window:
     s.bots.push(quiet);
     sim.bots = simulator::bots_from_settings(s);
     sim.latency = Duration::from_millis(100);
+}
+
+/// A worker for [`two_accounts`], with a prefetch of 64 and the noisy account's cap.
+async fn two_account_worker(
+    base: Settings,
+    limit: u32,
+    window: Duration,
+    cap: Option<u32>,
+) -> Harness {
+    Harness::start_with(base, |s, sim| {
+        two_accounts(s, sim, limit, window);
+        s.bots[0].max_in_flight = cap;
+        s.amqp.prefetch = 64;
+    })
+    .await
+}
+
+/// Publishes `n` commands of the noisy account (the default bot), `{prefix}-{i}` each in a
+/// session of its own.
+async fn backlog(h: &Harness, prefix: &str, n: usize) {
+    let noisy = &h.settings.bots[0].stream_id;
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        h.publish(&command(noisy, &id, &format!("s-{id}"))).await;
+    }
 }
 
 fn command(stream: &str, id: &str, session: &str) -> Value {
@@ -88,7 +117,7 @@ impl Rig for Harness {
         self.publish(command).await;
     }
     async fn event(&mut self) -> Received {
-        self.next_event().await
+        self.events.next().await
     }
 }
 
@@ -97,9 +126,7 @@ impl Rig for Fleet {
         self.publish(command).await;
     }
     async fn event(&mut self) -> Received {
-        self.next_event_within(EVENT_WAIT)
-            .await
-            .expect("an event in time")
+        self.events.next().await
     }
 }
 
@@ -133,20 +160,8 @@ async fn quiet_latencies(rig: &mut impl Rig, n: usize, others: &mut Vec<String>)
 
 #[tokio::test]
 async fn a_backlog_of_one_account_does_not_hold_another() {
-    let mut h = Harness::start(|s, sim| {
-        two_accounts(s, sim, 5, Duration::from_secs(3));
-        s.amqp.prefetch = 64;
-    })
-    .await;
-    let noisy = h.settings.bots[0].stream_id.clone();
-    for i in 0..300 {
-        h.publish(&command(
-            &noisy,
-            &format!("noisy-{i}"),
-            &format!("s-noisy-{i}"),
-        ))
-        .await;
-    }
+    let mut h = two_account_worker(test_settings(), 5, Duration::from_secs(3), None).await;
+    backlog(&h, "noisy", 300).await;
     let mut noisy_done = Vec::new();
     let took = quiet_latencies(&mut h, 5, &mut noisy_done).await;
     assert!(
@@ -180,12 +195,11 @@ async fn a_backlog_of_one_account_does_not_hold_another() {
     // in its account's queue, exactly once.
     h.stop_app().await.expect("the app stops cleanly");
     noisy_done.extend(h.drain_events().await);
-    let waiting = h
-        .left_in(&[
-            h.settings.amqp.commands_queue.clone(),
-            transfer_worker::contract::names::account_queue(&h.settings.amqp.commands_queue, NOISY),
-        ])
-        .await;
+    let waiting = left_in(&[
+        h.settings.amqp.commands_queue.clone(),
+        transfer_worker::contract::names::account_queue(&h.settings.amqp.commands_queue, NOISY),
+    ])
+    .await;
     assert_each_once(noisy_done, waiting, 300);
 }
 
@@ -206,7 +220,8 @@ fn assert_each_once(ended: Vec<String>, left: Vec<String>, all: usize) {
 
 #[tokio::test]
 async fn in_a_fleet_a_backlog_of_one_account_does_not_hold_another() {
-    let mut fleet = two_account_fleet(5, "3s", 64, Duration::from_millis(100)).await;
+    let mut fleet =
+        two_account_fleet(5, Duration::from_secs(3), 64, Duration::from_millis(100)).await;
     let noisy_account = fleet.settings.bots[0].account_id.clone();
     let noisy = fleet.settings.bots[0].stream_id.clone();
     let commands: Vec<Value> = (0..300)
@@ -230,17 +245,13 @@ async fn in_a_fleet_a_backlog_of_one_account_does_not_hold_another() {
         let status = r.terminate(Duration::from_secs(20)).await;
         assert!(status.success(), "{} exited with {status}", r.name);
     }
-    while let Some(e) = fleet.next_event_within(Duration::from_secs(1)).await {
-        ended.push(e.command_id().to_owned());
-    }
+    let rest = fleet.events.drain(Duration::from_secs(1)).await;
+    ended.extend(rest.iter().map(|e| e.command_id().to_owned()));
     ended.retain(|id| id.starts_with("noisy-"));
     let mut queues = vec![fleet.settings.amqp.commands_queue.clone()];
     queues.extend(fleet.partition_queues());
-    queues.extend(crate::harness::account_queues(
-        &fleet.settings,
-        fleet.partitions,
-    ));
-    assert_each_once(ended, crate::harness::left_in(&queues).await, 300);
+    queues.extend(account_queues(&fleet.settings));
+    assert_each_once(ended, left_in(&queues).await, 300);
 }
 
 /// Quiet commands published every `every` for `during`, each checked to end within
@@ -287,21 +298,9 @@ async fn steady_quiet(
 #[tokio::test]
 async fn a_backlogged_account_gets_exactly_its_budget_while_others_flow() {
     let window = Duration::from_secs(2);
-    let mut h = Harness::start(|s, sim| {
-        two_accounts(s, sim, 5, window);
-        s.amqp.prefetch = 64;
-    })
-    .await;
-    let noisy = h.settings.bots[0].stream_id.clone();
+    let mut h = two_account_worker(test_settings(), 5, window, None).await;
     // More than the prefetch: without fairness the quiet account would find no room.
-    for i in 0..200 {
-        h.publish(&command(
-            &noisy,
-            &format!("noisy-{i}"),
-            &format!("s-noisy-{i}"),
-        ))
-        .await;
-    }
+    backlog(&h, "noisy", 200).await;
     let mut ended = Vec::new();
     let took = steady_quiet(
         &mut h,
@@ -327,22 +326,11 @@ async fn a_backlogged_account_gets_exactly_its_budget_while_others_flow() {
 #[tokio::test]
 async fn a_slow_account_cannot_take_every_slot() {
     let cap = 4;
-    let mut h = Harness::start(|s, sim| {
-        two_accounts(s, sim, 10_000, Duration::from_secs(1));
-        s.bots[0].max_in_flight = Some(cap);
-        s.amqp.prefetch = 64;
-    })
-    .await;
-    let noisy = h.settings.bots[0].stream_id.clone();
-    h.sim.set_latency(&noisy, Duration::from_secs(2));
-    for i in 0..100 {
-        h.publish(&command(
-            &noisy,
-            &format!("slow-{i}"),
-            &format!("s-slow-{i}"),
-        ))
-        .await;
-    }
+    let mut h =
+        two_account_worker(test_settings(), 10_000, Duration::from_secs(1), Some(cap)).await;
+    h.sim
+        .set_latency(&h.settings.bots[0].stream_id, Duration::from_secs(2));
+    backlog(&h, "slow", 100).await;
     let mut ended = Vec::new();
     let took = quiet_latencies(&mut h, 5, &mut ended).await;
     assert!(
@@ -388,10 +376,10 @@ fn short_timeout_broker() -> String {
 /// That broker enforces its timeout: a consumer that holds a delivery for 15 s loses its
 /// channel. Without this, the test below would prove nothing.
 async fn assert_the_broker_enforces_its_consumer_timeout(url: &str) {
-    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
-    let (_conn, channel) = crate::harness::test_channel_at(url).await;
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    let (_conn, channel) = test_channel_at(url).await;
     let queue = format!("tw-test-timeout-{}", uuid::Uuid::new_v4().simple());
-    let _cleanup = crate::harness::Cleanup::at(url.to_owned(), vec![queue.clone()], vec![]);
+    let _cleanup = Cleanup::at(url.to_owned(), vec![queue.clone()], vec![]);
     let mut args = lapin::types::FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -405,19 +393,9 @@ async fn assert_the_broker_enforces_its_consumer_timeout(url: &str) {
         .queue_declare(queue.as_str().into(), durable, args)
         .await
         .unwrap();
-    channel
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            b"held",
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let held_on = crate::harness::test_channel_at(url).await;
+    let held = [(b"held", lapin::BasicProperties::default())];
+    publish_confirmed(&channel, "", &queue, held).await;
+    let held_on = test_channel_at(url).await;
     let mut consumer = held_on
         .1
         .basic_consume(
@@ -448,27 +426,15 @@ async fn assert_the_broker_enforces_its_consumer_timeout(url: &str) {
 async fn no_delivery_is_held_for_half_the_consumer_timeout_while_a_backlog_waits() {
     let url = short_timeout_broker();
     assert_the_broker_enforces_its_consumer_timeout(&url).await;
-    let mut base = crate::harness::test_settings();
+    let mut base = test_settings();
     base.amqp.url = url;
     // The broker's 10 s; the worker keeps every delivery under 5 s.
     base.amqp.consumer_timeout = Duration::from_secs(10);
     let window = Duration::from_secs(3);
-    let mut h = Harness::start_with(base, |s, sim| {
-        two_accounts(s, sim, 5, window);
-        s.amqp.prefetch = 64;
-    })
-    .await;
-    let noisy = h.settings.bots[0].stream_id.clone();
+    let mut h = two_account_worker(base, 5, window, None).await;
     // 60 commands at 5 per 3 s take 36 s: today's prefetch alone would hold most of them for
     // longer than the broker allows.
-    for i in 0..60 {
-        h.publish(&command(
-            &noisy,
-            &format!("noisy-{i}"),
-            &format!("s-noisy-{i}"),
-        ))
-        .await;
-    }
+    backlog(&h, "noisy", 60).await;
     let mut ended = Vec::new();
     let took = steady_quiet(
         &mut h,
@@ -491,7 +457,8 @@ async fn no_delivery_is_held_for_half_the_consumer_timeout_while_a_backlog_waits
 
 #[tokio::test]
 async fn a_replica_killed_in_the_middle_of_a_backlog_loses_nothing_and_keeps_sessions_in_order() {
-    let mut fleet = two_account_fleet(20, "1s", 32, Duration::from_millis(50)).await;
+    let mut fleet =
+        two_account_fleet(20, Duration::from_secs(1), 32, Duration::from_millis(50)).await;
     let noisy_account = fleet.settings.bots[0].account_id.clone();
     let noisy = fleet.settings.bots[0].stream_id.clone();
     // 40 sessions of 5 commands, interleaved: 10 s of the noisy account's budget.
@@ -558,76 +525,43 @@ async fn a_replica_killed_in_the_middle_of_a_backlog_loses_nothing_and_keeps_ses
 
 /// What `transfer-worker status` prints for these settings' queues and bots.
 async fn status_of(settings: &Settings) -> String {
-    use secrecy::ExposeSecret;
-    use std::io::Write as _;
-    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    for bot in &settings.bots {
-        writeln!(
-            file,
-            "[[bots]]\nstream_id = {:?}\naccount_id = {:?}\nclient_id = {:?}\n\
-             client_secret = {:?}\nrate_limit = {}\nrate_window = \"{}ms\"",
-            bot.stream_id,
-            bot.account_id,
-            bot.client_id,
-            bot.client_secret.as_ref().unwrap().expose_secret(),
-            bot.rate_limit,
-            bot.rate_window.as_millis(),
-        )
-        .unwrap();
-    }
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"))
+    let file = config_file(&settings.bots);
+    let mut command = binary();
+    command
         .args(["status", "--config"])
         .arg(file.path())
         .env("TRANSFER__AMQP__URL", &settings.amqp.url)
         .env(
             "TRANSFER__AMQP__COMMANDS_QUEUE",
             &settings.amqp.commands_queue,
-        )
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+        );
+    succeeded(&output(command, Duration::from_secs(60)).await)
 }
 
 /// Three replicas sharing 8 partitions through Redis, ready and balanced: the noisy account
 /// (the default bot) at `limit` per `window`, and the quiet one with budget to spare.
 async fn two_account_fleet(
     limit: u32,
-    window: &'static str,
+    window: Duration,
     prefetch: u16,
     latency: Duration,
 ) -> Fleet {
-    let fleet = Fleet::start(FleetSpec {
-        replicas: 3,
-        redis_url: Some(redis_url()),
-        rate_limit: limit,
-        rate_window: window,
-        prefetch,
-        latency,
-        env: vec![
-            ("TRANSFER__FLEET__PARTITIONS".into(), "8".into()),
-            ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
-            ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
-            // A call on the wire when its replica dies may go out again after this.
-            ("TRANSFER__FLEET__LEASE".into(), "3s".into()),
-        ],
-        more_bots: vec![BotSpec {
-            stream_id: QUIET_STREAM.into(),
-            account_id: QUIET.into(),
-            rate_limit: 10_000,
-            rate_window: "1s",
-            max_in_flight: None,
-        }],
-    })
-    .await;
-    fleet
-        .wait_balanced(&[0, 1, 2], Duration::from_secs(20))
-        .await;
-    fleet
+    Fleet::start_balanced(
+        FleetSpec {
+            rate_limit: limit,
+            rate_window: window,
+            prefetch,
+            latency,
+            more_bots: vec![BotSpec {
+                stream_id: QUIET_STREAM.into(),
+                account_id: QUIET.into(),
+                rate_limit: 10_000,
+                rate_window: Duration::from_secs(1),
+                max_in_flight: None,
+            }],
+            ..FleetSpec::partitioned(3, 8)
+        },
+        Duration::from_secs(20),
+    )
+    .await
 }

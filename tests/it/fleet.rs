@@ -11,8 +11,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::harness::{Received, agent_command, test_channel, test_settings};
-use crate::replicas::{Fleet, FleetSpec, RedisServer, redis_url, wait_for};
+use crate::harness::redis::RedisServer;
+use crate::harness::{
+    Fleet, FleetSpec, Received, agent_command, redis_url, test_channel, test_settings, wait_for,
+};
 
 /// Command `i` of a test, each in its own session and with its own agent, so the simulator's
 /// log names the command.
@@ -213,7 +215,7 @@ async fn three_replicas_never_exceed_the_accounts_rate_window() {
         replicas: 3,
         redis_url: Some(redis_url()),
         rate_limit: limit,
-        rate_window: "3s",
+        rate_window: Duration::from_secs(3),
         latency: Duration::from_millis(50),
         // A call on the wire at the kill may go out again once its lease has passed.
         env: vec![("TRANSFER__FLEET__LEASE".into(), "3s".into())],
@@ -404,14 +406,9 @@ async fn with_redis_down_no_call_starts_readiness_fails_and_everything_completes
     let commands: Vec<Value> = (0..n).map(|i| command("held", i)).collect();
     fleet.publish_all(&commands).await;
     let down = Instant::now();
-    let r = &fleet.replicas[active];
-    wait_for(
-        "the active replica's /readyz 503 with Redis down",
-        Duration::from_secs(5),
-        || r.log(),
-        async || r.readyz().await == Some(StatusCode::SERVICE_UNAVAILABLE),
-    )
-    .await;
+    fleet.replicas[active]
+        .wait_readyz(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(5))
+        .await;
     let unready_after = down.elapsed();
     let mut standby_statuses = Vec::new();
     for r in &fleet.replicas {
@@ -457,13 +454,7 @@ async fn with_redis_down_no_call_starts_readiness_fails_and_everything_completes
     }
     assert_eq!(fleet.sim.stats().calls as usize, n + 1);
     for r in &fleet.replicas {
-        wait_for(
-            &format!("{} /readyz 200 with Redis back", r.name),
-            Duration::from_secs(10),
-            || r.log(),
-            async || r.readyz().await == Some(StatusCode::OK),
-        )
-        .await;
+        r.wait_readyz(StatusCode::OK, Duration::from_secs(10)).await;
     }
     let mut errors = 0.0;
     for r in &fleet.replicas {

@@ -14,9 +14,9 @@ use transfer_worker::contract::Target;
 use transfer_worker::contract::event::{Event, EventKind, callback_event_id};
 use transfer_worker::tools::simulator::Reply;
 
-use crate::harness::{Harness, agent_command, amqp_url, test_channel};
-use crate::init_logs;
-use crate::proxy::Proxy;
+use crate::harness::{
+    Harness, agent_command, amqp_url, eventually, expire_in, passive, test_channel, test_settings,
+};
 use crate::relay::post;
 use crate::schemas::{assert_valid, schema};
 
@@ -37,18 +37,8 @@ fn rate_limited(retry_after: &str) -> Reply {
     }
 }
 
-/// Polls `check` every 20 ms for up to 20 s.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(tokio::time::Instant::now() < until, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timestamp_at_the_end_of_time_neither_kills_the_worker_nor_sets_a_deadline() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let props = BasicProperties::default().with_timestamp(u64::MAX);
     h.publish_raw(
@@ -68,7 +58,6 @@ async fn a_timestamp_at_the_end_of_time_neither_kills_the_worker_nor_sets_a_dead
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_at_the_end_of_time_is_cut_to_the_maximum_and_the_session_goes_on() {
-    init_logs();
     let mut h = Harness::start(|s, _| s.retry.max_retry_after = Duration::from_millis(500)).await;
     h.sim
         .script([rate_limited("18446744073709551615"), Reply::Accept]);
@@ -94,7 +83,6 @@ async fn a_retry_after_at_the_end_of_time_is_cut_to_the_maximum_and_the_session_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_retry_after_does_not_pause_the_account_for_centuries() {
-    init_logs();
     let mut h = Harness::start(|s, _| s.retry.max_retry_after = Duration::from_millis(300)).await;
     // 95 years: no overflow, but without a cap every call of the account would wait for it.
     h.sim.script([rate_limited("3000000000"), Reply::Accept]);
@@ -110,12 +98,10 @@ async fn a_huge_retry_after_does_not_pause_the_account_for_centuries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_past_the_deadline_fails_the_command_at_once() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     h.sim.script([rate_limited("120"), Reply::Accept]);
-    let expires = SystemTime::now() + Duration::from_secs(30);
     let mut command = agent_command("ra-deadline", "s-ra-deadline");
-    command["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(expires));
+    let expires = expire_in(&mut command, Duration::from_secs(30));
     h.publish(&command).await;
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.failed", "{}", e.json);
@@ -130,7 +116,6 @@ async fn a_retry_after_past_the_deadline_fails_the_command_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_inside_one_command_fails_it_alone_and_its_session_goes_on() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let mut bad = agent_command("boom", "s-boom");
     bad["orgId"] = json!(FAULT_PANIC_ORG_ID);
@@ -170,7 +155,6 @@ async fn a_panic_inside_one_command_fails_it_alone_and_its_session_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_success_body_over_64_kib_is_cut_and_the_event_says_so() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let big = format!(
         r#"{{"status":"transferred","pad":"{}"}}"#,
@@ -199,7 +183,6 @@ async fn a_success_body_over_64_kib_is_cut_and_the_event_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_the_grace_has_run_out_no_new_call_starts() {
-    init_logs();
     let mut h = Harness::start(|s, sim| {
         s.shutdown.grace = Duration::from_millis(200);
         sim.latency = Duration::from_secs(2);
@@ -222,7 +205,7 @@ async fn once_the_grace_has_run_out_no_new_call_starts() {
     let queue = h.settings.amqp.commands_queue.clone();
     let until = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let q = crate::harness::passive(&h.channel, &queue).await;
+        let q = passive(&h.channel, &queue).await;
         if q.consumer_count() == 0 {
             assert_eq!(q.message_count(), 1, "the command is back in the queue");
             break;
@@ -237,7 +220,6 @@ async fn once_the_grace_has_run_out_no_new_call_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_posted_twice_carries_one_event_id_and_expired_tokens_get_404() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let ids = CallbackIds {
         command_id: "cb-1".into(),
@@ -297,7 +279,7 @@ async fn a_publish_the_broker_never_confirmed_is_an_error() {
     let (conn, _) = test_channel().await;
     // A channel without confirm mode: lapin answers every publish "not requested".
     let channel = conn.create_channel().await.unwrap();
-    let mut amqp = crate::harness::test_settings().amqp;
+    let mut amqp = test_settings().amqp;
     amqp.url = amqp_url();
     amqp.results_exchange = "amq.topic".into();
     amqp.dead_letter_exchange = "amq.fanout".into();
@@ -321,14 +303,8 @@ async fn a_publish_the_broker_never_confirmed_is_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_of_a_lost_connection_neither_pauses_nor_nacks_before_its_redelivery() {
-    init_logs();
-    let proxy = Proxy::start().await;
-    let url = proxy.amqp_url();
-    let mut h = Harness::start(|s, sim| {
-        s.amqp.url = url;
-        sim.latency = Duration::from_millis(1500);
-    })
-    .await;
+    let (proxy, mut h) =
+        Harness::start_behind_proxy(|_, sim| sim.latency = Duration::from_millis(1500)).await;
     h.publish(&agent_command("lost-1", "s-lost")).await;
     eventually("the command is in flight", || {
         h.metrics.commands_in_flight.get() == 1
@@ -402,7 +378,6 @@ fn a_typo_in_the_config_stops_run_and_config_naming_the_key_and_its_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_value_quoted_in_a_rejection_is_cut_and_the_dead_letter_still_goes_out() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let mut command = agent_command("huge-stream", "s-huge");
     command["streamId"] = json!("x".repeat(60_000));

@@ -32,9 +32,11 @@ use transfer_worker::fleet::Fleet;
 use transfer_worker::ops::metrics::Metrics;
 use transfer_worker::shutdown::Shutdown;
 
-use crate::harness::{Cleanup, publish_confirmed, test_channel, test_settings};
-use crate::proxy::Proxy;
-use crate::replicas::{RedisKeys, redis_url, wait_for};
+use crate::harness::broker::queue_counts;
+use crate::harness::redis::RedisKeys;
+use crate::harness::{
+    Cleanup, Proxy, publish_commands, redis_url, test_channel, test_settings, wait_for,
+};
 
 /// One piece of work: which replica, which message of which queue, from when to when.
 #[derive(Debug, Clone)]
@@ -198,24 +200,14 @@ const PARTITIONS: u16 = 2;
 
 impl Scene {
     fn new() -> Self {
-        crate::init_logs();
         let mut settings = test_settings();
         settings.amqp.prefetch = 4;
         settings.fleet.redis_url = redis_url();
         settings.fleet.partitions = PARTITIONS;
         settings.fleet.heartbeat = Duration::from_millis(250);
         settings.fleet.member_ttl = Duration::from_secs(1);
-        let amqp = &settings.amqp;
-        let mut queues = vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()];
-        queues.extend((0..PARTITIONS).map(|k| self::partition(&settings, k)));
-        let cleanup = Cleanup::new(
-            queues,
-            vec![
-                amqp.results_exchange.clone(),
-                amqp.dead_letter_exchange.clone(),
-            ],
-        );
-        let keys = RedisKeys::new(&settings.fleet.redis_url, &amqp.commands_queue);
+        let cleanup = Cleanup::topology(&settings);
+        let keys = RedisKeys::new(&settings.fleet.redis_url, &settings.amqp.commands_queue);
         Self {
             settings,
             record: Arc::default(),
@@ -225,14 +217,23 @@ impl Scene {
     }
 
     fn partition(&self, k: u16) -> String {
-        partition(&self.settings, k)
+        transfer_worker::contract::names::partition_queue(&self.settings.amqp.commands_queue, k)
     }
 
-    /// Publishes messages `from..to` to `queue`, their bodies their numbers.
-    async fn publish(&self, queue: &str, seqs: std::ops::Range<u64>) {
-        let (_conn, channel) = test_channel().await;
-        let bodies: Vec<serde_json::Value> = seqs.map(serde_json::Value::from).collect();
-        publish_confirmed(&channel, queue, &bodies).await;
+    /// Publishes messages 0..30 to `queue`, their bodies their numbers, once a replica has
+    /// declared it; waits until the first three are worked on.
+    async fn feed(&self, queue: &str) {
+        let (conn, channel) = test_channel().await;
+        wait_for(
+            &format!("{queue} declared"),
+            Duration::from_secs(20),
+            String::new,
+            async || queue_counts(&conn, queue).await.is_some(),
+        )
+        .await;
+        let bodies: Vec<serde_json::Value> = (0..30u64).map(serde_json::Value::from).collect();
+        publish_commands(&channel, queue, &bodies).await;
+        self.wait_done(queue, 3, Duration::from_secs(20)).await;
     }
 
     async fn wait_done(&self, queue: &str, n: usize, limit: Duration) {
@@ -288,10 +289,6 @@ impl Scene {
             })
             .collect()
     }
-}
-
-fn partition(settings: &Settings, k: u16) -> String {
-    transfer_worker::contract::names::partition_queue(&settings.amqp.commands_queue, k)
 }
 
 /// One replica: its consumer (partitions owned as the test says), its fleet, and the test's
@@ -405,8 +402,7 @@ async fn rejoin_inside_the_listing_lag(fence: Fence) -> Scene {
     let queue = scene.partition(0);
     let pace = Duration::from_millis(100);
     let b = Replica::start(&scene, "b", &[0], pace, fence, None).await;
-    scene.publish(&queue, 0..30).await;
-    scene.wait_done(&queue, 3, Duration::from_secs(20)).await;
+    scene.feed(&queue).await;
     // `a` comes back and takes partition 0 by its view; its consumer would now wait behind
     // b's on the single-active-consumer queue.
     let a = Replica::start(&scene, "a", &[0], pace, fence, None).await;
@@ -422,17 +418,26 @@ async fn rejoin_inside_the_listing_lag(fence: Fence) -> Scene {
     scene
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_rejoining_inside_the_listing_lag_waits_for_the_holder_to_let_go() {
-    let scene = rejoin_inside_the_listing_lag(Fence::Holds).await;
-    scene.assert_kept(&scene.partition(0), 30);
-    let unfenced = rejoin_inside_the_listing_lag(Fence::Unfenced).await;
-    let queue = unfenced.partition(0);
+/// Runs `scenario` with the fleet's holds, which must keep `queue` (30 messages), and unfenced,
+/// which must break it: so the test is known to see what the holds prevent.
+async fn kept_only_with_holds<F: Future<Output = Scene>>(
+    scenario: impl Fn(Fence) -> F,
+    queue: impl Fn(&Scene) -> String,
+) {
+    let scene = scenario(Fence::Holds).await;
+    scene.assert_kept(&queue(&scene), 30);
+    let unfenced = scenario(Fence::Unfenced).await;
+    let queue = queue(&unfenced);
     assert!(
         unfenced.broken(&queue, 30),
         "without holds the interleaving did not show: {:?}",
         unfenced.timeline(&queue)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_rejoining_inside_the_listing_lag_waits_for_the_holder_to_let_go() {
+    kept_only_with_holds(rejoin_inside_the_listing_lag, |s| s.partition(0)).await;
 }
 
 /// The holder of a partition subscribes it again when its prefetch share changes (it took
@@ -442,8 +447,7 @@ async fn share_change_while_another_waits(fence: Fence) -> Scene {
     let queue = scene.partition(0);
     let pace = Duration::from_millis(100);
     let a = Replica::start(&scene, "a", &[0], pace, fence, None).await;
-    scene.publish(&queue, 0..30).await;
-    scene.wait_done(&queue, 3, Duration::from_secs(20)).await;
+    scene.feed(&queue).await;
     let b = Replica::start(&scene, "b", &[0], pace, fence, None).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // a takes partition 1 too: partition 0's share of the prefetch halves, so it is
@@ -462,15 +466,7 @@ async fn share_change_while_another_waits(fence: Fence) -> Scene {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_share_change_lets_no_waiting_replica_in() {
-    let scene = share_change_while_another_waits(Fence::Holds).await;
-    scene.assert_kept(&scene.partition(0), 30);
-    let unfenced = share_change_while_another_waits(Fence::Unfenced).await;
-    let queue = unfenced.partition(0);
-    assert!(
-        unfenced.broken(&queue, 30),
-        "without holds the interleaving did not show: {:?}",
-        unfenced.timeline(&queue)
-    );
+    kept_only_with_holds(share_change_while_another_waits, |s| s.partition(0)).await;
 }
 
 /// The intake (the holder of the commands queue) gets SIGTERM with commands it received
@@ -483,8 +479,7 @@ async fn intake_stopped_with_commands_to_route(fence: Fence) -> Scene {
     // a holds the commands queue before b starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let b = Replica::start(&scene, "b", &[], pace, fence, None).await;
-    scene.publish(&queue, 0..30).await;
-    scene.wait_done(&queue, 3, Duration::from_secs(20)).await;
+    scene.feed(&queue).await;
     a.stop().await;
     scene.wait_done(&queue, 30, Duration::from_secs(30)).await;
     b.stop().await;
@@ -493,15 +488,10 @@ async fn intake_stopped_with_commands_to_route(fence: Fence) -> Scene {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_intake_stopped_with_commands_to_route_hands_over_only_when_done() {
-    let scene = intake_stopped_with_commands_to_route(Fence::Holds).await;
-    scene.assert_kept(&scene.settings.amqp.commands_queue, 30);
-    let unfenced = intake_stopped_with_commands_to_route(Fence::Unfenced).await;
-    let queue = unfenced.settings.amqp.commands_queue.clone();
-    assert!(
-        unfenced.broken(&queue, 30),
-        "without holds the interleaving did not show: {:?}",
-        unfenced.timeline(&queue)
-    );
+    kept_only_with_holds(intake_stopped_with_commands_to_route, |s| {
+        s.settings.amqp.commands_queue.clone()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,7 +517,7 @@ async fn a_holder_silent_past_the_ttl_has_stopped_before_another_takes_over() {
         tokio::spawn(async move {
             let (_conn, channel) = channel;
             for seq in 0u64.. {
-                publish_confirmed(&channel, &queue, &[seq.into()]).await;
+                publish_commands(&channel, &queue, &[seq.into()]).await;
                 tokio::time::sleep(Duration::from_millis(30)).await;
             }
         })

@@ -1,56 +1,17 @@
 //! Operations (CONTRACT §6): health, readiness, metrics, and shutdown on SIGTERM.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use reqwest::StatusCode;
-use secrecy::ExposeSecret;
 use serde_json::Value;
-use transfer_worker::broker::topology;
-use transfer_worker::config::Settings;
-use transfer_worker::tools::simulator::{self, Reply, Simulator, SimulatorConfig};
+use transfer_worker::tools::simulator::Reply;
 
+use crate::harness::admin::{get, series};
 use crate::harness::{
-    Cleanup, Harness, agent_command, passive, queue_command, test_channel, test_settings,
+    Fleet, FleetSpec, Harness, agent_command, passive, queue_command, sim, take_all, wait_for,
 };
-use crate::init_logs;
-use crate::proxy::Proxy;
-
-/// `GET http://{addr}{path}`: status, content type and body.
-async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String, String) {
-    let response = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .expect("the admin listener answers");
-    let status = response.status();
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (status, content_type, response.text().await.unwrap())
-}
-
-/// The samples of a text exposition, by series as printed (`name{labels}`).
-pub fn series(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("sample: {l}"));
-            let value = value
-                .parse()
-                .unwrap_or_else(|_| panic!("sample value: {l}"));
-            (key.to_owned(), value)
-        })
-        .collect()
-}
 
 /// Every label value of a series key.
 fn label_values(key: &str) -> Vec<&str> {
@@ -65,20 +26,9 @@ fn label_values(key: &str) -> Vec<&str> {
         .collect()
 }
 
-async fn wait_for(what: &str, limit: Duration, mut ok: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while !ok().await {
-        assert!(Instant::now() < until, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_connection_while_healthz_stays_up() {
-    init_logs();
-    let proxy = Proxy::start().await;
-    let url = proxy.amqp_url();
-    let h = Harness::start(|s, _| s.amqp.url = url).await;
+    let (proxy, h) = Harness::start_behind_proxy(|_, _| {}).await;
     let admin = h.admin_addr;
     assert_eq!(get(admin, "/healthz").await.0, StatusCode::OK);
     assert_eq!(get(admin, "/readyz").await.0, StatusCode::OK);
@@ -87,6 +37,7 @@ async fn readyz_follows_the_broker_connection_while_healthz_stays_up() {
     wait_for(
         "/readyz 503 after the cut",
         Duration::from_secs(5),
+        String::new,
         async || {
             assert_eq!(get(admin, "/healthz").await.0, StatusCode::OK);
             get(admin, "/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE
@@ -109,6 +60,7 @@ async fn readyz_follows_the_broker_connection_while_healthz_stays_up() {
     wait_for(
         "/readyz 200 after the restore",
         Duration::from_secs(5),
+        String::new,
         async || {
             assert_eq!(get(admin, "/healthz").await.0, StatusCode::OK);
             get(admin, "/readyz").await.0 == StatusCode::OK
@@ -308,104 +260,27 @@ fn burst_command(i: usize, sessions: usize) -> Value {
     c
 }
 
-/// A config file with the default bot, unthrottled.
-fn config_file(settings: &Settings) -> tempfile::NamedTempFile {
-    let bot = &settings.bots[0];
-    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    write!(
-        file,
-        "[[bots]]\nstream_id = {}\naccount_id = {}\nclient_id = {}\nclient_secret = {}\n\
-         rate_limit = 100000\nrate_window = \"1s\"\n",
-        toml_string(&bot.stream_id),
-        toml_string(&bot.account_id),
-        toml_string(&bot.client_id),
-        toml_string(bot.client_secret.as_ref().unwrap().expose_secret()),
-    )
-    .unwrap();
-    file.flush().unwrap();
-    file
-}
-
-fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
-
-/// Publishes `burst.commands` commands to a `transfer-worker run` child, signals it, waits
+/// Publishes `burst.commands` commands to one `transfer-worker run` replica, signals it, waits
 /// for it to exit 0, and collects what became of every command.
 async fn sigterm_during(burst: Burst) -> Outcome {
-    init_logs();
-    let settings = test_settings();
-    let amqp = &settings.amqp;
-    let _cleanup = Cleanup::new(
-        vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()],
-        vec![
-            amqp.results_exchange.clone(),
-            amqp.dead_letter_exchange.clone(),
-        ],
-    );
-    let sim = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        bots: simulator::bots_from_settings(&settings),
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
         latency: burst.latency,
-        callbacks: false,
-        ..SimulatorConfig::default()
+        prefetch: burst.prefetch,
+        env: vec![("TRANSFER__SHUTDOWN__GRACE".into(), burst.grace.into())],
+        ..FleetSpec::default()
     })
-    .await
-    .expect("simulator starts");
-    let (_conn, channel) = test_channel().await;
-    topology::declare(&channel, amqp).await.expect("topology");
-    let events = crate::harness::events_queue(&channel, &amqp.results_exchange).await;
-
-    let config = config_file(&settings);
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_transfer-worker"))
-        .arg("run")
-        .arg("--config")
-        .arg(config.path())
-        .env_remove("TRANSFER_CONFIG")
-        .envs(crate::harness::worker_env(amqp, &sim.base_url()))
-        .env("TRANSFER__AMQP__PREFETCH", burst.prefetch.to_string())
-        .env("TRANSFER__SHUTDOWN__GRACE", burst.grace)
-        .env("TRANSFER__LOG__LEVEL", "info")
-        .stdin(Stdio::null())
-        .stdout(log.reopen().unwrap())
-        .stderr(log.reopen().unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the binary starts");
-    let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
-
-    crate::harness::wait_consumed(&amqp.commands_queue, &mut child, &read_log).await;
-
-    // Published back to back, confirmed together.
-    let mut confirms = Vec::with_capacity(burst.commands);
-    for i in 0..burst.commands {
-        let body = serde_json::to_vec(&burst_command(i, burst.sessions)).unwrap();
-        confirms.push(
-            channel
-                .basic_publish(
-                    "".into(),
-                    amqp.commands_queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap(),
-        );
-    }
-    for confirm in confirms {
-        assert!(confirm.await.unwrap().is_ack());
-    }
+    .await;
+    let queue = fleet.settings.amqp.commands_queue.clone();
+    let commands: Vec<Value> = (0..burst.commands)
+        .map(|i| burst_command(i, burst.sessions))
+        .collect();
+    fleet.publish_all(&commands).await;
     match burst.signal {
         Signal::After(wait) => tokio::time::sleep(wait).await,
         Signal::Delivered { ready, then } => {
             let until = Instant::now() + Duration::from_secs(10);
-            while passive(&channel, &amqp.commands_queue)
-                .await
-                .message_count()
-                > ready
-            {
+            while passive(&fleet.channel, &queue).await.message_count() > ready {
                 assert!(Instant::now() < until, "commands not delivered in time");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -414,50 +289,29 @@ async fn sigterm_during(burst: Burst) -> Outcome {
     }
 
     // Signal only while a call is on the wire, so the test knows it cut something.
-    let until = Instant::now() + Duration::from_secs(10);
-    let before_signal = loop {
-        let now = Instant::now();
-        if sim.in_flight() > 0 {
-            break now;
-        }
-        assert!(
-            Instant::now() < until,
-            "no call on the wire to signal during"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
+    let before_signal = sim::call_on_the_wire(&fleet.sim).await;
+    let worker = &mut fleet.replicas[0];
     let signalled = Instant::now();
-    crate::harness::sigterm(&child);
+    worker.sigterm();
     let after_signal = Instant::now();
-    let status = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
-        Ok(status) => status.unwrap(),
-        Err(_) => panic!("no exit within 30 s of SIGTERM:\n{}", read_log()),
-    };
+    let status = worker.exit_status(Duration::from_secs(30)).await;
     let stopping = signalled.elapsed();
+    let log = worker.log();
     assert!(
         status.success(),
-        "exit status {status} after SIGTERM:\n{}",
-        read_log()
+        "exit status {status} after SIGTERM:\n{log}"
     );
 
-    // Every event the worker published is already in our queue: it exited.
+    // Every event the worker published is on its way to us: it exited.
     let mut terminal = HashMap::new();
-    while let Some(m) = channel
-        .basic_get(events.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        let v: Value = serde_json::from_slice(&m.delivery.data).unwrap();
-        let name = v["event"].as_str().unwrap().to_owned();
-        assert_ne!(name, "transfer.callback");
-        terminal.insert(v["commandId"].as_str().unwrap().to_owned(), name);
+    for e in fleet.events.drain(Duration::from_secs(1)).await {
+        assert_ne!(e.name(), "transfer.callback");
+        terminal.insert(e.command_id().to_owned(), e.name().to_owned());
     }
     // Unacked commands are back once the broker has closed the worker's channels.
     let until = Instant::now() + Duration::from_secs(5);
     loop {
-        let waiting = passive(&channel, &amqp.commands_queue)
-            .await
-            .message_count() as usize;
+        let waiting = passive(&fleet.channel, &queue).await.message_count() as usize;
         if terminal.len() + waiting >= burst.commands || Instant::now() > until {
             break;
         }
@@ -466,7 +320,7 @@ async fn sigterm_during(burst: Burst) -> Outcome {
     // A single-active-consumer queue refuses basic.get: read it with a consumer of our own
     // until it has nothing more to give.
     let mut remaining = Vec::new();
-    for delivery in crate::harness::take_all(&channel, &amqp.commands_queue).await {
+    for delivery in take_all(&fleet.channel, &queue).await {
         let v: Value = serde_json::from_slice(&delivery.data).unwrap();
         remaining.push((
             v["commandId"].as_str().unwrap().to_owned(),
@@ -474,18 +328,9 @@ async fn sigterm_during(burst: Burst) -> Outcome {
         ));
     }
     // A call cut off at exit is in the log from its arrival; wait for its answer all the same.
-    let until = Instant::now() + Duration::from_secs(15);
-    while sim.in_flight() > 0 {
-        assert!(Instant::now() < until, "the simulator never answered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let requests = sim.requests();
-    let cut_off = requests
-        .iter()
-        .filter(|r| {
-            r.received_at < before_signal && r.answered_at.is_some_and(|a| a > after_signal)
-        })
-        .count();
+    sim::all_answered(&fleet.sim, Duration::from_secs(15)).await;
+    let requests = fleet.sim.requests();
+    let cut_off = sim::straddling(&requests, before_signal, after_signal);
     let api_calls = requests
         .iter()
         .map(|r| {
@@ -493,14 +338,13 @@ async fn sigterm_during(burst: Burst) -> Outcome {
             agent.trim_start_matches("a-").to_owned()
         })
         .collect();
-    sim.shutdown().await;
     Outcome {
         terminal,
         remaining,
         api_calls,
         cut_off,
         stopping,
-        log: read_log(),
+        log,
     }
 }
 

@@ -3,43 +3,20 @@
 //! the partitions evenly. Each test reads the simulator's request log per session.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use serde_json::Value;
 
-use crate::harness::Received;
-use crate::replicas::{
-    Fleet, FleetSpec, calls_by_session, command_of, family_sum, redis_url, session_command,
-    wait_for,
+use crate::harness::admin::family_sum;
+use crate::harness::sim::calls_by_session;
+use crate::harness::{
+    Fleet, FleetSpec, Received, command_of, output, publish_commands, session_command, succeeded,
+    tag, wait_for,
 };
 
 /// The partition of a session, as the intake computes it.
 fn partition_of(session: &str, partitions: u16) -> u16 {
     transfer_worker::fleet::ownership::partition_of(session, partitions)
-}
-
-/// A Redis-backed fleet spec with `partitions` partitions and quick membership.
-pub fn partitioned(replicas: usize, partitions: u16) -> FleetSpec {
-    FleetSpec {
-        replicas,
-        redis_url: Some(redis_url()),
-        env: vec![
-            ("TRANSFER__FLEET__PARTITIONS".into(), partitions.to_string()),
-            ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
-            ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
-            // A call on the wire when its replica dies may go out again after this.
-            ("TRANSFER__FLEET__LEASE".into(), "3s".into()),
-        ],
-        ..FleetSpec::default()
-    }
-}
-
-/// A short tag, so command ids and sessions are this run's own.
-pub fn tag() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
 /// Commands `per` to a session for each session, interleaved: the first of every session,
@@ -116,7 +93,7 @@ async fn sessions_stay_in_order_and_never_overlap_while_three_replicas_share_the
     let mut fleet = Fleet::start(FleetSpec {
         latency: Duration::from_millis(30),
         prefetch: 16,
-        ..partitioned(3, partitions)
+        ..FleetSpec::partitioned(3, partitions)
     })
     .await;
     let balanced = fleet
@@ -237,14 +214,12 @@ async fn time_to_run(
     sessions: &[String],
     prefix: &str,
 ) -> Duration {
-    let mut fleet = Fleet::start(FleetSpec {
+    let spec = FleetSpec {
         latency: Duration::from_millis(200),
         prefetch: 4,
-        ..partitioned(replicas, partitions)
-    })
-    .await;
-    let live: Vec<usize> = (0..replicas).collect();
-    fleet.wait_balanced(&live, Duration::from_secs(30)).await;
+        ..FleetSpec::partitioned(replicas, partitions)
+    };
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
     let (commands, order) = interleaved(prefix, sessions, 1);
     let start = Instant::now();
     fleet.publish_all(&commands).await;
@@ -292,15 +267,12 @@ async fn three_replicas_finish_latency_bound_work_at_least_2_2_times_faster_than
 async fn a_replica_killed_mid_burst_loses_nothing_reorders_no_session_and_partitions_move_back() {
     let partitions = 12;
     let prefetch = 4;
-    let mut fleet = Fleet::start(FleetSpec {
+    let spec = FleetSpec {
         latency: Duration::from_millis(100),
         prefetch,
-        ..partitioned(3, partitions)
-    })
-    .await;
-    fleet
-        .wait_balanced(&[0, 1, 2], Duration::from_secs(30))
-        .await;
+        ..FleetSpec::partitioned(3, partitions)
+    };
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
     let t = tag();
     let sessions: Vec<String> = (0..48).map(|s| format!("s-fail-{t}-{s:03}")).collect();
     let (commands, order) = interleaved(&format!("fail-{t}"), &sessions, 4);
@@ -411,11 +383,7 @@ async fn fleet_cli(fleet: &Fleet, args: &[&str], env: &[(&str, &str)]) -> std::p
     for (k, v) in env {
         command.env(k, v);
     }
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("the command ends in time")
-        .expect("the binary runs")
+    output(command, Duration::from_secs(30)).await
 }
 
 /// The line of `text` that has `token` as one of its words.
@@ -437,18 +405,15 @@ fn is_number(word: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_command_lists_members_owners_and_depths_and_needs_redis() {
     let partitions = 4;
-    let mut fleet = Fleet::start(partitioned(2, partitions)).await;
-    fleet.wait_balanced(&[0, 1], Duration::from_secs(30)).await;
+    let spec = FleetSpec::partitioned(2, partitions);
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
     let replicas: Vec<String> = fleet.replicas.iter().map(|r| r.name.clone()).collect();
 
     // Members publish what they consume with their heartbeat, after a handover's drain: the
     // listing settles a little after the metrics do.
     let settled = Instant::now() + Duration::from_secs(10);
     let stdout = loop {
-        let out = fleet_cli(&fleet, &["fleet"], &[]).await;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+        let stdout = succeeded(&fleet_cli(&fleet, &["fleet"], &[]).await);
         let shares = stdout
             .lines()
             .filter(|l| {
@@ -514,25 +479,11 @@ async fn the_fleet_command_lists_members_owners_and_depths_and_needs_redis() {
     // A partition's depth is its ready commands: with the fleet stopped, 3 published to one.
     fleet.stop_leaving_nothing().await;
     let queue = fleet.partition_queues()[1].clone();
-    for i in 0..3 {
-        let body =
-            serde_json::to_vec(&session_command(&format!("cli-{i}"), "s-cli", false)).unwrap();
-        let confirm = fleet
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap();
-        assert!(confirm.await.unwrap().is_ack());
-    }
-    let out = fleet_cli(&fleet, &["fleet"], &[]).await;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{}\n{stdout}", out.status);
+    let commands: Vec<Value> = (0..3)
+        .map(|i| session_command(&format!("cli-{i}"), "s-cli", false))
+        .collect();
+    publish_commands(&fleet.channel, &queue, &commands).await;
+    let stdout = succeeded(&fleet_cli(&fleet, &["fleet"], &[]).await);
     let line = line_with(&stdout, &queue).unwrap_or_else(|| panic!("{queue} listed:\n{stdout}"));
     assert!(
         line.split_whitespace().any(|w| w == "3"),
@@ -545,13 +496,12 @@ async fn the_fleet_command_lists_members_owners_and_depths_and_needs_redis() {
 async fn prefetch_bounds_the_calls_in_flight_across_all_partitions_of_a_replica() {
     let partitions = 8;
     let prefetch = 4;
-    let mut fleet = Fleet::start(FleetSpec {
+    let spec = FleetSpec {
         latency: Duration::from_millis(300),
         prefetch,
-        ..partitioned(1, partitions)
-    })
-    .await;
-    fleet.wait_balanced(&[0], Duration::from_secs(30)).await;
+        ..FleetSpec::partitioned(1, partitions)
+    };
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
     let t = tag();
     // Sessions in every partition, two each.
     let sessions = even_sessions(&format!("s-bound-{t}"), 16, partitions);

@@ -15,9 +15,8 @@ use transfer_worker::callbacks::token::{CallbackIds, TokenSigner};
 use transfer_worker::contract::Target;
 use transfer_worker::contract::event::callback_event_id;
 
-use crate::harness::{Harness, Received, agent_command, queue_command, sorted_keys};
-use crate::init_logs;
-use crate::proxy::Proxy;
+use crate::harness::admin::series;
+use crate::harness::{Harness, Received, agent_command, queue_command, sim, sorted_keys, wait_for};
 
 /// Longest body the relay accepts.
 const LIMIT: usize = 256 * 1024;
@@ -63,14 +62,14 @@ async fn relay_url_of(h: &mut Harness, command: &Value) -> (String, Received) {
     let url = request.body["callbackUrl"].as_str().unwrap().to_owned();
     let prefix = format!("http://{}/callbacks/", h.relay_addr);
     assert!(url.starts_with(&prefix), "{url} is not a relay URL");
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while h.metrics.commands_in_flight.get() != 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the command was never acked"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let acked = async || h.metrics.commands_in_flight.get() == 0;
+    wait_for(
+        "the command acked",
+        Duration::from_secs(5),
+        String::new,
+        acked,
+    )
+    .await;
     (url, e)
 }
 
@@ -107,19 +106,7 @@ fn assert_callback_for(e: &Received, command: &Value, stream_id: &str, target: &
     assert_timestamp(&v["receivedAt"]);
     let event_id = v["eventId"].as_str().unwrap();
     uuid::Uuid::parse_str(event_id).expect("eventId is a uuid");
-    let p = &e.properties;
-    assert_eq!(p.message_id().as_ref().unwrap().as_str(), event_id);
-    assert_eq!(
-        p.correlation_id().as_ref().unwrap().as_str(),
-        command["commandId"].as_str().unwrap()
-    );
-    assert_eq!(
-        p.content_type().as_ref().unwrap().as_str(),
-        "application/json"
-    );
-    assert_eq!(*p.delivery_mode(), Some(2));
-    assert_eq!(p.kind().as_ref().unwrap().as_str(), "transfer.callback");
-    assert_eq!(p.app_id().as_ref().unwrap().as_str(), "transfer-worker");
+    e.assert_properties();
 }
 
 /// `transfer.callback` events carry these keys, and no others.
@@ -144,12 +131,8 @@ fn assert_callback_keys(v: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simulator_callback_is_relayed_with_the_commands_ids() {
-    init_logs();
-    let mut h = Harness::start(|_, sim| {
-        sim.callbacks = true;
-        sim.callback_delay = Duration::from_millis(100);
-    })
-    .await;
+    let mut h =
+        Harness::start(|_, sim| sim::call_back_after(sim, Duration::from_millis(100))).await;
     let stream_id = h.settings.bots[0].stream_id.clone();
     let command = queue_command("cb-real", "0123456789abcdef0000cb01");
     let before = SystemTime::now();
@@ -481,7 +464,7 @@ async fn a_relay_url_handed_out_before_jwts_works_until_it_expires() {
 }
 
 fn callbacks_counter(h: &Harness, result: &str) -> u64 {
-    crate::operations::series(&h.metrics.encode())
+    series(&h.metrics.encode())
         .get(&format!("transfer_callbacks_total{{result=\"{result}\"}}"))
         .copied()
         .unwrap_or(0.0) as u64
@@ -489,39 +472,28 @@ fn callbacks_counter(h: &Harness, result: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_broker_down_the_relay_answers_503_and_the_senders_retry_gets_through() {
-    init_logs();
-    let proxy = Proxy::start().await;
-    let amqp_url = proxy.amqp_url();
-    let mut h = Harness::start(|s, sim| {
-        s.amqp.url = amqp_url;
-        sim.callbacks = true;
-        sim.callback_delay = Duration::from_millis(1500);
+    let (proxy, mut h) = Harness::start_behind_proxy(|_, sim| {
+        sim::call_back_after(sim, Duration::from_millis(1500))
     })
     .await;
     let command = agent_command("cb-down", "0123456789abcdef0000cb07");
     let (url, succeeded) = relay_url_of(&mut h, &command).await;
     proxy.cut();
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while h.broker.is_ready() {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the cut went unnoticed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (what, limit) = ("the cut noticed", Duration::from_secs(5));
+    wait_for(what, limit, String::new, async || !h.broker.is_ready()).await;
     assert_eq!(
         post_json(&url, &json!({"manual": true})).await,
         StatusCode::SERVICE_UNAVAILABLE
     );
     // Keep the broker away until the simulator's own callback has been refused at least once.
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while h.sim.stats().callbacks_failed_attempts == 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the simulator never posted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let refused = async || h.sim.stats().callbacks_failed_attempts > 0;
+    wait_for(
+        "the simulator's callback refused",
+        Duration::from_secs(10),
+        String::new,
+        refused,
+    )
+    .await;
     assert_eq!(h.sim.stats().callbacks_delivered, 0);
     assert!(
         callbacks_counter(&h, "unavailable") >= 2,

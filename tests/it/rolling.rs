@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::partitions::{all_ended, assert_each_succeeded_once, partitioned, tag};
-use crate::replicas::{Fleet, FleetSpec, calls_by_session, command_of, session_command};
+use crate::harness::sim::calls_by_session;
+use crate::harness::{Fleet, FleetSpec, command_of, publish_commands, session_command, tag};
+use crate::partitions::{all_ended, assert_each_succeeded_once};
 
 /// What went wrong in one session's calls: overlaps, order, repeats; empty when none.
 pub fn session_faults(
@@ -47,14 +48,12 @@ pub fn session_faults(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_never_overlaps_reorders_repeats_or_loses_a_session() {
     let replicas = 3;
-    let mut fleet = Fleet::start(FleetSpec {
+    let spec = FleetSpec {
         latency: Duration::from_millis(300),
         prefetch: 32,
-        ..partitioned(replicas, 12)
-    })
-    .await;
-    let all: Vec<usize> = (0..replicas).collect();
-    fleet.wait_balanced(&all, Duration::from_secs(30)).await;
+        ..FleetSpec::partitioned(replicas, 12)
+    };
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
 
     // 60 sessions; a round of one command each every 400 ms until the roll is over.
     let t = tag();
@@ -83,7 +82,7 @@ async fn a_rolling_restart_under_load_never_overlaps_reorders_repeats_or_loses_a
                         session_command(&id, session, (s + round) % 2 == 1)
                     })
                     .collect();
-                crate::harness::publish_confirmed(&channel, &queue, &commands).await;
+                publish_commands(&channel, &queue, &commands).await;
                 round += 1;
                 tokio::time::sleep(Duration::from_millis(400)).await;
             }

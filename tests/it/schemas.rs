@@ -6,7 +6,7 @@ use jsonschema::Validator;
 use serde_json::{Value, json};
 use transfer_worker::tools::simulator::Reply;
 
-use crate::harness::{Harness, Received, agent_command, queue_command};
+use crate::harness::{Harness, Received, agent_command, queue_command, sim};
 use crate::relay::post_json;
 
 pub fn schema(file: &str) -> Validator {
@@ -41,11 +41,7 @@ pub fn assert_valid(validator: &Validator, file: &str, instance: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_events_and_sent_commands_match_the_schemas() {
-    let mut h = Harness::start(|_, sim| {
-        sim.callbacks = true;
-        sim.callback_delay = Duration::from_millis(50);
-    })
-    .await;
+    let mut h = Harness::start(|_, sim| sim::call_back_after(sim, Duration::from_millis(50))).await;
     let mut commands = Vec::new();
     let mut events: Vec<Received> = Vec::new();
 
@@ -148,12 +144,9 @@ async fn published_events_and_sent_commands_match_the_schemas() {
     for c in &commands {
         assert_valid(&command, "command.json", c);
     }
-    for (i, valid) in [
-        crate::harness::agent_command("x", "s"),
-        crate::harness::queue_command("x", "s"),
-    ]
-    .iter()
-    .enumerate()
+    for (i, valid) in [agent_command("x", "s"), queue_command("x", "s")]
+        .iter()
+        .enumerate()
     {
         assert_valid(&command, &format!("command.json (helper {i})"), valid);
     }

@@ -2,7 +2,7 @@
 //! span, and carried on its API call, its events and its dead-letter copy; with
 //! `telemetry.otlp_endpoint` set, that span is exported over OTLP.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,19 +10,14 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
-use transfer_worker::broker::topology;
-use transfer_worker::tools::simulator::{RecordedRequest, Reply, Simulator, SimulatorConfig};
+use transfer_worker::tools::simulator::{RecordedRequest, Reply};
 
-use crate::cli::binary;
 use crate::harness::{
-    Cleanup, Harness, Received, agent_command, amqp_url, events_queue, queue_command, sigterm,
-    test_channel, test_settings, wait_consumed, worker_env,
+    Fleet, FleetSpec, Harness, Received, agent_command, publish_confirmed, queue_command,
 };
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -190,39 +185,8 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-async fn publish(channel: &Channel, queue: &str, body: &[u8], properties: BasicProperties) {
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .unwrap();
-    confirm.await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_an_otlp_endpoint_the_command_s_span_is_exported_in_its_trace() {
-    let settings = test_settings();
-    let amqp = &settings.amqp;
-    let _cleanup = Cleanup::new(
-        vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()],
-        vec![
-            amqp.results_exchange.clone(),
-            amqp.dead_letter_exchange.clone(),
-        ],
-    );
-    let sim = Simulator::start(SimulatorConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        bots: transfer_worker::tools::simulator::bots_from_settings(&settings),
-        callbacks: false,
-        ..SimulatorConfig::default()
-    })
-    .await
-    .expect("simulator starts");
     let spans: Spans = Arc::default();
     let collector = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
@@ -233,74 +197,44 @@ async fn with_an_otlp_endpoint_the_command_s_span_is_exported_in_its_trace() {
         .with_state(spans.clone());
     let server = tokio::spawn(async move { axum::serve(collector, app).await });
 
-    let (_conn, channel) = test_channel().await;
-    let mut direct = amqp.clone();
-    direct.url = amqp_url();
-    topology::declare(&channel, &direct)
-        .await
-        .expect("topology");
-    let events = events_queue(&channel, &amqp.results_exchange).await;
-    let mut consumer = channel
-        .basic_consume(
-            events.as_str().into(),
-            "trace-events".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut worker = binary()
-        .arg("run")
-        .envs(worker_env(amqp, &sim.base_url()))
-        .env(
-            "TRANSFER__TELEMETRY__OTLP_ENDPOINT",
-            format!("http://{collector_addr}"),
-        )
-        .env("TRANSFER__LOG__FORMAT", "json")
-        .env("TRANSFER__LOG__LEVEL", "info,transfer_worker=debug")
-        .stdout(log.reopen().unwrap())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("the worker starts");
-    let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
-    wait_consumed(&amqp.commands_queue, &mut worker, &read_log).await;
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
+        env: vec![
+            (
+                "TRANSFER__TELEMETRY__OTLP_ENDPOINT".into(),
+                format!("http://{collector_addr}"),
+            ),
+            ("TRANSFER__LOG__FORMAT".into(), "json".into()),
+            (
+                "TRANSFER__LOG__LEVEL".into(),
+                "info,transfer_worker=debug".into(),
+            ),
+        ],
+        ..FleetSpec::default()
+    })
+    .await;
 
     let body = serde_json::to_vec(&agent_command("exported", "s-exported")).unwrap();
-    publish(
-        &channel,
-        &amqp.commands_queue,
-        &body,
-        traced(INCOMING, None),
-    )
-    .await;
-    let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-        .await
-        .expect("an event in time")
-        .expect("consumer open")
-        .expect("delivery");
-    assert_eq!(delivery.routing_key.as_str(), "transfer.succeeded");
-    let sent = header(&delivery.properties, "traceparent").expect("traceparent");
+    let queue = &fleet.settings.amqp.commands_queue;
+    let message = [(body, traced(INCOMING, None))];
+    publish_confirmed(&fleet.channel, "", queue, message).await;
+    let e = fleet.events.next().await;
+    assert_eq!(e.routing_key.as_str(), "transfer.succeeded");
+    let sent = header(&e.properties, "traceparent").expect("traceparent");
     let (trace, parent, _) = parts(&sent);
     assert_eq!(trace, TRACE_ID);
 
     // Shutdown exports what is still buffered.
-    sigterm(&worker);
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker exits in time")
-        .unwrap();
-    assert!(status.success(), "{status}\n{}", read_log());
+    let worker = &mut fleet.replicas[0];
+    let status = worker.terminate(Duration::from_secs(30)).await;
+    let logs = worker.log();
+    assert!(status.success(), "{status}\n{logs}");
 
     let spans = spans.lock().unwrap().clone();
     let command = spans
         .iter()
         .find(|(_, _, _, name)| name == "command")
-        .unwrap_or_else(|| panic!("no command span exported: {spans:?}\n{}", read_log()));
+        .unwrap_or_else(|| panic!("no command span exported: {spans:?}\n{logs}"));
     assert_eq!(command.0, unhex(TRACE_ID), "exported in the incoming trace");
     assert_eq!(command.2, unhex(PARENT_ID), "under the caller's span");
     assert_eq!(
@@ -309,11 +243,10 @@ async fn with_an_otlp_endpoint_the_command_s_span_is_exported_in_its_trace() {
         "the exported span is the one the event names as its parent"
     );
     assert_eq!(
-        sim.requests()[0].traceparent.as_deref(),
+        fleet.sim.requests()[0].traceparent.as_deref(),
         Some(sent.as_str())
     );
     // The command's log lines carry its trace id.
-    let logs = read_log();
     assert!(
         logs.lines()
             .any(|l| l.contains("\"command_id\":\"exported\"")
@@ -321,5 +254,4 @@ async fn with_an_otlp_endpoint_the_command_s_span_is_exported_in_its_trace() {
         "{logs}"
     );
     server.abort();
-    sim.shutdown().await;
 }

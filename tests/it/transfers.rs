@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 use sha2::Digest;
 use transfer_worker::tools::simulator::{RecordedRequest, Reply};
 
-use crate::harness::{Harness, ReplyQueue, agent_command, queue_command, sorted_keys};
-use crate::init_logs;
-use crate::proxy::Proxy;
+use crate::harness::{
+    Harness, ReplyQueue, agent_command, expire_in, queue_command, sim, sorted_keys, test_channel,
+    wait_for,
+};
 
 fn header(d: &lapin::message::Delivery, key: &str) -> String {
     let headers = d.properties.headers().as_ref().expect("headers");
@@ -38,7 +39,6 @@ fn assert_timestamp(v: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_and_queue_transfers_publish_contract_events() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let stream_id = h.settings.bots[0].stream_id.clone();
     h.publish(&agent_command("cmd-agent", "0123456789abcdef01234567"))
@@ -78,22 +78,8 @@ async fn agent_and_queue_transfers_publish_contract_events() {
                 "target"
             ]
         );
+        e.assert_properties();
         let p = &e.properties;
-        assert_eq!(
-            p.content_type().as_ref().unwrap().as_str(),
-            "application/json"
-        );
-        assert_eq!(*p.delivery_mode(), Some(2));
-        assert_eq!(p.message_id().as_ref().unwrap().as_str(), event_id);
-        assert_eq!(
-            p.correlation_id().as_ref().unwrap().as_str(),
-            v["commandId"].as_str().unwrap()
-        );
-        assert_eq!(
-            p.kind().as_ref().unwrap().as_str(),
-            v["event"].as_str().unwrap()
-        );
-        assert_eq!(p.app_id().as_ref().unwrap().as_str(), "transfer-worker");
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
@@ -149,7 +135,6 @@ async fn a_command_with_its_own_callback_url_sends_it_as_is() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_input_is_rejected_dead_lettered_and_the_worker_goes_on() {
-    init_logs();
     let mut h = Harness::start(|_, _| {}).await;
     let big = format!(
         r#"{{"orgId":"o","botSessionId":"s","aId":"a","pad":"{}"}}"#,
@@ -371,7 +356,7 @@ async fn an_expired_command_is_never_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_to_gets_the_outcome_with_the_commands_correlation_id() {
     let mut h = Harness::start(|_, _| {}).await;
-    let (_conn, ch) = crate::harness::test_channel().await;
+    let (_conn, ch) = test_channel().await;
     let reply = ReplyQueue::declare(&ch).await;
     let body = serde_json::to_vec(&agent_command("with-reply", "s-reply")).unwrap();
     let props = BasicProperties::default()
@@ -522,18 +507,22 @@ async fn pacing_holds_a_low_rate_over_any_sliding_window() {
     h.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_whose_deadline_passes_while_paced_expires_unsent() {
-    let mut h = Harness::start(|s, _| {
+/// A worker whose account may call once every 30 s.
+async fn once_in_30_s() -> Harness {
+    Harness::start(|s, _| {
         s.bots[0].rate_limit = 1;
         s.bots[0].rate_window = Duration::from_secs(30);
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_deadline_passes_while_paced_expires_unsent() {
+    let mut h = once_in_30_s().await;
     h.publish(&agent_command("first", "s-first")).await;
     assert_eq!(h.next_event().await.name(), "transfer.succeeded");
     let mut c = agent_command("waits", "s-waits");
-    let soon = SystemTime::now() + Duration::from_secs(2);
-    c["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(soon));
+    expire_in(&mut c, Duration::from_secs(2));
     h.publish(&c).await;
     let e = h.next_event().await;
     assert_eq!(e.name(), "transfer.expired");
@@ -543,15 +532,10 @@ async fn a_command_whose_deadline_passes_while_paced_expires_unsent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_that_passes_between_attempts_fails_with_the_last_error() {
-    let mut h = Harness::start(|s, _| {
-        s.bots[0].rate_limit = 1;
-        s.bots[0].rate_window = Duration::from_secs(30);
-    })
-    .await;
+    let mut h = once_in_30_s().await;
     h.sim.script([Reply::Status(503)]);
     let mut c = agent_command("out-of-time", "s-out-of-time");
-    let soon = SystemTime::now() + Duration::from_secs(2);
-    c["expiresAt"] = json!(transfer_worker::contract::event::rfc3339_ms(soon));
+    expire_in(&mut c, Duration::from_secs(2));
     h.publish(&c).await;
     let e = h.next_event().await;
     // The retry's slot lies 30 s out, past the deadline: the 503 is what went wrong.
@@ -566,7 +550,7 @@ async fn a_deadline_that_passes_between_attempts_fails_with_the_last_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_results_exchange_is_declared_again_and_the_outcome_delivered() {
     let h = Harness::start(|_, _| {}).await;
-    let (_conn, ch) = crate::harness::test_channel().await;
+    let (_conn, ch) = test_channel().await;
     let reply = ReplyQueue::declare(&ch).await;
     // An operator deletes the exchange: the worker's next publish closes its channel.
     h.channel
@@ -610,14 +594,8 @@ async fn a_deleted_results_exchange_is_declared_again_and_the_outcome_delivered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutting_the_broker_connection_loses_no_command() {
-    init_logs();
-    let proxy = Proxy::start().await;
-    let url = proxy.amqp_url();
-    let mut h = Harness::start(|s, sim| {
-        s.amqp.url = url;
-        sim.latency = Duration::from_millis(150);
-    })
-    .await;
+    let (proxy, mut h) =
+        Harness::start_behind_proxy(|_, sim| sim.latency = Duration::from_millis(150)).await;
     let n = 40;
     for i in 0..n {
         let mut c = agent_command(&format!("cut-{i}"), &format!("s-cut-{}", i % 10));
@@ -630,22 +608,11 @@ async fn cutting_the_broker_connection_loses_no_command() {
         let e = h.next_event().await;
         *seen.entry(e.command_id().to_owned()).or_default() += 1;
     }
-    let until = Instant::now() + Duration::from_secs(10);
-    let before_cut = loop {
-        let now = Instant::now();
-        if h.sim.in_flight() > 0 {
-            break now;
-        }
-        assert!(Instant::now() < until, "no call on the wire to cut");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
+    let before_cut = sim::call_on_the_wire(&h.sim).await;
     proxy.cut();
     let after_cut = Instant::now();
-    let until = Instant::now() + Duration::from_secs(5);
-    while h.broker.is_ready() {
-        assert!(Instant::now() < until, "the cut went unnoticed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (what, limit) = ("the cut noticed", Duration::from_secs(5));
+    wait_for(what, limit, String::new, async || !h.broker.is_ready()).await;
     proxy.restore();
     while seen.len() < n {
         let e = h.next_event().await;
@@ -653,16 +620,9 @@ async fn cutting_the_broker_connection_loses_no_command() {
         *seen.entry(e.command_id().to_owned()).or_default() += 1;
     }
     // Work was in flight at the cut: calls that arrived before it and were answered after.
-    let until = Instant::now() + Duration::from_secs(10);
-    while h.sim.in_flight() > 0 {
-        assert!(Instant::now() < until, "the simulator never finished");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    sim::all_answered(&h.sim, Duration::from_secs(10)).await;
     let requests = h.sim.requests();
-    let cut_off = requests
-        .iter()
-        .filter(|r| r.received_at < before_cut && r.answered_at.is_some_and(|a| a > after_cut))
-        .count();
+    let cut_off = sim::straddling(&requests, before_cut, after_cut);
     assert!(cut_off >= 1, "no call straddled the cut");
     // Every API call is accounted for by a terminal event (one call per command, so no call is
     // in doubt), and every command whose call straddled the cut came back and was answered

@@ -1,9 +1,11 @@
 use super::*;
 use crate::config::Settings;
+use crate::ops::metrics::Metrics;
 
 fn parser() -> Parser {
     let settings = Settings::load_with_env(None, Some(Default::default())).unwrap();
-    Parser::new(Bots::from_settings(&settings), Duration::from_secs(300))
+    let bots = Bots::new(&settings, &Metrics::new());
+    Parser::new(bots, Duration::from_secs(300))
 }
 
 fn parse(body: &str) -> Result<Command, Box<Rejection>> {

@@ -52,7 +52,8 @@ impl Rig {
             shutdown: Shutdown::new(),
             fleet: None,
         };
-        let parser = Parser::new(Bots::from_settings(&settings), settings.commands.max_age);
+        let bots = Bots::new(&settings, &Metrics::new());
+        let parser = Parser::new(bots, settings.commands.max_age);
         Self {
             stages,
             parser,

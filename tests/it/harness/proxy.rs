@@ -43,9 +43,9 @@ async fn forward_unless_held(
 }
 
 impl Proxy {
-    /// Forwards a free local port to the test broker ([`crate::harness::amqp_addr`]).
+    /// Forwards a free local port to the test broker ([`super::names::amqp_addr`]).
     pub async fn start() -> Self {
-        Self::start_to(crate::harness::amqp_addr()).await
+        Self::start_to(super::names::amqp_addr()).await
     }
 
     /// Forwards a free local port to `upstream`.
@@ -96,7 +96,7 @@ impl Proxy {
 
     /// The test broker's AMQP URL, through the proxy.
     pub fn amqp_url(&self) -> String {
-        crate::harness::amqp_url_via(self.addr)
+        super::names::amqp_url_via(self.addr)
     }
 
     /// Drops every connection and refuses new ones.

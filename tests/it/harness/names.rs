@@ -1,0 +1,124 @@
+//! Where the tests' services are, and a test's own names: unique queue and exchange names,
+//! free ports, fast retries.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::time::Duration;
+
+use transfer_worker::config::Settings;
+use transfer_worker::contract::names::{account_queue, partition_queue};
+
+/// The broker every test talks to.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The broker's `host:port` in [`amqp_url`], resolved: what a proxy in front of it forwards to.
+pub fn amqp_addr() -> SocketAddr {
+    let url = reqwest::Url::parse(&amqp_url()).expect("TEST_AMQP_URL is a URL");
+    let host = url.host_str().expect("a host").to_owned();
+    let port = url.port().unwrap_or(5672);
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .expect("the broker's host resolves")
+        .next()
+        .expect("an address")
+}
+
+/// [`amqp_url`] with its `host:port` replaced by `addr`: credentials and vhost kept.
+pub fn amqp_url_via(addr: SocketAddr) -> String {
+    let mut url = reqwest::Url::parse(&amqp_url()).expect("TEST_AMQP_URL is a URL");
+    url.set_host(Some(&addr.ip().to_string())).unwrap();
+    url.set_port(Some(addr.port())).unwrap();
+    url.to_string()
+}
+
+/// The shared Redis the tests use when they need no outage.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A free TCP port on loopback (free when asked; the caller binds it soon after).
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .expect("a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A short tag, so command ids and sessions are this run's own.
+pub fn tag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+/// Settings for one test: unique names, free ports, fast retries. (Installs the log
+/// subscriber, when RUST_LOG asks for one: every test that sets up something passes here.)
+pub fn test_settings() -> Settings {
+    crate::init_logs();
+    let mut s = Settings::load_with_env(None, Some(HashMap::new())).expect("defaults load");
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    s.amqp.url = amqp_url();
+    s.amqp.commands_queue = format!("tw-test-{id}.commands");
+    s.amqp.results_exchange = format!("tw-test-{id}.results");
+    s.amqp.dead_letter_exchange = format!("tw-test-{id}.dead-letter");
+    s.amqp.dead_letter_queue = format!("tw-test-{id}.commands.dead");
+    s.amqp.prefetch = 64;
+    s.amqp.reconnect_initial_delay = Duration::from_millis(50);
+    s.amqp.reconnect_max_delay = Duration::from_millis(500);
+    s.amqp.operation_timeout = Duration::from_secs(5);
+    s.amqp.confirm_timeout = Duration::from_secs(5);
+    s.agentassist.request_timeout = Duration::from_secs(5);
+    s.bots[0].rate_limit = 10_000;
+    s.bots[0].rate_window = Duration::from_secs(1);
+    s.retry.initial_delay = Duration::from_millis(20);
+    s.retry.max_delay = Duration::from_millis(200);
+    s.retry.max_attempts = 4;
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    s.callbacks.listen = loopback;
+    s.callbacks.public_url = String::new();
+    s.admin.listen = loopback;
+    s.shutdown.grace = Duration::from_secs(5);
+    s
+}
+
+/// The partition queues a worker with `settings` shares work through (none without a fleet).
+pub fn partition_queues(settings: &Settings) -> Vec<String> {
+    let partitions = if settings.fleet.enabled() {
+        settings.fleet.partitions
+    } else {
+        0
+    };
+    (0..partitions)
+        .map(|k| partition_queue(&settings.amqp.commands_queue, k))
+        .collect()
+}
+
+/// Every account queue a worker with `settings` may set commands aside in: one per account
+/// beside the commands queue and beside each partition queue.
+pub fn account_queues(settings: &Settings) -> Vec<String> {
+    let mut sources = vec![settings.amqp.commands_queue.clone()];
+    sources.extend(partition_queues(settings));
+    let mut accounts: Vec<&str> = settings
+        .bots
+        .iter()
+        .map(|b| b.account_id.as_str())
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    sources
+        .iter()
+        .flat_map(|source| accounts.iter().map(move |a| account_queue(source, a)))
+        .collect()
+}
+
+/// Every queue a worker with `settings` may declare: commands, dead letters, partitions and
+/// account queues.
+pub fn worker_queues(settings: &Settings) -> Vec<String> {
+    let amqp = &settings.amqp;
+    let mut queues = vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()];
+    queues.extend(partition_queues(settings));
+    queues.extend(account_queues(settings));
+    queues
+}
