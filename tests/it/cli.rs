@@ -11,7 +11,8 @@ use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{SimBot, SimulatorConfig};
 
 use crate::harness::{
-    Process, amqp_url, binary, free_port, output, own_topology, sim, succeeded, worker_env,
+    Process, TEST_CALLBACK_SECRET, amqp_url, binary, free_port, output, own_topology, sim,
+    succeeded, worker_env,
 };
 
 fn toml_file(text: &str) -> tempfile::NamedTempFile {
@@ -220,4 +221,69 @@ async fn demo_runs_to_its_summary_and_exits_0() {
     assert!(stdout.contains("summary"), "{stdout}");
     assert!(stdout.contains("transfer.succeeded"), "{stdout}");
     assert!(stdout.contains("transfer.rejected"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_the_shipped_examples_naming_the_key() {
+    let refused = |envs: &[(&str, &str)], config: Option<&std::path::Path>| {
+        let mut command = binary();
+        command
+            .arg("run")
+            .env("TRANSFER__AMQP__URL", "amqp://127.0.0.1:9/%2f");
+        if let Some(path) = config {
+            command.arg("--config").arg(path);
+        }
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        command
+    };
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let limit = Duration::from_secs(30);
+    // No configuration at all: the example relay secret is named first.
+    let out = output(refused(&[], None), limit).await;
+    assert!(
+        !out.status.success(),
+        "run started with the shipped defaults"
+    );
+    assert!(
+        stderr(&out).contains("callbacks.secret"),
+        "{}",
+        stderr(&out)
+    );
+    // A secret of its own, but too short.
+    let short = [("TRANSFER__CALLBACKS__SECRET", "sixteen-bytes-ok")];
+    let out = output(refused(&short, None), limit).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("callbacks.secret"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("32"), "{}", stderr(&out));
+    // A good secret, but only the example bot.
+    let secret = [("TRANSFER__CALLBACKS__SECRET", TEST_CALLBACK_SECRET)];
+    let out = output(refused(&secret, None), limit).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid configuration: bots"),
+        "{}",
+        stderr(&out)
+    );
+    // A bot of its own that kept the example's secret.
+    let example = toml_file(
+        "[[bots]]\nstream_id = \"st-own\"\naccount_id = \"own\"\nclient_id = \"cs-own\"\n\
+         client_secret = \"demo-secret-change-me\"\n",
+    );
+    let out = output(refused(&secret, Some(example.path())), limit).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("bots[0].client_secret"),
+        "{}",
+        stderr(&out)
+    );
+    // `config` still shows the shipped defaults: only `run` refuses them.
+    let mut config = binary();
+    config.arg("config");
+    succeeded(&output(config, limit).await);
 }

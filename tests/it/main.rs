@@ -14,6 +14,7 @@ mod fleet;
 mod hardening;
 mod harness;
 mod holds;
+mod kubernetes;
 mod operations;
 mod partitions;
 mod relay;

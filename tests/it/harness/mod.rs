@@ -38,7 +38,9 @@ pub use broker::{
 pub use commands::{agent_command, command_of, expire_in, queue_command, session_command};
 pub use events::{EVENT_WAIT, Events, Received, sorted_keys};
 pub use fleet::Fleet;
-pub use names::{account_queues, amqp_url, free_port, redis_url, tag, test_settings};
+pub use names::{
+    TEST_CALLBACK_SECRET, account_queues, amqp_url, free_port, redis_url, tag, test_settings,
+};
 pub use process::{Process, binary, output, succeeded, worker_env};
 pub use proxy::Proxy;
 pub use replicas::{BotSpec, FleetSpec};

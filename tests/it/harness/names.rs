@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, ToSocketAddrs};
 use std::time::Duration;
 
+use secrecy::SecretString;
 use transfer_worker::config::Settings;
 use transfer_worker::contract::names::{account_queue, partition_queue};
 
@@ -53,11 +54,21 @@ pub fn tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
-/// Settings for one test: unique names, free ports, fast retries. (Installs the log
-/// subscriber, when RUST_LOG asks for one: every test that sets up something passes here.)
+/// The tests' relay secret: `transfer-worker run` refuses the example of
+/// `config/default.toml`, so worker processes of the tests run with this one.
+pub const TEST_CALLBACK_SECRET: &str = "test-callback-secret-test-callback-secret";
+
+/// Settings for one test: unique names, free ports, fast retries, the tests' own bot and relay
+/// secret. (Installs the log subscriber, when RUST_LOG asks for one: every test that sets up
+/// something passes here.)
 pub fn test_settings() -> Settings {
     crate::init_logs();
     let mut s = Settings::load_with_env(None, Some(HashMap::new())).expect("defaults load");
+    s.callbacks.secret = SecretString::from(TEST_CALLBACK_SECRET);
+    s.bots[0].stream_id = "st-00000000-0000-4000-8000-0000000007e5".into();
+    s.bots[0].account_id = "test-account".into();
+    s.bots[0].client_id = "cs-00000000-0000-4000-8000-0000000007e5".into();
+    s.bots[0].client_secret = Some(SecretString::from("test-bot-secret-test-bot-secret"));
     let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
     s.amqp.url = amqp_url();
     s.amqp.commands_queue = format!("tw-test-{id}.commands");

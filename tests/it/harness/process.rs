@@ -10,7 +10,7 @@ use tokio::process::{Child, Command};
 use transfer_worker::config::{AmqpSettings, BotSettings};
 
 use super::broker::{queue_counts, test_channel};
-use super::names::amqp_url;
+use super::names::{TEST_CALLBACK_SECRET, amqp_url};
 
 /// The real binary, with no configuration from the test's own environment.
 pub fn binary() -> Command {
@@ -62,6 +62,7 @@ pub fn worker_env(amqp: &AmqpSettings, api_base_url: &str) -> Vec<(String, Strin
         ("TRANSFER__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue),
         ("TRANSFER__AGENTASSIST__BASE_URL", api_base_url),
         ("TRANSFER__CALLBACKS__LISTEN", "127.0.0.1:0"),
+        ("TRANSFER__CALLBACKS__SECRET", TEST_CALLBACK_SECRET),
         ("TRANSFER__ADMIN__LISTEN", "127.0.0.1:0"),
     ])
 }
