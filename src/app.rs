@@ -18,7 +18,8 @@ use crate::broker::consumer::{Consumer, ConsumerSettings, Partitioned};
 use crate::broker::{BrokerError, CurrentLink};
 use crate::callbacks::relay::{self, Relay};
 use crate::callbacks::token::{RelayUrls, TokenSigner};
-use crate::config::Settings;
+use crate::config::tls::certificates;
+use crate::config::{ConfigError, Settings};
 use crate::fleet::{Fleet, FleetError};
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
@@ -52,6 +53,9 @@ pub enum AppError {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// A file the settings name cannot be used.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The broker refused something reconnecting cannot fix.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -145,9 +149,11 @@ impl Shared {
         settings: &Settings,
         bots: &Bots,
     ) -> Result<(Transfers, Vec<Prober>), AppError> {
+        let extra_roots = certificates("agentassist.ca_file", &settings.agentassist.ca_file)?;
         let api = ApiClient::new(
             settings.agentassist.request_timeout,
             usize::from(settings.amqp.prefetch),
+            extra_roots.as_deref(),
         )?;
         let policy = RetryPolicy::new(&settings.retry);
         let mut transfers = Transfers::new(api.clone(), policy, self.metrics.clone());

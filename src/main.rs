@@ -118,6 +118,12 @@ struct SimulateArgs {
     /// Post no callbacks.
     #[arg(long)]
     no_callbacks: bool,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -270,7 +276,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let settings = load(&args.config)?;
     telemetry::init(&settings.log);
-    let config = args.simulator_config(&settings);
+    let config = args.simulator_config(&settings)?;
     let stop = CancellationToken::new();
     let token = stop.clone();
     on_signal(move || token.cancel());
@@ -280,8 +286,17 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 
 impl SimulateArgs {
     /// The simulator as the flags describe it, for the bots of `settings`.
-    fn simulator_config(&self, settings: &Settings) -> SimulatorConfig {
-        SimulatorConfig {
+    fn simulator_config(&self, settings: &Settings) -> anyhow::Result<SimulatorConfig> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(simulator::SimTls {
+                cert_pem: std::fs::read(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?,
+                key_pem: std::fs::read(key)
+                    .with_context(|| format!("cannot read {}", key.display()))?,
+            }),
+            _ => None,
+        };
+        Ok(SimulatorConfig {
             listen: self.listen,
             bots: simulator::bots_from_settings(settings),
             latency: Duration::from_millis(self.latency_ms),
@@ -297,7 +312,8 @@ impl SimulateArgs {
             } else {
                 simulator::Edge::RoutesFirst
             },
-        }
+            tls,
+        })
     }
 }
 

@@ -117,7 +117,7 @@ mod tests {
 
         let metrics = Arc::new(Metrics::new());
         let bots = Bots::new(&settings, &metrics);
-        let api = ApiClient::new(Duration::from_secs(5), 8).unwrap();
+        let api = ApiClient::new(Duration::from_secs(5), 8, None).unwrap();
         let (breakers, probers) = Breakers::new(&settings, &bots, &api, None, &metrics);
         assert_eq!(probers.len(), 2, "a breaker, and its prober, per host");
         let stop = CancellationToken::new();

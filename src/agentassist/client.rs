@@ -30,6 +30,10 @@ pub enum ErrorKind {
     Timeout,
     /// The connection could not be made or broke.
     Connection,
+    /// The server's certificate did not verify (unknown issuer, expired, another host's):
+    /// named `connection` in events, and never retried, since only an operator can fix it
+    /// (docs/contract.md §13).
+    Certificate,
     /// Anything else about sending the request.
     Request,
 }
@@ -40,7 +44,7 @@ impl ErrorKind {
         match self {
             Self::HttpStatus => "http_status",
             Self::Timeout => "timeout",
-            Self::Connection => "connection",
+            Self::Connection | Self::Certificate => "connection",
             Self::Request => "request",
         }
     }
@@ -163,9 +167,24 @@ pub struct ClientError(#[from] reqwest::Error);
 
 impl ApiClient {
     /// A client with this per-request timeout, keeping up to `pool` idle connections (one
-    /// per concurrent command).
-    pub fn new(timeout: Duration, pool: usize) -> Result<Self, ClientError> {
+    /// per concurrent command), trusting `extra_roots` (PEM, `agentassist.ca_file`) besides
+    /// the system's roots.
+    ///
+    /// Certificates are always verified, names included; a call whose certificate does not
+    /// verify fails with the reason (docs/contract.md §13). `HTTPS_PROXY`, `HTTP_PROXY` and
+    /// `NO_PROXY` from the environment are honoured: an `https://` API is reached through a
+    /// CONNECT tunnel, so the proxy sees neither the token nor the body.
+    pub fn new(
+        timeout: Duration,
+        pool: usize,
+        extra_roots: Option<&[u8]>,
+    ) -> Result<Self, ClientError> {
+        let roots = match extra_roots {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem)?,
+            None => Vec::new(),
+        };
         let http = reqwest::Client::builder()
+            .tls_certs_merge(roots)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(pool)
@@ -279,6 +298,8 @@ pub fn classify(
 fn transport_error(e: reqwest::Error) -> ApiError {
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
+    } else if untrusted(&e) {
+        ErrorKind::Certificate
     } else if e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
         ErrorKind::Connection
     } else {
@@ -299,6 +320,27 @@ fn transport_error(e: reqwest::Error) -> ApiError {
         body: None,
         retry_after: None,
     }
+}
+
+/// Whether the TLS handshake failed on the server's certificate, somewhere in the chain. The
+/// TLS error travels inside I/O errors, possibly nested, whose `source` skips it.
+fn untrusted(e: &reqwest::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(error) = next {
+        if matches!(
+            error.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        ) {
+            return true;
+        }
+        next = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
+    }
+    false
 }
 
 /// `Retry-After` is either delay-seconds or an HTTP date.

@@ -6,8 +6,9 @@
 use std::str::FromStr;
 use std::sync::PoisonError;
 
-use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 
 use super::{BrokerError, nodes, timed};
 use crate::config::AmqpSettings;
@@ -43,13 +44,23 @@ pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, Brok
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let address = format!("{}:{}", uri.authority.host, uri.authority.port);
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let attempt = timed(
-        "connect",
-        amqp.operation_timeout,
-        Connection::connect_uri(uri, properties),
-    )
-    .await;
+    let shown = endpoint(&uri);
+    let attempt = match tls_config(amqp, &uri) {
+        Ok(tls) => {
+            let builder = DefaultConnectionBuilder::new()
+                .map_err(|source| BrokerError::Amqp {
+                    operation: "connect",
+                    source,
+                })?
+                .with_uri(uri)
+                .with_properties(ConnectionProperties::default().with_connection_name(name.into()))
+                .with_tls_config(tls);
+            timed("connect", amqp.operation_timeout, builder.connect())
+                .await
+                .map_err(|e| e.at(&shown))
+        }
+        Err(e) => Err(e),
+    };
     let mut cluster = cluster.lock().unwrap_or_else(PoisonError::into_inner);
     match attempt {
         Ok(connection) => {
@@ -65,6 +76,35 @@ pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, Brok
             Err(e)
         }
     }
+}
+
+/// How a node is named in messages: scheme, host and port, never the credentials.
+fn endpoint(uri: &AMQPUri) -> String {
+    let scheme = match uri.scheme {
+        AMQPScheme::AMQP => "amqp",
+        AMQPScheme::AMQPS => "amqps",
+    };
+    format!("{scheme}://{}:{}", uri.authority.host, uri.authority.port)
+}
+
+/// The TLS side of a connection to an `amqps://` node (docs/contract.md §13): `amqp.tls`'s
+/// files, read again for every connection so a rotated certificate is picked up. The server's
+/// certificate is verified against the system's roots and `amqp.tls.ca_file`; its name against
+/// the URL's host.
+fn tls_config(amqp: &AmqpSettings, uri: &AMQPUri) -> Result<OwnedTLSConfig, BrokerError> {
+    if uri.scheme != AMQPScheme::AMQPS {
+        return Ok(OwnedTLSConfig::default());
+    }
+    let files = amqp.tls.read().map_err(|e| BrokerError::Tls {
+        node: endpoint(uri),
+        reason: e.to_string(),
+    })?;
+    Ok(OwnedTLSConfig {
+        cert_chain: files.ca,
+        identity: files
+            .identity
+            .map(|(pem, key)| OwnedIdentity::PKCS8 { pem, key }),
+    })
 }
 
 /// The first node that answers, trying each once in [`connect`]'s order: for commands that

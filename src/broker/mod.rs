@@ -25,6 +25,28 @@ pub enum BrokerError {
         /// The client's error.
         source: lapin::Error,
     },
+    /// Connecting to a node failed: refused, unreachable, or its certificate did not verify.
+    #[error("cannot connect to the broker at {node}: {source}")]
+    Connect {
+        /// The node, as `scheme://host:port`.
+        node: String,
+        /// The client's error, with the TLS reason when there is one.
+        source: lapin::Error,
+    },
+    /// A node did not answer a connect within `amqp.operation_timeout`.
+    #[error("cannot connect to the broker at {node}: no answer within amqp.operation_timeout")]
+    ConnectTimeout {
+        /// The node, as `scheme://host:port`.
+        node: String,
+    },
+    /// The files of `amqp.tls` could not be read for a connection to an `amqps://` node.
+    #[error("cannot connect to the broker at {node}: {reason}")]
+    Tls {
+        /// The node, as `scheme://host:port`.
+        node: String,
+        /// What is wrong with the files.
+        reason: String,
+    },
     /// `amqp.url`, or one of `amqp.urls`, is not an AMQP URL.
     #[error("the broker URL is not a valid AMQP URL: {reason}")]
     Url {
@@ -52,6 +74,20 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// A failed connect, naming the node it was to; other errors as they are.
+    fn at(self, node: &str) -> Self {
+        match self {
+            Self::Amqp { source, .. } => Self::Connect {
+                node: node.to_owned(),
+                source,
+            },
+            Self::Timeout { .. } => Self::ConnectTimeout {
+                node: node.to_owned(),
+            },
+            other => other,
+        }
+    }
+
     /// Whether reconnecting may help.
     pub fn is_fatal(&self) -> bool {
         matches!(self, Self::TopologyMismatch { .. } | Self::Url { .. })

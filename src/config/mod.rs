@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 mod production;
 mod redact;
 mod sections;
+pub mod tls;
 mod unknown_keys;
 mod validate;
 
@@ -23,6 +24,7 @@ pub use sections::{
     CallbackSettings, CommandSettings, FleetSettings, LogFormat, LogSettings, RetrySettings,
     ShutdownSettings, TelemetrySettings,
 };
+pub use tls::{AmqpTlsFiles, AmqpTlsSettings};
 use unknown_keys::reject_unknown_keys;
 
 /// The defaults, with every key documented.

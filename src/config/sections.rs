@@ -9,6 +9,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::redact::{redact, redact_opt, redact_url, redact_vec};
+use super::tls::AmqpTlsSettings;
 
 /// `[amqp]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -46,6 +47,9 @@ pub struct AmqpSettings {
     /// (docs/contract.md §12).
     #[serde(with = "humantime_serde")]
     pub consumer_timeout: Duration,
+    /// Trust and identity for `amqps://` URLs (docs/contract.md §13).
+    #[serde(default)]
+    pub tls: AmqpTlsSettings,
 }
 
 impl AmqpSettings {
@@ -73,6 +77,9 @@ pub struct AgentAssistSettings {
     /// Timeout of one call.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A CA (PEM) to trust besides the system's roots, e.g. a corporate proxy's; empty: none.
+    #[serde(default)]
+    pub ca_file: PathBuf,
 }
 
 /// One `[[bots]]` entry.
@@ -204,7 +211,12 @@ pub struct ShutdownSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct FleetSettings {
     /// Redis shared by the replicas; empty: one worker alone (extra replicas are standbys).
+    /// `rediss://` for TLS, user and password in the URL.
     pub redis_url: String,
+    /// The CA (PEM) a `rediss://` server's certificate is checked against, instead of the
+    /// system's roots; empty: the system's roots.
+    #[serde(default)]
+    pub redis_ca_file: PathBuf,
     /// This replica's name; empty: the host name and the process id.
     pub name: String,
     /// Partition queues `{commands_queue}.p{k}` the work is shared through; 0: none, the

@@ -92,14 +92,22 @@ impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         let parse = |key: String, url: &str| {
             <lapin::uri::AMQPUri as std::str::FromStr>::from_str(url)
-                .map(drop)
                 .map_err(|reason| invalid(key, reason))
         };
+        let mut nodes = Vec::new();
         if self.urls.is_empty() {
-            parse("amqp.url".to_owned(), &self.url)?;
+            nodes.push((
+                "amqp.url".to_owned(),
+                parse("amqp.url".to_owned(), &self.url)?,
+            ));
         }
         for (i, url) in self.urls.iter().enumerate() {
-            parse(format!("amqp.urls[{i}]"), url)?;
+            let key = format!("amqp.urls[{i}]");
+            nodes.push((key.clone(), parse(key, url)?));
+        }
+        self.tls.read()?;
+        for (key, uri) in &nodes {
+            self.tls_agrees_with(key, uri)?;
         }
         if self.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));
@@ -121,10 +129,33 @@ impl AmqpSettings {
     }
 }
 
+impl AmqpSettings {
+    /// TLS files with a plain-text URL would silently go unused, and the EXTERNAL mechanism
+    /// without a client certificate cannot log in: both are refused (docs/contract.md §13).
+    fn tls_agrees_with(&self, key: &str, uri: &lapin::uri::AMQPUri) -> Result<(), ConfigError> {
+        let secure = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+        if self.tls.is_set() && !secure {
+            return Err(invalid(
+                key,
+                "is amqp:// (plain text) but [amqp.tls] names files: use amqps://",
+            ));
+        }
+        let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+        if external && !self.tls.has_identity() {
+            return Err(invalid(
+                "amqp.tls.cert_file",
+                format!("{key} asks for auth_mechanism=external, which needs a client certificate"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl AgentAssistSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         reqwest::Url::parse(&self.base_url)
             .map_err(|e| invalid("agentassist.base_url", e.to_string()))?;
+        super::tls::certificates("agentassist.ca_file", &self.ca_file)?;
         if self.request_timeout.is_zero() {
             return Err(invalid("agentassist.request_timeout", "must be positive"));
         }
@@ -272,6 +303,14 @@ impl FleetSettings {
         if self.enabled() {
             redis::Client::open(self.redis_url.as_str())
                 .map_err(|e| invalid("fleet.redis_url", e.to_string()))?;
+        }
+        if super::tls::certificates("fleet.redis_ca_file", &self.redis_ca_file)?.is_some()
+            && !self.redis_url.starts_with("rediss://")
+        {
+            return Err(invalid(
+                "fleet.redis_ca_file",
+                "is set but fleet.redis_url is not rediss://: the CA would go unused",
+            ));
         }
         if self.partitions > MAX_PARTITIONS {
             return Err(invalid(

@@ -49,19 +49,27 @@ pub enum FleetError {
     /// `fleet.redis_url` cannot be used.
     #[error("fleet.redis_url is not usable: {0}")]
     Url(redis::RedisError),
-    /// Redis refused or failed the call.
-    #[error("Redis {op} failed: {source}")]
+    /// `fleet.redis_ca_file` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::config::ConfigError),
+    /// Redis refused or failed the call: unreachable, its certificate did not verify, or the
+    /// command failed.
+    #[error("Redis {op} at {at} failed: {source}")]
     Redis {
         /// The fleet operation.
         op: &'static str,
+        /// The server, as `scheme://host:port`.
+        at: Arc<str>,
         /// The client's error.
         source: redis::RedisError,
     },
     /// No answer within `fleet.redis_timeout`.
-    #[error("Redis {op} timed out")]
+    #[error("Redis {op} at {at} timed out")]
     Timeout {
         /// The fleet operation.
         op: &'static str,
+        /// The server, as `scheme://host:port`.
+        at: Arc<str>,
     },
     /// Redis answered something the scripts never return.
     #[error("Redis {op} answered unexpectedly: {what}")]
@@ -76,6 +84,8 @@ pub enum FleetError {
 /// The shared state of one fleet, as one replica sees it.
 pub struct Fleet {
     redis: ConnectionManager,
+    /// The server, for errors.
+    endpoint: Arc<str>,
     prefix: String,
     /// This replica, as a claimant: its name and a per-process id, so a restarted replica
     /// with the same name (a container's pid is often 1) is not taken for its predecessor.
@@ -105,6 +115,36 @@ impl std::fmt::Debug for Fleet {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// The client for `fleet.redis_url`. For `rediss://`, the server's certificate is verified
+/// (against `fleet.redis_ca_file` when set, else the system's roots) and its name against the
+/// URL's host; a failure is an error naming the server, never plain text instead.
+fn client(settings: &FleetSettings) -> Result<redis::Client, FleetError> {
+    let url = settings.redis_url.as_str();
+    match crate::config::tls::certificates("fleet.redis_ca_file", &settings.redis_ca_file)? {
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+    .map_err(FleetError::Url)
+}
+
+/// How the server is named in errors: scheme, host and port, never the credentials.
+fn endpoint(client: &redis::Client) -> Arc<str> {
+    use redis::ConnectionAddr;
+    match client.get_connection_info().addr() {
+        ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{host}:{port}"),
+        ConnectionAddr::Unix(path) => format!("unix://{}", path.display()),
+        other => other.to_string(),
+    }
+    .into()
+}
+
 impl Fleet {
     /// The fleet named `name` (the commands queue). Connects lazily: a replica starts, unready,
     /// while Redis is down, and becomes ready when it answers.
@@ -114,7 +154,8 @@ impl Fleet {
         outcome_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FleetError> {
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(FleetError::Url)?;
+        let client = client(settings)?;
+        let endpoint = endpoint(&client);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.redis_timeout))
             .set_response_timeout(Some(settings.redis_timeout))
@@ -128,6 +169,7 @@ impl Fleet {
         };
         Ok(Self {
             redis,
+            endpoint,
             prefix: format!("{name}:"),
             claimant: format!("{replica}/{}", uuid::Uuid::new_v4().simple()),
             lease: settings.lease,
@@ -172,8 +214,15 @@ impl Fleet {
         let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut redis)).await;
         let result = match result {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(FleetError::Redis { op, source }),
-            Err(_) => Err(FleetError::Timeout { op }),
+            Ok(Err(source)) => Err(FleetError::Redis {
+                op,
+                at: self.endpoint.clone(),
+                source,
+            }),
+            Err(_) => Err(FleetError::Timeout {
+                op,
+                at: self.endpoint.clone(),
+            }),
         };
         self.observe(op, started, result.is_err());
         result
@@ -204,8 +253,15 @@ impl Fleet {
         .await;
         let result = match result {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(source)) => Err(FleetError::Redis { op: "ping", source }),
-            Err(_) => Err(FleetError::Timeout { op: "ping" }),
+            Ok(Err(source)) => Err(FleetError::Redis {
+                op: "ping",
+                at: self.endpoint.clone(),
+                source,
+            }),
+            Err(_) => Err(FleetError::Timeout {
+                op: "ping",
+                at: self.endpoint.clone(),
+            }),
         };
         self.observe("ping", started, result.is_err());
         result

@@ -16,6 +16,7 @@ fn redis_url() -> String {
 fn replica(fleet: &str, lease: Duration) -> Fleet {
     let settings = FleetSettings {
         redis_url: redis_url(),
+        redis_ca_file: Default::default(),
         name: String::new(),
         partitions: 1,
         heartbeat: Duration::from_secs(1),
@@ -200,6 +201,7 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout_and_unhealthy() {
     let settings = FleetSettings {
         // Nothing listens on port 1.
         redis_url: "redis://127.0.0.1:1/0".into(),
+        redis_ca_file: Default::default(),
         name: "r".into(),
         partitions: 1,
         heartbeat: Duration::from_secs(1),

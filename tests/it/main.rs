@@ -20,6 +20,7 @@ mod partitions;
 mod relay;
 mod rolling;
 mod schemas;
+mod tls;
 mod trace_context;
 mod transfers;
 

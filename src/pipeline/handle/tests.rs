@@ -43,7 +43,7 @@ impl Rig {
             Vec::new(),
             settings.callbacks.token_ttl,
         );
-        let api = ApiClient::new(Duration::from_secs(5), 4).unwrap();
+        let api = ApiClient::new(Duration::from_secs(5), 4, None).unwrap();
         let stages = Stages {
             transfers: Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone()),
             relay: RelayUrls::new("http://relay.test", signer),
@@ -66,6 +66,7 @@ impl Rig {
         let settings = crate::config::FleetSettings {
             redis_url: std::env::var("TEST_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into()),
+            redis_ca_file: Default::default(),
             name: String::new(),
             partitions: 1,
             heartbeat: Duration::from_secs(1),

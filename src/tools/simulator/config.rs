@@ -41,6 +41,23 @@ pub struct SimulatorConfig {
     pub callback_fail_rate: f64,
     /// What the front of the API does during a simulated outage.
     pub edge: Edge,
+    /// Serve HTTPS with this certificate instead of plain HTTP.
+    pub tls: Option<SimTls>,
+}
+
+/// The simulator's certificate, for serving HTTPS like the real API.
+#[derive(Clone)]
+pub struct SimTls {
+    /// Certificate chain, PEM, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// Its private key, PEM.
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for SimTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SimTls { .. }")
+    }
 }
 
 /// The front door of the API, as seen during an outage of the service behind it.
@@ -68,6 +85,7 @@ impl Default for SimulatorConfig {
             callback_delay: Duration::from_millis(200),
             callback_fail_rate: 0.0,
             edge: Edge::RoutesFirst,
+            tls: None,
         }
     }
 }

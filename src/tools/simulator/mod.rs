@@ -40,6 +40,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use axum_server::tls_rustls::RustlsConfig;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -49,7 +50,7 @@ use tokio::task::JoinSet;
 
 use check::Checker;
 use config::validate;
-pub use config::{Edge, Reply, SimBot, SimulatorConfig, bots_from_settings};
+pub use config::{Edge, Reply, SimBot, SimTls, SimulatorConfig, bots_from_settings};
 use routes::{assign_conversation, stats_route};
 use state::{Counters, Log, Shared};
 
@@ -128,12 +129,38 @@ pub enum SimulatorError {
     /// The HTTP client for callbacks could not be built.
     #[error("cannot build the callback HTTP client")]
     HttpClient(#[source] reqwest::Error),
+    /// The certificate or key of `tls` cannot be served.
+    #[error("cannot serve HTTPS with the given certificate and key")]
+    Tls(#[source] std::io::Error),
     /// The server stopped with an I/O error.
     #[error("simulator server failed")]
     Server(#[source] std::io::Error),
     /// The server task panicked or was cancelled.
     #[error("simulator server task ended abnormally")]
     ServerTask(#[source] tokio::task::JoinError),
+}
+
+/// Serves `app` over TLS on `listener` until `stop`, then drains like the plain server.
+async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    tls: SimTls,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, SimulatorError> {
+    let config = RustlsConfig::from_pem(tls.cert_pem, tls.key_pem)
+        .await
+        .map_err(SimulatorError::Tls)?;
+    let listener = listener.into_std().map_err(SimulatorError::Server)?;
+    let server = axum_server::from_tcp_rustls(listener, config).map_err(SimulatorError::Server)?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        stopped(&mut stop).await;
+        stopper.graceful_shutdown(Some(SERVER_DRAIN));
+    });
+    Ok(tokio::spawn(
+        server.handle(handle).serve(app.into_make_service()),
+    ))
 }
 
 /// A running simulator. Dropping it also stops the server, but only
@@ -196,12 +223,17 @@ impl Simulator {
             .route("/simulator/arrivals", get(routes::arrivals_route))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(Arc::clone(&shared));
-        let mut server_stop = stop_rx;
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stopped(&mut server_stop).await })
-                .await
-        });
+        let server = match shared.config.tls.clone() {
+            None => {
+                let mut server_stop = stop_rx;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stopped(&mut server_stop).await })
+                        .await
+                })
+            }
+            Some(tls) => serve_tls(listener, app, tls, stop_rx).await?,
+        };
 
         tracing::info!(%addr, bots = shared.config.bots.len(), "AgentAssist simulator listening");
         Ok(Simulator {
@@ -217,9 +249,14 @@ impl Simulator {
         self.addr
     }
 
-    /// `http://{addr}`: what a client's AgentAssist base URL should be set to.
+    /// `http://{addr}`, or `https://localhost:{port}` when serving HTTPS (certificates name
+    /// hosts): what a client's AgentAssist base URL should be set to.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.shared.config.tls.is_some() {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// Queues exact replies: each valid request takes the next one, in order, before the

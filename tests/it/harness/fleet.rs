@@ -103,6 +103,7 @@ impl Fleet {
             .map(|url| RedisKeys::new(url, &amqp.commands_queue));
         let sim = sim::start(SimulatorConfig {
             latency: spec.latency,
+            tls: spec.sim_tls.clone(),
             ..sim::config(&settings)
         })
         .await;

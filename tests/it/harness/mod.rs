@@ -12,6 +12,8 @@
 //! - [`replicas`] and [`fleet`]: [`Fleet`], several `transfer-worker run` replicas on one set of
 //!   queues, with one simulator and one event reader.
 //! - [`cluster`]: a worker process attached to the local 3-node RabbitMQ cluster.
+//! - [`pki`] and [`tls`]: certificate authorities made at test time, and the peers of secure
+//!   transport: a TLS-only Redis, the cluster's TLS node, an HTTP CONNECT proxy.
 //! - [`admin`], [`redis`], [`proxy`] and [`wait`]: a worker's admin listener, Redis for a
 //!   fleet, a TCP proxy a test can cut, and bounded waiting.
 
@@ -23,11 +25,13 @@ pub mod commands;
 pub mod events;
 pub mod fleet;
 pub mod names;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod replicas;
 pub mod sim;
+pub mod tls;
 pub mod wait;
 
 pub use app::Harness;

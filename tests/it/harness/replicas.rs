@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
+use transfer_worker::tools::simulator::SimTls;
 
 use super::admin::{family_sum, readyz, scrape};
 use super::names::{free_port, redis_url};
@@ -29,6 +30,8 @@ pub struct FleetSpec {
     pub env: Vec<(String, String)>,
     /// Bots of further accounts, beside the default bot (paced by `rate_limit`).
     pub more_bots: Vec<BotSpec>,
+    /// The simulator serves HTTPS with this certificate.
+    pub sim_tls: Option<SimTls>,
 }
 
 impl FleetSpec {
@@ -71,6 +74,7 @@ impl Default for FleetSpec {
             latency: Duration::ZERO,
             env: Vec::new(),
             more_bots: Vec::new(),
+            sim_tls: None,
         }
     }
 }
