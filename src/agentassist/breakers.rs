@@ -137,7 +137,7 @@ mod tests {
             async move {
                 let command = command("eu-1", "st-eu");
                 transfers
-                    .execute(&command, &eu, "http://relay.test/t", &shutdown, None)
+                    .execute(&command, &eu, "http://relay.test/t", &shutdown, None, None)
                     .await
             }
         });
@@ -150,7 +150,7 @@ mod tests {
 
         // Meanwhile the US bots are not held: the call goes out and succeeds at once.
         let command = command("us-1", &us.stream_id);
-        let run = transfers.execute(&command, &us, "http://relay.test/t", &shutdown, None);
+        let run = transfers.execute(&command, &us, "http://relay.test/t", &shutdown, None, None);
         let outcome = tokio::time::timeout(Duration::from_secs(5), run)
             .await
             .expect("a command of the region that is up is not held")

@@ -33,6 +33,34 @@ pub(super) async fn here(
     }
 }
 
+/// A command's first start, asked with its fleet claim ([`Fleet::claim_with_start`]): one
+/// round trip to Redis instead of two. It is the first answer of [`FleetStart`] when still
+/// fresh; a start booked but not used in time is given back and asked for anew.
+#[derive(Debug)]
+pub struct FirstStart {
+    /// When the claim was sent: the answer's delay counts from here.
+    pub asked_at: Instant,
+    /// What the fleet's budget answered.
+    pub answer: Reservation,
+}
+
+/// How old a [`FirstStart`] may be and still be used. Between the claim and the wait for a
+/// start a command only signs its relay URL and passes a closed breaker: microseconds. One
+/// that waited longer (for a breaker that opened, say) asks again, so a start is never taken
+/// up late, bunching calls together.
+pub const FRESH: Duration = Duration::from_millis(20);
+
+impl FirstStart {
+    /// Gives the start back if one was booked: the command did not use it.
+    pub async fn give_back(self, fleet: &Fleet) {
+        if let Reservation::Booked { booking, .. } = self.answer
+            && let Err(e) = fleet.unreserve(&booking).await
+        {
+            tracing::warn!(error = %e, "could not give back a booked start");
+        }
+    }
+}
+
 /// A start from the fleet's budget in Redis: while Redis does not answer no start is handed
 /// out (the command waits, its deadline still counting), until it does or the grace runs out;
 /// a start booked but not reached at shutdown is given back.
@@ -47,14 +75,31 @@ pub(super) struct FleetStart<'a> {
 }
 
 impl FleetStart<'_> {
-    pub async fn wait(&self, shutdown: &Shutdown) -> Result<Result<(), DeadlineFirst>, Unfinished> {
+    /// Waits for the start; `first`, the answer that came with the claim, stands for the
+    /// first question to Redis if it is fresh.
+    pub async fn wait(
+        &self,
+        first: Option<FirstStart>,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
         let (fleet, bot) = (self.fleet, self.bot);
-        let first_asked = Instant::now();
+        let mut first = match first {
+            Some(first) if first.asked_at.elapsed() <= FRESH => Some(first),
+            Some(stale) => {
+                stale.give_back(fleet).await;
+                None
+            }
+            None => None,
+        };
+        let first_asked = first.as_ref().map_or_else(Instant::now, |f| f.asked_at);
         loop {
-            let (asked_at, answer) = fleet
-                .until_answered(shutdown, || self.ask())
-                .await
-                .ok_or(Abandoned)?;
+            let (asked_at, answer) = match first.take() {
+                Some(first) => (first.asked_at, first.answer),
+                None => fleet
+                    .until_answered(shutdown, || self.ask())
+                    .await
+                    .ok_or(Abandoned)?,
+            };
             let at = |delay: Duration| asked_at.checked_add(delay).unwrap_or(asked_at);
             match answer {
                 Reservation::Booked { delay, booking } => {
@@ -97,17 +142,106 @@ impl FleetStart<'_> {
             let delay = Duration::ZERO;
             return Ok((now, Reservation::DeadlineFirst { delay }));
         }
-        let pacer = &self.bot.account.pacer;
         let answer = self
             .fleet
             .reserve(
-                &self.bot.account_id,
-                pacer.limit(),
-                pacer.window(),
-                deadline_in,
+                &self.bot.start_request(deadline_in),
                 &self.command.command_id,
             )
             .await?;
         Ok((now, answer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::agentassist::bots::Bots;
+    use crate::config::Settings;
+    use crate::contract::Target;
+    use crate::ops::metrics::{Metrics, RedisLabels};
+
+    fn reserves(metrics: &Metrics) -> u64 {
+        metrics
+            .redis_round_trips
+            .get_or_create(&RedisLabels { op: "reserve" })
+            .get()
+    }
+
+    /// The interleaving a stale first start stands for: booked with the claim, then the
+    /// command waited (for a breaker, say) before it asked for its start.
+    #[tokio::test]
+    async fn a_first_start_stands_for_the_question_when_fresh_and_is_given_back_when_stale() {
+        let mut settings = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+        settings.bots[0].rate_limit = 1;
+        settings.bots[0].rate_window = Duration::from_secs(4);
+        settings.fleet.redis_url =
+            std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        // The horizon (a third of the lease, 3 s) is short of the window: once the account's
+        // one start is booked, the next is only told (NotYet).
+        settings.fleet.lease = Duration::from_secs(9);
+        let metrics = Arc::new(Metrics::new());
+        let name = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
+        let fleet = Fleet::new(
+            &settings.fleet,
+            &name,
+            Duration::from_secs(60),
+            metrics.clone(),
+        )
+        .unwrap();
+        let bots = Bots::new(&settings, &metrics);
+        let bot = bots.get(&settings.bots[0].stream_id).unwrap();
+        let command = Command {
+            command_id: "c1".into(),
+            stream_id: bot.stream_id.clone(),
+            org_id: "o-1".into(),
+            bot_session_id: "s-1".into(),
+            target: Target::Agent("a-1".into()),
+            callback_url: None,
+            deadline: Some(SystemTime::now() + Duration::from_secs(30)),
+        };
+        // Set aside rather than waited for when the start is not bookable yet.
+        let start = FleetStart {
+            fleet: &fleet,
+            command: &command,
+            bot: &bot,
+            limit: None,
+            aside: true,
+        };
+        let shutdown = Shutdown::new();
+
+        // Stale: the account's one start, booked a second ago. Kept, the budget would be
+        // spent and the command set aside; given back, it is booked again at once.
+        let answer = fleet.reserve(&bot.start_request(None), "c1").await.unwrap();
+        assert!(matches!(answer, Reservation::Booked { .. }), "{answer:?}");
+        let stale = FirstStart {
+            asked_at: Instant::now().checked_sub(Duration::from_secs(1)).unwrap(),
+            answer,
+        };
+        let waited =
+            tokio::time::timeout(Duration::from_secs(2), start.wait(Some(stale), &shutdown))
+                .await
+                .expect("a start within the window");
+        assert!(matches!(waited, Ok(Ok(()))), "{waited:?}");
+
+        // Fresh: used as the answer, nothing asked of Redis.
+        let asked = reserves(&metrics);
+        let fresh = FirstStart {
+            asked_at: Instant::now(),
+            answer: Reservation::NotYet {
+                delay: Duration::from_millis(3500),
+            },
+        };
+        let waited = start.wait(Some(fresh), &shutdown).await;
+        assert!(matches!(waited, Err(Unfinished::Aside)), "{waited:?}");
+        assert_eq!(
+            reserves(&metrics),
+            asked,
+            "a fresh first start stands for the question"
+        );
     }
 }

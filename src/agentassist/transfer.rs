@@ -16,9 +16,9 @@ use super::breakers::Breakers;
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
-use super::start;
+use super::start::{self, FirstStart};
 use crate::contract::Command;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, StartRequest};
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::shutdown::{Abandoned, Shutdown};
 
@@ -118,11 +118,10 @@ impl Transfers {
         bot: &Bot,
         deadline: Option<Instant>,
         aside: Option<Duration>,
+        first: Option<FirstStart>,
         shutdown: &Shutdown,
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
-        let aside_at = aside.and_then(|d| Instant::now().checked_add(d));
-        let by_aside = aside_at.filter(|a| deadline.is_none_or(|d| *a < d));
-        let limit = by_aside.or(deadline);
+        let (limit, by_aside) = start_limit(deadline, aside);
         let started = match &self.fleet {
             None => start::here(bot, limit, shutdown).await?,
             Some(fleet) => {
@@ -133,7 +132,7 @@ impl Transfers {
                     limit,
                     aside: by_aside.is_some(),
                 };
-                start.wait(shutdown).await?
+                start.wait(first, shutdown).await?
             }
         };
         match (started, by_aside) {
@@ -152,10 +151,34 @@ impl Transfers {
         }
     }
 
+    /// What to ask for with the fleet claim of `command` ([`Fleet::claim_with_start`]): its
+    /// first start, as [`Transfers::execute`] would ask for it. None without a fleet, with a
+    /// deadline already past, or while the bot's API host is down: the command then waits
+    /// for the breaker before it asks.
+    pub fn first_start_request(
+        &self,
+        command: &Command,
+        bot: &Bot,
+        aside: Option<Duration>,
+    ) -> Option<StartRequest> {
+        self.fleet.as_ref()?;
+        if self.breakers.of(bot).is_some_and(|b| b.is_open()) {
+            return None;
+        }
+        let now = Instant::now();
+        let (limit, _) = start_limit(deadline_of(command, now), aside);
+        let deadline_in = match limit {
+            Some(limit) if limit <= now => return None,
+            limit => limit.map(|l| l.saturating_duration_since(now)),
+        };
+        Some(bot.start_request(deadline_in))
+    }
+
     /// Runs the command to its outcome, or gives it up at shutdown. `callback_url` is where
     /// AgentAssist should post its callbacks for this command. With `aside`, a first start
     /// further away than that ends the execution as [`Unfinished::Aside`], before anything was
-    /// booked or called.
+    /// booked or called. `first` is the start asked with the fleet claim, if one was: given
+    /// back if the command does not use it.
     pub async fn execute(
         &self,
         command: &Command,
@@ -163,19 +186,33 @@ impl Transfers {
         callback_url: &str,
         shutdown: &Shutdown,
         aside: Option<Duration>,
+        first: Option<FirstStart>,
+    ) -> Result<Outcome, Unfinished> {
+        let mut first = first;
+        let outcome = self
+            .run(command, bot, callback_url, shutdown, aside, &mut first)
+            .await;
+        if let (Some(first), Some(fleet)) = (first, &self.fleet) {
+            first.give_back(fleet).await;
+        }
+        outcome
+    }
+
+    async fn run(
+        &self,
+        command: &Command,
+        bot: &Bot,
+        callback_url: &str,
+        shutdown: &Shutdown,
+        aside: Option<Duration>,
+        first: &mut Option<FirstStart>,
     ) -> Result<Outcome, Unfinished> {
         #[cfg(feature = "fault-injection")]
         if command.org_id == FAULT_PANIC_ORG_ID {
             panic!("fault injected for a test");
         }
         let started = Instant::now();
-        // A deadline too far away to be an `Instant` is no deadline at all.
-        let deadline = command
-            .deadline
-            .and_then(|d| match d.duration_since(SystemTime::now()) {
-                Ok(left) => started.checked_add(left),
-                Err(_) => Some(started),
-            });
+        let deadline = deadline_of(command, started);
         let body = request_body(command, callback_url);
         let mut budget = AttemptBudget::new(self.retry, command.deadline);
         let breaker = self.breakers.of(bot);
@@ -201,7 +238,7 @@ impl Transfers {
             }
             // Only a command that has not been called yet may be set aside.
             let aside = aside.filter(|_| budget.made() == 0);
-            let start = self.wait_for_start(command, bot, deadline, aside, shutdown);
+            let start = self.wait_for_start(command, bot, deadline, aside, first.take(), shutdown);
             if start.await?.is_err() {
                 return Ok(budget.out_of_time());
             }
@@ -368,3 +405,25 @@ fn reaches(now: Instant, wait: std::time::Duration, deadline: Instant) -> bool {
 /// processing, so tests can show that a fault stays inside one command.
 #[cfg(feature = "fault-injection")]
 pub const FAULT_PANIC_ORG_ID: &str = "o-fault-injection-panic";
+
+/// When `command` must be done by, as an `Instant` from `now`. A deadline too far away to be
+/// an `Instant` is no deadline at all.
+fn deadline_of(command: &Command, now: Instant) -> Option<Instant> {
+    command
+        .deadline
+        .and_then(|d| match d.duration_since(SystemTime::now()) {
+            Ok(left) => now.checked_add(left),
+            Err(_) => Some(now),
+        })
+}
+
+/// How long a start may be waited for: until the deadline, or until the aside limit when
+/// that comes first (then also returned, as the aside limit in force).
+fn start_limit(
+    deadline: Option<Instant>,
+    aside: Option<Duration>,
+) -> (Option<Instant>, Option<Instant>) {
+    let aside_at = aside.and_then(|d| Instant::now().checked_add(d));
+    let by_aside = aside_at.filter(|a| deadline.is_none_or(|d| *a < d));
+    (by_aside.or(deadline), by_aside)
+}

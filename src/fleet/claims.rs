@@ -1,9 +1,10 @@
-//! Once-only across the fleet: a claim on a command for a lease, renewed while it runs, and
-//! its terminal event recorded for every replica (`lua/claim.lua`, `renew.lua`,
-//! `release.lua`, `record.lua`).
+//! Once-only across the fleet: a claim on a command for a lease (with its first start from its
+//! account's budget, in the same round trip), renewed while it runs, and its terminal event
+//! recorded for every replica (`lua/claim.lua`, `renew.lua`, `release.lua`, `record.lua`).
 
 use std::time::Duration;
 
+use super::pacing::{Reservation, StartRequest, reservation};
 use super::{Fleet, FleetError, millis, scripts, stored};
 use crate::contract::event::Event;
 
@@ -23,49 +24,59 @@ pub enum Claim {
 impl Fleet {
     /// One claim attempt: the recorded outcome, the claim, or who holds it.
     pub async fn claim(&self, command_id: &str) -> Result<Claim, FleetError> {
-        self.claim_as(command_id, false).await
+        Ok(self.claim_as(command_id, false, None).await?.0)
     }
 
     /// [`Fleet::claim`] for a command replayed from the dead-letter queue: only a recorded
     /// `transfer.succeeded` answers it; another recorded outcome is passed over, so the
     /// command is processed again and [`Fleet::record`] replaces that outcome.
     pub async fn claim_replayed(&self, command_id: &str) -> Result<Claim, FleetError> {
-        self.claim_as(command_id, true).await
+        Ok(self.claim_as(command_id, true, None).await?.0)
     }
 
-    async fn claim_as(&self, command_id: &str, replayed: bool) -> Result<Claim, FleetError> {
+    /// [`Fleet::claim`] (or [`Fleet::claim_replayed`]) and, when the claim is ours, the
+    /// command's first start from its account's budget, as [`Fleet::reserve`] would answer,
+    /// in the same round trip. No start is asked when the answer is `Done` or `Held`.
+    pub async fn claim_with_start(
+        &self,
+        command_id: &str,
+        replayed: bool,
+        start: &StartRequest,
+    ) -> Result<(Claim, Option<Reservation>), FleetError> {
+        self.claim_as(command_id, replayed, Some(start)).await
+    }
+
+    async fn claim_as(
+        &self,
+        command_id: &str,
+        replayed: bool,
+        start: Option<&StartRequest>,
+    ) -> Result<(Claim, Option<Reservation>), FleetError> {
         let mut invocation = scripts::CLAIM.prepare_invoke();
         invocation
             .key(self.key("outcome", command_id))
             .key(self.key("claim", command_id))
-            .key(self.key("wire", command_id))
+            .key(self.key("wire", command_id));
+        if let Some(start) = start {
+            invocation
+                .key(self.key("pace", &start.account))
+                .key(self.key("pause", &start.account));
+        }
+        invocation
             .arg(&self.claimant)
             .arg(millis(self.lease))
             .arg(if replayed { "1" } else { "0" });
-        let (state, detail): (String, Vec<u8>) = self.invoke("claim", &invocation).await?;
-        match state.as_str() {
-            "done" => stored::decode(command_id, &detail)
-                .map(Claim::Done)
-                .ok_or_else(|| FleetError::Unexpected {
-                    op: "claim",
-                    what: "an outcome that does not read back".into(),
-                }),
-            "mine" => Ok(Claim::Mine),
-            "taken_over" => Ok(Claim::TakenOver),
-            "held" => {
-                let ms = std::str::from_utf8(&detail)
-                    .ok()
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .unwrap_or(0);
-                Ok(Claim::Held(Duration::from_millis(
-                    u64::try_from(ms).unwrap_or(0),
-                )))
+        let member = start.map(|start| self.start_args(&mut invocation, start));
+        let (state, detail, started, delay): (String, Vec<u8>, i64, i64) =
+            self.invoke("claim", &invocation).await?;
+        let claim = read_claim(command_id, &state, &detail)?;
+        let reservation = match (start, member) {
+            (Some(start), Some(member)) if started >= 0 => {
+                Some(reservation("claim", started, delay, start, member)?)
             }
-            other => Err(FleetError::Unexpected {
-                op: "claim",
-                what: other.to_owned(),
-            }),
-        }
+            _ => None,
+        };
+        Ok((claim, reservation))
     }
 
     /// Extends our claim; false if it is no longer ours.
@@ -119,5 +130,32 @@ impl Fleet {
             .arg(millis(self.outcome_ttl));
         let _: i64 = self.invoke("record", &invocation).await?;
         Ok(())
+    }
+}
+
+/// `claim.lua`'s answer, read.
+fn read_claim(command_id: &str, state: &str, detail: &[u8]) -> Result<Claim, FleetError> {
+    match state {
+        "done" => stored::decode(command_id, detail)
+            .map(Claim::Done)
+            .ok_or_else(|| FleetError::Unexpected {
+                op: "claim",
+                what: "an outcome that does not read back".into(),
+            }),
+        "mine" => Ok(Claim::Mine),
+        "taken_over" => Ok(Claim::TakenOver),
+        "held" => {
+            let ms = std::str::from_utf8(detail)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(0);
+            Ok(Claim::Held(Duration::from_millis(
+                u64::try_from(ms).unwrap_or(0),
+            )))
+        }
+        other => Err(FleetError::Unexpected {
+            op: "claim",
+            what: other.to_owned(),
+        }),
     }
 }

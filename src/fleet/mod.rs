@@ -17,7 +17,8 @@
 //!   queue as intake, only while it holds that queue ([`holds`]).
 //!
 //! Every key starts with the fleet's name (its `amqp.commands_queue`) and a colon. Per command
-//! in the steady state: three round trips (claim, reserve, record). This file holds the client,
+//! in the steady state: two round trips (the claim with the first start, the record). This
+//! file holds the client,
 //! its timeouts, health and waiting; [`claims`] the once-only, [`pacing`] the shared budget.
 
 pub mod claims;
@@ -29,7 +30,7 @@ mod scripts;
 mod stored;
 
 pub use claims::Claim;
-pub use pacing::{Booking, Reservation};
+pub use pacing::{Booking, Reservation, StartRequest};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

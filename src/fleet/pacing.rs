@@ -1,5 +1,6 @@
 //! One rate budget per account across the fleet: a sliding log of starts in Redis, timed by
-//! Redis's clock, booked at most a horizon ahead (`lua/reserve.lua`, `unreserve.lua`), and a
+//! Redis's clock, booked at most a horizon ahead (`lua/reserve_fn.lua`, `reserve.lua`,
+//! `unreserve.lua`; a command's first start also comes with its claim, `claim.lua`), and a
 //! shared pause after a 429 (`lua/pause.lua`).
 
 use std::time::Duration;
@@ -35,47 +36,58 @@ pub struct Booking {
     member: String,
 }
 
+/// A start asked of an account's budget: `limit` calls in any `window`, and when the
+/// command's deadline (or aside limit) comes.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// The account.
+    pub account: String,
+    /// Calls per window.
+    pub limit: usize,
+    /// The window.
+    pub window: Duration,
+    /// From the moment of asking; past it nothing is booked.
+    pub deadline_in: Option<Duration>,
+}
+
 impl Fleet {
-    /// Asks for the next start of `account`'s budget: `limit` calls in any `window`, timed by
-    /// Redis. Marks `command_id` as possibly on the wire when a start is booked.
+    /// Asks for the next start of `request.account`'s budget, timed by Redis. Marks
+    /// `command_id` as possibly on the wire when a start is booked.
     pub async fn reserve(
         &self,
-        account: &str,
-        limit: usize,
-        window: Duration,
-        deadline_in: Option<Duration>,
+        request: &StartRequest,
         command_id: &str,
     ) -> Result<Reservation, FleetError> {
-        let member = uuid::Uuid::new_v4().simple().to_string();
         let mut invocation = scripts::RESERVE.prepare_invoke();
         invocation
-            .key(self.key("pace", account))
-            .key(self.key("pause", account))
-            .key(self.key("wire", command_id))
-            .arg(limit)
-            .arg(micros(window))
-            .arg(deadline_in.map_or(-1, |d| i64::try_from(micros(d)).unwrap_or(i64::MAX)))
+            .key(self.key("pace", &request.account))
+            .key(self.key("pause", &request.account))
+            .key(self.key("wire", command_id));
+        let member = self.start_args(&mut invocation, request);
+        let (state, delay): (i64, i64) = self.invoke("reserve", &invocation).await?;
+        reservation("reserve", state, delay, request, member)
+    }
+
+    /// The arguments of a start asked in `invocation` (`reserve_fn.lua`'s a[1..7]); returns
+    /// the member it would be booked as.
+    pub(super) fn start_args(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        request: &StartRequest,
+    ) -> String {
+        let member = uuid::Uuid::new_v4().simple().to_string();
+        let deadline = request
+            .deadline_in
+            .map_or(-1, |d| i64::try_from(micros(d)).unwrap_or(i64::MAX));
+        invocation
+            .arg(request.limit)
+            .arg(micros(request.window))
+            .arg(deadline)
             .arg(&member)
             .arg(&self.claimant)
             .arg(millis(self.outcome_ttl))
             .arg(micros(self.horizon()));
-        let (state, delay): (i64, i64) = self.invoke("reserve", &invocation).await?;
-        let delay = Duration::from_micros(u64::try_from(delay).unwrap_or(0));
-        match state {
-            1 => Ok(Reservation::Booked {
-                delay,
-                booking: Booking {
-                    account: account.to_owned(),
-                    member,
-                },
-            }),
-            0 => Ok(Reservation::DeadlineFirst { delay }),
-            2 => Ok(Reservation::NotYet { delay }),
-            other => Err(FleetError::Unexpected {
-                op: "reserve",
-                what: other.to_string(),
-            }),
-        }
+        member
     }
 
     /// How far ahead a start is booked: a third of the lease. Further starts are only told,
@@ -100,5 +112,31 @@ impl Fleet {
         invocation.key(self.key("pause", account)).arg(micros(for_));
         let _: i64 = self.invoke("pause", &invocation).await?;
         Ok(())
+    }
+}
+
+/// `reserve_fn.lua`'s answer, read.
+pub(super) fn reservation(
+    op: &'static str,
+    state: i64,
+    delay: i64,
+    request: &StartRequest,
+    member: String,
+) -> Result<Reservation, FleetError> {
+    let delay = Duration::from_micros(u64::try_from(delay).unwrap_or(0));
+    match state {
+        1 => Ok(Reservation::Booked {
+            delay,
+            booking: Booking {
+                account: request.account.clone(),
+                member,
+            },
+        }),
+        0 => Ok(Reservation::DeadlineFirst { delay }),
+        2 => Ok(Reservation::NotYet { delay }),
+        other => Err(FleetError::Unexpected {
+            op,
+            what: other.to_string(),
+        }),
     }
 }

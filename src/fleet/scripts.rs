@@ -5,15 +5,24 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// `lua/claim.lua`.
-pub static CLAIM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/claim.lua")));
+/// `lua/reserve_fn.lua`: the sliding log of an account's starts, a function the scripts that
+/// reserve begin with.
+macro_rules! with_reserve {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../lua/reserve_fn.lua"),
+            include_str!(concat!("../../lua/", $file))
+        )
+    };
+}
+
+/// `lua/claim.lua`, with the first start when asked.
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(with_reserve!("claim.lua")));
 /// `lua/renew.lua`.
 pub static RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/renew.lua")));
 /// `lua/reserve.lua`.
-pub static RESERVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/reserve.lua")));
+pub static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(with_reserve!("reserve.lua")));
 /// `lua/pause.lua`.
 pub static PAUSE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/pause.lua")));

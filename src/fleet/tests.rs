@@ -56,6 +56,21 @@ fn event(command_id: &str) -> Event {
     )
 }
 
+/// A start of `account`'s budget: `limit` calls per `window`.
+fn ask(
+    account: &str,
+    limit: usize,
+    window: Duration,
+    deadline_in: Option<Duration>,
+) -> StartRequest {
+    StartRequest {
+        account: account.to_owned(),
+        limit,
+        window,
+        deadline_in,
+    }
+}
+
 fn booked(r: Reservation) -> Duration {
     match r {
         Reservation::Booked { delay, .. } => delay,
@@ -68,27 +83,44 @@ async fn starts_beyond_the_horizon_are_told_not_booked_and_unused_ones_are_given
     // Lease 3 s: the horizon is 1 s.
     let (a, b) = two_replicas(Duration::from_secs(3));
     let window = Duration::from_secs(4);
-    let first = a.reserve("acct", 1, window, None, "c1").await.unwrap();
+    let first = a
+        .reserve(&ask("acct", 1, window, None), "c1")
+        .await
+        .unwrap();
     assert!(booked(first) < Duration::from_millis(100));
     // The next start is a window away, beyond the horizon: not booked, so a replica that
     // died now would hold nothing of the account's budget but the call it made.
-    match b.reserve("acct", 1, window, None, "c2").await.unwrap() {
+    match b
+        .reserve(&ask("acct", 1, window, None), "c2")
+        .await
+        .unwrap()
+    {
         Reservation::NotYet { delay } => assert!(delay > Duration::from_secs(3), "{delay:?}"),
         other => panic!("{other:?}"),
     }
-    match b.reserve("acct", 1, window, None, "c3").await.unwrap() {
+    match b
+        .reserve(&ask("acct", 1, window, None), "c3")
+        .await
+        .unwrap()
+    {
         Reservation::NotYet { .. } => {}
         other => panic!("the log is unchanged, so is the answer: {other:?}"),
     }
     // A start booked and given back frees the budget for the next caller.
-    let other = a.reserve("acct2", 1, window, None, "c4").await.unwrap();
+    let other = a
+        .reserve(&ask("acct2", 1, window, None), "c4")
+        .await
+        .unwrap();
     let Reservation::Booked { booking, .. } = other else {
         panic!("{other:?}")
     };
     a.unreserve(&booking).await.unwrap();
     assert!(
-        booked(b.reserve("acct2", 1, window, None, "c5").await.unwrap())
-            < Duration::from_millis(100)
+        booked(
+            b.reserve(&ask("acct2", 1, window, None), "c5")
+                .await
+                .unwrap()
+        ) < Duration::from_millis(100)
     );
 }
 
@@ -100,7 +132,7 @@ async fn the_shared_log_paces_every_replica_of_the_fleet() {
     let mut delays = Vec::new();
     for (i, r) in [&a, &b, &a, &b, &a].into_iter().enumerate() {
         let d = r
-            .reserve("acct", 3, window, None, &format!("c{i}"))
+            .reserve(&ask("acct", 3, window, None), &format!("c{i}"))
             .await
             .unwrap();
         delays.push(booked(d));
@@ -115,7 +147,10 @@ async fn the_shared_log_paces_every_replica_of_the_fleet() {
     }
     // A deadline before the next free start reserves nothing.
     let refused = b
-        .reserve("acct", 3, window, Some(Duration::from_millis(500)), "c9")
+        .reserve(
+            &ask("acct", 3, window, Some(Duration::from_millis(500))),
+            "c9",
+        )
         .await
         .unwrap();
     assert!(
@@ -123,7 +158,10 @@ async fn the_shared_log_paces_every_replica_of_the_fleet() {
         "{refused:?}"
     );
     // Another account has its own budget.
-    let other = a.reserve("other", 3, window, None, "c10").await.unwrap();
+    let other = a
+        .reserve(&ask("other", 3, window, None), "c10")
+        .await
+        .unwrap();
     assert!(booked(other) < Duration::from_millis(100));
     assert!(a.is_healthy());
 }
@@ -133,7 +171,7 @@ async fn a_pause_holds_every_replica() {
     let (a, b) = two_replicas(Duration::from_secs(5));
     a.pause("acct", Duration::from_secs(3)).await.unwrap();
     match b
-        .reserve("acct", 100, Duration::from_secs(1), None, "c1")
+        .reserve(&ask("acct", 100, Duration::from_secs(1), None), "c1")
         .await
         .unwrap()
     {
@@ -179,7 +217,7 @@ async fn a_claim_lapses_after_its_lease_and_one_with_a_call_on_the_wire_is_taken
     // Claimed and a start reserved (a call may be on the wire), then the replica is gone.
     assert!(matches!(a.claim("wired").await.unwrap(), Claim::Mine));
     booked(
-        a.reserve("acct", 10, Duration::from_secs(1), None, "wired")
+        a.reserve(&ask("acct", 10, Duration::from_secs(1), None), "wired")
             .await
             .unwrap(),
     );
@@ -232,5 +270,44 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout_and_unhealthy() {
             .until_answered(&shutdown, || fleet.claim("c"))
             .await
             .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_claim_asked_with_a_start_books_it_only_when_the_claim_is_ours() {
+    let (a, b) = two_replicas(Duration::from_secs(9));
+    let window = Duration::from_secs(4);
+    let start = ask("acct", 2, window, None);
+    // Ours: claimed and booked in one call, the command marked as possibly on the wire.
+    let (claim, first) = a.claim_with_start("c1", false, &start).await.unwrap();
+    assert!(matches!(claim, Claim::Mine), "{claim:?}");
+    assert!(booked(first.expect("a start with the claim")) < Duration::from_millis(100));
+    // Held by another replica: nothing is booked, so the account's second start is free.
+    let (claim, first) = b.claim_with_start("c1", false, &start).await.unwrap();
+    assert!(matches!(claim, Claim::Held(_)), "{claim:?}");
+    assert!(first.is_none(), "{first:?}");
+    assert!(booked(b.reserve(&start, "c2").await.unwrap()) < Duration::from_millis(100));
+    match b.reserve(&start, "c3").await.unwrap() {
+        Reservation::NotYet { .. } => {}
+        other => panic!("two starts were booked, the budget is spent: {other:?}"),
+    }
+    // Completed: its outcome answers, and nothing is booked either.
+    a.record("c1", &event("c1")).await.unwrap();
+    let (claim, first) = b.claim_with_start("c1", false, &start).await.unwrap();
+    assert!(matches!(claim, Claim::Done(_)), "{claim:?}");
+    assert!(first.is_none(), "{first:?}");
+    // Ours, but the budget is spent: the claim is taken, the start only told.
+    let (claim, first) = b.claim_with_start("c4", false, &start).await.unwrap();
+    assert!(matches!(claim, Claim::Mine), "{claim:?}");
+    assert!(
+        matches!(first, Some(Reservation::NotYet { .. })),
+        "{first:?}"
+    );
+    // And a deadline before the next start says so, booking nothing.
+    let soon = ask("acct", 2, window, Some(Duration::from_millis(200)));
+    let (_, first) = a.claim_with_start("c5", false, &soon).await.unwrap();
+    assert!(
+        matches!(first, Some(Reservation::DeadlineFirst { .. })),
+        "{first:?}"
     );
 }

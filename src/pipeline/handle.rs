@@ -8,16 +8,18 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::FutureExt;
 
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
+use crate::agentassist::start::FirstStart;
 use crate::agentassist::transfer::{Outcome, Transfers, Unfinished};
 use crate::callbacks::token::RelayUrls;
 use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
 use crate::contract::{Command, Rejection};
-use crate::fleet::{Claim, Fleet};
+use crate::fleet::{Claim, Fleet, StartRequest};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::command::{Envelope, Valid};
 use crate::shutdown::{Abandoned, Shutdown};
@@ -117,10 +119,15 @@ pub async fn handle(
     }
     let command_id = parsed.command_id();
     let fleet = stages.fleet.as_deref();
+    let mut first = None;
     if let Some(fleet) = fleet {
-        match claim(stages, fleet, command_id, replayed).await {
-            Ok(None) => {}
-            Ok(Some(event)) => {
+        let start = match &parsed.command {
+            Ok(Valid { command, bot }) => stages.transfers.first_start_request(command, bot, aside),
+            Err(_) => None,
+        };
+        match claim(stages, fleet, command_id, replayed, start).await {
+            Ok(Claimed::Ours(start)) => first = start,
+            Ok(Claimed::Done(event)) => {
                 let event = Arc::new(event);
                 stages.outcomes.insert(command_id.to_owned(), event.clone());
                 stages.metrics.commands_deduplicated.inc();
@@ -131,11 +138,11 @@ pub async fn handle(
         }
     }
     let decided = match fleet {
-        None => decide(stages, parsed, aside).await,
+        None => decide(stages, parsed, aside, first).await,
         // The claim is renewed for as long as the command runs, however long it waits.
         Some(fleet) => tokio::select! {
             biased;
-            decided = decide(stages, parsed, aside) => decided,
+            decided = decide(stages, parsed, aside, first) => decided,
             never = fleet.keep_claim(command_id) => match never {},
         },
     };
@@ -178,37 +185,48 @@ fn answers(replayed: bool, remembered: &Event) -> bool {
     !replayed || remembered.kind == EventKind::Succeeded
 }
 
-/// Claims the command for this replica before anything is done for it: `Some` event if it was
-/// completed somewhere in the fleet already; `None` once the claim is ours, after waiting
-/// for another live replica that holds it. Waits while Redis does not answer. A `replayed`
-/// command is answered by the fleet's record only if that record is a completion
-/// ([`answers`]).
+/// A claim's end.
+enum Claimed {
+    /// Completed somewhere in the fleet already: its recorded event.
+    Done(Event),
+    /// Ours, with the first start asked with it, if one was.
+    Ours(Option<FirstStart>),
+}
+
+/// Claims the command for this replica before anything is done for it, and with the claim
+/// asks for `start`, the command's first start: one round trip for both. Waits for another
+/// live replica that holds it, and while Redis does not answer. A `replayed` command is
+/// answered by the fleet's record only if that record is a completion ([`answers`]).
 async fn claim(
     stages: &Stages,
     fleet: &Fleet,
     command_id: &str,
     replayed: bool,
-) -> Result<Option<Event>, Abandoned> {
+    start: Option<StartRequest>,
+) -> Result<Claimed, Abandoned> {
     loop {
-        let claim = fleet
+        let (asked_at, claim, first) = fleet
             .until_answered(&stages.shutdown, || async {
-                if replayed {
-                    fleet.claim_replayed(command_id).await
-                } else {
-                    fleet.claim(command_id).await
-                }
+                let asked_at = Instant::now();
+                let (claim, first) = match &start {
+                    Some(start) => fleet.claim_with_start(command_id, replayed, start).await?,
+                    None if replayed => (fleet.claim_replayed(command_id).await?, None),
+                    None => (fleet.claim(command_id).await?, None),
+                };
+                Ok((asked_at, claim, first))
             })
             .await
             .ok_or(Abandoned)?;
+        let first = first.map(|answer| FirstStart { asked_at, answer });
         let left = match claim {
-            Claim::Done(event) => return Ok(Some(event)),
-            Claim::Mine => return Ok(None),
+            Claim::Done(event) => return Ok(Claimed::Done(event)),
+            Claim::Mine => return Ok(Claimed::Ours(first)),
             Claim::TakenOver => {
                 stages.metrics.fleet_claims_taken_over.inc();
                 tracing::warn!(
                     "took over a command whose replica is gone; a call it made may have reached the API"
                 );
-                return Ok(None);
+                return Ok(Claimed::Ours(first));
             }
             Claim::Held(left) => left,
         };
@@ -228,6 +246,7 @@ async fn decide(
     stages: &Stages,
     parsed: &Parsed,
     aside: Option<std::time::Duration>,
+    first: Option<FirstStart>,
 ) -> Result<Event, Unfinished> {
     let decided = AssertUnwindSafe(async {
         match &parsed.command {
@@ -246,10 +265,14 @@ async fn decide(
                 };
                 // Boxed, like the publish: a session task then holds only the phase it is in,
                 // not the largest of them, for every command in flight.
-                let execution =
-                    stages
-                        .transfers
-                        .execute(command, bot, callback_url, &stages.shutdown, aside);
+                let execution = stages.transfers.execute(
+                    command,
+                    bot,
+                    callback_url,
+                    &stages.shutdown,
+                    aside,
+                    first,
+                );
                 Box::pin(execution)
                     .await
                     .map(|outcome| event_of(command, outcome))

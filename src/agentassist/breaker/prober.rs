@@ -85,15 +85,8 @@ impl Prober {
                 .ok();
         };
         let probe_id = format!("probe-{}", uuid::Uuid::new_v4().simple());
-        let pacer = &bot.account.pacer;
         match fleet
-            .reserve(
-                &bot.account_id,
-                pacer.limit(),
-                pacer.window(),
-                Some(self.interval),
-                &probe_id,
-            )
+            .reserve(&bot.start_request(Some(self.interval)), &probe_id)
             .await
         {
             Ok(Reservation::Booked { delay, .. }) => asked.checked_add(delay),
