@@ -16,9 +16,21 @@
 //! relay (this binary re-executed with `--relay-child`: consume → publish with confirm → ack,
 //! no HTTP) and reports the worker relative to it.
 //!
-//! Scenarios: (a) API answers at once, 20 000 commands, prefetch 256, plus the relay;
+//! Scenarios (a) and (c) also run the floor: the least any worker calling this API must do
+//! (this binary re-executed with `--floor-child`, against its own simulator). Per delivery it
+//! parses the command, makes one `assign-conversation` call with a JWT minted once at start
+//! through one shared HTTP client, publishes one `transfer.succeeded` or `transfer.failed`
+//! event with the API's answer, awaits its confirm and acks; one task per delivery, prefetch as
+//! the worker's. No retries, pacing, sessions, outcome cache, metrics or logs. The worker is
+//! reported against it: throughput (target ≥ 0.95 × floor), CPU per command (≤ 1.10 × floor),
+//! peak RSS, and in (c) memory per in-flight command above the floor's (≤ 4 KiB). Each run
+//! measures the relay, then the floor, then the worker.
+//!
+//! Scenarios: (a) API answers at once, 20 000 commands, prefetch 256, plus the relay and the
+//! floor;
 //! (b) API latency 200 ms, 5 000 commands, prefetch 256 (ceiling 1 280/s);
-//! (c) 10 000 in flight at once (prefetch 10 000, latency 2 s): memory per in-flight command;
+//! (c) 10 000 in flight at once (prefetch 10 000, latency 2 s): memory per in-flight command,
+//! plus the floor;
 //! (d) 20 % transient 503s, 5 000 commands: every command succeeds or fails after its budget;
 //! (f) scenario (a) on one replica in fleet mode (`[fleet] redis_url`: pacing, claims and
 //! outcomes shared through Redis, the other `[fleet]` keys as shipped) against the same
@@ -65,7 +77,7 @@
 //! cargo bench --bench pipeline -- --scenario f --runs 3   # fleet mode vs single-process
 //! cargo bench --bench pipeline -- --scenario g --runs 3   # 16 partitions vs none
 //! cargo bench --bench pipeline -- --scenario h --runs 3   # 3 replicas vs 1, latency 200 ms
-//! cargo bench --bench pipeline -- --scenario a --n 3000 --no-relay \
+//! cargo bench --bench pipeline -- --scenario a --n 3000 --no-relay --no-floor \
 //!     --wrap "valgrind --tool=callgrind --callgrind-out-file=target/bench/callgrind.out"
 //! ```
 //!
@@ -74,7 +86,7 @@
 //! `--window W` (default 1000),
 //! `--idle-timeout SECS` (give up when no event comes for this long, default 60),
 //! `--linger-ms MS` (keep listening for duplicates after the last event, default 1000),
-//! `--no-relay`, `--wrap "CMD ARGS"` (start the worker as `CMD ARGS transfer-worker run …`; the
+//! `--no-relay`, `--no-floor`, `--wrap "CMD ARGS"` (start the worker as `CMD ARGS transfer-worker run …`; the
 //! `/proc` numbers are then the wrapper's, which is the worker itself only for wrappers that
 //! exec, like `env MALLOC_ARENA_MAX=1`, not for valgrind or perf). The broker URL is
 //! `TRANSFER__AMQP__URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`; the Redis of (f)–(h) is
@@ -85,6 +97,8 @@
 mod amqp;
 #[path = "pipeline/fleet.rs"]
 mod fleet;
+#[path = "pipeline/floor.rs"]
+mod floor;
 #[path = "pipeline/procs.rs"]
 mod procs;
 #[path = "pipeline/relay.rs"]
@@ -119,6 +133,7 @@ struct Options {
     window: usize,
     patience: Patience,
     relay: bool,
+    floor: bool,
     wrap: Vec<String>,
     redis_url: Option<String>,
 }
@@ -136,6 +151,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             total: Duration::from_secs(3600),
         },
         relay: true,
+        floor: true,
         wrap: Vec::new(),
         redis_url: None,
     };
@@ -164,6 +180,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             "--linger-ms" => o.patience.linger = Duration::from_millis(value()?.parse()?),
             "--wrap" => o.wrap = value()?.split_whitespace().map(str::to_owned).collect(),
             "--no-relay" => o.relay = false,
+            "--no-floor" => o.floor = false,
             "--redis-url" => o.redis_url = Some(value()?.clone()),
             // `cargo bench` appends `--bench` to every bench binary's arguments.
             "--bench" => {}
@@ -188,6 +205,7 @@ impl Options {
             s.prefetch = p;
         }
         s.relay &= self.relay;
+        s.floor &= self.floor;
         s
     }
 }
@@ -197,6 +215,9 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--relay-child") {
         return relay_child(&args[1..]).await;
+    }
+    if args.first().map(String::as_str) == Some("--floor-child") {
+        return floor_child(&args[1..]).await;
     }
     let options = match parse_options(&args) {
         Ok(options) => options,
@@ -226,6 +247,22 @@ async fn relay_child(args: &[String]) -> ExitCode {
     };
     if let Err(e) = result {
         eprintln!("relay: {e:#}");
+    }
+    ExitCode::FAILURE
+}
+
+async fn floor_child(args: &[String]) -> ExitCode {
+    let url = std::env::var("BENCH_AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let [queue, exchange, prefetch, api_base_url] = args else {
+        eprintln!("usage: --floor-child QUEUE EXCHANGE PREFETCH API_BASE_URL");
+        return ExitCode::from(2);
+    };
+    let result = match prefetch.parse() {
+        Ok(prefetch) => floor::run(&url, queue, exchange, prefetch, api_base_url).await,
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = result {
+        eprintln!("floor: {e:#}");
     }
     ExitCode::FAILURE
 }
@@ -299,6 +336,7 @@ async fn run_all(ctx: &Ctx, options: &Options, results: &mut Vec<ScenarioResult>
             workers: Vec::new(),
             compared: Vec::new(),
             relays: Vec::new(),
+            floors: Vec::new(),
             error: None,
         });
         let result = results.last_mut().expect("just pushed");
@@ -335,6 +373,12 @@ async fn run_once(
         let relay = run::run_relay(ctx, scenario).await?;
         eprintln!("({key}) run {i}/{runs}: relay {}", progress(&relay));
         result.relays.push(relay);
+    }
+    if scenario.floor {
+        eprintln!("({key}) run {i}/{runs}: floor, {} commands…", scenario.n);
+        let floor = run::run_floor(ctx, scenario).await?;
+        eprintln!("({key}) run {i}/{runs}: floor {}", progress(&floor));
+        result.floors.push(floor);
     }
     eprintln!(
         "({key}) run {i}/{runs}: worker, {} commands, {}…",

@@ -26,6 +26,8 @@ pub struct ScenarioResult {
     pub compared: Vec<WorkerRun>,
     /// The relay's runs (scenario (a) only).
     pub relays: Vec<Measured>,
+    /// The floor's runs (scenarios (a) and (c)).
+    pub floors: Vec<Measured>,
     /// The harness failed during this scenario.
     pub error: Option<String>,
 }
@@ -80,6 +82,25 @@ pub fn measured_numbers(m: &Measured) -> Numbers {
     if let Some(peak) = m.peak_in_flight {
         out.insert("peak_in_flight", peak);
     }
+    if let Some(sim) = m.sim_cpu_s {
+        out.insert("sim_cpu_us_per_command", per_command(sim));
+    }
+    if let Some(calls) = m.api_calls {
+        out.insert("api_calls", calls as f64);
+    }
+    out
+}
+
+/// Growth from idle RSS to peak RSS per command that can be in flight at once, KiB.
+fn rss_kib_per_in_flight(m: &Measured, scenario: &Scenario) -> f64 {
+    let in_flight = m.n.min(usize::from(scenario.prefetch)).max(1) as f64;
+    m.end.hwm_kib.saturating_sub(m.idle.rss_kib) as f64 / in_flight
+}
+
+/// The floor's numbers: the common ones plus memory per in-flight command.
+pub fn floor_numbers(m: &Measured, scenario: &Scenario) -> Numbers {
+    let mut out = measured_numbers(m);
+    out.insert("rss_kib_per_in_flight", rss_kib_per_in_flight(m, scenario));
     out
 }
 
@@ -93,9 +114,7 @@ pub fn worker_numbers(run: &WorkerRun, scenario: &Scenario) -> Numbers {
         "sim_cpu_us_per_command",
         run.sim_cpu_s * 1e6 / m.n.max(1) as f64,
     );
-    let in_flight = m.n.min(usize::from(scenario.prefetch)).max(1) as f64;
-    let growth_kib = m.end.hwm_kib.saturating_sub(m.idle.rss_kib) as f64;
-    out.insert("rss_kib_per_in_flight", growth_kib / in_flight);
+    out.insert("rss_kib_per_in_flight", rss_kib_per_in_flight(m, scenario));
     if let Some(redis) = &run.redis {
         out.extend(redis_numbers(redis, m.n));
     }
@@ -187,9 +206,37 @@ fn fleet_ratios(single: &Numbers, fleet: &Numbers) -> Numbers {
     out
 }
 
-/// Ratios of one run: to the relay in (a), to prefetch ÷ latency otherwise.
-fn ratios(scenario: &Scenario, worker: &Numbers, relay: Option<&Numbers>) -> Numbers {
+/// Ratios of one run: to the relay in (a), to the floor in (a) and (c), to prefetch ÷ latency
+/// when the API has latency.
+fn ratios(
+    scenario: &Scenario,
+    worker: &Numbers,
+    relay: Option<&Numbers>,
+    floor: Option<&Numbers>,
+) -> Numbers {
     let mut out = Numbers::new();
+    if let Some(floor) = floor {
+        out.insert(
+            "throughput_vs_floor",
+            v(worker, "throughput_per_s") / v(floor, "throughput_per_s"),
+        );
+        out.insert(
+            "cpu_vs_floor",
+            v(worker, "cpu_us_per_command") / v(floor, "cpu_us_per_command"),
+        );
+        out.insert(
+            "peak_rss_vs_floor",
+            v(worker, "peak_rss_mib") / v(floor, "peak_rss_mib"),
+        );
+        if scenario.key == 'c' {
+            let floor_kib = v(floor, "rss_kib_per_in_flight");
+            out.insert("floor_rss_kib_per_in_flight", floor_kib);
+            out.insert(
+                "rss_kib_per_in_flight_above_floor",
+                v(worker, "rss_kib_per_in_flight") - floor_kib,
+            );
+        }
+    }
     if let Some(relay) = relay {
         out.insert(
             "throughput_vs_relay",
@@ -288,14 +335,22 @@ impl ScenarioResult {
         self.relays.iter().map(measured_numbers).collect()
     }
 
+    fn floor_runs(&self) -> Vec<Numbers> {
+        self.floors
+            .iter()
+            .map(|m| floor_numbers(m, &self.scenario))
+            .collect()
+    }
+
     fn ratio_runs(&self) -> Vec<Numbers> {
         let relays = self.relay_runs();
+        let floors = self.floor_runs();
         let fleets = self.compared_runs();
         self.worker_runs()
             .iter()
             .enumerate()
             .map(|(i, w)| {
-                let mut out = ratios(&self.scenario, w, relays.get(i));
+                let mut out = ratios(&self.scenario, w, relays.get(i), floors.get(i));
                 if let Some(fleet) = fleets.get(i) {
                     out.extend(fleet_ratios(w, fleet));
                 }
@@ -304,11 +359,17 @@ impl ScenarioResult {
             .collect()
     }
 
-    /// Correctness over every run, worker (both modes) and relay.
+    /// Correctness over every run: worker (both modes), relay and floor.
     pub fn correctness(&self) -> Correctness {
         let mut c = workers_correctness(self.workers.iter().chain(&self.compared));
         for r in &self.relays {
             c.add(r);
+        }
+        for f in &self.floors {
+            c.add(f);
+            if f.api_calls.is_some_and(|calls| calls != f.attempts) {
+                c.api_mismatches += 1;
+            }
         }
         c
     }
@@ -333,16 +394,20 @@ impl ScenarioResult {
         }
         let w = median(&self.worker_runs());
         let r = median(&self.relay_runs());
+        let f = median(&self.floor_runs());
         let x = median(&self.ratio_runs());
         rows.extend(throughput_rows(s, &w, &r, &x));
-        rows.extend(latency_rows(s, &w, &r));
+        rows.extend(floor_throughput_rows(s, &f, &x));
+        rows.extend(latency_rows(s, &w, &r, &f));
         rows.extend(cpu_rows(s, &w, &r, &x));
+        rows.extend(floor_cpu_rows(s, &f, &x));
         rows.extend(memory_rows(s, &w, &r));
-        rows.extend(self.outcome_rows(&w));
+        rows.extend(floor_memory_rows(s, &f, &x));
+        rows.extend(self.outcome_rows(&w, &f));
         rows
     }
 
-    fn outcome_rows(&self, w: &Numbers) -> Vec<Row> {
+    fn outcome_rows(&self, w: &Numbers, f: &Numbers) -> Vec<Row> {
         let s = &self.scenario;
         let c = self.correctness();
         let events = event_tally(&self.workers);
@@ -379,6 +444,17 @@ impl ScenarioResult {
                 Some(c.ok()),
             ),
         ];
+        if !self.floors.is_empty() {
+            let events = tally(self.floors.iter());
+            let text = format!("{events}; {:.0} API calls (median run)", v(f, "api_calls"));
+            rows.push(row(
+                s.key,
+                "terminal events, floor (all runs)",
+                &text,
+                "",
+                None,
+            ));
+        }
         let logged: usize = self.workers.iter().map(|w| w.log_lines).sum();
         let unclean = self.workers.iter().filter(|w| !w.clean_exit).count();
         rows.push(row(
@@ -819,6 +895,93 @@ fn throughput_rows(s: &Scenario, w: &Numbers, r: &Numbers, x: &Numbers) -> Vec<R
     rows
 }
 
+/// The floor's throughput and the worker's against it.
+fn floor_throughput_rows(s: &Scenario, f: &Numbers, x: &Numbers) -> Vec<Row> {
+    let Some(ratio) = x.get("throughput_vs_floor") else {
+        return Vec::new();
+    };
+    let mut floor = format!("{:.0} cmd/s", v(f, "throughput_per_s"));
+    if let Some(ceiling) = x.get("ceiling_per_s") {
+        let share = v(f, "throughput_per_s") / ceiling * 100.0;
+        floor.push_str(&format!(" ({share:.1} % of {ceiling:.0}/s)"));
+    }
+    vec![
+        row(s.key, "throughput, floor", &floor, "", None),
+        row(
+            s.key,
+            "throughput, worker vs floor",
+            &format!("{ratio:.2} × floor"),
+            "≥ 0.95 × floor",
+            Some(*ratio >= 0.95),
+        ),
+    ]
+}
+
+/// The floor's CPU per command and the worker's against it.
+fn floor_cpu_rows(s: &Scenario, f: &Numbers, x: &Numbers) -> Vec<Row> {
+    let Some(ratio) = x.get("cpu_vs_floor") else {
+        return Vec::new();
+    };
+    vec![
+        row(s.key, "CPU per command, floor", &cpu_text(f), "", None),
+        row(
+            s.key,
+            "CPU per command, worker vs floor",
+            &format!("{ratio:.2} × floor"),
+            "≤ 1.10 × floor",
+            Some(*ratio <= 1.1),
+        ),
+        row(
+            s.key,
+            "CPU per command, simulator (floor run)",
+            &format!("{:.1} µs", v(f, "sim_cpu_us_per_command")),
+            "",
+            None,
+        ),
+        row(
+            s.key,
+            "CPU per command, RabbitMQ + bench (floor run)",
+            &others(f),
+            "",
+            None,
+        ),
+    ]
+}
+
+/// The floor's memory, and in (c) the worker's memory per in-flight command above it.
+fn floor_memory_rows(s: &Scenario, f: &Numbers, x: &Numbers) -> Vec<Row> {
+    if f.is_empty() {
+        return Vec::new();
+    }
+    let text = format!(
+        "{:.1} / {:.1} MiB (worker's peak: {:.2} × floor)",
+        v(f, "idle_rss_mib"),
+        v(f, "peak_rss_mib"),
+        v(x, "peak_rss_vs_floor")
+    );
+    let mut rows = vec![row(s.key, "idle / peak RSS, floor", &text, "", None)];
+    if s.key == 'c' {
+        let floor = v(f, "rss_kib_per_in_flight");
+        let text = format!("{floor:.2} KiB ((peak − idle) ÷ {})", s.prefetch);
+        rows.push(row(
+            s.key,
+            "memory per in-flight command, floor",
+            &text,
+            "",
+            None,
+        ));
+        let above = v(x, "rss_kib_per_in_flight_above_floor");
+        rows.push(row(
+            s.key,
+            "memory per in-flight command, worker above floor",
+            &format!("{above:.2} KiB (worker − floor)"),
+            "≤ 4 KiB",
+            (!above.is_nan()).then_some(above <= 4.0),
+        ));
+    }
+    rows
+}
+
 fn latency_text(n: &Numbers) -> String {
     format!(
         "{:.1} / {:.1} / {:.1} / {:.1} ms",
@@ -829,7 +992,7 @@ fn latency_text(n: &Numbers) -> String {
     )
 }
 
-fn latency_rows(s: &Scenario, w: &Numbers, r: &Numbers) -> Vec<Row> {
+fn latency_rows(s: &Scenario, w: &Numbers, r: &Numbers, f: &Numbers) -> Vec<Row> {
     let mut rows = vec![row(
         s.key,
         "latency p50/p90/p99/max, worker",
@@ -842,6 +1005,15 @@ fn latency_rows(s: &Scenario, w: &Numbers, r: &Numbers) -> Vec<Row> {
             s.key,
             "latency p50/p90/p99/max, relay",
             &latency_text(r),
+            "",
+            None,
+        ));
+    }
+    if !f.is_empty() {
+        rows.push(row(
+            s.key,
+            "latency p50/p90/p99/max, floor",
+            &latency_text(f),
             "",
             None,
         ));
@@ -1090,6 +1262,16 @@ pub fn scenario_json(result: &ScenarioResult) -> Value {
         .zip(result.relay_runs())
         .map(|(m, numbers)| Value::Object(measured_json(m, &numbers)))
         .collect();
+    let floors: Vec<Value> = result
+        .floors
+        .iter()
+        .zip(result.floor_runs())
+        .map(|(m, numbers)| {
+            let mut obj = measured_json(m, &numbers);
+            obj.insert("apiCalls".into(), json!(m.api_calls));
+            Value::Object(obj)
+        })
+        .collect();
     let c = result.correctness();
     let targets: Vec<Value> = result
         .rows()
@@ -1106,9 +1288,11 @@ pub fn scenario_json(result: &ScenarioResult) -> Value {
         "failRate": s.fail_rate,
         "runs": runs,
         "relayRuns": relays,
+        "floorRuns": floors,
         "median": {
             "worker": numbers_json(&median(&result.worker_runs())),
             "relay": numbers_json(&median(&result.relay_runs())),
+            "floor": numbers_json(&median(&result.floor_runs())),
             "ratios": numbers_json(&median(&result.ratio_runs())),
         },
         "targets": targets,
@@ -1136,9 +1320,14 @@ pub fn scenario_json(result: &ScenarioResult) -> Value {
 
 /// Terminal events of all these runs, by name: "succeeded 20000, failed 3".
 fn event_tally<'a>(runs: impl IntoIterator<Item = &'a WorkerRun>) -> String {
+    tally(runs.into_iter().map(|run| &run.measured))
+}
+
+/// [`event_tally`] of runs of any process.
+fn tally<'a>(runs: impl Iterator<Item = &'a Measured>) -> String {
     let mut events: BTreeMap<&str, u64> = BTreeMap::new();
     for run in runs {
-        for (name, count) in &run.measured.events {
+        for (name, count) in &run.events {
             *events.entry(name.as_str()).or_default() += count;
         }
     }

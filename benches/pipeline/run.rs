@@ -16,11 +16,11 @@ use crate::fleet::{self, KeyRegistry, RedisMetrics};
 use crate::procs::{self, ChildGuard, ProcSample};
 
 /// The bench's own bot (`run` refuses the example bot of `config/default.toml`), with pacing
-/// that never binds.
-const STREAM_ID: &str = "st-00000000-0000-4000-8000-0000000be9c4";
-const ACCOUNT_ID: &str = "bench-account";
-const CLIENT_ID: &str = "cs-00000000-0000-4000-8000-0000000be9c4";
-const CLIENT_SECRET: &str = "bench-client-secret-bench-client-secret";
+/// that never binds; the floor calls the API as this bot too.
+pub(crate) const STREAM_ID: &str = "st-00000000-0000-4000-8000-0000000be9c4";
+pub(crate) const ACCOUNT_ID: &str = "bench-account";
+pub(crate) const CLIENT_ID: &str = "cs-00000000-0000-4000-8000-0000000be9c4";
+pub(crate) const CLIENT_SECRET: &str = "bench-client-secret-bench-client-secret";
 /// The bench's own relay secret: `run` refuses the shipped one.
 const CALLBACK_SECRET: &str = "bench-callback-secret-bench-callback-secret";
 /// `retry.max_attempts` of the defaults: a `transfer.failed` after transient errors must have
@@ -99,6 +99,8 @@ pub struct Scenario {
     pub fail_rate: f64,
     /// Also measure the broker-only relay with the same N and prefetch.
     pub relay: bool,
+    /// Also measure the floor (the minimal API-calling worker) with the same N and prefetch.
+    pub floor: bool,
     /// (f), (g), (h): two modes per run; otherwise the worker alone, single-process.
     pub pair: Option<Pair>,
 }
@@ -170,6 +172,7 @@ impl Scenario {
             latency_ms,
             fail_rate,
             relay,
+            floor: matches!(key, 'a' | 'c'),
             pair,
         })
     }
@@ -193,7 +196,7 @@ pub struct Ctx {
     pub url: String,
     /// The release `transfer-worker` binary.
     pub worker_exe: PathBuf,
-    /// This bench binary, re-executed as the relay.
+    /// This bench binary, re-executed as the relay and as the floor.
     pub self_exe: PathBuf,
     /// Configs and child logs go here.
     pub log_dir: PathBuf,
@@ -211,7 +214,7 @@ pub struct Ctx {
     pub redis_keys: KeyRegistry,
 }
 
-/// The raw results of one run of the worker or of the relay.
+/// The raw results of one run of the worker, the relay or the floor.
 #[derive(Debug)]
 pub struct Measured {
     /// Commands published.
@@ -248,6 +251,10 @@ pub struct Measured {
     pub redis_cpu_s: Option<f64>,
     /// This bench process's CPU over the same interval (publishing and consuming).
     pub bench_cpu_s: f64,
+    /// The floor's runs: the simulator's CPU over the same interval.
+    pub sim_cpu_s: Option<f64>,
+    /// The floor's runs: the calls the simulator counted (`/simulator/stats`).
+    pub api_calls: Option<u64>,
 }
 
 /// A worker run: [`Measured`] plus what only the worker has.
@@ -514,6 +521,61 @@ pub async fn run_relay(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measure
     Ok(measured)
 }
 
+/// Runs the floor (the minimal API-calling worker, this binary with `--floor-child`) against
+/// the simulator for one run of `scenario`.
+pub async fn run_floor(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measured> {
+    let names = Names::new();
+    ctx.registry.register(&names);
+    let connections = Connections::open(&ctx.url).await?;
+    amqp::declare_relay_topology(&connections.publish, &names).await?;
+    // The simulator reads the bot from a worker's config; the floor itself reads none.
+    let sim_port = procs::free_port()?;
+    let config = ctx.log_dir.join(format!("{}.toml", names.prefix));
+    let text = worker_config(ctx, scenario, &names, sim_port, 0, Mode::SINGLE, 0);
+    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+    let sim_log = ctx.log_dir.join(format!("{}.simulator.log", names.prefix));
+    let mut sim = ChildGuard::spawn(
+        "simulator",
+        simulator_command(ctx, scenario, &config, sim_port),
+        &sim_log,
+    )?;
+    let sim_url = format!("http://127.0.0.1:{sim_port}");
+    let http = http_client()?;
+    wait_http_ok(&http, &format!("{sim_url}/healthz"), &mut sim).await?;
+
+    let log = ctx.log_dir.join(format!("{}.floor.log", names.prefix));
+    let mut command = Command::new(&ctx.self_exe);
+    command
+        .arg("--floor-child")
+        .args([&names.commands, &names.results])
+        .arg(scenario.prefetch.to_string())
+        .arg(&sim_url)
+        .env("BENCH_AMQP_URL", &ctx.url);
+    let mut floor = ChildGuard::spawn("floor", command, &log)?;
+    amqp::wait_for_consumer(
+        &connections.consume,
+        &names.commands,
+        &mut floor,
+        READY_TIMEOUT,
+    )
+    .await?;
+    let pids = [floor.pid()];
+    let sim_before = procs::sample(sim.pid())?;
+    let mut measured = measure(ctx, scenario, &names, &connections, &pids, false).await?;
+    measured.sim_cpu_s = Some(procs::sample(sim.pid())?.cpu_s - sim_before.cpu_s);
+    let api = get_json(&http, &format!("{sim_url}/simulator/stats")).await?;
+    measured.api_calls = api["calls"].as_u64();
+    if let Err(e) = floor.check_alive() {
+        let note = measured.stopped.take().unwrap_or_default();
+        let sep = if note.is_empty() { "" } else { "; " };
+        measured.stopped = Some(format!("{note}{sep}{e:#}"));
+    }
+    connections.close().await;
+    floor.stop().await;
+    sim.stop().await;
+    Ok(measured)
+}
+
 /// The bench's two connections: one publishes commands, the other reads events and queues.
 struct Connections {
     publish: lapin::Connection,
@@ -643,6 +705,8 @@ fn summarize(
         broker_cpu_s: None,
         redis_cpu_s: None,
         bench_cpu_s: 0.0,
+        sim_cpu_s: None,
+        api_calls: None,
     }
 }
 

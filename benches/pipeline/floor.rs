@@ -1,0 +1,234 @@
+//! The floor, run as a child process (`--floor-child QUEUE EXCHANGE PREFETCH API_BASE_URL`):
+//! the least any worker calling this API must do per command. Consume, parse the command, make
+//! one call with a token minted once at start, publish one event with confirm, ack. No retries,
+//! pacing, sessions, outcome cache, metrics or logs. One task per delivery, as in the worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use transfer_worker::agentassist::jwt::TokenSource;
+
+use crate::amqp::{OP_TIMEOUT, connect, timed};
+use crate::run::{ACCOUNT_ID, CLIENT_ID, CLIENT_SECRET, STREAM_ID};
+
+/// The floor gives up when no delivery comes for this long (the bench stops it much sooner).
+const IDLE_LIMIT: Duration = Duration::from_secs(600);
+/// Per call, from connect to the last byte.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every delivery's task shares.
+struct Floor {
+    publisher: Channel,
+    exchange: ShortString,
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+/// The fields of a command the call needs.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Command<'a> {
+    command_id: &'a str,
+    org_id: &'a str,
+    bot_session_id: &'a str,
+    a_id: Option<&'a str>,
+    queue_id: Option<&'a str>,
+}
+
+/// The body `assign-conversation` expects.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    org_id: &'a str,
+    bot_session_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    a_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transferred_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_id: Option<&'a str>,
+}
+
+/// The terminal event.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Event<'a> {
+    event: &'static str,
+    command_id: &'a str,
+    attempts: u32,
+    response: &'a RawValue,
+}
+
+/// Runs until the connection or the consumer ends (the bench stops it with SIGTERM).
+pub async fn run(
+    url: &str,
+    queue: &str,
+    exchange: &str,
+    prefetch: u16,
+    api_base_url: &str,
+) -> anyhow::Result<()> {
+    let token = TokenSource::new(
+        CLIENT_ID.into(),
+        &SecretString::from(CLIENT_SECRET),
+        None,
+        false,
+    )
+    .token()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::from(prefetch))
+        .timeout(CALL_TIMEOUT)
+        .build()
+        .context("cannot build the HTTP client")?;
+    let connection = connect(url, "transfer-worker bench floor").await?;
+    let publisher = timed("channel.open", connection.create_channel()).await?;
+    let select = publisher.confirm_select(ConfirmSelectOptions::default());
+    timed("confirm.select", select).await?;
+    let channel = timed("channel.open", connection.create_channel()).await?;
+    timed(
+        "basic.qos",
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    let consume = channel.basic_consume(
+        queue.into(),
+        "bench-floor".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    );
+    let mut consumer = timed("basic.consume", consume).await?;
+    let floor = Arc::new(Floor {
+        publisher,
+        exchange: exchange.into(),
+        http,
+        url: format!(
+            "{}/agentassist/api/v1/public/{STREAM_ID}/assign-conversation",
+            api_base_url.trim_end_matches('/')
+        ),
+        token: token.expose().to_owned(),
+    });
+    loop {
+        let next = tokio::time::timeout(IDLE_LIMIT, consumer.next()).await;
+        let Ok(Some(delivery)) = next else {
+            anyhow::bail!("no delivery for {IDLE_LIMIT:?}, or the broker cancelled the consumer");
+        };
+        let delivery = delivery?;
+        let floor = Arc::clone(&floor);
+        tokio::spawn(async move { floor.handle(delivery).await });
+    }
+}
+
+impl Floor {
+    /// Call, publish the event, wait for its confirm, then ack (or return the command to the
+    /// queue when the publish failed). A command that does not parse is dropped.
+    async fn handle(&self, delivery: Delivery) {
+        let Ok(command) = serde_json::from_slice::<Command<'_>>(&delivery.data) else {
+            eprintln!("floor: a command did not parse; dropped");
+            let _ = delivery.acker.nack(BasicNackOptions::default()).await;
+            return;
+        };
+        let (event, body) = self.call(&command).await;
+        let owned;
+        let response = match serde_json::from_slice::<&RawValue>(&body) {
+            Ok(raw) => raw,
+            Err(_) => {
+                let text = String::from_utf8_lossy(&body);
+                owned = serde_json::value::to_raw_value(&text).expect("a string serializes");
+                &owned
+            }
+        };
+        let event_body = serde_json::to_vec(&Event {
+            event,
+            command_id: command.command_id,
+            attempts: 1,
+            response,
+        })
+        .expect("the event serializes");
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let published = tokio::time::timeout(OP_TIMEOUT, async {
+            self.publisher
+                .basic_publish(
+                    self.exchange.clone(),
+                    event.into(),
+                    BasicPublishOptions::default(),
+                    &event_body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        let settle = async {
+            match published {
+                Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => {
+                    delivery.acker.ack(BasicAckOptions::default()).await
+                }
+                _ => {
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    };
+                    delivery.acker.nack(requeue).await
+                }
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, settle).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => eprintln!("floor: the delivery was already settled"),
+            Ok(Err(e)) => eprintln!("floor: could not ack or nack: {e}"),
+            Err(_) => eprintln!("floor: ack or nack timed out"),
+        }
+    }
+
+    /// One POST: the event's name and the response body (the error's text when none came).
+    async fn call(&self, command: &Command<'_>) -> (&'static str, Bytes) {
+        let (a_id, transferred_type, queue_id) = match command.a_id {
+            Some(a) => (Some(a), None, None),
+            None => (None, Some("QUEUE"), command.queue_id),
+        };
+        let body = Body {
+            org_id: command.org_id,
+            bot_session_id: command.bot_session_id,
+            a_id,
+            transferred_type,
+            queue_id,
+        };
+        let body = serde_json::to_vec(&body).expect("the request body serializes");
+        let sent = self
+            .http
+            .post(&self.url)
+            .header("auth", &self.token)
+            .header("accountid", ACCOUNT_ID)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let answer = match sent {
+            Ok(response) => {
+                let ok = response.status().is_success();
+                response.bytes().await.map(|b| (ok, b))
+            }
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok((true, bytes)) => ("transfer.succeeded", bytes),
+            Ok((false, bytes)) => ("transfer.failed", bytes),
+            Err(e) => ("transfer.failed", Bytes::from(e.to_string())),
+        }
+    }
+}
