@@ -93,6 +93,11 @@
 //! `--redis-url URL`, else `TRANSFER__FLEET__REDIS_URL`, else `redis://127.0.0.1:6379/0` (when
 //! it does not answer, (f)–(h) end with a harness error and the other scenarios still run).
 
+/// The allocator of the worker's binary: the floor and the relay run in this one, so they
+/// differ from the worker in what they do, not in how they allocate.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "pipeline/amqp.rs"]
 mod amqp;
 #[path = "pipeline/fleet.rs"]

@@ -40,14 +40,16 @@ pub(super) async fn here(
 pub struct FirstStart {
     /// When the claim was sent: the answer's delay counts from here.
     pub asked_at: Instant,
+    /// When its answer came back.
+    pub answered_at: Instant,
     /// What the fleet's budget answered.
     pub answer: Reservation,
 }
 
-/// How old a [`FirstStart`] may be and still be used. Between the claim and the wait for a
-/// start a command only signs its relay URL and passes a closed breaker: microseconds. One
-/// that waited longer (for a breaker that opened, say) asks again, so a start is never taken
-/// up late, bunching calls together.
+/// How long after its answer a [`FirstStart`] may still be used. Between the claim and the
+/// wait for a start a command only signs its relay URL and passes a closed breaker:
+/// microseconds. One that waited longer (for a breaker that opened, say) asks again, so a
+/// start is never taken up late, bunching calls together.
 pub const FRESH: Duration = Duration::from_millis(20);
 
 impl FirstStart {
@@ -84,7 +86,7 @@ impl FleetStart<'_> {
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
         let (fleet, bot) = (self.fleet, self.bot);
         let mut first = match first {
-            Some(first) if first.asked_at.elapsed() <= FRESH => Some(first),
+            Some(first) if first.answered_at.elapsed() <= FRESH => Some(first),
             Some(stale) => {
                 stale.give_back(fleet).await;
                 None
@@ -218,8 +220,10 @@ mod tests {
         // spent and the command set aside; given back, it is booked again at once.
         let answer = fleet.reserve(&bot.start_request(None), "c1").await.unwrap();
         assert!(matches!(answer, Reservation::Booked { .. }), "{answer:?}");
+        let a_second_ago = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
         let stale = FirstStart {
-            asked_at: Instant::now().checked_sub(Duration::from_secs(1)).unwrap(),
+            asked_at: a_second_ago,
+            answered_at: a_second_ago,
             answer,
         };
         let waited =
@@ -232,6 +236,7 @@ mod tests {
         let asked = reserves(&metrics);
         let fresh = FirstStart {
             asked_at: Instant::now(),
+            answered_at: Instant::now(),
             answer: Reservation::NotYet {
                 delay: Duration::from_millis(3500),
             },

@@ -217,7 +217,12 @@ async fn claim(
             })
             .await
             .ok_or(Abandoned)?;
-        let first = first.map(|answer| FirstStart { asked_at, answer });
+        let answered_at = Instant::now();
+        let first = first.map(|answer| FirstStart {
+            asked_at,
+            answered_at,
+            answer,
+        });
         let left = match claim {
             Claim::Done(event) => return Ok(Claimed::Done(event)),
             Claim::Mine => return Ok(Claimed::Ours(first)),
