@@ -9,19 +9,19 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use transfer_worker::agentassist::jwt::TokenSource;
 
-use crate::amqp::{OP_TIMEOUT, connect, timed};
+use crate::amqp::{connect, timed};
+use crate::relay::publish_then_settle;
 use crate::run::{ACCOUNT_ID, CLIENT_ID, CLIENT_SECRET, STREAM_ID};
 
 /// The floor gives up when no delivery comes for this long (the bench stops it much sooner).
@@ -157,42 +157,16 @@ impl Floor {
             response,
         })
         .expect("the event serializes");
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        let published = tokio::time::timeout(OP_TIMEOUT, async {
-            self.publisher
-                .basic_publish(
-                    self.exchange.clone(),
-                    event.into(),
-                    BasicPublishOptions::default(),
-                    &event_body,
-                    properties,
-                )
-                .await?
-                .await
-        })
+        let exchange = self.exchange.clone();
+        publish_then_settle(
+            "floor",
+            &self.publisher,
+            exchange,
+            event,
+            &event_body,
+            &delivery,
+        )
         .await;
-        let settle = async {
-            match published {
-                Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => {
-                    delivery.acker.ack(BasicAckOptions::default()).await
-                }
-                _ => {
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    delivery.acker.nack(requeue).await
-                }
-            }
-        };
-        match tokio::time::timeout(OP_TIMEOUT, settle).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => eprintln!("floor: the delivery was already settled"),
-            Ok(Err(e)) => eprintln!("floor: could not ack or nack: {e}"),
-            Err(_) => eprintln!("floor: ack or nack timed out"),
-        }
     }
 
     /// One POST: the event's name and the response body (the error's text when none came).

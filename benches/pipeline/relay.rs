@@ -51,6 +51,29 @@ pub async fn run(url: &str, queue: &str, exchange: &str, prefetch: u16) -> anyho
 /// Publishes the body as `transfer.succeeded`, waits for its confirm, then acks (or returns
 /// the message to the queue when the publish failed).
 async fn relay_one(publisher: &Channel, exchange: ShortString, delivery: Delivery) {
+    let routing_key = "transfer.succeeded";
+    publish_then_settle(
+        "relay",
+        publisher,
+        exchange,
+        routing_key,
+        &delivery.data,
+        &delivery,
+    )
+    .await;
+}
+
+/// Publishes `body` persistently with `routing_key`, waits for its confirm, then acks
+/// `delivery`, or returns it to the queue when the publish failed: the end of every delivery of
+/// the relay and of the floor. `who` names the process in what it reports.
+pub async fn publish_then_settle(
+    who: &str,
+    publisher: &Channel,
+    exchange: ShortString,
+    routing_key: &str,
+    body: &[u8],
+    delivery: &Delivery,
+) {
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2);
@@ -58,9 +81,9 @@ async fn relay_one(publisher: &Channel, exchange: ShortString, delivery: Deliver
         publisher
             .basic_publish(
                 exchange,
-                "transfer.succeeded".into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
-                &delivery.data,
+                body,
                 properties,
             )
             .await?
@@ -83,8 +106,8 @@ async fn relay_one(publisher: &Channel, exchange: ShortString, delivery: Deliver
     };
     match tokio::time::timeout(OP_TIMEOUT, settle).await {
         Ok(Ok(true)) => {}
-        Ok(Ok(false)) => eprintln!("relay: the delivery was already settled"),
-        Ok(Err(e)) => eprintln!("relay: could not ack or nack: {e}"),
-        Err(_) => eprintln!("relay: ack or nack timed out"),
+        Ok(Ok(false)) => eprintln!("{who}: the delivery was already settled"),
+        Ok(Err(e)) => eprintln!("{who}: could not ack or nack: {e}"),
+        Err(_) => eprintln!("{who}: ack or nack timed out"),
     }
 }
