@@ -8,24 +8,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
-};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::BasicNackOptions;
+use lapin::types::ShortString;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use transfer_worker::agentassist::jwt::TokenSource;
 
-use crate::amqp::{connect, timed};
-use crate::relay::publish_then_settle;
+use crate::relay::{Link, publish_then_settle};
 use crate::run::{ACCOUNT_ID, CLIENT_ID, CLIENT_SECRET, STREAM_ID};
 
-/// The floor gives up when no delivery comes for this long (the bench stops it much sooner).
-const IDLE_LIMIT: Duration = Duration::from_secs(600);
 /// Per call, from connect to the last byte.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,25 +87,10 @@ pub async fn run(
         .timeout(CALL_TIMEOUT)
         .build()
         .context("cannot build the HTTP client")?;
-    let connection = connect(url, "transfer-worker bench floor").await?;
-    let publisher = timed("channel.open", connection.create_channel()).await?;
-    let select = publisher.confirm_select(ConfirmSelectOptions::default());
-    timed("confirm.select", select).await?;
-    let channel = timed("channel.open", connection.create_channel()).await?;
-    timed(
-        "basic.qos",
-        channel.basic_qos(prefetch, BasicQosOptions::default()),
-    )
-    .await?;
-    let consume = channel.basic_consume(
-        queue.into(),
-        "bench-floor".into(),
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    );
-    let mut consumer = timed("basic.consume", consume).await?;
+    let name = "transfer-worker bench floor";
+    let mut link = Link::open(url, name, "bench-floor", queue, prefetch).await?;
     let floor = Arc::new(Floor {
-        publisher,
+        publisher: link.publisher.clone(),
         exchange: exchange.into(),
         http,
         url: format!(
@@ -121,11 +100,7 @@ pub async fn run(
         token: token.expose().to_owned(),
     });
     loop {
-        let next = tokio::time::timeout(IDLE_LIMIT, consumer.next()).await;
-        let Ok(Some(delivery)) = next else {
-            anyhow::bail!("no delivery for {IDLE_LIMIT:?}, or the broker cancelled the consumer");
-        };
-        let delivery = delivery?;
+        let delivery = link.next().await?;
         let floor = Arc::clone(&floor);
         tokio::spawn(async move { floor.handle(delivery).await });
     }

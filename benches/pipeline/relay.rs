@@ -9,40 +9,72 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 
 use crate::amqp::{OP_TIMEOUT, connect, timed};
 
-/// The relay gives up when no delivery comes for this long (the bench stops it much sooner).
+/// A reference gives up when no delivery comes for this long (the bench stops it much sooner).
 const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Relays until the connection or the consumer ends (the bench stops it with SIGTERM).
-pub async fn run(url: &str, queue: &str, exchange: &str, prefetch: u16) -> anyhow::Result<()> {
-    let connection = connect(url, "transfer-worker bench relay").await?;
-    let publisher = timed("channel.open", connection.create_channel()).await?;
-    let select = publisher.confirm_select(ConfirmSelectOptions::default());
-    timed("confirm.select", select).await?;
-    let channel = timed("channel.open", connection.create_channel()).await?;
-    timed(
-        "basic.qos",
-        channel.basic_qos(prefetch, BasicQosOptions::default()),
-    )
-    .await?;
-    let consume = channel.basic_consume(
-        queue.into(),
-        "bench-relay".into(),
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    );
-    let mut consumer = timed("basic.consume", consume).await?;
-    let exchange: ShortString = exchange.into();
-    loop {
-        let next = tokio::time::timeout(IDLE_LIMIT, consumer.next()).await;
+/// A reference worker's link to the broker: its connection (kept open while the other two
+/// live), a confirm-mode publisher, and a consumer of `queue` with `prefetch`.
+pub struct Link {
+    _connection: Connection,
+    pub publisher: Channel,
+    consumer: Consumer,
+}
+
+impl Link {
+    /// Connects as `name` and consumes `queue` as `tag`.
+    pub async fn open(
+        url: &str,
+        name: &str,
+        tag: &str,
+        queue: &str,
+        prefetch: u16,
+    ) -> anyhow::Result<Self> {
+        let connection = connect(url, name).await?;
+        let publisher = timed("channel.open", connection.create_channel()).await?;
+        let select = publisher.confirm_select(ConfirmSelectOptions::default());
+        timed("confirm.select", select).await?;
+        let channel = timed("channel.open", connection.create_channel()).await?;
+        timed(
+            "basic.qos",
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let consume = channel.basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let consumer = timed("basic.consume", consume).await?;
+        Ok(Self {
+            _connection: connection,
+            publisher,
+            consumer,
+        })
+    }
+
+    /// The next delivery; an error when none comes for [`IDLE_LIMIT`], or the consumer ends.
+    pub async fn next(&mut self) -> anyhow::Result<Delivery> {
+        let next = tokio::time::timeout(IDLE_LIMIT, self.consumer.next()).await;
         let Ok(Some(delivery)) = next else {
             anyhow::bail!("no delivery for {IDLE_LIMIT:?}, or the broker cancelled the consumer");
         };
-        let delivery = delivery?;
-        let publisher = publisher.clone();
+        Ok(delivery?)
+    }
+}
+
+/// Relays until the connection or the consumer ends (the bench stops it with SIGTERM).
+pub async fn run(url: &str, queue: &str, exchange: &str, prefetch: u16) -> anyhow::Result<()> {
+    let name = "transfer-worker bench relay";
+    let mut link = Link::open(url, name, "bench-relay", queue, prefetch).await?;
+    let exchange: ShortString = exchange.into();
+    loop {
+        let delivery = link.next().await?;
+        let publisher = link.publisher.clone();
         let exchange = exchange.clone();
         tokio::spawn(async move { relay_one(&publisher, exchange, delivery).await });
     }

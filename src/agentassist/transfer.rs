@@ -186,9 +186,8 @@ impl Transfers {
         callback_url: &str,
         shutdown: &Shutdown,
         aside: Option<Duration>,
-        first: Option<FirstStart>,
+        mut first: Option<FirstStart>,
     ) -> Result<Outcome, Unfinished> {
-        let mut first = first;
         let outcome = self
             .run(command, bot, callback_url, shutdown, aside, &mut first)
             .await;

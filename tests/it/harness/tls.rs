@@ -24,7 +24,7 @@ pub const REDIS_PASSWORD: &str = "tls-test-password";
 /// certificate, with the default user off and [`REDIS_USER`] on.
 pub struct TlsRedis {
     pub port: u16,
-    _process: Process,
+    process: Process,
 }
 
 impl TlsRedis {
@@ -48,16 +48,13 @@ impl TlsRedis {
             .args(["--user", REDIS_USER, "on", &format!(">{REDIS_PASSWORD}")])
             .args(["~*", "&*", "+@all"]);
         let process = Process::start(format!("TLS redis-server on {port}"), command);
-        let redis = Self {
-            port,
-            _process: process,
-        };
+        let redis = Self { port, process };
         let until = Instant::now() + Duration::from_secs(10);
         while !redis.answers().await {
             assert!(
                 Instant::now() < until,
                 "the TLS redis-server does not answer:\n{}",
-                redis._process.log()
+                redis.process.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
