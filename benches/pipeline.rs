@@ -16,7 +16,7 @@
 //! relay (this binary re-executed with `--relay-child`: consume → publish with confirm → ack,
 //! no HTTP) and reports the worker relative to it.
 //!
-//! Scenarios (a) and (c) also run the floor: the least any worker calling this API must do
+//! Scenarios (a), (b) and (c) also run the floor: the least any worker calling this API must do
 //! (this binary re-executed with `--floor-child`, against its own simulator). Per delivery it
 //! parses the command, makes one `assign-conversation` call with a JWT minted once at start
 //! through one shared HTTP client, publishes one `transfer.succeeded` or `transfer.failed`
@@ -28,10 +28,14 @@
 //!
 //! Scenarios: (a) API answers at once, 20 000 commands, prefetch 256, plus the relay and the
 //! floor;
-//! (b) API latency 200 ms, 5 000 commands, prefetch 256 (ceiling 1 280/s);
+//! (b) API latency 200 ms, 5 000 commands, prefetch 256 (ceiling 1 280/s), plus the floor: what
+//! the ceiling leaves to any worker that acks only after its event is confirmed;
 //! (c) 10 000 in flight at once (prefetch 10 000, latency 2 s): memory per in-flight command,
 //! plus the floor;
 //! (d) 20 % transient 503s, 5 000 commands: every command succeeds or fails after its budget;
+//! (e) 10 000 commands taken in at once (prefetch 10 000, latency 20 ms) in 10 sessions: 10
+//! calls in flight, 9 990 commands waiting in memory for their session's turn; memory per
+//! waiting command ((peak − idle) ÷ 9 990, the 10 calls in flight included, target ≤ 2 KiB);
 //! (f) scenario (a) on one replica in fleet mode (`[fleet] redis_url`: pacing, claims and
 //! outcomes shared through Redis, the other `[fleet]` keys as shipped) against the same
 //! single-process, both in every run (the order alternating between runs), on fresh queues and
@@ -72,7 +76,7 @@
 //! configs in `<target dir>/bench/logs/`.
 //!
 //! ```text
-//! cargo bench --bench pipeline                              # all seven, 1 run each
+//! cargo bench --bench pipeline                              # all eight, 1 run each
 //! cargo bench --bench pipeline -- --scenario a --runs 3 --n 20000
 //! cargo bench --bench pipeline -- --scenario f --runs 3   # fleet mode vs single-process
 //! cargo bench --bench pipeline -- --scenario g --runs 3   # 16 partitions vs none
@@ -81,8 +85,8 @@
 //!     --wrap "valgrind --tool=callgrind --callgrind-out-file=target/bench/callgrind.out"
 //! ```
 //!
-//! Options: `--scenario a|b|c|d|f|g|h|all` (repeatable, or comma-separated; `all`, the
-//! default, is all seven), `--runs K`, `--n N`, `--prefetch P` (overrides all but (c)),
+//! Options: `--scenario a|b|c|d|e|f|g|h|all` (repeatable, or comma-separated; `all`, the
+//! default, is all eight), `--runs K`, `--n N`, `--prefetch P` (overrides all but (c) and (e)),
 //! `--window W` (default 1000),
 //! `--idle-timeout SECS` (give up when no event comes for this long, default 60),
 //! `--linger-ms MS` (keep listening for duplicates after the last event, default 1000),
@@ -127,7 +131,7 @@ use run::{Ctx, Mode, Pair, Scenario};
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const WORKER_EXE: &str = env!("CARGO_BIN_EXE_transfer-worker");
 /// What `all` (and no `--scenario`) runs.
-const ALL: [char; 7] = ['a', 'b', 'c', 'd', 'f', 'g', 'h'];
+const ALL: [char; 8] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'];
 
 /// What the command line asked for.
 struct Options {
@@ -173,7 +177,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                         {
                             o.scenarios.extend(k.chars());
                         }
-                        k => bail!("unknown scenario {k:?} (a, b, c, d, f, g, h or all)"),
+                        k => bail!("unknown scenario {k:?} (a, b, c, d, e, f, g, h or all)"),
                     }
                 }
             }
@@ -206,7 +210,7 @@ impl Options {
         if let Some(n) = self.n {
             s.n = n;
         }
-        if let Some(p) = self.prefetch.filter(|_| key != 'c') {
+        if let Some(p) = self.prefetch.filter(|_| !matches!(key, 'c' | 'e')) {
             s.prefetch = p;
         }
         s.relay &= self.relay;

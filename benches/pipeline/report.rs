@@ -26,7 +26,7 @@ pub struct ScenarioResult {
     pub compared: Vec<WorkerRun>,
     /// The relay's runs (scenario (a) only).
     pub relays: Vec<Measured>,
-    /// The floor's runs (scenarios (a) and (c)).
+    /// The floor's runs (scenarios (a), (b) and (c)).
     pub floors: Vec<Measured>,
     /// The harness failed during this scenario.
     pub error: Option<String>,
@@ -97,6 +97,16 @@ fn rss_kib_per_in_flight(m: &Measured, scenario: &Scenario) -> f64 {
     m.end.hwm_kib.saturating_sub(m.idle.rss_kib) as f64 / in_flight
 }
 
+/// With commands sharing sessions ((e)): growth from idle RSS to peak RSS per command that
+/// waits for its session's turn while the first of each session is in flight, KiB. The calls
+/// in flight are counted in the growth, so this is an upper bound.
+fn rss_kib_per_waiting(m: &Measured, scenario: &Scenario) -> Option<f64> {
+    let sessions = scenario.sessions?;
+    let held = m.n.min(usize::from(scenario.prefetch));
+    let waiting = held.saturating_sub(sessions).max(1) as f64;
+    Some(m.end.hwm_kib.saturating_sub(m.idle.rss_kib) as f64 / waiting)
+}
+
 /// The floor's numbers: the common ones plus memory per in-flight command.
 pub fn floor_numbers(m: &Measured, scenario: &Scenario) -> Numbers {
     let mut out = measured_numbers(m);
@@ -115,6 +125,9 @@ pub fn worker_numbers(run: &WorkerRun, scenario: &Scenario) -> Numbers {
         run.sim_cpu_s * 1e6 / m.n.max(1) as f64,
     );
     out.insert("rss_kib_per_in_flight", rss_kib_per_in_flight(m, scenario));
+    if let Some(per) = rss_kib_per_waiting(m, scenario) {
+        out.insert("rss_kib_per_waiting", per);
+    }
     if let Some(redis) = &run.redis {
         out.extend(redis_numbers(redis, m.n));
     }
@@ -206,7 +219,7 @@ fn fleet_ratios(single: &Numbers, fleet: &Numbers) -> Numbers {
     out
 }
 
-/// Ratios of one run: to the relay in (a), to the floor in (a) and (c), to prefetch ÷ latency
+/// Ratios of one run: to the relay in (a), to the floor in (a), (b) and (c), to prefetch ÷ latency
 /// when the API has latency.
 fn ratios(
     scenario: &Scenario,
@@ -248,15 +261,19 @@ fn ratios(
         );
     }
     if scenario.latency_ms > 0 {
-        let ceiling = f64::from(scenario.prefetch) * 1000.0 / scenario.latency_ms as f64;
+        // What can run at once: the prefetch, or in (e) one call per session.
+        let slots = scenario
+            .sessions
+            .map_or(f64::from(scenario.prefetch), |s| s as f64);
+        let ceiling = slots * 1000.0 / scenario.latency_ms as f64;
         out.insert("ceiling_per_s", ceiling);
         out.insert(
             "throughput_vs_ceiling",
             v(worker, "throughput_per_s") / ceiling,
         );
-        // All slots start together, so commands run in rounds of `prefetch`: even a perfect
-        // worker needs ceil(N / prefetch) latencies, a partial last round included.
-        let rounds = (v(worker, "commands") / f64::from(scenario.prefetch)).ceil();
+        // All slots start together, so commands run in rounds of `slots`: even a perfect
+        // worker needs ceil(N / slots) latencies, a partial last round included.
+        let rounds = (v(worker, "commands") / slots).ceil();
         let ideal = v(worker, "commands") / (rounds * scenario.latency_ms as f64 / 1000.0);
         out.insert("ideal_vs_ceiling", ideal / ceiling);
     }
@@ -870,7 +887,8 @@ fn throughput_rows(s: &Scenario, w: &Numbers, r: &Numbers, x: &Numbers) -> Vec<R
         rows.push(row(s.key, "throughput, relay (ceiling)", &relay, "", None));
     } else if let Some(ratio) = x.get("throughput_vs_ceiling") {
         // The "perfect worker" figure assumes a steady state, i.e. more commands than prefetch.
-        let perfect = if s.n > usize::from(s.prefetch) {
+        let slots = s.sessions.unwrap_or(usize::from(s.prefetch));
+        let perfect = if s.n > slots {
             format!(
                 "; a perfect worker: {:.1} %",
                 v(x, "ideal_vs_ceiling") * 100.0
@@ -1117,6 +1135,19 @@ fn memory_rows(s: &Scenario, w: &Numbers, r: &Numbers) -> Vec<Row> {
             &text,
             "≤ 16 KiB",
             Some(per <= 16.0),
+        ));
+    }
+    if let (Some(sessions), Some(&per)) = (s.sessions, w.get("rss_kib_per_waiting")) {
+        let waiting = s.n.min(usize::from(s.prefetch)).saturating_sub(sessions);
+        let text = format!(
+            "{per:.2} KiB ((peak − idle) ÷ {waiting}, the {sessions} calls in flight included)"
+        );
+        rows.push(row(
+            s.key,
+            "memory per waiting command",
+            &text,
+            "≤ 2 KiB",
+            Some(per <= 2.0),
         ));
     }
     if let Some(peak) = w.get("peak_in_flight") {

@@ -26,6 +26,9 @@ const CALLBACK_SECRET: &str = "bench-callback-secret-bench-callback-secret";
 /// `retry.max_attempts` of the defaults: a `transfer.failed` after transient errors must have
 /// used all of them.
 pub const MAX_ATTEMPTS: u64 = 8;
+/// Scenario (e)'s sessions: as many calls in flight, every other command waits for its own
+/// session's turn.
+const WAITING_SESSIONS: usize = 10;
 /// Longest wait for a child to start consuming (generous for `--wrap valgrind`).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait for one HTTP answer from the simulator or the admin endpoint.
@@ -85,7 +88,7 @@ pub struct Pair {
 /// One benchmark scenario.
 #[derive(Debug, Clone)]
 pub struct Scenario {
-    /// `a`, `b`, `c`, `d`, `f`, `g` or `h`.
+    /// `a`, `b`, `c`, `d`, `e`, `f`, `g` or `h`.
     pub key: char,
     /// What it shows.
     pub title: &'static str,
@@ -103,6 +106,8 @@ pub struct Scenario {
     pub floor: bool,
     /// (f), (g), (h): two modes per run; otherwise the worker alone, single-process.
     pub pair: Option<Pair>,
+    /// Sessions the commands share, round robin; `None`: one session each.
+    pub sessions: Option<usize>,
 }
 
 impl Scenario {
@@ -120,6 +125,14 @@ impl Scenario {
                 false,
             ),
             'd' => ("20 % transient 503s", 5_000, 256, 0, 0.2, false),
+            'e' => (
+                "10 000 waiting for their session (10 sessions, latency 20 ms)",
+                10_000,
+                10_000,
+                20,
+                0.0,
+                false,
+            ),
             'f' => (
                 "API answers at once, fleet mode vs single-process",
                 20_000,
@@ -172,8 +185,9 @@ impl Scenario {
             latency_ms,
             fail_rate,
             relay,
-            floor: matches!(key, 'a' | 'c'),
+            floor: matches!(key, 'a' | 'b' | 'c'),
             pair,
+            sessions: (key == 'e').then_some(WAITING_SESSIONS),
         })
     }
 
@@ -608,7 +622,7 @@ async fn measure(
     fleet: bool,
 ) -> anyhow::Result<Measured> {
     let bodies: Vec<Vec<u8>> = (0..scenario.n)
-        .map(|i| command_body(&names.prefix, i))
+        .map(|i| command_body(&names.prefix, i, scenario.sessions))
         .collect();
     let (_sink_channel, consumer) = amqp::bind_sink(&connections.consume, &names.results).await?;
     let broker = procs::find_by_name("beam.smp");
@@ -710,10 +724,13 @@ fn summarize(
     }
 }
 
-/// Command `i` of a run: even ones are agent transfers, odd ones queue transfers, each with
-/// its own 24-hex `botSessionId` and the commandId `<prefix>-<i>`.
-fn command_body(prefix: &str, i: usize) -> Vec<u8> {
-    let session = &uuid::Uuid::new_v4().simple().to_string()[..24];
+/// Command `i` of a run: even ones are agent transfers, odd ones queue transfers, with the
+/// commandId `<prefix>-<i>` and a 24-hex `botSessionId`: its own, or with `sessions`, the
+/// `i mod sessions`-th of the run's.
+fn command_body(prefix: &str, i: usize, sessions: Option<usize>) -> Vec<u8> {
+    let own = uuid::Uuid::new_v4().simple().to_string();
+    let shared = sessions.map(|s| format!("{:0>16}{:08x}", prefix_hex(prefix), i % s.max(1)));
+    let session = shared.as_deref().unwrap_or(&own[..24]);
     let mut body = json!({
         "commandId": format!("{prefix}-{i}"),
         "streamId": STREAM_ID,
@@ -727,6 +744,11 @@ fn command_body(prefix: &str, i: usize) -> Vec<u8> {
         body["queueId"] = json!("qu-9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d");
     }
     serde_json::to_vec(&body).expect("JSON values serialize")
+}
+
+/// The run's 8 hex digits (`bench-<8 hex>`), so sessions of one run are not another's.
+fn prefix_hex(prefix: &str) -> &str {
+    prefix.rsplit('-').next().unwrap_or(prefix)
 }
 
 /// The `--config` of replica `replica` (and of the simulator): this run's names, the one bot,
