@@ -237,8 +237,11 @@ impl Transfers {
             }
             // Only a command that has not been called yet may be set aside.
             let aside = aside.filter(|_| budget.made() == 0);
+            // Boxed, as is the retry decision below: each is larger than the call itself and
+            // lasts only a moment, so a command in flight does not carry their room while it
+            // waits for the API (benches/pipeline, scenario (c)).
             let start = self.wait_for_start(command, bot, deadline, aside, first.take(), shutdown);
-            if start.await?.is_err() {
+            if Box::pin(start).await?.is_err() {
                 return Ok(budget.out_of_time());
             }
             // Once the grace has run out no new call starts, whatever woke this command.
@@ -266,7 +269,7 @@ impl Transfers {
                 outage,
                 deadline,
             };
-            match self.after(failure, bot, &mut budget, shutdown).await? {
+            match Box::pin(self.after(failure, bot, &mut budget, shutdown)).await? {
                 Next::Now => {}
                 Next::At(until) => shutdown.sleep_until(until).await?,
                 Next::Done(outcome) => return Ok(outcome),

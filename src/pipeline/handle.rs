@@ -125,7 +125,10 @@ pub async fn handle(
             Ok(Valid { command, bot }) => stages.transfers.first_start_request(command, bot, aside),
             Err(_) => None,
         };
-        match claim(stages, fleet, command_id, replayed, start).await {
+        // The fleet's steps are boxed here and below: only a fleet takes them, and a command
+        // in flight then carries a pointer for each instead of its room
+        // (benches/pipeline, scenario (c)).
+        match Box::pin(claim(stages, fleet, command_id, replayed, start)).await {
             Ok(Claimed::Ours(start)) => first = start,
             Ok(Claimed::Done(event)) => {
                 let event = Arc::new(event);
@@ -143,14 +146,14 @@ pub async fn handle(
         Some(fleet) => tokio::select! {
             biased;
             decided = decide(stages, parsed, aside, first) => decided,
-            never = fleet.keep_claim(command_id) => match never {},
+            never = Box::pin(fleet.keep_claim(command_id)) => match never {},
         },
     };
     let event = match decided {
         Ok(event) => Arc::new(event),
         Err(unfinished) => {
             if let Some(fleet) = fleet
-                && let Err(e) = fleet.release(command_id).await
+                && let Err(e) = Box::pin(fleet.release(command_id)).await
             {
                 tracing::warn!(error = %e, "could not give the claim up; it lapses after the lease");
             }
@@ -164,9 +167,9 @@ pub async fn handle(
     if let Some(fleet) = fleet {
         // Recorded before it is published, so no replica can miss it once it is out. Without
         // Redis the command waits here, like everything that needs it.
-        let recorded = fleet
-            .until_answered(&stages.shutdown, || fleet.record(command_id, &event))
-            .await;
+        let recorded =
+            Box::pin(fleet.until_answered(&stages.shutdown, || fleet.record(command_id, &event)))
+                .await;
         if recorded.is_none() {
             tracing::warn!(
                 "the grace ran out before the fleet could record the outcome; publishing it all the same"

@@ -38,7 +38,9 @@ pub struct Intake {
     pipeline: Arc<Pipeline>,
     /// The partition queues, by index.
     queues: Vec<String>,
-    sessions: SessionQueues<Route>,
+    /// Boxed, as the pipeline's jobs are: a route waiting behind its session costs a pointer
+    /// in the queue, and moves into the task that publishes it without a copy.
+    sessions: SessionQueues<Box<Route>>,
     operation_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Cancelled when the shutdown grace ran out: stop retrying, the broker returns the rest.
@@ -77,12 +79,12 @@ impl Handler for Intake {
                 .map(Either::Left);
         };
         let partition = ownership::partition_of(&session, this.partition_count());
-        let route = Route {
+        let route = Box::new(Route {
             delivery,
             partition,
             publisher: publisher.clone(),
             _in_flight: in_flight,
-        };
+        });
         let route = this.sessions.push(&session, route)?;
         Some(Either::Right(this.clone().run_session(session, route)))
     }
@@ -117,7 +119,7 @@ impl Intake {
         u16::try_from(self.queues.len()).unwrap_or(u16::MAX)
     }
 
-    async fn run_session(self: Arc<Self>, session: String, route: Route) {
+    async fn run_session(self: Arc<Self>, session: String, route: Box<Route>) {
         self.sessions
             .run_in_order(&session, route, |route| self.route(route))
             .await;
@@ -125,7 +127,7 @@ impl Intake {
 
     /// Publishes the command to its partition until the broker confirms it, then acks it. If
     /// the connection goes, the broker returns the command (and those behind it) by itself.
-    async fn route(&self, route: Route) {
+    async fn route(&self, route: Box<Route>) {
         let Some(queue) = self.queues.get(usize::from(route.partition)) else {
             return;
         };

@@ -42,7 +42,9 @@ const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 pub struct Pipeline {
     parser: Parser,
     stages: Stages,
-    sessions: SessionQueues<Job>,
+    /// Boxed: a job is most of a KiB, and it moves from the session's queue to the task that
+    /// runs it; a pointer keeps it out of every future that holds it.
+    sessions: SessionQueues<Box<Job>>,
     /// `amqp.operation_timeout`, for acks and nacks.
     operation_timeout: Duration,
     /// Every account, for the lanes of each source.
@@ -84,7 +86,7 @@ impl Handler for Pipeline {
             (Ok(command), Some(lanes)) => {
                 let account = command.bot.account.clone();
                 match lanes.route(&account, job, &this.sessions) {
-                    Route::Here(job) => job.map(|job| this.clone().run_session(*job)),
+                    Route::Here(job) => job.map(|job| this.clone().run_session(job)),
                     Route::Aside => None,
                 }
             }
@@ -153,7 +155,7 @@ impl Pipeline {
 
     /// Queues a job behind its session; the job to run now, if the session was idle. A job
     /// queued behind others gives its slot back until its turn.
-    fn queue_up(&self, mut job: Job) -> Option<Job> {
+    fn queue_up(&self, mut job: Box<Job>) -> Option<Box<Job>> {
         let slot = job.slot.take();
         // Jobs from the source are pinned; those taken back from an account queue are not.
         let pinned = job.taken.is_none();
@@ -188,7 +190,7 @@ impl Pipeline {
         publisher: &Arc<Publisher>,
         in_flight: InFlight,
         received: bool,
-    ) -> Job {
+    ) -> Box<Job> {
         let metrics = &self.stages.metrics;
         if received {
             metrics.commands_received.inc();
@@ -215,7 +217,7 @@ impl Pipeline {
                 message,
             }))
         });
-        Job {
+        Box::new(Job {
             delivery,
             parsed: Parsed { envelope, command },
             publisher: publisher.clone(),
@@ -225,30 +227,29 @@ impl Pipeline {
             taken: None,
             lanes: None,
             stays: false,
-        }
+        })
     }
 
     /// Runs a session's jobs one after another until it is idle. A job its account cannot
     /// start soon is set aside with the jobs waiting behind it, if its lane allows; else it
     /// runs here after all.
-    async fn run_session(self: Arc<Self>, mut job: Job) {
+    async fn run_session(self: Arc<Self>, mut job: Box<Job>) {
         let key = job.parsed.session_key();
         loop {
             let pinned = job.taken.is_none();
-            if let Some(aside) = self.run_one(job).await {
-                let lanes = aside
-                    .lanes
-                    .clone()
-                    .expect("only a job taken in is set aside");
-                match lanes.defer(Box::new(aside), || self.sessions.take_waiting(&key)) {
+            if self.run_one(&mut job).await {
+                let lanes = job.lanes.clone().expect("only a job taken in is set aside");
+                match lanes.defer(job, || self.sessions.take_waiting(&key)) {
                     Ok(()) => return,
                     Err(stays) => {
-                        job = *stays;
+                        job = stays;
                         job.stays = true;
                         continue;
                     }
                 }
             }
+            // Settled: its slot and its place in the prefetch go before the next one starts.
+            drop(job);
             match self.sessions.next_after(&key, pinned) {
                 Some(next) => job = next,
                 None => return,
@@ -256,8 +257,8 @@ impl Pipeline {
         }
     }
 
-    /// Runs one job; hands it back if it should be set aside instead.
-    async fn run_one(&self, mut job: Job) -> Option<Job> {
+    /// Runs one job; true if it should be set aside instead (nothing was done for it).
+    async fn run_one(&self, job: &mut Job) -> bool {
         // A command runs in one of its account's slots (docs/contract.md §12).
         let aside = match &job.parsed.command {
             Ok(command) if job.lanes.is_some() && !job.stays => {
@@ -275,7 +276,7 @@ impl Pipeline {
                 slot = tokio::time::timeout(wait, account.slot()) => match slot {
                     Ok(slot) => job.slot = Some(slot),
                     // Every slot stayed taken: it may wait in the account queue instead.
-                    Err(_) => return Some(job),
+                    Err(_) => return true,
                 },
             }
         }
@@ -298,12 +299,12 @@ impl Pipeline {
         if preset != Some(trace.trace_id) {
             span.record("trace_id", trace.trace_id_hex());
         }
-        let processing = trace_context::scope(trace, self.process(&mut job, aside));
+        let processing = trace_context::scope(trace, self.process(job, aside));
         let done = AssertUnwindSafe(processing.instrument(span.clone()))
             .catch_unwind()
             .await;
         if let Ok(true) = done {
-            return Some(job);
+            return true;
         }
         job.waiting = None;
         if let Err(panic) = done {
@@ -316,12 +317,10 @@ impl Pipeline {
                     "processing a command panicked; returning it to the queue"
                 );
             });
-            self.requeue(&mut job, "internal error")
-                .instrument(span)
-                .await;
+            self.requeue(job, "internal error").instrument(span).await;
         }
         self.stages.metrics.commands_in_flight.dec();
-        None
+        false
     }
 
     /// Takes the job to its outcome, publishes it and acks; true if it is to be set aside

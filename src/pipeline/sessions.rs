@@ -1,9 +1,7 @@
 //! Per-session ordering: commands of one `botSessionId` run one after another in arrival
 //! order, while different sessions run concurrently.
 //!
-//! Each busy session has a FIFO of waiting jobs, each boxed: a job is large (a delivery and
-//! its reading, most of a KiB), and a queue grown by doubling would otherwise hold up to
-//! as many empty job-sized slots again (measured in `benches/pipeline`, scenario (e)). The first job of an idle session is handed
+//! Each busy session has a FIFO of waiting jobs. The first job of an idle session is handed
 //! back to the caller to run; the runner, when done, asks for the next one of the same session
 //! and stops when there is none. No task waits on a lock while a command runs.
 //!
@@ -23,7 +21,7 @@ pub struct SessionQueues<J> {
 /// memory are pinned.
 #[derive(Debug)]
 struct Busy<J> {
-    waiting: VecDeque<Box<J>>,
+    waiting: VecDeque<J>,
     pinned: usize,
 }
 
@@ -48,7 +46,7 @@ impl<J> SessionQueues<J> {
         match busy.get_mut(session) {
             Some(b) => {
                 b.pinned += usize::from(pinned);
-                b.waiting.push_back(Box::new(job));
+                b.waiting.push_back(job);
                 None
             }
             None => {
@@ -73,7 +71,7 @@ impl<J> SessionQueues<J> {
         let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         let b = busy.get_mut(session)?;
         b.pinned = b.pinned.saturating_sub(usize::from(pinned));
-        let next = b.waiting.pop_front().map(|job| *job);
+        let next = b.waiting.pop_front();
         if next.is_none() {
             busy.remove(session);
         }
@@ -94,7 +92,7 @@ impl<J> SessionQueues<J> {
     pub fn take_waiting(&self, session: &str) -> Vec<J> {
         let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         busy.remove(session)
-            .map(|b| b.waiting.into_iter().map(|job| *job).collect())
+            .map(|b| Vec::from(b.waiting))
             .unwrap_or_default()
     }
 

@@ -240,15 +240,15 @@ impl SourceLanes {
     pub(super) fn route(
         self: &Arc<Self>,
         account: &Arc<Account>,
-        mut job: Job,
-        sessions: &SessionQueues<Job>,
+        mut job: Box<Job>,
+        sessions: &SessionQueues<Box<Job>>,
     ) -> Route {
         let lane = self.lane(account);
         let mut state = lane.state();
         let session = job.parsed.session_key();
-        let take_in = |mut job: Job| {
+        let take_in = |mut job: Box<Job>| {
             job.lanes = Some(self.clone());
-            Route::Here(sessions.push_marked(&session, job, true).map(Box::new))
+            Route::Here(sessions.push_marked(&session, job, true))
         };
         if !state.on {
             if let Some(waiting) = account.take_in() {
@@ -263,7 +263,7 @@ impl SourceLanes {
         if sessions.pinned(&session) > 0 {
             return take_in(job);
         }
-        self.set_aside(&lane, &mut state, job);
+        self.set_aside(&lane, &mut state, *job);
         Route::Aside
     }
 
@@ -273,7 +273,7 @@ impl SourceLanes {
     pub(super) fn defer(
         self: &Arc<Self>,
         job: Box<Job>,
-        behind: impl FnOnce() -> Vec<Job>,
+        behind: impl FnOnce() -> Vec<Box<Job>>,
     ) -> Result<(), Box<Job>> {
         let Ok(command) = &job.parsed.command else {
             return Err(job);
@@ -289,7 +289,7 @@ impl SourceLanes {
         }
         self.set_aside(&lane, &mut state, *job);
         for job in behind() {
-            self.set_aside(&lane, &mut state, job);
+            self.set_aside(&lane, &mut state, *job);
         }
         Ok(())
     }
