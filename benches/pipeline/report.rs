@@ -228,36 +228,27 @@ fn ratios(
     floor: Option<&Numbers>,
 ) -> Numbers {
     let mut out = Numbers::new();
+    // The worker's `key` over the reference's, as `name`.
+    let mut ratio = |name, key, reference: &Numbers| {
+        out.insert(name, v(worker, key) / v(reference, key));
+    };
     if let Some(floor) = floor {
-        out.insert(
-            "throughput_vs_floor",
-            v(worker, "throughput_per_s") / v(floor, "throughput_per_s"),
-        );
-        out.insert(
-            "cpu_vs_floor",
-            v(worker, "cpu_us_per_command") / v(floor, "cpu_us_per_command"),
-        );
-        out.insert(
-            "peak_rss_vs_floor",
-            v(worker, "peak_rss_mib") / v(floor, "peak_rss_mib"),
-        );
-        if scenario.key == 'c' {
-            let floor_kib = v(floor, "rss_kib_per_in_flight");
-            out.insert("floor_rss_kib_per_in_flight", floor_kib);
-            out.insert(
-                "rss_kib_per_in_flight_above_floor",
-                v(worker, "rss_kib_per_in_flight") - floor_kib,
-            );
-        }
+        ratio("throughput_vs_floor", "throughput_per_s", floor);
+        ratio("cpu_vs_floor", "cpu_us_per_command", floor);
+        ratio("peak_rss_vs_floor", "peak_rss_mib", floor);
     }
     if let Some(relay) = relay {
+        ratio("throughput_vs_relay", "throughput_per_s", relay);
+        ratio("cpu_vs_relay", "cpu_us_per_command", relay);
+    }
+    if let Some(floor) = floor
+        && scenario.key == 'c'
+    {
+        let floor_kib = v(floor, "rss_kib_per_in_flight");
+        out.insert("floor_rss_kib_per_in_flight", floor_kib);
         out.insert(
-            "throughput_vs_relay",
-            v(worker, "throughput_per_s") / v(relay, "throughput_per_s"),
-        );
-        out.insert(
-            "cpu_vs_relay",
-            v(worker, "cpu_us_per_command") / v(relay, "cpu_us_per_command"),
+            "rss_kib_per_in_flight_above_floor",
+            v(worker, "rss_kib_per_in_flight") - floor_kib,
         );
     }
     if scenario.latency_ms > 0 {

@@ -340,15 +340,8 @@ pub async fn run_worker(ctx: &Ctx, scenario: &Scenario, mode: Mode) -> anyhow::R
         metrics_urls.push(format!("http://127.0.0.1:{admin_port}/metrics"));
     }
 
-    let sim_log = ctx.log_dir.join(format!("{}.simulator.log", names.prefix));
-    let mut sim = ChildGuard::spawn(
-        "simulator",
-        simulator_command(ctx, scenario, &configs[0], sim_port),
-        &sim_log,
-    )?;
-    let sim_url = format!("http://127.0.0.1:{sim_port}");
-    let http = http_client()?;
-    wait_http_ok(&http, &format!("{sim_url}/healthz"), &mut sim).await?;
+    let (mut sim, sim_url, http) =
+        start_simulator(ctx, scenario, &names, &configs[0], sim_port).await?;
 
     let mut workers = Vec::with_capacity(configs.len());
     let mut worker_logs = Vec::with_capacity(configs.len());
@@ -513,21 +506,7 @@ pub async fn run_relay(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measure
     ctx.registry.register(&names);
     let connections = Connections::open(&ctx.url).await?;
     amqp::declare_relay_topology(&connections.publish, &names).await?;
-    let log = ctx.log_dir.join(format!("{}.relay.log", names.prefix));
-    let mut command = Command::new(&ctx.self_exe);
-    command
-        .arg("--relay-child")
-        .args([&names.commands, &names.results])
-        .arg(scenario.prefetch.to_string())
-        .env("BENCH_AMQP_URL", &ctx.url);
-    let mut relay = ChildGuard::spawn("relay", command, &log)?;
-    amqp::wait_for_consumer(
-        &connections.consume,
-        &names.commands,
-        &mut relay,
-        READY_TIMEOUT,
-    )
-    .await?;
+    let mut relay = start_child(ctx, scenario, &names, &connections, "relay", &[]).await?;
     let pids = [relay.pid()];
     let measured = measure(ctx, scenario, &names, &connections, &pids, false).await?;
     connections.close().await;
@@ -547,32 +526,9 @@ pub async fn run_floor(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measure
     let config = ctx.log_dir.join(format!("{}.toml", names.prefix));
     let text = worker_config(ctx, scenario, &names, sim_port, 0, Mode::SINGLE, 0);
     std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
-    let sim_log = ctx.log_dir.join(format!("{}.simulator.log", names.prefix));
-    let mut sim = ChildGuard::spawn(
-        "simulator",
-        simulator_command(ctx, scenario, &config, sim_port),
-        &sim_log,
-    )?;
-    let sim_url = format!("http://127.0.0.1:{sim_port}");
-    let http = http_client()?;
-    wait_http_ok(&http, &format!("{sim_url}/healthz"), &mut sim).await?;
-
-    let log = ctx.log_dir.join(format!("{}.floor.log", names.prefix));
-    let mut command = Command::new(&ctx.self_exe);
-    command
-        .arg("--floor-child")
-        .args([&names.commands, &names.results])
-        .arg(scenario.prefetch.to_string())
-        .arg(&sim_url)
-        .env("BENCH_AMQP_URL", &ctx.url);
-    let mut floor = ChildGuard::spawn("floor", command, &log)?;
-    amqp::wait_for_consumer(
-        &connections.consume,
-        &names.commands,
-        &mut floor,
-        READY_TIMEOUT,
-    )
-    .await?;
+    let (mut sim, sim_url, http) =
+        start_simulator(ctx, scenario, &names, &config, sim_port).await?;
+    let mut floor = start_child(ctx, scenario, &names, &connections, "floor", &[&sim_url]).await?;
     let pids = [floor.pid()];
     let sim_before = procs::sample(sim.pid())?;
     let mut measured = measure(ctx, scenario, &names, &connections, &pids, false).await?;
@@ -588,6 +544,53 @@ pub async fn run_floor(ctx: &Ctx, scenario: &Scenario) -> anyhow::Result<Measure
     floor.stop().await;
     sim.stop().await;
     Ok(measured)
+}
+
+/// Starts this binary as `role` (`--relay-child` or `--floor-child`) on the run's queues, with
+/// `extra` arguments after the prefetch, and waits until it consumes the commands queue.
+async fn start_child(
+    ctx: &Ctx,
+    scenario: &Scenario,
+    names: &Names,
+    connections: &Connections,
+    role: &'static str,
+    extra: &[&str],
+) -> anyhow::Result<ChildGuard> {
+    let log = ctx.log_dir.join(format!("{}.{role}.log", names.prefix));
+    let mut command = Command::new(&ctx.self_exe);
+    command
+        .arg(format!("--{role}-child"))
+        .args([&names.commands, &names.results])
+        .arg(scenario.prefetch.to_string())
+        .args(extra)
+        .env("BENCH_AMQP_URL", &ctx.url);
+    let mut child = ChildGuard::spawn(role, command, &log)?;
+    amqp::wait_for_consumer(
+        &connections.consume,
+        &names.commands,
+        &mut child,
+        READY_TIMEOUT,
+    )
+    .await?;
+    Ok(child)
+}
+
+/// Starts the simulator on `port` with the bot of `config`; its base URL and a client for it,
+/// once it answers.
+async fn start_simulator(
+    ctx: &Ctx,
+    scenario: &Scenario,
+    names: &Names,
+    config: &Path,
+    port: u16,
+) -> anyhow::Result<(ChildGuard, String, reqwest::Client)> {
+    let log = ctx.log_dir.join(format!("{}.simulator.log", names.prefix));
+    let command = simulator_command(ctx, scenario, config, port);
+    let mut sim = ChildGuard::spawn("simulator", command, &log)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = http_client()?;
+    wait_http_ok(&http, &format!("{url}/healthz"), &mut sim).await?;
+    Ok((sim, url, http))
 }
 
 /// The bench's two connections: one publishes commands, the other reads events and queues.
