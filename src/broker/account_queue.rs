@@ -65,17 +65,31 @@ pub async fn probe(
     }
 }
 
-/// Deletes the queue if it holds no message; false if it does (and stays).
+/// What a passive declare says of a queue: ready messages and consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Ready messages (a quorum queue leaves out the unacked ones).
+    pub messages: u32,
+    /// Consumers, a cancelled one that still holds unacked messages included (waiting
+    /// single-active consumers left out).
+    pub consumers: u32,
+}
+
+/// Deletes the queue only when its holder's own reader is its one consumer and it has no
+/// ready message; returns whether it is gone.
 ///
-/// Quorum queues refuse `queue.delete` with `if-empty` (some RabbitMQ versions with a
-/// connection error), so the queue is looked at first and deleted only when empty. The caller
-/// is the queue's only publisher and has nothing taken from it unsettled, so nothing can come
-/// between the look and the delete.
-pub async fn delete_if_empty(
+/// This is the second look, not the proof: the caller has read back its own marker with
+/// everything before it settled (see `pipeline::lanes`). A passive declare answers 0 messages
+/// and 0 consumers when the broker's count query times out or the queue has no leader, so
+/// anything but exactly one consumer (the caller's reader, still registered and active, so no
+/// other consumer can be handed anything between the look and the delete) leaves the queue
+/// alone. A consumer cancelled with unacked messages still counts, so a former holder that
+/// has not returned what it took keeps the queue too.
+pub async fn delete_if_alone(
     connection: &Connection,
     amqp: &AmqpSettings,
     queue: &str,
-) -> Result<bool, BrokerError> {
+) -> Result<Option<Counts>, BrokerError> {
     let t = amqp.operation_timeout;
     let channel = timed("channel.open", t, connection.create_channel()).await?;
     let look = QueueDeclareOptions {
@@ -88,22 +102,31 @@ pub async fn delete_if_empty(
         channel.queue_declare(queue.into(), look, FieldTable::default()),
     )
     .await;
-    let deleted = match found {
-        Ok(q) if q.message_count() > 0 => Ok(false),
-        Ok(_) => timed(
-            "queue.delete",
-            t,
-            channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
-        )
-        .await
-        .map(|_| true),
+    let outcome = match found {
+        Ok(q) => {
+            let counts = Counts {
+                messages: q.message_count(),
+                consumers: q.consumer_count(),
+            };
+            if counts.messages == 0 && counts.consumers == 1 {
+                timed(
+                    "queue.delete",
+                    t,
+                    channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
+                )
+                .await
+                .map(|_| None)
+            } else {
+                Ok(Some(counts))
+            }
+        }
         Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
-            return Ok(true);
+            return Ok(None);
         }
         Err(e) => Err(e),
     };
     if channel.status().connected() {
         let _ = timed("channel.close", t, channel.close(200, "looked".into())).await;
     }
-    deleted
+    outcome
 }

@@ -124,6 +124,38 @@ pub async fn connect_any(amqp: &AmqpSettings, name: &str) -> Result<Connection, 
 /// matter to anyone: a connection that cannot close cleanly is dropped, and the broker lets go
 /// of what it held either way.
 pub async fn close(connection: &Connection, amqp: &AmqpSettings, reason: &str) {
-    let close = connection.close(200, reason.into());
+    let close = connection.close(200, short(reason).into());
     let _ = timed("connection.close", amqp.operation_timeout, close).await;
+}
+
+/// `reason` cut to what an AMQP short string holds (255 bytes), on a character boundary: a
+/// longer one would make the client panic.
+fn short(reason: &str) -> &str {
+    let mut end = reason.len().min(255);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::short;
+
+    proptest! {
+        /// Any reason, however long or wide its characters, becomes a short string the client
+        /// accepts, and is kept whole when it fits.
+        #[test]
+        fn any_close_reason_fits_a_short_string(reason in ".{0,400}") {
+            let cut = short(&reason);
+            prop_assert!(cut.len() <= 255);
+            prop_assert!(reason.starts_with(cut));
+            if reason.len() <= 255 {
+                prop_assert_eq!(cut, reason.as_str());
+            }
+            let _: lapin::types::ShortString = cut.into();
+        }
+    }
 }

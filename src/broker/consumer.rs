@@ -52,6 +52,9 @@ mod owned;
 mod partition;
 mod registered;
 mod serve;
+mod standby;
+
+pub use standby::holder_queue;
 
 use registered::Registered;
 
@@ -78,8 +81,10 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// A source is let go: the handler stops taking from beside it, lets what it started
-    /// settle (within the grace), and closes what it opened for it.
-    fn close(_this: &Arc<Self>, _queue: &str) -> impl Future<Output = ()> + Send + 'static {
+    /// settle (within the grace), and closes what it opened for it, before the consumer gives
+    /// the source up. Only what was opened for this tenure of the source (`source.tenure`) is
+    /// closed: a newer one is never undone by an older one ending.
+    fn close(_this: &Arc<Self>, _source: &Source) -> impl Future<Output = ()> + Send + 'static {
         async {}
     }
 }
@@ -89,6 +94,8 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Source {
     /// The queue.
     pub queue: String,
+    /// This tenure of the queue: unique in the process, new each time the queue is taken up.
+    pub tenure: u64,
     /// The connection it is consumed on.
     pub connection: Arc<Connection>,
     /// That connection's publisher.
@@ -317,8 +324,10 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         publisher: &Arc<Publisher>,
         lost: &mpsc::Sender<String>,
     ) -> Source {
+        static TENURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Source {
             queue: queue.to_owned(),
+            tenure: TENURES.fetch_add(1, Ordering::Relaxed),
             connection: connection.clone(),
             publisher: publisher.clone(),
             tracker: self.tracker.clone(),

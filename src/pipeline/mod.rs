@@ -105,7 +105,7 @@ impl Handler for Pipeline {
                 ))
             };
             match all.get(&source.queue) {
-                Some(open) if !open.is_stale() => open.clone(),
+                Some(open) if open.tenure() == source.tenure => open.clone(),
                 _ => {
                     let lanes = fresh();
                     if let Some(stale) = all.insert(source.queue.clone(), lanes.clone()) {
@@ -118,12 +118,14 @@ impl Handler for Pipeline {
         async move { lanes.refresh().await }
     }
 
-    fn close(this: &Arc<Self>, queue: &str) -> impl Future<Output = ()> + Send + 'static {
-        let lanes = this
-            .lanes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(queue);
+    fn close(this: &Arc<Self>, source: &Source) -> impl Future<Output = ()> + Send + 'static {
+        let lanes = {
+            let mut all = this.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            match all.get(&source.queue) {
+                Some(open) if open.tenure() == source.tenure => all.remove(&source.queue),
+                _ => None,
+            }
+        };
         async move {
             if let Some(lanes) = lanes {
                 lanes.close().await;

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::partition::{Reader, Subscription, read_partition, release};
 use super::serve::Connected;
-use super::{ACK_SETTLE, Consumer, Handler, InFlight};
+use super::{ACK_SETTLE, Consumer, Handler, InFlight, Source};
 use crate::broker::{BrokerError, timed};
 use crate::contract::names::partition_queue;
 
@@ -29,8 +29,11 @@ pub(super) struct Owned {
     pub(super) wanted: BTreeSet<u16>,
     /// The partitions consumed here.
     pub(super) subscriptions: HashMap<u16, Subscription>,
-    /// Hand-overs under way.
-    pub(super) releasing: JoinSet<()>,
+    /// Hand-overs under way: a partition's (its number) or a renewed consumer's (`None`).
+    pub(super) releasing: JoinSet<Option<u16>>,
+    /// The partitions being handed over: none is taken up again before its hand-over ended,
+    /// or that hand-over's end would give up the new tenure's hold.
+    handing_over: BTreeSet<u16>,
 }
 
 impl Owned {
@@ -40,7 +43,13 @@ impl Owned {
             wanted: BTreeSet::new(),
             subscriptions: HashMap::new(),
             releasing: JoinSet::new(),
+            handing_over: BTreeSet::new(),
         }
+    }
+
+    /// Partition `k`'s hand-over ended.
+    pub(super) fn released(&mut self, k: u16) {
+        self.handing_over.remove(&k);
     }
 
     /// Whether a partition owned is not consumed yet (held elsewhere, say).
@@ -99,6 +108,10 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             }
             kept => kept,
         };
+        if renewed.is_none() && link.owned.handing_over.contains(&k) {
+            // Asked for again once its hand-over ended.
+            return Ok(());
+        }
         let old_share = renewed.as_ref().map(|r| r.share);
         // A new partition is subscribed only once held; a renewed one stays held.
         if renewed.is_none()
@@ -107,11 +120,17 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         {
             return Ok(());
         }
+        let mut kept = None;
         if let Some(old) = renewed {
             let t = self.settings.amqp.operation_timeout;
-            link.owned.releasing.spawn(self.renew(old, t).await);
+            kept = Some(old.source.clone());
+            let renewing = self.renew(old, t).await;
+            link.owned.releasing.spawn(async move {
+                renewing.await;
+                None
+            });
         }
-        let subscription = self.subscribe(k, share, link).await?;
+        let subscription = self.subscribe(k, share, link, kept).await?;
         partitions.consuming.send_modify(|c| {
             c.insert(k);
         });
@@ -137,7 +156,8 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         else {
             return;
         };
-        owned.releasing.spawn(release(
+        owned.handing_over.insert(k);
+        let releasing = release(
             k,
             subscription,
             self.settings.amqp.operation_timeout,
@@ -145,7 +165,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             partitions.consuming.clone(),
             partitions.handler.clone(),
             self.holds.clone(),
-        ));
+        );
+        owned.releasing.spawn(async move {
+            releasing.await;
+            Some(k)
+        });
     }
 
     /// Hands every partition over, as in a rebalance (at shutdown).
@@ -157,12 +181,13 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     }
 
     /// Subscribes partition `k` on a channel of its own with prefetch `share`, and starts its
-    /// reader.
+    /// reader; `kept` is the partition's tenure when its consumer is renewed.
     async fn subscribe(
         &self,
         k: u16,
         share: u16,
         link: &Connected,
+        kept: Option<Source>,
     ) -> Result<Subscription, BrokerError> {
         let Some(partitions) = &self.partitions else {
             unreachable!("only a consumer with partitions subscribes partitions");
@@ -181,8 +206,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         );
         let consumer = timed("basic.consume", t, consume).await?;
         // The partition's account queues, if any, are taken up with it.
-        let source = self.source(&queue, &link.connection, &link.publisher, &link.lost);
-        P::open(&partitions.handler, source).await;
+        let source = match kept {
+            Some(kept) => kept,
+            None => self.source(&queue, &link.connection, &link.publisher, &link.lost),
+        };
+        P::open(&partitions.handler, source.clone()).await;
         let stop = CancellationToken::new();
         let settled = TaskTracker::new();
         let reader = tokio::spawn(read_partition(Reader {
@@ -199,6 +227,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         }));
         Ok(Subscription {
             queue,
+            source,
             channel,
             tag,
             share,

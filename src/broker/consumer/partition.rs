@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicRejectOptions};
+use lapin::options::BasicCancelOptions;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ACK_SETTLE, Handler, InFlight};
+use super::{ACK_SETTLE, Handler, InFlight, Source};
 use crate::broker::holds::Holds;
 use crate::broker::{BrokerError, Publisher, timed};
 
@@ -21,6 +21,8 @@ use crate::broker::{BrokerError, Publisher, timed};
 pub(super) struct Subscription {
     /// Its queue.
     pub(super) queue: String,
+    /// Its tenure, as the handler saw it opened.
+    pub(super) source: Source,
     pub(super) channel: Channel,
     /// Its consumer tag, to cancel it.
     pub(super) tag: String,
@@ -41,10 +43,12 @@ pub(super) struct Subscription {
 /// (see `fleet::membership`), and this replica lets go in this order:
 ///
 /// 1. the reader stops handing deliveries over; the consumer is cancelled (no more come);
-/// 2. what the client had received but not handed over is rejected back to the queue, in
-///    order: the broker puts returned messages first, so the next owner starts with them;
-/// 3. the commands handed over finish and are acked, within `shutdown.grace`;
-/// 4. the channel closes, and the partition is no longer listed.
+/// 2. what the client had received but not handed over is kept unacked;
+/// 3. the partition's lanes are let go (their channels closed, see `SourceLanes::close`);
+/// 4. the commands handed over finish and are acked, within `shutdown.grace`;
+/// 5. the channel closes: the broker returns everything still unacked in the order it was
+///    delivered, ahead of the queue's other messages, so the next owner starts with them;
+/// 6. the hold is given up, and the partition is no longer listed.
 ///
 /// Commands that take longer than the grace (a long outage, Redis away) go back to the queue
 /// with the channel while they still run here. That is safe: each holds its fleet claim, so the
@@ -60,24 +64,22 @@ pub(super) async fn release<P: Handler>(
 ) {
     let started = Instant::now();
     let queue = subscription.queue.clone();
+    let source = subscription.source.clone();
     let (channel, settled, left) = subscription.stop(t).await;
-    let mut returned = 0usize;
-    match left {
-        Ok(left) => {
-            for delivery in left {
-                let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
-                if timed("basic.reject", t, reject).await.is_ok() {
-                    returned = returned.saturating_add(1);
-                }
-            }
-        }
+    // What was received and not handed over stays unacked: it goes back with the channel, in
+    // the order it was delivered, together with whatever is still unsettled. Rejected now, it
+    // would go back ahead of older commands of its session that are still in hand here.
+    let returned = match left {
+        Ok(left) => left.len(),
         Err(e) => {
             tracing::warn!(partition, error = %e, "could not cancel a released partition's consumer; closing its channel");
+            0
         }
-    }
+    };
     settled.close();
-    // What was set aside for the partition's accounts goes with it, after what it started.
-    P::close(&handler, &queue).await;
+    // What was set aside for the partition's accounts goes with it, after what it started:
+    // every lane's channel is closed before the partition's own, and the hold goes last.
+    P::close(&handler, &source).await;
     if tokio::time::timeout(grace, settled.wait()).await.is_err() {
         tracing::warn!(
             partition,

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::owned::Owned;
 use super::registered::{Registered, next};
+use super::standby::{InLine, Standby};
 use super::{Consumer, Handler, InFlight, LIVENESS_CHECK, Source, Stop};
 use crate::broker::{BrokerError, Publisher, timed};
 
@@ -27,8 +28,8 @@ pub(super) struct Connected {
     source: Source,
     /// The consumer registered on the queue: `None` while another replica holds it.
     intake: Option<Registered>,
-    /// The queue's first delivery came (the handler looks at its sources again then).
-    activated: bool,
+    /// Without holds: this replica's place in line for the queue's hold (see `standby`).
+    standby: Option<Standby>,
     /// The partitions consumed on this connection.
     pub(super) owned: Owned,
 }
@@ -42,9 +43,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             () = self.shutdown.cancelled() => return Ok((Stop::Stopped, false)),
         };
         let connection = Arc::new(connection);
-        // Without holds the queue is registered now, as part of the setup.
-        let intake = match &self.holds {
-            None => self.register(&connection).await?,
+        // Without holds, the broker's own hold: the queue is registered once it is held.
+        let standby = match &self.holds {
+            None => {
+                Some(Standby::join(&connection, &self.settings.amqp, &self.settings.queue).await?)
+            }
             Some(_) => None,
         };
         self.link.set_publisher(Some(publisher.clone()));
@@ -54,17 +57,14 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         }
         let (lost, lost_rx) = mpsc::channel::<String>(1);
         let source = self.source(&self.settings.queue, &connection, &publisher, &lost);
-        // What the handler consumes beside the queue is looked at now, and again right before
-        // its first delivery: a standby becomes active only then.
-        H::open(&self.handler, source.clone()).await;
         let owned = Owned::new(self.partitions.as_ref().map(|p| p.owned.clone()));
         let mut link = Connected {
             connection,
             publisher,
             lost,
             source,
-            intake,
-            activated: false,
+            intake: None,
+            standby,
             owned,
         };
         let settled = self.take_up(&mut link).await;
@@ -91,11 +91,10 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     /// connection came up are subscribed now (those held elsewhere once given up). Returns why
     /// the connection must go, if it must.
     async fn take_up(&self, link: &mut Connected) -> Option<String> {
-        if self.holds.is_some() {
-            match self.register(&link.connection).await {
-                Ok(registered) => link.intake = registered,
-                Err(e) => return Some(e.to_string()),
-            }
+        if self.holds.is_some()
+            && let Err(e) = self.take_intake(link).await
+        {
+            return Some(e);
         }
         let watch = link.owned.watch.as_mut()?;
         link.owned.wanted = watch.borrow_and_update().clone();
@@ -140,6 +139,19 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     self.delivered(&mut link, delivery).await
                 }
                 Some(reason) = lost.recv() => Some(reason),
+                line = Standby::next(&mut link.standby), if link.standby.is_some() => match line {
+                    InLine::Held => {
+                        tracing::info!(queue = self.settings.queue.as_str(), "holding the queue; this replica is the active one");
+                        self.take_intake(&mut link).await.err()
+                    }
+                    InLine::Lost(reason) => Some(reason),
+                },
+                Some(done) = link.owned.releasing.join_next(), if !link.owned.releasing.is_empty() => {
+                    if let Ok(Some(k)) = done {
+                        link.owned.released(k);
+                    }
+                    self.rebalance(&mut link).await.err().map(|e| e.to_string())
+                }
                 changed = changed(&mut link.owned.watch), if link.owned.watch.is_some() => {
                     self.ownership_changed(&mut link, changed).await
                 }
@@ -162,10 +174,6 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         let queue = self.settings.queue.as_str();
         match delivery {
             Some(Ok(delivery)) => {
-                if !link.activated {
-                    link.activated = true;
-                    H::open(&self.handler, link.source.clone()).await;
-                }
                 let in_flight = link.intake.as_ref().map(|i| InFlight::tracked(&i.settled));
                 let in_flight = in_flight.unwrap_or_default();
                 let publisher = &link.publisher;
@@ -199,13 +207,27 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
 
     /// Queues held by another replica (or not yet asked for) are asked for again.
     async fn ask_again(&self, link: &mut Connected) -> Option<String> {
-        if link.intake.is_none() {
-            match self.register(&link.connection).await {
-                Ok(registered) => link.intake = registered,
-                Err(e) => return Some(e.to_string()),
-            }
+        if link.intake.is_none()
+            && let Err(e) = self.take_intake(link).await
+        {
+            return Some(e);
         }
         self.rebalance(link).await.err().map(|e| e.to_string())
+    }
+
+    /// Registers on the queue itself (once held, with holds) and takes up what the handler
+    /// consumes beside it, before its first delivery; why the connection must go, if it must.
+    async fn take_intake(&self, link: &mut Connected) -> Result<(), String> {
+        let Some(registered) = self
+            .register(&link.connection)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        H::open(&self.handler, link.source.clone()).await;
+        link.intake = Some(registered);
+        Ok(())
     }
 
     /// The shutdown, on a connection still up: every partition is handed over in order, as
@@ -231,10 +253,15 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         };
         let limit = self.settings.grace + self.settings.settle;
         let releasing = &mut link.owned.releasing;
+        let source = &link.source;
         tokio::join!(
             self.drain(),
-            H::close(&self.handler, queue),
+            // What was taken up beside the queue is let go first: its set-aside commands are
+            // acked on the queue's channel, so that channel closes (and the hold goes) after.
             async {
+                if handover.is_some() {
+                    H::close(&self.handler, source).await;
+                }
                 if let Some(intake) = handover {
                     intake.close(t, limit, self.holds.as_deref(), queue).await;
                 }
@@ -242,6 +269,10 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             async { while releasing.join_next().await.is_some() {} },
         );
         link.publisher.close(t).await;
+        // Last, the broker's hold: the next replica in line takes over only now.
+        if let Some(standby) = link.standby.take() {
+            standby.give().await;
+        }
         (Stop::Shutdown(link.connection), true)
     }
 
@@ -250,16 +281,16 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     /// messages come back before it is replaced); the next connection re-declares the topology
     /// and takes them again.
     async fn let_go(&self, mut link: Connected, reason: String) -> (Stop, bool) {
-        let queue = self.settings.queue.as_str();
-        for (k, subscription) in link.owned.subscriptions.drain() {
+        for (_, subscription) in link.owned.subscriptions.drain() {
             subscription.reader.abort();
             if let Some(partitions) = &self.partitions {
-                let queue = crate::contract::names::partition_queue(queue, k);
-                tokio::spawn(P::close(&partitions.handler, &queue));
+                tokio::spawn(P::close(&partitions.handler, &subscription.source));
             }
         }
         link.owned.releasing.abort_all();
-        tokio::spawn(H::close(&self.handler, queue));
+        if link.intake.is_some() {
+            tokio::spawn(H::close(&self.handler, &link.source));
+        }
         if let Some(partitions) = &self.partitions {
             partitions.consuming.send_replace(BTreeSet::new());
         }
@@ -283,6 +314,9 @@ impl Connected {
             .is_some_and(|i| !i.channel.status().connected())
         {
             "consumer channel closed"
+        } else if self.standby.as_ref().is_some_and(|s| !s.is_open()) {
+            // The hold's line is gone: the hold may be someone else's now.
+            "the hold's channel closed"
         } else if !self.publisher.is_connected() {
             // The broker closes a channel on errors such as publishing to an exchange that
             // was deleted. Without a publisher nothing can finish here.

@@ -44,6 +44,8 @@ use crate::agentassist::account::Account;
 use crate::broker::account_queue;
 use crate::broker::consumer::Source;
 
+#[cfg(feature = "fault-injection")]
+pub use publish::FAULT_SLOW_ASIDE_ORG_ID;
 pub use publish::{WAITING_SINCE, waiting_since};
 
 /// Buckets of the per-session counts of a lane.
@@ -62,6 +64,9 @@ pub(super) struct SourceLanes {
     /// Stops the readers; cancelled when the source is let go, after which nothing more is
     /// set aside.
     stop: CancellationToken,
+    /// Cancelled when the grace for letting the source go has run out: what the readers took
+    /// and did not settle goes back to the account queues with their channels.
+    force: CancellationToken,
 }
 
 /// One account's lane beside a source.
@@ -73,6 +78,8 @@ struct Lane {
     in_queue: AtomicUsize,
     /// Taken from the account queue and not yet settled.
     taken: AtomicUsize,
+    /// The last marker the reader read back (see [`SourceLanes::retire`]).
+    last_marker: tokio::sync::watch::Sender<Option<String>>,
 }
 
 struct LaneState {
@@ -169,12 +176,13 @@ impl SourceLanes {
             settled: TaskTracker::new(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
+            force: CancellationToken::new(),
         }
     }
 
-    /// Whether these lanes belong to a connection that is gone.
-    pub(super) fn is_stale(&self) -> bool {
-        !self.source.connection.status().connected()
+    /// The tenure of the source these lanes belong to.
+    pub(super) fn tenure(&self) -> u64 {
+        self.source.tenure
     }
 
     fn lane(&self, account: &Arc<Account>) -> Arc<Lane> {
@@ -191,6 +199,7 @@ impl SourceLanes {
                     state: Mutex::new(LaneState::default()),
                     in_queue: AtomicUsize::new(0),
                     taken: AtomicUsize::new(0),
+                    last_marker: tokio::sync::watch::Sender::new(None),
                 })
             })
             .clone()
@@ -225,9 +234,14 @@ impl SourceLanes {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    // Unknown: the lane stays off until the next look, and commands are taken
-                    // in; the connection is most likely going, and a new one looks again.
-                    tracing::warn!(account = %account.id, error = %e, "could not look for an account queue");
+                    // Unknown: the queue may hold older commands of its sessions, so the lane
+                    // goes on as if it did; its task declares the queue (an empty one, at
+                    // worst, retired again) and reads what it holds first.
+                    tracing::warn!(account = %account.id, queue = %lane.queue, error = %e, "could not look for an account queue; taking it up as if it held commands");
+                    let mut state = lane.state();
+                    state.on = true;
+                    state.unknown = true;
+                    self.start(&lane, &mut state, false);
                 }
             }
         }
@@ -337,9 +351,12 @@ impl SourceLanes {
             .spawn(self.clone().run_lane(lane.clone(), rx, declared));
     }
 
-    /// Lets the source go: no more commands are set aside or taken from the account queues;
-    /// what the lanes hold is published and acked, what they took and started settles (within
-    /// the grace); then their channels close.
+    /// Lets the source go, in order: no more commands are set aside or taken from the account
+    /// queues; what the lanes were publishing is confirmed (and acked on the source) or left
+    /// to go back with the source; what the readers received and did not take goes back to
+    /// the account queues; what they took settles within the grace, and past it goes back
+    /// with their channels. Returns once every lane's channel is closed: only then may the
+    /// holder give the source up (docs/contract.md §9).
     pub(super) async fn close(&self) {
         self.stop.cancel();
         {
@@ -351,11 +368,22 @@ impl SourceLanes {
         self.tasks.close();
         self.settled.close();
         let grace = self.source.grace;
-        let _ = tokio::time::timeout(grace, async {
+        let settled = tokio::time::timeout(grace, async {
             self.tasks.wait().await;
             self.settled.wait().await;
         })
         .await;
+        if settled.is_err() {
+            tracing::warn!(
+                source = %self.source.queue,
+                unsettled = self.settled.len(),
+                "commands taken back from account queues did not settle within shutdown.grace; \
+                 they go back to their account queues"
+            );
+            self.force.cancel();
+            // Every step left is bounded by amqp.operation_timeout.
+            self.tasks.wait().await;
+        }
     }
 }
 

@@ -10,11 +10,31 @@ use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 
 use super::{Lane, SourceLanes};
-use crate::broker::timed;
+use crate::broker::{PublishError, timed};
 use crate::pipeline::Job;
 
 /// Header carrying since when a command set aside has waited (ms since the Unix epoch).
 pub const WAITING_SINCE: &str = "x-transfer-waiting-since";
+
+/// Header of a lane's marker: a message with no body that a holder publishes into its account
+/// queue and reads back before it deletes the queue (see `SourceLanes::retire`).
+pub const MARKER: &str = "x-transfer-lane-marker";
+
+/// With the `fault-injection` feature, a batch of set-aside commands with one of this `orgId`
+/// waits 2 s before it is published, so that a test can change the account queue under a
+/// publish that is under way.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_SLOW_ASIDE_ORG_ID: &str = "o-fault-injection-slow-aside";
+
+/// Why publishing set-aside commands did not succeed for all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unpublished {
+    /// Something failed: try again after a pause.
+    Failed,
+    /// The broker routed a publish nowhere: the account queue is gone (deleted behind the
+    /// holder's back); declare it again before anything else.
+    Missing,
+}
 
 /// A job with its place in the order it was set aside.
 type Numbered = (usize, Job);
@@ -22,25 +42,38 @@ type Numbered = (usize, Job);
 impl SourceLanes {
     /// Publishes pending commands to the account queue, at most one per session at a time (so
     /// a failed publish cannot be overtaken by a later command of its session), and acks each
-    /// on its source once confirmed. Keeps what failed, in order; false if anything did.
-    pub(super) async fn publish(&self, lane: &Lane, pending: &mut Vec<Job>) -> bool {
+    /// on its source once confirmed. Keeps what failed, in order.
+    pub(super) async fn publish(
+        &self,
+        lane: &Lane,
+        pending: &mut Vec<Job>,
+    ) -> Result<(), Unpublished> {
         let mut sessions = HashSet::new();
         let (batch, later): (Vec<Numbered>, Vec<Numbered>) = std::mem::take(pending)
             .into_iter()
             .enumerate()
             .partition(|(_, job)| sessions.insert(job.parsed.session_key()));
+        #[cfg(feature = "fault-injection")]
+        if batch.iter().any(|(_, job)| {
+            (job.parsed.command.as_ref()).is_ok_and(|c| c.command.org_id == FAULT_SLOW_ASIDE_ORG_ID)
+        }) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         let publisher = &self.source.publisher;
+        // Counted in before the publishes, so that the reader, which may take one back before
+        // its confirm is in, never finds the count lower than what the queue holds.
+        lane.in_queue.fetch_add(batch.len(), Ordering::Relaxed);
         let results = futures_util::future::join_all(batch.iter().map(|(_, job)| {
             publisher.publish_to_queue(&lane.queue, &job.delivery.data, aside_properties(job))
         }))
         .await;
         let mut failed = Vec::new();
+        let mut missing = false;
         let mut published = 0usize;
         for ((i, job), result) in batch.into_iter().zip(results) {
             match result {
                 Ok(()) => {
                     published = published.saturating_add(1);
-                    lane.in_queue.fetch_add(1, Ordering::Relaxed);
                     let ack = job.delivery.acker.ack(BasicAckOptions::default());
                     if let Err(e) =
                         timed("basic.ack", self.source.amqp.operation_timeout, ack).await
@@ -53,6 +86,12 @@ impl SourceLanes {
                     }
                 }
                 Err(e) => {
+                    let _ = lane
+                        .in_queue
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some(n.saturating_sub(1))
+                        });
+                    missing |= matches!(e, PublishError::Unroutable(_));
                     tracing::warn!(queue = %lane.queue, error = %e, "could not set a command aside; trying again");
                     failed.push((i, job));
                 }
@@ -62,11 +101,45 @@ impl SourceLanes {
             let mut state = lane.state();
             state.queued = state.queued.saturating_sub(published);
         }
-        let ok = failed.is_empty();
+        let outcome = match (failed.is_empty(), missing) {
+            (true, _) => Ok(()),
+            (false, true) => Err(Unpublished::Missing),
+            (false, false) => Err(Unpublished::Failed),
+        };
         let mut rest: Vec<Numbered> = failed.into_iter().chain(later).collect();
         rest.sort_by_key(|(i, _)| *i);
         *pending = rest.into_iter().map(|(_, job)| job).collect();
-        ok
+        outcome
+    }
+
+    /// Publishes marker `id` into the lane's account queue, confirmed.
+    pub(super) async fn publish_marker(&self, lane: &Lane, id: &str) -> Result<(), Unpublished> {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(MARKER.into(), AMQPValue::LongString(id.into()));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        match self
+            .source
+            .publisher
+            .publish_to_queue(&lane.queue, b"", props)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(PublishError::Unroutable(_)) => Err(Unpublished::Missing),
+            Err(e) => {
+                tracing::debug!(queue = %lane.queue, error = %e, "could not publish a lane marker");
+                Err(Unpublished::Failed)
+            }
+        }
+    }
+}
+
+/// The id of a lane's marker, if the message is one.
+pub(super) fn marker_of(props: &BasicProperties) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(MARKER)? {
+        AMQPValue::LongString(id) => Some(id.to_string()),
+        _ => None,
     }
 }
 

@@ -9,12 +9,11 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
+use super::publish::marker_of;
 use super::{Lane, SourceLanes, Taken, bucket, waiting_since};
 use crate::broker::consumer::InFlight;
 use crate::broker::{BrokerError, timed};
@@ -74,6 +73,18 @@ impl SourceLanes {
             let Some(Ok(delivery)) = delivery else {
                 return None;
             };
+            if let Some(id) = marker_of(&delivery.properties) {
+                // A marker, this holder's or one an earlier holder left: everything published
+                // before it has been handed to a consumer. It needs no slot.
+                let ack = delivery.acker.ack(BasicAckOptions::default());
+                if timed("basic.ack", self.source.amqp.operation_timeout, ack)
+                    .await
+                    .is_ok()
+                {
+                    lane.last_marker.send_replace(Some(id));
+                }
+                continue;
+            }
             let _ = lane
                 .in_queue
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -137,30 +148,31 @@ impl LaneReader {
         }
     }
 
-    /// Stops taking, cancels the consumer and returns what it had received but not taken to
-    /// the account queue, in order. Returns the channel, to be closed once what it took has
-    /// settled.
+    /// Whether the reader ended by itself (its consumer was cancelled or failed).
+    pub(super) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops taking and cancels the consumer. What it had received and not taken stays
+    /// unacked and goes back to the account queue when the channel closes, in the order it was
+    /// delivered, after older commands still in hand (rejected now, it would go ahead of them).
+    /// Returns the channel, to be closed once what it took has settled.
     pub(super) async fn stop(self, lane: &Lane, t: Duration) -> Channel {
         self.stop.cancel();
         let held = (self.task.await).ok().flatten();
         let cancel = self
             .channel
             .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
-        let mut left = Vec::new();
+        let mut left = 0usize;
         if timed("basic.cancel", t, cancel).await.is_ok()
             && let Some(Held { mut consumer, held }) = held
         {
-            left.extend(held);
-            while let Ok(Some(Ok(delivery))) = tokio::time::timeout(t, consumer.next()).await {
-                left.push(delivery);
+            left = usize::from(held.is_some());
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(t, consumer.next()).await {
+                left = left.saturating_add(1);
             }
         }
-        for delivery in left {
-            let reject = delivery.acker.reject(BasicRejectOptions { requeue: true });
-            if timed("basic.reject", t, reject).await.is_ok() {
-                lane.in_queue.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        lane.in_queue.fetch_add(left, Ordering::Relaxed);
         self.channel
     }
 }

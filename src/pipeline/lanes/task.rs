@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::publish::Unpublished;
 use super::reader::LaneReader;
 use super::{Lane, SourceLanes};
 use crate::backoff::{self, Delays};
@@ -23,6 +24,12 @@ const BATCH: usize = 256;
 /// An account queue found empty, with nothing taken from it unsettled, for this long is
 /// deleted and the lane goes off.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// How long a retiring lane waits for its marker to come back before it looks again later.
+const MARKER_WAIT: Duration = Duration::from_secs(5);
+
+/// After this many waits in vain a lane's marker is given up for a fresh one.
+const MARKER_TRIES: u32 = 12;
 
 /// Waits between failed attempts, growing; started afresh after a success.
 fn retry_delays() -> Delays {
@@ -52,6 +59,10 @@ struct LaneTask {
     delays: Delays,
     /// The account queue exists, as far as this task knows.
     declared: bool,
+    /// The marker published to retire the queue and not read back yet.
+    marker: Option<String>,
+    /// How often that marker was waited for in vain.
+    marker_waits: u32,
 }
 
 impl SourceLanes {
@@ -71,29 +82,88 @@ impl SourceLanes {
             pending: Vec::new(),
             delays: retry_delays(),
             declared,
+            marker: None,
+            marker_waits: 0,
         };
         task.run().await;
     }
 
-    /// Deletes the account queue if it is empty, nothing taken from it is unsettled, nothing
-    /// waits to be set aside and the account is no longer congested; the lane goes off.
-    async fn retire(&self, lane: &Lane, reader: &mut Option<LaneReader>) -> bool {
-        {
-            let mut state = lane.state();
-            if state.queued > 0
-                || lane.in_queue.load(Ordering::Relaxed) > 0
-                || lane.taken.load(Ordering::Relaxed) > 0
-                || lane.account.congested()
-            {
+    /// Retires the lane once its account queue provably holds nothing: returns whether the
+    /// queue was deleted. In order:
+    ///
+    /// 1. nothing waits to be set aside or published, nothing taken back is unsettled, the
+    ///    account is no longer congested, and this replica still holds the source;
+    /// 2. a marker is published into the queue, confirmed, and read back by this holder's
+    ///    own reader, the queue's single active consumer: everything published before it
+    ///    (by this holder or an earlier one) has been handed out, and what was handed to
+    ///    this reader is settled (a command returned goes back in first and is read again);
+    /// 3. the broker's second look: no ready message and exactly one consumer, this reader
+    ///    (a former holder's consumer that still holds messages counts; a count query that
+    ///    timed out answers none and is refused), then the queue is deleted;
+    /// 4. the lane goes off, unless a command was set aside meanwhile: then the queue is
+    ///    declared again and the lane stays on.
+    ///
+    /// While it runs, the lane's task publishes nothing, so this holder (the only publisher
+    /// while it holds the source) adds nothing behind the marker.
+    async fn retire(&self, task: &mut LaneTask) -> bool {
+        let lane = &task.lane;
+        if !self.idle(lane) || task.reader.as_ref().is_none_or(LaneReader::is_finished) {
+            return false;
+        }
+        let id = match &task.marker {
+            Some(id) => id.clone(),
+            None => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                match self.publish_marker(lane, &id).await {
+                    Ok(()) => task.marker = Some(id.clone()),
+                    Err(Unpublished::Missing) => {
+                        task.declared = false;
+                        return false;
+                    }
+                    Err(Unpublished::Failed) => return false,
+                }
+                id
+            }
+        };
+        let mut seen = lane.last_marker.subscribe();
+        let back = tokio::time::timeout(MARKER_WAIT, async {
+            seen.wait_for(|last| last.as_deref() == Some(id.as_str()))
+                .await
+                .is_ok()
+        })
+        .await;
+        if back != Ok(true) {
+            // Behind a backlog this holder does not know of, say: waited for again later, and
+            // after a while given up for a fresh one (read by someone else, it never comes).
+            task.marker_waits = task.marker_waits.saturating_add(1);
+            if task.marker_waits >= MARKER_TRIES {
+                task.marker = None;
+                task.marker_waits = 0;
+            }
+            return false;
+        }
+        task.marker_waits = 0;
+        task.marker = None;
+        if !self.idle(lane) {
+            return false;
+        }
+        let gone =
+            account_queue::delete_if_alone(&self.source.connection, &self.source.amqp, &lane.queue)
+                .await;
+        match gone {
+            Ok(None) => {}
+            Ok(Some(counts)) => {
+                tracing::debug!(queue = %lane.queue, ?counts, "account queue not alone yet; kept");
                 return false;
             }
-            state.on = false;
-            // Everything set aside has settled: the counts start afresh.
-            state.unknown = false;
-            state.marks.iter_mut().for_each(|m| *m = 0);
+            Err(e) => {
+                tracing::debug!(queue = %lane.queue, error = %e, "could not look at an account queue; kept");
+                return false;
+            }
         }
-        if let Some(r) = reader.take() {
-            // Nothing taken is unsettled (checked above): the channel can close now.
+        lane.in_queue.store(0, Ordering::Relaxed);
+        if let Some(r) = task.reader.take() {
+            // The broker cancelled the consumer with the queue; nothing it took is unsettled.
             let t = self.source.amqp.operation_timeout;
             let channel = r.stop(lane, t).await;
             let _ = timed(
@@ -103,38 +173,58 @@ impl SourceLanes {
             )
             .await;
         }
-        let deleted =
-            account_queue::delete_if_empty(&self.source.connection, &self.source.amqp, &lane.queue)
-                .await;
-        match deleted {
-            Ok(true) => {
-                lane.account.lane_head(&lane.queue, None);
-                tracing::info!(account = %lane.account.id, queue = %lane.queue, "account backlog drained; its commands are taken in directly again");
-                true
-            }
-            Ok(false) | Err(_) => {
-                // Messages this holder did not know of (returned late by an earlier one), or
-                // no answer: the lane stays on and is consumed again.
-                if let Ok(Some(n)) =
-                    account_queue::probe(&self.source.connection, &self.source.amqp, &lane.queue)
-                        .await
-                {
-                    let n = usize::try_from(n).unwrap_or(usize::MAX);
-                    let known = lane.in_queue.swap(n, Ordering::Relaxed);
-                    lane.account.aside_changed(
-                        isize::try_from(n).unwrap_or(isize::MAX)
-                            - isize::try_from(known).unwrap_or(isize::MAX),
-                    );
-                }
-                lane.state().on = true;
-                false
-            }
+        let mut state = lane.state();
+        if state.queued > 0 {
+            // Set aside while the queue went: declared again, and the lane stays on.
+            return true;
         }
+        state.on = false;
+        // Everything set aside has settled: the counts start afresh.
+        state.unknown = false;
+        state.marks.iter_mut().for_each(|m| *m = 0);
+        drop(state);
+        lane.account.lane_head(&lane.queue, None);
+        tracing::info!(account = %lane.account.id, queue = %lane.queue, "account backlog drained; its commands are taken in directly again");
+        true
+    }
+
+    /// The account queue went behind this holder's back (an operator deleted it, say): what
+    /// it held is gone with it, and the lane declares it again before it publishes anything.
+    fn missing(&self, lane: &Lane) {
+        let known = lane.in_queue.swap(0, Ordering::Relaxed);
+        lane.account
+            .aside_changed(-isize::try_from(known).unwrap_or(isize::MAX));
+        tracing::warn!(
+            account = %lane.account.id,
+            queue = %lane.queue,
+            lost = known,
+            "account queue deleted behind this worker's back; declaring it again"
+        );
+    }
+
+    /// Whether the lane has nothing in hand and its source is still held here.
+    fn idle(&self, lane: &Lane) -> bool {
+        let state = lane.state();
+        state.queued == 0
+            && lane.in_queue.load(Ordering::Relaxed) == 0
+            && lane.taken.load(Ordering::Relaxed) == 0
+            && !lane.account.congested()
+            && !self.stop.is_cancelled()
+            && self.source.connection.status().connected()
     }
 }
 
 impl LaneTask {
     async fn run(mut self) {
+        // A queue that could not be looked for is declared first and read from.
+        if !self.declared && self.lane.state().unknown {
+            while !self.declared {
+                if let Next::Stop = self.declare().await {
+                    self.hand_back().await;
+                    return;
+                }
+            }
+        }
         loop {
             self.read_if_declared().await;
             if self.pending.is_empty() {
@@ -193,7 +283,8 @@ impl LaneTask {
                 Next::Again
             }
             () = tokio::time::sleep(LINGER), if self.declared => {
-                if self.lanes.retire(&self.lane, &mut self.reader).await {
+                let lanes = self.lanes.clone();
+                if lanes.retire(self).await {
                     self.declared = false;
                 }
                 Next::Again
@@ -219,7 +310,9 @@ impl LaneTask {
                 tokio::time::sleep(self.delays.next().unwrap_or(LINGER)).await;
             }
             Ok(None) => {
+                self.lanes.missing(&self.lane);
                 self.declared = false;
+                self.marker = None;
                 let mut state = self.lane.state();
                 state.on = state.queued > 0;
             }
@@ -245,10 +338,15 @@ impl LaneTask {
             Ok(_) => {
                 self.declared = true;
                 self.delays = retry_delays();
+                // A marker published into a queue that went is never read back.
+                self.marker = None;
+                if self.reader.as_ref().is_some_and(LaneReader::is_finished) {
+                    self.reader = None;
+                }
                 Next::On
             }
             Err(e) => {
-                if !source.publisher.is_connected() {
+                if !source.publisher.is_connected() || self.lanes.stop.is_cancelled() {
                     return Next::Stop;
                 }
                 let wait = self.delays.next().unwrap_or(LINGER);
@@ -262,11 +360,20 @@ impl LaneTask {
     /// Publishes the pending commands; if any failed, waits before the next round, unless the
     /// broker connection is gone.
     async fn publish_pending(&mut self) -> Next {
-        if self.lanes.publish(&self.lane, &mut self.pending).await {
-            self.delays = retry_delays();
-            return Next::On;
+        match self.lanes.publish(&self.lane, &mut self.pending).await {
+            Ok(()) => {
+                self.delays = retry_delays();
+                return Next::On;
+            }
+            Err(Unpublished::Missing) => {
+                tracing::warn!(queue = %self.lane.queue, "account queue missing; declaring it again");
+                self.lanes.missing(&self.lane);
+                self.declared = false;
+            }
+            Err(Unpublished::Failed) => {}
         }
-        if !self.lanes.source.publisher.is_connected() {
+        // Once the source is let go, what is not published goes back with it.
+        if !self.lanes.source.publisher.is_connected() || self.lanes.stop.is_cancelled() {
             return Next::Stop;
         }
         tokio::time::sleep(self.delays.next().unwrap_or(LINGER)).await;
@@ -302,9 +409,11 @@ impl LaneTask {
             let t = lanes.source.amqp.operation_timeout;
             let channel = reader.stop(&lane, t).await;
             // Acks of what it took go to its channel: closed once they are in (see
-            // `broker::consumer` on acks right before a close).
-            lanes.settled.wait().await;
-            tokio::time::sleep(ACK_SETTLE).await;
+            // `broker::consumer` on acks right before a close), or once the grace ran out.
+            tokio::select! {
+                () = lanes.settled.wait() => tokio::time::sleep(ACK_SETTLE).await,
+                () = lanes.force.cancelled() => {}
+            }
             let _ = timed(
                 "channel.close",
                 t,

@@ -128,7 +128,11 @@ pub fn account_queues(settings: &Settings) -> Vec<String> {
 /// account queues.
 pub fn worker_queues(settings: &Settings) -> Vec<String> {
     let amqp = &settings.amqp;
-    let mut queues = vec![amqp.commands_queue.clone(), amqp.dead_letter_queue.clone()];
+    let mut queues = vec![
+        amqp.commands_queue.clone(),
+        amqp.dead_letter_queue.clone(),
+        transfer_worker::broker::consumer::holder_queue(&amqp.commands_queue),
+    ];
     queues.extend(partition_queues(settings));
     queues.extend(account_queues(settings));
     queues

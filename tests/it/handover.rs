@@ -1,0 +1,187 @@
+//! Nothing is lost through a hand-over (docs/contract.md §9 "One holder at a time", §12
+//! "Nothing is lost on the way"): whatever a source's holder set aside into an account queue,
+//! or took back from one, is its own until it has returned and settled it, whoever starts
+//! beside it or after it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{
+    BotSpec, Fleet, FleetSpec, Received, account_queues, session_command, wait_for,
+};
+
+/// The paced account: one call every 4 s, at most 3 in flight, so a few commands in a few
+/// sessions are enough to set some aside, and the holder's reader takes them all back: the
+/// account queue's ready count is 0 while the holder still has every one of them.
+const PACED_STREAM: &str = "st-00000000-0000-4000-8000-0000000000c7";
+const PACED: &str = "acc-paced";
+
+fn paced_bot() -> BotSpec {
+    BotSpec {
+        stream_id: PACED_STREAM.into(),
+        account_id: PACED.into(),
+        rate_limit: 1,
+        rate_window: Duration::from_secs(4),
+        max_in_flight: Some(3),
+    }
+}
+
+/// `n` commands of the paced account, each in a session of its own.
+fn paced_commands(prefix: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let mut c =
+                session_command(&format!("{prefix}-{i}"), &format!("s-{prefix}-{i}"), false);
+            c["streamId"] = json!(PACED_STREAM);
+            c
+        })
+        .collect()
+}
+
+/// Waits until every one of `ids` has ended with one event (each once at least), within
+/// `limit`.
+async fn all_end(fleet: &mut Fleet, ids: &BTreeSet<String>, limit: Duration) -> Vec<Received> {
+    let events = fleet
+        .events_until(limit, |seen| {
+            let ended: BTreeSet<&str> = seen.iter().map(Received::command_id).collect();
+            ids.iter().all(|id| ended.contains(id.as_str()))
+        })
+        .await;
+    assert!(
+        events.iter().all(|e| e.name() == "transfer.succeeded"),
+        "{:?}",
+        events
+            .iter()
+            .map(|e| (e.name(), e.command_id()))
+            .collect::<Vec<_>>()
+    );
+    events
+}
+
+/// Waits until no account queue of the fleet's sources is left.
+async fn no_account_queue_left(fleet: &Fleet) {
+    let queues = account_queues(&fleet.settings);
+    wait_for(
+        "every account queue retired",
+        Duration::from_secs(30),
+        || fleet.log_tails(40),
+        async || {
+            for queue in &queues {
+                if fleet.queue_counts(queue).await.is_some() {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_hot_standby_beside_the_active_worker_loses_nothing() {
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
+        more_bots: vec![paced_bot()],
+        ..FleetSpec::default()
+    })
+    .await;
+    let commands = paced_commands("sb", 4);
+    let ids: BTreeSet<String> = (0..4).map(|i| format!("sb-{i}")).collect();
+    fleet.publish_all(&commands).await;
+    // Some are set aside into the paced account's queue, and taken back one by one.
+    wait_for(
+        "commands set aside",
+        Duration::from_secs(10),
+        || fleet.log_tails(40),
+        async || {
+            fleet
+                .log_lines("account backlog:")
+                .contains("account backlog")
+        },
+    )
+    .await;
+    // The standby starts beside the active worker, then the active one is stopped.
+    fleet.add_replica();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status = fleet.replicas[0].terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", fleet.replicas[0].log());
+    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
+    no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
+}
+
+#[tokio::test]
+async fn a_rolling_update_with_a_new_replica_first_loses_nothing() {
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
+        more_bots: vec![paced_bot()],
+        ..FleetSpec::partitioned(1, 6)
+    })
+    .await;
+    let commands = paced_commands("ru", 6);
+    let ids: BTreeSet<String> = (0..6).map(|i| format!("ru-{i}")).collect();
+    fleet.publish_all(&commands).await;
+    wait_for(
+        "commands set aside",
+        Duration::from_secs(10),
+        || fleet.log_tails(40),
+        async || {
+            fleet
+                .log_lines("account backlog:")
+                .contains("account backlog")
+        },
+    )
+    .await;
+    // The new pod first, under a name of its own; once it has joined, the old one goes.
+    fleet.add_replica();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = fleet.replicas[0].terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", fleet.replicas[0].log());
+    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
+    no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
+}
+
+#[tokio::test]
+async fn an_account_queue_deleted_behind_the_workers_back_is_declared_again() {
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
+        more_bots: vec![paced_bot()],
+        ..FleetSpec::default()
+    })
+    .await;
+    let queue =
+        transfer_worker::contract::names::account_queue(&fleet.settings.amqp.commands_queue, PACED);
+    fleet.publish_all(&paced_commands("od", 4)).await;
+    wait_for(
+        "the account queue declared",
+        Duration::from_secs(10),
+        || fleet.log_tails(40),
+        async || fleet.queue_counts(&queue).await.is_some(),
+    )
+    .await;
+    // The next command set aside waits 2 s before its publish; meanwhile an operator deletes
+    // the queue, with what it holds (those commands are gone by their hand). The publish
+    // comes back unroutable.
+    let mut slow = paced_commands("od-slow", 1).remove(0);
+    slow["orgId"] = json!(transfer_worker::pipeline::lanes::FAULT_SLOW_ASIDE_ORG_ID);
+    fleet.publish(&slow).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    fleet
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("delete the account queue");
+    // The worker notices, declares the queue again, and what it set aside ends.
+    let later = paced_commands("od-later", 2);
+    fleet.publish_all(&later).await;
+    let ids: BTreeSet<String> = ["od-slow-0", "od-later-0", "od-later-1"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    all_end(&mut fleet, &ids, Duration::from_secs(40)).await;
+    no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
+}
