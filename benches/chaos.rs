@@ -217,7 +217,13 @@ fn config(names: &Names, urls: &[String], sim: u16, admin: u16, redis: u16, r: u
             window.as_secs(),
         )
     };
-    let urls: Vec<String> = urls.iter().map(|u| q(u)).collect();
+    // 1 s AMQP heartbeats: the broker drops a frozen replica's connection within 3 s, so
+    // membership may end 250 ms + 3 × 1 s after the last heartbeat (docs/configuration.md,
+    // fleet timings), where the worker's 3 s would ask for over 9 s.
+    let urls: Vec<String> = urls
+        .iter()
+        .map(|u| q(&format!("{u}?heartbeat=1")))
+        .collect();
     format!(
         "[amqp]\nurls = [{}]\ncommands_queue = {}\nresults_exchange = {}\n\
          dead_letter_exchange = {}\ndead_letter_queue = {}\nprefetch = 32\n\
@@ -229,7 +235,7 @@ fn config(names: &Names, urls: &[String], sim: u16, admin: u16, redis: u16, r: u
          [breaker]\nopen_after = \"3s\"\nprobe_interval = \"500ms\"\n\n\
          [shutdown]\ngrace = \"5s\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
          [fleet]\nredis_url = \"redis://127.0.0.1:{redis}/0\"\npartitions = {PARTITIONS}\n\
-         name = {}\nheartbeat = \"250ms\"\nmember_ttl = \"1500ms\"\nlease = \"3s\"\n",
+         name = {}\nheartbeat = \"250ms\"\nmember_ttl = \"3250ms\"\nlease = \"3s\"\n",
         urls.join(", "),
         q(&names.commands),
         q(&names.results),

@@ -310,7 +310,16 @@ impl App {
                 }
             })
         };
-        let relay = serve(self.relay);
+        // The relay's listener is public: it bounds its connections and their timing itself.
+        let relay = {
+            let (listener, router) = self.relay;
+            tokio::spawn(relay::serve(
+                listener,
+                router,
+                http_stop.clone(),
+                HTTP_DRAIN,
+            ))
+        };
         let admin = serve(self.admin);
         let health_stop = tokio_util::sync::CancellationToken::new();
         let health = self.fleet.clone().map(|fleet| {

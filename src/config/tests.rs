@@ -319,3 +319,177 @@ fn a_bot_s_own_base_url_is_checked_and_used_for_its_calls() {
     s.bots[0].base_url = None;
     assert_eq!(s.bots[0].base_url(&s.agentassist), s.agentassist.base_url);
 }
+
+/// The settings of `config/default.toml`, with `pairs` in the environment.
+fn loaded(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::load_with_env(None, Some(env(pairs)))
+}
+
+/// The reason of a refusal that names `key`.
+fn refusal(result: Result<Settings, ConfigError>, key: &str) -> String {
+    match result {
+        Err(ConfigError::Invalid { key: k, reason }) if k == key => reason,
+        other => panic!("expected {key} refused, got {other:?}"),
+    }
+}
+
+const A_FLEET: (&str, &str) = ("TRANSFER__FLEET__REDIS_URL", "redis://127.0.0.1:6379/0");
+
+#[test]
+fn the_worker_s_default_amqp_heartbeat_is_the_one_validation_counts_with() {
+    assert_eq!(
+        validate::DEFAULT_AMQP_HEARTBEAT_SECS,
+        crate::broker::connection::DEFAULT_HEARTBEAT_SECS
+    );
+}
+
+#[test]
+fn the_shipped_fleet_timings_pass_alone_and_in_a_fleet() {
+    let s = loaded(&[]).unwrap();
+    assert_eq!(s.fleet.heartbeat, Duration::from_secs(1));
+    assert_eq!(s.fleet.redis_timeout, Duration::from_secs(2));
+    assert_eq!(s.fleet.member_ttl, Duration::from_secs(10));
+    // With Redis, the 3 s AMQP heartbeat the worker proposes: 1 s + 3 × 3 s, exactly.
+    loaded(&[A_FLEET]).unwrap();
+}
+
+#[test]
+fn member_ttl_outlasts_one_heartbeat_that_times_out() {
+    let timings = |heartbeat, redis_timeout, member_ttl| {
+        loaded(&[
+            ("TRANSFER__FLEET__HEARTBEAT", heartbeat),
+            ("TRANSFER__FLEET__REDIS_TIMEOUT", redis_timeout),
+            ("TRANSFER__FLEET__MEMBER_TTL", member_ttl),
+        ])
+    };
+    // 3 × heartbeat + redis_timeout, whichever of the two is longer.
+    timings("1s", "2s", "5s").unwrap();
+    timings("1s", "500ms", "3500ms").unwrap();
+    timings("250ms", "2s", "2750ms").unwrap();
+    for (heartbeat, redis_timeout, below) in [
+        ("1s", "2s", "4999ms"),
+        ("1s", "500ms", "3499ms"),
+        ("250ms", "2s", "2749ms"),
+        // Twice the heartbeat, as was allowed: a replica would stop itself over and over.
+        ("1s", "2s", "2s"),
+    ] {
+        let reason = refusal(timings(heartbeat, redis_timeout, below), "fleet.member_ttl");
+        for named in ["fleet.heartbeat", "fleet.redis_timeout", "2 ×"] {
+            assert!(reason.contains(named), "{reason}");
+        }
+    }
+    let reason = refusal(timings("1s", "2s", "4s"), "fleet.member_ttl");
+    assert!(reason.starts_with("4s must be at least"), "{reason}");
+    assert!(reason.contains("= 5s (1s + 2 × 1s + 2s)"), "{reason}");
+}
+
+#[test]
+fn in_a_fleet_member_ttl_outlasts_the_brokers_detection_of_a_frozen_replica() {
+    let fleet = |member_ttl, url: &str| {
+        loaded(&[
+            A_FLEET,
+            ("TRANSFER__FLEET__HEARTBEAT", "1s"),
+            // The heartbeat arithmetic asks for 3.5 s: below what is checked here.
+            ("TRANSFER__FLEET__REDIS_TIMEOUT", "500ms"),
+            ("TRANSFER__FLEET__MEMBER_TTL", member_ttl),
+            ("TRANSFER__AMQP__URL", url),
+        ])
+    };
+    const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    // The worker's 3 s: 1 s + 3 × 3 s.
+    fleet("10s", URL).unwrap();
+    let reason = refusal(fleet("9999ms", URL), "fleet.member_ttl");
+    for named in [
+        "fleet.heartbeat",
+        "3 × the AMQP heartbeat",
+        "amqp.url",
+        "= 10s",
+    ] {
+        assert!(reason.contains(named), "{reason}");
+    }
+    // Alone, nothing is held: only the heartbeat arithmetic counts.
+    loaded(&[
+        ("TRANSFER__FLEET__REDIS_TIMEOUT", "1s"),
+        ("TRANSFER__FLEET__MEMBER_TTL", "4s"),
+    ])
+    .unwrap();
+    // A heartbeat the URL names: 1 s + 3 × 1 s.
+    let url = format!("{URL}?heartbeat=1");
+    fleet("4s", &url).unwrap();
+    let reason = refusal(fleet("3999ms", &url), "fleet.member_ttl");
+    assert!(reason.contains("amqp.url's heartbeat"), "{reason}");
+    // None at all leaves it to the broker: refused, naming the URL.
+    let reason = refusal(fleet("60s", &format!("{URL}?heartbeat=0")), "amqp.url");
+    assert!(reason.contains("heartbeat=0"), "{reason}");
+    // Of several nodes, the longest heartbeat counts.
+    let nodes = |member_ttl| {
+        loaded(&[
+            A_FLEET,
+            ("TRANSFER__FLEET__REDIS_TIMEOUT", "500ms"),
+            ("TRANSFER__FLEET__MEMBER_TTL", member_ttl),
+            (
+                "TRANSFER__AMQP__URLS",
+                "amqp://a:5672/%2f?heartbeat=1,amqp://b:5672/%2f?heartbeat=2",
+            ),
+        ])
+    };
+    nodes("7s").unwrap();
+    let reason = refusal(nodes("6999ms"), "fleet.member_ttl");
+    assert!(reason.contains("amqp.urls[1]"), "{reason}");
+}
+
+/// Durations from the plausible to the absurd.
+fn any_duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0u64..30_000).prop_map(Duration::from_millis),
+        any::<u64>().prop_map(Duration::from_secs),
+        (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Whatever the durations, validation answers (no overflow), and it accepts exactly the
+    /// timings that keep both rules: what it accepts keeps them.
+    #[test]
+    fn fleet_timings_are_accepted_exactly_when_they_keep_the_rules(
+        heartbeat in any_duration(),
+        member_ttl in any_duration(),
+        redis_timeout in any_duration(),
+        lease in any_duration(),
+        amqp_heartbeat in proptest::option::of(0u16..5),
+        redis in proptest::bool::ANY,
+    ) {
+        let mut s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+        s.fleet.heartbeat = heartbeat;
+        s.fleet.member_ttl = member_ttl;
+        s.fleet.redis_timeout = redis_timeout;
+        s.fleet.lease = lease;
+        if redis {
+            s.fleet.redis_url = A_FLEET.1.to_owned();
+        }
+        if let Some(t) = amqp_heartbeat {
+            s.amqp.url = format!("{}?heartbeat={t}", s.amqp.url);
+        }
+        let accepted = s.validate().is_ok();
+
+        let kept = member_ttl.checked_sub(heartbeat);
+        let holds = kept.is_some_and(|k| {
+            heartbeat.checked_mul(2).and_then(|d| d.checked_add(redis_timeout)).is_some_and(|n| k >= n)
+        });
+        let t = u64::from(amqp_heartbeat.unwrap_or(3));
+        let broker = !redis || (t > 0 && kept.is_some_and(|k| k >= Duration::from_secs(3 * t)));
+        if accepted {
+            proptest::prop_assert!(holds, "accepted {heartbeat:?} {member_ttl:?} {redis_timeout:?}");
+            proptest::prop_assert!(broker, "accepted {member_ttl:?} − {heartbeat:?} < 3 × {t}s");
+        }
+        let otherwise_fine = heartbeat >= Duration::from_millis(100)
+            && lease >= Duration::from_secs(1)
+            && !redis_timeout.is_zero()
+            && redis_timeout < lease
+            && [heartbeat, member_ttl, redis_timeout, lease].iter().all(|d| *d <= MAX_DURATION);
+        proptest::prop_assert_eq!(accepted, otherwise_fine && holds && broker);
+    }
+}

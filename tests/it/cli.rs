@@ -52,6 +52,38 @@ async fn config_prints_valid_settings_redacted_and_refuses_invalid_ones() {
     assert!(stderr.contains("amqp.prefetch"), "names the key: {stderr}");
 }
 
+/// What `transfer-worker config` says on stderr of a file with this `[fleet]` section, which it
+/// must refuse.
+async fn config_refuses(fleet: &str) -> String {
+    let file = toml_file(&format!("[fleet]\n{fleet}"));
+    let mut command = binary();
+    command.arg("config").arg("--config").arg(file.path());
+    let out = output(command, Duration::from_secs(30)).await;
+    assert!(!out.status.success(), "accepted: {fleet}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_refuses_fleet_timings_with_which_a_replica_stops_itself_naming_the_keys() {
+    // Twice the heartbeat: one heartbeat that times out (redis_timeout, 2 s) and the replica
+    // stops consuming.
+    let stderr = config_refuses("heartbeat = \"1s\"\nmember_ttl = \"2s\"\n").await;
+    for key in ["fleet.member_ttl", "fleet.heartbeat", "fleet.redis_timeout"] {
+        assert!(stderr.contains(key), "names {key}: {stderr}");
+    }
+    // Enough for that alone, but not in a fleet on the worker's 3 s AMQP heartbeats.
+    let fleet = "redis_url = \"redis://127.0.0.1:6379/0\"\nmember_ttl = \"5s\"\n";
+    let stderr = config_refuses(fleet).await;
+    for key in [
+        "fleet.member_ttl",
+        "fleet.heartbeat",
+        "amqp.url",
+        "AMQP heartbeat",
+    ] {
+        assert!(stderr.contains(key), "names {key}: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_and_publish_wait_with_secrets_from_a_file_and_the_environment() {
     let (settings, _cleanup) = own_topology();

@@ -538,3 +538,264 @@ async fn silence_on_a_closed_consumer_is_not_taken_for_no_event() {
         .unwrap();
     h.assert_no_event(Duration::from_millis(200)).await;
 }
+
+// What a caller can hold. The tests below speak HTTP/1.1 over a bare socket, so they control
+// exactly which bytes the relay gets and when.
+
+/// A body size no callback comes near: a caller announcing it must not be waited for.
+const HUGE: usize = 10 * 1024 * 1024;
+
+/// Opens a connection to the relay and sends `head` (the request line and headers) and then
+/// `body`, and leaves the connection open.
+async fn send_raw(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the relay takes connections");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    stream
+}
+
+/// A POST's request line and headers; `headers` are extra lines, each ending in CRLF.
+fn post_head(token: &str, headers: &str) -> String {
+    format!("POST /callbacks/{token} HTTP/1.1\r\nHost: relay\r\n{headers}\r\n")
+}
+
+/// Everything the relay sends on `stream` until it closes the connection; `None` when it has
+/// not closed it within `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        // A reset counts as closed too: what came before it is kept.
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// Reads until the end of a response's headers; `None` when they have not come within `limit`.
+async fn read_head(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => got.push(byte[0]),
+                _ => break,
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A token for `command_id` signed with the harness's secret: one the relay accepts.
+fn valid_token(h: &Harness, command_id: &str) -> String {
+    let ids = CallbackIds {
+        command_id: command_id.into(),
+        stream_id: h.settings.bots[0].stream_id.clone(),
+        bot_session_id: "0123456789abcdef0000cb10".into(),
+        target: Target::Agent("a-0e1f2a3b-agent".into()),
+    };
+    let secret = h.settings.callbacks.secret.clone();
+    TokenSigner::new(secret, vec![], TOKEN_TTL).sign(&ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_answered_at_once_without_reading_the_body_and_the_connection_closed() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let ids = CallbackIds {
+        command_id: "cb-unread".into(),
+        stream_id: h.settings.bots[0].stream_id.clone(),
+        bot_session_id: "0123456789abcdef0000cb11".into(),
+        target: Target::Agent("a-0e1f2a3b-agent".into()),
+    };
+    let forged = TokenSigner::new(
+        SecretString::from("another-secret-0123456789"),
+        vec![],
+        TOKEN_TTL,
+    )
+    .sign(&ids);
+    let length = format!("Content-Type: application/json\r\nContent-Length: {HUGE}\r\n");
+    let chunked = "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n";
+    // Each announces a body it never finishes sending: the relay answers anyway.
+    let cases: [(&str, &String, String, &[u8]); 3] = [
+        (
+            "10 MiB announced, 5 bytes sent",
+            &forged,
+            length.clone(),
+            &b"{\"a\":"[..],
+        ),
+        (
+            "chunked, never ending",
+            &forged,
+            chunked.to_owned(),
+            b"5\r\n{\"a\":\r\n",
+        ),
+        (
+            "not a token",
+            &"not-a-token".to_owned(),
+            length.clone(),
+            b"{",
+        ),
+    ];
+    for (case, token, headers, body) in cases {
+        let mut stream = send_raw(h.relay_addr, &post_head(token, &headers), body).await;
+        let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{case}: no answer, or the connection left open"));
+        assert!(answer.starts_with("HTTP/1.1 404 "), "{case}: {answer}");
+        assert!(answer.ends_with("\r\n\r\nnot found\n"), "{case}: {answer}");
+    }
+    // A caller that waits for leave to send its body is never given it: the refusal comes
+    // instead of "100 Continue".
+    let expect = format!("{length}Expect: 100-continue\r\n");
+    let mut stream = send_raw(h.relay_addr, &post_head(&forged, &expect), b"").await;
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("an answer and the connection closed");
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    h.assert_no_event(Duration::from_millis(300)).await;
+    assert_eq!(callbacks_counter(&h, "forbidden"), 4);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_callback_is_read_after_its_token_and_a_body_announced_too_large_is_not_read() {
+    let mut h = Harness::start(|_, _| {}).await;
+    let token = valid_token(&h, "cb-valid");
+    let url = format!("http://{}/callbacks/{token}", h.relay_addr);
+
+    // Announced over the limit: 413 at once, nothing of the body waited for, and the
+    // connection closed.
+    let headers = format!("Content-Type: application/json\r\nContent-Length: {HUGE}\r\n");
+    let mut stream = send_raw(h.relay_addr, &post_head(&token, &headers), b"{\"a\":").await;
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("an answer and the connection closed");
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.ends_with("callback body over 256 KiB\n"), "{answer}");
+
+    // A sender that asks before sending its body is let in, and its callback relayed.
+    let body = br#"{"status":"transferred","step":1}"#;
+    let headers = format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n",
+        body.len()
+    );
+    let mut stream = send_raw(h.relay_addr, &post_head(&token, &headers), b"").await;
+    let head = read_head(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("an interim answer");
+    assert!(head.starts_with("HTTP/1.1 100 Continue\r\n"), "{head}");
+    {
+        use tokio::io::AsyncWriteExt;
+        stream.write_all(body).await.unwrap();
+    }
+    let head = read_head(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the final answer");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.callback");
+    assert_eq!(e.json["commandId"], "cb-valid");
+    assert_eq!(e.json["payload"]["step"], 1);
+
+    // A body that comes in pieces, and an ordinary POST.
+    let body = br#"{"status":"transferred","step":2}"#;
+    let headers = format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    let (first, rest) = body.split_at(10);
+    let mut stream = send_raw(h.relay_addr, &post_head(&token, &headers), first).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    {
+        use tokio::io::AsyncWriteExt;
+        stream.write_all(rest).await.unwrap();
+    }
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(h.next_event().await.json["payload"]["step"], 2);
+    assert_eq!(post_json(&url, &json!({"step": 3})).await, StatusCode::OK);
+    assert_eq!(h.next_event().await.json["payload"]["step"], 3);
+    h.assert_no_event(Duration::from_millis(300)).await;
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_are_bounded_and_cut_off_and_a_valid_callback_gets_through() {
+    use transfer_worker::callbacks::relay::MAX_CONNECTIONS;
+    let mut h = Harness::start(|_, _| {}).await;
+    let token = valid_token(&h, "cb-crowded");
+    let url = format!("http://{}/callbacks/{token}", h.relay_addr);
+    // As many connections as the relay serves at once, none of them finishing its request:
+    // silent ones, ones stalled in their headers, and ones (with a valid token) stalled in
+    // their bodies.
+    let stalled = post_head(
+        &token,
+        "Content-Type: application/json\r\nContent-Length: 100\r\n",
+    );
+    let mut held = Vec::with_capacity(MAX_CONNECTIONS);
+    for i in 0..MAX_CONNECTIONS {
+        let stream = match i % 3 {
+            0 => send_raw(h.relay_addr, "", b"").await,
+            1 => send_raw(h.relay_addr, "POST /callbacks/x HTTP/1.1\r\nHost: re", b"").await,
+            _ => send_raw(h.relay_addr, &stalled, b"{\"status\":").await,
+        };
+        held.push((i, stream));
+    }
+    // One more, with a whole valid callback: it waits for a place, and gets one when the relay
+    // cuts off the callers that hold theirs.
+    let callback = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(r#"{"status":"transferred"}"#)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    let mut callback = std::pin::pin!(callback);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut callback)
+            .await
+            .is_err(),
+        "answered while {MAX_CONNECTIONS} connections held every place"
+    );
+    let answers = futures_util::future::join_all(held.iter_mut().map(|(i, stream)| async move {
+        let answer = read_until_closed(stream, Duration::from_secs(60)).await;
+        (*i, answer)
+    }))
+    .await;
+    for (i, answer) in answers {
+        let answer = answer.unwrap_or_else(|| panic!("connection {i} still open after 60 s"));
+        if i % 3 == 2 {
+            assert!(
+                answer.starts_with("HTTP/1.1 408 "),
+                "connection {i}: {answer}"
+            );
+        }
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), callback)
+        .await
+        .expect("the valid callback answered")
+        .unwrap()
+        .expect("the valid callback answered");
+    assert_eq!(status, StatusCode::OK);
+    let e = h.next_event().await;
+    assert_eq!(e.name(), "transfer.callback");
+    assert_eq!(e.json["commandId"], "cb-crowded");
+    assert_eq!(e.json["payload"]["status"], "transferred");
+    h.assert_no_event(Duration::from_millis(300)).await;
+    h.stop().await.unwrap();
+}

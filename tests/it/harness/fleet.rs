@@ -16,12 +16,18 @@ use super::broker::{
     Cleanup, declared, passive, publish_commands, queue_counts, take_all, test_channel,
 };
 use super::events::{EVENT_WAIT, Events, Received};
-use super::names::{partition_queues, test_settings};
+use super::names::{amqp_url, partition_queues, test_settings};
 use super::process::{binary, config_file, env, quick_env, worker_env};
 use super::redis::RedisKeys;
 use super::replicas::{FleetSpec, Replica};
 use super::sim;
 use super::wait::wait_for;
+
+/// `url` proposing AMQP heartbeats of `secs` seconds.
+fn with_amqp_heartbeat(url: &str, secs: u16) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}heartbeat={secs}")
+}
 
 /// Several replicas on one queue set, one simulator, and a reader of their events.
 pub struct Fleet {
@@ -139,6 +145,14 @@ impl Fleet {
         ]));
         if let Some(url) = &spec.redis_url {
             env.push(("TRANSFER__FLEET__REDIS_URL".into(), url.clone()));
+            // A fleet's membership outlasts the broker's detection of a frozen replica, three
+            // AMQP heartbeats: with 1 s heartbeats, 5 s of membership (what these tests were
+            // written for) is enough; with the worker's 3 s it would take 10 s.
+            env.push((
+                "TRANSFER__AMQP__URL".into(),
+                with_amqp_heartbeat(&amqp_url(), 1),
+            ));
+            env.push(("TRANSFER__FLEET__MEMBER_TTL".into(), "5s".into()));
         }
         env.extend(spec.env.iter().cloned());
         let mut fleet = Self {

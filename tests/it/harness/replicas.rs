@@ -44,7 +44,9 @@ impl FleetSpec {
             env: vec![
                 ("TRANSFER__FLEET__PARTITIONS".into(), partitions.to_string()),
                 ("TRANSFER__FLEET__HEARTBEAT".into(), "250ms".into()),
-                ("TRANSFER__FLEET__MEMBER_TTL".into(), "2s".into()),
+                // As quick as the rules allow with the fleet's 1 s AMQP heartbeats: 250 ms
+                // + 3 × 1 s (docs/configuration.md, fleet timings).
+                ("TRANSFER__FLEET__MEMBER_TTL".into(), "3250ms".into()),
                 // A call on the wire when its replica dies may go out again after this.
                 ("TRANSFER__FLEET__LEASE".into(), "3s".into()),
             ],
