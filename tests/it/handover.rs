@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::harness::process::env;
 use crate::harness::{
-    BotSpec, Fleet, FleetSpec, Received, account_queues, session_command, wait_for,
+    BotSpec, Fleet, FleetSpec, Received, account_queues, redis_url, session_command, wait_for,
 };
 
 /// The paced account: one call every 4 s, at most 3 in flight, so a few commands in a few
@@ -120,8 +121,8 @@ async fn a_rolling_update_with_a_new_replica_first_loses_nothing() {
         ..FleetSpec::partitioned(1, 6)
     })
     .await;
-    let commands = paced_commands("ru", 6);
-    let ids: BTreeSet<String> = (0..6).map(|i| format!("ru-{i}")).collect();
+    let commands = paced_commands("ru", 9);
+    let ids: BTreeSet<String> = (0..9).map(|i| format!("ru-{i}")).collect();
     fleet.publish_all(&commands).await;
     wait_for(
         "commands set aside",
@@ -134,9 +135,11 @@ async fn a_rolling_update_with_a_new_replica_first_loses_nothing() {
         },
     )
     .await;
-    // The new pod first, under a name of its own; once it has joined, the old one goes.
+    // The new pod first, under a name of its own. It joins, and the old one hands it half
+    // the partitions while their lanes still wait for the account's budget, longer than the
+    // grace; once the new one has taken them up, the old one goes.
     fleet.add_replica();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let status = fleet.replicas[0].terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{}", fleet.replicas[0].log());
     all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
@@ -183,5 +186,64 @@ async fn an_account_queue_deleted_behind_the_workers_back_is_declared_again() {
         .collect();
     all_end(&mut fleet, &ids, Duration::from_secs(40)).await;
     no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
+}
+
+#[tokio::test]
+async fn a_partition_taken_back_while_its_hand_over_drains_keeps_its_hold() {
+    // Calls take 12 s and the grace is 10 s: a partition handed over drains for 10 s.
+    let mut spec = FleetSpec::partitioned(1, 2);
+    spec.latency = Duration::from_secs(12);
+    spec.env.extend(env(&[
+        ("TRANSFER__SHUTDOWN__GRACE", "10s"),
+        ("TRANSFER__AGENTASSIST__REQUEST_TIMEOUT", "30s"),
+    ]));
+    let mut fleet = Fleet::start(spec).await;
+    let commands: Vec<Value> = (0..8)
+        .map(|i| session_command(&format!("rt-{i}"), &format!("s-rt-{i}"), false))
+        .collect();
+    fleet.publish_all(&commands).await;
+    wait_for(
+        "calls on the wire in both partitions",
+        Duration::from_secs(10),
+        || fleet.log_tails(20),
+        async || fleet.sim.requests().len() >= 8,
+    )
+    .await;
+    // A second replica joins, so the first hands one partition over (draining); the second
+    // dies at once, so the partition comes back to the first while its hand-over drains.
+    let joined = fleet.add_replica();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.replicas[joined].kill().await;
+    let ids: BTreeSet<String> = (0..8).map(|i| format!("rt-{i}")).collect();
+    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
+    // Past the hand-over's end the first replica consumes both partitions, and holds both.
+    let cq = fleet.settings.amqp.commands_queue.clone();
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    wait_for(
+        "both partitions consumed by the first replica",
+        Duration::from_secs(30),
+        || fleet.log_tails(30),
+        async || fleet.owned(0).await == Some(2.0),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for k in 0..2 {
+        let queue = format!("{cq}.p{k}");
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(format!("{cq}:hold:{queue}"))
+            .query_async(&mut redis)
+            .await
+            .expect("GET");
+        assert!(
+            holder.is_some_and(|h| h.starts_with(&fleet.replicas[0].name)),
+            "{queue} is consumed without its hold\n{}",
+            fleet.log_tails(40)
+        );
+    }
     fleet.stop_leaving_nothing().await;
 }
