@@ -33,6 +33,28 @@ fn replica(fleet: &str, lease: Duration) -> Fleet {
     .unwrap()
 }
 
+/// A replica of the fleet `fleet` with quick membership: heartbeats every 100 ms, gone after
+/// 500 ms.
+fn quick_replica(fleet: &str) -> Fleet {
+    let settings = FleetSettings {
+        redis_url: redis_url(),
+        redis_ca_file: Default::default(),
+        name: String::new(),
+        partitions: 1,
+        heartbeat: Duration::from_millis(100),
+        member_ttl: Duration::from_millis(500),
+        lease: Duration::from_secs(3),
+        redis_timeout: Duration::from_millis(900),
+    };
+    Fleet::new(
+        &settings,
+        fleet,
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
 /// Two replicas of a fleet of their own.
 fn two_replicas(lease: Duration) -> (Fleet, Fleet) {
     let name = fleet_name();
@@ -310,4 +332,75 @@ async fn a_claim_asked_with_a_start_books_it_only_when_the_claim_is_ours() {
         matches!(first, Some(Reservation::DeadlineFirst { .. })),
         "{first:?}"
     );
+}
+
+#[tokio::test]
+async fn one_name_is_one_live_process_and_holds_carry_the_process() {
+    use std::collections::BTreeSet;
+    let name = fleet_name();
+    // Two processes under one name (both take the host name and this process's id).
+    let (a, b) = (quick_replica(&name), quick_replica(&name));
+    assert_eq!(a.name(), b.name());
+    assert_ne!(a.claimant(), b.claimant());
+    let none = BTreeSet::new();
+    a.heartbeat(&none).await.unwrap();
+    match b.heartbeat(&none).await {
+        Err(FleetError::NameInUse { holder, .. }) => assert_eq!(holder, a.claimant()),
+        other => panic!("b was let in under a's name: {other:?}"),
+    }
+    let ids: Vec<String> = a
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [a.claimant().to_owned()], "b is not a member");
+    assert_eq!(a.take_hold("q").await.unwrap(), None);
+    assert_eq!(
+        b.take_hold("q").await.unwrap().as_deref(),
+        Some(a.claimant()),
+        "a's hold is not b's"
+    );
+
+    // While a lives, b's join waits a little past member_ttl, then refuses, naming a.
+    let stop = CancellationToken::new();
+    let alive = CancellationToken::new();
+    let beating = async {
+        while !alive.is_cancelled() {
+            a.heartbeat(&none).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let started = std::time::Instant::now();
+    let (joined, ()) = tokio::join!(
+        async {
+            let joined = b.join(&stop).await;
+            alive.cancel();
+            joined
+        },
+        beating
+    );
+    match joined {
+        Err(e @ FleetError::NameInUse { .. }) => {
+            assert!(e.to_string().contains("fleet.name") && e.to_string().contains(a.claimant()));
+            assert!(
+                started.elapsed() >= Duration::from_millis(600),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        other => panic!("b joined beside a live a: {other:?}"),
+    }
+    // a dies (no more heartbeats): b joins once a's name lapses.
+    let started = std::time::Instant::now();
+    b.join(&stop).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match a.heartbeat(&none).await {
+        Err(FleetError::NameInUse { holder, .. }) => assert_eq!(holder, b.claimant()),
+        other => panic!("a came back beside b: {other:?}"),
+    }
+    b.leave().await.unwrap();
+    a.heartbeat(&none).await.unwrap();
+    a.leave().await.unwrap();
 }

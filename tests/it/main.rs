@@ -11,6 +11,7 @@ mod dashboard;
 mod dead_letters;
 mod fairness;
 mod fleet;
+mod fleet_identity;
 mod hardening;
 mod harness;
 mod holds;
