@@ -6,15 +6,23 @@
 -- KEYS[3]  the member's name (`fleet.name`): string, the member (`name/instance`) that has it,
 --          expiring as membership does. One live process per name: a member whose name another
 --          live member has is not counted in, and keeps no hold.
+-- KEYS[4]  the fleet's epoch: hash, since (ms, when it was made) and lost ('1' when it was
+--          made because Redis lost the fleet's state: flushed, or restarted without its data).
+--          Made by the first 'beat' that finds none; it lasts as long as the membership.
 -- ARGV[1]  the member     ARGV[2] how long a heartbeat lasts (ms)
 -- ARGV[3]  'beat' | 'leave' | 'look'      ARGV[4] the member's partitions (for 'beat')
--- KEYS[4..] the holds the member keeps (lua/hold.lua), for 'beat': each held by it lasts
+-- ARGV[5]  the epoch the member knows (its since), '' when it knows none (it just started):
+--          a member that knew one and finds none, or finds one made without it by a member that
+--          knew none, within the ttl, has seen Redis lose the fleet's state.
+-- KEYS[5..] the holds the member keeps (lua/hold.lua), for 'beat': each held by it lasts
 --          another ttl (one found gone is set again); one another member holds is reported
 --          lost.
--- Returns {now (ms), named, lost, member, expires (ms), partitions, member, expires, ...}:
+-- Returns {now (ms), named, epoch, settling (ms), lost, member, expires (ms), partitions, ...}:
 -- named is '' when the member has its name (or for 'leave' and 'look'), else the member that
--- has it; lost lists the positions (1 for KEYS[4]) of the holds lost, comma-separated; the
--- members are the live ones, sorted by name.
+-- has it; epoch is the epoch's since ('' when there is none); settling is how long the fleet
+-- is still settling after a loss of its state (0: it is not), while no hold is taken anew
+-- (lua/hold.lua) and holders take theirs back; lost lists the positions (1 for KEYS[5]) of the
+-- holds lost, comma-separated; the members are the live ones, sorted by name.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
@@ -26,6 +34,19 @@ end
 local named = ''
 local lost = {}
 if ARGV[3] == 'beat' then
+  local since = redis.call('HGET', KEYS[4], 'since')
+  if not since then
+    -- No epoch: the fleet starts (nobody knew one), or Redis lost its state (this member knew
+    -- one). Then the others' holds are gone too, until each takes its own back.
+    since = tostring(now)
+    local lost_state = '0'
+    if ARGV[5] ~= '' then lost_state = '1' end
+    redis.call('HSET', KEYS[4], 'since', since, 'lost', lost_state)
+  elseif ARGV[5] ~= '' and ARGV[5] ~= since and now < tonumber(since) + ttl then
+    -- Made, within the ttl, by a member that knew none, after the one this member knew:
+    -- Redis lost the state, and a replica that just started heartbeated first.
+    redis.call('HSET', KEYS[4], 'lost', '1')
+  end
   local holder = redis.call('GET', KEYS[3])
   if holder and holder ~= ARGV[1] then
     named = holder
@@ -33,7 +54,7 @@ if ARGV[3] == 'beat' then
     redis.call('SET', KEYS[3], ARGV[1], 'PX', ttl)
     redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-    for i = 4, #KEYS do
+    for i = 5, #KEYS do
       local held = redis.call('GET', KEYS[i])
       if held == ARGV[1] then
         redis.call('PEXPIRE', KEYS[i], ttl)
@@ -43,7 +64,7 @@ if ARGV[3] == 'beat' then
         -- it again.
         redis.call('SET', KEYS[i], ARGV[1], 'PX', ttl)
       else
-        table.insert(lost, tostring(i - 3))
+        table.insert(lost, tostring(i - 4))
       end
     end
   end
@@ -58,8 +79,14 @@ end
 if redis.call('ZCARD', KEYS[1]) > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl * 10)
   redis.call('PEXPIRE', KEYS[2], ttl * 10)
+  redis.call('PEXPIRE', KEYS[4], ttl * 10)
 end
-local out = {tostring(now), named, table.concat(lost, ',')}
+local epoch = redis.call('HMGET', KEYS[4], 'since', 'lost')
+local settling = 0
+if epoch[1] and epoch[2] == '1' then
+  settling = math.max(0, tonumber(epoch[1]) + ttl - now)
+end
+local out = {tostring(now), named, epoch[1] or '', tostring(settling), table.concat(lost, ',')}
 local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local names = {}
 local expires = {}

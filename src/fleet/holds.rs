@@ -12,6 +12,17 @@
 //!   consuming by `t + member_ttl − heartbeat`: the [`deadline`](Fleet::hold_deadline) the
 //!   consumer watches. It then closes its channels by itself and takes the holds again when
 //!   the fleet answers; its running commands keep their claims.
+//! - Redis that loses its state (restarted without its data, or flushed) loses every hold at
+//!   once. The first replica to heartbeat then would see itself alone and take the others'
+//!   holds before they could take them back, and the others, finding theirs taken, would drop
+//!   every connection: the whole fleet would churn. So the heartbeat keeps an epoch
+//!   (`lua/heartbeat.lua`): a replica that knew one and finds none (or finds one made right
+//!   after by a replica that just started) marks the new one as made after a loss, and for
+//!   `fleet.member_ttl` from then no hold is taken anew (`lua/hold.lua`) and the membership
+//!   moves no partition, while every holder takes its own holds back in its heartbeat (a hold
+//!   it kept in time and finds gone is set again). By then every holder has heartbeated, or
+//!   has stopped consuming by itself (its deadline came first). Nor is any hold taken before
+//!   the fleet has an epoch: Redis lost its state and nobody has heartbeated since.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
@@ -62,11 +73,13 @@ impl Fleet {
         self.key("hold", queue)
     }
 
-    /// `lua/hold.lua` on `queue`'s hold, `mode` `take` or `give`: '' or the other holder.
+    /// `lua/hold.lua` on `queue`'s hold, `mode` `take` or `give`: '' or the other holder ('-':
+    /// none, but no hold may be taken anew yet).
     async fn hold(&self, queue: &str, mode: &str) -> Result<String, FleetError> {
         let mut invocation = scripts::HOLD.prepare_invoke();
         invocation
             .key(self.hold_key(queue))
+            .key(self.key("fleet", "epoch"))
             .arg(&self.claimant)
             .arg(mode)
             .arg(millis(self.member_ttl));
@@ -78,10 +91,17 @@ impl Fleet {
         sent + self.member_ttl.saturating_sub(self.heartbeat)
     }
 
-    /// Takes the hold of `queue`: `None` when this replica holds it now, else the holder.
+    /// Takes the hold of `queue`: `None` when this replica holds it now, else the holder (or
+    /// why nobody may take it yet: the fleet settles after Redis lost its state, see the
+    /// module's documentation).
     pub async fn take_hold(&self, queue: &str) -> Result<Option<String>, FleetError> {
         let sent = Instant::now();
         let holder = self.hold(queue, "take").await?;
+        if holder == "-" {
+            return Ok(Some(
+                "nobody yet: the fleet settles after Redis lost its state".to_owned(),
+            ));
+        }
         if !holder.is_empty() {
             return Ok(Some(holder));
         }

@@ -50,14 +50,14 @@ impl Member {
     }
 }
 
-enum Beat<'a> {
+pub(super) enum Beat<'a> {
     Alive(&'a BTreeSet<u16>),
     Leave,
     Look,
 }
 
 impl Fleet {
-    async fn beat(&self, beat: Beat<'_>) -> Result<Vec<Member>, FleetError> {
+    pub(super) async fn beat(&self, beat: Beat<'_>) -> Result<Roster, FleetError> {
         let (mode, owned) = match beat {
             Beat::Alive(owned) => ("beat", join(owned)),
             Beat::Leave => ("leave", String::new()),
@@ -72,11 +72,18 @@ impl Fleet {
         invocation
             .key(self.key("fleet", "members"))
             .key(self.key("fleet", "owned"))
-            .key(self.key("name", &self.name));
+            .key(self.key("name", &self.name))
+            .key(self.key("fleet", "epoch"));
         for queue in &keep {
             invocation.key(self.key("hold", queue));
         }
-        invocation.arg(&self.claimant).arg(ttl).arg(mode).arg(owned);
+        let known = self.known_epoch().clone();
+        invocation
+            .arg(&self.claimant)
+            .arg(ttl)
+            .arg(mode)
+            .arg(owned)
+            .arg(known);
         // The holds' expiry is set after this instant, never before it.
         let sent = Instant::now();
         let reply: Vec<String> = self.invoke("heartbeat", &invocation).await?;
@@ -90,25 +97,45 @@ impl Fleet {
                 holder,
             });
         }
+        if matches!(beat, Beat::Alive(_)) && !roster.epoch.is_empty() {
+            let mut known = self.known_epoch();
+            if *known != roster.epoch {
+                if !known.is_empty() {
+                    tracing::warn!(
+                        settling = ?roster.settling,
+                        "Redis lost the fleet's state (restarted without its data, or flushed): \
+                         every replica takes its own holds back; nobody takes a hold anew, and \
+                         the partitions stay where they are, while it settles"
+                    );
+                }
+                known.clone_from(&roster.epoch);
+            }
+        }
         if !keep.is_empty() {
             self.holds_kept(sent, &keep, &roster.lost);
         }
-        Ok(roster.members)
+        Ok(roster)
+    }
+
+    fn known_epoch(&self) -> std::sync::MutexGuard<'_, String> {
+        self.epoch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Says this replica is alive and consumes `owned`; the live members, sorted by id.
     pub async fn heartbeat(&self, owned: &BTreeSet<u16>) -> Result<Vec<Member>, FleetError> {
-        self.beat(Beat::Alive(owned)).await
+        self.beat(Beat::Alive(owned)).await.map(|r| r.members)
     }
 
     /// Leaves the fleet now; the others take its partitions at their next heartbeat.
     pub async fn leave(&self) -> Result<Vec<Member>, FleetError> {
-        self.beat(Beat::Leave).await
+        self.beat(Beat::Leave).await.map(|r| r.members)
     }
 
     /// The live members, without joining: for `transfer-worker fleet`.
     pub async fn members(&self) -> Result<Vec<Member>, FleetError> {
-        self.beat(Beat::Look).await
+        self.beat(Beat::Look).await.map(|r| r.members)
     }
 
     /// Joins the fleet under this replica's name, before anything is consumed. A name another
@@ -208,7 +235,7 @@ impl Fleet {
             }
             // Before the call, not after: Redis timed the membership after this instant.
             let sent = Instant::now();
-            let beat = self.heartbeat(&really).await;
+            let beat = self.beat(Beat::Alive(&really)).await;
             if let Err(FleetError::NameInUse { holder, .. }) = &beat
                 && !stop.is_cancelled()
             {
@@ -221,9 +248,16 @@ impl Fleet {
                 continue;
             }
             let next = match beat {
-                Ok(members) => {
+                // Redis lost the fleet's state: the roster fills again within a heartbeat, and
+                // the holds come back with it. Until the fleet has settled, partitions stay
+                // where they are: a view of a roster still filling would move them for nothing.
+                Ok(roster) if !roster.settling.is_zero() => {
                     heard = sent;
-                    self.to_own(members, &current, &really)
+                    continue;
+                }
+                Ok(roster) => {
+                    heard = sent;
+                    self.to_own(roster.members, &current, &really)
                 }
                 Err(e) if heard.elapsed() >= self.member_ttl && !current.is_empty() => {
                     tracing::warn!(error = %e, "Redis has not answered for longer than fleet.member_ttl; letting every partition go, the other replicas take them");
@@ -310,23 +344,30 @@ fn join(owned: &BTreeSet<u16>) -> String {
 
 /// A heartbeat's answer.
 #[derive(Debug)]
-struct Roster {
+pub(super) struct Roster {
     /// The other member that has this replica's name, if one does (then this one was not let
     /// in).
-    named: Option<String>,
+    pub(super) named: Option<String>,
+    /// The fleet's epoch; empty when there is none.
+    pub(super) epoch: String,
+    /// How long the fleet is still settling after Redis lost its state.
+    pub(super) settling: Duration,
     /// The live members, sorted by id.
-    members: Vec<Member>,
+    pub(super) members: Vec<Member>,
     /// The holds it could not keep, by position (0-based) among those it was given.
-    lost: Vec<usize>,
+    pub(super) lost: Vec<usize>,
 }
 
-/// `{now, named, lost, id, expires, partitions, …}` → the roster; `None` when it does not
-/// read.
+/// `{now, named, epoch, settling, lost, id, expires, partitions, …}` → the roster; `None`
+/// when it does not read.
 fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
     let (now, rest) = reply.split_first()?;
     let now: u64 = now.parse().ok()?;
     let (named, rest) = rest.split_first()?;
     let named = Some(named.clone()).filter(|n| !n.is_empty());
+    let (epoch, rest) = rest.split_first()?;
+    let (settling, rest) = rest.split_first()?;
+    let settling = Duration::from_millis(settling.parse().ok()?);
     let (lost, rest) = rest.split_first()?;
     let lost = lost
         .split(',')
@@ -361,6 +402,8 @@ fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
         .collect::<Option<Vec<Member>>>()?;
     Some(Roster {
         named,
+        epoch: epoch.clone(),
+        settling,
         members,
         lost,
     })
@@ -374,11 +417,15 @@ mod tests {
 
     #[test]
     fn a_roster_reads() {
-        let reply: Vec<String> = ["10000", "", "2", "a/1", "14000", "0,3", "b/2", "15000", ""]
-            .map(String::from)
-            .to_vec();
+        let reply: Vec<String> = [
+            "10000", "", "9000", "1500", "2", "a/1", "14000", "0,3", "b/2", "15000", "",
+        ]
+        .map(String::from)
+        .to_vec();
         let roster = parse_roster(&reply, 5000).unwrap();
         assert_eq!(roster.named, None);
+        assert_eq!(roster.epoch, "9000");
+        assert_eq!(roster.settling, Duration::from_millis(1500));
         assert_eq!(roster.lost, vec![1]);
         let members = roster.members;
         assert_eq!(members.len(), 2);
@@ -388,12 +435,13 @@ mod tests {
         assert_eq!(members[1].seen, Duration::ZERO);
         assert!(members[1].partitions.is_empty());
         let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
-        assert!(parse_roster(&s(&["1", "", "", "a"]), 5000).is_none());
-        assert!(parse_roster(&s(&["1", "", "0"]), 5000).is_none());
-        assert!(parse_roster(&s(&["1", "", ""]), 5000).is_some());
-        assert!(parse_roster(&s(&["1", ""]), 5000).is_none());
+        assert!(parse_roster(&s(&["1", "", "", "0", "", "a"]), 5000).is_none());
+        assert!(parse_roster(&s(&["1", "", "", "0", "0"]), 5000).is_none());
+        assert!(parse_roster(&s(&["1", "", "", "0", ""]), 5000).is_some());
+        assert!(parse_roster(&s(&["1", "", "", "x", ""]), 5000).is_none());
+        assert!(parse_roster(&s(&["1", "", "", "0"]), 5000).is_none());
         assert!(parse_roster(&[], 5000).is_none());
-        let taken = parse_roster(&s(&["1", "a/2", "", "a/2", "900", ""]), 5000).unwrap();
+        let taken = parse_roster(&s(&["1", "a/2", "5", "0", "", "a/2", "900", ""]), 5000).unwrap();
         assert_eq!(taken.named.as_deref(), Some("a/2"));
     }
 

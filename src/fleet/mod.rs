@@ -118,6 +118,9 @@ pub struct Fleet {
     /// The other process found with this replica's name while it ran, if one was: it stepped
     /// down ([`Fleet::keep_membership`]).
     displaced_by: std::sync::OnceLock<String>,
+    /// The fleet's epoch as this replica last saw it (`lua/heartbeat.lua`); empty before its
+    /// first heartbeat.
+    epoch: std::sync::Mutex<String>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -202,6 +205,7 @@ impl Fleet {
             metrics,
             holds: holds::HoldState::default(),
             displaced_by: std::sync::OnceLock::new(),
+            epoch: std::sync::Mutex::default(),
         })
     }
 

@@ -404,3 +404,96 @@ async fn one_name_is_one_live_process_and_holds_carry_the_process() {
     a.heartbeat(&none).await.unwrap();
     a.leave().await.unwrap();
 }
+
+/// Deletes every key of the fleet `fleet`: Redis losing its state, as a restart without
+/// persistence or a flush does (the shared test server is not flushed whole).
+async fn lose_state(redis: &ConnectionManager, fleet: &str) {
+    let mut redis = redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{fleet}:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_takes_one_anew() {
+    use std::collections::BTreeSet;
+    let fleet = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
+    let settings = |name: &str| FleetSettings {
+        redis_url: redis_url(),
+        redis_ca_file: Default::default(),
+        name: name.to_owned(),
+        partitions: 1,
+        heartbeat: Duration::from_millis(100),
+        member_ttl: Duration::from_millis(800),
+        lease: Duration::from_secs(3),
+        redis_timeout: Duration::from_millis(900),
+    };
+    let replica = |name: &str| {
+        let metrics = Arc::new(Metrics::new());
+        Fleet::new(&settings(name), &fleet, Duration::from_secs(60), metrics).unwrap()
+    };
+    let none = BTreeSet::new();
+    let (a, b) = (replica("a"), replica("b"));
+    // A fleet that starts takes its holds at once: no settling.
+    assert!(
+        a.take_hold("qa").await.unwrap().is_some(),
+        "a hold before any epoch"
+    );
+    a.heartbeat(&none).await.unwrap();
+    b.heartbeat(&none).await.unwrap();
+    assert_eq!(a.take_hold("qa").await.unwrap(), None);
+    assert_eq!(b.take_hold("qb").await.unwrap(), None);
+
+    // Redis loses everything; a heartbeats first and sees itself alone.
+    lose_state(&a.redis, &fleet).await;
+    assert!(
+        a.take_hold("qb").await.unwrap().is_some(),
+        "a hold with no epoch"
+    );
+    let roster = a.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(!roster.settling.is_zero(), "{roster:?}");
+    assert_eq!(roster.members.len(), 1);
+    // b's hold is gone from Redis, but a may not take it: b takes it back.
+    assert!(a.take_hold("qb").await.unwrap().is_some());
+    assert!(
+        a.take_hold("qc").await.unwrap().is_some(),
+        "a new hold while settling"
+    );
+    let roster = b.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(roster.lost.is_empty(), "b lost its hold: {roster:?}");
+    assert_eq!(b.take_hold("qb").await.unwrap(), None);
+    assert_eq!(
+        a.take_hold("qb").await.unwrap().as_deref(),
+        Some(b.claimant())
+    );
+    // Settled after member_ttl: holds are taken anew again.
+    tokio::time::sleep(Duration::from_millis(850)).await;
+    a.heartbeat(&none).await.unwrap();
+    b.heartbeat(&none).await.unwrap();
+    assert_eq!(a.take_hold("qc").await.unwrap(), None);
+
+    // Lost again, and a replica that just started heartbeats first: it knows no epoch, so the
+    // next one that knew the old one marks the new one as made after a loss.
+    lose_state(&a.redis, &fleet).await;
+    let c = replica("c");
+    let roster = c.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(roster.settling.is_zero());
+    let roster = a.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(!roster.settling.is_zero(), "{roster:?}");
+    assert!(
+        c.take_hold("qd").await.unwrap().is_some(),
+        "c took a hold while settling"
+    );
+    for r in [&a, &b, &c] {
+        r.leave().await.unwrap();
+    }
+}

@@ -12,6 +12,7 @@ mod dead_letters;
 mod fairness;
 mod fleet;
 mod fleet_identity;
+mod fleet_redis_loss;
 mod hardening;
 mod harness;
 mod holds;
