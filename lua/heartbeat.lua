@@ -14,9 +14,13 @@
 -- ARGV[5]  the epoch the member knows (its since), '' when it knows none (it just started):
 --          a member that knew one and finds none, or finds one made without it by a member that
 --          knew none, within the ttl, has seen Redis lose the fleet's state.
+-- ARGV[6]  for each hold kept, '1' when the member kept it in time (this heartbeat was sent
+--          before the hold's deadline), else '0'.
 -- KEYS[5..] the holds the member keeps (lua/hold.lua), for 'beat': each held by it lasts
---          another ttl (one found gone is set again); one another member holds is reported
---          lost.
+--          another ttl; one another member holds is reported lost; and one found gone is set
+--          again if Redis lost the fleet's state since this member's last heartbeat (the epoch
+--          it knows is not the one found) and the member kept it in time, else reported lost
+--          (it expired: the member was silent too long, a pause, say).
 -- Returns {now (ms), named, epoch, settling (ms), lost, member, expires (ms), partitions, ...}:
 -- named is '' when the member has its name (or for 'leave' and 'look'), else the member that
 -- has it; epoch is the epoch's since ('' when there is none); settling is how long the fleet
@@ -35,6 +39,7 @@ local named = ''
 local lost = {}
 if ARGV[3] == 'beat' then
   local since = redis.call('HGET', KEYS[4], 'since')
+  local state_lost = ARGV[5] ~= '' and ARGV[5] ~= since
   if not since then
     -- No epoch: the fleet starts (nobody knew one), or Redis lost its state (this member knew
     -- one). Then the others' holds are gone too, until each takes its own back.
@@ -58,10 +63,10 @@ if ARGV[3] == 'beat' then
       local held = redis.call('GET', KEYS[i])
       if held == ARGV[1] then
         redis.call('PEXPIRE', KEYS[i], ttl)
-      elseif not held then
-        -- Gone without another taking it: Redis lost its data (a restart without
-        -- persistence). The member still consumes there, having kept it in time, so it takes
-        -- it again.
+      elseif not held and state_lost and string.sub(ARGV[6], i - 4, i - 4) == '1' then
+        -- Gone because Redis lost its data (a restart without persistence, a flush), not by
+        -- expiry: the member still consumes there, having kept it in time, so it takes it
+        -- again.
         redis.call('SET', KEYS[i], ARGV[1], 'PX', ttl)
       else
         table.insert(lost, tostring(i - 4))

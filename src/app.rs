@@ -214,6 +214,39 @@ impl Shared {
     }
 }
 
+/// With work shared through holds, a frozen replica's broker connection must be gone before
+/// its holds can expire: the broker gives up a silent peer after about two AMQP heartbeats,
+/// the holds expire `fleet.member_ttl` after they were last kept, which is up to a
+/// `fleet.heartbeat` before the freeze (docs/fleet.md, "A replica frozen past member_ttl").
+/// Says so when the settings do not leave that margin.
+fn check_member_ttl(settings: &Settings) {
+    let fleet = &settings.fleet;
+    if !fleet.enabled() || fleet.partitions == 0 {
+        return;
+    }
+    let margin = fleet.member_ttl.saturating_sub(fleet.heartbeat);
+    for url in settings.amqp.node_urls() {
+        let proposed = std::str::FromStr::from_str(url)
+            .ok()
+            .and_then(|uri: lapin::uri::AMQPUri| uri.query.heartbeat)
+            .unwrap_or(crate::broker::connection::DEFAULT_HEARTBEAT_SECS);
+        let detection = Duration::from_secs(2 * u64::from(proposed));
+        if proposed == 0 || detection >= margin {
+            tracing::warn!(
+                member_ttl = ?fleet.member_ttl,
+                heartbeat = ?fleet.heartbeat,
+                amqp_heartbeat_secs = proposed,
+                "fleet.member_ttl less fleet.heartbeat is not above twice the AMQP heartbeat: \
+                 a replica frozen past fleet.member_ttl may keep its broker connection, and the \
+                 commands it holds unacked, after its holds expire and another replica takes its \
+                 queues; raise fleet.member_ttl (or lower the AMQP heartbeat, ?heartbeat= in \
+                 the URL)"
+            );
+            return;
+        }
+    }
+}
+
 impl App {
     /// Binds the listeners and wires the parts. An empty `callbacks.public_url` means "the
     /// relay listener's own address", which is what tests on port 0 need.
@@ -224,6 +257,7 @@ impl App {
             "" => format!("http://{relay_addr}"),
             url => url.to_owned(),
         };
+        check_member_ttl(&settings);
         let shared = Shared::new(&settings)?;
         // One registry of bots and one parser, so one budget and one set of slots per
         // account in the process.

@@ -63,8 +63,10 @@ impl Fleet {
             Beat::Leave => ("leave", String::new()),
             Beat::Look => ("look", String::new()),
         };
+        // The holds' expiry is set after this instant, never before it.
+        let sent = Instant::now();
         let keep = match beat {
-            Beat::Alive(_) => self.holds_to_keep(),
+            Beat::Alive(_) => self.holds_to_keep(sent),
             Beat::Leave | Beat::Look => Vec::new(),
         };
         let ttl = millis(self.member_ttl);
@@ -74,18 +76,21 @@ impl Fleet {
             .key(self.key("fleet", "owned"))
             .key(self.key("name", &self.name))
             .key(self.key("fleet", "epoch"));
-        for queue in &keep {
+        for (queue, _) in &keep {
             invocation.key(self.key("hold", queue));
         }
+        let in_time: String = keep
+            .iter()
+            .map(|(_, in_time)| if *in_time { '1' } else { '0' })
+            .collect();
         let known = self.known_epoch().clone();
         invocation
             .arg(&self.claimant)
             .arg(ttl)
             .arg(mode)
             .arg(owned)
-            .arg(known);
-        // The holds' expiry is set after this instant, never before it.
-        let sent = Instant::now();
+            .arg(known)
+            .arg(in_time);
         let reply: Vec<String> = self.invoke("heartbeat", &invocation).await?;
         let roster = parse_roster(&reply, ttl).ok_or_else(|| FleetError::Unexpected {
             op: "heartbeat",

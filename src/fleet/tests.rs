@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::broker::holds::Holds;
 use crate::contract::Rejection;
 use crate::contract::event::Event;
 
@@ -36,7 +37,18 @@ fn replica(fleet: &str, lease: Duration) -> Fleet {
 /// A replica of the fleet `fleet` with quick membership: heartbeats every 100 ms, gone after
 /// 500 ms.
 fn quick_replica(fleet: &str) -> Fleet {
-    let settings = FleetSettings {
+    Fleet::new(
+        &quick_settings(),
+        fleet,
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
+/// Quick membership: heartbeats every 100 ms, gone after 500 ms; the default name.
+fn quick_settings() -> FleetSettings {
+    FleetSettings {
         redis_url: redis_url(),
         redis_ca_file: Default::default(),
         name: String::new(),
@@ -45,14 +57,7 @@ fn quick_replica(fleet: &str) -> Fleet {
         member_ttl: Duration::from_millis(500),
         lease: Duration::from_secs(3),
         redis_timeout: Duration::from_millis(900),
-    };
-    Fleet::new(
-        &settings,
-        fleet,
-        Duration::from_secs(60),
-        Arc::new(Metrics::new()),
-    )
-    .unwrap()
+    }
 }
 
 /// Two replicas of a fleet of their own.
@@ -496,4 +501,54 @@ async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_tak
     for r in [&a, &b, &c] {
         r.leave().await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn holds_are_valid_until_their_deadline_and_one_that_expired_is_not_taken_back() {
+    use std::collections::BTreeSet;
+    let fleet = fleet_name();
+    let a = quick_replica(&fleet);
+    // Under a name of its own: in this process it would share a's default one.
+    let settings = FleetSettings {
+        name: "b".into(),
+        ..quick_settings()
+    };
+    let b = Fleet::new(
+        &settings,
+        &fleet,
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let none = BTreeSet::new();
+    // A replica that never held a queue is not fenced.
+    assert!(a.holds_valid());
+    a.heartbeat(&none).await.unwrap();
+    assert_eq!(a.take_hold("q").await.unwrap(), None);
+    let term = a.hold_term();
+    assert!(a.holds_valid() && a.holds_valid_in(term));
+
+    // Frozen past member_ttl (500 ms): the deadline (400 ms) passes, the hold expires.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!a.holds_valid(), "valid past the deadline");
+    // Nobody took it: still a's heartbeat does not set it again, it counts it lost.
+    a.heartbeat(&none).await.unwrap();
+    assert!(!a.holds_valid());
+    assert_ne!(a.hold_term(), term, "the holds lapsed: a new term");
+    b.heartbeat(&none).await.unwrap();
+    assert_eq!(b.take_hold("q").await.unwrap(), None, "the hold is free");
+
+    // Given up after the consumer let go; taken again later: valid, but not for the old term.
+    Holds::give_all(&a).await;
+    assert!(!a.holds_valid(), "valid while nothing is held");
+    Holds::give_all(&b).await;
+    assert_eq!(a.take_hold("q").await.unwrap(), None);
+    assert!(a.holds_valid());
+    assert!(
+        !a.holds_valid_in(term),
+        "a command of the lapsed term may not call"
+    );
+    Holds::give_all(&a).await;
+    a.leave().await.unwrap();
+    b.leave().await.unwrap();
 }

@@ -11,6 +11,7 @@ mod dashboard;
 mod dead_letters;
 mod fairness;
 mod fleet;
+mod fleet_freeze;
 mod fleet_identity;
 mod fleet_redis_loss;
 mod hardening;
