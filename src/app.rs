@@ -345,7 +345,7 @@ impl App {
         };
         tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
         let result = match self.worker {
-            Worker::Alone(consumer) => consumer.run().await,
+            Worker::Alone(consumer) => consumer.run().await.map_err(AppError::from),
             Worker::Shared {
                 consumer,
                 owned,
@@ -353,18 +353,27 @@ impl App {
             } => {
                 let fleet = self.fleet.clone().expect("a shared worker has a fleet");
                 let stop = self.shutdown.stop_token().clone();
-                let leave = tokio_util::sync::CancellationToken::new();
-                let membership = {
-                    let leave = leave.clone();
-                    tokio::spawn(async move {
-                        fleet.keep_membership(owned, consuming, stop, leave).await
-                    })
-                };
-                let result = consumer.run().await;
-                // Left once every partition was handed over; here at the latest.
-                leave.cancel();
-                let _ = membership.await;
-                result
+                // Under its own name, or not at all: two live processes must not share one.
+                match fleet.join(&stop).await {
+                    Err(e) => Err(AppError::from(e)),
+                    Ok(()) => {
+                        let leave = tokio_util::sync::CancellationToken::new();
+                        let membership = {
+                            let (fleet, leave) = (fleet.clone(), leave.clone());
+                            tokio::spawn(async move {
+                                fleet.keep_membership(owned, consuming, stop, leave).await
+                            })
+                        };
+                        let result = consumer.run().await;
+                        // Left once every partition was handed over; here at the latest.
+                        leave.cancel();
+                        let _ = membership.await;
+                        match fleet.displaced() {
+                            Some(e) => Err(AppError::from(e)),
+                            None => result.map_err(AppError::from),
+                        }
+                    }
+                }
             }
         };
         if let Err(e) = &result {
@@ -385,6 +394,6 @@ impl App {
                 abort.abort();
             }
         }
-        result.map_err(AppError::from)
+        result
     }
 }

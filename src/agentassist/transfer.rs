@@ -18,6 +18,7 @@ use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
 use super::start::{self, FirstStart};
 use crate::contract::Command;
+use crate::fleet::holds::HoldTerm;
 use crate::fleet::{Fleet, StartRequest};
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::shutdown::{Abandoned, Shutdown};
@@ -30,6 +31,10 @@ pub enum Unfinished {
     /// Its account cannot start it within the `aside` it was given, and nothing was booked or
     /// called: it may wait in its account's queue instead (docs/contract.md §12).
     Aside,
+    /// The fleet's holds this replica ran it under lapsed (a pause past `fleet.member_ttl`, a
+    /// lost hold) before its call left: nothing was called, and it goes back to the queue, whose
+    /// holder runs it (docs/contract.md §9).
+    NotHeld,
 }
 
 impl From<Abandoned> for Unfinished {
@@ -211,6 +216,8 @@ impl Transfers {
             panic!("fault injected for a test");
         }
         let started = Instant::now();
+        // The fleet's holds it runs under: should they lapse, it calls no more.
+        let term = self.fleet.as_deref().map(Fleet::hold_term);
         let deadline = deadline_of(command, started);
         let body = request_body(command, callback_url);
         let mut budget = AttemptBudget::new(self.retry, command.deadline);
@@ -252,7 +259,7 @@ impl Transfers {
             if breaker.is_some_and(|b| b.is_open()) {
                 continue;
             }
-            let (error, outage) = match self.call(bot, &body, &mut budget).await {
+            let (error, outage) = match self.call(bot, &body, &mut budget, term).await {
                 Call::Answered(response) => {
                     let (attempts, elapsed) = (budget.made(), started.elapsed());
                     return Ok(Outcome::Succeeded {
@@ -262,6 +269,14 @@ impl Transfers {
                     });
                 }
                 Call::NoToken(error) => return Ok(budget.failed(error, false)),
+                Call::NotHeld => {
+                    tracing::warn!(
+                        attempts = budget.made(),
+                        "this replica's fleet holds lapsed (a pause past fleet.member_ttl, or a \
+                         lost hold): not calling; the command goes back to its queue's holder"
+                    );
+                    return Err(Unfinished::NotHeld);
+                }
                 Call::Failed(error, outage) => (error, outage),
             };
             let failure = Failure {
@@ -277,14 +292,28 @@ impl Transfers {
         }
     }
 
-    /// One call: a token, the request, its series and the breaker's record of it.
-    async fn call(&self, bot: &Bot, body: &Bytes, budget: &mut AttemptBudget) -> Call {
+    /// One call: a token, the request, its series and the breaker's record of it. With a
+    /// fleet, the request leaves only while the holds of `term` are valid: a replica that was
+    /// frozen past `fleet.member_ttl` wakes with its holds gone, perhaps another's, and whatever
+    /// woke it (a start, a retry's wait) must not call for a delivery that went back.
+    async fn call(
+        &self,
+        bot: &Bot,
+        body: &Bytes,
+        budget: &mut AttemptBudget,
+        term: Option<HoldTerm>,
+    ) -> Call {
         let token = match bot.tokens.token() {
             Ok(token) => token,
             Err(e) => {
                 return Call::NoToken(ApiError::without_status(ErrorKind::Request, e.to_string()));
             }
         };
+        if let (Some(fleet), Some(term)) = (&self.fleet, term)
+            && !fleet.holds_valid_in(term)
+        {
+            return Call::NotHeld;
+        }
         budget.call();
         let call_started = Instant::now();
         let result = self.api.assign(bot, &token, body.clone()).await;
@@ -381,6 +410,8 @@ enum Call {
     Failed(ApiError, Option<BreakerFailure>),
     /// No token could be made: nothing was sent, and trying again will not help.
     NoToken(ApiError),
+    /// The fleet's holds lapsed: nothing was sent.
+    NotHeld,
 }
 
 /// A failed call, and what it is judged against.

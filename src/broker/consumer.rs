@@ -108,6 +108,16 @@ pub struct Source {
     pub amqp: AmqpSettings,
     /// `shutdown.grace`.
     pub grace: Duration,
+    /// The fleet's holds, with holds: nothing is done beside the queue while they lapsed.
+    pub holds: Option<Arc<dyn Holds>>,
+}
+
+impl Source {
+    /// Whether this replica may act on the queue's behalf now: always without holds (the
+    /// broker's own hold goes with the connection), else while its holds are valid.
+    pub fn held(&self) -> bool {
+        self.holds.as_ref().is_none_or(|h| h.valid())
+    }
 }
 
 /// Kept by a handler with a delivery until it is acked or returned: it tells a partition's
@@ -334,6 +344,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             lost: lost.clone(),
             amqp: self.settings.amqp.clone(),
             grace: self.settings.grace,
+            holds: self.holds.clone(),
         }
     }
 

@@ -27,4 +27,13 @@ pub trait Holds: Send + Sync + 'static {
     /// When consuming must have stopped, unless the holds are kept before then: `None` while
     /// nothing is held. Past it, another replica may take the holds.
     fn deadline(&self) -> watch::Receiver<Option<Instant>>;
+
+    /// Whether this replica's holds are valid now: it holds its queues and their deadline has
+    /// not passed. False after a pause past `fleet.member_ttl` (a VM or GC pause: the holds
+    /// expired, another replica may hold the queues, while this replica's connection and tasks
+    /// live on), after a lost hold, and while nothing is held, until the queues are held again.
+    /// Ask it right before doing anything on behalf of a held queue that the next holder must
+    /// not see done: publishing to or deleting a queue beside a source (an account queue), for
+    /// one. When it is false, do nothing and leave the delivery to go back with the connection.
+    fn valid(&self) -> bool;
 }

@@ -12,8 +12,27 @@
 //!   consuming by `t + member_ttl − heartbeat`: the [`deadline`](Fleet::hold_deadline) the
 //!   consumer watches. It then closes its channels by itself and takes the holds again when
 //!   the fleet answers; its running commands keep their claims.
+//! - Redis that loses its state (restarted without its data, or flushed) loses every hold at
+//!   once. The first replica to heartbeat then would see itself alone and take the others'
+//!   holds before they could take them back, and the others, finding theirs taken, would drop
+//!   every connection: the whole fleet would churn. So the heartbeat keeps an epoch
+//!   (`lua/heartbeat.lua`): a replica that knew one and finds none (or finds one made right
+//!   after by a replica that just started) marks the new one as made after a loss, and for
+//!   `fleet.member_ttl` from then no hold is taken anew (`lua/hold.lua`) and the membership
+//!   moves no partition, while every holder takes its own holds back in its heartbeat (a hold
+//!   it kept in time and finds gone is set again). By then every holder has heartbeated, or
+//!   has stopped consuming by itself (its deadline came first). Nor is any hold taken before
+//!   the fleet has an epoch: Redis lost its state and nobody has heartbeated since.
+//! - A replica frozen past `fleet.member_ttl` (a VM or GC pause) wakes with its deadline past
+//!   and its holds perhaps another's. Its heartbeat then sets no hold found gone again (only one
+//!   it kept in time, after Redis lost its state, is: see above); and until it holds its queues
+//!   again it starts no call ([`Fleet::holds_valid`], checked right before a request leaves,
+//!   and [`Holds::valid`] for whatever the broker side does on behalf of a source). A command it
+//!   was running when its holds lapsed never calls again ([`Fleet::holds_valid_in`]), even
+//!   once it holds queues again: its delivery went back with the connection, to the holder.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
@@ -30,6 +49,11 @@ use crate::broker::holds::Holds;
 pub(crate) struct HoldState {
     held: Mutex<BTreeMap<String, Instant>>,
     deadline: watch::Sender<Option<Instant>>,
+    /// Whether this replica ever held a queue: a replica that does not share work through
+    /// holds (no partitions) is never fenced by them.
+    used: AtomicBool,
+    /// Counts the times the holds lapsed: lost, or all given up.
+    term: AtomicU64,
 }
 
 impl Default for HoldState {
@@ -37,9 +61,16 @@ impl Default for HoldState {
         Self {
             held: Mutex::default(),
             deadline: watch::Sender::new(None),
+            used: AtomicBool::new(false),
+            term: AtomicU64::new(0),
         }
     }
 }
+
+/// One unbroken stretch of this replica's holds ([`Fleet::hold_term`]): it ends when a hold is
+/// lost or every hold is given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldTerm(u64);
 
 impl HoldState {
     fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Instant>> {
@@ -62,11 +93,13 @@ impl Fleet {
         self.key("hold", queue)
     }
 
-    /// `lua/hold.lua` on `queue`'s hold, `mode` `take` or `give`: '' or the other holder.
+    /// `lua/hold.lua` on `queue`'s hold, `mode` `take` or `give`: '' or the other holder ('-':
+    /// none, but no hold may be taken anew yet).
     async fn hold(&self, queue: &str, mode: &str) -> Result<String, FleetError> {
         let mut invocation = scripts::HOLD.prepare_invoke();
         invocation
             .key(self.hold_key(queue))
+            .key(self.key("fleet", "epoch"))
             .arg(&self.claimant)
             .arg(mode)
             .arg(millis(self.member_ttl));
@@ -78,15 +111,23 @@ impl Fleet {
         sent + self.member_ttl.saturating_sub(self.heartbeat)
     }
 
-    /// Takes the hold of `queue`: `None` when this replica holds it now, else the holder.
+    /// Takes the hold of `queue`: `None` when this replica holds it now, else the holder (or
+    /// why nobody may take it yet: the fleet settles after Redis lost its state, see the
+    /// module's documentation).
     pub async fn take_hold(&self, queue: &str) -> Result<Option<String>, FleetError> {
         let sent = Instant::now();
         let holder = self.hold(queue, "take").await?;
+        if holder == "-" {
+            return Ok(Some(
+                "nobody yet: the fleet settles after Redis lost its state".to_owned(),
+            ));
+        }
         if !holder.is_empty() {
             return Ok(Some(holder));
         }
         let mut held = self.holds.held();
         held.insert(queue.to_owned(), self.stop_by(sent));
+        self.holds.used.store(true, Ordering::Release);
         self.holds.settle(&held);
         Ok(None)
     }
@@ -98,6 +139,9 @@ impl Fleet {
             let mut held = self.holds.held();
             if held.remove(queue).is_none() {
                 return;
+            }
+            if held.is_empty() {
+                self.holds.term.fetch_add(1, Ordering::AcqRel);
             }
             self.holds.settle(&held);
         }
@@ -112,9 +156,15 @@ impl Fleet {
         }
     }
 
-    /// The queues held, in the order the heartbeat keeps them.
-    pub(crate) fn holds_to_keep(&self) -> Vec<String> {
-        self.holds.held().keys().cloned().collect()
+    /// The queues held, in the order the heartbeat keeps them, each with whether it may be
+    /// set again should the heartbeat find it gone: only if kept in time, this heartbeat sent
+    /// (at `sent`) before its deadline (see the module's documentation).
+    pub(crate) fn holds_to_keep(&self, sent: Instant) -> Vec<(String, bool)> {
+        self.holds
+            .held()
+            .iter()
+            .map(|(queue, by)| (queue.clone(), sent < *by))
+            .collect()
     }
 
     /// Whether this replica holds any queue.
@@ -125,25 +175,57 @@ impl Fleet {
     /// A heartbeat sent at `sent` kept `kept`, except those at the positions in `lost`
     /// (0-based). A hold lost while still held means another may consume there: consuming
     /// must stop now.
-    pub(crate) fn holds_kept(&self, sent: Instant, kept: &[String], lost: &[usize]) {
+    pub(crate) fn holds_kept(&self, sent: Instant, kept: &[(String, bool)], lost: &[usize]) {
         let mut held = self.holds.held();
         let really_lost: Vec<&String> = lost
             .iter()
             .filter_map(|&i| kept.get(i))
+            .map(|(queue, _)| queue)
             .filter(|q| held.contains_key(*q))
             .collect();
         if !really_lost.is_empty() {
             tracing::error!(queues = ?really_lost, "holds lost to expiry; letting every queue go at once");
-            held.values_mut().for_each(|by| *by = sent);
+            held.values_mut().for_each(|by| *by = (*by).min(sent));
+            self.holds.term.fetch_add(1, Ordering::AcqRel);
         } else {
             let by = self.stop_by(sent);
-            for queue in kept {
+            for (queue, _) in kept {
                 if let Some(at) = held.get_mut(queue) {
                     *at = (*at).max(by);
                 }
             }
         }
         self.holds.settle(&held);
+    }
+
+    /// Whether this replica's holds are valid now: it holds its queues, and their deadline has
+    /// not passed (`now < deadline`). False from the moment a pause, a silent Redis or a lost
+    /// hold took them, until it holds queues again; and while it holds none. Always true for a
+    /// replica that never held a queue (one that does not share work through holds). Checked
+    /// right before anything is done on behalf of a held queue that another holder must not
+    /// see done twice: an API call, a publish or a delete.
+    pub fn holds_valid(&self) -> bool {
+        if !self.holds.used.load(Ordering::Acquire) {
+            return true;
+        }
+        self.holds
+            .deadline
+            .borrow()
+            .is_some_and(|by| Instant::now() < by)
+    }
+
+    /// The current stretch of this replica's holds: taken when a command begins, so that
+    /// [`Fleet::holds_valid_in`] can tell whether the holds it began under are still held.
+    pub fn hold_term(&self) -> HoldTerm {
+        HoldTerm(self.holds.term.load(Ordering::Acquire))
+    }
+
+    /// Whether the holds are valid now ([`Fleet::holds_valid`]) and have not lapsed since
+    /// `term` was taken: a command that began under holds that lapsed (a pause past
+    /// `fleet.member_ttl`) has had its delivery returned to the queues' next holder, and must
+    /// not call for it even once this replica holds queues again.
+    pub fn holds_valid_in(&self, term: HoldTerm) -> bool {
+        self.holds_valid() && self.hold_term() == term
     }
 
     /// When consuming must have stopped (see the module's documentation).
@@ -176,7 +258,8 @@ impl Holds for Fleet {
 
     fn give_all(&self) -> BoxFuture<'_, ()> {
         async move {
-            for queue in self.holds_to_keep() {
+            let held: Vec<String> = self.holds.held().keys().cloned().collect();
+            for queue in held {
                 self.give_hold(&queue).await;
             }
         }
@@ -185,5 +268,9 @@ impl Holds for Fleet {
 
     fn deadline(&self) -> watch::Receiver<Option<Instant>> {
         self.hold_deadline()
+    }
+
+    fn valid(&self) -> bool {
+        self.holds_valid()
     }
 }

@@ -12,6 +12,17 @@
 //! replicas may both think they own a partition. Only one holds it ([`super::holds`]): the
 //! other registers no consumer until the holder has closed its channel and given the hold up.
 //! The heartbeat also keeps this replica's holds.
+//!
+//! A name (`fleet.name`) is one live process's. Every member, hold and claim carries the
+//! per-process id (`name/instance`), so two processes under one name never take each other's
+//! holds; but the name is what ranks partitions ([`ownership`]), so two of them tie for every
+//! partition, their split hangs on their random instances, and it flips whenever either
+//! restarts: nothing in their logs or in `transfer-worker fleet` tells them apart but that
+//! suffix. So the heartbeat also keeps the name, and a second process under a name a live one
+//! has is not let in: at start it waits for the name a little longer than `fleet.member_ttl`
+//! (a predecessor that was killed lets it lapse by then) and then refuses to start, naming the
+//! other ([`Fleet::join`]); a replica that finds its name taken while it runs (it was silent
+//! past `fleet.member_ttl`, and another process started under its name) steps down.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -39,58 +50,146 @@ impl Member {
     }
 }
 
-enum Beat<'a> {
+pub(super) enum Beat<'a> {
     Alive(&'a BTreeSet<u16>),
     Leave,
     Look,
 }
 
 impl Fleet {
-    async fn beat(&self, beat: Beat<'_>) -> Result<Vec<Member>, FleetError> {
+    pub(super) async fn beat(&self, beat: Beat<'_>) -> Result<Roster, FleetError> {
         let (mode, owned) = match beat {
             Beat::Alive(owned) => ("beat", join(owned)),
             Beat::Leave => ("leave", String::new()),
             Beat::Look => ("look", String::new()),
         };
+        // The holds' expiry is set after this instant, never before it.
+        let sent = Instant::now();
         let keep = match beat {
-            Beat::Alive(_) => self.holds_to_keep(),
+            Beat::Alive(_) => self.holds_to_keep(sent),
             Beat::Leave | Beat::Look => Vec::new(),
         };
         let ttl = millis(self.member_ttl);
         let mut invocation = scripts::HEARTBEAT.prepare_invoke();
         invocation
             .key(self.key("fleet", "members"))
-            .key(self.key("fleet", "owned"));
-        for queue in &keep {
+            .key(self.key("fleet", "owned"))
+            .key(self.key("name", &self.name))
+            .key(self.key("fleet", "epoch"));
+        for (queue, _) in &keep {
             invocation.key(self.key("hold", queue));
         }
-        invocation.arg(&self.claimant).arg(ttl).arg(mode).arg(owned);
-        // The holds' expiry is set after this instant, never before it.
-        let sent = Instant::now();
+        let in_time: String = keep
+            .iter()
+            .map(|(_, in_time)| if *in_time { '1' } else { '0' })
+            .collect();
+        let known = self.known_epoch().clone();
+        invocation
+            .arg(&self.claimant)
+            .arg(ttl)
+            .arg(mode)
+            .arg(owned)
+            .arg(known)
+            .arg(in_time);
         let reply: Vec<String> = self.invoke("heartbeat", &invocation).await?;
         let roster = parse_roster(&reply, ttl).ok_or_else(|| FleetError::Unexpected {
             op: "heartbeat",
             what: format!("{} fields", reply.len()),
         })?;
+        if let Some(holder) = roster.named {
+            return Err(FleetError::NameInUse {
+                name: self.name.clone(),
+                holder,
+            });
+        }
+        if matches!(beat, Beat::Alive(_)) && !roster.epoch.is_empty() {
+            let mut known = self.known_epoch();
+            if *known != roster.epoch {
+                if !known.is_empty() {
+                    tracing::warn!(
+                        settling = ?roster.settling,
+                        "Redis lost the fleet's state (restarted without its data, or flushed): \
+                         every replica takes its own holds back; nobody takes a hold anew, and \
+                         the partitions stay where they are, while it settles"
+                    );
+                }
+                known.clone_from(&roster.epoch);
+            }
+        }
         if !keep.is_empty() {
             self.holds_kept(sent, &keep, &roster.lost);
         }
-        Ok(roster.members)
+        Ok(roster)
+    }
+
+    fn known_epoch(&self) -> std::sync::MutexGuard<'_, String> {
+        self.epoch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Says this replica is alive and consumes `owned`; the live members, sorted by id.
     pub async fn heartbeat(&self, owned: &BTreeSet<u16>) -> Result<Vec<Member>, FleetError> {
-        self.beat(Beat::Alive(owned)).await
+        self.beat(Beat::Alive(owned)).await.map(|r| r.members)
     }
 
     /// Leaves the fleet now; the others take its partitions at their next heartbeat.
     pub async fn leave(&self) -> Result<Vec<Member>, FleetError> {
-        self.beat(Beat::Leave).await
+        self.beat(Beat::Leave).await.map(|r| r.members)
     }
 
     /// The live members, without joining: for `transfer-worker fleet`.
     pub async fn members(&self) -> Result<Vec<Member>, FleetError> {
-        self.beat(Beat::Look).await
+        self.beat(Beat::Look).await.map(|r| r.members)
+    }
+
+    /// Joins the fleet under this replica's name, before anything is consumed. A name another
+    /// process has is waited for up to `fleet.member_ttl` plus a heartbeat, for a predecessor
+    /// that was killed lets it lapse by then; a name still taken after that was kept after
+    /// this replica started, by a live process: [`FleetError::NameInUse`]. While Redis does not
+    /// answer it keeps asking (the replica is not ready meanwhile); at `stop` it gives up
+    /// without joining.
+    pub async fn join(&self, stop: &CancellationToken) -> Result<(), FleetError> {
+        let started = Instant::now();
+        let patience = self.member_ttl + self.heartbeat;
+        let mut told = false;
+        let mut waits = crate::backoff::delays(super::RETRY_MIN, super::RETRY_MAX, None);
+        loop {
+            let sent = Instant::now();
+            let wait = match self.heartbeat(&BTreeSet::new()).await {
+                Ok(_) => return Ok(()),
+                // Still there `member_ttl` after this replica started: kept since, by a live
+                // process.
+                Err(e @ FleetError::NameInUse { .. }) if sent >= started + patience => {
+                    return Err(e);
+                }
+                Err(FleetError::NameInUse { holder, .. }) => {
+                    if !told {
+                        told = true;
+                        tracing::info!(name = %self.name, %holder, ?patience, "fleet.name is listed for another process; waiting for it to lapse (a predecessor that was killed), or refusing to start");
+                    }
+                    self.heartbeat
+                }
+                Err(e) => {
+                    let wait = waits.next().unwrap_or(super::RETRY_MAX);
+                    tracing::debug!(error = %e, ?wait, "cannot join the fleet yet; waiting");
+                    wait
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// The other process that took this replica's name while it ran, if one did: it stepped
+    /// down then.
+    pub fn displaced(&self) -> Option<FleetError> {
+        self.displaced_by.get().map(|holder| FleetError::NameInUse {
+            name: self.name.clone(),
+            holder: holder.clone(),
+        })
     }
 
     /// Partition queues of the fleet (`fleet.partitions`).
@@ -113,6 +212,11 @@ impl Fleet {
     ///
     /// At `stop` it keeps heartbeating, so its holds last while it hands the queues over, and
     /// leaves once it consumes none and holds none (or at `done`).
+    ///
+    /// Should another process have its name (this replica was silent past `fleet.member_ttl`
+    /// and another started under the name), it steps down: it stops (`stop`), its holds are no
+    /// longer kept, so its consumer lets go by the holds' deadline at the latest, and
+    /// [`Fleet::displaced`] says why.
     pub async fn keep_membership(
         &self,
         owned: watch::Sender<BTreeSet<u16>>,
@@ -136,15 +240,29 @@ impl Fleet {
             }
             // Before the call, not after: Redis timed the membership after this instant.
             let sent = Instant::now();
-            let beat = self.heartbeat(&really).await;
+            let beat = self.beat(Beat::Alive(&really)).await;
+            if let Err(FleetError::NameInUse { holder, .. }) = &beat
+                && !stop.is_cancelled()
+            {
+                tracing::error!(name = %self.name, %holder, "another live replica has this replica's fleet.name; stepping down");
+                let _ = self.displaced_by.set(holder.clone());
+                stop.cancel();
+            }
             if stop.is_cancelled() {
                 // Handing over: the consumer lets every partition go; only report it.
                 continue;
             }
             let next = match beat {
-                Ok(members) => {
+                // Redis lost the fleet's state: the roster fills again within a heartbeat, and
+                // the holds come back with it. Until the fleet has settled, partitions stay
+                // where they are: a view of a roster still filling would move them for nothing.
+                Ok(roster) if !roster.settling.is_zero() => {
                     heard = sent;
-                    self.to_own(members, &current, &really)
+                    continue;
+                }
+                Ok(roster) => {
+                    heard = sent;
+                    self.to_own(roster.members, &current, &really)
                 }
                 Err(e) if heard.elapsed() >= self.member_ttl && !current.is_empty() => {
                     tracing::warn!(error = %e, "Redis has not answered for longer than fleet.member_ttl; letting every partition go, the other replicas take them");
@@ -231,17 +349,30 @@ fn join(owned: &BTreeSet<u16>) -> String {
 
 /// A heartbeat's answer.
 #[derive(Debug)]
-struct Roster {
+pub(super) struct Roster {
+    /// The other member that has this replica's name, if one does (then this one was not let
+    /// in).
+    pub(super) named: Option<String>,
+    /// The fleet's epoch; empty when there is none.
+    pub(super) epoch: String,
+    /// How long the fleet is still settling after Redis lost its state.
+    pub(super) settling: Duration,
     /// The live members, sorted by id.
-    members: Vec<Member>,
+    pub(super) members: Vec<Member>,
     /// The holds it could not keep, by position (0-based) among those it was given.
-    lost: Vec<usize>,
+    pub(super) lost: Vec<usize>,
 }
 
-/// `{now, lost, id, expires, partitions, …}` → the roster; `None` when it does not read.
+/// `{now, named, epoch, settling, lost, id, expires, partitions, …}` → the roster; `None`
+/// when it does not read.
 fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
     let (now, rest) = reply.split_first()?;
     let now: u64 = now.parse().ok()?;
+    let (named, rest) = rest.split_first()?;
+    let named = Some(named.clone()).filter(|n| !n.is_empty());
+    let (epoch, rest) = rest.split_first()?;
+    let (settling, rest) = rest.split_first()?;
+    let settling = Duration::from_millis(settling.parse().ok()?);
     let (lost, rest) = rest.split_first()?;
     let lost = lost
         .split(',')
@@ -274,7 +405,13 @@ fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
             })
         })
         .collect::<Option<Vec<Member>>>()?;
-    Some(Roster { members, lost })
+    Some(Roster {
+        named,
+        epoch: epoch.clone(),
+        settling,
+        members,
+        lost,
+    })
 }
 
 #[cfg(test)]
@@ -285,10 +422,15 @@ mod tests {
 
     #[test]
     fn a_roster_reads() {
-        let reply: Vec<String> = ["10000", "2", "a/1", "14000", "0,3", "b/2", "15000", ""]
-            .map(String::from)
-            .to_vec();
+        let reply: Vec<String> = [
+            "10000", "", "9000", "1500", "2", "a/1", "14000", "0,3", "b/2", "15000", "",
+        ]
+        .map(String::from)
+        .to_vec();
         let roster = parse_roster(&reply, 5000).unwrap();
+        assert_eq!(roster.named, None);
+        assert_eq!(roster.epoch, "9000");
+        assert_eq!(roster.settling, Duration::from_millis(1500));
         assert_eq!(roster.lost, vec![1]);
         let members = roster.members;
         assert_eq!(members.len(), 2);
@@ -297,10 +439,15 @@ mod tests {
         assert_eq!(members[0].partitions, BTreeSet::from([0, 3]));
         assert_eq!(members[1].seen, Duration::ZERO);
         assert!(members[1].partitions.is_empty());
-        assert!(parse_roster(&["1".into(), "".into(), "a".into()], 5000).is_none());
-        assert!(parse_roster(&["1".into(), "0".into()], 5000).is_none());
-        assert!(parse_roster(&["1".into(), "".into()], 5000).is_some());
+        let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        assert!(parse_roster(&s(&["1", "", "", "0", "", "a"]), 5000).is_none());
+        assert!(parse_roster(&s(&["1", "", "", "0", "0"]), 5000).is_none());
+        assert!(parse_roster(&s(&["1", "", "", "0", ""]), 5000).is_some());
+        assert!(parse_roster(&s(&["1", "", "", "x", ""]), 5000).is_none());
+        assert!(parse_roster(&s(&["1", "", "", "0"]), 5000).is_none());
         assert!(parse_roster(&[], 5000).is_none());
+        let taken = parse_roster(&s(&["1", "a/2", "5", "0", "", "a/2", "900", ""]), 5000).unwrap();
+        assert_eq!(taken.named.as_deref(), Some("a/2"));
     }
 
     proptest! {

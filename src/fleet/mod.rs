@@ -72,6 +72,17 @@ pub enum FleetError {
         /// The server, as `scheme://host:port`.
         at: Arc<str>,
     },
+    /// Another live process has this replica's `fleet.name`: two replicas must not share one.
+    #[error(
+        "fleet.name {name:?} is in use by another live replica ({holder}); each replica needs a \
+         name of its own (leave fleet.name empty for the host name and process id)"
+    )]
+    NameInUse {
+        /// This replica's `fleet.name`.
+        name: String,
+        /// The other process, as `name/instance`.
+        holder: String,
+    },
     /// Redis answered something the scripts never return.
     #[error("Redis {op} answered unexpectedly: {what}")]
     Unexpected {
@@ -88,8 +99,12 @@ pub struct Fleet {
     /// The server, for errors.
     endpoint: Arc<str>,
     prefix: String,
+    /// This replica's name (`fleet.name`, or the host name and process id): one live process
+    /// at a time has it ([`membership`]).
+    name: String,
     /// This replica, as a claimant: its name and a per-process id, so a restarted replica
     /// with the same name (a container's pid is often 1) is not taken for its predecessor.
+    /// What it claims, holds and lists in the membership carries this id, never the name alone.
     claimant: String,
     lease: Duration,
     timeout: Duration,
@@ -100,6 +115,12 @@ pub struct Fleet {
     healthy: AtomicBool,
     metrics: Arc<Metrics>,
     holds: holds::HoldState,
+    /// The other process found with this replica's name while it ran, if one was: it stepped
+    /// down ([`Fleet::keep_membership`]).
+    displaced_by: std::sync::OnceLock<String>,
+    /// The fleet's epoch as this replica last saw it (`lua/heartbeat.lua`); empty before its
+    /// first heartbeat.
+    epoch: std::sync::Mutex<String>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -173,6 +194,7 @@ impl Fleet {
             endpoint,
             prefix: format!("{name}:"),
             claimant: format!("{replica}/{}", uuid::Uuid::new_v4().simple()),
+            name: replica,
             lease: settings.lease,
             timeout: settings.redis_timeout,
             outcome_ttl,
@@ -182,6 +204,8 @@ impl Fleet {
             healthy: AtomicBool::new(false),
             metrics,
             holds: holds::HoldState::default(),
+            displaced_by: std::sync::OnceLock::new(),
+            epoch: std::sync::Mutex::default(),
         })
     }
 
@@ -193,6 +217,11 @@ impl Fleet {
     /// This replica as a claimant.
     pub fn claimant(&self) -> &str {
         &self.claimant
+    }
+
+    /// This replica's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub(crate) fn key(&self, kind: &str, id: &str) -> String {

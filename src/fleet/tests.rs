@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::broker::holds::Holds;
 use crate::contract::Rejection;
 use crate::contract::event::Event;
 
@@ -31,6 +32,32 @@ fn replica(fleet: &str, lease: Duration) -> Fleet {
         Arc::new(Metrics::new()),
     )
     .unwrap()
+}
+
+/// A replica of the fleet `fleet` with quick membership: heartbeats every 100 ms, gone after
+/// 500 ms.
+fn quick_replica(fleet: &str) -> Fleet {
+    Fleet::new(
+        &quick_settings(),
+        fleet,
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
+/// Quick membership: heartbeats every 100 ms, gone after 500 ms; the default name.
+fn quick_settings() -> FleetSettings {
+    FleetSettings {
+        redis_url: redis_url(),
+        redis_ca_file: Default::default(),
+        name: String::new(),
+        partitions: 1,
+        heartbeat: Duration::from_millis(100),
+        member_ttl: Duration::from_millis(500),
+        lease: Duration::from_secs(3),
+        redis_timeout: Duration::from_millis(900),
+    }
 }
 
 /// Two replicas of a fleet of their own.
@@ -310,4 +337,218 @@ async fn a_claim_asked_with_a_start_books_it_only_when_the_claim_is_ours() {
         matches!(first, Some(Reservation::DeadlineFirst { .. })),
         "{first:?}"
     );
+}
+
+#[tokio::test]
+async fn one_name_is_one_live_process_and_holds_carry_the_process() {
+    use std::collections::BTreeSet;
+    let name = fleet_name();
+    // Two processes under one name (both take the host name and this process's id).
+    let (a, b) = (quick_replica(&name), quick_replica(&name));
+    assert_eq!(a.name(), b.name());
+    assert_ne!(a.claimant(), b.claimant());
+    let none = BTreeSet::new();
+    a.heartbeat(&none).await.unwrap();
+    match b.heartbeat(&none).await {
+        Err(FleetError::NameInUse { holder, .. }) => assert_eq!(holder, a.claimant()),
+        other => panic!("b was let in under a's name: {other:?}"),
+    }
+    let ids: Vec<String> = a
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [a.claimant().to_owned()], "b is not a member");
+    assert_eq!(a.take_hold("q").await.unwrap(), None);
+    assert_eq!(
+        b.take_hold("q").await.unwrap().as_deref(),
+        Some(a.claimant()),
+        "a's hold is not b's"
+    );
+
+    // While a lives, b's join waits a little past member_ttl, then refuses, naming a.
+    let stop = CancellationToken::new();
+    let alive = CancellationToken::new();
+    let beating = async {
+        while !alive.is_cancelled() {
+            a.heartbeat(&none).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let started = std::time::Instant::now();
+    let (joined, ()) = tokio::join!(
+        async {
+            let joined = b.join(&stop).await;
+            alive.cancel();
+            joined
+        },
+        beating
+    );
+    match joined {
+        Err(e @ FleetError::NameInUse { .. }) => {
+            assert!(e.to_string().contains("fleet.name") && e.to_string().contains(a.claimant()));
+            assert!(
+                started.elapsed() >= Duration::from_millis(600),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        other => panic!("b joined beside a live a: {other:?}"),
+    }
+    // a dies (no more heartbeats): b joins once a's name lapses.
+    let started = std::time::Instant::now();
+    b.join(&stop).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match a.heartbeat(&none).await {
+        Err(FleetError::NameInUse { holder, .. }) => assert_eq!(holder, b.claimant()),
+        other => panic!("a came back beside b: {other:?}"),
+    }
+    b.leave().await.unwrap();
+    a.heartbeat(&none).await.unwrap();
+    a.leave().await.unwrap();
+}
+
+/// Deletes every key of the fleet `fleet`: Redis losing its state, as a restart without
+/// persistence or a flush does (the shared test server is not flushed whole).
+async fn lose_state(redis: &ConnectionManager, fleet: &str) {
+    let mut redis = redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{fleet}:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_takes_one_anew() {
+    use std::collections::BTreeSet;
+    let fleet = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
+    let settings = |name: &str| FleetSettings {
+        redis_url: redis_url(),
+        redis_ca_file: Default::default(),
+        name: name.to_owned(),
+        partitions: 1,
+        heartbeat: Duration::from_millis(100),
+        member_ttl: Duration::from_millis(800),
+        lease: Duration::from_secs(3),
+        redis_timeout: Duration::from_millis(900),
+    };
+    let replica = |name: &str| {
+        let metrics = Arc::new(Metrics::new());
+        Fleet::new(&settings(name), &fleet, Duration::from_secs(60), metrics).unwrap()
+    };
+    let none = BTreeSet::new();
+    let (a, b) = (replica("a"), replica("b"));
+    // A fleet that starts takes its holds at once: no settling.
+    assert!(
+        a.take_hold("qa").await.unwrap().is_some(),
+        "a hold before any epoch"
+    );
+    a.heartbeat(&none).await.unwrap();
+    b.heartbeat(&none).await.unwrap();
+    assert_eq!(a.take_hold("qa").await.unwrap(), None);
+    assert_eq!(b.take_hold("qb").await.unwrap(), None);
+
+    // Redis loses everything; a heartbeats first and sees itself alone.
+    lose_state(&a.redis, &fleet).await;
+    assert!(
+        a.take_hold("qb").await.unwrap().is_some(),
+        "a hold with no epoch"
+    );
+    let roster = a.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(!roster.settling.is_zero(), "{roster:?}");
+    assert_eq!(roster.members.len(), 1);
+    // b's hold is gone from Redis, but a may not take it: b takes it back.
+    assert!(a.take_hold("qb").await.unwrap().is_some());
+    assert!(
+        a.take_hold("qc").await.unwrap().is_some(),
+        "a new hold while settling"
+    );
+    let roster = b.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(roster.lost.is_empty(), "b lost its hold: {roster:?}");
+    assert_eq!(b.take_hold("qb").await.unwrap(), None);
+    assert_eq!(
+        a.take_hold("qb").await.unwrap().as_deref(),
+        Some(b.claimant())
+    );
+    // Settled after member_ttl: holds are taken anew again.
+    tokio::time::sleep(Duration::from_millis(850)).await;
+    a.heartbeat(&none).await.unwrap();
+    b.heartbeat(&none).await.unwrap();
+    assert_eq!(a.take_hold("qc").await.unwrap(), None);
+
+    // Lost again, and a replica that just started heartbeats first: it knows no epoch, so the
+    // next one that knew the old one marks the new one as made after a loss.
+    lose_state(&a.redis, &fleet).await;
+    let c = replica("c");
+    let roster = c.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(roster.settling.is_zero());
+    let roster = a.beat(super::membership::Beat::Alive(&none)).await.unwrap();
+    assert!(!roster.settling.is_zero(), "{roster:?}");
+    assert!(
+        c.take_hold("qd").await.unwrap().is_some(),
+        "c took a hold while settling"
+    );
+    for r in [&a, &b, &c] {
+        r.leave().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn holds_are_valid_until_their_deadline_and_one_that_expired_is_not_taken_back() {
+    use std::collections::BTreeSet;
+    let fleet = fleet_name();
+    let a = quick_replica(&fleet);
+    // Under a name of its own: in this process it would share a's default one.
+    let settings = FleetSettings {
+        name: "b".into(),
+        ..quick_settings()
+    };
+    let b = Fleet::new(
+        &settings,
+        &fleet,
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let none = BTreeSet::new();
+    // A replica that never held a queue is not fenced.
+    assert!(a.holds_valid());
+    a.heartbeat(&none).await.unwrap();
+    assert_eq!(a.take_hold("q").await.unwrap(), None);
+    let term = a.hold_term();
+    assert!(a.holds_valid() && a.holds_valid_in(term));
+
+    // Frozen past member_ttl (500 ms): the deadline (400 ms) passes, the hold expires.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!a.holds_valid(), "valid past the deadline");
+    // Nobody took it: still a's heartbeat does not set it again, it counts it lost.
+    a.heartbeat(&none).await.unwrap();
+    assert!(!a.holds_valid());
+    assert_ne!(a.hold_term(), term, "the holds lapsed: a new term");
+    b.heartbeat(&none).await.unwrap();
+    assert_eq!(b.take_hold("q").await.unwrap(), None, "the hold is free");
+
+    // Given up after the consumer let go; taken again later: valid, but not for the old term.
+    Holds::give_all(&a).await;
+    assert!(!a.holds_valid(), "valid while nothing is held");
+    Holds::give_all(&b).await;
+    assert_eq!(a.take_hold("q").await.unwrap(), None);
+    assert!(a.holds_valid());
+    assert!(
+        !a.holds_valid_in(term),
+        "a command of the lapsed term may not call"
+    );
+    Holds::give_all(&a).await;
+    a.leave().await.unwrap();
+    b.leave().await.unwrap();
 }

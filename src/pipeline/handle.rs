@@ -157,10 +157,11 @@ pub async fn handle(
             {
                 tracing::warn!(error = %e, "could not give the claim up; it lapses after the lease");
             }
-            if unfinished == Unfinished::Aside {
-                return Handled::Aside;
-            }
-            return Handled::Requeue("shutdown grace ran out");
+            return match unfinished {
+                Unfinished::Aside => Handled::Aside,
+                Unfinished::NotHeld => Handled::Requeue("this replica's fleet holds lapsed"),
+                Unfinished::Abandoned => Handled::Requeue("shutdown grace ran out"),
+            };
         }
     };
     stages.outcomes.insert(command_id.to_owned(), event.clone());

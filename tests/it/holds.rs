@@ -179,6 +179,9 @@ impl Holds for Unfenced {
     fn deadline(&self) -> watch::Receiver<Option<Instant>> {
         self.0.subscribe()
     }
+    fn valid(&self) -> bool {
+        true
+    }
 }
 
 /// Whether the scenario runs with the fleet's holds, or without any fence.

@@ -48,6 +48,11 @@ impl SourceLanes {
         lane: &Lane,
         pending: &mut Vec<Job>,
     ) -> Result<(), Unpublished> {
+        if !self.source.held() {
+            // The holds lapsed (a freeze, Redis away): nothing is set aside on the source's
+            // behalf until they are kept again; the deliveries stay unacked meanwhile.
+            return Err(Unpublished::Failed);
+        }
         let mut sessions = HashSet::new();
         let (batch, later): (Vec<Numbered>, Vec<Numbered>) = std::mem::take(pending)
             .into_iter()

@@ -144,6 +144,8 @@ impl SourceLanes {
         }
         task.marker_waits = 0;
         task.marker = None;
+        // Looked at again right before the delete: a replica that froze meanwhile past its
+        // holds' deadline deletes nothing.
         if !self.idle(lane) {
             return false;
         }
@@ -211,6 +213,7 @@ impl SourceLanes {
             && !lane.account.congested()
             && !self.stop.is_cancelled()
             && self.source.connection.status().connected()
+            && self.source.held()
     }
 }
 

@@ -178,11 +178,22 @@ impl Fleet {
     pub fn add_replica(&mut self) -> usize {
         let i = self.replicas.len();
         let tag = &self.settings.amqp.commands_queue["tw-test-".len()..][..6];
-        let mut replica = Replica::new(
-            format!("r{i}-{tag}"),
-            self.env.clone(),
-            self.config.path().to_owned(),
-        );
+        self.add_replica_named(&format!("r{i}-{tag}"))
+    }
+
+    /// Starts one more replica with `fleet.name` set to `name` (another replica may have it
+    /// too), without waiting for it.
+    pub fn add_replica_named(&mut self, name: &str) -> usize {
+        self.add_replica_with(name, &[])
+    }
+
+    /// Starts one more replica named `name`, with `more` variables over the fleet's (its own
+    /// simulator, say), without waiting for it.
+    pub fn add_replica_with(&mut self, name: &str, more: &[(String, String)]) -> usize {
+        let i = self.replicas.len();
+        let mut env = self.env.clone();
+        env.extend(more.iter().cloned());
+        let mut replica = Replica::new(name.to_owned(), env, self.config.path().to_owned());
         replica.spawn();
         self.replicas.push(replica);
         i

@@ -184,13 +184,27 @@ impl Process {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends SIGSTOP: the process is frozen, as in a VM or GC pause, its sockets open.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Sends SIGCONT to a frozen process.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
         let child = self.child.as_ref().expect("the process runs");
         let pid = child.id().expect("running");
         let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .unwrap();
-        assert!(kill.success());
+        assert!(kill.success(), "kill {signal} {pid}");
     }
 
     /// SIGKILL, and waits for the process to be gone.

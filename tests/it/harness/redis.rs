@@ -102,6 +102,17 @@ impl RedisServer {
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
     }
 
+    /// `FLUSHALL`: every key gone at once, as in a restart without persistence.
+    pub async fn flush_all(&self) {
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "FLUSHALL"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("redis-cli runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    }
+
     /// SIGKILL, and waits for it to be gone.
     pub async fn kill(&mut self) {
         self.process.kill().await;
