@@ -9,6 +9,7 @@ pub mod bots;
 pub mod breaker;
 pub mod breakers;
 pub mod client;
+mod deadline;
 pub mod jwt;
 pub mod pacer;
 pub mod retry;

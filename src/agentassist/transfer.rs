@@ -14,6 +14,7 @@ use super::bots::Bot;
 use super::breaker::{Failure as BreakerFailure, Interrupted};
 use super::breakers::Breakers;
 use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
+use super::deadline::{deadline_of, reaches, start_limit};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
 use super::start::{self, FirstStart};
@@ -429,34 +430,7 @@ enum Next {
     Done(Outcome),
 }
 
-/// Whether waiting `wait` from `now` reaches `deadline` (or past anything representable).
-fn reaches(now: Instant, wait: std::time::Duration, deadline: Instant) -> bool {
-    now.checked_add(wait).is_none_or(|at| at >= deadline)
-}
-
 /// With the `fault-injection` feature, a command with this `orgId` panics inside its
 /// processing, so tests can show that a fault stays inside one command.
 #[cfg(feature = "fault-injection")]
 pub const FAULT_PANIC_ORG_ID: &str = "o-fault-injection-panic";
-
-/// When `command` must be done by, as an `Instant` from `now`. A deadline too far away to be
-/// an `Instant` is no deadline at all.
-fn deadline_of(command: &Command, now: Instant) -> Option<Instant> {
-    command
-        .deadline
-        .and_then(|d| match d.duration_since(SystemTime::now()) {
-            Ok(left) => now.checked_add(left),
-            Err(_) => Some(now),
-        })
-}
-
-/// How long a start may be waited for: until the deadline, or until the aside limit when
-/// that comes first (then also returned, as the aside limit in force).
-fn start_limit(
-    deadline: Option<Instant>,
-    aside: Option<Duration>,
-) -> (Option<Instant>, Option<Instant>) {
-    let aside_at = aside.and_then(|d| Instant::now().checked_add(d));
-    let by_aside = aside_at.filter(|a| deadline.is_none_or(|d| *a < d));
-    (by_aside.or(deadline), by_aside)
-}

@@ -10,6 +10,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
+mod fleet_timings;
 mod production;
 mod redact;
 mod sections;

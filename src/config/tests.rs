@@ -338,7 +338,7 @@ const A_FLEET: (&str, &str) = ("TRANSFER__FLEET__REDIS_URL", "redis://127.0.0.1:
 #[test]
 fn the_worker_s_default_amqp_heartbeat_is_the_one_validation_counts_with() {
     assert_eq!(
-        validate::DEFAULT_AMQP_HEARTBEAT_SECS,
+        fleet_timings::DEFAULT_AMQP_HEARTBEAT_SECS,
         crate::broker::connection::DEFAULT_HEARTBEAT_SECS
     );
 }
