@@ -19,7 +19,8 @@
 //!   [`broker::publisher`] (publisher confirms), [`broker::account_queue`] (an account's
 //!   queue beside a source, where its commands wait while it is congested), and
 //!   [`broker::consumer`]: one queue's consumer and the partition queues it owns (connect,
-//!   consume, rebalance, reconnect, drain), fed to any [`broker::consumer::Handler`];
+//!   consume, rebalance, reconnect, drain, and without a fleet the broker's own hold, a token
+//!   that makes every other replica a standby), fed to any [`broker::consumer::Handler`];
 //!   [`broker::CurrentLink`] is the shared handle on the current link.
 //! - [`fleet`] — with several replicas, the state they share through Redis: one rate budget
 //!   per account, claims and recorded outcomes, so the fleet behaves as one worker;
