@@ -378,8 +378,9 @@ pub fn check(
         let put = deleted.iter().filter(|(_, k)| *k == i).count();
         let _ = writeln!(
             text,
-            "  operator's deletion at {:.1} s: {} queues holding {} messages (broker's count); \
-             {put} unended commands put down to it",
+            "  operator's deletion at {:.1} s: {} queues holding at most {} messages (the broker's \
+             ready count, and what each queue's reader may have held); {put} unended commands put \
+             down to it",
             secs(d.sent),
             d.queues.len(),
             d.messages(),
@@ -465,8 +466,9 @@ pub fn check(
     }
     let _ = writeln!(
         text,
-        "  deleted by the operator: {} commands of {BURST} (the broker counted {deleted_messages} \
-         messages in the {} queues deleted); losses are thus at least {} and at most {} (if \
+        "  deleted by the operator: {} commands of {BURST} (at most {deleted_messages} messages \
+         were in the {} queues deleted: the broker's ready count, and what their readers may \
+         have held); losses are thus at least {} and at most {} (if \
          none of those was in a deleted queue after all)",
         deleted.len(),
         h.deletions.iter().map(|d| d.queues.len()).sum::<usize>(),

@@ -56,15 +56,21 @@ pub struct Deletion {
     /// When the first `queue.delete` was sent, and when the last was answered.
     pub sent: Instant,
     pub done: Instant,
-    /// The queues deleted, each with the broker's count of the messages it held then (ready
-    /// ones: those taken and not settled went with the queue too, but the worker holding them
-    /// still ends them).
+    /// The queues deleted, each with the broker's count of the messages it held then: the
+    /// ready ones only. Those its holder's reader had received went with the queue too: one
+    /// that was running still ends, one the reader held while it waited for a slot does not.
     pub queues: Vec<(String, u32)>,
 }
 
 impl Deletion {
+    /// The most commands this deletion can have taken with it: the ready ones the broker
+    /// counted, and, per queue, what its reader may have held unacked and not started (its
+    /// prefetch, the burst account's cap).
     pub fn messages(&self) -> u64 {
-        self.queues.iter().map(|(_, n)| u64::from(*n)).sum()
+        let held = crate::rig::BURST.max_in_flight.map_or(0, u64::from);
+        (self.queues.iter())
+            .map(|(_, n)| u64::from(*n).saturating_add(held))
+            .sum()
     }
 }
 
