@@ -149,7 +149,11 @@ impl Registry {
         }
         let connection = connect(url, "transfer-worker bench cleanup").await?;
         for names in &all {
-            let queues = [names.commands.clone(), names.dead_queue.clone()];
+            let queues = [
+                names.commands.clone(),
+                names.dead_queue.clone(),
+                transfer_worker::broker::consumer::holder_queue(&names.commands),
+            ];
             let accounts = names.account_queues();
             for queue in queues
                 .into_iter()

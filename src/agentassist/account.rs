@@ -78,19 +78,24 @@ pub struct Account {
     metrics: AccountMetrics,
 }
 
-/// The cap applied: `max_in_flight`, but no more than the budget can start in a quarter of
-/// the broker's `consumer_timeout`, so no delivery waits in memory for half of it (a waiting
-/// command has at most twice the cap ahead of it).
+/// The cap applied: `max_in_flight`, but no more than the budget can start in half the
+/// broker's `consumer_timeout` divided by `sources + 1`, so no delivery waits unacked for half
+/// of it. `sources` is how many sources one replica may hold lanes of (every partition, in a
+/// fleet that shares work; else 1): each of their account-queue readers takes up to the cap,
+/// and the commands taken in directly hold up to the cap more, so a waiting delivery has at
+/// most `(sources + 1) × cap` starts ahead of it (docs/fairness.md, "Unacked time").
 pub fn effective_cap(
     max_in_flight: u32,
     rate_limit: u32,
     rate_window: Duration,
     consumer_timeout: Duration,
+    sources: u32,
 ) -> usize {
-    let quarter = consumer_timeout / 4;
+    let half = consumer_timeout / 2;
     let window = rate_window.max(Duration::from_millis(1));
-    // Starts the budget allows in a quarter of the timeout, computed without overflow.
-    let starts = u128::from(rate_limit).saturating_mul(quarter.as_millis()) / window.as_millis();
+    // Starts the budget allows in half the timeout, computed without overflow.
+    let starts = u128::from(rate_limit).saturating_mul(half.as_millis()) / window.as_millis();
+    let starts = starts / (u128::from(sources) + 1);
     let bound = usize::try_from(starts).unwrap_or(usize::MAX).max(1);
     usize::try_from(max_in_flight)
         .unwrap_or(usize::MAX)
@@ -384,12 +389,33 @@ mod tests {
     fn the_cap_bounds_the_wait_to_a_quarter_of_the_consumer_timeout() {
         let half_hour = Duration::from_secs(1800);
         assert_eq!(
-            effective_cap(32, 60, Duration::from_secs(60), half_hour),
+            effective_cap(32, 60, Duration::from_secs(60), half_hour, 1),
             32
         );
         // One call a minute: no more than 7 may queue up for a 7.5-minute quarter.
-        assert_eq!(effective_cap(32, 1, Duration::from_secs(60), half_hour), 7);
-        assert_eq!(effective_cap(0, 1, Duration::from_secs(3600), half_hour), 1);
+        assert_eq!(
+            effective_cap(32, 1, Duration::from_secs(60), half_hour, 1),
+            7
+        );
+        assert_eq!(
+            effective_cap(0, 1, Duration::from_secs(3600), half_hour, 1),
+            1
+        );
+    }
+
+    #[test]
+    fn the_cap_shrinks_with_the_sources_a_replica_may_read_account_queues_of() {
+        let half_hour = Duration::from_secs(1800);
+        // 60 a minute: 900 starts in 15 minutes, shared by 16 partitions' readers and the
+        // commands taken in directly: 52 each at most.
+        assert_eq!(
+            effective_cap(60, 60, Duration::from_secs(60), half_hour, 16),
+            52
+        );
+        // Every delivery a replica may hold unacked for the account starts within half the
+        // timeout.
+        let cap = effective_cap(60, 10, Duration::from_secs(60), half_hour, 16);
+        assert!(17 * cap <= 150, "cap {cap}");
     }
 
     mod props {
@@ -405,15 +431,24 @@ mod tests {
                 limit in any::<u32>(),
                 window_ms in any::<u64>(),
                 timeout_ms in any::<u64>(),
+                sources in any::<u32>(),
             ) {
                 let cap = effective_cap(
                     max,
                     limit,
                     Duration::from_millis(window_ms),
                     Duration::from_millis(timeout_ms),
+                    sources,
                 );
                 prop_assert!(cap >= 1);
                 prop_assert!(cap <= usize::try_from(max.max(1)).unwrap());
+                // Past the floor of 1, every delivery held unacked starts within half the
+                // timeout.
+                if cap > 1 {
+                    let starts = u128::from(limit) * u128::from(timeout_ms / 2)
+                        / u128::from(window_ms.max(1));
+                    prop_assert!((u128::from(sources) + 1) * cap as u128 <= starts);
+                }
             }
         }
     }

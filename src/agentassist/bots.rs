@@ -81,6 +81,7 @@ impl Bots {
                         b.rate_limit,
                         b.rate_window,
                         settings.amqp.consumer_timeout,
+                        settings.lane_sources(),
                     );
                     Arc::new(Account::new(
                         &b.account_id,

@@ -108,6 +108,16 @@ pub struct Settings {
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl Settings {
+    /// How many sources one replica may hold account-queue lanes of: every partition in a
+    /// fleet that shares work, else the commands queue alone.
+    pub fn lane_sources(&self) -> u32 {
+        if self.fleet.enabled() && self.fleet.partitions > 0 {
+            u32::from(self.fleet.partitions)
+        } else {
+            1
+        }
+    }
+
     /// `bot.max_in_flight`, or its default: the most calls its budget lets start at once
     /// (`rate_limit`, a window's burst), or, if more, as many as the budget keeps on the wire
     /// when each takes the whole `agentassist.request_timeout`. A healthy account never waits

@@ -79,6 +79,7 @@ pub async fn status(settings: &Settings) -> Result<Status, BrokerError> {
                     bot.rate_limit,
                     bot.rate_window,
                     amqp.consumer_timeout,
+                    settings.lane_sources(),
                 ),
                 queues,
             });

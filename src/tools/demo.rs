@@ -369,6 +369,7 @@ async fn remove_topology(channel: &Channel, amqp: &AmqpSettings, events_queue: &
     for queue in [
         &amqp.commands_queue,
         &amqp.dead_letter_queue,
+        &crate::broker::consumer::holder_queue(&amqp.commands_queue),
         &events_queue.to_owned(),
     ] {
         let _ = timed(

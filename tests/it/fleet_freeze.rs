@@ -30,11 +30,9 @@ async fn a_replica_frozen_past_member_ttl_calls_nothing_after_it_wakes_and_loses
     };
     spec.env
         .push(("TRANSFER__COMMANDS__ASIDE_AFTER".into(), "60s".into()));
-    // As docs/fleet.md asks: member_ttl less the heartbeat (2.75 s) above the broker's
-    // detection of a dead peer (about twice the AMQP heartbeat, 1 s), so the broker has
-    // closed the frozen replica's connection before its holds can expire.
-    spec.env
-        .push(("TRANSFER__FLEET__MEMBER_TTL".into(), "3s".into()));
+    // As the fleet timings ask (docs/configuration.md): member_ttl less the heartbeat (3 s,
+    // from `partitioned`) at least three AMQP heartbeats (1 s, below), so the broker has closed
+    // the frozen replica's connection before its holds can expire.
     spec.env.push((
         "TRANSFER__AMQP__URL".into(),
         format!("{}?heartbeat=1", amqp_url()),

@@ -19,6 +19,7 @@ mod hardening;
 mod harness;
 mod holds;
 mod kubernetes;
+mod model;
 mod operations;
 mod partitions;
 mod relay;

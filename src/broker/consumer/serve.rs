@@ -254,20 +254,41 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         let limit = self.settings.grace + self.settings.settle;
         let releasing = &mut link.owned.releasing;
         let source = &link.source;
-        tokio::join!(
-            self.drain(),
-            // What was taken up beside the queue is let go first: its set-aside commands are
-            // acked on the queue's channel, so that channel closes (and the hold goes) after.
-            async {
-                if handover.is_some() {
-                    H::close(&self.handler, source).await;
-                }
-                if let Some(intake) = handover {
-                    intake.close(t, limit, self.holds.as_deref(), queue).await;
-                }
-            },
-            async { while releasing.join_next().await.is_some() {} },
-        );
+        let mut deadline = self.holds.as_ref().map(|h| h.deadline());
+        let handed = async {
+            tokio::join!(
+                self.drain(),
+                // What was taken up beside the queue is let go first: its set-aside commands
+                // are acked on the queue's channel, so that channel closes (and the hold goes)
+                // after.
+                async {
+                    if handover.is_some() {
+                        H::close(&self.handler, source).await;
+                    }
+                    if let Some(intake) = handover {
+                        intake.close(t, limit, self.holds.as_deref(), queue).await;
+                    }
+                },
+                async { while releasing.join_next().await.is_some() {} },
+            );
+        };
+        let lapsed = tokio::select! {
+            () = handed => false,
+            () = lapse(&mut deadline) => true,
+        };
+        if lapsed {
+            // Another replica may take the queues now: everything still in hand goes back with
+            // the connection at once, rather than behind what the next holder takes.
+            tracing::error!(
+                "the holds lapsed during the hand-over (Redis away); letting every queue go with the connection"
+            );
+            crate::broker::connection::close(&link.connection, &self.settings.amqp, "holds lapsed")
+                .await;
+            if let Some(holds) = &self.holds {
+                holds.give_all().await;
+            }
+            return (Stop::Shutdown(link.connection), true);
+        }
         link.publisher.close(t).await;
         // Last, the broker's hold: the next replica in line takes over only now.
         if let Some(standby) = link.standby.take() {
@@ -325,6 +346,32 @@ impl Connected {
             return None;
         };
         Some(reason.to_owned())
+    }
+}
+
+/// Resolves once the holds' deadline has passed; never without holds, or while none is set.
+async fn lapse(deadline: &mut Option<watch::Receiver<Option<Instant>>>) {
+    let Some(deadline) = deadline else {
+        return std::future::pending().await;
+    };
+    loop {
+        let by = *deadline.borrow_and_update();
+        match by {
+            Some(by) if by <= Instant::now() => return,
+            Some(by) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(by.into()) => {}
+                    changed = deadline.changed() => if changed.is_err() {
+                        return std::future::pending().await;
+                    },
+                }
+            }
+            None => {
+                if deadline.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
     }
 }
 

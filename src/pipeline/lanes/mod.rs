@@ -78,6 +78,8 @@ struct Lane {
     in_queue: AtomicUsize,
     /// Taken from the account queue and not yet settled.
     taken: AtomicUsize,
+    /// The reader holds a delivery it received and has not taken yet (waiting for a slot).
+    holding: std::sync::atomic::AtomicBool,
     /// The last marker the reader read back (see [`SourceLanes::retire`]).
     last_marker: tokio::sync::watch::Sender<Option<String>>,
 }
@@ -199,6 +201,7 @@ impl SourceLanes {
                     state: Mutex::new(LaneState::default()),
                     in_queue: AtomicUsize::new(0),
                     taken: AtomicUsize::new(0),
+                    holding: std::sync::atomic::AtomicBool::new(false),
                     last_marker: tokio::sync::watch::Sender::new(None),
                 })
             })

@@ -90,11 +90,14 @@ impl SourceLanes {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     Some(n.saturating_sub(1))
                 });
+            // Received and not yet taken: the lane is not empty while it waits for its slot.
+            lane.holding.store(true, Ordering::Relaxed);
             let slot = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Some(Held { consumer, held: Some(delivery) }),
                 slot = lane.account.slot() => slot,
             };
+            lane.holding.store(false, Ordering::Relaxed);
             let Some(pipeline) = self.pipeline.upgrade() else {
                 return Some(Held {
                     consumer,
@@ -173,6 +176,7 @@ impl LaneReader {
             }
         }
         lane.in_queue.fetch_add(left, Ordering::Relaxed);
+        lane.holding.store(false, Ordering::Relaxed);
         self.channel
     }
 }

@@ -92,7 +92,8 @@ impl SourceLanes {
     /// queue was deleted. In order:
     ///
     /// 1. nothing waits to be set aside or published, nothing taken back is unsettled, the
-    ///    account is no longer congested, and this replica still holds the source;
+    ///    reader holds nothing it received (a message returned late by a former holder, say),
+    ///    the account is no longer congested, and this replica still holds the source;
     /// 2. a marker is published into the queue, confirmed, and read back by this holder's
     ///    own reader, the queue's single active consumer: everything published before it
     ///    (by this holder or an earlier one) has been handed out, and what was handed to
@@ -210,6 +211,7 @@ impl SourceLanes {
         state.queued == 0
             && lane.in_queue.load(Ordering::Relaxed) == 0
             && lane.taken.load(Ordering::Relaxed) == 0
+            && !lane.holding.load(Ordering::Relaxed)
             && !lane.account.congested()
             && !self.stop.is_cancelled()
             && self.source.connection.status().connected()

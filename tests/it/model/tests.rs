@@ -1,0 +1,161 @@
+//! The model checked at small bounds: today's protocol loses a command (the checker finds how),
+//! the fixed one keeps every invariant, and the fixed one without one of its rules breaks.
+//! Larger bounds: `cargo bench --bench handover`.
+
+use std::time::Instant;
+
+use stateright::{Checker, HasDiscoveries, Model};
+
+// Benches compile this module too (with `cfg(test)`, without a harness, so without the tests
+// themselves): what only the tests use is unused there.
+#[allow(unused_imports)]
+use super::state::Which;
+#[allow(unused_imports)]
+use super::{Action, Fleet, Handover, Rule, Variant, property};
+
+/// Checks `model` breadth first until `wanted` is broken (or everything is explored); prints
+/// what was explored and the counterexample, and returns its steps.
+fn find(model: Handover, wanted: &'static str) -> Option<Vec<Action>> {
+    let started = Instant::now();
+    let checker = model
+        .checker()
+        .finish_when(HasDiscoveries::AnyOf([wanted].into()))
+        .spawn_bfs()
+        .join();
+    println!(
+        "{wanted:?}: {} states ({} unique), depth {}, {:.1?}",
+        checker.state_count(),
+        checker.unique_state_count(),
+        checker.max_depth(),
+        started.elapsed()
+    );
+    let actions = checker.discovery(wanted).map(|path| path.into_actions());
+    if let Some(actions) = &actions {
+        println!("counterexample in {} steps:", actions.len());
+        for (i, a) in actions.iter().enumerate() {
+            println!("  {:2}. {a:?}", i + 1);
+        }
+    }
+    actions
+}
+
+/// Checks every reachable state of `model`: no invariant is ever broken, every command
+/// ends, and a backlog can drain and its account queue be deleted, and change hands (the lanes
+/// and the hand-over are exercised).
+fn check_all(model: Handover) {
+    let started = Instant::now();
+    let checker = model.checker().spawn_bfs().join();
+    println!(
+        "{:?} {:?}, sigterm {} kill {} freeze {} rebalance {}: {} states ({} unique), depth {}, {:.1?}",
+        checker.model().variant,
+        checker.model().fleet,
+        checker.model().sigterms,
+        checker.model().kills,
+        checker.model().freezes,
+        checker.model().rebalances,
+        checker.state_count(),
+        checker.unique_state_count(),
+        checker.max_depth(),
+        started.elapsed()
+    );
+    for name in property::SAFETY {
+        checker.assert_no_discovery(name);
+    }
+    checker.assert_no_discovery(property::ALL_END);
+    checker.assert_any_discovery(property::DRAINED);
+    checker.assert_any_discovery(property::HANDED_OVER);
+}
+
+/// (a) Without Redis, a hot standby takes up the lane when it connects: it sees the account
+/// queue's ready count 0 (the active replica's reader holds its messages unacked) and deletes
+/// it; what the active one gives back later goes into nothing. (Its reader may also become the
+/// account queue's active consumer and take commands the active replica then deletes.)
+#[test]
+fn today_loses_a_command_with_a_hot_standby() {
+    let model = Handover::new(Variant::Today, Fleet::Standby);
+    let trace = find(model.clone(), property::NOTHING_LOST).expect("a command lost");
+    assert!(
+        trace.contains(&Action::TakeUp(1)),
+        "the standby takes up the lane"
+    );
+    let trace = find(model, property::RETURNED_TO_NOTHING).expect("a return to nothing");
+    assert!(trace.contains(&Action::Delete(1)), "the standby deletes");
+}
+
+/// (b) A rolling update with Redis: the old holder gives the hold up once its grace ran out,
+/// while its lane reader still holds deliveries; the new holder sees ready count 0 and deletes
+/// the account queue; the old one's deliveries come back to nothing when it exits.
+#[test]
+fn today_loses_a_command_in_a_rolling_update() {
+    let model = Handover::new(Variant::Today, Fleet::Holds);
+    let trace = find(model.clone(), property::NOTHING_LOST).expect("a command lost");
+    assert!(trace.contains(&Action::Delete(1)), "the new holder deletes");
+    let trace = find(model, property::RETURNED_TO_NOTHING).expect("a return to nothing");
+    assert!(
+        trace.contains(&Action::GraceOut(0, Which::Own)),
+        "the old holder's grace ran out"
+    );
+}
+
+/// Two replicas, two commands of one session, one SIGTERM and one kill, and a freeze or a
+/// rebalance: every interleaving keeps every invariant.
+#[test]
+fn fixed_keeps_every_invariant() {
+    check_all(Handover::new(Variant::Fixed, Fleet::Standby).with_events(1, 1, 1, 0));
+    check_all(Handover::new(Variant::Fixed, Fleet::Holds).with_events(1, 1, 1, 0));
+    check_all(Handover::new(Variant::Fixed, Fleet::Holds).with_events(1, 1, 0, 1));
+}
+
+/// The old holder gives the source up before its lanes are closed (today's order): its lane
+/// still runs a command of a session while the new holder runs the next one.
+#[test]
+fn fixed_without_closing_lanes_first_runs_a_session_twice_at_once() {
+    for fleet in [Fleet::Standby, Fleet::Holds] {
+        let model = Handover::new(Variant::Fixed, fleet).without(Rule::LanesCloseFirst);
+        let trace = find(model, property::ONE_CALL).expect("two calls of a session at once");
+        assert!(trace.contains(&Action::GraceOut(0, Which::Own)));
+    }
+}
+
+/// A standby that takes up its lane before it is the active consumer: its reader becomes the
+/// account queue's consumer while the active replica still runs the source, and a command is
+/// lost.
+#[test]
+fn fixed_without_the_standby_rule_loses_a_command() {
+    let model = Handover::new(Variant::Fixed, Fleet::Standby)
+        .without(Rule::StandbyTakesNoLane)
+        .with_events(1, 1, 1, 0);
+    find(model, property::NOTHING_LOST).expect("a command lost");
+}
+
+/// A rebalance that moves the source away and back: the old ownership's release gives the hold
+/// of the new one up, another replica takes it, and two replicas hold the source.
+#[test]
+fn fixed_without_generations_loses_a_command() {
+    let model = Handover::new(Variant::Fixed, Fleet::Holds)
+        .without(Rule::Generation)
+        .with_events(1, 1, 0, 1);
+    let trace = find(model, property::NOTHING_LOST).expect("a command lost");
+    assert!(trace.contains(&Action::Rebalance(0)));
+}
+
+/// A stopping reader rejects what it received but did not take, ahead of what it took and
+/// gives back later: the next holder runs a session backwards.
+#[test]
+fn fixed_rejecting_before_closing_reorders_a_session() {
+    let model = Handover::new(Variant::Fixed, Fleet::Holds)
+        .without(Rule::ReturnInOrder)
+        .with_events(1, 1, 0, 1);
+    find(model, property::ORDER).expect("a session out of order");
+}
+
+/// A frozen holder whose connection outlives its hold: the new holder takes commands in while
+/// the frozen one's deliveries come back to the account queue behind them.
+#[test]
+fn fixed_without_the_freeze_assumption_reorders_a_session() {
+    let model = Handover::new(Variant::Fixed, Fleet::Holds)
+        .without(Rule::ConnectionDiesBeforeExpiry)
+        .with_events(1, 1, 1, 0);
+    let trace = find(model, property::ORDER).expect("a session out of order");
+    assert!(trace.contains(&Action::HoldExpires));
+}
