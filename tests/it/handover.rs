@@ -80,17 +80,18 @@ async fn no_account_queue_left(fleet: &Fleet) {
     .await;
 }
 
-#[tokio::test]
-async fn a_hot_standby_beside_the_active_worker_loses_nothing() {
+/// One replica of `spec` (no more) with `n` commands of the paced account, some of them set
+/// aside; a second replica starts beside it, and `overlap` later the first gets SIGTERM. Every
+/// command ends, and no account queue is left.
+async fn second_replica_then_sigterm(spec: FleetSpec, prefix: &str, n: usize, overlap: Duration) {
     let mut fleet = Fleet::start(FleetSpec {
         replicas: 1,
         more_bots: vec![paced_bot()],
-        ..FleetSpec::default()
+        ..spec
     })
     .await;
-    let commands = paced_commands("sb", 4);
-    let ids: BTreeSet<String> = (0..4).map(|i| format!("sb-{i}")).collect();
-    fleet.publish_all(&commands).await;
+    let ids: BTreeSet<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    fleet.publish_all(&paced_commands(prefix, n)).await;
     // Some are set aside into the paced account's queue, and taken back one by one.
     wait_for(
         "commands set aside",
@@ -103,9 +104,8 @@ async fn a_hot_standby_beside_the_active_worker_loses_nothing() {
         },
     )
     .await;
-    // The standby starts beside the active worker, then the active one is stopped.
     fleet.add_replica();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(overlap).await;
     let status = fleet.replicas[0].terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{}", fleet.replicas[0].log());
     all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
@@ -114,37 +114,18 @@ async fn a_hot_standby_beside_the_active_worker_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_hot_standby_beside_the_active_worker_loses_nothing() {
+    // The standby starts beside the active worker, then the active one is stopped.
+    second_replica_then_sigterm(FleetSpec::default(), "sb", 4, Duration::from_secs(4)).await;
+}
+
+#[tokio::test]
 async fn a_rolling_update_with_a_new_replica_first_loses_nothing() {
-    let mut fleet = Fleet::start(FleetSpec {
-        replicas: 1,
-        more_bots: vec![paced_bot()],
-        ..FleetSpec::partitioned(1, 6)
-    })
-    .await;
-    let commands = paced_commands("ru", 9);
-    let ids: BTreeSet<String> = (0..9).map(|i| format!("ru-{i}")).collect();
-    fleet.publish_all(&commands).await;
-    wait_for(
-        "commands set aside",
-        Duration::from_secs(10),
-        || fleet.log_tails(40),
-        async || {
-            fleet
-                .log_lines("account backlog:")
-                .contains("account backlog")
-        },
-    )
-    .await;
-    // The new pod first, under a name of its own. It joins, and the old one hands it half
-    // the partitions while their lanes still wait for the account's budget, longer than the
-    // grace; once the new one has taken them up, the old one goes.
-    fleet.add_replica();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let status = fleet.replicas[0].terminate(Duration::from_secs(30)).await;
-    assert!(status.success(), "{}", fleet.replicas[0].log());
-    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
-    no_account_queue_left(&fleet).await;
-    fleet.stop_leaving_nothing().await;
+    // The new pod first, under a name of its own. It joins, and the old one hands it half the
+    // partitions while their lanes still wait for the account's budget, longer than the grace;
+    // once the new one has taken them up, the old one goes.
+    let spec = FleetSpec::partitioned(1, 6);
+    second_replica_then_sigterm(spec, "ru", 9, Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
