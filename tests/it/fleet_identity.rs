@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::harness::{Fleet, FleetSpec, session_command, tag};
-use crate::partitions::{all_ended, assert_each_succeeded_once};
+use crate::partitions::each_ends_once;
 use crate::rolling::session_faults;
 
 /// `rounds` rounds of one command for each of `sessions` sessions, `every` apart, published
@@ -79,14 +79,7 @@ async fn a_second_replica_under_a_name_a_live_one_has_refuses_to_start_and_every
         "the refusal names neither fleet.name nor the other replica:\n{log}"
     );
 
-    let n: usize = order.values().map(Vec::len).sum();
-    let events = fleet
-        .events_until(Duration::from_secs(60), |e| {
-            all_ended(e, order.values().flatten())
-        })
-        .await;
-    fleet.assert_no_event(Duration::from_secs(1)).await;
-    assert_each_succeeded_once(&events, n);
+    let n = each_ends_once(&mut fleet, &order, Duration::from_secs(60)).await;
     let faults = session_faults(&fleet, &order);
     assert!(faults.is_empty(), "sessions broken: {faults:#?}");
     // The first replica still has its name, and shares the work as before.
@@ -127,13 +120,7 @@ async fn a_replica_killed_and_started_again_at_once_under_its_name_joins_once_it
     )
     .await;
     let balanced = fleet.wait_balanced(&[0, 1], Duration::from_secs(20)).await;
-    let n: usize = order.values().map(Vec::len).sum();
-    let events = fleet
-        .events_until(Duration::from_secs(60), |e| {
-            all_ended(e, order.values().flatten())
-        })
-        .await;
-    assert_each_succeeded_once(&events, n);
+    each_ends_once(&mut fleet, &order, Duration::from_secs(60)).await;
     assert_eq!(
         fleet.replicas[1].readyz().await,
         Some(StatusCode::OK),

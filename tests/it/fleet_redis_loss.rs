@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::fleet_identity::feed;
 use crate::harness::redis::RedisServer;
 use crate::harness::{Fleet, FleetSpec, tag};
-use crate::partitions::{all_ended, assert_each_succeeded_once};
+use crate::partitions::each_ends_once;
 use crate::rolling::session_faults;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,14 +42,7 @@ async fn a_redis_that_loses_its_data_drops_no_broker_connection_and_every_comman
         },
     )
     .await;
-    let n: usize = order.values().map(Vec::len).sum();
-    let events = fleet
-        .events_until(Duration::from_secs(60), |e| {
-            all_ended(e, order.values().flatten())
-        })
-        .await;
-    fleet.assert_no_event(Duration::from_secs(1)).await;
-    assert_each_succeeded_once(&events, n);
+    let n = each_ends_once(&mut fleet, &order, Duration::from_secs(60)).await;
 
     let mut reconnects = Vec::new();
     let mut rebalances = Vec::new();

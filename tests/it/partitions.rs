@@ -77,6 +77,22 @@ pub fn assert_each_succeeded_once(events: &[Received], n: usize) {
     }
 }
 
+/// Waits up to `limit` until every command of `order` (by session) has ended, then a second
+/// for any stray event, and asserts that each succeeded once; how many there were.
+pub async fn each_ends_once(
+    fleet: &mut Fleet,
+    order: &BTreeMap<String, Vec<String>>,
+    limit: Duration,
+) -> usize {
+    let n: usize = order.values().map(Vec::len).sum();
+    let events = fleet
+        .events_until(limit, |e| all_ended(e, order.values().flatten()))
+        .await;
+    fleet.assert_no_event(Duration::from_secs(1)).await;
+    assert_each_succeeded_once(&events, n);
+    n
+}
+
 /// Each replica's sum of a metric family, by index (`None` when it does not answer).
 async fn per_replica(fleet: &Fleet, family: &str) -> Vec<Option<f64>> {
     let mut out = Vec::new();

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::harness::sim::calls_by_session;
 use crate::harness::{Fleet, FleetSpec, command_of, publish_commands, session_command, tag};
-use crate::partitions::{all_ended, assert_each_succeeded_once};
+use crate::partitions::each_ends_once;
 
 /// What went wrong in one session's calls: overlaps, order, repeats; empty when none.
 pub fn session_faults(
@@ -107,15 +107,7 @@ async fn a_rolling_restart_under_load_never_overlaps_reorders_repeats_or_loses_a
     }
     rolling.store(false, Ordering::Relaxed);
     let order = feed.await.expect("the feed");
-    let n: usize = order.values().map(Vec::len).sum();
-
-    let events = fleet
-        .events_until(Duration::from_secs(90), |e| {
-            all_ended(e, order.values().flatten())
-        })
-        .await;
-    fleet.assert_no_event(Duration::from_secs(1)).await;
-    assert_each_succeeded_once(&events, n);
+    let n = each_ends_once(&mut fleet, &order, Duration::from_secs(90)).await;
     let faults = session_faults(&fleet, &order);
     assert!(
         faults.is_empty(),
