@@ -32,6 +32,8 @@ pub struct AccountMetrics {
     pub budget_wait: Counter<f64, AtomicU64>,
     /// Commands set aside in the account's queues.
     pub set_aside: Counter,
+    /// Operations on its queues that failed.
+    pub queue_failures: Counter,
 }
 
 impl AccountMetrics {
@@ -46,6 +48,10 @@ impl AccountMetrics {
             in_flight: metrics.account_in_flight.get_or_create(&labels).clone(),
             budget_wait: metrics.account_budget_wait.get_or_create(&labels).clone(),
             set_aside: metrics.account_set_aside.get_or_create(&labels).clone(),
+            queue_failures: metrics
+                .account_queue_failures
+                .get_or_create(&labels)
+                .clone(),
         }
     }
 }

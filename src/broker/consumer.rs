@@ -30,10 +30,11 @@ use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use super::account_links::AccountLinks;
 use super::holds::Holds;
 use super::{BrokerError, CurrentLink, Publisher, timed};
 use crate::backoff;
@@ -100,10 +101,10 @@ pub struct Source {
     pub connection: Arc<Connection>,
     /// That connection's publisher.
     pub publisher: Arc<Publisher>,
+    /// The connections its account queues are used on (closed before `connection` goes).
+    pub links: Arc<AccountLinks>,
     /// Tasks the consumer waits for when it drains.
     pub tracker: TaskTracker,
-    /// Reports a loss the consumer must reconnect for.
-    pub lost: mpsc::Sender<String>,
     /// `[amqp]`.
     pub amqp: AmqpSettings,
     /// `shutdown.grace`.
@@ -332,7 +333,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         queue: &str,
         connection: &Arc<Connection>,
         publisher: &Arc<Publisher>,
-        lost: &mpsc::Sender<String>,
+        links: &Arc<AccountLinks>,
     ) -> Source {
         static TENURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Source {
@@ -340,8 +341,8 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             tenure: TENURES.fetch_add(1, Ordering::Relaxed),
             connection: connection.clone(),
             publisher: publisher.clone(),
+            links: links.clone(),
             tracker: self.tracker.clone(),
-            lost: lost.clone(),
             amqp: self.settings.amqp.clone(),
             grace: self.settings.grace,
             holds: self.holds.clone(),

@@ -1,6 +1,7 @@
 //! Everything that talks AMQP: the connection (to one node of a cluster, see [`nodes`]), the
 //! topology, the confirm-mode publisher, and the [`CurrentLink`] handle through which the rest of the process sees the current link.
 
+pub mod account_links;
 pub mod account_queue;
 pub mod connection;
 pub mod consumer;
@@ -52,6 +53,12 @@ pub enum BrokerError {
     Url {
         /// What is wrong with it.
         reason: String,
+    },
+    /// The connection an operation needed was closed for good (its replica's connection went).
+    #[error("broker {operation} not attempted: the connection was let go")]
+    Closed {
+        /// What was attempted.
+        operation: &'static str,
     },
     /// An operation took longer than `amqp.operation_timeout`.
     #[error("broker {operation} timed out")]

@@ -155,6 +155,8 @@ pub struct Metrics {
     pub account_budget_wait: Family<AccountLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Commands of an account set aside in its queues.
     pub account_set_aside: Family<AccountLabels, Counter>,
+    /// Operations on an account's queues that failed.
+    pub account_queue_failures: Family<AccountLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -229,6 +231,8 @@ const SERIES: &[Series] = &[
         "Time commands of an account spent waiting for its rate budget (or a 429 pause)"),
     ("account_set_aside", None, |m| &m.account_set_aside,
         "Commands of an account set aside in its own queue because it could not start them soon"),
+    ("account_queue_failures", None, |m| &m.account_queue_failures,
+        "Operations on an account's queue that failed (declare, look, consume, delete), or its consumer ending; each is tried again after a pause that grows"),
 ];
 
 /// One row of [`SERIES`].
@@ -297,6 +301,7 @@ impl Metrics {
             account_in_flight: Family::default(),
             account_budget_wait: Family::default(),
             account_set_aside: Family::default(),
+            account_queue_failures: Family::default(),
         };
         let mut registry = Registry::with_prefix("transfer");
         for (name, unit, field, help) in SERIES {

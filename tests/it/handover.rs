@@ -55,7 +55,7 @@ async fn all_end(fleet: &mut Fleet, ids: &BTreeSet<String>, limit: Duration) -> 
         "{:?}",
         events
             .iter()
-            .map(|e| (e.name(), e.command_id()))
+            .map(|e| (e.command_id(), &e.json["event"], &e.json["error"]))
             .collect::<Vec<_>>()
     );
     events
@@ -226,5 +226,83 @@ async fn a_partition_taken_back_while_its_hand_over_drains_keeps_its_hold() {
             fleet.log_tails(40)
         );
     }
+    fleet.stop_leaving_nothing().await;
+}
+
+#[tokio::test]
+async fn an_account_queue_that_fails_every_consume_stalls_only_itself() {
+    use transfer_worker::pipeline::lanes::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
+    // The first readers of this account's queue make the broker close their connection.
+    const BAD_STREAM: &str = "st-00000000-0000-4000-8000-0000000000c8";
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
+        more_bots: vec![BotSpec {
+            stream_id: BAD_STREAM.into(),
+            account_id: FAULT_BAD_QUEUE_ACCOUNT.into(),
+            ..paced_bot()
+        }],
+        ..FleetSpec::default()
+    })
+    .await;
+    let bad: Vec<Value> = (0..5)
+        .map(|i| {
+            let mut c = session_command(&format!("bq-{i}"), &format!("s-bq-{i}"), false);
+            c["streamId"] = json!(BAD_STREAM);
+            c
+        })
+        .collect();
+    fleet.publish_all(&bad).await;
+    wait_for(
+        "the account queue failing",
+        Duration::from_secs(20),
+        || fleet.log_tails(40),
+        async || {
+            fleet
+                .log_lines("cannot consume an account queue")
+                .contains(FAULT_BAD_QUEUE_ACCOUNT)
+        },
+    )
+    .await;
+    // Every other account's commands flow meanwhile.
+    let default_stream = fleet.settings.bots[0].stream_id.clone();
+    let others: Vec<Value> = (0..20)
+        .map(|i| {
+            let mut c = session_command(&format!("ok-{i}"), &format!("s-ok-{i}"), false);
+            c["streamId"] = json!(default_stream);
+            c
+        })
+        .collect();
+    fleet.publish_all(&others).await;
+    let ids: BTreeSet<String> = (0..20)
+        .map(|i| format!("ok-{i}"))
+        .chain((0..5).map(|i| format!("bq-{i}")))
+        .collect();
+    all_end(&mut fleet, &ids, Duration::from_secs(90)).await;
+    let r = &fleet.replicas[0];
+    let failures = r
+        .metric(&format!(
+            "transfer_account_queue_failures_total{{account=\"{FAULT_BAD_QUEUE_ACCOUNT}\"}}"
+        ))
+        .await;
+    assert!(
+        failures >= f64::from(FAULT_BAD_QUEUE_TIMES),
+        "{failures} failures counted\n{}",
+        r.log()
+    );
+    // The replica's own connection (intake, holder token, publisher) never went.
+    assert_eq!(
+        r.metric("transfer_broker_reconnects_total").await,
+        0.0,
+        "{}",
+        r.log()
+    );
+    assert!(
+        fleet
+            .log_lines("used on a connection of its own")
+            .contains(FAULT_BAD_QUEUE_ACCOUNT),
+        "{}",
+        r.log()
+    );
+    no_account_queue_left(&fleet).await;
     fleet.stop_leaving_nothing().await;
 }

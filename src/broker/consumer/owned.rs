@@ -208,7 +208,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         // The partition's account queues, if any, are taken up with it.
         let source = match kept {
             Some(kept) => kept,
-            None => self.source(&queue, &link.connection, &link.publisher, &link.lost),
+            None => self.source(&queue, &link.connection, &link.publisher, &link.links),
         };
         P::open(&partitions.handler, source.clone()).await;
         let stop = CancellationToken::new();

@@ -16,6 +16,7 @@ use super::owned::Owned;
 use super::registered::{Registered, next};
 use super::standby::{InLine, Standby};
 use super::{Consumer, Handler, InFlight, LIVENESS_CHECK, Source, Stop};
+use crate::broker::account_links::AccountLinks;
 use crate::broker::{BrokerError, Publisher, timed};
 
 /// What lives as long as one connection.
@@ -24,6 +25,8 @@ pub(super) struct Connected {
     pub(super) publisher: Arc<Publisher>,
     /// Reports a loss the consumer must reconnect for (a partition's reader, the handler).
     pub(super) lost: mpsc::Sender<String>,
+    /// The connections the account queues of every source here are used on.
+    pub(super) links: Arc<AccountLinks>,
     /// The queue itself, as the handler sees it.
     source: Source,
     /// The consumer registered on the queue: `None` while another replica holds it.
@@ -56,12 +59,14 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             self.metrics.broker_reconnects.inc();
         }
         let (lost, lost_rx) = mpsc::channel::<String>(1);
-        let source = self.source(&self.settings.queue, &connection, &publisher, &lost);
+        let links = AccountLinks::new(&self.settings.amqp, &connection_name());
+        let source = self.source(&self.settings.queue, &connection, &publisher, &links);
         let owned = Owned::new(self.partitions.as_ref().map(|p| p.owned.clone()));
         let mut link = Connected {
             connection,
             publisher,
             lost,
+            links,
             source,
             intake: None,
             standby,
@@ -75,8 +80,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     async fn connect(&self) -> Result<(Connection, Arc<Publisher>), BrokerError> {
         let amqp = &self.settings.amqp;
         let t = amqp.operation_timeout;
-        let name = format!("transfer-worker {}", std::process::id());
-        let connection = crate::broker::connection::connect(amqp, &name).await?;
+        let connection = crate::broker::connection::connect(amqp, &connection_name()).await?;
         let setup = timed("channel.open", t, connection.create_channel()).await?;
         crate::broker::topology::declare(&setup, amqp).await?;
         if let Some(partitions) = &self.partitions {
@@ -276,6 +280,9 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             () = handed => false,
             () = lapse(&mut deadline) => true,
         };
+        // The account queues' connections: every lane on them is let go by now (or, lapsed,
+        // goes with them at once).
+        link.links.close("handed over").await;
         if lapsed {
             // Another replica may take the queues now: everything still in hand goes back with
             // the connection at once, rather than behind what the next holder takes.
@@ -315,8 +322,11 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         if let Some(partitions) = &self.partitions {
             partitions.consuming.send_replace(BTreeSet::new());
         }
+        // The account queues' readers first: what they hold goes back before the queue's hold
+        // (the broker's, without Redis) goes with the connection.
+        link.links.close(&reason).await;
         crate::broker::connection::close(&link.connection, &self.settings.amqp, &reason).await;
-        // Every consuming channel went with the connection: the holds may go too.
+        // Every consuming channel went with the connections: the holds may go too.
         if let Some(holds) = &self.holds {
             holds.give_all().await;
         }
@@ -347,6 +357,11 @@ impl Connected {
         };
         Some(reason.to_owned())
     }
+}
+
+/// How this process's connections are named in the management UI.
+fn connection_name() -> String {
+    format!("transfer-worker {}", std::process::id())
 }
 
 /// Resolves once the holds' deadline has passed; never without holds, or while none is set.

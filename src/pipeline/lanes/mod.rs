@@ -28,6 +28,7 @@
 
 mod publish;
 mod reader;
+mod retire;
 mod task;
 
 use std::collections::HashMap;
@@ -41,12 +42,14 @@ use tokio_util::task::TaskTracker;
 use super::sessions::SessionQueues;
 use super::{Job, Pipeline};
 use crate::agentassist::account::Account;
-use crate::broker::account_queue;
 use crate::broker::consumer::Source;
+use crate::broker::{BrokerError, account_queue};
 
 #[cfg(feature = "fault-injection")]
 pub use publish::FAULT_SLOW_ASIDE_ORG_ID;
 pub use publish::{WAITING_SINCE, waiting_since};
+#[cfg(feature = "fault-injection")]
+pub use reader::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
 
 /// Buckets of the per-session counts of a lane.
 const BUCKETS: usize = 1024;
@@ -218,7 +221,12 @@ impl SourceLanes {
                 continue;
             }
             let amqp = &self.source.amqp;
-            match account_queue::probe(&self.source.connection, amqp, &lane.queue).await {
+            let probed = self
+                .on_queue(&lane, async |c| {
+                    account_queue::probe(&c, amqp, &lane.queue).await
+                })
+                .await;
+            match probed {
                 Ok(Some(found)) => {
                     let found = usize::try_from(found).unwrap_or(usize::MAX);
                     lane.in_queue.store(found, Ordering::Relaxed);
@@ -248,6 +256,28 @@ impl SourceLanes {
                 }
             }
         }
+    }
+
+    /// Runs `op` on the connection the lane's account queue is used on (see
+    /// [`crate::broker::account_links`]). A failure is counted, and one that brought that
+    /// connection down moves the queue to a connection of its own: a queue the broker cannot
+    /// serve costs its own lane, never the other sources.
+    async fn on_queue<T>(
+        &self,
+        lane: &Lane,
+        op: impl AsyncFnOnce(Arc<lapin::Connection>) -> Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let result = match self.source.links.get(&lane.queue).await {
+            Ok(connection) => op(connection).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result
+            && !matches!(e, BrokerError::Closed { .. })
+        {
+            lane.account.metrics().queue_failures.inc();
+            self.source.links.failed(&lane.queue, e);
+        }
+        result
     }
 
     /// Where a new command of `account` goes: taken in unless its account is congested or its

@@ -26,26 +26,29 @@ impl SourceLanes {
         lane: &Arc<Lane>,
     ) -> Result<LaneReader, BrokerError> {
         let t = self.source.amqp.operation_timeout;
-        let channel = timed("channel.open", t, self.source.connection.create_channel()).await?;
-        let prefetch = u16::try_from(lane.account.cap()).unwrap_or(u16::MAX);
-        timed(
-            "basic.qos",
-            t,
-            channel.basic_qos(prefetch, BasicQosOptions::default()),
-        )
-        .await?;
         let tag = format!("transfer-worker-{}", uuid::Uuid::new_v4());
-        let consumer = timed(
-            "basic.consume",
-            t,
-            channel.basic_consume(
-                lane.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        let (channel, consumer) = self
+            .on_queue(lane, async |connection| {
+                let channel = timed("channel.open", t, connection.create_channel()).await?;
+                let prefetch = u16::try_from(lane.account.cap()).unwrap_or(u16::MAX);
+                let qos = channel.basic_qos(prefetch, BasicQosOptions::default());
+                timed("basic.qos", t, qos).await?;
+                #[cfg(feature = "fault-injection")]
+                fault_bad_queue(&channel, lane, &tag).await;
+                let consumer = timed(
+                    "basic.consume",
+                    t,
+                    channel.basic_consume(
+                        lane.queue.as_str().into(),
+                        tag.as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    ),
+                )
+                .await?;
+                Ok((channel, consumer))
+            })
+            .await?;
         let stop = self.stop.child_token();
         let task = tokio::spawn(self.clone().take(lane.clone(), consumer, stop.clone()));
         Ok(LaneReader {
@@ -179,6 +182,41 @@ impl LaneReader {
         lane.holding.store(false, Ordering::Relaxed);
         self.channel
     }
+}
+
+/// With the `fault-injection` feature, the first [`FAULT_BAD_QUEUE_TIMES`] readers of this
+/// account's queues in a process make the broker close their connection: a queue that fails
+/// every consume, for a while.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_BAD_QUEUE_ACCOUNT: &str = "acc-fault-injection-bad-queue";
+
+/// How many readers of [`FAULT_BAD_QUEUE_ACCOUNT`]'s queues fail.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_BAD_QUEUE_TIMES: u32 = 4;
+
+/// A first consumer under the tag the reader is about to use: RabbitMQ answers the second with
+/// a connection-level error (530, reuse of a consumer tag), as it answers a consume of a
+/// quorum queue it cannot serve.
+#[cfg(feature = "fault-injection")]
+async fn fault_bad_queue(channel: &Channel, lane: &Lane, tag: &str) {
+    static FAILED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if lane.account.id != FAULT_BAD_QUEUE_ACCOUNT
+        || FAILED
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < FAULT_BAD_QUEUE_TIMES).then_some(n + 1)
+            })
+            .is_err()
+    {
+        return;
+    }
+    let _ = channel
+        .basic_consume(
+            lane.queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
 }
 
 /// The session a command set aside belongs to, as the pipeline keys it (it was read once

@@ -3,8 +3,7 @@
 //! go, whatever it did not publish goes back to the source.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -26,14 +25,31 @@ const BATCH: usize = 256;
 const LINGER: Duration = Duration::from_secs(2);
 
 /// How long a retiring lane waits for its marker to come back before it looks again later.
-const MARKER_WAIT: Duration = Duration::from_secs(5);
+pub(super) const MARKER_WAIT: Duration = Duration::from_secs(5);
 
 /// After this many waits in vain a lane's marker is given up for a fresh one.
-const MARKER_TRIES: u32 = 12;
+pub(super) const MARKER_TRIES: u32 = 12;
 
 /// Waits between failed attempts, growing; started afresh after a success.
 fn retry_delays() -> Delays {
     backoff::delays(Duration::from_millis(200), Duration::from_secs(5), None)
+}
+
+/// The longest pause between attempts to read an account queue that keeps failing.
+const READ_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Pauses between failed reads of an account queue: from a second up to a minute, so that a
+/// queue the broker cannot serve costs a few operations a minute, not a loop.
+fn read_delays() -> Delays {
+    backoff::delays(Duration::from_secs(1), READ_RETRY_MAX, None)
+}
+
+/// Resolves at `at`; never without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What a lane's task does after a step.
@@ -47,22 +63,28 @@ enum Next {
 }
 
 /// A lane's task while it runs: what it carries from one step to the next.
-struct LaneTask {
+pub(super) struct LaneTask {
     lanes: Arc<SourceLanes>,
-    lane: Arc<Lane>,
+    pub(super) lane: Arc<Lane>,
     /// Commands to set aside.
     inbox: mpsc::UnboundedReceiver<Job>,
     /// Takes the account queue's commands back, while the queue is declared.
-    reader: Option<LaneReader>,
+    pub(super) reader: Option<LaneReader>,
     /// Received from the inbox and not yet published, in order.
     pending: Vec<Job>,
     delays: Delays,
     /// The account queue exists, as far as this task knows.
-    declared: bool,
+    pub(super) declared: bool,
     /// The marker published to retire the queue and not read back yet.
-    marker: Option<String>,
+    pub(super) marker: Option<String>,
     /// How often that marker was waited for in vain.
-    marker_waits: u32,
+    pub(super) marker_waits: u32,
+    /// After a failed read, when the queue is read again.
+    read_after: Option<Instant>,
+    /// When the current reader started.
+    read_since: Option<Instant>,
+    /// Pauses between failed reads, growing; started afresh after a reader ran a while.
+    read_delays: Delays,
 }
 
 impl SourceLanes {
@@ -84,138 +106,11 @@ impl SourceLanes {
             declared,
             marker: None,
             marker_waits: 0,
+            read_after: None,
+            read_since: None,
+            read_delays: read_delays(),
         };
         task.run().await;
-    }
-
-    /// Retires the lane once its account queue provably holds nothing: returns whether the
-    /// queue was deleted. In order:
-    ///
-    /// 1. nothing waits to be set aside or published, nothing taken back is unsettled, the
-    ///    reader holds nothing it received (a message returned late by a former holder, say),
-    ///    the account is no longer congested, and this replica still holds the source;
-    /// 2. a marker is published into the queue, confirmed, and read back by this holder's
-    ///    own reader, the queue's single active consumer: everything published before it
-    ///    (by this holder or an earlier one) has been handed out, and what was handed to
-    ///    this reader is settled (a command returned goes back in first and is read again);
-    /// 3. the broker's second look: no ready message and exactly one consumer, this reader
-    ///    (a former holder's consumer that still holds messages counts; a count query that
-    ///    timed out answers none and is refused), then the queue is deleted;
-    /// 4. the lane goes off, unless a command was set aside meanwhile: then the queue is
-    ///    declared again and the lane stays on.
-    ///
-    /// While it runs, the lane's task publishes nothing, so this holder (the only publisher
-    /// while it holds the source) adds nothing behind the marker.
-    async fn retire(&self, task: &mut LaneTask) -> bool {
-        let lane = &task.lane;
-        if !self.idle(lane) || task.reader.as_ref().is_none_or(LaneReader::is_finished) {
-            return false;
-        }
-        let id = match &task.marker {
-            Some(id) => id.clone(),
-            None => {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                match self.publish_marker(lane, &id).await {
-                    Ok(()) => task.marker = Some(id.clone()),
-                    Err(Unpublished::Missing) => {
-                        task.declared = false;
-                        return false;
-                    }
-                    Err(Unpublished::Failed) => return false,
-                }
-                id
-            }
-        };
-        let mut seen = lane.last_marker.subscribe();
-        let back = tokio::time::timeout(MARKER_WAIT, async {
-            seen.wait_for(|last| last.as_deref() == Some(id.as_str()))
-                .await
-                .is_ok()
-        })
-        .await;
-        if back != Ok(true) {
-            // Behind a backlog this holder does not know of, say: waited for again later, and
-            // after a while given up for a fresh one (read by someone else, it never comes).
-            task.marker_waits = task.marker_waits.saturating_add(1);
-            if task.marker_waits >= MARKER_TRIES {
-                task.marker = None;
-                task.marker_waits = 0;
-            }
-            return false;
-        }
-        task.marker_waits = 0;
-        task.marker = None;
-        // Looked at again right before the delete: a replica that froze meanwhile past its
-        // holds' deadline deletes nothing.
-        if !self.idle(lane) {
-            return false;
-        }
-        let gone =
-            account_queue::delete_if_alone(&self.source.connection, &self.source.amqp, &lane.queue)
-                .await;
-        match gone {
-            Ok(None) => {}
-            Ok(Some(counts)) => {
-                tracing::debug!(queue = %lane.queue, ?counts, "account queue not alone yet; kept");
-                return false;
-            }
-            Err(e) => {
-                tracing::debug!(queue = %lane.queue, error = %e, "could not look at an account queue; kept");
-                return false;
-            }
-        }
-        lane.in_queue.store(0, Ordering::Relaxed);
-        if let Some(r) = task.reader.take() {
-            // The broker cancelled the consumer with the queue; nothing it took is unsettled.
-            let t = self.source.amqp.operation_timeout;
-            let channel = r.stop(lane, t).await;
-            let _ = timed(
-                "channel.close",
-                t,
-                channel.close(200, "lane retired".into()),
-            )
-            .await;
-        }
-        let mut state = lane.state();
-        if state.queued > 0 {
-            // Set aside while the queue went: declared again, and the lane stays on.
-            return true;
-        }
-        state.on = false;
-        // Everything set aside has settled: the counts start afresh.
-        state.unknown = false;
-        state.marks.iter_mut().for_each(|m| *m = 0);
-        drop(state);
-        lane.account.lane_head(&lane.queue, None);
-        tracing::info!(account = %lane.account.id, queue = %lane.queue, "account backlog drained; its commands are taken in directly again");
-        true
-    }
-
-    /// The account queue went behind this holder's back (an operator deleted it, say): what
-    /// it held is gone with it, and the lane declares it again before it publishes anything.
-    fn missing(&self, lane: &Lane) {
-        let known = lane.in_queue.swap(0, Ordering::Relaxed);
-        lane.account
-            .aside_changed(-isize::try_from(known).unwrap_or(isize::MAX));
-        tracing::warn!(
-            account = %lane.account.id,
-            queue = %lane.queue,
-            lost = known,
-            "account queue deleted behind this worker's back; declaring it again"
-        );
-    }
-
-    /// Whether the lane has nothing in hand and its source is still held here.
-    fn idle(&self, lane: &Lane) -> bool {
-        let state = lane.state();
-        state.queued == 0
-            && lane.in_queue.load(Ordering::Relaxed) == 0
-            && lane.taken.load(Ordering::Relaxed) == 0
-            && !lane.holding.load(Ordering::Relaxed)
-            && !lane.account.congested()
-            && !self.stop.is_cancelled()
-            && self.source.connection.status().connected()
-            && self.source.held()
     }
 }
 
@@ -259,13 +154,27 @@ impl LaneTask {
         if !self.declared || self.reader.is_some() || self.lanes.stop.is_cancelled() {
             return;
         }
+        if self.read_after.is_some_and(|at| at > Instant::now()) {
+            return;
+        }
         match self.lanes.read(&self.lane).await {
-            Ok(reader) => self.reader = Some(reader),
+            Ok(reader) => {
+                self.reader = Some(reader);
+                self.read_after = None;
+                self.read_since = Some(Instant::now());
+            }
             Err(e) => {
-                let _ = self.lanes.source.lost.try_send(format!(
-                    "cannot consume account queue {}: {e}",
-                    self.lane.queue
-                ));
+                // Its own lane waits, with its commands in the queue; every other lane and
+                // source goes on.
+                let wait = self.read_delays.next().unwrap_or(READ_RETRY_MAX);
+                tracing::error!(
+                    account = %self.lane.account.id,
+                    queue = %self.lane.queue,
+                    error = %e,
+                    ?wait,
+                    "cannot consume an account queue; its commands wait there until it can"
+                );
+                self.read_after = Some(Instant::now() + wait);
             }
         }
     }
@@ -287,6 +196,9 @@ impl LaneTask {
                 self.reader_ended().await;
                 Next::Again
             }
+            () = until(self.read_after), if self.read_after.is_some() && self.reader.is_none() => {
+                Next::Again
+            }
             () = tokio::time::sleep(LINGER), if self.declared => {
                 let lanes = self.lanes.clone();
                 if lanes.retire(self).await {
@@ -303,16 +215,29 @@ impl LaneTask {
         if self.lanes.stop.is_cancelled() {
             return;
         }
-        let source = &self.lanes.source;
-        match account_queue::probe(&source.connection, &source.amqp, &self.lane.queue).await {
-            // Its channel failed (a consumer_timeout, say): a broker problem, met like any
-            // other by a new connection.
+        let (lanes, lane) = (&self.lanes, &self.lane);
+        let amqp = &lanes.source.amqp;
+        let probed = lanes
+            .on_queue(lane, async |c| {
+                account_queue::probe(&c, amqp, &lane.queue).await
+            })
+            .await;
+        match probed {
+            // Its channel or connection failed (a consumer_timeout, a queue the broker could
+            // not serve): read again after a pause that grows while it keeps failing.
             Ok(Some(_)) => {
-                let _ = source.lost.try_send(format!(
-                    "the consumer of account queue {} ended",
-                    self.lane.queue
-                ));
-                tokio::time::sleep(self.delays.next().unwrap_or(LINGER)).await;
+                lane.account.metrics().queue_failures.inc();
+                if self
+                    .read_since
+                    .take()
+                    .is_some_and(|at| at.elapsed() >= READ_RETRY_MAX)
+                {
+                    // It had read a while: a fresh failure, not the same one again.
+                    self.read_delays = read_delays();
+                }
+                let wait = self.read_delays.next().unwrap_or(READ_RETRY_MAX);
+                tracing::warn!(account = %lane.account.id, queue = %lane.queue, ?wait, "the consumer of an account queue ended; reading it again");
+                self.read_after = Some(Instant::now() + wait);
             }
             Ok(None) => {
                 self.lanes.missing(&self.lane);
@@ -338,8 +263,14 @@ impl LaneTask {
     /// Declares the account queue; if it cannot, waits to try again, unless the broker
     /// connection is gone.
     async fn declare(&mut self) -> Next {
-        let source = &self.lanes.source;
-        match account_queue::declare(&source.connection, &source.amqp, &self.lane.queue).await {
+        let (lanes, lane) = (&self.lanes, &self.lane);
+        let source = &lanes.source;
+        let declared = lanes
+            .on_queue(lane, async |c| {
+                account_queue::declare(&c, &source.amqp, &lane.queue).await
+            })
+            .await;
+        match declared {
             Ok(_) => {
                 self.declared = true;
                 self.delays = retry_delays();
