@@ -62,7 +62,7 @@ mod tests {
 
     use super::*;
     use crate::agentassist::retry::RetryPolicy;
-    use crate::agentassist::transfer::{Outcome, Transfers};
+    use crate::agentassist::transfer::{Outcome, Terms, Transfers};
     use crate::contract::{Command, Target};
     use crate::shutdown::Shutdown;
     use crate::tools::simulator::{self, Simulator, SimulatorConfig};
@@ -137,7 +137,14 @@ mod tests {
             async move {
                 let command = command("eu-1", "st-eu");
                 transfers
-                    .execute(&command, &eu, "http://relay.test/t", &shutdown, None, None)
+                    .execute(
+                        &command,
+                        &eu,
+                        "http://relay.test/t",
+                        &shutdown,
+                        Terms::PLAIN,
+                        None,
+                    )
                     .await
             }
         });
@@ -150,7 +157,14 @@ mod tests {
 
         // Meanwhile the US bots are not held: the call goes out and succeeds at once.
         let command = command("us-1", &us.stream_id);
-        let run = transfers.execute(&command, &us, "http://relay.test/t", &shutdown, None, None);
+        let run = transfers.execute(
+            &command,
+            &us,
+            "http://relay.test/t",
+            &shutdown,
+            Terms::PLAIN,
+            None,
+        );
         let outcome = tokio::time::timeout(Duration::from_secs(5), run)
             .await
             .expect("a command of the region that is up is not held")

@@ -32,10 +32,32 @@ pub enum Unfinished {
     /// Its account cannot start it within the `aside` it was given, and nothing was booked or
     /// called: it may wait in its account's queue instead (docs/contract.md §12).
     Aside,
-    /// The fleet's holds this replica ran it under lapsed (a pause past `fleet.member_ttl`, a
-    /// lost hold) before its call left: nothing was called, and it goes back to the queue, whose
-    /// holder runs it (docs/contract.md §9).
+    /// It stopped being this replica's before its call left: its delivery went back with a
+    /// lost connection, or the fleet's holds it ran under lapsed (a pause past
+    /// `fleet.member_ttl`, a lost hold). Nothing was called; the queue's holder runs it
+    /// (docs/contract.md §9).
     NotHeld,
+}
+
+/// Whether the command being executed is still this replica's: asked right before each call
+/// leaves (the pipeline answers from its delivery's channel).
+pub type Ours<'a> = dyn Fn() -> bool + Send + Sync + 'a;
+
+/// What the caller of [`Transfers::execute`] sets on one execution.
+#[derive(Clone, Copy)]
+pub struct Terms<'a> {
+    /// A first start further away than this ends the execution as [`Unfinished::Aside`].
+    pub aside: Option<Duration>,
+    /// Whether the command is still this replica's.
+    pub ours: &'a Ours<'a>,
+}
+
+impl Terms<'_> {
+    /// Never set aside, always this replica's: a command run outside any queue.
+    pub const PLAIN: Terms<'static> = Terms {
+        aside: None,
+        ours: &|| true,
+    };
 }
 
 impl From<Abandoned> for Unfinished {
@@ -181,7 +203,7 @@ impl Transfers {
     }
 
     /// Runs the command to its outcome, or gives it up at shutdown. `callback_url` is where
-    /// AgentAssist should post its callbacks for this command. With `aside`, a first start
+    /// AgentAssist should post its callbacks for this command. With `terms.aside`, a first start
     /// further away than that ends the execution as [`Unfinished::Aside`], before anything was
     /// booked or called. `first` is the start asked with the fleet claim, if one was: given
     /// back if the command does not use it.
@@ -191,11 +213,11 @@ impl Transfers {
         bot: &Bot,
         callback_url: &str,
         shutdown: &Shutdown,
-        aside: Option<Duration>,
+        terms: Terms<'_>,
         mut first: Option<FirstStart>,
     ) -> Result<Outcome, Unfinished> {
         let outcome = self
-            .run(command, bot, callback_url, shutdown, aside, &mut first)
+            .run(command, bot, callback_url, shutdown, terms, &mut first)
             .await;
         if let (Some(first), Some(fleet)) = (first, &self.fleet) {
             first.give_back(fleet).await;
@@ -209,9 +231,10 @@ impl Transfers {
         bot: &Bot,
         callback_url: &str,
         shutdown: &Shutdown,
-        aside: Option<Duration>,
+        terms: Terms<'_>,
         first: &mut Option<FirstStart>,
     ) -> Result<Outcome, Unfinished> {
+        let Terms { aside, ours } = terms;
         #[cfg(feature = "fault-injection")]
         if command.org_id == FAULT_PANIC_ORG_ID {
             panic!("fault injected for a test");
@@ -260,7 +283,7 @@ impl Transfers {
             if breaker.is_some_and(|b| b.is_open()) {
                 continue;
             }
-            let (error, outage) = match self.call(bot, &body, &mut budget, term).await {
+            let (error, outage) = match self.call(bot, &body, &mut budget, term, ours).await {
                 Call::Answered(response) => {
                     let (attempts, elapsed) = (budget.made(), started.elapsed());
                     return Ok(Outcome::Succeeded {
@@ -273,8 +296,9 @@ impl Transfers {
                 Call::NotHeld => {
                     tracing::warn!(
                         attempts = budget.made(),
-                        "this replica's fleet holds lapsed (a pause past fleet.member_ttl, or a \
-                         lost hold): not calling; the command goes back to its queue's holder"
+                        "the command is no longer this replica's (its delivery went back with a \
+                         lost connection, or the fleet's holds lapsed in a pause past \
+                         fleet.member_ttl): not calling; its queue's holder carries it on"
                     );
                     return Err(Unfinished::NotHeld);
                 }
@@ -303,6 +327,7 @@ impl Transfers {
         body: &Bytes,
         budget: &mut AttemptBudget,
         term: Option<HoldTerm>,
+        ours: &Ours<'_>,
     ) -> Call {
         let token = match bot.tokens.token() {
             Ok(token) => token,
@@ -310,9 +335,8 @@ impl Transfers {
                 return Call::NoToken(ApiError::without_status(ErrorKind::Request, e.to_string()));
             }
         };
-        if let (Some(fleet), Some(term)) = (&self.fleet, term)
-            && !fleet.holds_valid_in(term)
-        {
+        let lapsed = (self.fleet.as_ref().zip(term)).is_some_and(|(f, t)| !f.holds_valid_in(t));
+        if lapsed || !ours() {
             return Call::NotHeld;
         }
         budget.call();
@@ -411,7 +435,7 @@ enum Call {
     Failed(ApiError, Option<BreakerFailure>),
     /// No token could be made: nothing was sent, and trying again will not help.
     NoToken(ApiError),
-    /// The fleet's holds lapsed: nothing was sent.
+    /// The command is no longer this replica's: nothing was sent.
     NotHeld,
 }
 

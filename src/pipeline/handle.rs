@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
 use crate::agentassist::start::FirstStart;
-use crate::agentassist::transfer::{Outcome, Transfers, Unfinished};
+use crate::agentassist::transfer::{Ours, Outcome, Terms, Transfers, Unfinished};
 use crate::callbacks::token::RelayUrls;
 use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
 use crate::contract::{Command, Rejection};
@@ -101,6 +101,7 @@ pub async fn handle(
     stages: &Stages,
     parsed: &Parsed,
     aside: Option<std::time::Duration>,
+    ours: &Ours<'_>,
 ) -> Handled {
     if stages.shutdown.is_abandoned() {
         return Handled::Requeue("shutting down");
@@ -141,11 +142,11 @@ pub async fn handle(
         }
     }
     let decided = match fleet {
-        None => decide(stages, parsed, aside, first).await,
+        None => decide(stages, parsed, aside, first, ours).await,
         // The claim is renewed for as long as the command runs, however long it waits.
         Some(fleet) => tokio::select! {
             biased;
-            decided = decide(stages, parsed, aside, first) => decided,
+            decided = decide(stages, parsed, aside, first, ours) => decided,
             never = Box::pin(fleet.keep_claim(command_id)) => match never {},
         },
     };
@@ -159,7 +160,7 @@ pub async fn handle(
             }
             return match unfinished {
                 Unfinished::Aside => Handled::Aside,
-                Unfinished::NotHeld => Handled::Requeue("this replica's fleet holds lapsed"),
+                Unfinished::NotHeld => Handled::Requeue("its delivery is no longer this replica's"),
                 Unfinished::Abandoned => Handled::Requeue("shutdown grace ran out"),
             };
         }
@@ -256,6 +257,7 @@ async fn decide(
     parsed: &Parsed,
     aside: Option<std::time::Duration>,
     first: Option<FirstStart>,
+    ours: &Ours<'_>,
 ) -> Result<Event, Unfinished> {
     let decided = AssertUnwindSafe(async {
         match &parsed.command {
@@ -279,7 +281,7 @@ async fn decide(
                     bot,
                     callback_url,
                     &stages.shutdown,
-                    aside,
+                    Terms { aside, ours },
                     first,
                 );
                 Box::pin(execution)

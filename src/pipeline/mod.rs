@@ -332,7 +332,12 @@ impl Pipeline {
             // Its connection is gone; the broker has already put it back on the queue.
             return false;
         }
-        let handled = handle(&self.stages, &job.parsed, aside).await;
+        // Its delivery is ours while its channel is open: once it closed (the connection was
+        // lost, the holder token with it), the broker has handed the command to the queue's
+        // next holder, and no call may start for it here any more.
+        let acker = &job.delivery.acker;
+        let ours = || !acker.poisoned();
+        let handled = handle(&self.stages, &job.parsed, aside, &ours).await;
         // The call is over: its slot is free for the account's next command.
         job.slot = None;
         let event = match handled {
