@@ -10,10 +10,11 @@ use transfer_worker::config::Settings;
 use transfer_worker::tools::simulator::{self, RecordedRequest, SimulatorConfig};
 
 use crate::harness::process::config_file;
+use crate::harness::redis::RedisKeys;
 use crate::harness::{
     BotSpec, Cleanup, Fleet, FleetSpec, Harness, Received, account_queues, agent_command, binary,
-    command_of, left_in, output, publish_confirmed, session_command, succeeded, test_channel_at,
-    test_settings,
+    command_of, left_in, output, publish_confirmed, redis_url, session_command, succeeded,
+    test_channel_at, test_settings,
 };
 
 /// The quiet account's bot.
@@ -424,12 +425,31 @@ async fn assert_the_broker_enforces_its_consumer_timeout(url: &str) {
 
 #[tokio::test]
 async fn no_delivery_is_held_for_half_the_consumer_timeout_while_a_backlog_waits() {
+    held_under_half_the_consumer_timeout(None).await;
+}
+
+#[tokio::test]
+async fn in_a_fleet_no_delivery_is_held_for_half_the_consumer_timeout_across_partitions() {
+    // One replica owns all 4 partitions: the backlog's sessions spread over them, and each
+    // partition's lane has a reader that prefetches; all of them wait for the same slots.
+    held_under_half_the_consumer_timeout(Some(4)).await;
+}
+
+/// A backlog of one account on a broker with a 10 s `consumer_timeout`, alone or as the one
+/// replica of a fleet of `partitions`: the broker never closes a channel for a delivery held
+/// too long, and another account flows throughout.
+async fn held_under_half_the_consumer_timeout(partitions: Option<u16>) {
     let url = short_timeout_broker();
     assert_the_broker_enforces_its_consumer_timeout(&url).await;
     let mut base = test_settings();
     base.amqp.url = url;
     // The broker's 10 s; the worker keeps every delivery under 5 s.
     base.amqp.consumer_timeout = Duration::from_secs(10);
+    let _keys = partitions.map(|p| {
+        base.fleet.redis_url = redis_url();
+        base.fleet.partitions = p;
+        RedisKeys::new(&base.fleet.redis_url, &base.amqp.commands_queue)
+    });
     let window = Duration::from_secs(3);
     let mut h = two_account_worker(base, 5, window, None).await;
     // 60 commands at 5 per 3 s take 36 s: today's prefetch alone would hold most of them for
