@@ -11,7 +11,9 @@ use lapin::types::FieldTable;
 use super::{BrokerError, timed, topology};
 use crate::config::AmqpSettings;
 
-/// Declares the queue; returns how many messages it holds.
+/// Declares the queue; returns how many messages it holds. One declared by an earlier
+/// version with other arguments (a lower delivery limit) is used as it is: it goes once
+/// drained, and comes back with today's.
 pub async fn declare(
     connection: &Connection,
     amqp: &AmqpSettings,
@@ -26,12 +28,21 @@ pub async fn declare(
     let declared = timed(
         "queue.declare",
         t,
-        channel.queue_declare(queue.into(), options, topology::commands_arguments(amqp)),
+        channel.queue_declare(queue.into(), options, topology::account_arguments(amqp)),
     )
     .await
     .map_err(|e| topology::mismatch(e, queue));
-    let _ = timed("channel.close", t, channel.close(200, "declared".into())).await;
-    Ok(declared?.message_count())
+    if channel.status().connected() {
+        let _ = timed("channel.close", t, channel.close(200, "declared".into())).await;
+    }
+    match declared {
+        Ok(q) => Ok(q.message_count()),
+        // Deleted in between: declared afresh next time.
+        Err(e @ BrokerError::TopologyMismatch { .. }) => {
+            probe(connection, amqp, queue).await?.ok_or(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether the queue exists, and how many messages it holds. Asked on a channel of its own,
@@ -57,6 +68,40 @@ pub async fn probe(
         Ok(declared) => {
             let _ = timed("channel.close", t, channel.close(200, "probed".into())).await;
             Ok(Some(declared.message_count()))
+        }
+        Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a passive declare says of the queue (`None`: it does not exist). Asked on a channel
+/// of its own, which the broker closes when the queue does not exist.
+pub async fn counts(
+    connection: &Connection,
+    amqp: &AmqpSettings,
+    queue: &str,
+) -> Result<Option<Counts>, BrokerError> {
+    let t = amqp.operation_timeout;
+    let channel = timed("channel.open", t, connection.create_channel()).await?;
+    let look = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = timed(
+        "queue.declare",
+        t,
+        channel.queue_declare(queue.into(), look, FieldTable::default()),
+    )
+    .await;
+    match found {
+        Ok(q) => {
+            let _ = timed("channel.close", t, channel.close(200, "looked".into())).await;
+            Ok(Some(Counts {
+                messages: q.message_count(),
+                consumers: q.consumer_count(),
+            }))
         }
         Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
             Ok(None)

@@ -107,7 +107,9 @@ pub struct Source {
     pub tracker: TaskTracker,
     /// `[amqp]`.
     pub amqp: AmqpSettings,
-    /// `shutdown.grace`.
+    /// How long work taken beside the queue gets to settle when the queue is let go:
+    /// `shutdown.grace`, and after it the time a call already on the wire gets to end and be
+    /// confirmed (as the queue's own deliveries get).
     pub grace: Duration,
     /// The fleet's holds, with holds: nothing is done beside the queue while they lapsed.
     pub holds: Option<Arc<dyn Holds>>,
@@ -344,7 +346,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             links: links.clone(),
             tracker: self.tracker.clone(),
             amqp: self.settings.amqp.clone(),
-            grace: self.settings.grace,
+            grace: self.settings.grace.saturating_add(self.settings.settle),
             holds: self.holds.clone(),
         }
     }

@@ -64,6 +64,25 @@ pub(crate) fn commands_arguments(amqp: &AmqpSettings) -> FieldTable {
     commands
 }
 
+/// How often a command in an account queue may be delivered before the broker dead-letters
+/// it, at least: a safety net only. Poison is screened on the source, within
+/// `amqp.delivery_limit`; a command set aside is delivered again at every hand-over while it
+/// waits (the reader's prefetch goes back when a holder lets go, and RabbitMQ counts those
+/// returns, or every delivery from 4.0), and must never run out of deliveries for that.
+pub(crate) const ACCOUNT_QUEUE_DELIVERY_LIMIT: u32 = 1_000;
+
+/// The arguments of an account queue: the commands queue's, with a delivery limit of
+/// [`ACCOUNT_QUEUE_DELIVERY_LIMIT`] (or `amqp.delivery_limit`, if more).
+pub(crate) fn account_arguments(amqp: &AmqpSettings) -> FieldTable {
+    let mut arguments = commands_arguments(amqp);
+    let limit = amqp.delivery_limit.max(ACCOUNT_QUEUE_DELIVERY_LIMIT);
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(i32::try_from(limit).unwrap_or(i32::MAX)),
+    );
+    arguments
+}
+
 /// Declares the partition queues `{commands_queue}.p0` … `.p{partitions-1}` of a fleet, with
 /// the commands queue's arguments.
 pub async fn declare_partitions(

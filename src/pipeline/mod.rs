@@ -332,11 +332,16 @@ impl Pipeline {
             // Its connection is gone; the broker has already put it back on the queue.
             return false;
         }
-        // Its delivery is ours while its channel is open: once it closed (the connection was
-        // lost, the holder token with it), the broker has handed the command to the queue's
-        // next holder, and no call may start for it here any more.
-        let acker = &job.delivery.acker;
-        let ours = || !acker.poisoned();
+        // Its delivery is ours while the connection of its source (which carries the source's
+        // hold) is open, and, for one taken from the source itself, while its channel is: once
+        // closed, the broker has handed the command, or may hand it, to the source's next
+        // holder, and no call may start for it here any more. One taken back from an account
+        // queue goes back there if its reader's channel closes, where only this holder reads
+        // (its copy waits behind it in the session and is answered from memory), or is gone
+        // with the queue if an operator deleted it: it is still this replica's to finish.
+        let (acker, publisher) = (&job.delivery.acker, &job.publisher);
+        let taken_back = job.taken.is_some();
+        let ours = || publisher.is_connected() && (taken_back || !acker.poisoned());
         let handled = handle(&self.stages, &job.parsed, aside, &ours).await;
         // The call is over: its slot is free for the account's next command.
         job.slot = None;

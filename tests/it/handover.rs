@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use crate::harness::process::env;
 use crate::harness::{
-    BotSpec, Fleet, FleetSpec, Received, account_queues, redis_url, session_command, wait_for,
+    BotSpec, Fleet, FleetSpec, Received, account_queues, command_of, redis_url, session_command,
+    wait_for,
 };
 
 /// The paced account: one call every 4 s, at most 3 in flight, so a few commands in a few
@@ -117,6 +118,48 @@ async fn second_replica_then_sigterm(spec: FleetSpec, prefix: &str, n: usize, ov
 async fn a_hot_standby_beside_the_active_worker_loses_nothing() {
     // The standby starts beside the active worker, then the active one is stopped.
     second_replica_then_sigterm(FleetSpec::default(), "sb", 4, Duration::from_secs(4)).await;
+}
+
+#[tokio::test]
+async fn two_hand_overs_in_a_row_with_a_delivery_limit_of_one_lose_nothing() {
+    // With a delivery limit of 1, commands the holders' readers had received go back at each
+    // hand-over and are delivered again. RabbitMQ 3.13 counts those returns, 4.0 every
+    // delivery: an account queue with the commands queue's limit would dead-letter them, with
+    // no outcome (3.10 counts neither, and passes either way).
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
+        more_bots: vec![paced_bot()],
+        env: env(&[("TRANSFER__AMQP__DELIVERY_LIMIT", "1")]),
+        ..FleetSpec::default()
+    })
+    .await;
+    fleet.publish_all(&paced_commands("dl", 6)).await;
+    wait_for(
+        "commands set aside",
+        Duration::from_secs(10),
+        || fleet.log_tails(40),
+        async || {
+            fleet
+                .log_lines("account backlog:")
+                .contains("account backlog")
+        },
+    )
+    .await;
+    // Two hand-overs while the backlog waits (6 commands at one every 4 s): each holder's
+    // reader has received what waits, and each gives it back.
+    for stopped in 0..2 {
+        fleet.add_replica();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let status = fleet.replicas[stopped]
+            .terminate(Duration::from_secs(30))
+            .await;
+        assert!(status.success(), "{}", fleet.replicas[stopped].log());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let ids: BTreeSet<String> = (0..6).map(|i| format!("dl-{i}")).collect();
+    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
+    no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
 }
 
 #[tokio::test]
@@ -302,6 +345,66 @@ async fn an_account_queue_that_fails_every_consume_stalls_only_itself() {
             .contains(FAULT_BAD_QUEUE_ACCOUNT),
         "{}",
         r.log()
+    );
+    no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
+}
+
+#[tokio::test]
+async fn a_call_on_the_wire_at_the_grace_ends_here_and_is_not_called_again_by_the_standby() {
+    // Calls take 3 s and the grace is 1 s: the holder is stopped while a command it took back
+    // from the account queue is on the wire. It waits for the answer, as for the queue's own
+    // commands, and acks it there; the standby never sees it again.
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 1,
+        more_bots: vec![paced_bot()],
+        latency: Duration::from_secs(3),
+        env: env(&[("TRANSFER__SHUTDOWN__GRACE", "1s")]),
+        ..FleetSpec::default()
+    })
+    .await;
+    fleet.publish_all(&paced_commands("wg", 4)).await;
+    wait_for(
+        "commands set aside",
+        Duration::from_secs(10),
+        || fleet.log_tails(40),
+        async || {
+            fleet
+                .log_lines("account backlog:")
+                .contains("account backlog")
+        },
+    )
+    .await;
+    fleet.add_replica();
+    // The second call is of a command taken back from the account queue.
+    wait_for(
+        "a command taken back on the wire",
+        Duration::from_secs(20),
+        || fleet.log_tails(40),
+        async || fleet.sim.requests().len() >= 2,
+    )
+    .await;
+    let status = fleet.replicas[0].terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", fleet.replicas[0].log());
+    let ids: BTreeSet<String> = (0..4).map(|i| format!("wg-{i}")).collect();
+    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
+    let mut calls: Vec<String> = fleet.sim.requests().iter().map(command_of).collect();
+    calls.sort();
+    let mut once = calls.clone();
+    once.dedup();
+    let arrivals: Vec<(String, Duration)> = {
+        let requests = fleet.sim.requests();
+        let t0 = requests[0].received_at;
+        requests
+            .iter()
+            .map(|r| (command_of(r), r.received_at.duration_since(t0)))
+            .collect()
+    };
+    assert_eq!(
+        calls,
+        once,
+        "called twice: {arrivals:?}\n{}",
+        fleet.log_tails(200)
     );
     no_account_queue_left(&fleet).await;
     fleet.stop_leaving_nothing().await;

@@ -124,7 +124,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         if let Some(old) = renewed {
             let t = self.settings.amqp.operation_timeout;
             kept = Some(old.source.clone());
-            let renewing = self.renew(old, t).await;
+            let renewing = self.renew(old, t).await?;
             link.owned.releasing.spawn(async move {
                 renewing.await;
                 None
@@ -241,17 +241,19 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
     /// prefetch, without letting the partition go: the old consumer is cancelled and what it
     /// had received is handed to the handler here and now, before the new consumer (which the
     /// broker activates at the cancel) delivers anything, so the handler still sees the
-    /// partition in order. Returns what closes the old channel once that work is settled.
+    /// partition in order. Returns what closes the old channel once that work is settled; or,
+    /// when the cancel failed, why the connection must go: the old consumer may still be
+    /// active, and a new one would be handed later commands of a session before the old one's
+    /// come back (the connection's end returns them all, in order).
     async fn renew(
         &self,
         old: Subscription,
         t: Duration,
-    ) -> impl Future<Output = ()> + Send + 'static + use<H, P> {
+    ) -> Result<impl Future<Output = ()> + Send + 'static + use<H, P>, BrokerError> {
         let queue = old.queue.clone();
         let (channel, settled, left) = old.stop(t).await;
-        if let (Ok(left), Some(partitions), Some(publisher)) =
-            (left, &self.partitions, self.link.publisher())
-        {
+        let left = left?;
+        if let (Some(partitions), Some(publisher)) = (&self.partitions, self.link.publisher()) {
             for delivery in left {
                 // Taken beyond the replica-wide limit for a moment, rather than out of order.
                 let in_flight = InFlight {
@@ -266,10 +268,10 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             }
         }
         settled.close();
-        async move {
+        Ok(async move {
             settled.wait().await;
             tokio::time::sleep(ACK_SETTLE).await;
             let _ = timed("channel.close", t, channel.close(200, "renewed".into())).await;
-        }
+        })
     }
 }

@@ -172,7 +172,15 @@ impl Standby {
                             return InLine::Lost(format!("cannot keep the hold's token: {e}"));
                         }
                     }
-                    let at = tokio::time::Instant::now() + line.refresh;
+                    // A token just taken over is refreshed at once: it may come back from
+                    // a holder that let go, its deliveries counted, and a fresh one starts
+                    // from none (RabbitMQ 4 drops a message past 20 without a word).
+                    let now = tokio::time::Instant::now();
+                    let at = if line.announced {
+                        now + line.refresh
+                    } else {
+                        now
+                    };
                     line.token = Some((token, at));
                     if !line.announced {
                         line.announced = true;

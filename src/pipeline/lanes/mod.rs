@@ -387,7 +387,8 @@ impl SourceLanes {
     /// Lets the source go, in order: no more commands are set aside or taken from the account
     /// queues; what the lanes were publishing is confirmed (and acked on the source) or left
     /// to go back with the source; what the readers received and did not take goes back to
-    /// the account queues; what they took settles within the grace, and past it goes back
+    /// the account queues; what they took settles within the grace (calls already on the
+    /// wire within the time they get after it, as the source's own), and past that goes back
     /// with their channels. Returns once every lane's channel is closed: only then may the
     /// holder give the source up (docs/contract.md §9).
     pub(super) async fn close(&self) {
@@ -410,7 +411,8 @@ impl SourceLanes {
             tracing::warn!(
                 source = %self.source.queue,
                 unsettled = self.settled.len(),
-                "commands taken back from account queues did not settle within shutdown.grace; \
+                "commands taken back from account queues did not settle within shutdown.grace and \
+                 the time calls on the wire get after it; \
                  they go back to their account queues"
             );
             self.force.cancel();

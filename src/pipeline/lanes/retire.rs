@@ -72,12 +72,12 @@ impl SourceLanes {
         if !self.idle(lane) {
             return false;
         }
-        let amqp = &self.source.amqp;
-        let gone = self
-            .on_queue(lane, async |c| {
-                account_queue::delete_if_alone(&c, amqp, &lane.queue).await
-            })
-            .await;
+        // On the source's own connection, which carries its hold (the broker's, without
+        // Redis): should the broker have let that go (the token is someone else's now), the
+        // delete cannot happen, however late this replica learns of it.
+        let gone =
+            account_queue::delete_if_alone(&self.source.connection, &self.source.amqp, &lane.queue)
+                .await;
         match gone {
             Ok(None) => {}
             Ok(Some(counts)) => {

@@ -14,8 +14,12 @@ use crate::backoff::{self, Delays};
 use crate::broker::{account_queue, timed};
 use crate::pipeline::Job;
 
-/// Time the broker gets to apply the last acks before a channel closes.
-const ACK_SETTLE: Duration = Duration::from_millis(250);
+/// How long a stopped reader waits for the broker to show its acks applied before its channel
+/// closes anyway.
+const ACKS_APPLIED_WAIT: Duration = Duration::from_secs(3);
+
+/// How often it looks meanwhile.
+const ACKS_APPLIED_LOOK: Duration = Duration::from_millis(50);
 
 /// Most commands published to an account queue before their confirms are awaited.
 const BATCH: usize = 256;
@@ -347,7 +351,7 @@ impl LaneTask {
             // Acks of what it took go to its channel: closed once they are in (see
             // `broker::consumer` on acks right before a close), or once the grace ran out.
             tokio::select! {
-                () = lanes.settled.wait() => tokio::time::sleep(ACK_SETTLE).await,
+                () = lanes.settled.wait() => lanes.acks_applied(&lane).await,
                 () = lanes.force.cancelled() => {}
             }
             let _ = timed(
@@ -358,5 +362,32 @@ impl LaneTask {
             .await;
         }
         lane.account.lane_head(&lane.queue, None);
+    }
+}
+
+impl SourceLanes {
+    /// Waits until the broker shows every ack of the lane's stopped reader applied: a quorum
+    /// queue keeps counting a cancelled consumer while it holds unacked messages, so no
+    /// consumer left means nothing of this reader's goes back when its channel closes. An ack
+    /// is applied asynchronously, and a channel closed before it was would return a command
+    /// that was called and published, for the next holder to call again. Bounded by
+    /// [`ACKS_APPLIED_WAIT`]; a count the broker cannot give answers 0 consumers at once.
+    async fn acks_applied(&self, lane: &Lane) {
+        let amqp = &self.source.amqp;
+        let _ = tokio::time::timeout(ACKS_APPLIED_WAIT, async {
+            loop {
+                let counts = self
+                    .on_queue(lane, async |c| {
+                        account_queue::counts(&c, amqp, &lane.queue).await
+                    })
+                    .await;
+                match counts {
+                    Ok(Some(c)) if c.consumers > 0 => {}
+                    _ => return,
+                }
+                tokio::time::sleep(ACKS_APPLIED_LOOK).await;
+            }
+        })
+        .await;
     }
 }

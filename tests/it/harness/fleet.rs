@@ -49,7 +49,15 @@ impl Fleet {
     /// Declares the topology, starts the simulator and `spec.replicas` replicas, and waits
     /// until every replica is ready and a consumer of the commands queue.
     pub async fn start(spec: FleetSpec) -> Self {
-        let settings = test_settings();
+        let mut settings = test_settings();
+        // Declared here as the replicas will be asked to.
+        if let Some((_, v)) = spec
+            .env
+            .iter()
+            .find(|(k, _)| k == "TRANSFER__AMQP__DELIVERY_LIMIT")
+        {
+            settings.amqp.delivery_limit = v.parse().expect("a delivery limit is a number");
+        }
         let (conn, channel) = declared(&settings.amqp).await;
         let fleet = Self::assemble(spec, settings, conn, channel).await;
         fleet.wait_all_ready().await;
