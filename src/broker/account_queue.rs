@@ -4,9 +4,9 @@
 //! dead-lettered past the delivery limit, one consumer at a time), exists only while the
 //! account has commands set aside there, and is consumed by whoever consumes its source.
 
-use lapin::Connection;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 
 use super::{BrokerError, timed, topology};
 use crate::config::AmqpSettings;
@@ -45,35 +45,13 @@ pub async fn declare(
     }
 }
 
-/// Whether the queue exists, and how many messages it holds. Asked on a channel of its own,
-/// which the broker closes when the queue does not exist.
+/// Whether the queue exists, and how many messages it holds (see [`counts`]).
 pub async fn probe(
     connection: &Connection,
     amqp: &AmqpSettings,
     queue: &str,
 ) -> Result<Option<u32>, BrokerError> {
-    let t = amqp.operation_timeout;
-    let channel = timed("channel.open", t, connection.create_channel()).await?;
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let probed = timed(
-        "queue.declare",
-        t,
-        channel.queue_declare(queue.into(), options, Default::default()),
-    )
-    .await;
-    match probed {
-        Ok(declared) => {
-            let _ = timed("channel.close", t, channel.close(200, "probed".into())).await;
-            Ok(Some(declared.message_count()))
-        }
-        Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
+    Ok(counts(connection, amqp, queue).await?.map(|c| c.messages))
 }
 
 /// What a passive declare says of the queue (`None`: it does not exist). Asked on a channel
@@ -85,24 +63,35 @@ pub async fn counts(
 ) -> Result<Option<Counts>, BrokerError> {
     let t = amqp.operation_timeout;
     let channel = timed("channel.open", t, connection.create_channel()).await?;
-    let look = QueueDeclareOptions {
+    let found = look(&channel, queue, t).await;
+    if channel.status().connected() {
+        let _ = timed("channel.close", t, channel.close(200, "looked".into())).await;
+    }
+    found
+}
+
+/// A passive declare of `queue` on `channel` (`None`: it does not exist, and the broker
+/// closed the channel).
+async fn look(
+    channel: &Channel,
+    queue: &str,
+    t: std::time::Duration,
+) -> Result<Option<Counts>, BrokerError> {
+    let options = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
     let found = timed(
         "queue.declare",
         t,
-        channel.queue_declare(queue.into(), look, FieldTable::default()),
+        channel.queue_declare(queue.into(), options, FieldTable::default()),
     )
     .await;
     match found {
-        Ok(q) => {
-            let _ = timed("channel.close", t, channel.close(200, "looked".into())).await;
-            Ok(Some(Counts {
-                messages: q.message_count(),
-                consumers: q.consumer_count(),
-            }))
-        }
+        Ok(q) => Ok(Some(Counts {
+            messages: q.message_count(),
+            consumers: q.consumer_count(),
+        })),
         Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
             Ok(None)
         }
@@ -137,37 +126,16 @@ pub async fn delete_if_alone(
 ) -> Result<Option<Counts>, BrokerError> {
     let t = amqp.operation_timeout;
     let channel = timed("channel.open", t, connection.create_channel()).await?;
-    let look = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let found = timed(
-        "queue.declare",
-        t,
-        channel.queue_declare(queue.into(), look, FieldTable::default()),
-    )
-    .await;
-    let outcome = match found {
-        Ok(q) => {
-            let counts = Counts {
-                messages: q.message_count(),
-                consumers: q.consumer_count(),
-            };
-            if counts.messages == 0 && counts.consumers == 1 {
-                timed(
-                    "queue.delete",
-                    t,
-                    channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
-                )
-                .await
-                .map(|_| None)
-            } else {
-                Ok(Some(counts))
-            }
-        }
-        Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
-            return Ok(None);
-        }
+    let outcome = match look(&channel, queue, t).await {
+        Ok(Some(counts)) if counts.messages == 0 && counts.consumers == 1 => timed(
+            "queue.delete",
+            t,
+            channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
+        )
+        .await
+        .map(|_| None),
+        Ok(Some(counts)) => Ok(Some(counts)),
+        Ok(None) => Ok(None),
         Err(e) => Err(e),
     };
     if channel.status().connected() {

@@ -81,19 +81,16 @@ async fn no_account_queue_left(fleet: &Fleet) {
     .await;
 }
 
-/// One replica of `spec` (no more) with `n` commands of the paced account, some of them set
-/// aside; a second replica starts beside it, and `overlap` later the first gets SIGTERM. Every
-/// command ends, and no account queue is left.
-async fn second_replica_then_sigterm(spec: FleetSpec, prefix: &str, n: usize, overlap: Duration) {
-    let mut fleet = Fleet::start(FleetSpec {
+/// One replica of `spec` (no more) with the paced bot, and `n` of its commands published,
+/// some of them set aside into its account queue and taken back one by one.
+async fn one_replica_with_a_backlog(spec: FleetSpec, prefix: &str, n: usize) -> Fleet {
+    let fleet = Fleet::start(FleetSpec {
         replicas: 1,
         more_bots: vec![paced_bot()],
         ..spec
     })
     .await;
-    let ids: BTreeSet<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     fleet.publish_all(&paced_commands(prefix, n)).await;
-    // Some are set aside into the paced account's queue, and taken back one by one.
     wait_for(
         "commands set aside",
         Duration::from_secs(10),
@@ -105,6 +102,15 @@ async fn second_replica_then_sigterm(spec: FleetSpec, prefix: &str, n: usize, ov
         },
     )
     .await;
+    fleet
+}
+
+/// One replica of `spec` (no more) with `n` commands of the paced account, some of them set
+/// aside; a second replica starts beside it, and `overlap` later the first gets SIGTERM. Every
+/// command ends, and no account queue is left.
+async fn second_replica_then_sigterm(spec: FleetSpec, prefix: &str, n: usize, overlap: Duration) {
+    let mut fleet = one_replica_with_a_backlog(spec, prefix, n).await;
+    let ids: BTreeSet<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     fleet.add_replica();
     tokio::time::sleep(overlap).await;
     let status = fleet.replicas[0].terminate(Duration::from_secs(30)).await;
@@ -126,25 +132,11 @@ async fn two_hand_overs_in_a_row_with_a_delivery_limit_of_one_lose_nothing() {
     // hand-over and are delivered again. RabbitMQ 3.13 counts those returns, 4.0 every
     // delivery: an account queue with the commands queue's limit would dead-letter them, with
     // no outcome (3.10 counts neither, and passes either way).
-    let mut fleet = Fleet::start(FleetSpec {
-        replicas: 1,
-        more_bots: vec![paced_bot()],
+    let spec = FleetSpec {
         env: env(&[("TRANSFER__AMQP__DELIVERY_LIMIT", "1")]),
         ..FleetSpec::default()
-    })
-    .await;
-    fleet.publish_all(&paced_commands("dl", 6)).await;
-    wait_for(
-        "commands set aside",
-        Duration::from_secs(10),
-        || fleet.log_tails(40),
-        async || {
-            fleet
-                .log_lines("account backlog:")
-                .contains("account backlog")
-        },
-    )
-    .await;
+    };
+    let mut fleet = one_replica_with_a_backlog(spec, "dl", 6).await;
     // Two hand-overs while the backlog waits (6 commands at one every 4 s): each holder's
     // reader has received what waits, and each gives it back.
     for stopped in 0..2 {
@@ -355,26 +347,12 @@ async fn a_call_on_the_wire_at_the_grace_ends_here_and_is_not_called_again_by_th
     // Calls take 3 s and the grace is 1 s: the holder is stopped while a command it took back
     // from the account queue is on the wire. It waits for the answer, as for the queue's own
     // commands, and acks it there; the standby never sees it again.
-    let mut fleet = Fleet::start(FleetSpec {
-        replicas: 1,
-        more_bots: vec![paced_bot()],
+    let spec = FleetSpec {
         latency: Duration::from_secs(3),
         env: env(&[("TRANSFER__SHUTDOWN__GRACE", "1s")]),
         ..FleetSpec::default()
-    })
-    .await;
-    fleet.publish_all(&paced_commands("wg", 4)).await;
-    wait_for(
-        "commands set aside",
-        Duration::from_secs(10),
-        || fleet.log_tails(40),
-        async || {
-            fleet
-                .log_lines("account backlog:")
-                .contains("account backlog")
-        },
-    )
-    .await;
+    };
+    let mut fleet = one_replica_with_a_backlog(spec, "wg", 4).await;
     fleet.add_replica();
     // The second call is of a command taken back from the account queue.
     wait_for(
