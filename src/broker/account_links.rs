@@ -93,17 +93,18 @@ impl AccountLinks {
             .store(true, std::sync::atomic::Ordering::Release);
         let shared = self.shared.lock().await.take();
         let own: Vec<_> = self.own.lock().await.drain().collect();
-        for c in shared
+        let open = shared
             .into_iter()
             .chain(own.into_iter().filter_map(|(_, c)| c))
-        {
-            if c.status().connected() {
-                connection::close(&c, &self.amqp, reason).await;
-            }
-        }
+            .filter(|c| c.status().connected());
+        futures_util::future::join_all(open.map(|c| async move {
+            connection::close(&c, &self.amqp, reason).await;
+        }))
+        .await;
     }
 
-    fn is_isolated(&self, queue: &str) -> bool {
+    /// Whether `queue` brought a connection down, and has one of its own.
+    pub fn is_isolated(&self, queue: &str) -> bool {
         self.isolated
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

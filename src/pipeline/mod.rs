@@ -332,16 +332,13 @@ impl Pipeline {
             // Its connection is gone; the broker has already put it back on the queue.
             return false;
         }
-        // Its delivery is ours while the connection of its source (which carries the source's
-        // hold) is open, and, for one taken from the source itself, while its channel is: once
-        // closed, the broker has handed the command, or may hand it, to the source's next
-        // holder, and no call may start for it here any more. One taken back from an account
-        // queue goes back there if its reader's channel closes, where only this holder reads
-        // (its copy waits behind it in the session and is answered from memory), or is gone
-        // with the queue if an operator deleted it: it is still this replica's to finish.
+        // Its delivery is ours while its channel and the connection of its source (which
+        // carries the source's hold) are open: once either closed, the broker has handed the
+        // command, or may hand it, to the queue's next holder, and no call may start for it
+        // here any more. (A reader's channel stays open while what it took is in hand, even
+        // once its queue is gone.)
         let (acker, publisher) = (&job.delivery.acker, &job.publisher);
-        let taken_back = job.taken.is_some();
-        let ours = || publisher.is_connected() && (taken_back || !acker.poisoned());
+        let ours = || publisher.is_connected() && !acker.poisoned();
         let handled = handle(&self.stages, &job.parsed, aside, &ours).await;
         // The call is over: its slot is free for the account's next command.
         job.slot = None;

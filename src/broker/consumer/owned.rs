@@ -124,7 +124,16 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         if let Some(old) = renewed {
             let t = self.settings.amqp.operation_timeout;
             kept = Some(old.source.clone());
-            let renewing = self.renew(old, t).await?;
+            let renewing = match self.renew(old, t).await {
+                Ok(renewing) => renewing,
+                Err(e) => {
+                    // The connection goes; what was taken up beside the partition goes first.
+                    if let Some(kept) = &kept {
+                        tokio::spawn(P::close(&partitions.handler, kept));
+                    }
+                    return Err(e);
+                }
+            };
             link.owned.releasing.spawn(async move {
                 renewing.await;
                 None

@@ -269,7 +269,14 @@ impl SourceLanes {
     ) -> Result<T, BrokerError> {
         let result = match self.source.links.get(&lane.queue).await {
             Ok(connection) => op(connection).await,
-            Err(e) => Err(e),
+            Err(e @ BrokerError::Closed { .. }) => Err(e),
+            Err(e) if self.source.links.is_isolated(&lane.queue) => Err(e),
+            // The broker takes no second connection now (a connection limit, say): the source's
+            // own serves, rather than no account queue at all.
+            Err(e) => {
+                tracing::warn!(queue = %lane.queue, error = %e, "cannot open the account queues' connection; using the source's");
+                op(self.source.connection.clone()).await
+            }
         };
         if let Err(e) = &result
             && !matches!(e, BrokerError::Closed { .. })

@@ -16,7 +16,18 @@ use tokio_util::sync::CancellationToken;
 use super::publish::marker_of;
 use super::{Lane, SourceLanes, Taken, bucket, waiting_since};
 use crate::broker::consumer::InFlight;
-use crate::broker::{BrokerError, timed};
+use crate::broker::{BrokerError, account_queue, timed};
+
+/// How long a stopped reader waits for the broker to show its acks applied before its channel
+/// closes anyway.
+pub(super) const ACKS_APPLIED_WAIT: Duration = Duration::from_secs(3);
+
+/// How often it looks meanwhile.
+pub(super) const ACKS_APPLIED_LOOK: Duration = Duration::from_millis(50);
+
+/// Time the broker gets to apply the last acks before a channel closes, where it cannot be
+/// asked.
+pub(super) const ACK_SETTLE: Duration = Duration::from_millis(250);
 
 impl SourceLanes {
     /// Starts consuming the lane's account queue on a channel of its own, with the account's
@@ -162,8 +173,9 @@ impl LaneReader {
     /// Stops taking and cancels the consumer. What it had received and not taken stays
     /// unacked and goes back to the account queue when the channel closes, in the order it was
     /// delivered, after older commands still in hand (rejected now, it would go ahead of them).
-    /// Returns the channel, to be closed once what it took has settled.
-    pub(super) async fn stop(self, lane: &Lane, t: Duration) -> Channel {
+    /// Returns the channel, to be closed once what it took has settled, and how many
+    /// deliveries it received and did not take (they go back with the channel).
+    pub(super) async fn stop(self, lane: &Lane, t: Duration) -> (Channel, usize) {
         self.stop.cancel();
         let held = (self.task.await).ok().flatten();
         let cancel = self
@@ -180,6 +192,11 @@ impl LaneReader {
         }
         lane.in_queue.fetch_add(left, Ordering::Relaxed);
         lane.holding.store(false, Ordering::Relaxed);
+        (self.channel, left)
+    }
+
+    /// The channel of a reader that ended by itself (its consumer was cancelled or failed).
+    pub(super) fn into_channel(self) -> Channel {
         self.channel
     }
 }
@@ -230,4 +247,41 @@ fn session_of(body: &[u8]) -> String {
     serde_json::from_slice::<Session>(body)
         .map(|s| s.bot_session_id)
         .unwrap_or_default()
+}
+
+impl SourceLanes {
+    /// Waits until the broker shows every ack of the lane's stopped reader applied: a quorum
+    /// queue keeps counting a cancelled consumer while it holds unacked messages, so no
+    /// consumer left means nothing of this reader's goes back when its channel closes. An ack
+    /// is applied asynchronously, and a channel closed before it was would return a command
+    /// that was called and published, for the next holder to call again. Bounded by
+    /// [`ACKS_APPLIED_WAIT`]; a count the broker cannot give answers 0 consumers at once.
+    /// While the reader still holds deliveries it received and did not take (`left`, which go
+    /// back with its channel), its consumer counts anyway: then only a pause is left.
+    pub(super) async fn acks_applied(&self, lane: &Lane, left: usize) {
+        if left > 0 {
+            tokio::time::sleep(ACK_SETTLE).await;
+            return;
+        }
+        let amqp = &self.source.amqp;
+        let _ = tokio::time::timeout(ACKS_APPLIED_WAIT, async {
+            loop {
+                let counts = self
+                    .on_queue(lane, async |c| {
+                        account_queue::counts(&c, amqp, &lane.queue).await
+                    })
+                    .await;
+                match counts {
+                    Ok(Some(c)) if c.consumers > 0 => {}
+                    Ok(_) => return,
+                    Err(_) => {
+                        tokio::time::sleep(ACK_SETTLE).await;
+                        return;
+                    }
+                }
+                tokio::time::sleep(ACKS_APPLIED_LOOK).await;
+            }
+        })
+        .await;
+    }
 }

@@ -14,13 +14,6 @@ use crate::backoff::{self, Delays};
 use crate::broker::{account_queue, timed};
 use crate::pipeline::Job;
 
-/// How long a stopped reader waits for the broker to show its acks applied before its channel
-/// closes anyway.
-const ACKS_APPLIED_WAIT: Duration = Duration::from_secs(3);
-
-/// How often it looks meanwhile.
-const ACKS_APPLIED_LOOK: Duration = Duration::from_millis(50);
-
 /// Most commands published to an account queue before their confirms are awaited.
 const BATCH: usize = 256;
 
@@ -39,11 +32,12 @@ fn retry_delays() -> Delays {
     backoff::delays(Duration::from_millis(200), Duration::from_secs(5), None)
 }
 
-/// The longest pause between attempts to read an account queue that keeps failing.
-const READ_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The longest pause between attempts to read an account queue that keeps failing: as long
+/// as the default `amqp.reconnect_max_delay`, since the account's commands wait meanwhile.
+const READ_RETRY_MAX: Duration = Duration::from_secs(10);
 
-/// Pauses between failed reads of an account queue: from a second up to a minute, so that a
-/// queue the broker cannot serve costs a few operations a minute, not a loop.
+/// Pauses between failed reads of an account queue: from a second up to ten, so that a queue
+/// the broker cannot serve costs a few operations a minute, not a loop.
 fn read_delays() -> Delays {
     backoff::delays(Duration::from_secs(1), READ_RETRY_MAX, None)
 }
@@ -87,6 +81,9 @@ pub(super) struct LaneTask {
     read_after: Option<Instant>,
     /// When the current reader started.
     read_since: Option<Instant>,
+    /// Channels of readers that ended by themselves, kept open while what they took is in
+    /// hand.
+    spent: Vec<lapin::Channel>,
     /// Pauses between failed reads, growing; started afresh after a reader ran a while.
     read_delays: Delays,
 }
@@ -112,6 +109,7 @@ impl SourceLanes {
             marker_waits: 0,
             read_after: None,
             read_since: None,
+            spent: Vec::new(),
             read_delays: read_delays(),
         };
         task.run().await;
@@ -166,7 +164,9 @@ impl LaneTask {
                 self.reader = Some(reader);
                 self.read_after = None;
                 self.read_since = Some(Instant::now());
+                self.close_spent().await;
             }
+            Err(e) if e.to_string().contains("NOT_FOUND") => self.gone(),
             Err(e) => {
                 // Its own lane waits, with its commands in the queue; every other lane and
                 // source goes on.
@@ -196,7 +196,10 @@ impl LaneTask {
                 None => Next::Stop,
             },
             () = LaneReader::ended(&mut self.reader) => {
-                self.reader = None;
+                // Its channel stays open until what it took has settled: closed now, it would
+                // take those commands back from under their calls (a queue deleted behind the
+                // worker's back cancels the consumer, not the deliveries in hand).
+                self.spend_reader();
                 self.reader_ended().await;
                 Next::Again
             }
@@ -243,14 +246,45 @@ impl LaneTask {
                 tracing::warn!(account = %lane.account.id, queue = %lane.queue, ?wait, "the consumer of an account queue ended; reading it again");
                 self.read_after = Some(Instant::now() + wait);
             }
-            Ok(None) => {
-                self.lanes.missing(&self.lane);
-                self.declared = false;
-                self.marker = None;
-                let mut state = self.lane.state();
-                state.on = state.queued > 0;
-            }
+            Ok(None) => self.gone(),
             Err(_) => tokio::time::sleep(LINGER).await,
+        }
+    }
+
+    /// The account queue is gone (deleted behind the worker's back): declared again before
+    /// anything is published to it; the lane stays on only if something waits to be.
+    fn gone(&mut self) {
+        self.lanes.missing(&self.lane);
+        self.declared = false;
+        self.marker = None;
+        let mut state = self.lane.state();
+        state.on = state.queued > 0;
+    }
+
+    /// Sets aside the reader that ended by itself: its channel stays open until what it took
+    /// has settled.
+    fn spend_reader(&mut self) {
+        if let Some(ended) = self.reader.take() {
+            self.spent.push(ended.into_channel());
+        }
+    }
+
+    /// Closes the channels of readers that ended by themselves, once nothing they took is in
+    /// hand.
+    async fn close_spent(&mut self) {
+        if self.lane.taken.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return;
+        }
+        let t = self.lanes.source.amqp.operation_timeout;
+        for channel in self.spent.drain(..) {
+            if channel.status().connected() {
+                let _ = timed(
+                    "channel.close",
+                    t,
+                    channel.close(200, "reader ended".into()),
+                )
+                .await;
+            }
         }
     }
 
@@ -281,7 +315,7 @@ impl LaneTask {
                 // A marker published into a queue that went is never read back.
                 self.marker = None;
                 if self.reader.as_ref().is_some_and(LaneReader::is_finished) {
-                    self.reader = None;
+                    self.spend_reader();
                 }
                 Next::On
             }
@@ -329,6 +363,7 @@ impl LaneTask {
             mut inbox,
             reader,
             mut pending,
+            spent,
             ..
         } = self;
         inbox.close();
@@ -345,49 +380,30 @@ impl LaneTask {
             let mut state = lane.state();
             state.queued = state.queued.saturating_sub(unpublished);
         }
+        let t = lanes.source.amqp.operation_timeout;
+        let mut channels = spent;
+        let mut left = 0;
         if let Some(reader) = reader {
-            let t = lanes.source.amqp.operation_timeout;
-            let channel = reader.stop(&lane, t).await;
-            // Acks of what it took go to its channel: closed once they are in (see
-            // `broker::consumer` on acks right before a close), or once the grace ran out.
+            let (channel, held) = reader.stop(&lane, t).await;
+            channels.push(channel);
+            left = held;
+        }
+        if !channels.is_empty() {
+            // Acks of what they took go to their channels: closed once they are applied (see
+            // `acks_applied`), or once the grace ran out.
             tokio::select! {
-                () = lanes.settled.wait() => lanes.acks_applied(&lane).await,
+                () = lanes.settled.wait() => lanes.acks_applied(&lane, left).await,
                 () = lanes.force.cancelled() => {}
             }
-            let _ = timed(
-                "channel.close",
-                t,
-                channel.close(200, "lane stopped".into()),
-            )
-            .await;
+            for channel in channels {
+                let _ = timed(
+                    "channel.close",
+                    t,
+                    channel.close(200, "lane stopped".into()),
+                )
+                .await;
+            }
         }
         lane.account.lane_head(&lane.queue, None);
-    }
-}
-
-impl SourceLanes {
-    /// Waits until the broker shows every ack of the lane's stopped reader applied: a quorum
-    /// queue keeps counting a cancelled consumer while it holds unacked messages, so no
-    /// consumer left means nothing of this reader's goes back when its channel closes. An ack
-    /// is applied asynchronously, and a channel closed before it was would return a command
-    /// that was called and published, for the next holder to call again. Bounded by
-    /// [`ACKS_APPLIED_WAIT`]; a count the broker cannot give answers 0 consumers at once.
-    async fn acks_applied(&self, lane: &Lane) {
-        let amqp = &self.source.amqp;
-        let _ = tokio::time::timeout(ACKS_APPLIED_WAIT, async {
-            loop {
-                let counts = self
-                    .on_queue(lane, async |c| {
-                        account_queue::counts(&c, amqp, &lane.queue).await
-                    })
-                    .await;
-                match counts {
-                    Ok(Some(c)) if c.consumers > 0 => {}
-                    _ => return,
-                }
-                tokio::time::sleep(ACKS_APPLIED_LOOK).await;
-            }
-        })
-        .await;
     }
 }
