@@ -65,7 +65,7 @@ pub async fn connect(amqp: &AmqpSettings, name: &str) -> Result<Connection, Brok
     match attempt {
         Ok(connection) => {
             cluster.opened(node, connection.status().clone());
-            tracing::info!(node = %address, "connected to the broker");
+            tracing::info!(node = %address, connection = name, "connected to the broker");
             Ok(connection)
         }
         Err(e) => {

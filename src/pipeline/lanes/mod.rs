@@ -47,7 +47,7 @@ use crate::broker::{BrokerError, account_queue};
 
 #[cfg(feature = "fault-injection")]
 pub use publish::FAULT_SLOW_ASIDE_ORG_ID;
-pub use publish::{WAITING_SINCE, waiting_since};
+pub use publish::{MARKER, WAITING_SINCE, waiting_since};
 #[cfg(feature = "fault-injection")]
 pub use reader::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
 

@@ -7,26 +7,23 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::BasicProperties;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use tokio_util::sync::CancellationToken;
 
-use super::publish::marker_of;
+use super::publish::{MARKER, marker_of};
 use super::{Lane, SourceLanes, Taken, bucket, waiting_since};
 use crate::broker::consumer::InFlight;
-use crate::broker::{BrokerError, account_queue, timed};
+use crate::broker::{BrokerError, timed};
 
-/// How long a stopped reader waits for the broker to show its acks applied before its channel
-/// closes anyway.
-pub(super) const ACKS_APPLIED_WAIT: Duration = Duration::from_secs(3);
-
-/// How often it looks meanwhile.
-pub(super) const ACKS_APPLIED_LOOK: Duration = Duration::from_millis(50);
-
-/// Time the broker gets to apply the last acks before a channel closes, where it cannot be
-/// asked.
+/// Time the broker gets to apply the last acks before a channel closes, where that cannot be
+/// confirmed.
 pub(super) const ACK_SETTLE: Duration = Duration::from_millis(250);
 
 impl SourceLanes {
@@ -89,7 +86,14 @@ impl SourceLanes {
             };
             if let Some(id) = marker_of(&delivery.properties) {
                 // A marker, this holder's or one an earlier holder left: everything published
-                // before it has been handed to a consumer. It needs no slot.
+                // before it has been handed to a consumer. It needs no slot. (Counted in if
+                // the queue was found holding it; this holder's own are not, and the count
+                // stops at zero.)
+                let _ = lane
+                    .in_queue
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(1))
+                    });
                 let ack = delivery.acker.ack(BasicAckOptions::default());
                 if timed("basic.ack", self.source.amqp.operation_timeout, ack)
                     .await
@@ -173,9 +177,8 @@ impl LaneReader {
     /// Stops taking and cancels the consumer. What it had received and not taken stays
     /// unacked and goes back to the account queue when the channel closes, in the order it was
     /// delivered, after older commands still in hand (rejected now, it would go ahead of them).
-    /// Returns the channel, to be closed once what it took has settled, and how many
-    /// deliveries it received and did not take (they go back with the channel).
-    pub(super) async fn stop(self, lane: &Lane, t: Duration) -> (Channel, usize) {
+    /// Returns the channel, to be closed once what it took has settled.
+    pub(super) async fn stop(self, lane: &Lane, t: Duration) -> Channel {
         self.stop.cancel();
         let held = (self.task.await).ok().flatten();
         let cancel = self
@@ -192,7 +195,7 @@ impl LaneReader {
         }
         lane.in_queue.fetch_add(left, Ordering::Relaxed);
         lane.holding.store(false, Ordering::Relaxed);
-        (self.channel, left)
+        self.channel
     }
 
     /// The channel of a reader that ended by itself (its consumer was cancelled or failed).
@@ -249,39 +252,35 @@ fn session_of(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-impl SourceLanes {
-    /// Waits until the broker shows every ack of the lane's stopped reader applied: a quorum
-    /// queue keeps counting a cancelled consumer while it holds unacked messages, so no
-    /// consumer left means nothing of this reader's goes back when its channel closes. An ack
-    /// is applied asynchronously, and a channel closed before it was would return a command
-    /// that was called and published, for the next holder to call again. Bounded by
-    /// [`ACKS_APPLIED_WAIT`]; a count the broker cannot give answers 0 consumers at once.
-    /// While the reader still holds deliveries it received and did not take (`left`, which go
-    /// back with its channel), its consumer counts anyway: then only a pause is left.
-    pub(super) async fn acks_applied(&self, lane: &Lane, left: usize) {
-        if left > 0 {
-            tokio::time::sleep(ACK_SETTLE).await;
-            return;
-        }
-        let amqp = &self.source.amqp;
-        let _ = tokio::time::timeout(ACKS_APPLIED_WAIT, async {
-            loop {
-                let counts = self
-                    .on_queue(lane, async |c| {
-                        account_queue::counts(&c, amqp, &lane.queue).await
-                    })
-                    .await;
-                match counts {
-                    Ok(Some(c)) if c.consumers > 0 => {}
-                    Ok(_) => return,
-                    Err(_) => {
-                        tokio::time::sleep(ACK_SETTLE).await;
-                        return;
-                    }
-                }
-                tokio::time::sleep(ACKS_APPLIED_LOOK).await;
-            }
-        })
-        .await;
+/// Returns once the broker has applied every ack sent on `channel` (a stopped reader's):
+/// a marker is published on that same channel, in confirm mode, into `queue`. The broker
+/// applies a channel's acks and publishes to a quorum queue in the order it received them,
+/// and confirms the marker only once it is applied, so the acks before it are too. A channel
+/// closed before its acks were applied would return commands that were called and published,
+/// for the next holder to call again. Where the marker cannot be confirmed (the queue or the
+/// channel gone), a pause instead. The marker is acked by whoever reads it.
+pub(super) async fn acks_applied(channel: &Channel, queue: &str, t: Duration) {
+    let confirmed = async {
+        let select = channel.confirm_select(ConfirmSelectOptions::default());
+        timed("confirm.select", t, select).await?;
+        let mut headers = FieldTable::default();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        headers.insert(MARKER.into(), AMQPValue::LongString(id.as_str().into()));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let publish = channel.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            b"",
+            props,
+        );
+        let confirm = timed("basic.publish", t, publish).await?;
+        timed("publisher confirm", t, confirm).await
+    };
+    match confirmed.await {
+        Ok(c) if c.is_ack() => {}
+        _ => tokio::time::sleep(ACK_SETTLE).await,
     }
 }

@@ -93,7 +93,7 @@ impl SourceLanes {
         if let Some(r) = task.reader.take() {
             // The broker cancelled the consumer with the queue; nothing it took is unsettled.
             let t = self.source.amqp.operation_timeout;
-            let (channel, _) = r.stop(lane, t).await;
+            let channel = r.stop(lane, t).await;
             let _ = timed(
                 "channel.close",
                 t,

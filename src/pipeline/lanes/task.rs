@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::publish::Unpublished;
-use super::reader::LaneReader;
+use super::reader::{LaneReader, acks_applied};
 use super::{Lane, SourceLanes};
 use crate::backoff::{self, Delays};
 use crate::broker::{account_queue, timed};
@@ -382,17 +382,21 @@ impl LaneTask {
         }
         let t = lanes.source.amqp.operation_timeout;
         let mut channels = spent;
-        let mut left = 0;
         if let Some(reader) = reader {
-            let (channel, held) = reader.stop(&lane, t).await;
+            let channel = reader.stop(&lane, t).await;
             channels.push(channel);
-            left = held;
         }
         if !channels.is_empty() {
             // Acks of what they took go to their channels: closed once they are applied (see
             // `acks_applied`), or once the grace ran out.
             tokio::select! {
-                () = lanes.settled.wait() => lanes.acks_applied(&lane, left).await,
+                () = lanes.settled.wait() => {
+                    let open = channels.iter().filter(|c| c.status().connected());
+                    futures_util::future::join_all(
+                        open.map(|c| acks_applied(c, &lane.queue, t)),
+                    )
+                    .await;
+                }
                 () = lanes.force.cancelled() => {}
             }
             for channel in channels {

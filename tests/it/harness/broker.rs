@@ -185,7 +185,15 @@ pub async fn left_in(queues: &[String]) -> Vec<String> {
         loop {
             match queue_counts(&conn, queue).await {
                 Some((_, 0)) => {
-                    ids.extend(take_all(&channel, queue).await.iter().map(|d| {
+                    // A lane's markers are no commands.
+                    let marker = |d: &&lapin::message::Delivery| {
+                        d.properties.headers().as_ref().is_some_and(|h| {
+                            h.inner()
+                                .contains_key(transfer_worker::pipeline::lanes::MARKER)
+                        })
+                    };
+                    let taken = take_all(&channel, queue).await;
+                    ids.extend(taken.iter().filter(|d| !marker(d)).map(|d| {
                         let json: Value = serde_json::from_slice(&d.data).unwrap_or_default();
                         json["commandId"].as_str().unwrap_or_default().to_owned()
                     }));

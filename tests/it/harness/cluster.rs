@@ -174,10 +174,15 @@ impl ClusterWorker {
             .collect()
     }
 
-    /// The nodes (`host:port`) the worker connected to, in order.
+    /// The nodes (`host:port`) the worker's own connection went to, in order (the
+    /// connections of its account queues left out).
     pub fn connections(&self) -> Vec<String> {
         self.logged("connected to the broker")
             .iter()
+            .filter(|l| {
+                let name = l["fields"]["connection"].as_str().unwrap_or_default();
+                name.split(' ').count() == 2
+            })
             .map(|l| l["fields"]["node"].as_str().unwrap_or_default().to_owned())
             .collect()
     }
