@@ -14,6 +14,7 @@ pub mod jwt;
 pub mod pacer;
 pub mod retry;
 pub mod start;
+pub mod terms;
 pub mod transfer;
 
 pub use client::{
