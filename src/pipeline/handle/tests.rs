@@ -110,6 +110,11 @@ impl Rig {
     }
 }
 
+/// The command taken to its outcome, never set aside and always this replica's.
+async fn plain(stages: &Stages, parsed: &Parsed) -> Handled {
+    handle(stages, parsed, None, &|| true).await
+}
+
 fn command(id: &str) -> Value {
     json!({"commandId": id, "orgId": "o-1", "botSessionId": "s-1", "aId": "a-1"})
 }
@@ -129,7 +134,7 @@ fn body(event: &Event) -> Value {
 async fn a_valid_command_is_carried_out_once_and_then_answered_from_memory() {
     let rig = Rig::start().await;
     let parsed = rig.read(&command("c-1"), None);
-    let first = decided(handle(&rig.stages, &parsed, None, &|| true).await);
+    let first = decided(plain(&rig.stages, &parsed).await);
     assert_eq!(first.kind, EventKind::Succeeded);
     assert_eq!(body(&first)["attempts"], 1);
     let request = &rig.sim.requests()[0];
@@ -161,7 +166,7 @@ async fn a_callback_url_the_command_brings_is_sent_as_is() {
     let rig = Rig::start().await;
     let mut c = command("c-own");
     c["callbackUrl"] = json!("https://upstream.test/cb");
-    decided(handle(&rig.stages, &rig.read(&c, None), None, &|| true).await);
+    decided(plain(&rig.stages, &rig.read(&c, None)).await);
     assert_eq!(
         rig.sim.requests()[0].body["callbackUrl"],
         "https://upstream.test/cb"
@@ -173,7 +178,7 @@ async fn a_callback_url_the_command_brings_is_sent_as_is() {
 async fn an_invalid_command_is_rejected_without_a_call_and_names_its_message_id() {
     let rig = Rig::start().await;
     let parsed = rig.read(&json!({"botSessionId": "s-1", "aId": "a-1"}), Some("m-7"));
-    let event = decided(handle(&rig.stages, &parsed, None, &|| true).await);
+    let event = decided(plain(&rig.stages, &parsed).await);
     assert_eq!(event.kind, EventKind::Rejected);
     let v = body(&event);
     assert_eq!(v["commandId"], "m-7");
@@ -191,15 +196,7 @@ async fn a_permanent_error_fails_with_the_error_detail_in_its_wire_order() {
         headers: Vec::new(),
         body: b"no such agent".to_vec(),
     }]);
-    let event = decided(
-        handle(
-            &rig.stages,
-            &rig.read(&command("c-bad"), None),
-            None,
-            &|| true,
-        )
-        .await,
-    );
+    let event = decided(plain(&rig.stages, &rig.read(&command("c-bad"), None)).await);
     assert_eq!(event.kind, EventKind::Failed);
     let text = std::str::from_utf8(&event.body).unwrap();
     assert!(
@@ -219,15 +216,7 @@ async fn a_permanent_error_fails_with_the_error_detail_in_its_wire_order() {
 async fn transient_errors_are_retried_within_the_budget() {
     let rig = Rig::start().await;
     rig.sim.script([Reply::Status(503), Reply::Status(502)]);
-    let event = decided(
-        handle(
-            &rig.stages,
-            &rig.read(&command("c-retry"), None),
-            None,
-            &|| true,
-        )
-        .await,
-    );
+    let event = decided(plain(&rig.stages, &rig.read(&command("c-retry"), None)).await);
     assert_eq!(event.kind, EventKind::Succeeded);
     assert_eq!(body(&event)["attempts"], 3);
     rig.sim.shutdown().await;
@@ -255,7 +244,7 @@ async fn a_past_deadline_expires_the_command_without_a_call() {
     let rig = Rig::start().await;
     let mut c = command("c-late");
     c["expiresAt"] = json!("2000-01-01T00:00:00Z");
-    let event = decided(handle(&rig.stages, &rig.read(&c, None), None, &|| true).await);
+    let event = decided(plain(&rig.stages, &rig.read(&c, None)).await);
     assert_eq!(event.kind, EventKind::Expired);
     assert_eq!(body(&event)["expiresAt"], "2000-01-01T00:00:00.000Z");
     assert_eq!(rig.sim.stats().calls, 0);
@@ -268,7 +257,7 @@ async fn at_shutdown_a_command_goes_back_to_the_queue_and_nothing_is_remembered(
     rig.stages.shutdown.abandon();
     let parsed = rig.read(&command("c-stop"), None);
     assert!(matches!(
-        handle(&rig.stages, &parsed, None, &|| true).await,
+        plain(&rig.stages, &parsed).await,
         Handled::Requeue("shutting down")
     ));
     assert!(rig.stages.outcomes.get("c-stop").is_none());
@@ -289,7 +278,7 @@ async fn a_shutdown_while_waiting_to_retry_gives_the_command_back() {
         shutdown.abandon();
     });
     assert!(matches!(
-        handle(&rig.stages, &parsed, None, &|| true).await,
+        plain(&rig.stages, &parsed).await,
         Handled::Requeue("shutdown grace ran out")
     ));
     assert!(rig.stages.outcomes.get("c-wait").is_none());
@@ -301,8 +290,8 @@ async fn a_command_completed_by_one_replica_is_answered_by_another_from_the_flee
     let fleet = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
     let a = Rig::start().await.in_fleet(&fleet);
     let b = Rig::start().await.in_fleet(&fleet);
-    let first = decided(handle(&a.stages, &a.read(&command("c-f1"), None), None, &|| true).await);
-    match handle(&b.stages, &b.read(&command("c-f1"), None), None, &|| true).await {
+    let first = decided(plain(&a.stages, &a.read(&command("c-f1"), None)).await);
+    match plain(&b.stages, &b.read(&command("c-f1"), None)).await {
         Handled::Remembered(again) => {
             assert_eq!(again.id, first.id);
             assert_eq!(again.body, first.body);
@@ -331,10 +320,10 @@ async fn a_command_claimed_by_a_live_replica_is_waited_for_not_sent_again() {
         crate::fleet::Claim::Mine
     ));
     let parsed = b.read(&command("c-f2"), None);
-    let waiting = handle(&b.stages, &parsed, None, &|| true);
+    let waiting = plain(&b.stages, &parsed);
     let finishing = async {
         tokio::time::sleep(Duration::from_millis(600)).await;
-        decided(handle(&a.stages, &a.read(&command("c-f2"), None), None, &|| true).await)
+        decided(plain(&a.stages, &a.read(&command("c-f2"), None)).await)
     };
     let (handled, done) = tokio::join!(waiting, finishing);
     match handled {
@@ -366,63 +355,23 @@ fn permanent_error() -> Reply {
 async fn a_replayed_failed_command_is_processed_again_and_a_completed_one_is_not() {
     let rig = Rig::start().await;
     rig.sim.script([permanent_error()]);
-    let failed = decided(
-        handle(
-            &rig.stages,
-            &rig.read(&command("c-r1"), None),
-            None,
-            &|| true,
-        )
-        .await,
-    );
+    let failed = decided(plain(&rig.stages, &rig.read(&command("c-r1"), None)).await);
     assert_eq!(failed.kind, EventKind::Failed);
     // Published again as it was: answered from memory, failed.
-    let again = remembered(
-        handle(
-            &rig.stages,
-            &rig.read(&command("c-r1"), None),
-            None,
-            &|| true,
-        )
-        .await,
-    );
+    let again = remembered(plain(&rig.stages, &rig.read(&command("c-r1"), None)).await);
     assert_eq!(again.id, failed.id);
     assert_eq!(rig.sim.stats().calls, 1);
 
     // Replayed from the dead-letter queue: processed as new, and its outcome replaces the old.
-    let replayed = decided(
-        handle(
-            &rig.stages,
-            &rig.read_replayed(&command("c-r1")),
-            None,
-            &|| true,
-        )
-        .await,
-    );
+    let replayed = decided(plain(&rig.stages, &rig.read_replayed(&command("c-r1"))).await);
     assert_eq!(replayed.kind, EventKind::Succeeded);
     assert_ne!(replayed.id, failed.id);
     assert_eq!(rig.sim.stats().calls, 2);
 
     // Completed now: a replay, like any other copy, is answered from memory.
-    let completed = remembered(
-        handle(
-            &rig.stages,
-            &rig.read_replayed(&command("c-r1")),
-            None,
-            &|| true,
-        )
-        .await,
-    );
+    let completed = remembered(plain(&rig.stages, &rig.read_replayed(&command("c-r1"))).await);
     assert_eq!(completed.id, replayed.id);
-    let plain = remembered(
-        handle(
-            &rig.stages,
-            &rig.read(&command("c-r1"), None),
-            None,
-            &|| true,
-        )
-        .await,
-    );
+    let plain = remembered(plain(&rig.stages, &rig.read(&command("c-r1"), None)).await);
     assert_eq!(plain.id, replayed.id);
     assert_eq!(
         rig.sim.stats().calls,
@@ -439,11 +388,10 @@ async fn a_replayed_failed_command_passes_over_the_fleet_record_and_replaces_it(
     let b = Rig::start().await.in_fleet(&fleet);
     let c = Rig::start().await.in_fleet(&fleet);
     a.sim.script([permanent_error()]);
-    let failed = decided(handle(&a.stages, &a.read(&command("c-r2"), None), None, &|| true).await);
+    let failed = decided(plain(&a.stages, &a.read(&command("c-r2"), None)).await);
     assert_eq!(failed.kind, EventKind::Failed);
     // Another replica answers a plain copy from the record...
-    let recorded =
-        remembered(handle(&b.stages, &b.read(&command("c-r2"), None), None, &|| true).await);
+    let recorded = remembered(plain(&b.stages, &b.read(&command("c-r2"), None)).await);
     assert_eq!(recorded.id, failed.id);
     assert_eq!(b.sim.stats().calls, 0);
     // ...but not a replay: that is processed again, even where the failure is in memory.
@@ -456,8 +404,7 @@ async fn a_replayed_failed_command_passes_over_the_fleet_record_and_replaces_it(
     assert_eq!(replayed.kind, EventKind::Succeeded);
     assert_eq!(b.sim.stats().calls, 1);
     // The new outcome replaced the record: a third replica answers any copy with it.
-    let plain =
-        remembered(handle(&c.stages, &c.read(&command("c-r2"), None), None, &|| true).await);
+    let plain = remembered(plain(&c.stages, &c.read(&command("c-r2"), None)).await);
     assert_eq!(plain.id, replayed.id);
     let replay = remembered(
         handle(&c.stages, &c.read_replayed(&command("c-r2")), None, &|| {
