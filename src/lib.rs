@@ -31,7 +31,9 @@
 //!   holder per queue).
 //! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
 //!   ([`agentassist::start`]: the local [`agentassist::pacer`] of its
-//!   [`agentassist::account`], or the fleet's budget), the call ([`agentassist::client`],
+//!   [`agentassist::account`], or the fleet's budget), the last gate before the wire
+//!   ([`agentassist::departure`]: the account's [`agentassist::arrivals`], or the fleet's,
+//!   so the limit holds at the vendor's clock), the call ([`agentassist::client`],
 //!   with a JWT from [`agentassist::jwt`] for one of the [`agentassist::bots`]), the
 //!   classification of its answer, and retries ([`agentassist::retry`], within an
 //!   [`agentassist::attempts`] budget); the circuit [`agentassist::breaker`] holds every

@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::arrivals::Arrivals;
 use super::pacer::Pacer;
 use crate::ops::metrics::{AccountLabels, Metrics};
 
@@ -63,6 +64,9 @@ pub struct Account {
     pub id: String,
     /// The account's budget in this process (a fleet paces through Redis instead).
     pub pacer: Pacer,
+    /// Its calls on the wire and recent answers: the last gate before a call leaves (in a
+    /// fleet, its limit, window and bound; the count is kept in Redis).
+    pub arrivals: Arrivals,
     /// `bots.max_in_flight`, as applied (see [`effective_cap`]).
     cap: usize,
     /// One permit per command in flight: from its slot to the end of its execution.
@@ -141,11 +145,13 @@ impl Drop for Slot {
 
 impl Account {
     /// An account with `limit` calls per `window`, `cap` commands in flight, set aside when
-    /// its next start is further than `aside_after`.
+    /// its next start is further than `aside_after`; a call with no answer counts as seen by
+    /// the API until `request_timeout` after it left.
     pub fn new(
         id: &str,
         limit: u32,
         window: Duration,
+        request_timeout: Duration,
         cap: usize,
         aside_after: Duration,
         metrics: AccountMetrics,
@@ -153,6 +159,7 @@ impl Account {
         Self {
             id: id.to_owned(),
             pacer: Pacer::new(limit, window),
+            arrivals: Arrivals::new(limit, window, request_timeout),
             cap: cap.max(1),
             slots: Arc::new(Semaphore::new(cap.max(1))),
             aside_after,

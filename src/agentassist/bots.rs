@@ -87,6 +87,7 @@ impl Bots {
                         &b.account_id,
                         b.rate_limit,
                         b.rate_window,
+                        settings.agentassist.request_timeout,
                         cap,
                         settings.commands.aside_after,
                         AccountMetrics::of(metrics, &b.account_id),

@@ -4,12 +4,14 @@
 //! carries one command through them.
 
 pub mod account;
+pub mod arrivals;
 pub mod attempts;
 pub mod bots;
 pub mod breaker;
 pub mod breakers;
 pub mod client;
 mod deadline;
+pub mod departure;
 pub mod jwt;
 pub mod pacer;
 pub mod retry;

@@ -7,19 +7,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-
 use super::attempts::AttemptBudget;
 use super::bots::Bot;
 use super::breaker::{Failure as BreakerFailure, Interrupted};
 use super::breakers::Breakers;
-use super::client::{ApiClient, ApiError, ApiResponse, ErrorKind, request_body};
+use super::client::{ApiClient, ApiError, ApiResponse, request_body};
 use super::deadline::{deadline_of, reaches, start_limit};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
 use super::start::{self, FirstStart};
 use crate::contract::Command;
-use crate::fleet::holds::HoldTerm;
 use crate::fleet::{Fleet, StartRequest};
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::shutdown::{Abandoned, Shutdown};
@@ -40,6 +37,12 @@ pub enum Unfinished {
 }
 
 pub use super::terms::{Ours, Terms};
+
+mod call;
+
+use call::{Call, Leg, held_on_the_way};
+#[cfg(feature = "fault-injection")]
+pub use call::{FAULT_LATE_DEPARTURE, FAULT_LATE_DEPARTURE_ORG_ID};
 
 impl From<Abandoned> for Unfinished {
     fn from(_: Abandoned) -> Self {
@@ -264,7 +267,15 @@ impl Transfers {
             if breaker.is_some_and(|b| b.is_open()) {
                 continue;
             }
-            let (error, outage) = match self.call(bot, &body, &mut budget, term, ours).await {
+            let leg = Leg {
+                bot,
+                body: &body,
+                term,
+                ours,
+                deadline,
+                late: held_on_the_way(command),
+            };
+            let (error, outage) = match self.call(leg, &mut budget, shutdown).await? {
                 Call::Answered(response) => {
                     let (attempts, elapsed) = (budget.made(), started.elapsed());
                     return Ok(Outcome::Succeeded {
@@ -274,6 +285,7 @@ impl Transfers {
                     });
                 }
                 Call::NoToken(error) => return Ok(budget.failed(error, false)),
+                Call::Late => return Ok(budget.out_of_time()),
                 Call::NotHeld => {
                     tracing::warn!(
                         attempts = budget.made(),
@@ -295,44 +307,6 @@ impl Transfers {
                 Next::At(until) => shutdown.sleep_until(until).await?,
                 Next::Done(outcome) => return Ok(outcome),
             }
-        }
-    }
-
-    /// One call: a token, the request, its series and the breaker's record of it. With a
-    /// fleet, the request leaves only while the holds of `term` are valid: a replica that was
-    /// frozen past `fleet.member_ttl` wakes with its holds gone, perhaps another's, and whatever
-    /// woke it (a start, a retry's wait) must not call for a delivery that went back.
-    async fn call(
-        &self,
-        bot: &Bot,
-        body: &Bytes,
-        budget: &mut AttemptBudget,
-        term: Option<HoldTerm>,
-        ours: &Ours<'_>,
-    ) -> Call {
-        let token = match bot.tokens.token() {
-            Ok(token) => token,
-            Err(e) => {
-                return Call::NoToken(ApiError::without_status(ErrorKind::Request, e.to_string()));
-            }
-        };
-        let lapsed = (self.fleet.as_ref().zip(term)).is_some_and(|(f, t)| !f.holds_valid_in(t));
-        if lapsed || !ours() {
-            return Call::NotHeld;
-        }
-        budget.call();
-        let call_started = Instant::now();
-        let result = self.api.assign(bot, &token, body.clone()).await;
-        let status = match &result {
-            Ok(r) => Some(r.status),
-            Err(e) => e.status,
-        };
-        let seconds = call_started.elapsed().as_secs_f64();
-        self.metrics.api_call(&bot.account_id, status, seconds);
-        let outage = self.breakers.of(bot).and_then(|b| b.record(&result));
-        match result {
-            Ok(response) => Call::Answered(response),
-            Err(error) => Call::Failed(error, outage),
         }
     }
 
@@ -408,16 +382,6 @@ impl Transfers {
         budget.failed_with(error);
         Ok(Next::At(until))
     }
-}
-
-/// How one call went.
-enum Call {
-    Answered(ApiResponse),
-    Failed(ApiError, Option<BreakerFailure>),
-    /// No token could be made: nothing was sent, and trying again will not help.
-    NoToken(ApiError),
-    /// The command is no longer this replica's: nothing was sent.
-    NotHeld,
 }
 
 /// A failed call, and what it is judged against.

@@ -1,7 +1,8 @@
 //! Several replicas as one worker (docs/contract.md §9): the state they share through Redis.
 //!
 //! - *Pacing*: one sliding log per account ([`Fleet::reserve`], `lua/reserve.lua`), timed by
-//!   Redis's clock, and a shared pause after a 429 ([`Fleet::pause`]).
+//!   Redis's clock, and a shared pause after a 429 ([`Fleet::pause`]); the last gate before a
+//!   call leaves, the account's arrivals ([`gate`]), keeps the limit at the vendor's clock.
 //! - *Once-only*: before calling the API a replica claims the command for a lease
 //!   ([`Fleet::claim`], renewed by [`Fleet::keep_claim`] while it runs); the terminal event is
 //!   recorded for the fleet ([`Fleet::record`]). A command completed anywhere is answered from
@@ -17,11 +18,13 @@
 //!   queue as intake, only while it holds that queue ([`holds`]).
 //!
 //! Every key starts with the fleet's name (its `amqp.commands_queue`) and a colon. Per command
-//! in the steady state: two round trips (the claim with the first start, the record). This
+//! in the steady state: four round trips (the claim with the first start, the gate, the
+//! answer's time, the record). This
 //! file holds the client,
 //! its timeouts, health and waiting; [`claims`] the once-only, [`pacing`] the shared budget.
 
 pub mod claims;
+pub mod gate;
 pub mod holds;
 pub mod membership;
 pub mod ownership;

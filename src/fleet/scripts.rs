@@ -41,3 +41,9 @@ pub static HEARTBEAT: LazyLock<Script> =
 /// `lua/hold.lua`.
 pub static HOLD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/hold.lua")));
+/// `lua/depart.lua`.
+pub static DEPART: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/depart.lua")));
+/// `lua/arrived.lua`.
+pub static ARRIVED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/arrived.lua")));

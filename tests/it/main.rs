@@ -10,6 +10,7 @@ mod contract;
 mod dashboard;
 mod dead_letters;
 mod fairness;
+mod fairness_scale;
 mod fleet;
 mod fleet_freeze;
 mod fleet_identity;
@@ -28,6 +29,7 @@ mod schemas;
 mod tls;
 mod trace_context;
 mod transfers;
+mod vendor_clock;
 
 /// Installs a log subscriber once, when RUST_LOG asks for one.
 pub fn init_logs() {

@@ -5,6 +5,7 @@ fn account(cap: usize, aside_after: Duration) -> Arc<Account> {
         "a",
         60,
         Duration::from_secs(60),
+        Duration::from_secs(10),
         cap,
         aside_after,
         AccountMetrics::default(),

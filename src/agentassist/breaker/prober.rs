@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use super::Breaker;
 use crate::agentassist::bots::Bot;
 use crate::agentassist::client::{ApiClient, ApiError, ApiResponse};
+use crate::agentassist::departure;
 use crate::fleet::{Fleet, Reservation};
+use crate::shutdown::Shutdown;
 
 /// The breaker and what it probes with, run by the application beside the consumer.
 ///
@@ -19,8 +21,8 @@ use crate::fleet::{Fleet, Reservation};
 /// is up answers 400; one that is down answers 5xx or not at all. (An unsigned probe would be
 /// answered 401 by an edge that authenticates before it routes, even while the service behind
 /// it is down.) Being a call to the account, each probe takes a start from the account's
-/// budget like any call; a probe the budget has no start for within `probe_interval` is not
-/// sent that time.
+/// budget like any call, and passes the account's last gate (its arrivals); a probe the
+/// budget has no start for within `probe_interval` is not sent that time.
 #[derive(Debug)]
 pub struct Prober {
     breaker: Arc<Breaker>,
@@ -71,7 +73,20 @@ impl Prober {
                 return None;
             }
         };
-        Some(self.api.probe(bot, &token).await)
+        // The last gate, as for any call; the wait is cut short by the breaker's stop.
+        let until = std::time::Instant::now().checked_add(self.interval);
+        let unstopped = Shutdown::new();
+        let gate = departure::depart(self.fleet.as_deref(), bot, until, &unstopped);
+        let departure = gate.await.ok()??;
+        let result = self.api.probe(bot, &token).await;
+        match result
+            .as_ref()
+            .map_or_else(|e| e.status, |r| Some(r.status))
+        {
+            Some(_) => departure.answered().await,
+            None => departure.unanswered(),
+        }
+        Some(result)
     }
 
     /// When the probe may go, if within the probe interval.

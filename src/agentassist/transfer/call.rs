@@ -1,0 +1,127 @@
+//! One call of an execution: a token, the last gate (the account's arrivals, docs/contract.md
+//! §4), the fence (whose the command is, §9), the request, its series and the breaker's
+//! record of it.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{Ours, Transfers, Unfinished};
+use crate::agentassist::attempts::AttemptBudget;
+use crate::agentassist::bots::Bot;
+use crate::agentassist::breaker::Failure as BreakerFailure;
+use crate::agentassist::client::{ApiError, ApiResponse, ErrorKind};
+use crate::agentassist::departure;
+use crate::fleet::holds::HoldTerm;
+use crate::shutdown::Shutdown;
+
+/// How one call went.
+pub(super) enum Call {
+    Answered(ApiResponse),
+    Failed(ApiError, Option<BreakerFailure>),
+    /// No token could be made: nothing was sent, and trying again will not help.
+    NoToken(ApiError),
+    /// The command is no longer this replica's: nothing was sent.
+    NotHeld,
+    /// The deadline came while the call waited at the gate: nothing was sent.
+    Late,
+}
+
+/// What one call is made of, and what it must respect.
+pub(super) struct Leg<'a> {
+    pub bot: &'a Bot,
+    pub body: &'a Bytes,
+    /// The fleet's holds the execution runs under.
+    pub term: Option<HoldTerm>,
+    /// Whether the command's delivery is still this replica's.
+    pub ours: &'a Ours<'a>,
+    pub deadline: Option<Instant>,
+    /// Held this long between the gate and the wire: only with the `fault-injection` feature
+    /// ([`held_on_the_way`]).
+    pub late: Duration,
+}
+
+impl Transfers {
+    /// One call. It leaves only once the account's arrivals allow it, and only while the
+    /// command is this replica's: with a fleet, while the holds of `term` are valid (a replica
+    /// frozen past `fleet.member_ttl` wakes with its holds gone, perhaps another's, and
+    /// whatever woke it must not call for a delivery that went back).
+    pub(super) async fn call(
+        &self,
+        leg: Leg<'_>,
+        budget: &mut AttemptBudget,
+        shutdown: &Shutdown,
+    ) -> Result<Call, Unfinished> {
+        let Leg {
+            bot,
+            body,
+            term,
+            ours,
+            deadline,
+            late,
+        } = leg;
+        let token = match bot.tokens.token() {
+            Ok(token) => token,
+            Err(e) => {
+                let error = ApiError::without_status(ErrorKind::Request, e.to_string());
+                return Ok(Call::NoToken(error));
+            }
+        };
+        let gate = departure::depart(self.fleet.as_deref(), bot, deadline, shutdown);
+        let Some(departure) = Box::pin(gate).await? else {
+            return Ok(Call::Late);
+        };
+        let lapsed = (self.fleet.as_ref().zip(term)).is_some_and(|(f, t)| !f.holds_valid_in(t));
+        if shutdown.is_abandoned() {
+            departure.unsent().await;
+            return Err(Unfinished::Abandoned);
+        }
+        if lapsed || !ours() {
+            departure.unsent().await;
+            return Ok(Call::NotHeld);
+        }
+        if !late.is_zero() {
+            tokio::time::sleep(late).await;
+        }
+        budget.call();
+        let call_started = Instant::now();
+        let result = self.api.assign(bot, &token, body.clone()).await;
+        let status = match &result {
+            Ok(r) => Some(r.status),
+            Err(e) => e.status,
+        };
+        // An answer of any status says the API saw the call; without one, the call counts
+        // until its bound.
+        match status {
+            Some(_) => departure.answered().await,
+            None => departure.unanswered(),
+        }
+        let seconds = call_started.elapsed().as_secs_f64();
+        self.metrics.api_call(&bot.account_id, status, seconds);
+        let outage = self.breakers.of(bot).and_then(|b| b.record(&result));
+        Ok(match result {
+            Ok(response) => Call::Answered(response),
+            Err(error) => Call::Failed(error, outage),
+        })
+    }
+}
+
+/// With the `fault-injection` feature, the calls of a command with this `orgId` are held
+/// [`FAULT_LATE_DEPARTURE`] between their booked start and the wire, as a busy machine or a
+/// slow connection would hold them.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_LATE_DEPARTURE_ORG_ID: &str = "o-fault-injection-late-departure";
+
+/// How long [`FAULT_LATE_DEPARTURE_ORG_ID`]'s calls are held.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_LATE_DEPARTURE: Duration = Duration::from_secs(1);
+
+/// How long `command`'s calls are held on their way: zero unless a fault is injected.
+pub(super) fn held_on_the_way(command: &crate::contract::Command) -> Duration {
+    #[cfg(feature = "fault-injection")]
+    if command.org_id == FAULT_LATE_DEPARTURE_ORG_ID {
+        return FAULT_LATE_DEPARTURE;
+    }
+    let _ = command;
+    Duration::ZERO
+}
