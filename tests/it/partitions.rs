@@ -223,13 +223,13 @@ fn even_sessions(prefix: &str, n: usize, partitions: u16) -> Vec<String> {
 }
 
 /// Runs `sessions` commands (one per session) on a fleet of `replicas`, balanced before the
-/// first publish; returns the time from the first publish to the last terminal event.
-async fn time_to_run(
+/// first publish; returns the API calls each replica made.
+async fn calls_by_replica(
     replicas: usize,
     partitions: u16,
     sessions: &[String],
     prefix: &str,
-) -> Duration {
+) -> Vec<f64> {
     let spec = FleetSpec {
         latency: Duration::from_millis(200),
         prefetch: 4,
@@ -260,22 +260,30 @@ async fn time_to_run(
         commands.len()
     );
     fleet.stop_leaving_nothing().await;
-    took
+    api_calls
+        .into_iter()
+        .map(|c| c.expect("every replica answers /metrics"))
+        .collect()
 }
 
+/// The work is shared, not merely possible to share: with 12 partitions over three replicas,
+/// each replica makes its share of the calls. How much faster three replicas are is measured
+/// by the pipeline benchmark's scenario (h), not asserted here: a ratio of wall-clock times
+/// depends on the machine's load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_finish_latency_bound_work_at_least_2_2_times_faster_than_one() {
+async fn three_replicas_share_latency_bound_work() {
     // 12 partitions: 4 each for three replicas, with 20 sessions in each partition.
     let partitions = 12;
     let t = tag();
     let sessions = even_sessions(&format!("s-scale-{t}"), 240, partitions);
-    let one = time_to_run(1, partitions, &sessions, &format!("scale1-{t}")).await;
-    let three = time_to_run(3, partitions, &sessions, &format!("scale3-{t}")).await;
-    let ratio = one.as_secs_f64() / three.as_secs_f64();
-    eprintln!("partition scale: one replica {one:?}, three {three:?}: {ratio:.2}x");
+    let calls = calls_by_replica(3, partitions, &sessions, &format!("scale3-{t}")).await;
+    let all: f64 = calls.iter().sum();
+    assert!(all >= 240.0, "every command was called: {calls:?}");
+    // An even share is a third; a replica with a quarter of the partitions' sessions less
+    // than half of that still counts as sharing, one with none does not.
     assert!(
-        ratio >= 2.2,
-        "three replicas took {three:?}, one {one:?}: only {ratio:.2}x faster"
+        calls.iter().all(|&c| c >= all / 6.0),
+        "a replica did less than half its share of the calls: {calls:?}"
     );
 }
 
