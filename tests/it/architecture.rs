@@ -72,31 +72,137 @@ fn is_test_file(path: &Path) -> bool {
         || path.components().any(|c| c.as_os_str() == "tests")
 }
 
-/// The components a source names through `crate::…` (`crate::a::b`, `crate::{a, b}`), its
-/// inline unit tests left out.
-fn used(text: &str) -> BTreeSet<String> {
-    let text = match text.find("#[cfg(test)]\nmod tests") {
-        Some(at) => &text[..at],
-        None => text,
-    };
-    let mut used = BTreeSet::new();
-    for (at, _) in text.match_indices("crate::") {
-        let rest = &text[at + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let group = &group[..group.find('}').unwrap_or(group.len())];
-            used.extend(group.split(',').filter_map(|item| first_ident(item.trim())));
-        } else {
-            used.extend(first_ident(rest));
-        }
+/// The module path of a source file: `src/pipeline/lanes/task.rs` is `pipeline::lanes::task`,
+/// `src/fleet/mod.rs` is `fleet`.
+fn module_of(file: &Path) -> Vec<String> {
+    let relative = file.strip_prefix(root().join("src")).unwrap_or(file);
+    let mut module: Vec<String> = relative
+        .with_extension("")
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if module.last().is_some_and(|m| m == "mod") {
+        module.pop();
     }
-    used
+    module
 }
 
-fn first_ident(text: &str) -> Option<String> {
-    let end = text
-        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .unwrap_or(text.len());
-    (end > 0).then(|| text[..end].to_owned())
+/// The components a source file names by a path from the crate's root (`crate::…`, or enough
+/// `super::` to reach it), in `use` trees (groups nested at any depth) and in paths anywhere in
+/// its code; items under `#[cfg(test)]` left out. A real parser (`syn`), so nothing after a
+/// `mod tests;` line, in a nested group or behind `super::super::` escapes it. Paths inside
+/// macro invocations are not parsed; the crate uses `crate::` paths there nowhere.
+fn used(text: &str, module: &[String]) -> BTreeSet<String> {
+    let file = syn::parse_file(text).expect("every source file parses");
+    let mut uses = Uses {
+        module: module.to_vec(),
+        found: BTreeSet::new(),
+    };
+    syn::visit::Visit::visit_file(&mut uses, &file);
+    uses.found
+}
+
+struct Uses {
+    /// The module being visited: the file's, and inline modules within it.
+    module: Vec<String>,
+    found: BTreeSet<String>,
+}
+
+impl Uses {
+    /// Records the component a path names, if it names one from the crate's root.
+    fn resolve(&mut self, segments: &[String]) {
+        let Some(first) = segments.first() else {
+            return;
+        };
+        let absolute: Vec<&String> = match first.as_str() {
+            "crate" => segments[1..].iter().collect(),
+            "super" => {
+                let ups = segments.iter().take_while(|s| *s == "super").count();
+                let Some(base) = self.module.len().checked_sub(ups) else {
+                    return;
+                };
+                self.module[..base].iter().chain(&segments[ups..]).collect()
+            }
+            "self" => self.module.iter().chain(&segments[1..]).collect(),
+            _ => return,
+        };
+        if let Some(component) = absolute.first() {
+            self.found.insert((*component).clone());
+        }
+    }
+
+    /// Every path a `use` tree spells out, from its root to each leaf.
+    fn use_tree(&mut self, prefix: &mut Vec<String>, tree: &syn::UseTree) {
+        match tree {
+            syn::UseTree::Path(p) => {
+                prefix.push(p.ident.to_string());
+                self.use_tree(prefix, &p.tree);
+                prefix.pop();
+            }
+            syn::UseTree::Name(n) => self.leaf(prefix, &n.ident),
+            syn::UseTree::Rename(r) => self.leaf(prefix, &r.ident),
+            syn::UseTree::Glob(_) => self.resolve(prefix),
+            syn::UseTree::Group(g) => {
+                for tree in &g.items {
+                    self.use_tree(prefix, tree);
+                }
+            }
+        }
+    }
+
+    fn leaf(&mut self, prefix: &mut Vec<String>, ident: &syn::Ident) {
+        prefix.push(ident.to_string());
+        self.resolve(prefix);
+        prefix.pop();
+    }
+}
+
+/// Whether the attributes put an item under `#[cfg(test)]`.
+fn test_only(attrs: &[syn::Attribute]) -> bool {
+    attrs.iter().any(|a| {
+        a.path().is_ident("cfg")
+            && a.parse_args::<syn::Meta>()
+                .is_ok_and(|m| m.path().is_ident("test"))
+    })
+}
+
+impl<'ast> syn::visit::Visit<'ast> for Uses {
+    fn visit_item(&mut self, item: &'ast syn::Item) {
+        let attrs = match item {
+            syn::Item::Const(i) => &i.attrs,
+            syn::Item::Enum(i) => &i.attrs,
+            syn::Item::Fn(i) => &i.attrs,
+            syn::Item::Impl(i) => &i.attrs,
+            syn::Item::Mod(i) => &i.attrs,
+            syn::Item::Static(i) => &i.attrs,
+            syn::Item::Struct(i) => &i.attrs,
+            syn::Item::Trait(i) => &i.attrs,
+            syn::Item::Type(i) => &i.attrs,
+            syn::Item::Use(i) => &i.attrs,
+            _ => &Vec::new(),
+        };
+        if !test_only(attrs) {
+            syn::visit::visit_item(self, item);
+        }
+    }
+
+    fn visit_item_mod(&mut self, item: &'ast syn::ItemMod) {
+        if item.content.is_some() {
+            self.module.push(item.ident.to_string());
+            syn::visit::visit_item_mod(self, item);
+            self.module.pop();
+        }
+    }
+
+    fn visit_item_use(&mut self, item: &'ast syn::ItemUse) {
+        self.use_tree(&mut Vec::new(), &item.tree);
+    }
+
+    fn visit_path(&mut self, path: &'ast syn::Path) {
+        let segments: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+        self.resolve(&segments);
+        syn::visit::visit_path(self, path);
+    }
 }
 
 /// Every `crate::` use that the table does not allow: `(component, used, file)`.
@@ -113,7 +219,7 @@ fn violations(
         let Some(may) = may else { continue };
         for file in files {
             let text = std::fs::read_to_string(file).unwrap();
-            for other in used(&text) {
+            for other in used(&text, &module_of(file)) {
                 if &other != component && components.contains_key(&other) && !may.contains(&other) {
                     wrong.push((component.clone(), other, file.clone()));
                 }
@@ -121,6 +227,30 @@ fn violations(
         }
     }
     wrong
+}
+
+/// Every allowance of the table that no file of its component uses: `(component, allowed)`.
+fn unused_allowances(
+    components: &BTreeMap<String, Vec<PathBuf>>,
+    allowed: &BTreeMap<String, Option<BTreeSet<String>>>,
+) -> Vec<(String, String)> {
+    let mut stale = Vec::new();
+    for (component, may) in allowed {
+        let (Some(may), Some(files)) = (may, components.get(component)) else {
+            continue;
+        };
+        let mut uses = BTreeSet::new();
+        for file in files {
+            let text = std::fs::read_to_string(file).unwrap();
+            uses.extend(used(&text, &module_of(file)));
+        }
+        stale.extend(
+            may.iter()
+                .filter(|m| !uses.contains(*m))
+                .map(|m| (component.clone(), m.clone())),
+        );
+    }
+    stale
 }
 
 #[test]
@@ -146,15 +276,32 @@ fn components_use_only_what_the_architecture_page_allows() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    let stale = unused_allowances(&components, &allowed);
+    assert!(
+        stale.is_empty(),
+        "docs/architecture.md allows what nothing uses (remove the row's entry): {stale:?}"
+    );
 }
 
 #[test]
-fn the_check_sees_paths_and_groups_and_skips_unit_tests() {
-    let text = "use crate::broker::Publisher;\nuse crate::{fleet, ops::metrics};\n\
-                fn f() { crate::json::parse(); }\n#[cfg(test)]\nmod tests {\n use crate::tools;\n}";
-    let names: Vec<String> = used(text).into_iter().collect();
-    assert_eq!(names, ["broker", "fleet", "json", "ops"]);
-    // A use the table forbids is reported.
+fn the_check_sees_paths_groups_and_supers_and_skips_unit_tests() {
+    let text = "use crate::broker::Publisher;\n\
+                use crate::{ops::{metrics, telemetry}, fleet::{holds::{Holds}, Fleet}};\n\
+                #[cfg(test)]\nmod tests;\n\
+                fn f() { crate::json::parse(); let _ = super::super::super::shutdown::Shutdown::new(); }\n\
+                fn g() -> super::Local { todo!() }\n\
+                #[cfg(test)]\nmod more {\n use crate::tools;\n}";
+    let module = ["pipeline".to_owned(), "lanes".to_owned(), "task".to_owned()];
+    let names: Vec<String> = used(text, &module).into_iter().collect();
+    assert_eq!(
+        names,
+        ["broker", "fleet", "json", "ops", "pipeline", "shutdown"]
+    );
+    assert_eq!(
+        module_of(&root().join("src/fleet/mod.rs")),
+        ["fleet".to_owned()]
+    );
+    // A use the table forbids is reported, and an allowance nothing uses.
     let dir = std::env::temp_dir().join(format!("arch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("up.rs");
@@ -163,8 +310,16 @@ fn the_check_sees_paths_and_groups_and_skips_unit_tests() {
         ("contract".to_owned(), vec![file.clone()]),
         ("pipeline".to_owned(), vec![]),
     ]);
-    let allowed = BTreeMap::from([("contract".to_owned(), Some(BTreeSet::new()))]);
+    let allowed = BTreeMap::from([
+        ("contract".to_owned(), Some(BTreeSet::new())),
+        (
+            "pipeline".to_owned(),
+            Some(BTreeSet::from(["json".to_owned()])),
+        ),
+    ]);
     let wrong = violations(&components, &allowed);
+    let stale = unused_allowances(&components, &allowed);
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(wrong, [("contract".into(), "pipeline".into(), file)]);
+    assert_eq!(stale, [("pipeline".to_owned(), "json".to_owned())]);
 }
