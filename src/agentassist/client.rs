@@ -64,6 +64,8 @@ pub struct ApiError {
     pub body: Option<Value>,
     /// The server's `Retry-After`.
     pub retry_after: Option<Duration>,
+    /// Nothing reached the server: the connection, or its TLS handshake, could not be made.
+    pub unsent: bool,
 }
 
 impl ApiError {
@@ -75,6 +77,7 @@ impl ApiError {
             message: message.into(),
             body: None,
             retry_after: None,
+            unsent: false,
         }
     }
 
@@ -292,6 +295,7 @@ pub fn classify(
         message: format!("AgentAssist answered HTTP {status}"),
         body: (!body.is_empty()).then(|| json::value_or_string(cut)),
         retry_after: retry_after.and_then(parse_retry_after),
+        unsent: false,
     })
 }
 
@@ -319,6 +323,7 @@ fn transport_error(e: reqwest::Error) -> ApiError {
         message,
         body: None,
         retry_after: None,
+        unsent: e.is_connect(),
     }
 }
 

@@ -7,15 +7,16 @@ use std::time::{Duration, Instant};
 
 use super::arrivals;
 use super::bots::Bot;
+use super::client::{ApiError, ApiResponse};
 use super::transfer::Unfinished;
 use crate::fleet::Fleet;
 use crate::fleet::gate::{DepartRequest, Gate};
 use crate::shutdown::{Abandoned, Shutdown};
 
-/// The most that may pass between the fleet's gate opening (as timed from before it was asked)
-/// and the request leaving: the bound recorded for a call that gets no answer counts it in.
-/// A call that could not leave within it (a replica frozen, a Redis answer that took this
-/// long) takes nothing and asks again.
+/// The least that may pass between the fleet's gate opening (as timed from before it was
+/// asked) and the request leaving (see [`send_within`]): the bound recorded for a call that
+/// gets no answer counts it in. A call that could not leave within it (a replica frozen, a
+/// Redis answer that took this long) takes nothing and asks again.
 pub const SEND_WITHIN: Duration = Duration::from_secs(2);
 
 /// How soon to ask the fleet's gate again while a call on the wire stands in the way: its
@@ -56,6 +57,18 @@ impl Departure<'_> {
     /// No answer came (the request failed or timed out): the call counts until its bound.
     pub fn unanswered(self) {}
 
+    /// Records how the call ended: an answer of any status says the API saw it; a connection
+    /// (or TLS handshake) that could not be made sent nothing; anything else counts until its
+    /// bound.
+    pub async fn ended(self, result: &Result<ApiResponse, ApiError>) {
+        match result {
+            Ok(_) => self.answered().await,
+            Err(e) if e.status.is_some() => self.answered().await,
+            Err(e) if e.unsent => self.unsent().await,
+            Err(_) => self.unanswered(),
+        }
+    }
+
     /// Nothing was sent after all.
     pub async fn unsent(self) {
         match self {
@@ -74,45 +87,97 @@ impl Departure<'_> {
 }
 
 /// Waits until a call of `bot`'s account may leave; `None` when `until` (the deadline) comes
-/// first.
+/// first. An account paused by a 429 lets nothing leave until its pause ends, however long the
+/// call waited at the gate.
 pub(super) async fn depart<'a>(
     fleet: Option<&'a Fleet>,
     bot: &'a Bot,
     until: Option<Instant>,
     shutdown: &Shutdown,
 ) -> Result<Option<Departure<'a>>, Unfinished> {
-    let Some(fleet) = fleet else {
-        return tokio::select! {
-            departure = bot.account.arrivals.depart(until) => Ok(departure.map(Departure::Here)),
-            () = shutdown.abandoned() => Err(Abandoned.into()),
+    match fleet {
+        None => here(bot, until, shutdown).await,
+        Some(fleet) => in_fleet(fleet, bot, until, shutdown).await,
+    }
+}
+
+/// Through this process's arrivals.
+async fn here<'a>(
+    bot: &'a Bot,
+    until: Option<Instant>,
+    shutdown: &Shutdown,
+) -> Result<Option<Departure<'a>>, Unfinished> {
+    loop {
+        if let Some(paused) = bot.account.pacer.paused() {
+            if until.is_some_and(|u| u <= paused) {
+                return Ok(None);
+            }
+            shutdown.sleep_until(paused).await?;
+            continue;
+        }
+        let departure = tokio::select! {
+            departure = bot.account.arrivals.depart(until) => departure,
+            () = shutdown.abandoned() => return Err(Abandoned.into()),
         };
-    };
+        let Some(departure) = departure else {
+            return Ok(None);
+        };
+        // Paused while it waited: it leaves after the pause, through the gate again.
+        if bot.account.pacer.paused().is_some() {
+            departure.unsent();
+            continue;
+        }
+        return Ok(Some(Departure::Here(departure)));
+    }
+}
+
+/// The most that may pass between asking the fleet's gate and the request leaving: at least
+/// [`SEND_WITHIN`], and a second more than Redis may take to answer, so that a slow answer does
+/// not keep every call from leaving.
+fn send_within(fleet: &Fleet) -> Duration {
+    fleet
+        .timeout()
+        .saturating_add(Duration::from_secs(1))
+        .max(SEND_WITHIN)
+}
+
+/// Through the fleet's arrivals in Redis. One member for the call, kept across questions: a
+/// call let through whose answer was lost on the way back is not counted twice.
+async fn in_fleet<'a>(
+    fleet: &'a Fleet,
+    bot: &'a Bot,
+    until: Option<Instant>,
+    shutdown: &Shutdown,
+) -> Result<Option<Departure<'a>>, Unfinished> {
     let arrivals = &bot.account.arrivals;
+    let within = send_within(fleet);
     let request = DepartRequest {
         account: &bot.account_id,
         limit: arrivals.limit(),
         window: arrivals.window(),
-        unanswered: arrivals.unanswered().saturating_add(SEND_WITHIN),
+        unanswered: arrivals.unanswered().saturating_add(within),
     };
+    let member = uuid::Uuid::new_v4().simple().to_string();
     loop {
         if until.is_some_and(|u| Instant::now() >= u) {
+            fleet.unsent(&bot.account_id, &member).await.ok();
             return Ok(None);
         }
         let (asked, gate) = fleet
             .until_answered(shutdown, || async {
                 let asked = Instant::now();
-                Ok((asked, fleet.depart(&request).await?))
+                Ok((asked, fleet.depart(&request, &member).await?))
             })
             .await
             .ok_or(Abandoned)?;
         let again = match gate {
-            Gate::Open(member) => {
+            Gate::Open => {
                 let departure = Departure::Fleet {
                     fleet,
                     account: &bot.account_id,
-                    member,
+                    member: member.clone(),
                 };
-                if asked.elapsed() <= SEND_WITHIN {
+                if asked.elapsed() <= within {
                     return Ok(Some(departure));
                 }
                 departure.unsent().await;
@@ -126,3 +191,6 @@ pub(super) async fn depart<'a>(
         shutdown.sleep_until(at).await?;
     }
 }
+
+#[cfg(test)]
+mod tests;

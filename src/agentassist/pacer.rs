@@ -92,6 +92,12 @@ impl Pacer {
         Ok(slot)
     }
 
+    /// Until when the account is paused (a 429's `Retry-After`), if that is still ahead.
+    pub fn paused(&self) -> Option<Instant> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.paused_until.filter(|&p| p > Instant::now())
+    }
+
     /// The API said "not before": hold every later call of this account until then.
     pub fn pause_until(&self, until: Instant) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);

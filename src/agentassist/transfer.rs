@@ -286,6 +286,7 @@ impl Transfers {
                 }
                 Call::NoToken(error) => return Ok(budget.failed(error, false)),
                 Call::Late => return Ok(budget.out_of_time()),
+                Call::Held => continue,
                 Call::NotHeld => {
                     tracing::warn!(
                         attempts = budget.made(),

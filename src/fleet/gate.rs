@@ -24,9 +24,9 @@ pub struct DepartRequest<'a> {
 /// The gate's answer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Gate {
-    /// The call may leave; it is recorded as this member (see [`Fleet::arrived`]).
-    Open(String),
-    /// Enough recorded calls leave the window after this long.
+    /// The call may leave; it is recorded under its member (see [`Fleet::arrived`]).
+    Open,
+    /// Enough recorded calls leave the window (or the account's pause ends) after this long.
     Closed(Duration),
     /// A call still on the wire stands in the way: its answer frees the gate, at the latest
     /// after this long.
@@ -34,20 +34,26 @@ pub enum Gate {
 }
 
 impl Fleet {
-    /// Asks whether a call of `request.account` may leave now, timed by Redis.
-    pub async fn depart(&self, request: &DepartRequest<'_>) -> Result<Gate, FleetError> {
-        let member = uuid::Uuid::new_v4().simple().to_string();
+    /// Asks whether a call of `request.account` may leave now, timed by Redis; recorded as
+    /// `member` if it may. The same member, asked again (after an answer that timed out, say),
+    /// is let through once, not counted twice.
+    pub async fn depart(
+        &self,
+        request: &DepartRequest<'_>,
+        member: &str,
+    ) -> Result<Gate, FleetError> {
         let mut invocation = scripts::DEPART.prepare_invoke();
         invocation
             .key(self.key("arrivals", request.account))
+            .key(self.key("pause", request.account))
             .arg(request.limit)
             .arg(micros(request.window))
             .arg(micros(request.unanswered))
-            .arg(&member);
+            .arg(member);
         let (state, delay): (i64, i64) = self.invoke("depart", &invocation).await?;
         let delay = Duration::from_micros(u64::try_from(delay).unwrap_or(0));
         match state {
-            1 => Ok(Gate::Open(member)),
+            1 => Ok(Gate::Open),
             0 => Ok(Gate::Closed(delay)),
             2 => Ok(Gate::OnTheWire(delay)),
             other => Err(FleetError::Unexpected {
@@ -74,3 +80,6 @@ impl Fleet {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -236,6 +236,11 @@ impl Fleet {
         key
     }
 
+    /// `fleet.redis_timeout`: how long any Redis call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Runs one script invocation under the timeout, counting it.
     pub(crate) async fn invoke<T: redis::FromRedisValue>(
         &self,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use transfer_worker::agentassist::transfer::FAULT_LATE_DEPARTURE_ORG_ID;
 use transfer_worker::tools::simulator::Simulator;
 
-use crate::harness::{Fleet, FleetSpec, Harness, agent_command, wait_for};
+use crate::harness::{Fleet, FleetSpec, Harness, agent_command, free_port, wait_for};
 
 const LIMIT: u32 = 5;
 const WINDOW: Duration = Duration::from_secs(2);
@@ -122,4 +122,56 @@ async fn in_a_fleet_a_call_that_leaves_late_does_not_crowd_a_window_at_the_apis_
         most <= LIMIT as usize,
         "{most} calls within {WINDOW:?} at the API; arrivals: {offsets:?}"
     );
+}
+
+/// A call whose connection could not be made reached nobody: it takes nothing from the
+/// account's arrivals (a call that may have reached the API counts until its request timeout
+/// and a window after). Nothing listens where the bot's API is at first (connections are
+/// refused); half a second later a forwarder to the simulator listens there. The retry leaves
+/// as soon as the account's booked starts allow, not a request timeout later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_could_not_connect_takes_nothing_from_the_arrivals() {
+    let sim_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let api_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut h = Harness::start(|s, sim| {
+        sim.listen = sim_addr;
+        s.bots[0].base_url = Some(format!("http://{api_addr}"));
+        s.bots[0].rate_limit = 1;
+        s.bots[0].rate_window = Duration::from_secs(3);
+        s.agentassist.request_timeout = Duration::from_secs(20);
+        s.retry.initial_delay = Duration::from_millis(100);
+        s.retry.max_delay = Duration::from_millis(200);
+        s.retry.max_attempts = 5;
+    })
+    .await;
+    let published = Instant::now();
+    h.publish(&agent_command("refused-first", "s-refused-first"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listener = tokio::net::TcpListener::bind(api_addr).await.unwrap();
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(sim_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    let event = h.next_event().await;
+    let took = published.elapsed();
+    forwarder.abort();
+    assert_eq!(event.name(), "transfer.succeeded", "{}", event.json);
+    assert_eq!(
+        h.sim.requests().len(),
+        1,
+        "the refused attempt reached nobody"
+    );
+    // Booked starts a window and a guard apart: the retry's start is about 3.1 s after the
+    // first. Counted as an arrival, the refused attempt would hold it 20 s + 3 s.
+    assert!(
+        took < Duration::from_secs(12),
+        "the retry waited {took:?}: the refused attempt was counted as an arrival"
+    );
+    h.stop().await.unwrap();
 }

@@ -66,26 +66,21 @@ impl Prober {
         };
         let start = self.start(bot).await?;
         tokio::time::sleep_until(Instant::from_std(start)).await;
-        let token = match bot.tokens.token() {
-            Ok(token) => token,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot sign the breaker's probe");
-                return None;
-            }
-        };
         // The last gate, as for any call; the wait is cut short by the breaker's stop.
         let until = std::time::Instant::now().checked_add(self.interval);
         let unstopped = Shutdown::new();
         let gate = departure::depart(self.fleet.as_deref(), bot, until, &unstopped);
         let departure = gate.await.ok()??;
+        let token = match bot.tokens.token() {
+            Ok(token) => token,
+            Err(e) => {
+                departure.unsent().await;
+                tracing::warn!(error = %e, "cannot sign the breaker's probe");
+                return None;
+            }
+        };
         let result = self.api.probe(bot, &token).await;
-        match result
-            .as_ref()
-            .map_or_else(|e| e.status, |r| Some(r.status))
-        {
-            Some(_) => departure.answered().await,
-            None => departure.unanswered(),
-        }
+        departure.ended(&result).await;
         Some(result)
     }
 

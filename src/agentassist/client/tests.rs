@@ -7,6 +7,7 @@ fn error(status: u16, body: Option<Value>) -> ApiError {
         message: String::new(),
         body,
         retry_after: None,
+        unsent: false,
     }
 }
 

@@ -1,6 +1,6 @@
-//! One call of an execution: a token, the last gate (the account's arrivals, docs/contract.md
-//! §4), the fence (whose the command is, §9), the request, its series and the breaker's
-//! record of it.
+//! One call of an execution: the last gate (the account's arrivals, docs/contract.md §4), the
+//! fence (whose the command is, §9), the breaker, a token, the request, its series and the
+//! breaker's record of it.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,9 @@ pub(super) enum Call {
     NotHeld,
     /// The deadline came while the call waited at the gate: nothing was sent.
     Late,
+    /// The breaker opened while the call waited at the gate: nothing was sent, and the
+    /// command waits for the breaker again.
+    Held,
 }
 
 /// What one call is made of, and what it must respect.
@@ -60,13 +63,6 @@ impl Transfers {
             deadline,
             late,
         } = leg;
-        let token = match bot.tokens.token() {
-            Ok(token) => token,
-            Err(e) => {
-                let error = ApiError::without_status(ErrorKind::Request, e.to_string());
-                return Ok(Call::NoToken(error));
-            }
-        };
         let gate = departure::depart(self.fleet.as_deref(), bot, deadline, shutdown);
         let Some(departure) = Box::pin(gate).await? else {
             return Ok(Call::Late);
@@ -80,6 +76,20 @@ impl Transfers {
             departure.unsent().await;
             return Ok(Call::NotHeld);
         }
+        if self.breakers.of(bot).is_some_and(|b| b.is_open()) {
+            departure.unsent().await;
+            return Ok(Call::Held);
+        }
+        // Minted after the gate, which may have waited long: a token is never older than that
+        // wait when it leaves.
+        let token = match bot.tokens.token() {
+            Ok(token) => token,
+            Err(e) => {
+                departure.unsent().await;
+                let error = ApiError::without_status(ErrorKind::Request, e.to_string());
+                return Ok(Call::NoToken(error));
+            }
+        };
         if !late.is_zero() {
             tokio::time::sleep(late).await;
         }
@@ -90,12 +100,7 @@ impl Transfers {
             Ok(r) => Some(r.status),
             Err(e) => e.status,
         };
-        // An answer of any status says the API saw the call; without one, the call counts
-        // until its bound.
-        match status {
-            Some(_) => departure.answered().await,
-            None => departure.unanswered(),
-        }
+        departure.ended(&result).await;
         let seconds = call_started.elapsed().as_secs_f64();
         self.metrics.api_call(&bot.account_id, status, seconds);
         let outage = self.breakers.of(bot).and_then(|b| b.record(&result));
