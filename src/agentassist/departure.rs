@@ -20,8 +20,13 @@ use crate::shutdown::{Abandoned, Shutdown};
 pub const SEND_WITHIN: Duration = Duration::from_secs(2);
 
 /// How soon to ask the fleet's gate again while a call on the wire stands in the way: its
-/// answer can come at any moment.
+/// answer can come at any moment. The pause doubles while the same call keeps standing there
+/// (one that timed out is counted until its bound, and no answer will come), up to
+/// [`ON_THE_WIRE_POLL_MAX`].
 const ON_THE_WIRE_POLL: Duration = Duration::from_millis(20);
+
+/// The longest pause between questions while a call on the wire stands in the way.
+const ON_THE_WIRE_POLL_MAX: Duration = Duration::from_millis(640);
 
 /// A call through the gate, on its way.
 #[derive(Debug)]
@@ -158,6 +163,7 @@ async fn in_fleet<'a>(
         unanswered: arrivals.unanswered().saturating_add(within),
     };
     let member = uuid::Uuid::new_v4().simple().to_string();
+    let mut poll = ON_THE_WIRE_POLL;
     loop {
         if until.is_some_and(|u| Instant::now() >= u) {
             fleet.unsent(&bot.account_id, &member).await.ok();
@@ -183,8 +189,15 @@ async fn in_fleet<'a>(
                 departure.unsent().await;
                 Duration::ZERO
             }
-            Gate::Closed(after) => after,
-            Gate::OnTheWire(after) => after.min(ON_THE_WIRE_POLL),
+            Gate::Closed(after) => {
+                poll = ON_THE_WIRE_POLL;
+                after
+            }
+            Gate::OnTheWire(after) => {
+                let wait = after.min(poll);
+                poll = poll.saturating_mul(2).min(ON_THE_WIRE_POLL_MAX);
+                wait
+            }
         };
         let at = asked.checked_add(again).unwrap_or(asked);
         let at = until.map_or(at, |u| at.min(u));
