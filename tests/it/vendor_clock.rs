@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use transfer_worker::agentassist::transfer::FAULT_LATE_DEPARTURE_ORG_ID;
 use transfer_worker::tools::simulator::Simulator;
 
-use crate::harness::{Fleet, FleetSpec, Harness, agent_command, free_port, wait_for};
+use crate::harness::{Fleet, FleetSpec, Harness, Received, agent_command, free_port, wait_for};
 
 const LIMIT: u32 = 5;
 const WINDOW: Duration = Duration::from_secs(2);
@@ -34,6 +34,27 @@ fn most_in_a_window(sim: &Simulator) -> (usize, Vec<Duration>) {
         .max()
         .unwrap_or(0);
     (most, offsets)
+}
+
+fn ended(event: &Received) -> bool {
+    event.name() != "transfer.callback"
+}
+
+/// Every command succeeded, and no window at the simulator's clock held more than the limit.
+fn assert_succeeded_within_the_limit(events: &[Received], sim: &Simulator) {
+    assert!(
+        events
+            .iter()
+            .filter(|e| ended(e))
+            .all(|e| e.name() == "transfer.succeeded"),
+        "{:?}",
+        events.iter().map(|e| e.json.clone()).collect::<Vec<_>>()
+    );
+    let (most, offsets) = most_in_a_window(sim);
+    assert!(
+        most <= LIMIT as usize,
+        "{most} calls within {WINDOW:?} at the API; arrivals: {offsets:?}"
+    );
 }
 
 /// Four calls at once; a fifth booked at once too but held on its way; then five more, which
@@ -76,16 +97,7 @@ async fn a_call_that_leaves_late_does_not_crowd_a_window_at_the_apis_clock() {
         h.publish(c).await;
     }
     let events = h.events(10).await;
-    assert!(
-        events.iter().all(|e| e.name() == "transfer.succeeded"),
-        "{:?}",
-        events.iter().map(|e| e.json.clone()).collect::<Vec<_>>()
-    );
-    let (most, offsets) = most_in_a_window(&h.sim);
-    assert!(
-        most <= LIMIT as usize,
-        "{most} calls within {WINDOW:?} at the API; arrivals: {offsets:?}"
-    );
+    assert_succeeded_within_the_limit(&events, &h.sim);
     h.stop().await.unwrap();
 }
 
@@ -106,22 +118,10 @@ async fn in_a_fleet_a_call_that_leaves_late_does_not_crowd_a_window_at_the_apis_
     fleet.publish_all(&after).await;
     let events = fleet
         .events_until(Duration::from_secs(60), |e| {
-            e.iter().filter(|e| e.name() != "transfer.callback").count() >= 10
+            e.iter().filter(|e| ended(e)).count() >= 10
         })
         .await;
-    assert!(
-        events
-            .iter()
-            .filter(|e| e.name() != "transfer.callback")
-            .all(|e| e.name() == "transfer.succeeded"),
-        "{:?}",
-        events.iter().map(|e| e.json.clone()).collect::<Vec<_>>()
-    );
-    let (most, offsets) = most_in_a_window(&fleet.sim);
-    assert!(
-        most <= LIMIT as usize,
-        "{most} calls within {WINDOW:?} at the API; arrivals: {offsets:?}"
-    );
+    assert_succeeded_within_the_limit(&events, &fleet.sim);
 }
 
 /// A call whose connection could not be made reached nobody: it takes nothing from the
