@@ -17,7 +17,7 @@ use crate::shutdown::{Abandoned, Shutdown};
 /// asked) and the request leaving (see [`send_within`]): the bound recorded for a call that
 /// gets no answer counts it in. A call that could not leave within it (a replica frozen, a
 /// Redis answer that took this long) takes nothing and asks again.
-pub const SEND_WITHIN: Duration = Duration::from_secs(2);
+const SEND_WITHIN: Duration = Duration::from_secs(2);
 
 /// How soon to ask the fleet's gate again while a call on the wire stands in the way: its
 /// answer can come at any moment. The pause doubles while the same call keeps standing there
@@ -59,9 +59,6 @@ impl Departure<'_> {
         }
     }
 
-    /// No answer came (the request failed or timed out): the call counts until its bound.
-    pub fn unanswered(self) {}
-
     /// Records how the call ended: an answer of any status says the API saw it; a connection
     /// (or TLS handshake) that could not be made sent nothing; anything else counts until its
     /// bound.
@@ -70,7 +67,8 @@ impl Departure<'_> {
             Ok(_) => self.answered().await,
             Err(e) if e.status.is_some() => self.answered().await,
             Err(e) if e.unsent => self.unsent().await,
-            Err(_) => self.unanswered(),
+            // No answer (the request failed or timed out): dropped, it counts until its bound.
+            Err(_) => {}
         }
     }
 
