@@ -11,7 +11,7 @@
 //!   0–4 s later and exits by itself;
 //! - a replica frozen (SIGSTOP) for 4–9 s, longer than `fleet.member_ttl` (3.25 s), then
 //!   woken (SIGCONT);
-//! - the bursting account's queues (`<source>.account.burst`) deleted by an operator while they
+//! - the bursting account's queues (`<source>.account.burst#<tag>`) deleted by an operator while they
 //!   hold a backlog (`queue.delete` on a connection of its own);
 //! - broker node 1 or 3 stopped, or killed, and started again; the network to node 1 stalled
 //!   (everything the node sends held back) through a proxy;

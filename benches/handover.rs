@@ -210,6 +210,7 @@ fn rule_bounds(rule: Rule) -> Vec<Handover> {
             at(Fleet::Holds, 1, 1, 0, 1),
         ],
         Rule::Generation => vec![at(Fleet::Holds, 1, 1, 0, 1)],
+        Rule::ListFirst => vec![at(Fleet::Standby, 1, 1, 0, 0), at(Fleet::Holds, 1, 1, 0, 0)],
         Rule::WokenActsOnNothing | Rule::ConnectionDiesBeforeExpiry => {
             vec![at(Fleet::Holds, 1, 1, 1, 0), at(Fleet::Holds, 1, 0, 1, 1)]
         }

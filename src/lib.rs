@@ -18,7 +18,8 @@
 //!   [`broker::nodes`]), [`broker::topology`] (the queues and exchanges of the contract),
 //!   [`broker::publisher`] (publisher confirms), [`broker::account_queue`] (an account's
 //!   queue beside a source, where its commands wait while it is congested),
-//!   [`broker::account_links`] (the connections account queues are used on, apart from the
+//!   [`broker::lane_registry`] (the list of a source's account queues, read when it is taken
+//!   up), [`broker::account_links`] (the connections account queues are used on, apart from the
 //!   replica's own, so a queue the broker cannot serve costs only itself), and
 //!   [`broker::consumer`]: one queue's consumer and the partition queues it owns (connect,
 //!   consume, rebalance, reconnect, drain, and without a fleet the broker's own hold, a token

@@ -163,19 +163,21 @@ impl Rig {
     }
 
     /// What an operator does in the management UI: waits until the bursting account has a
-    /// backlog in one of its queues (`<source>.account.burst`), waits a little more (drawn),
+    /// backlog in one of its queues (`<source>.account.burst#<tag>`, as the sources list them), waits a little more (drawn),
     /// then deletes every one of them that exists, from a connection of its own. `None` when no
     /// backlog showed up in [`BACKLOG_WAIT`].
     async fn delete_account_queues(&mut self, rng: &mut Rng) -> anyhow::Result<Option<String>> {
         let connection = amqp::connect(&node_url(2), "chaos operator").await?;
-        let queues: Vec<String> = self
-            .names
-            .account_queues()
-            .into_iter()
-            .filter(|q| q.ends_with(&format!(".account.{}", BURST.id)))
-            .collect();
+        let burst = |q: &String| {
+            q.contains(&format!(".account.{}#", BURST.id))
+                || q.ends_with(&format!(".account.{}", BURST.id))
+        };
         let until = Instant::now() + BACKLOG_WAIT;
+        let mut queues: Vec<String>;
         let found = loop {
+            // The queues the sources list now: a lane draws a new one after each retire.
+            queues = self.names.account_queues(&connection).await;
+            queues.retain(burst);
             let mut backlog = false;
             for q in &queues {
                 if let Some((messages, _)) = amqp::queue_state(&connection, q).await?

@@ -28,7 +28,7 @@ pub const SLOW: Duration = Duration::from_secs(2);
 /// A configured bot and its account's budget at the vendor.
 #[derive(Debug, Clone, Copy)]
 pub struct Account {
-    /// The account id, also the name in the account queues (`<source>.account.<id>`).
+    /// The account id, also in the names of its account queues (`<source>.account.<id>#<tag>`).
     pub id: &'static str,
     pub stream: &'static str,
     /// `rate_limit` calls per `rate_window`.

@@ -76,7 +76,7 @@ pub struct Names {
     /// Partition queues `<commands>.p0` … the workers declare (fleet mode with partitions).
     pub partitions: u16,
     /// Accounts whose queues the workers may declare beside the commands queue and each
-    /// partition (`<source>.account.<account>`).
+    /// partition (`<source>.account.<account>#<tag>`, listed in `<source>.lanes`).
     pub accounts: Vec<String>,
 }
 
@@ -106,15 +106,34 @@ impl Names {
         }
     }
 
-    /// Every account queue the workers may have declared.
-    pub fn account_queues(&self) -> Vec<String> {
-        let sources = std::iter::once(self.commands.clone()).chain(self.partition_queues());
-        sources
-            .flat_map(|source| {
+    /// Every account queue the workers may have declared: those the sources list, and each
+    /// account's under the name earlier versions gave it.
+    pub async fn account_queues(&self, connection: &Connection) -> Vec<String> {
+        let mut queues = Vec::new();
+        for source in std::iter::once(self.commands.clone()).chain(self.partition_queues()) {
+            let listed = transfer_worker::broker::lane_registry::peek(
+                connection,
+                &source,
+                Duration::from_secs(10),
+            )
+            .await;
+            if let Ok(Some(entries)) = listed {
+                queues.extend(entries.into_iter().map(|e| e.queue));
+            }
+            queues.extend(
                 self.accounts
                     .iter()
-                    .map(move |a| format!("{source}.account.{a}"))
-            })
+                    .map(|a| transfer_worker::contract::names::account_queue_of_old(&source, a)),
+            );
+        }
+        queues
+    }
+
+    /// The lists of account queues beside the commands queue and each partition.
+    pub fn lane_registries(&self) -> Vec<String> {
+        std::iter::once(self.commands.clone())
+            .chain(self.partition_queues())
+            .map(|s| transfer_worker::contract::names::lane_registry(&s))
             .collect()
     }
 
@@ -154,11 +173,12 @@ impl Registry {
                 names.dead_queue.clone(),
                 transfer_worker::broker::consumer::holder_queue(&names.commands),
             ];
-            let accounts = names.account_queues();
+            let accounts = names.account_queues(&connection).await;
             for queue in queues
                 .into_iter()
                 .chain(names.partition_queues())
                 .chain(accounts)
+                .chain(names.lane_registries())
             {
                 // A failed delete closes the channel, so each operation gets its own.
                 let channel = timed("channel.open", connection.create_channel()).await?;

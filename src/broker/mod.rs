@@ -6,6 +6,7 @@ pub mod account_queue;
 pub mod connection;
 pub mod consumer;
 pub mod holds;
+pub mod lane_registry;
 pub mod nodes;
 pub mod publisher;
 pub mod topology;
@@ -65,6 +66,14 @@ pub enum BrokerError {
     Timeout {
         /// What was attempted.
         operation: &'static str,
+    },
+    /// A confirmed publish an operation needed did not succeed.
+    #[error("broker publish to {queue} failed: {source}")]
+    Publish {
+        /// Where it was published.
+        queue: String,
+        /// Why it did not succeed.
+        source: PublishError,
     },
     /// The broker refused a declaration: an existing queue or exchange has other arguments.
     /// Retrying cannot help; an operator must reconcile the two.

@@ -493,3 +493,20 @@ proptest::proptest! {
         proptest::prop_assert_eq!(accepted, otherwise_fine && holds && broker);
     }
 }
+
+#[test]
+fn an_account_id_too_long_for_its_queue_names_is_refused() {
+    // `transfer.commands.p1024.account.<id>#<8 hex>` at most 255 bytes: an id of 214.
+    let with = |len: usize| {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let bot = format!(
+            "[[bots]]\nstream_id='st-x'\naccount_id='{}'\nclient_id='c'\nclient_secret='s'\n",
+            "a".repeat(len)
+        );
+        std::io::Write::write_all(&mut f, bot.as_bytes()).unwrap();
+        Settings::load_with_env(Some(f.path()), Some(HashMap::new()))
+    };
+    with(214).expect("the longest id whose queue names fit");
+    let err = with(215).unwrap_err();
+    assert!(err.to_string().contains("bots[0].account_id"), "{err}");
+}

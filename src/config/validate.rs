@@ -29,13 +29,17 @@ impl Settings {
         self.durations_are_bounded()
     }
 
-    /// Every account queue (`<commands_queue>[.p<k>].account.<account_id>`) has a name the
-    /// broker accepts: at most 255 bytes.
+    /// Every account queue (`<commands_queue>[.p<k>].account.<account_id>#<tag>`) has a name
+    /// the broker accepts: at most 255 bytes.
     fn account_queues_have_names(&self) -> Result<(), ConfigError> {
         for (i, bot) in self.bots.iter().enumerate() {
+            // As `contract::names::account_queue` spells it, with its tag of 8.
             let longest = format!(
-                "{}.p{}.account.{}",
-                self.amqp.commands_queue, MAX_PARTITIONS, bot.account_id
+                "{}.p{}.account.{}#{}",
+                self.amqp.commands_queue,
+                MAX_PARTITIONS,
+                bot.account_id,
+                "0".repeat(8)
             );
             if longest.len() > 255 {
                 return Err(invalid(

@@ -157,6 +157,8 @@ pub struct Metrics {
     pub account_set_aside: Family<AccountLabels, Counter>,
     /// Operations on an account's queues that failed.
     pub account_queue_failures: Family<AccountLabels, Counter>,
+    /// Account queues looked for at the broker when a source was taken up.
+    pub account_queue_looks: Counter,
 }
 
 impl Default for Metrics {
@@ -233,6 +235,8 @@ const SERIES: &[Series] = &[
         "Commands of an account set aside in its own queue because it could not start them soon"),
     ("account_queue_failures", None, |m| &m.account_queue_failures,
         "Operations on an account's queue that failed (declare, look, consume, delete), or its consumer ending; each is tried again after a pause that grows"),
+    ("account_queue_looks", None, |m| &m.account_queue_looks,
+        "Account queues looked for at the broker when a source was taken up: those its list names (once per configured account where an earlier version left no list)"),
 ];
 
 /// One row of [`SERIES`].
@@ -302,6 +306,7 @@ impl Metrics {
             account_budget_wait: Family::default(),
             account_set_aside: Family::default(),
             account_queue_failures: Family::default(),
+            account_queue_looks: Counter::default(),
         };
         let mut registry = Registry::with_prefix("transfer");
         for (name, unit, field, help) in SERIES {

@@ -41,7 +41,7 @@ pub struct Status {
     pub accounts: Vec<AccountState>,
 }
 
-/// Reads every account queue the configuration could have, from the broker.
+/// Reads every account queue the sources list, from the broker.
 pub async fn status(settings: &Settings) -> Result<Status, BrokerError> {
     let amqp = &settings.amqp;
     let connection = connection::connect(amqp, "transfer-worker status").await?;
@@ -58,15 +58,33 @@ pub async fn status(settings: &Settings) -> Result<Status, BrokerError> {
             (0..partitions)
                 .map(|k| crate::contract::names::partition_queue(&amqp.commands_queue, k)),
         );
+        // Each source's list of its account queues (or, where an earlier version left none,
+        // each account's queue under the name of then).
+        let mut listed: Vec<crate::broker::lane_registry::Entry> = Vec::new();
+        for source in &sources {
+            match crate::broker::lane_registry::peek(&connection, source, amqp.operation_timeout)
+                .await?
+            {
+                Some(entries) => listed.extend(entries),
+                None => listed.extend(settings.bots.iter().map(|bot| {
+                    crate::broker::lane_registry::Entry {
+                        account: bot.account_id.clone(),
+                        queue: crate::contract::names::account_queue_of_old(
+                            source,
+                            &bot.account_id,
+                        ),
+                    }
+                })),
+            }
+        }
         let mut accounts: Vec<AccountState> = Vec::new();
         for bot in &settings.bots {
             if accounts.iter().any(|a| a.id == bot.account_id) {
                 continue;
             }
             let mut queues = Vec::new();
-            for source in &sources {
-                let name = crate::contract::names::account_queue(source, &bot.account_id);
-                let state = queue_state(&connection, &name, amqp.operation_timeout).await?;
+            for entry in listed.iter().filter(|e| e.account == bot.account_id) {
+                let state = queue_state(&connection, &entry.queue, amqp.operation_timeout).await?;
                 if state.depth.is_some() {
                     queues.push(state);
                 }

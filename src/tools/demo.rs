@@ -142,8 +142,15 @@ impl DemoBroker {
             conn.create_channel(),
         )
         .await?;
-        topology::declare(&channel, amqp).await?;
         let publisher = Publisher::open(&conn, amqp).await?;
+        crate::broker::lane_registry::prepare(
+            &conn,
+            amqp,
+            &publisher,
+            std::slice::from_ref(&amqp.commands_queue),
+        )
+        .await?;
+        topology::declare(&channel, amqp).await?;
         let events_queue = watch_results(&channel, amqp).await?;
         Ok(Self {
             conn,
@@ -370,6 +377,7 @@ async fn remove_topology(channel: &Channel, amqp: &AmqpSettings, events_queue: &
         &amqp.commands_queue,
         &amqp.dead_letter_queue,
         &crate::broker::consumer::holder_queue(&amqp.commands_queue),
+        &crate::contract::names::lane_registry(&amqp.commands_queue),
         &events_queue.to_owned(),
     ] {
         let _ = timed(

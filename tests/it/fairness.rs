@@ -12,9 +12,9 @@ use transfer_worker::tools::simulator::{self, RecordedRequest, SimulatorConfig};
 use crate::harness::process::config_file;
 use crate::harness::redis::RedisKeys;
 use crate::harness::{
-    BotSpec, Cleanup, Fleet, FleetSpec, Harness, Received, account_queues, agent_command, binary,
-    command_of, left_in, output, publish_confirmed, redis_url, session_command, succeeded,
-    test_channel_at, test_settings,
+    BotSpec, Cleanup, Fleet, FleetSpec, Harness, Received, account_queues_at_broker,
+    account_queues_left, agent_command, binary, command_of, left_in, output, publish_confirmed,
+    redis_url, session_command, succeeded, test_channel_at, test_settings,
 };
 
 /// The quiet account's bot.
@@ -177,15 +177,17 @@ async fn a_backlog_of_one_account_does_not_hold_another() {
     }
     // `transfer-worker status` shows where the backlog waits.
     let shown = status_of(&h.settings).await;
-    let queue =
-        transfer_worker::contract::names::account_queue(&h.settings.amqp.commands_queue, NOISY);
+    let queues = account_queues_at_broker(&h.settings.amqp.commands_queue, NOISY);
+    let [queue] = queues.as_slice() else {
+        panic!("the noisy account has one queue: {queues:?}");
+    };
     let line = shown
         .lines()
         .find(|l| l.starts_with(NOISY))
         .unwrap_or_else(|| panic!("no line for {NOISY}:\n{shown}"));
     let waiting: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert!(waiting > 200, "{shown}");
-    assert!(line.contains(&queue), "{shown}");
+    assert!(line.contains(queue.as_str()), "{shown}");
     assert!(
         shown
             .lines()
@@ -196,11 +198,12 @@ async fn a_backlog_of_one_account_does_not_hold_another() {
     // in its account's queue, exactly once.
     h.stop_app().await.expect("the app stops cleanly");
     noisy_done.extend(h.drain_events().await);
-    let waiting = left_in(&[
-        h.settings.amqp.commands_queue.clone(),
-        transfer_worker::contract::names::account_queue(&h.settings.amqp.commands_queue, NOISY),
-    ])
-    .await;
+    let mut queues = vec![h.settings.amqp.commands_queue.clone()];
+    queues.extend(account_queues_at_broker(
+        &h.settings.amqp.commands_queue,
+        NOISY,
+    ));
+    let waiting = left_in(&queues).await;
     assert_each_once(noisy_done, waiting, 300);
 }
 
@@ -251,7 +254,7 @@ async fn in_a_fleet_a_backlog_of_one_account_does_not_hold_another() {
     ended.retain(|id| id.starts_with("noisy-"));
     let mut queues = vec![fleet.settings.amqp.commands_queue.clone()];
     queues.extend(fleet.partition_queues());
-    queues.extend(account_queues(&fleet.settings));
+    queues.extend(account_queues_left(&fleet.settings));
     assert_each_once(ended, left_in(&queues).await, 300);
 }
 

@@ -5,9 +5,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use transfer_worker::contract::names::account_queue;
 
-use crate::harness::{BotSpec, Fleet, FleetSpec, agent_command};
+use crate::harness::{BotSpec, Fleet, FleetSpec, account_queues_left, agent_command};
 use crate::partitions::all_ended;
 
 /// `n` accounts of their own, each `limit` calls per `window`.
@@ -29,22 +28,6 @@ fn command(bot: &BotSpec, i: usize) -> Value {
     let mut c = agent_command(&id, &format!("s-{id}"));
     c["streamId"] = json!(bot.stream_id);
     c
-}
-
-/// The account queues of `accounts` that exist beside any of the fleet's sources.
-async fn account_queues_left(fleet: &Fleet, accounts: &[BotSpec]) -> Vec<String> {
-    let mut sources = fleet.partition_queues();
-    sources.push(fleet.settings.amqp.commands_queue.clone());
-    let mut left = Vec::new();
-    for source in &sources {
-        for bot in accounts {
-            let queue = account_queue(source, &bot.account_id);
-            if fleet.queue_counts(&queue).await.is_some() {
-                left.push(queue);
-            }
-        }
-    }
-    left
 }
 
 /// Eight paced accounts burst at once into a fleet of two with six partitions: each account's
@@ -87,7 +70,7 @@ async fn after_a_burst_of_many_accounts_every_account_queue_is_retired() {
     );
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let left = account_queues_left(&fleet, &accounts).await;
+        let left = account_queues_left(&fleet.settings);
         if left.is_empty() {
             break;
         }
@@ -97,5 +80,53 @@ async fn after_a_burst_of_many_accounts_every_account_queue_is_retired() {
             fleet.log_tails(60)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A thousand bots configured, each its own account, and none with a backlog: a replica that
+/// joins a fleet takes up its partitions without a look per configured bot (each source's list
+/// of its account queues is read instead: docs/fairness.md, "Which account queues a source
+/// has"), and a hundred commands of one bot then end promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taking_up_partitions_does_not_grow_with_the_bots_configured() {
+    let bots = paced_accounts("many", 999, 60, Duration::from_secs(60));
+    let mut fleet = Fleet::start_balanced(
+        FleetSpec {
+            more_bots: bots,
+            ..FleetSpec::partitioned(1, 12)
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    fleet.add_replica();
+    fleet.wait_all_ready().await;
+    let took = fleet.wait_balanced(&[0, 1], Duration::from_secs(20)).await;
+    let commands: Vec<Value> = (0..100)
+        .map(|i| agent_command(&format!("one-{i:03}"), &format!("s-one-{i:03}")))
+        .collect();
+    let ids: Vec<String> = commands
+        .iter()
+        .map(|c| c["commandId"].as_str().unwrap().to_owned())
+        .collect();
+    let published = Instant::now();
+    fleet.publish_all(&commands).await;
+    // A coarse bound: a look per bot and partition takes minutes on a busy broker.
+    fleet
+        .events_until(Duration::from_secs(20), |e| all_ended(e, &ids))
+        .await;
+    eprintln!(
+        "partitions shared {took:?} after the join; 100 commands ended {:?} after publishing",
+        published.elapsed()
+    );
+    // Every source the two took up had its list, empty: not one account queue was looked for.
+    for i in 0..2 {
+        let metrics = fleet.replicas[i].try_metrics().await.expect("metrics");
+        let looks = metrics.get("transfer_account_queue_looks_total").copied();
+        assert_eq!(
+            looks,
+            Some(0.0),
+            "replica {i} looked for account queues one by one\n{}",
+            fleet.log_tails(20)
+        );
     }
 }

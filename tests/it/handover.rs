@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::harness::process::env;
 use crate::harness::{
-    BotSpec, Fleet, FleetSpec, Received, account_queues, command_of, redis_url, session_command,
-    wait_for,
+    BotSpec, Fleet, FleetSpec, Received, account_queues_at_broker, account_queues_left, command_of,
+    redis_url, session_command, test_channel, wait_for,
 };
 
 /// The paced account: one call every 4 s, at most 3 in flight, so a few commands in a few
@@ -64,19 +64,11 @@ async fn all_end(fleet: &mut Fleet, ids: &BTreeSet<String>, limit: Duration) -> 
 
 /// Waits until no account queue of the fleet's sources is left.
 async fn no_account_queue_left(fleet: &Fleet) {
-    let queues = account_queues(&fleet.settings);
     wait_for(
         "every account queue retired",
         Duration::from_secs(30),
         || fleet.log_tails(40),
-        async || {
-            for queue in &queues {
-                if fleet.queue_counts(queue).await.is_some() {
-                    return false;
-                }
-            }
-            true
-        },
+        async || account_queues_left(&fleet.settings).is_empty(),
     )
     .await;
 }
@@ -171,14 +163,20 @@ async fn an_account_queue_deleted_behind_the_workers_back_is_declared_again() {
         ..FleetSpec::default()
     })
     .await;
-    let queue =
-        transfer_worker::contract::names::account_queue(&fleet.settings.amqp.commands_queue, PACED);
+    let source = fleet.settings.amqp.commands_queue.clone();
     fleet.publish_all(&paced_commands("od", 4)).await;
+    let mut queue = String::new();
     wait_for(
         "the account queue declared",
         Duration::from_secs(10),
         || fleet.log_tails(40),
-        async || fleet.queue_counts(&queue).await.is_some(),
+        async || match account_queues_at_broker(&source, PACED).pop() {
+            Some(q) => {
+                queue = q;
+                true
+            }
+            None => false,
+        },
     )
     .await;
     // The next command set aside waits 2 s before its publish; meanwhile an operator deletes
@@ -385,5 +383,147 @@ async fn a_call_on_the_wire_at_the_grace_ends_here_and_is_not_called_again_by_th
         fleet.log_tails(200)
     );
     no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
+}
+
+/// Takes every message of `source`'s list of account queues on `channel`, unacked, as a look
+/// from outside does (`transfer-worker status`); returns how many.
+async fn hold_list(channel: &lapin::Channel, source: &str) -> usize {
+    let list = transfer_worker::contract::names::lane_registry(source);
+    let mut held = 0;
+    while channel
+        .basic_get(
+            list.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic.get on the list")
+        .is_some()
+    {
+        held += 1;
+    }
+    held
+}
+
+#[tokio::test]
+async fn a_list_held_by_a_look_from_outside_is_waited_for_at_take_up() {
+    // A backlog in the paced account's queue, a standby beside the active worker.
+    let mut fleet = one_replica_with_a_backlog(FleetSpec::default(), "lk", 6).await;
+    let ids: BTreeSet<String> = (0..6).map(|i| format!("lk-{i}")).collect();
+    fleet.add_replica();
+    fleet.wait_all_ready().await;
+    // Someone looks at the list from outside just as the standby takes the source over: the
+    // queue is empty for a moment, which is not "no list".
+    let (conn, looking) = test_channel().await;
+    let source = fleet.settings.amqp.commands_queue.clone();
+    assert!(hold_list(&looking, &source).await >= 1, "the list was held");
+    fleet.replicas[0].kill().await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    looking.close(200, "looked".into()).await.expect("close");
+    drop(conn);
+    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
+    no_account_queue_left(&fleet).await;
+    fleet.stop_leaving_nothing().await;
+}
+
+#[tokio::test]
+async fn a_list_that_cannot_be_read_stalls_its_partition_only_and_sigterm_still_works() {
+    let mut fleet =
+        Fleet::start_balanced(FleetSpec::partitioned(1, 2), Duration::from_secs(20)).await;
+    let cq = fleet.settings.amqp.commands_queue.clone();
+    // Both partitions' lists become a queue only the test's own connection may read (what a
+    // list without a quorum leader looks like to a reader: every basic.get fails).
+    let (conn, locking) = test_channel().await;
+    for k in 0..2 {
+        let list = transfer_worker::contract::names::lane_registry(&format!("{cq}.p{k}"));
+        locking
+            .queue_delete(list.as_str().into(), Default::default())
+            .await
+            .expect("delete the list");
+        let exclusive = lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        };
+        locking
+            .queue_declare(list.as_str().into(), exclusive, Default::default())
+            .await
+            .expect("an exclusive list");
+    }
+    // A second replica joins and takes one partition over; it cannot read that partition's
+    // list, so the partition's commands wait, and the first replica's partition goes on.
+    let joined = fleet.add_replica();
+    fleet.wait_balanced(&[0, 1], Duration::from_secs(20)).await;
+    let sessions: Vec<String> = (0..40).map(|i| format!("s-ul-{i}")).collect();
+    let commands: Vec<Value> = sessions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| session_command(&format!("ul-{i}"), s, false))
+        .collect();
+    fleet.publish_all(&commands).await;
+    let first = fleet
+        .events_until(Duration::from_secs(20), |seen| !seen.is_empty())
+        .await;
+    assert!(
+        !first.is_empty(),
+        "the other partition's commands end meanwhile"
+    );
+    // SIGTERM: the replica whose take-up waits for its list still stops within its grace.
+    let status = fleet.replicas[joined]
+        .terminate(Duration::from_secs(20))
+        .await;
+    assert!(status.success(), "{}", fleet.replicas[joined].log());
+    // The lists come back (gone with the test's connection: taken for a source without one),
+    // and every command ends.
+    drop(locking);
+    let _ = conn.close(200, "done".into()).await;
+    let ids: BTreeSet<String> = (0..40).map(|i| format!("ul-{i}")).collect();
+    let mut seen: BTreeSet<String> = first.iter().map(|e| e.command_id().to_owned()).collect();
+    let rest = fleet
+        .events_until(Duration::from_secs(60), |more| {
+            ids.iter()
+                .all(|id| seen.contains(id) || more.iter().any(|e| e.command_id() == id.as_str()))
+        })
+        .await;
+    seen.extend(rest.iter().map(|e| e.command_id().to_owned()));
+    assert!(ids.is_subset(&seen));
+    fleet.stop_leaving_nothing().await;
+}
+
+#[tokio::test]
+async fn an_account_queue_an_earlier_version_left_is_taken_up() {
+    // A commands queue an earlier version used, without a list of its account queues, and the
+    // paced account's queue under the name of then, holding three commands.
+    let settings = crate::harness::test_settings();
+    let amqp = &settings.amqp;
+    let (conn, channel) = test_channel().await;
+    transfer_worker::broker::topology::declare(&channel, amqp)
+        .await
+        .expect("topology");
+    let old = transfer_worker::contract::names::account_queue_of_old(&amqp.commands_queue, PACED);
+    transfer_worker::broker::account_queue::declare(&conn, amqp, &old)
+        .await
+        .expect("the old account queue");
+    crate::harness::publish_commands(&channel, &old, &paced_commands("old", 3)).await;
+    let mut fleet = Fleet::launch_undeclared(
+        FleetSpec {
+            replicas: 1,
+            more_bots: vec![paced_bot()],
+            ..FleetSpec::default()
+        },
+        settings,
+    )
+    .await;
+    fleet.wait_all_ready().await;
+    let ids: BTreeSet<String> = (0..3).map(|i| format!("old-{i}")).collect();
+    all_end(&mut fleet, &ids, Duration::from_secs(40)).await;
+    assert!(
+        fleet
+            .log_lines("no list of account queues")
+            .contains("no list"),
+        "{}",
+        fleet.log_tails(20)
+    );
+    no_account_queue_left(&fleet).await;
+    let _ = conn.close(200, "done".into()).await;
     fleet.stop_leaving_nothing().await;
 }

@@ -81,13 +81,23 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         let amqp = &self.settings.amqp;
         let t = amqp.operation_timeout;
         let connection = crate::broker::connection::connect(amqp, &connection_name()).await?;
+        let publisher = Arc::new(Publisher::open(&connection, amqp).await?);
+        // Before the sources are declared: a source that is new gets its list of account
+        // queues, empty.
+        let mut sources = vec![amqp.commands_queue.clone()];
+        if let Some(partitions) = &self.partitions {
+            sources.extend(
+                (0..partitions.count)
+                    .map(|k| crate::contract::names::partition_queue(&amqp.commands_queue, k)),
+            );
+        }
+        crate::broker::lane_registry::prepare(&connection, amqp, &publisher, &sources).await?;
         let setup = timed("channel.open", t, connection.create_channel()).await?;
         crate::broker::topology::declare(&setup, amqp).await?;
         if let Some(partitions) = &self.partitions {
             crate::broker::topology::declare_partitions(&setup, amqp, partitions.count).await?;
         }
         let _ = timed("channel.close", t, setup.close(200, "declared".into())).await;
-        let publisher = Arc::new(Publisher::open(&connection, amqp).await?);
         Ok((connection, publisher))
     }
 

@@ -28,7 +28,9 @@
 
 mod publish;
 mod reader;
+mod registry;
 mod retire;
+mod route;
 mod task;
 
 use std::collections::HashMap;
@@ -39,17 +41,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::sessions::SessionQueues;
 use super::{Job, Pipeline};
 use crate::agentassist::account::Account;
+use crate::broker::BrokerError;
 use crate::broker::consumer::Source;
-use crate::broker::{BrokerError, account_queue};
+use crate::broker::lane_registry::Entry;
 
 #[cfg(feature = "fault-injection")]
 pub use publish::FAULT_SLOW_ASIDE_ORG_ID;
 pub use publish::{MARKER, WAITING_SINCE, waiting_since};
 #[cfg(feature = "fault-injection")]
 pub use reader::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
+pub(in crate::pipeline) use route::Route;
 
 /// Buckets of the per-session counts of a lane.
 const BUCKETS: usize = 1024;
@@ -60,6 +63,14 @@ pub(super) struct SourceLanes {
     pipeline: Weak<Pipeline>,
     accounts: Vec<Arc<Account>>,
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    /// The source's account queues, as this holder keeps the list at the broker
+    /// ([`crate::broker::lane_registry`]); locked while it is written.
+    registry: tokio::sync::Mutex<Registry>,
+    /// New account queues get the names earlier versions gave them (see `Registry`).
+    old_names: std::sync::atomic::AtomicBool,
+    /// Commands of the source that came before its list was read: they wait here, in order,
+    /// and are routed once it is (`None` from then on).
+    parked: Mutex<Option<Vec<Job>>>,
     /// What was taken from the account queues and not yet settled.
     settled: TaskTracker,
     /// The lanes' tasks.
@@ -72,10 +83,23 @@ pub(super) struct SourceLanes {
     force: CancellationToken,
 }
 
+/// What a holder lists of its source's account queues.
+#[derive(Default)]
+struct Registry {
+    /// Every account queue of the source that may exist.
+    entries: std::collections::BTreeSet<Entry>,
+    /// See [`crate::broker::lane_registry::List::old_names_until`].
+    old_names_until: Option<u64>,
+    /// The source is let go: nothing is written any more.
+    closed: bool,
+}
+
 /// One account's lane beside a source.
 struct Lane {
     account: Arc<Account>,
-    queue: String,
+    /// Its account queue's name: drawn afresh once a queue of the lane is known gone, so that
+    /// no queue is ever declared again under the name of one deleted.
+    queue: Mutex<Arc<str>>,
     state: Mutex<LaneState>,
     /// Messages in the account queue, as far as this holder knows.
     in_queue: AtomicUsize,
@@ -130,7 +154,9 @@ pub(super) struct Taken {
 
 impl std::fmt::Debug for Lane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lane").field("queue", &self.queue).finish()
+        f.debug_struct("Lane")
+            .field("queue", &self.queue())
+            .finish()
     }
 }
 
@@ -158,14 +184,6 @@ impl Drop for Taken {
     }
 }
 
-/// Where a command of a lane's account goes.
-pub(super) enum Route {
-    /// Taken in, queued behind its session: the job to run now, if its session was idle.
-    Here(Option<Box<Job>>),
-    /// Set aside in the account queue.
-    Aside,
-}
-
 impl SourceLanes {
     /// The lanes of `source` for `accounts`; nothing runs until [`SourceLanes::refresh`].
     pub(super) fn new(
@@ -178,6 +196,9 @@ impl SourceLanes {
             pipeline,
             accounts,
             lanes: Mutex::new(HashMap::new()),
+            registry: tokio::sync::Mutex::new(Registry::default()),
+            old_names: std::sync::atomic::AtomicBool::new(false),
+            parked: Mutex::new(Some(Vec::new())),
             settled: TaskTracker::new(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -200,7 +221,7 @@ impl SourceLanes {
             .or_insert_with(|| {
                 Arc::new(Lane {
                     account: account.clone(),
-                    queue: crate::contract::names::account_queue(&self.source.queue, &account.id),
+                    queue: Mutex::new(self.new_name(&account.id).into()),
                     state: Mutex::new(LaneState::default()),
                     in_queue: AtomicUsize::new(0),
                     taken: AtomicUsize::new(0),
@@ -209,53 +230,6 @@ impl SourceLanes {
                 })
             })
             .clone()
-    }
-
-    /// Looks for account queues left by an earlier holder of the source (or by the active
-    /// consumer while this one stood by) and takes up each one found, before anything of the
-    /// source is taken in.
-    pub(super) async fn refresh(self: &Arc<Self>) {
-        for account in &self.accounts {
-            let lane = self.lane(account);
-            if lane.state().on {
-                continue;
-            }
-            let amqp = &self.source.amqp;
-            let probed = self
-                .on_queue(&lane, async |c| {
-                    account_queue::probe(&c, amqp, &lane.queue).await
-                })
-                .await;
-            match probed {
-                Ok(Some(found)) => {
-                    let found = usize::try_from(found).unwrap_or(usize::MAX);
-                    lane.in_queue.store(found, Ordering::Relaxed);
-                    lane.account
-                        .aside_changed(isize::try_from(found).unwrap_or(isize::MAX));
-                    tracing::info!(
-                        account = %account.id,
-                        queue = %lane.queue,
-                        found,
-                        "account queue found; its commands go first and new ones join them"
-                    );
-                    let mut state = lane.state();
-                    state.on = true;
-                    state.unknown = true;
-                    self.start(&lane, &mut state, true);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    // Unknown: the queue may hold older commands of its sessions, so the lane
-                    // goes on as if it did; its task declares the queue (an empty one, at
-                    // worst, retired again) and reads what it holds first.
-                    tracing::warn!(account = %account.id, queue = %lane.queue, error = %e, "could not look for an account queue; taking it up as if it held commands");
-                    let mut state = lane.state();
-                    state.on = true;
-                    state.unknown = true;
-                    self.start(&lane, &mut state, false);
-                }
-            }
-        }
     }
 
     /// Runs `op` on the connection the lane's account queue is used on (see
@@ -267,14 +241,14 @@ impl SourceLanes {
         lane: &Lane,
         op: impl AsyncFnOnce(Arc<lapin::Connection>) -> Result<T, BrokerError>,
     ) -> Result<T, BrokerError> {
-        let result = match self.source.links.get(&lane.queue).await {
+        let result = match self.source.links.get(&lane.queue()).await {
             Ok(connection) => op(connection).await,
             Err(e @ BrokerError::Closed { .. }) => Err(e),
-            Err(e) if self.source.links.is_isolated(&lane.queue) => Err(e),
+            Err(e) if self.source.links.is_isolated(&lane.queue()) => Err(e),
             // The broker takes no second connection now (a connection limit, say): the source's
             // own serves, rather than no account queue at all.
             Err(e) => {
-                tracing::warn!(queue = %lane.queue, error = %e, "cannot open the account queues' connection; using the source's");
+                tracing::warn!(queue = %lane.queue(), error = %e, "cannot open the account queues' connection; using the source's");
                 op(self.source.connection.clone()).await
             }
         };
@@ -282,97 +256,9 @@ impl SourceLanes {
             && !matches!(e, BrokerError::Closed { .. })
         {
             lane.account.metrics().queue_failures.inc();
-            self.source.links.failed(&lane.queue, e);
+            self.source.links.failed(&lane.queue(), e);
         }
         result
-    }
-
-    /// Where a new command of `account` goes: taken in unless its account is congested or its
-    /// lane is on; else, in arrival order, to the account queue. A command taken in is queued
-    /// behind its session by `queue_up` while the lane is held, so no command set aside later
-    /// can pass it.
-    pub(super) fn route(
-        self: &Arc<Self>,
-        account: &Arc<Account>,
-        mut job: Box<Job>,
-        sessions: &SessionQueues<Box<Job>>,
-    ) -> Route {
-        let lane = self.lane(account);
-        let mut state = lane.state();
-        let session = job.parsed.session_key();
-        let take_in = |mut job: Box<Job>| {
-            job.lanes = Some(self.clone());
-            Route::Here(sessions.push_marked(&session, job, true))
-        };
-        if !state.on {
-            if let Some(waiting) = account.take_in() {
-                job.waiting = Some(waiting);
-                return take_in(job);
-            }
-            lane.turn_on(&mut state);
-        }
-        // A session with commands taken in from the source keeps its new ones behind them, in
-        // memory: were the worker to die, those would go back to the source, and these must
-        // not be found ahead of them in the account queue.
-        if sessions.pinned(&session) > 0 {
-            return take_in(job);
-        }
-        self.set_aside(&lane, &mut state, *job);
-        Route::Aside
-    }
-
-    /// Sets aside `job`, taken in earlier, and `behind()` (the commands of its session waiting
-    /// after it), unless a later command of its session is set aside or taken back already:
-    /// then the job is handed back, to run here.
-    pub(super) fn defer(
-        self: &Arc<Self>,
-        job: Box<Job>,
-        behind: impl FnOnce() -> Vec<Box<Job>>,
-    ) -> Result<(), Box<Job>> {
-        let Ok(command) = &job.parsed.command else {
-            return Err(job);
-        };
-        let lane = self.lane(&command.bot.account);
-        let mut state = lane.state();
-        let session = bucket(&job.parsed.session_key());
-        if state.unknown || state.marks.get(session).is_some_and(|m| *m > 0) {
-            return Err(job);
-        }
-        if !state.on {
-            lane.turn_on(&mut state);
-        }
-        self.set_aside(&lane, &mut state, *job);
-        for job in behind() {
-            self.set_aside(&lane, &mut state, *job);
-        }
-        Ok(())
-    }
-
-    /// Sends `job` to the lane's task, to be published to the account queue.
-    fn set_aside(self: &Arc<Self>, lane: &Arc<Lane>, state: &mut LaneState, mut job: Job) {
-        if self.stop.is_cancelled() {
-            // The source is let go: the delivery goes back with its channel.
-            self.forget(job);
-            return;
-        }
-        job.waiting = None;
-        job.slot = None;
-        if let Some(mark) = state.marks.get_mut(bucket(&job.parsed.session_key())) {
-            *mark = mark.saturating_add(1);
-        }
-        lane.account.aside_changed(1);
-        lane.account.metrics().set_aside.inc();
-        state.queued = state.queued.saturating_add(1);
-        if state.inbox.is_none() {
-            self.start(lane, state, false);
-        }
-        let inbox = state.inbox.as_ref().expect("started above");
-        if let Err(mpsc::error::SendError(job)) = inbox.send(job) {
-            // The task ended (the source is closing): the delivery goes back with its channel.
-            state.queued = state.queued.saturating_sub(1);
-            lane.account.aside_changed(-1);
-            self.forget(job);
-        }
     }
 
     /// A job dropped unsettled: its delivery goes back to the source with its channel.
@@ -383,8 +269,11 @@ impl SourceLanes {
         drop(job);
     }
 
-    /// Starts the lane's task.
+    /// Starts the lane's task, unless it runs.
     fn start(self: &Arc<Self>, lane: &Arc<Lane>, state: &mut LaneState, declared: bool) {
+        if state.inbox.is_some() {
+            return;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         state.inbox = Some(tx);
         self.tasks
@@ -400,6 +289,14 @@ impl SourceLanes {
     /// holder give the source up (docs/contract.md §9).
     pub(super) async fn close(&self) {
         self.stop.cancel();
+        let parked = self
+            .parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        for job in parked.unwrap_or_default() {
+            self.forget(job);
+        }
         {
             let lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
             for lane in lanes.values() {
@@ -426,6 +323,9 @@ impl SourceLanes {
             // Every step left is bounded by amqp.operation_timeout.
             self.tasks.wait().await;
         }
+        // The lanes' tasks, which write the list, have ended; a take-up still under way is
+        // waited for: nothing is written once the source may be given up.
+        self.registry.lock().await.closed = true;
     }
 }
 
@@ -434,11 +334,24 @@ impl Lane {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The name of the lane's account queue.
+    fn queue(&self) -> Arc<str> {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Names the lane's account queue.
+    fn name(&self, queue: &str) {
+        *self.queue.lock().unwrap_or_else(PoisonError::into_inner) = queue.into();
+    }
+
     fn turn_on(&self, state: &mut LaneState) {
         state.on = true;
         tracing::info!(
             account = %self.account.id,
-            queue = %self.queue,
+            queue = %self.queue(),
             "account backlog: its commands wait in its own queue, out of the others' way"
         );
     }

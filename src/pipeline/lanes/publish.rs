@@ -68,8 +68,9 @@ impl SourceLanes {
         // Counted in before the publishes, so that the reader, which may take one back before
         // its confirm is in, never finds the count lower than what the queue holds.
         lane.in_queue.fetch_add(batch.len(), Ordering::Relaxed);
+        let queue = lane.queue();
         let results = futures_util::future::join_all(batch.iter().map(|(_, job)| {
-            publisher.publish_to_queue(&lane.queue, &job.delivery.data, aside_properties(job))
+            publisher.publish_to_queue(&queue, &job.delivery.data, aside_properties(job))
         }))
         .await;
         let mut failed = Vec::new();
@@ -97,7 +98,7 @@ impl SourceLanes {
                             Some(n.saturating_sub(1))
                         });
                     missing |= matches!(e, PublishError::Unroutable(_));
-                    tracing::warn!(queue = %lane.queue, error = %e, "could not set a command aside; trying again");
+                    tracing::warn!(queue = %lane.queue(), error = %e, "could not set a command aside; trying again");
                     failed.push((i, job));
                 }
             }
@@ -127,13 +128,13 @@ impl SourceLanes {
         match self
             .source
             .publisher
-            .publish_to_queue(&lane.queue, b"", props)
+            .publish_to_queue(&lane.queue(), b"", props)
             .await
         {
             Ok(()) => Ok(()),
             Err(PublishError::Unroutable(_)) => Err(Unpublished::Missing),
             Err(e) => {
-                tracing::debug!(queue = %lane.queue, error = %e, "could not publish a lane marker");
+                tracing::debug!(queue = %lane.queue(), error = %e, "could not publish a lane marker");
                 Err(Unpublished::Failed)
             }
         }

@@ -47,7 +47,7 @@ impl SourceLanes {
                     "basic.consume",
                     t,
                     channel.basic_consume(
-                        lane.queue.as_str().into(),
+                        lane.queue().as_ref().into(),
                         tag.as_str().into(),
                         BasicConsumeOptions::default(),
                         FieldTable::default(),
@@ -123,7 +123,7 @@ impl SourceLanes {
                 });
             };
             lane.account
-                .lane_head(&lane.queue, waiting_since(&delivery.properties));
+                .lane_head(&lane.queue(), waiting_since(&delivery.properties));
             lane.taken.fetch_add(1, Ordering::Relaxed);
             let session = session_of(&delivery.data);
             let taken = Taken {
@@ -231,7 +231,7 @@ async fn fault_bad_queue(channel: &Channel, lane: &Lane, tag: &str) {
     }
     let _ = channel
         .basic_consume(
-            lane.queue.as_str().into(),
+            lane.queue().as_ref().into(),
             tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

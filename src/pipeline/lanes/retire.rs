@@ -40,6 +40,7 @@ impl SourceLanes {
                 match self.publish_marker(lane, &id).await {
                     Ok(()) => task.marker = Some(id.clone()),
                     Err(Unpublished::Missing) => {
+                        self.missing(lane).await;
                         task.declared = false;
                         return false;
                     }
@@ -75,21 +76,28 @@ impl SourceLanes {
         // On the source's own connection, which carries its hold (the broker's, without
         // Redis): should the broker have let that go (the token is someone else's now), the
         // delete cannot happen, however late this replica learns of it.
-        let gone =
-            account_queue::delete_if_alone(&self.source.connection, &self.source.amqp, &lane.queue)
-                .await;
+        let gone = account_queue::delete_if_alone(
+            &self.source.connection,
+            &self.source.amqp,
+            &lane.queue(),
+        )
+        .await;
         match gone {
             Ok(None) => {}
             Ok(Some(counts)) => {
-                tracing::debug!(queue = %lane.queue, ?counts, "account queue not alone yet; kept");
+                tracing::debug!(queue = %lane.queue(), ?counts, "account queue not alone yet; kept");
                 return false;
             }
             Err(e) => {
-                tracing::debug!(queue = %lane.queue, error = %e, "could not look at an account queue; kept");
+                tracing::debug!(queue = %lane.queue(), error = %e, "could not look at an account queue; kept");
                 return false;
             }
         }
         lane.in_queue.store(0, Ordering::Relaxed);
+        // Deleted: off the list, and the next queue of the lane gets a name of its own.
+        let deleted = lane.queue();
+        self.renew(lane);
+        self.unregister(lane, &deleted).await;
         if let Some(r) = task.reader.take() {
             // The broker cancelled the consumer with the queue; nothing it took is unsettled.
             let t = self.source.amqp.operation_timeout;
@@ -111,22 +119,25 @@ impl SourceLanes {
         state.unknown = false;
         state.marks.iter_mut().for_each(|m| *m = 0);
         drop(state);
-        lane.account.lane_head(&lane.queue, None);
-        tracing::info!(account = %lane.account.id, queue = %lane.queue, "account backlog drained; its commands are taken in directly again");
+        lane.account.lane_head(&deleted, None);
+        tracing::info!(account = %lane.account.id, queue = %deleted, "account backlog drained; its commands are taken in directly again");
         true
     }
 
     /// The account queue went behind this holder's back (an operator deleted it, say): what
     /// it held is gone with it, and the lane declares it again before it publishes anything.
-    pub(super) fn missing(&self, lane: &Lane) {
+    pub(super) async fn missing(&self, lane: &Lane) {
+        let gone = lane.queue();
+        self.renew(lane);
+        self.unregister(lane, &gone).await;
         let known = lane.in_queue.swap(0, Ordering::Relaxed);
         lane.account
             .aside_changed(-isize::try_from(known).unwrap_or(isize::MAX));
         tracing::warn!(
             account = %lane.account.id,
-            queue = %lane.queue,
+            queue = %gone,
             lost = known,
-            "account queue deleted behind this worker's back; declaring it again"
+            "account queue deleted behind this worker's back; what is set aside next goes to a new one"
         );
     }
 

@@ -166,14 +166,14 @@ impl LaneTask {
                 self.read_since = Some(Instant::now());
                 self.close_spent().await;
             }
-            Err(e) if e.to_string().contains("NOT_FOUND") => self.gone(),
+            Err(e) if e.to_string().contains("NOT_FOUND") => self.gone().await,
             Err(e) => {
                 // Its own lane waits, with its commands in the queue; every other lane and
                 // source goes on.
                 let wait = self.read_delays.next().unwrap_or(READ_RETRY_MAX);
                 tracing::error!(
                     account = %self.lane.account.id,
-                    queue = %self.lane.queue,
+                    queue = %self.lane.queue(),
                     error = %e,
                     ?wait,
                     "cannot consume an account queue; its commands wait there until it can"
@@ -226,7 +226,7 @@ impl LaneTask {
         let amqp = &lanes.source.amqp;
         let probed = lanes
             .on_queue(lane, async |c| {
-                account_queue::probe(&c, amqp, &lane.queue).await
+                account_queue::probe(&c, amqp, &lane.queue()).await
             })
             .await;
         match probed {
@@ -243,18 +243,18 @@ impl LaneTask {
                     self.read_delays = read_delays();
                 }
                 let wait = self.read_delays.next().unwrap_or(READ_RETRY_MAX);
-                tracing::warn!(account = %lane.account.id, queue = %lane.queue, ?wait, "the consumer of an account queue ended; reading it again");
+                tracing::warn!(account = %lane.account.id, queue = %lane.queue(), ?wait, "the consumer of an account queue ended; reading it again");
                 self.read_after = Some(Instant::now() + wait);
             }
-            Ok(None) => self.gone(),
+            Ok(None) => self.gone().await,
             Err(_) => tokio::time::sleep(LINGER).await,
         }
     }
 
     /// The account queue is gone (deleted behind the worker's back): declared again before
     /// anything is published to it; the lane stays on only if something waits to be.
-    fn gone(&mut self) {
-        self.lanes.missing(&self.lane);
+    async fn gone(&mut self) {
+        self.lanes.missing(&self.lane).await;
         self.declared = false;
         self.marker = None;
         let mut state = self.lane.state();
@@ -303,11 +303,17 @@ impl LaneTask {
     async fn declare(&mut self) -> Next {
         let (lanes, lane) = (&self.lanes, &self.lane);
         let source = &lanes.source;
-        let declared = lanes
-            .on_queue(lane, async |c| {
-                account_queue::declare(&c, &source.amqp, &lane.queue).await
-            })
-            .await;
+        // Listed first: a new holder finds whatever this one sets aside there.
+        let declared = match lanes.register(lane).await {
+            Ok(()) => {
+                lanes
+                    .on_queue(lane, async |c| {
+                        account_queue::declare(&c, &source.amqp, &lane.queue()).await
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match declared {
             Ok(_) => {
                 self.declared = true;
@@ -324,7 +330,7 @@ impl LaneTask {
                     return Next::Stop;
                 }
                 let wait = self.delays.next().unwrap_or(LINGER);
-                tracing::error!(queue = %self.lane.queue, error = %e, ?wait, "could not declare an account queue; trying again");
+                tracing::error!(queue = %self.lane.queue(), error = %e, ?wait, "could not declare an account queue; trying again");
                 tokio::time::sleep(wait).await;
                 Next::Again
             }
@@ -340,8 +346,7 @@ impl LaneTask {
                 return Next::On;
             }
             Err(Unpublished::Missing) => {
-                tracing::warn!(queue = %self.lane.queue, "account queue missing; declaring it again");
-                self.lanes.missing(&self.lane);
+                self.lanes.missing(&self.lane).await;
                 self.declared = false;
             }
             Err(Unpublished::Failed) => {}
@@ -392,8 +397,9 @@ impl LaneTask {
             tokio::select! {
                 () = lanes.settled.wait() => {
                     let open = channels.iter().filter(|c| c.status().connected());
+                    let queue = lane.queue();
                     futures_util::future::join_all(
-                        open.map(|c| acks_applied(c, &lane.queue, t)),
+                        open.map(|c| acks_applied(c, &queue, t)),
                     )
                     .await;
                 }
@@ -408,6 +414,6 @@ impl LaneTask {
                 .await;
             }
         }
-        lane.account.lane_head(&lane.queue, None);
+        lane.account.lane_head(&lane.queue(), None);
     }
 }

@@ -45,6 +45,18 @@ pub async fn declared_at(url: &str, amqp: &AmqpSettings) -> (Connection, Channel
     let (conn, channel) = test_channel_at(url).await;
     let mut direct = amqp.clone();
     direct.url = url.to_owned();
+    // As a worker does at connect: a new commands queue gets its list of account queues.
+    let publisher = transfer_worker::broker::Publisher::open(&conn, &direct)
+        .await
+        .expect("publisher");
+    transfer_worker::broker::lane_registry::prepare(
+        &conn,
+        &direct,
+        &publisher,
+        std::slice::from_ref(&direct.commands_queue),
+    )
+    .await
+    .expect("list of account queues");
     topology::declare(&channel, &direct)
         .await
         .expect("topology");
@@ -311,7 +323,16 @@ async fn delete(url: &str, queues: &[String], exchanges: &[String]) {
     let Ok(ch) = conn.create_channel().await else {
         return;
     };
-    for q in queues {
+    // The account queues the sources list (their names are drawn afresh each time).
+    let mut listed = Vec::new();
+    for list in queues.iter().filter(|q| q.ends_with(".lanes")) {
+        let source = list.trim_end_matches(".lanes");
+        let peek = transfer_worker::broker::lane_registry::peek(&conn, source, limit);
+        if let Ok(Ok(Some(entries))) = tokio::time::timeout(limit, peek).await {
+            listed.extend(entries.into_iter().map(|e| e.queue));
+        }
+    }
+    for q in queues.iter().chain(&listed) {
         let deleting = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default());
         let _ = tokio::time::timeout(limit, deleting).await;
     }
@@ -320,4 +341,42 @@ async fn delete(url: &str, queues: &[String], exchanges: &[String]) {
         let _ = tokio::time::timeout(limit, deleting).await;
     }
     let _ = conn.close(200, "cleanup".into()).await;
+}
+
+/// Every queue on the test broker, as its own CLI lists them (nothing of the worker's
+/// bookkeeping).
+pub fn broker_queue_names() -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "-q", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl list_queues: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|q| q.trim().to_owned())
+        .filter(|q| !q.is_empty())
+        .collect()
+}
+
+/// Whether `queue` is an account queue of `account` beside `source`:
+/// `<source>.account.<account>#<tag>`, or the name earlier versions gave it.
+pub fn is_account_queue(queue: &str, source: &str, account: &str) -> bool {
+    let old = transfer_worker::contract::names::account_queue_of_old(source, account);
+    queue == old
+        || queue
+            .strip_prefix(old.as_str())
+            .and_then(|rest| rest.strip_prefix('#'))
+            .is_some_and(|tag| tag.len() == 8)
+}
+
+/// The account queues of `account` beside `source` on the test broker.
+pub fn account_queues_at_broker(source: &str, account: &str) -> Vec<String> {
+    broker_queue_names()
+        .into_iter()
+        .filter(|q| is_account_queue(q, source, account))
+        .collect()
 }

@@ -36,14 +36,14 @@ pub mod wait;
 
 pub use app::Harness;
 pub use broker::{
-    Cleanup, ReplyQueue, declared, left_in, own_topology, passive, publish_commands,
-    publish_confirmed, take_all, test_channel, test_channel_at,
+    Cleanup, ReplyQueue, account_queues_at_broker, declared, left_in, own_topology, passive,
+    publish_commands, publish_confirmed, take_all, test_channel, test_channel_at,
 };
 pub use commands::{agent_command, command_of, expire_in, queue_command, session_command};
 pub use events::{EVENT_WAIT, Events, Received, sorted_keys};
 pub use fleet::Fleet;
 pub use names::{
-    TEST_CALLBACK_SECRET, account_queues, amqp_url, free_port, redis_url, tag, test_settings,
+    TEST_CALLBACK_SECRET, account_queues_left, amqp_url, free_port, redis_url, tag, test_settings,
 };
 pub use process::{Process, binary, output, succeeded, worker_env};
 pub use proxy::Proxy;

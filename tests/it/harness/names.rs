@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use transfer_worker::config::Settings;
-use transfer_worker::contract::names::{account_queue, partition_queue};
+use transfer_worker::contract::names::{account_queue_of_old, lane_registry, partition_queue};
 
 /// The broker every test talks to.
 pub fn amqp_url() -> String {
@@ -106,11 +106,17 @@ pub fn partition_queues(settings: &Settings) -> Vec<String> {
         .collect()
 }
 
-/// Every account queue a worker with `settings` may set commands aside in: one per account
-/// beside the commands queue and beside each partition queue.
-pub fn account_queues(settings: &Settings) -> Vec<String> {
+/// The sources a worker with `settings` may set commands aside beside: the commands queue and
+/// each partition queue.
+pub fn lane_sources(settings: &Settings) -> Vec<String> {
     let mut sources = vec![settings.amqp.commands_queue.clone()];
     sources.extend(partition_queues(settings));
+    sources
+}
+
+/// The lists of account queues beside each source, and each account's queue under the name
+/// earlier versions gave it. (The account queues the lists name are found through them.)
+pub fn account_queues(settings: &Settings) -> Vec<String> {
     let mut accounts: Vec<&str> = settings
         .bots
         .iter()
@@ -118,9 +124,32 @@ pub fn account_queues(settings: &Settings) -> Vec<String> {
         .collect();
     accounts.sort_unstable();
     accounts.dedup();
-    sources
+    lane_sources(settings)
         .iter()
-        .flat_map(|source| accounts.iter().map(move |a| account_queue(source, a)))
+        .flat_map(|source| {
+            std::iter::once(lane_registry(source)).chain(
+                accounts
+                    .iter()
+                    .map(move |a| account_queue_of_old(source, a)),
+            )
+        })
+        .collect()
+}
+
+/// The account queues on the test broker of any account of `settings` beside any of its
+/// sources.
+pub fn account_queues_left(settings: &Settings) -> Vec<String> {
+    let sources = lane_sources(settings);
+    super::broker::broker_queue_names()
+        .into_iter()
+        .filter(|q| {
+            sources.iter().any(|source| {
+                settings
+                    .bots
+                    .iter()
+                    .any(|b| super::broker::is_account_queue(q, source, &b.account_id))
+            })
+        })
         .collect()
 }
 

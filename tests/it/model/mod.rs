@@ -36,6 +36,10 @@
 //!   (an `A` declared afterwards is another queue). A passive declare answers the ready count
 //!   only; the fixed protocol's count also answers the consumers (a cancelled one that still
 //!   holds unacked messages counts), or, when it times out, 0 and 0.
+//! - The source's list of its account queues (the fixed protocol only; today's code looked for
+//!   `A` by its name): a holder writes `A` into it (a confirmed publish), a take-up finds `A`
+//!   only if it is listed, and a delete takes it off in the same step (what follows a delete
+//!   is best effort: a name listed whose queue is gone costs a look, nothing else).
 //! - Redis's hold of `S` (with fleets): taken atomically when free, kept by heartbeats while its
 //!   holder runs, expiring only when its holder is gone or frozen, given up with a
 //!   compare-and-delete. A command's fleet claim: a command whose call is on the wire is not
@@ -83,6 +87,8 @@
 //! 4. *One holder per source*: at most one replica that runs and may act for the source: its
 //!    active consumer (or, with a fleet, the replica that took the hold and has not given it up),
 //!    or a replica with a lane of that source.
+//! 5. *Listed* (the fixed protocol): an account queue that holds a command is in its source's
+//!    list, so a new holder finds it.
 //!
 //! And, as an `eventually` property, every command ends (unless every replica is gone). Two
 //! `sometimes` properties are examples, not failures: a backlog drains and its account queue is
@@ -95,9 +101,9 @@
 //! rules ([`Rule`]) can be knocked out one at a time to see what each one protects. Today's
 //! protocol breaks every invariant; the fixed one keeps them all at every bound checked; without
 //! [`Rule::StandbyTakesNoLane`], [`Rule::LanesCloseFirst`], [`Rule::ReturnInOrder`],
-//! [`Rule::Generation`] or [`Rule::ConnectionDiesBeforeExpiry`] it breaks one, while the
-//! retirement's checks and [`Rule::WokenActsOnNothing`] are never decisive once the others hold
-//! (docs/fairness.md, "The hand-over model").
+//! [`Rule::Generation`], [`Rule::ListFirst`] or [`Rule::ConnectionDiesBeforeExpiry`] it breaks
+//! one, while the retirement's checks and [`Rule::WokenActsOnNothing`] are never decisive once
+//! the others hold (docs/fairness.md, "The hand-over model").
 
 // In the bench, which includes this module by path, the tests' helpers are unused.
 #![allow(dead_code)]
@@ -159,6 +165,10 @@ pub enum Rule {
     Generation,
     /// A replica that wakes past its hold's expiry lets everything go before it acts.
     WokenActsOnNothing,
+    /// A holder writes an account queue into its source's list before it declares it (and
+    /// so before anything is set aside there), and a new holder takes up only what the list
+    /// names: a look per listed queue, not per configured account.
+    ListFirst,
     /// The broker closes a frozen replica's connection before its hold can expire: a
     /// configuration rule, `fleet.member_ttl − fleet.heartbeat` longer than the AMQP dead-peer
     /// detection (twice the connection's heartbeat).
@@ -167,7 +177,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::StandbyTakesNoLane,
         Rule::LanesCloseFirst,
         Rule::ReturnInOrder,
@@ -176,6 +186,7 @@ impl Rule {
         Rule::HolderDeletes,
         Rule::Generation,
         Rule::WokenActsOnNothing,
+        Rule::ListFirst,
         Rule::ConnectionDiesBeforeExpiry,
     ];
 }
@@ -266,6 +277,7 @@ pub mod property {
     pub const ONE_CALL: &str = "at most one call of a session on the wire";
     pub const ORDER: &str = "a session's calls in publish order";
     pub const ONE_HOLDER: &str = "at most one holder per source";
+    pub const LISTED: &str = "an account queue holding a command is in its source's list";
     pub const ALL_END: &str = "every command ends";
     /// An example, not a failure: how today's protocol loses a command.
     pub const RETURNED_TO_NOTHING: &str = "a delivery comes back to a deleted account queue";
@@ -275,5 +287,5 @@ pub mod property {
     /// queue (a backlog changed hands).
     pub const HANDED_OVER: &str = "another replica runs a command of the account queue";
     /// Every safety property.
-    pub const SAFETY: [&str; 4] = [NOTHING_LOST, ONE_CALL, ORDER, ONE_HOLDER];
+    pub const SAFETY: [&str; 5] = [NOTHING_LOST, ONE_CALL, ORDER, ONE_HOLDER, LISTED];
 }

@@ -13,6 +13,7 @@ pub fn all() -> Vec<Property<Handover>> {
         Property::always(property::ONE_HOLDER, |m: &Handover, s: &State| {
             m.holders(s) <= 1
         }),
+        Property::always(property::LISTED, listed),
         Property::eventually(property::ALL_END, all_end),
         Property::sometimes(property::RETURNED_TO_NOTHING, |_, s: &State| {
             s.returned_to_nothing
@@ -36,6 +37,12 @@ fn nothing_lost(m: &Handover, s: &State) -> bool {
             || (s.account.exists && s.account.holds(c))
             || s.deliveries.iter().any(|d| d.msg == Msg::Command(c))
     })
+}
+
+/// (5) With a list (the fixed protocol), an account queue that holds a command is in it: a new
+/// holder finds it.
+fn listed(m: &Handover, s: &State) -> bool {
+    m.today() || s.listed || !s.account.exists || !(0..m.commands()).any(|c| s.account.holds(c))
 }
 
 /// (2) At most one call of a session on the wire at once.

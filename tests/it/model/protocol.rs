@@ -41,6 +41,8 @@ pub enum Action {
         congested: bool,
         aside: bool,
     },
+    /// The holder writes the account queue into its source's list.
+    List(u8),
     Publish {
         replica: u8,
         command: u8,
@@ -114,6 +116,7 @@ impl Handover {
             called: 0,
             out_of_order: false,
             returned_to_nothing: false,
+            listed: false,
             budget: Budget {
                 kills: self.kills,
                 freezes: self.freezes,
@@ -511,11 +514,18 @@ impl Handover {
         let Lane::On { reader, retire } = o.lane else {
             return;
         };
+        let aside = s
+            .of(r, g)
+            .find(|d| d.stage == Stage::Aside)
+            .and_then(Delivery::command);
+        // Fixed: the account queue is listed before it is declared and published to; without
+        // the rule, whenever the lane is on, also after a publish.
+        if !self.today() && !s.listed && (aside.is_some() || s.account.exists) {
+            out.push(A::List(r));
+        }
         if !retire.deleting()
-            && let Some(command) = s
-                .of(r, g)
-                .find(|d| d.stage == Stage::Aside)
-                .and_then(Delivery::command)
+            && let Some(command) = aside
+            && (!self.rule(Rule::ListFirst) || s.listed)
         {
             out.push(A::Publish {
                 replica: r,
@@ -696,8 +706,10 @@ impl Handover {
             A::TakeHold(r) => self.take_hold(s, r),
             // lanes/mod.rs refresh() from Handler::open: account_queue::probe (passive
             // declare); a queue found turns the lane on, its task reads it (declared = true).
+            // Fixed: lanes/registry.rs refresh(): lane_registry::take, then a look at each
+            // queue listed (a source without a list is looked at per account, once).
             A::TakeUp(r) => {
-                let exists = s.account.exists;
+                let exists = s.account.exists && (self.today() || s.listed);
                 let o = s.replicas[usize::from(r)].own.as_mut().expect("own");
                 o.looked = true;
                 o.holding = true;
@@ -721,7 +733,7 @@ impl Handover {
                 let Msg::Command(c) = s.deliveries[i].msg else {
                     unreachable!("a command")
                 };
-                let exists = s.account.exists;
+                let exists = s.account.exists && (self.today() || s.listed);
                 let ended = s.is(s.ended, c);
                 let o = s.replicas[usize::from(r)].own.as_mut().expect("own");
                 if !o.activated {
@@ -779,6 +791,9 @@ impl Handover {
                     .expect("set aside");
                 d.stage = Stage::Published;
             }
+            // lanes/task.rs declare() → lanes/registry.rs register(): lane_registry::store,
+            // confirmed, before account_queue::declare.
+            A::List(_) => s.listed = true,
             // lanes/publish.rs publish(): acker.ack once the publish is confirmed.
             A::AckAside {
                 replica: r,
@@ -953,6 +968,9 @@ impl Handover {
                 if s.account.exists {
                     s.delete_account();
                 }
+                // Fixed: lanes/retire.rs, then SourceLanes::unregister: off the list once
+                // deleted (a stale entry, should the holder die first, costs a look).
+                s.listed = false;
                 s.replicas[usize::from(r)].own.as_mut().expect("own").lane = Lane::Off;
             }
             // registered.rs Registered::stop() / partition.rs Subscription::stop():

@@ -295,6 +295,8 @@ pub struct State {
     pub out_of_order: bool,
     /// A delivery of an account queue came back after the queue was deleted.
     pub returned_to_nothing: bool,
+    /// The source's list of its account queues names the account queue (fixed protocol).
+    pub listed: bool,
     pub budget: Budget,
 }
 

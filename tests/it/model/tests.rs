@@ -113,7 +113,17 @@ fn fixed_without_closing_lanes_first_runs_a_session_twice_at_once() {
     for fleet in [Fleet::Standby, Fleet::Holds] {
         let model = Handover::new(Variant::Fixed, fleet).without(Rule::LanesCloseFirst);
         let trace = find(model, property::ONE_CALL).expect("two calls of a session at once");
-        assert!(trace.contains(&Action::GraceOut(0, Which::Own)));
+        // The source is given up while its lane still runs.
+        let given_up = trace
+            .iter()
+            .position(|a| *a == Action::CloseSource(0, Which::Own));
+        let lane_closed = trace
+            .iter()
+            .position(|a| *a == Action::CloseLane(0, Which::Own));
+        assert!(
+            given_up.is_some() && (lane_closed.is_none() || lane_closed > given_up),
+            "{trace:?}"
+        );
     }
 }
 
@@ -158,4 +168,23 @@ fn fixed_without_the_freeze_assumption_reorders_a_session() {
         .with_events(1, 1, 1, 0);
     let trace = find(model, property::ORDER).expect("a session out of order");
     assert!(trace.contains(&Action::HoldExpires));
+}
+
+/// A holder that lists its account queue only after it set commands aside there (or never):
+/// killed in between, it leaves a queue no list names, and the next holder never takes up the
+/// commands waiting there.
+#[test]
+fn fixed_without_listing_first_strands_a_command() {
+    let model = Handover::new(Variant::Fixed, Fleet::Holds)
+        .without(Rule::ListFirst)
+        .with_events(1, 1, 0, 0);
+    let trace = find(model.clone(), property::LISTED).expect("a queue not listed");
+    assert!(!trace.contains(&Action::List(0)), "published before listed");
+    let trace = find(model, property::ALL_END).expect("a command that never ends");
+    let killed = trace.iter().position(|a| *a == Action::Kill(0));
+    let taken_up = trace.iter().position(|a| *a == Action::TakeUp(1));
+    assert!(
+        killed.is_some() && killed < taken_up && !trace.contains(&Action::List(0)),
+        "the holder died unlisted, and the next one took the source up"
+    );
 }
