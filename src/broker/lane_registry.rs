@@ -11,7 +11,8 @@
 //! taking every message there, unacked, and acks them once it has written its own list (their
 //! union, less the queues found gone): should it die in between, they come back. Only the
 //! holder writes; anyone else only looks ([`peek`]), and returns what it took by closing its
-//! channel (a holder that finds the queue empty meanwhile waits for them to come back).
+//! channel (a holder that finds the queue empty meanwhile waits for them to come back: see
+//! [`Taken::exists`]).
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -28,13 +29,6 @@ const DELIVERY_LIMIT: i32 = 1_000_000;
 
 /// Lists the queue keeps: the latest, and a few before it.
 pub const KEPT: i32 = 4;
-
-/// How often a holder that finds the list's queue empty looks again, [`EMPTY_WAIT`] apart,
-/// before it takes the source for one without a list: a look from outside may hold the list.
-const EMPTY_TRIES: u32 = 10;
-
-/// See [`EMPTY_TRIES`].
-const EMPTY_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// One account queue of a source.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -216,6 +210,9 @@ pub async fn store(
 pub struct Taken {
     channel: Option<Channel>,
     last: Option<u64>,
+    /// The list's queue exists. With no message in it, someone else may hold them for a
+    /// moment (a look from outside), or its first list was never written.
+    pub exists: bool,
     /// The union of the lists found; `None` when there is none (an earlier version's source,
     /// or one whose first list was never written).
     pub list: Option<List>,
@@ -223,8 +220,7 @@ pub struct Taken {
     pub unreadable: usize,
 }
 
-/// Takes `source`'s list (see [`Taken`]). A list queue found empty is looked at again a few
-/// times: someone looking from outside may hold its messages for a moment.
+/// Takes `source`'s list (see [`Taken`]).
 pub async fn take(
     connection: &Connection,
     amqp: &AmqpSettings,
@@ -233,36 +229,27 @@ pub async fn take(
     let list = crate::contract::names::lane_registry(source);
     let t = amqp.operation_timeout;
     let channel = timed("channel.open", t, connection.create_channel()).await?;
-    let mut tries = 0;
-    loop {
-        match get_all(&channel, &list, t).await {
-            Ok(Some((_, None, _))) if tries < EMPTY_TRIES => {
-                tries += 1;
-                tokio::time::sleep(EMPTY_WAIT).await;
+    match get_all(&channel, &list, t).await {
+        Ok(Some((found, last, unreadable))) => Ok(Taken {
+            channel: Some(channel),
+            last,
+            exists: true,
+            list: last.map(|_| found),
+            unreadable,
+        }),
+        // The broker closed the channel: there is no list yet.
+        Ok(None) => Ok(Taken {
+            channel: None,
+            last: None,
+            exists: false,
+            list: None,
+            unreadable: 0,
+        }),
+        Err(e) => {
+            if channel.status().connected() {
+                let _ = timed("channel.close", t, channel.close(200, "failed".into())).await;
             }
-            Ok(Some((found, last, unreadable))) => {
-                return Ok(Taken {
-                    channel: Some(channel),
-                    last,
-                    list: last.map(|_| found),
-                    unreadable,
-                });
-            }
-            // The broker closed the channel: there is no list yet.
-            Ok(None) => {
-                return Ok(Taken {
-                    channel: None,
-                    last: None,
-                    list: None,
-                    unreadable: 0,
-                });
-            }
-            Err(e) => {
-                if channel.status().connected() {
-                    let _ = timed("channel.close", t, channel.close(200, "failed".into())).await;
-                }
-                return Err(e);
-            }
+            Err(e)
         }
     }
 }
@@ -301,6 +288,15 @@ async fn get_all(
 }
 
 impl Taken {
+    /// Gives what was taken back, unchanged (its channel closes).
+    pub async fn give_back(self, t: std::time::Duration) {
+        if let Some(channel) = self.channel
+            && channel.status().connected()
+        {
+            let _ = timed("channel.close", t, channel.close(200, "given back".into())).await;
+        }
+    }
+
     /// Writes `content` as the source's list, then acks what was taken: the list is never
     /// without a message that holds every queue that may exist.
     pub async fn replace(

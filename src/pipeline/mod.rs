@@ -115,7 +115,8 @@ impl Handler for Pipeline {
                 }
             }
         };
-        async move { lanes.refresh().await }
+        lanes.refresh();
+        std::future::ready(())
     }
 
     fn close(this: &Arc<Self>, source: &Source) -> impl Future<Output = ()> + Send + 'static {

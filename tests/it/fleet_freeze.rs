@@ -176,3 +176,78 @@ fn held_again(fleet: &Fleet, name: &str) -> tokio::task::JoinHandle<Option<Insta
         None
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_frozen_between_its_last_look_and_the_wire_sends_nothing_after_it_wakes() {
+    // Every command is held 1 s between its booked start (and every look at whose it is) and
+    // the wire, as a busy machine holds it: the freeze comes in that second.
+    let mut spec = FleetSpec {
+        latency: Duration::from_millis(50),
+        prefetch: 16,
+        ..FleetSpec::partitioned(1, 4)
+    };
+    spec.env
+        .push(("TRANSFER__COMMANDS__ASIDE_AFTER".into(), "60s".into()));
+    spec.env.push((
+        "TRANSFER__AMQP__URL".into(),
+        format!("{}?heartbeat=1", amqp_url()),
+    ));
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
+    let own = sim::start(sim::config(&fleet.settings)).await;
+    let name = format!("frozen-{}", tag());
+    let f = fleet.add_replica_with(
+        &name,
+        &[("TRANSFER__AGENTASSIST__BASE_URL".to_owned(), own.base_url())],
+    );
+    fleet.replicas[f]
+        .wait_readyz(StatusCode::OK, Duration::from_secs(30))
+        .await;
+    fleet.wait_balanced(&[0, f], Duration::from_secs(30)).await;
+
+    let t = tag();
+    let ids: Vec<String> = (0..24).map(|s| format!("held-{t}-{s:02}")).collect();
+    let commands: Vec<Value> = ids
+        .iter()
+        .map(|id| {
+            let mut c = session_command(id, &format!("s-{id}"), false);
+            c["orgId"] = serde_json::json!(
+                transfer_worker::agentassist::transfer::FAULT_LATE_DEPARTURE_ORG_ID
+            );
+            c
+        })
+        .collect();
+    fleet.publish_all(&commands).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    fleet.replicas[f].freeze();
+    let frozen = Instant::now();
+    fleet.wait_balanced(&[0], Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(5500).saturating_sub(frozen.elapsed())).await;
+    let holds = held_again(&fleet, &name);
+    fleet.replicas[f].thaw();
+    let woke = Instant::now();
+
+    let events = fleet
+        .events_until(Duration::from_secs(60), |e| all_ended(e, &ids))
+        .await;
+    assert_eq!(terminal_by_command(&events).len(), ids.len());
+    let retaken = holds.await.expect("the hold watcher");
+    let after: Vec<String> = own
+        .requests()
+        .iter()
+        .filter(|r| r.received_at >= woke && retaken.is_none_or(|at| r.received_at < at))
+        .map(command_of)
+        .collect();
+    assert!(
+        after.is_empty(),
+        "the replica frozen on the way to the wire sent {after:?} after it woke\n{}",
+        fleet.replicas[f].log()
+    );
+    // The scenario happened: calls of the frozen replica woke on their way to the wire.
+    let held = fleet.replicas[f].log().matches("holds lapsed").count();
+    assert!(
+        held > 0,
+        "no call of the frozen replica woke on its way: the test saw nothing\n{}",
+        fleet.replicas[f].log()
+    );
+    fleet.stop_leaving_nothing().await;
+}

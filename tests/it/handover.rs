@@ -418,7 +418,7 @@ async fn a_list_held_by_a_look_from_outside_is_waited_for_at_take_up() {
     let source = fleet.settings.amqp.commands_queue.clone();
     assert!(hold_list(&looking, &source).await >= 1, "the list was held");
     fleet.replicas[0].kill().await;
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     looking.close(200, "looked".into()).await.expect("close");
     drop(conn);
     all_end(&mut fleet, &ids, Duration::from_secs(60)).await;

@@ -93,9 +93,29 @@ impl Transfers {
         if !late.is_zero() {
             tokio::time::sleep(late).await;
         }
-        budget.call();
+        // The last look, as the request is first polled: a pause between the looks above and
+        // here (a freeze past fleet.member_ttl) must not send it after the wake.
+        let still_ours = || {
+            let lapsed = (self.fleet.as_ref().zip(term)).is_some_and(|(f, t)| !f.holds_valid_in(t));
+            !lapsed && ours()
+        };
+        let mut send = std::pin::pin!(self.api.assign(bot, &token, body.clone()));
+        let mut sent = false;
+        let fenced = std::future::poll_fn(|cx| {
+            if !sent {
+                if !still_ours() {
+                    return std::task::Poll::Ready(None);
+                }
+                sent = true;
+            }
+            send.as_mut().poll(cx).map(Some)
+        });
         let call_started = Instant::now();
-        let result = self.api.assign(bot, &token, body.clone()).await;
+        let Some(result) = fenced.await else {
+            departure.unsent().await;
+            return Ok(Call::NotHeld);
+        };
+        budget.call();
         let status = match &result {
             Ok(r) => Some(r.status),
             Err(e) => e.status,

@@ -66,8 +66,11 @@ pub(super) struct SourceLanes {
     /// The source's account queues, as this holder keeps the list at the broker
     /// ([`crate::broker::lane_registry`]); locked while it is written.
     registry: tokio::sync::Mutex<Registry>,
-    /// New account queues get the names earlier versions gave them (see `Registry`).
-    old_names: std::sync::atomic::AtomicBool,
+    /// Until when new account queues get the names earlier versions gave them (ms since the
+    /// Unix epoch; see `Registry`).
+    old_names_until: std::sync::atomic::AtomicU64,
+    /// The list is being read, or was: once per tenure.
+    reading: std::sync::atomic::AtomicBool,
     /// Commands of the source that came before its list was read: they wait here, in order,
     /// and are routed once it is (`None` from then on).
     parked: Mutex<Option<Vec<Job>>>,
@@ -197,7 +200,8 @@ impl SourceLanes {
             accounts,
             lanes: Mutex::new(HashMap::new()),
             registry: tokio::sync::Mutex::new(Registry::default()),
-            old_names: std::sync::atomic::AtomicBool::new(false),
+            old_names_until: std::sync::atomic::AtomicU64::new(0),
+            reading: std::sync::atomic::AtomicBool::new(false),
             parked: Mutex::new(Some(Vec::new())),
             settled: TaskTracker::new(),
             tasks: TaskTracker::new(),
@@ -269,9 +273,9 @@ impl SourceLanes {
         drop(job);
     }
 
-    /// Starts the lane's task, unless it runs.
+    /// Starts the lane's task, unless it runs or the source is let go.
     fn start(self: &Arc<Self>, lane: &Arc<Lane>, state: &mut LaneState, declared: bool) {
-        if state.inbox.is_some() {
+        if state.inbox.is_some() || self.stop.is_cancelled() {
             return;
         }
         let (tx, rx) = mpsc::unbounded_channel();

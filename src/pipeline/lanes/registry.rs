@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Lane, Registry, SourceLanes};
 use crate::agentassist::account::Account;
@@ -29,61 +29,83 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// How long a list queue found empty is read again before it is taken for one without a list
+/// (its first list never written): someone looking from outside holds its messages for a moment
+/// only, and a frozen holder's connection, with what it took, goes before its hold does.
+const EMPTY_FOR: Duration = Duration::from_secs(30);
+
+/// Why a reading of the list did not take the source up.
+#[derive(Debug, thiserror::Error)]
+enum Unread {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the list's queue has no message yet")]
+    Empty,
+    #[error("the source is let go")]
+    Stopped,
+}
+
 impl SourceLanes {
     /// Takes up the account queues an earlier holder of the source left (or the active
     /// consumer, while this one stood by), before anything of the source is taken in: reads
     /// the list, looks at each queue listed, turns on the lane of each one there, and writes
-    /// the list back without the ones gone. Commands of the source that come before wait, in
-    /// order. Should the list not be read at once, it is read again in the background, with a
-    /// growing pause, until it is or the source is let go: the consumer goes on meanwhile (a
-    /// SIGTERM, another source), and the source's commands wait.
-    pub(in crate::pipeline) async fn refresh(self: &Arc<Self>) {
-        let mut registry = self.registry.lock().await;
-        if registry.closed {
+    /// the list back without the ones gone. Once per tenure, in the background: commands of
+    /// the source that come before wait, in order, and the consumer goes on meanwhile (a
+    /// SIGTERM, another source). A list that cannot be read is read again, with a growing
+    /// pause, until it is or the source is let go.
+    pub(in crate::pipeline) fn refresh(self: &Arc<Self>) {
+        if self.reading.swap(true, Ordering::AcqRel) {
             return;
         }
-        match self.read_list(&mut registry).await {
-            Ok(()) => {
-                drop(registry);
-                self.release_parked();
-            }
-            Err(e) => {
-                drop(registry);
-                tracing::error!(source = %self.source.queue, error = %e, "cannot read the list of the source's account queues; its commands wait until it can");
-                self.tasks.spawn(self.clone().read_list_later());
-            }
-        }
+        self.tasks.spawn(self.clone().read_until_read());
     }
 
-    /// Reads the list again until it is read or the source is let go.
-    async fn read_list_later(self: Arc<Self>) {
-        let mut delays = backoff::delays(Duration::from_millis(500), READ_RETRY_MAX, None);
+    async fn read_until_read(self: Arc<Self>) {
+        let mut delays = backoff::delays(Duration::from_millis(200), READ_RETRY_MAX, None);
+        let mut empty_since = None;
+        let mut failed = false;
         loop {
+            let outcome = {
+                let mut registry = self.registry.lock().await;
+                if registry.closed {
+                    return;
+                }
+                self.read_list(&mut registry, &mut empty_since).await
+            };
             let wait = delays.next().unwrap_or(READ_RETRY_MAX);
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-            }
-            let mut registry = self.registry.lock().await;
-            if registry.closed || self.stop.is_cancelled() {
-                return;
-            }
-            match self.read_list(&mut registry).await {
+            match outcome {
                 Ok(()) => {
-                    drop(registry);
-                    tracing::info!(source = %self.source.queue, "list of account queues read; the source's commands go on");
+                    if failed {
+                        tracing::info!(source = %self.source.queue, "list of account queues read; the source's commands go on");
+                    }
                     self.release_parked();
                     return;
                 }
-                Err(e) => {
+                Err(Unread::Stopped) => return,
+                Err(Unread::Empty) => {
+                    tracing::debug!(source = %self.source.queue, ?wait, "the list of account queues is empty for now; reading it again");
+                }
+                Err(e) if failed => {
                     tracing::warn!(source = %self.source.queue, error = %e, ?wait, "cannot read the list of the source's account queues yet");
                 }
+                Err(e) => {
+                    failed = true;
+                    tracing::error!(source = %self.source.queue, error = %e, ?wait, "cannot read the list of the source's account queues; its commands wait until it can");
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
 
     /// One reading of the list: takes it, takes up what it names, writes it back.
-    async fn read_list(self: &Arc<Self>, registry: &mut Registry) -> Result<(), BrokerError> {
+    async fn read_list(
+        self: &Arc<Self>,
+        registry: &mut Registry,
+        empty_since: &mut Option<Instant>,
+    ) -> Result<(), Unread> {
         let source = &self.source;
         let list = crate::contract::names::lane_registry(&source.queue);
         let connection = match source.links.get(&list).await {
@@ -91,6 +113,13 @@ impl SourceLanes {
             Err(_) => source.connection.clone(),
         };
         let taken = lane_registry::take(&connection, &source.amqp, &source.queue).await?;
+        if taken.list.is_none()
+            && taken.exists
+            && empty_since.get_or_insert_with(Instant::now).elapsed() < EMPTY_FOR
+        {
+            taken.give_back(source.amqp.operation_timeout).await;
+            return Err(Unread::Empty);
+        }
         if taken.unreadable > 0 {
             tracing::warn!(source = %source.queue, unreadable = taken.unreadable, "messages in the list of account queues that are not a list; dropped");
         }
@@ -105,17 +134,29 @@ impl SourceLanes {
                 }
             }
         };
-        let old_names = listed.old_names_until.is_some_and(|until| until > now_ms());
-        self.old_names.store(old_names, Ordering::Relaxed);
         registry.old_names_until = registry.old_names_until.max(listed.old_names_until);
-        if old_names {
-            for entry in self.old_names().await {
-                if !listed.queues.contains(&entry) {
-                    listed.queues.push(entry);
+        self.old_names_until
+            .store(registry.old_names_until.unwrap_or(0), Ordering::Relaxed);
+        if self.old_names() {
+            match self.old_named().await {
+                Some(found) => {
+                    for entry in found {
+                        if !listed.queues.contains(&entry) {
+                            listed.queues.push(entry);
+                        }
+                    }
+                }
+                None => {
+                    taken.give_back(source.amqp.operation_timeout).await;
+                    return Err(Unread::Stopped);
                 }
             }
         }
         for entry in listed.queues {
+            if self.stop.is_cancelled() {
+                taken.give_back(source.amqp.operation_timeout).await;
+                return Err(Unread::Stopped);
+            }
             if let Some(kept) = self.take_up(entry).await {
                 registry.entries.insert(kept);
             }
@@ -138,10 +179,13 @@ impl SourceLanes {
     }
 
     /// Every configured account's queue under the name earlier versions gave it, that exists
-    /// (or could not be looked at).
-    async fn old_names(&self) -> Vec<Entry> {
+    /// (or could not be looked at); `None` once the source is let go.
+    async fn old_named(&self) -> Option<Vec<Entry>> {
         let mut found: Vec<Entry> = Vec::new();
         for account in &self.accounts {
+            if self.stop.is_cancelled() {
+                return None;
+            }
             let entry = Entry {
                 account: account.id.clone(),
                 queue: crate::contract::names::account_queue_of_old(
@@ -164,7 +208,7 @@ impl SourceLanes {
                 Ok(Some(_)) | Err(_) => found.push(entry),
             }
         }
-        found
+        Some(found)
     }
 
     /// Takes up a listed account queue: its lane goes on and reads it first, if it is there.
@@ -245,10 +289,16 @@ impl SourceLanes {
         self.start(lane, &mut state, true);
     }
 
+    /// Whether replicas of an earlier version may still hold the source (see
+    /// [`OLD_NAMES_FOR`]).
+    fn old_names(&self) -> bool {
+        self.old_names_until.load(Ordering::Relaxed) > now_ms()
+    }
+
     /// A name for a new account queue of `account`: drawn afresh, or, while replicas of an
     /// earlier version may hold the source, the name that version gives it.
     pub(super) fn new_name(&self, account: &str) -> String {
-        if self.old_names.load(Ordering::Relaxed) {
+        if self.old_names() {
             crate::contract::names::account_queue_of_old(&self.source.queue, account)
         } else {
             crate::contract::names::account_queue(&self.source.queue, account)

@@ -140,8 +140,12 @@ impl SourceLanes {
         if state.inbox.is_none() {
             self.start(lane, state, false);
         }
-        let inbox = state.inbox.as_ref().expect("started above");
-        if let Err(mpsc::error::SendError(job)) = inbox.send(job) {
+        let sent = match state.inbox.as_ref() {
+            Some(inbox) => inbox.send(job).map_err(|mpsc::error::SendError(job)| job),
+            // Not started: the source was let go meanwhile.
+            None => Err(job),
+        };
+        if let Err(job) = sent {
             // The task ended (the source is closing): the delivery goes back with its channel.
             state.queued = state.queued.saturating_sub(1);
             lane.account.aside_changed(-1);
