@@ -179,6 +179,18 @@ pub fn check(
             r.received_at <= up && r.answered_at.is_none_or(|a| a + UNRECORDED >= down)
         })
     };
+    // ... and the outcomes it recorded: a command answered before it went down but not ended by
+    // then (its outcome was in Redis only, its publish held up by the broker) and called again
+    // after is in doubt too.
+    let recorded_only_at_redis = |id: &str, calls: &[&RecordedRequest]| {
+        h.redis_down.iter().any(|&(down, _)| {
+            calls
+                .iter()
+                .any(|r| r.answered_at.is_some_and(|a| a < down))
+                && h.ended_at.get(id).is_none_or(|&e| e > down)
+                && calls.iter().any(|r| r.received_at > down)
+        })
+    };
 
     // Lost, deleted by the operator.
     let open: Vec<&String> = h
@@ -237,7 +249,9 @@ pub fn check(
         if accepted > 1 {
             if calls.iter().any(|r| in_flight_at_a_kill(r)) {
                 in_doubt += 1;
-            } else if calls.iter().any(|r| in_doubt_at_redis(r)) {
+            } else if calls.iter().any(|r| in_doubt_at_redis(r))
+                || recorded_only_at_redis(id, calls)
+            {
                 in_doubt_redis += 1;
             } else {
                 twice.push(*id);

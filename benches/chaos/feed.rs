@@ -85,6 +85,8 @@ pub struct History {
     pub bursts: (u32, usize),
     /// Terminal event names by command.
     pub ended: HashMap<String, Vec<String>>,
+    /// When each command's first terminal event came.
+    pub ended_at: HashMap<String, Instant>,
     /// When a replica stopped without a word, its calls on the wire in doubt: killed (SIGKILL,
     /// also after a SIGTERM it did not obey in time) or frozen (SIGSTOP).
     pub abrupt: Vec<Instant>,
@@ -254,7 +256,9 @@ pub async fn watch_events(
                 let name = event["event"].as_str().unwrap_or_default().to_owned();
                 let id = event["commandId"].as_str().unwrap_or_default().to_owned();
                 if name != "transfer.callback" && !id.is_empty() {
-                    lock(&history).ended.entry(id).or_default().push(name);
+                    let mut h = lock(&history);
+                    h.ended_at.entry(id.clone()).or_insert_with(Instant::now);
+                    h.ended.entry(id).or_default().push(name);
                 }
             }
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;

@@ -124,8 +124,16 @@ pub(crate) async fn main(args: &[String]) -> ExitCode {
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     eprintln!("(scale) deleting the run's queues, exchanges and Redis keys");
-    if let Err(e) = registry.delete_all(&url).await {
-        eprintln!("(scale) the broker's cleanup failed: {e:#}");
+    // A broker busy with thousands of queues may not take a connection at once.
+    for attempt in 1..=5 {
+        match registry.delete_all(&url).await {
+            Ok(()) => break,
+            Err(e) if attempt < 5 => {
+                eprintln!("(scale) the broker's cleanup failed ({e:#}); trying again in 10 s");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            Err(e) => eprintln!("(scale) the broker's cleanup failed: {e:#}"),
+        }
     }
     if let Err(e) = keys.delete_all(&redis).await {
         eprintln!("(scale) the Redis cleanup failed: {e:#}");

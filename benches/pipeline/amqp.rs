@@ -162,11 +162,12 @@ impl Registry {
     /// Deletes every registered queue and exchange (absent ones are fine) on a connection of
     /// its own, so a broken run connection does not stop the cleanup.
     pub async fn delete_all(&self, url: &str) -> anyhow::Result<()> {
-        let all: Vec<Names> = std::mem::take(&mut *self.0.lock().expect("registry lock"));
-        if all.is_empty() {
+        if self.0.lock().expect("registry lock").is_empty() {
             return Ok(());
         }
+        // Taken only once connected: a cleanup that cannot connect may be tried again.
         let connection = connect(url, "transfer-worker bench cleanup").await?;
+        let all: Vec<Names> = std::mem::take(&mut *self.0.lock().expect("registry lock"));
         for names in &all {
             let queues = [
                 names.commands.clone(),

@@ -14,7 +14,7 @@
 //! channel (a holder that finds the queue empty meanwhile waits for them to come back: see
 //! [`Taken::exists`]).
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::{Deserialize, Serialize};
@@ -100,10 +100,9 @@ pub async fn prepare(
     publisher: &Publisher,
     sources: &[String],
 ) -> Result<(), BrokerError> {
-    let t = amqp.operation_timeout;
     for source in sources {
         let list = crate::contract::names::lane_registry(source);
-        match exists(connection, &list, t).await {
+        match exists(connection, amqp, &list).await {
             Ok(true) => continue,
             Ok(false) => {}
             Err(BrokerError::Amqp { source: e, .. }) => {
@@ -114,7 +113,7 @@ pub async fn prepare(
             }
             Err(e) => return Err(e),
         }
-        if exists(connection, source, t).await? {
+        if exists(connection, amqp, source).await? {
             continue;
         }
         declare(connection, amqp, &list).await?;
@@ -123,34 +122,15 @@ pub async fn prepare(
     Ok(())
 }
 
-/// Whether `queue` exists (asked on a channel of its own, which the broker closes when not).
+/// Whether `queue` exists (a passive declare on a channel of its own).
 async fn exists(
     connection: &Connection,
+    amqp: &AmqpSettings,
     queue: &str,
-    t: std::time::Duration,
 ) -> Result<bool, BrokerError> {
-    let channel = timed("channel.open", t, connection.create_channel()).await?;
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let found = timed(
-        "queue.declare",
-        t,
-        channel.queue_declare(queue.into(), options, FieldTable::default()),
-    )
-    .await;
-    let found = match found {
-        Ok(_) => Ok(true),
-        Err(BrokerError::Amqp { source, .. }) if source.to_string().contains("NOT_FOUND") => {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    };
-    if channel.status().connected() {
-        let _ = timed("channel.close", t, channel.close(200, "looked".into())).await;
-    }
-    found
+    Ok(super::account_queue::counts(connection, amqp, queue)
+        .await?
+        .is_some())
 }
 
 /// Declares the list's queue `list`.

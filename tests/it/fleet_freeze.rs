@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use transfer_worker::tools::simulator::SimulatorConfig;
+use transfer_worker::tools::simulator::{Simulator, SimulatorConfig};
 
 use crate::harness::sim::{self, call_on_the_wire};
 use crate::harness::{Fleet, FleetSpec, amqp_url, command_of, redis_url, session_command, tag};
@@ -21,41 +21,16 @@ use crate::partitions::{all_ended, terminal_by_command};
 async fn a_replica_frozen_past_member_ttl_calls_nothing_after_it_wakes_and_loses_nothing() {
     // One account paced at 8 calls a second, and nothing set aside: commands of the frozen
     // replica wait for their starts in it, and their waits end while it is frozen.
-    let mut spec = FleetSpec {
+    let spec = FleetSpec {
         latency: Duration::from_millis(50),
         prefetch: 16,
         rate_limit: 8,
         rate_window: Duration::from_secs(1),
         ..FleetSpec::partitioned(1, 4)
     };
-    spec.env
-        .push(("TRANSFER__COMMANDS__ASIDE_AFTER".into(), "60s".into()));
-    // As the fleet timings ask (docs/configuration.md): member_ttl less the heartbeat (3 s,
-    // from `partitioned`) at least three AMQP heartbeats (1 s, below), so the broker has closed
-    // the frozen replica's connection before its holds can expire.
-    spec.env.push((
-        "TRANSFER__AMQP__URL".into(),
-        format!("{}?heartbeat=1", amqp_url()),
-    ));
-    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
     // Its calls take 1 s: commands on the wire when it freezes, others waiting for a start.
-    let slow = sim::start(SimulatorConfig {
-        latency: Duration::from_millis(1000),
-        ..sim::config(&fleet.settings)
-    })
-    .await;
-    let name = format!("frozen-{}", tag());
-    let f = fleet.add_replica_with(
-        &name,
-        &[(
-            "TRANSFER__AGENTASSIST__BASE_URL".to_owned(),
-            slow.base_url(),
-        )],
-    );
-    fleet.replicas[f]
-        .wait_readyz(StatusCode::OK, Duration::from_secs(30))
-        .await;
-    fleet.wait_balanced(&[0, f], Duration::from_secs(30)).await;
+    let (mut fleet, f, slow, name) =
+        with_a_replica_to_freeze(spec, Duration::from_millis(1000)).await;
 
     // Sessions over every partition, two commands each, one after another.
     let t = tag();
@@ -145,6 +120,40 @@ async fn a_replica_frozen_past_member_ttl_calls_nothing_after_it_wakes_and_loses
     fleet.stop_leaving_nothing().await;
 }
 
+/// A fleet of `spec`, balanced, and a second replica that will be frozen, on a simulator of
+/// its own answering in `latency` (so that every call it makes is told apart): the fleet, the
+/// replica's index, its simulator and its name. Nothing is set aside, and the fleet timings are
+/// as the rules ask (docs/configuration.md): `member_ttl` less the heartbeat (3 s, from
+/// `partitioned`) at least three AMQP heartbeats (1 s), so the broker has closed a frozen
+/// replica's connection before its holds can expire.
+async fn with_a_replica_to_freeze(
+    mut spec: FleetSpec,
+    latency: Duration,
+) -> (Fleet, usize, Simulator, String) {
+    spec.env
+        .push(("TRANSFER__COMMANDS__ASIDE_AFTER".into(), "60s".into()));
+    spec.env.push((
+        "TRANSFER__AMQP__URL".into(),
+        format!("{}?heartbeat=1", amqp_url()),
+    ));
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
+    let own = sim::start(SimulatorConfig {
+        latency,
+        ..sim::config(&fleet.settings)
+    })
+    .await;
+    let name = format!("frozen-{}", tag());
+    let f = fleet.add_replica_with(
+        &name,
+        &[("TRANSFER__AGENTASSIST__BASE_URL".to_owned(), own.base_url())],
+    );
+    fleet.replicas[f]
+        .wait_readyz(StatusCode::OK, Duration::from_secs(30))
+        .await;
+    fleet.wait_balanced(&[0, f], Duration::from_secs(30)).await;
+    (fleet, f, own, name)
+}
+
 /// Watches, every 2 ms for up to 30 s, the holds of the fleet's queues (the commands queue and
 /// the partitions) in Redis; resolves to when replica `name` first holds one, if it does.
 fn held_again(fleet: &Fleet, name: &str) -> tokio::task::JoinHandle<Option<Instant>> {
@@ -181,28 +190,12 @@ fn held_again(fleet: &Fleet, name: &str) -> tokio::task::JoinHandle<Option<Insta
 async fn a_replica_frozen_between_its_last_look_and_the_wire_sends_nothing_after_it_wakes() {
     // Every command is held 1 s between its booked start (and every look at whose it is) and
     // the wire, as a busy machine holds it: the freeze comes in that second.
-    let mut spec = FleetSpec {
+    let spec = FleetSpec {
         latency: Duration::from_millis(50),
         prefetch: 16,
         ..FleetSpec::partitioned(1, 4)
     };
-    spec.env
-        .push(("TRANSFER__COMMANDS__ASIDE_AFTER".into(), "60s".into()));
-    spec.env.push((
-        "TRANSFER__AMQP__URL".into(),
-        format!("{}?heartbeat=1", amqp_url()),
-    ));
-    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(30)).await;
-    let own = sim::start(sim::config(&fleet.settings)).await;
-    let name = format!("frozen-{}", tag());
-    let f = fleet.add_replica_with(
-        &name,
-        &[("TRANSFER__AGENTASSIST__BASE_URL".to_owned(), own.base_url())],
-    );
-    fleet.replicas[f]
-        .wait_readyz(StatusCode::OK, Duration::from_secs(30))
-        .await;
-    fleet.wait_balanced(&[0, f], Duration::from_secs(30)).await;
+    let (mut fleet, f, own, name) = with_a_replica_to_freeze(spec, Duration::from_millis(50)).await;
 
     let t = tag();
     let ids: Vec<String> = (0..24).map(|s| format!("held-{t}-{s:02}")).collect();

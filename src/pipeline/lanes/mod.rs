@@ -22,9 +22,10 @@
 //! the check more careful) and, for an account queue found already holding commands, sets
 //! nothing aside that way until the queue has drained.
 //!
-//! Only the holder of a source sets aside for it or consumes its account queues; a new holder
-//! looks for them before it takes anything (a standby of the commands queue again right before
-//! its first delivery).
+//! Only the holder of a source sets aside for it or consumes its account queues. It keeps their
+//! list at the broker ([`registry`]): a queue is listed before it is declared, and a new holder
+//! reads the list and takes up what it names before it routes any command of the source
+//! ([`route`]).
 
 mod publish;
 mod reader;
