@@ -438,8 +438,10 @@ async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_tak
         name: name.to_owned(),
         partitions: 1,
         heartbeat: Duration::from_millis(100),
-        member_ttl: Duration::from_millis(800),
-        lease: Duration::from_secs(3),
+        // Long enough that b's hold, taken before the loss, is still in time at b's beat after
+        // the seven round trips between them on a loaded machine.
+        member_ttl: Duration::from_secs(3),
+        lease: Duration::from_secs(6),
         redis_timeout: Duration::from_millis(900),
     };
     let replica = |name: &str| {
@@ -481,7 +483,7 @@ async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_tak
         Some(b.claimant())
     );
     // Settled after member_ttl: holds are taken anew again.
-    tokio::time::sleep(Duration::from_millis(850)).await;
+    tokio::time::sleep(Duration::from_millis(3050)).await;
     a.heartbeat(&none).await.unwrap();
     b.heartbeat(&none).await.unwrap();
     assert_eq!(a.take_hold("qc").await.unwrap(), None);
