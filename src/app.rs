@@ -26,7 +26,7 @@ use crate::ops::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::pipeline::command::Parser;
 use crate::pipeline::handle::Stages;
-use crate::pipeline::intake::Intake;
+use crate::pipeline::intake::Router;
 use crate::pipeline::outcomes::Outcomes;
 use crate::shutdown::Shutdown;
 
@@ -71,7 +71,7 @@ enum Worker {
     /// Work shared by a fleet: this replica routes commands to partitions while it holds the
     /// commands queue, and runs the commands of the partitions it owns.
     Shared {
-        consumer: Consumer<Intake, Pipeline>,
+        consumer: Consumer<Pipeline, Pipeline>,
         owned: tokio::sync::watch::Sender<std::collections::BTreeSet<u16>>,
         consuming: tokio::sync::watch::Receiver<std::collections::BTreeSet<u16>>,
     },
@@ -89,7 +89,22 @@ pub struct App {
     metrics: Arc<Metrics>,
     fleet: Option<Arc<Fleet>>,
     probers: Vec<Prober>,
+    /// Every account, with its twin at the intake if any: for the gauges.
+    accounts: Vec<(Arc<Account>, Option<Arc<Account>>)>,
+}
+
+/// Each account with its twin at the intake, if it has one.
+fn paired(
     accounts: Vec<Arc<Account>>,
+    at_intake: Vec<Arc<Account>>,
+) -> Vec<(Arc<Account>, Option<Arc<Account>>)> {
+    accounts
+        .into_iter()
+        .map(|a| {
+            let twin = at_intake.iter().find(|t| t.id == a.id).cloned();
+            (a, twin)
+        })
+        .collect()
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
@@ -165,9 +180,42 @@ impl Shared {
         Ok((transfers.with_breakers(breakers), probers))
     }
 
+    /// The fleet, if its replicas share work through partitions.
+    fn shares_work(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref().filter(|f| f.partitions() > 0)
+    }
+
+    /// The intake's pipeline, when replicas share work, and its accounts: each account's
+    /// budget admits its commands to the partitions there (docs/fairness.md).
+    fn intake(
+        &self,
+        settings: &Settings,
+        stages: &Stages,
+    ) -> Option<(Pipeline, Vec<Arc<Account>>)> {
+        let fleet = self.shares_work()?;
+        let bots = Bots::at_intake(settings, &self.metrics);
+        let accounts = bots.accounts();
+        let router = Router::new(
+            &settings.amqp.commands_queue,
+            fleet.clone(),
+            settings.amqp.operation_timeout,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        );
+        let parser = Parser::new(bots, settings.commands.max_age);
+        let timeout = settings.amqp.operation_timeout;
+        let intake = Pipeline::intake(parser, stages.clone(), timeout, router);
+        Some((intake, accounts))
+    }
+
     /// How commands are consumed: the pipeline on the commands queue, or, with partitions,
     /// the intake there and the pipeline on the partitions this replica owns.
-    fn worker(&self, settings: &Settings, parser: Parser, pipeline: Arc<Pipeline>) -> Worker {
+    fn worker(
+        &self,
+        settings: &Settings,
+        intake: Option<Pipeline>,
+        pipeline: Arc<Pipeline>,
+    ) -> Worker {
         let consumer_settings = ConsumerSettings {
             amqp: settings.amqp.clone(),
             queue: settings.amqp.commands_queue.clone(),
@@ -181,20 +229,11 @@ impl Shared {
             self.metrics.clone(),
             self.shutdown.clone(),
         );
-        let Some(fleet) = self.fleet.as_ref().filter(|f| f.partitions() > 0) else {
+        let (Some(fleet), Some(intake)) = (self.shares_work(), intake) else {
             let consumer = Consumer::new(consumer_settings, pipeline, link, metrics, shutdown);
             return Worker::Alone(consumer);
         };
         let partitions = fleet.partitions();
-        let intake = Intake::new(
-            parser,
-            pipeline.clone(),
-            &settings.amqp.commands_queue,
-            partitions,
-            settings.amqp.operation_timeout,
-            self.metrics.clone(),
-            self.shutdown.clone(),
-        );
         let (owned, watched) = tokio::sync::watch::channel(Default::default());
         let consuming = Arc::new(tokio::sync::watch::Sender::new(Default::default()));
         let hold_retry = (settings.fleet.heartbeat / 4).max(HOLD_RETRY_MIN);
@@ -247,10 +286,12 @@ impl App {
             shutdown: shared.shutdown.clone(),
             fleet: shared.fleet.clone(),
         };
+        let (intake, at_intake) = shared.intake(&settings, &stages).unzip();
+        let accounts = paired(accounts, at_intake.unwrap_or_default());
         let parser = Parser::new(bots, settings.commands.max_age);
         let timeout = settings.amqp.operation_timeout;
-        let pipeline = Arc::new(Pipeline::new(parser.clone(), stages, timeout));
-        let worker = shared.worker(&settings, parser, pipeline);
+        let pipeline = Arc::new(Pipeline::new(parser, stages, timeout));
+        let worker = shared.worker(&settings, intake, pipeline);
         let relay_router = relay::router(Relay {
             signer,
             link: shared.broker.clone(),
@@ -338,7 +379,9 @@ impl App {
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        _ = every.tick() => accounts.iter().for_each(|a| a.refresh_gauges()),
+                        _ = every.tick() => accounts
+                            .iter()
+                            .for_each(|(a, twin)| a.refresh_gauges(twin.as_deref())),
                     }
                 }
             })

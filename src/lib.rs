@@ -47,9 +47,10 @@
 //!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
 //!   that decides what happened to a command, without a broker); then publish, then ack.
 //!   [`pipeline::lanes`] keeps accounts apart: a congested account's commands wait in its
-//!   own queue, taken back at its pace (docs/fairness.md). In a fleet that shares work,
-//!   [`pipeline::intake`] is the commands queue's handler instead: it routes each command to
-//!   its session's partition queue, whose owner runs the pipeline.
+//!   own queue, taken back at its pace (docs/fairness.md). In a fleet that shares work, the
+//!   commands queue's pipeline is the intake ([`pipeline::intake`]): it admits each command at
+//!   its account's pace and routes it to its session's partition queue, whose owner carries
+//!   it out.
 //! - [`app`] — all of the above assembled and run together.
 //! - [`tools`] — not the worker: a stand-in AgentAssist API ([`tools::simulator`]), the
 //!   `demo` and `publish` commands, [`tools::fleet_status`] (`transfer-worker fleet`),

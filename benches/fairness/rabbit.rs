@@ -1,6 +1,9 @@
 //! RabbitMQ seen from outside, for scenario scale: the account queues of a run, counted with
 //! `rabbitmqctl list_queues` (which must be on the PATH and allowed to reach the local node),
-//! and the RSS of the broker's `beam.smp` process, sampled every second.
+//! and the RSS of the broker's `beam.smp` process, sampled every second. Against another node
+//! (a disposable one: this scenario can overwhelm a small broker), `FAIRNESS_RABBITMQCTL`
+//! names the command to run instead, words split on spaces (say `scripts/rabbitmq-cluster ctl
+//! 5`), and `FAIRNESS_BROKER_PID` the node's process.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -41,7 +44,10 @@ pub(crate) async fn sample_broker(
     vhost: String,
     stop: Arc<AtomicBool>,
 ) -> BrokerPeaks {
-    let beam = procs::find_by_name("beam.smp");
+    let beam = match std::env::var("FAIRNESS_BROKER_PID") {
+        Ok(pid) => pid.trim().parse().ok(),
+        Err(_) => procs::find_by_name("beam.smp"),
+    };
     let mut peaks = BrokerPeaks::default();
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -66,7 +72,10 @@ pub(crate) async fn sample_broker(
 
 /// The queues whose name starts with `prefix` and holds `.account.`, from `rabbitmqctl`.
 pub(crate) async fn account_queue_count(prefix: &str, vhost: &str) -> Result<usize, String> {
-    let mut ctl = tokio::process::Command::new("rabbitmqctl");
+    let command = std::env::var("FAIRNESS_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = command.split_whitespace();
+    let mut ctl = tokio::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    ctl.args(words);
     ctl.args([
         "list_queues",
         "-p",

@@ -57,6 +57,22 @@ impl AccountMetrics {
     }
 }
 
+impl AccountMetrics {
+    /// The series an account's twin at a fleet's intake shares: its waits for the budget,
+    /// what it sets aside and its queues' failures. Its slots are the intake's own and not
+    /// exported (the account's calls are counted where they are made); what waits for it
+    /// there is added to the account's own gauges (see [`Account::refresh_gauges`]).
+    pub fn at_intake(metrics: &Metrics, account: &str) -> Self {
+        let all = Self::of(metrics, account);
+        Self {
+            budget_wait: all.budget_wait,
+            set_aside: all.set_aside,
+            queue_failures: all.queue_failures,
+            ..Self::default()
+        }
+    }
+}
+
 /// One account's budget, slots and congestion.
 #[derive(Debug)]
 pub struct Account {
@@ -301,8 +317,22 @@ impl Account {
         }
     }
 
-    /// Sets the gauges of waiting commands and of the oldest wait.
-    pub fn refresh_gauges(&self) {
+    /// Sets the gauges of waiting commands and of the oldest wait, counting also what waits
+    /// for the account at a fleet's intake (`at_intake`).
+    pub fn refresh_gauges(&self, at_intake: Option<&Account>) {
+        let (mut total, mut oldest) = self.waits();
+        if let Some((more, older)) = at_intake.map(Account::waits) {
+            total = total.saturating_add(more);
+            oldest = oldest.max(older);
+        }
+        self.metrics
+            .waiting
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        self.metrics.oldest_wait.set(oldest.as_secs_f64());
+    }
+
+    /// Commands waiting, in memory and set aside, and the oldest wait.
+    fn waits(&self) -> (usize, Duration) {
         let in_memory = self.waiting_in_memory();
         let now = self.second_now();
         let oldest_in_memory = (0..WAIT_SECONDS).rev().find_map(|age| {
@@ -318,16 +348,12 @@ impl Account {
             .values()
             .min()
             .and_then(|since| since.elapsed().ok());
-        let total = in_memory.saturating_add(aside);
-        self.metrics
-            .waiting
-            .set(i64::try_from(total).unwrap_or(i64::MAX));
         let oldest = oldest_in_memory
             .into_iter()
             .chain(oldest_aside)
             .max()
             .unwrap_or_default();
-        self.metrics.oldest_wait.set(oldest.as_secs_f64());
+        (in_memory.saturating_add(aside), oldest)
     }
 }
 

@@ -70,6 +70,21 @@ impl Bots {
     /// Builds the registry from validated settings: one [`Account`] per account id, its
     /// series in `metrics`.
     pub fn new(settings: &Settings, metrics: &Metrics) -> Self {
+        Self::build(settings, metrics, AccountMetrics::of)
+    }
+
+    /// The same bots, with accounts of their own for a fleet's intake: there each account's
+    /// budget admits its commands to the partitions at the pace its calls can start, and
+    /// sets the rest aside beside the commands queue (docs/fairness.md).
+    pub fn at_intake(settings: &Settings, metrics: &Metrics) -> Self {
+        Self::build(settings, metrics, AccountMetrics::at_intake)
+    }
+
+    fn build(
+        settings: &Settings,
+        metrics: &Metrics,
+        series: fn(&Metrics, &str) -> AccountMetrics,
+    ) -> Self {
         let mut accounts: HashMap<&str, Arc<Account>> = HashMap::new();
         let mut by_stream = HashMap::new();
         for b in &settings.bots {
@@ -90,7 +105,7 @@ impl Bots {
                         settings.agentassist.request_timeout,
                         cap,
                         settings.commands.aside_after,
-                        AccountMetrics::of(metrics, &b.account_id),
+                        series(metrics, &b.account_id),
                     ))
                 })
                 .clone();

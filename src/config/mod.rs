@@ -109,11 +109,12 @@ pub struct Settings {
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl Settings {
-    /// How many sources one replica may hold account-queue lanes of: every partition in a
-    /// fleet that shares work, else the commands queue alone.
+    /// How many sources one replica may hold account-queue lanes of: every partition and
+    /// the commands queue (its intake) in a fleet that shares work, else the commands queue
+    /// alone.
     pub fn lane_sources(&self) -> u32 {
         if self.fleet.enabled() && self.fleet.partitions > 0 {
-            u32::from(self.fleet.partitions)
+            u32::from(self.fleet.partitions) + 1
         } else {
             1
         }

@@ -25,12 +25,22 @@
 //! past `fleet.member_ttl`, and another process started under its name) steps down.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Fleet, FleetError, millis, ownership, scripts};
+
+/// What this version says of itself in the fleet (`lua/heartbeat.lua`'s traits): it admits
+/// each account's commands at the intake.
+const TRAITS: &str = "intake";
+
+/// A replica whose `fleet.name` starts with this says nothing of itself, as a replica of an
+/// earlier version.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_EARLIER_VERSION_NAME: &str = "fault-injection-earlier-version";
 
 /// One live member, as the fleet's Redis last heard from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +51,9 @@ pub struct Member {
     pub seen: Duration,
     /// The partitions it said it consumes.
     pub partitions: BTreeSet<u16>,
+    /// It admits each account's commands at the intake (docs/fairness.md): false for a
+    /// replica of an earlier version.
+    pub admits: bool,
 }
 
 impl Member {
@@ -75,7 +88,8 @@ impl Fleet {
             .key(self.key("fleet", "members"))
             .key(self.key("fleet", "owned"))
             .key(self.key("name", &self.name))
-            .key(self.key("fleet", "epoch"));
+            .key(self.key("fleet", "epoch"))
+            .key(self.key("fleet", "traits"));
         for (queue, _) in &keep {
             invocation.key(self.key("hold", queue));
         }
@@ -90,7 +104,8 @@ impl Fleet {
             .arg(mode)
             .arg(owned)
             .arg(known)
-            .arg(in_time);
+            .arg(in_time)
+            .arg(self.traits());
         let reply: Vec<String> = self.invoke("heartbeat", &invocation).await?;
         let roster = parse_roster(&reply, ttl).ok_or_else(|| FleetError::Unexpected {
             op: "heartbeat",
@@ -119,7 +134,19 @@ impl Fleet {
         if !keep.is_empty() {
             self.holds_kept(sent, &keep, &roster.lost);
         }
+        if matches!(beat, Beat::Alive(_)) {
+            let all = roster.members.iter().all(|m| m.admits);
+            self.everyone_admits.store(all, Ordering::Relaxed);
+        }
         Ok(roster)
+    }
+
+    fn traits(&self) -> &'static str {
+        #[cfg(feature = "fault-injection")]
+        if self.name.starts_with(FAULT_EARLIER_VERSION_NAME) {
+            return "";
+        }
+        TRAITS
     }
 
     fn known_epoch(&self) -> std::sync::MutexGuard<'_, String> {
@@ -190,6 +217,13 @@ impl Fleet {
             name: self.name.clone(),
             holder: holder.clone(),
         })
+    }
+
+    /// Whether every live member, as of this replica's last heartbeat, admits each account's
+    /// commands at the intake: while a replica of an earlier version is a member, the intake
+    /// may pass to it, and it would not read what this one set aside there (docs/fairness.md).
+    pub fn everyone_admits(&self) -> bool {
+        self.everyone_admits.load(Ordering::Relaxed)
     }
 
     /// Partition queues of the fleet (`fleet.partitions`).
@@ -363,7 +397,7 @@ pub(super) struct Roster {
     pub(super) lost: Vec<usize>,
 }
 
-/// `{now, named, epoch, settling, lost, id, expires, partitions, …}` → the roster; `None`
+/// `{now, named, epoch, settling, lost, id, expires, partitions, traits, …}` → the roster; `None`
 /// when it does not read.
 fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
     let (now, rest) = reply.split_first()?;
@@ -379,11 +413,11 @@ fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().ok()?.checked_sub(1))
         .collect::<Option<Vec<usize>>>()?;
-    if rest.len() % 3 != 0 {
+    if rest.len() % 4 != 0 {
         return None;
     }
     let members = rest
-        .chunks_exact(3)
+        .chunks_exact(4)
         .map(|m| {
             let expires = m[1]
                 .parse::<f64>()
@@ -402,6 +436,7 @@ fn parse_roster(reply: &[String], ttl_ms: u64) -> Option<Roster> {
                 id: m[0].clone(),
                 seen: Duration::from_millis(now.saturating_sub(last)),
                 partitions,
+                admits: m[3].split(',').any(|t| t == TRAITS),
             })
         })
         .collect::<Option<Vec<Member>>>()?;

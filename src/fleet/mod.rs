@@ -124,6 +124,9 @@ pub struct Fleet {
     /// The fleet's epoch as this replica last saw it (`lua/heartbeat.lua`); empty before its
     /// first heartbeat.
     epoch: std::sync::Mutex<String>,
+    /// Every live member admits at the intake ([`Fleet::everyone_admits`]); false until the
+    /// first heartbeat says so.
+    everyone_admits: AtomicBool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -209,6 +212,7 @@ impl Fleet {
             holds: holds::HoldState::default(),
             displaced_by: std::sync::OnceLock::new(),
             epoch: std::sync::Mutex::default(),
+            everyone_admits: AtomicBool::new(false),
         })
     }
 

@@ -1,117 +1,77 @@
-//! The intake of a fleet that shares work (docs/contract.md §9): the handler of the commands
-//! queue on the replica that holds it (single active consumer). Each command is read once at
-//! the edge; one that cannot be read is rejected here, through the [`Pipeline`], as a worker
-//! alone would. Every other goes, body and properties unchanged, to the partition queue of its
-//! `botSessionId` ([`ownership::partition_of`]), and is acked only after the broker confirmed
-//! it there.
+//! The intake of a fleet that shares work (docs/contract.md §9, docs/fairness.md): the
+//! [`Pipeline`](super::Pipeline) on the commands queue of the replica that holds it, which
+//! routes each command, body and properties unchanged, to the partition queue of its
+//! `botSessionId` ([`ownership::partition_of`]) instead of calling the API, and acks it only
+//! after the broker confirmed it there. A command that cannot be read is rejected here, as a
+//! worker alone would.
+//!
+//! Fairness starts here. Each account has a budget of its own at the intake, the vendor's
+//! (`rate_limit` per `rate_window`): a command is routed when it could start, so its partition
+//! takes it in and calls at once. An account whose next admission is further than
+//! `commands.aside_after` is congested, and its commands are set aside in its own queue beside
+//! the commands queue, one queue per account with a backlog across the fleet, whatever the
+//! partitions; they come back, in order, at the account's pace. The partitions keep lanes of
+//! their own for what the intake cannot see (a 429's pause, slow calls), which seldom turn on.
 //!
 //! Order: commands of one session are routed one after another (each confirmed before the
 //! next is published), so a session's commands reach their partition in arrival order even
 //! when a publish fails and is retried. Different sessions are routed concurrently.
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::shutdown::Shutdown;
-use futures_util::future::Either;
-use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 
-use super::Pipeline;
-use super::sessions::SessionQueues;
+use super::Job;
 use crate::backoff;
-use crate::broker::consumer::{Handler, InFlight};
-use crate::broker::{Publisher, timed};
-use crate::fleet::ownership;
+use crate::broker::timed;
+use crate::fleet::{Fleet, ownership};
 use crate::ops::metrics::Metrics;
-use crate::pipeline::command::{Envelope, Parser};
+use crate::shutdown::Shutdown;
 
 /// First and longest wait before routing a command again after the broker refused it.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Routes commands to their partitions.
-pub struct Intake {
-    parser: Parser,
-    pipeline: Arc<Pipeline>,
+/// Where a fleet's intake routes commands, and how.
+pub struct Router {
     /// The partition queues, by index.
     queues: Vec<String>,
-    /// Boxed, as the pipeline's jobs are: a route waiting behind its session costs a pointer
-    /// in the queue, and moves into the task that publishes it without a copy.
-    sessions: SessionQueues<Box<Route>>,
     operation_timeout: Duration,
-    metrics: Arc<Metrics>,
+    metrics: std::sync::Arc<Metrics>,
     /// Cancelled when the shutdown grace ran out: stop retrying, the broker returns the rest.
     shutdown: Shutdown,
+    /// Says whether every member admits at the intake ([`Fleet::everyone_admits`]).
+    fleet: std::sync::Arc<Fleet>,
 }
 
-/// A command on its way to its partition.
-struct Route {
-    delivery: Delivery,
-    partition: u16,
-    publisher: Arc<Publisher>,
-    _in_flight: InFlight,
+/// What became of a command at the intake.
+pub(super) enum Admitted {
+    /// Routed to its partition and acked.
+    Routed,
+    /// Left to go back to its queue with its channel, in delivery order: the worker stops, or
+    /// the delivery is no longer this replica's. Nothing was done for it.
+    Left,
+    /// Its account cannot admit it within `aside_after`: it is to be set aside.
+    Aside,
 }
 
-impl Handler for Intake {
-    fn accept(
-        this: &Arc<Self>,
-        delivery: Delivery,
-        publisher: &Arc<Publisher>,
-        in_flight: InFlight,
-        source: &str,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let envelope = Envelope::from_properties(&delivery.properties);
-        // A bug while reading costs one command, never the intake: the pipeline reads it again
-        // and rejects it.
-        let session = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            this.parser
-                .parse(&delivery.data, &envelope)
-                .ok()
-                .map(|valid| valid.command.bot_session_id)
-        }))
-        .ok()
-        .flatten();
-        let Some(session) = session else {
-            return Pipeline::accept(&this.pipeline, delivery, publisher, in_flight, source)
-                .map(Either::Left);
-        };
-        let partition = ownership::partition_of(&session, this.partition_count());
-        let route = Box::new(Route {
-            delivery,
-            partition,
-            publisher: publisher.clone(),
-            _in_flight: in_flight,
-        });
-        let route = this.sessions.push(&session, route)?;
-        Some(Either::Right(this.clone().run_session(session, route)))
-    }
-}
-
-impl Intake {
-    /// An intake reading with `parser`, routing to the partitions of `commands_queue`, and
-    /// rejecting through `pipeline`.
+impl Router {
+    /// A router to the partition queues of `commands_queue` in `fleet`.
     pub fn new(
-        parser: Parser,
-        pipeline: Arc<Pipeline>,
         commands_queue: &str,
-        partitions: u16,
+        fleet: std::sync::Arc<Fleet>,
         operation_timeout: Duration,
-        metrics: Arc<Metrics>,
+        metrics: std::sync::Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Self {
         Self {
-            parser,
-            pipeline,
-            queues: (0..partitions)
+            queues: (0..fleet.partitions())
                 .map(|k| crate::contract::names::partition_queue(commands_queue, k))
                 .collect(),
-            sessions: SessionQueues::default(),
             operation_timeout,
             metrics,
             shutdown,
+            fleet,
         }
     }
 
@@ -119,49 +79,117 @@ impl Intake {
         u16::try_from(self.queues.len()).unwrap_or(u16::MAX)
     }
 
-    async fn run_session(self: Arc<Self>, session: String, route: Box<Route>) {
-        self.sessions
-            .run_in_order(&session, route, |route| self.route(route))
-            .await;
+    /// Waits for the command's admission by its account's budget at the intake, then routes
+    /// it. With `aside`, an admission further away than that books nothing and sets the
+    /// command aside instead. A command whose deadline comes before its admission is routed
+    /// at once and books nothing: its partition reports it expired. While a replica of an
+    /// earlier version is a member of the fleet, nothing is admitted: commands are routed at
+    /// once, as that version does, and the partitions keep the accounts apart; what was set
+    /// aside already still comes back in order.
+    pub(super) async fn admit(&self, job: &mut Job, aside: Option<Duration>) -> Admitted {
+        let Ok(valid) = &job.parsed.command else {
+            return Admitted::Left;
+        };
+        let (account, deadline) = (valid.bot.account.clone(), valid.command.deadline);
+        let session = valid.command.bot_session_id.clone();
+        // Once stopping has begun nothing more is routed: a command left here goes back with
+        // its channel, and a later one of its session must not go ahead of it.
+        if self.shutdown.is_stopping() {
+            return Admitted::Left;
+        }
+        if !self.fleet.everyone_admits() {
+            return self.routed(job, &session).await;
+        }
+        let now = Instant::now();
+        let deadline = deadline.map(|d| {
+            d.duration_since(SystemTime::now())
+                .ok()
+                .and_then(|left| now.checked_add(left))
+                .unwrap_or(now)
+        });
+        let aside_at = aside.and_then(|a| now.checked_add(a));
+        let limit = match (aside_at, deadline) {
+            (Some(a), Some(d)) => Some(a.min(d)),
+            (a, d) => a.or(d),
+        };
+        match account.pacer.reserve(limit) {
+            Ok(at) => {
+                account.starts_in(at.saturating_duration_since(now));
+                // Nothing has been done for it yet: when the worker stops, it goes back at
+                // once, and the commands queue changes hands without waiting for the grace.
+                tokio::select! {
+                    biased;
+                    () = self.shutdown.cancelled() => return Admitted::Left,
+                    () = tokio::time::sleep_until(at.into()) => {}
+                }
+                account.waited_for_budget(now.elapsed());
+            }
+            Err(first) => {
+                account.starts_in(first.slot.saturating_duration_since(now));
+                if aside_at.is_some_and(|a| deadline.is_none_or(|d| a <= d)) {
+                    return Admitted::Aside;
+                }
+            }
+        }
+        self.routed(job, &session).await
     }
 
-    /// Publishes the command to its partition until the broker confirms it, then acks it. If
-    /// the connection goes, the broker returns the command (and those behind it) by itself.
-    async fn route(&self, route: Box<Route>) {
-        let Some(queue) = self.queues.get(usize::from(route.partition)) else {
-            return;
+    /// Routes an admitted command. Its slot goes first: a partition that refuses publishes
+    /// holds up the sessions routed there, not its account's other commands.
+    async fn routed(&self, job: &mut Job, session: &str) -> Admitted {
+        job.slot = None;
+        if self.route(job, session).await {
+            Admitted::Routed
+        } else {
+            Admitted::Left
+        }
+    }
+
+    /// Publishes the command to its partition until the broker confirms it, then acks it;
+    /// false if it was not routed. If the connection goes, the broker returns the command (and
+    /// those behind it) by itself.
+    async fn route(&self, job: &Job, session: &str) -> bool {
+        let partition = ownership::partition_of(session, self.partition_count());
+        let Some(queue) = self.queues.get(usize::from(partition)) else {
+            return false;
         };
+        let publisher = &job.publisher;
         let mut waits = backoff::delays(RETRY_MIN, RETRY_MAX, None);
         loop {
-            if !route.publisher.is_connected() || self.shutdown.is_abandoned() {
-                return;
+            // Its delivery is ours while its channel and its source's connection are open.
+            if !publisher.is_connected()
+                || job.delivery.acker.poisoned()
+                || self.shutdown.is_abandoned()
+            {
+                return false;
             }
-            let publish = route.publisher.publish_to_queue(
+            let publish = publisher.publish_to_queue(
                 queue,
-                &route.delivery.data,
-                route.delivery.properties.clone(),
+                &job.delivery.data,
+                job.delivery.properties.clone(),
             );
             match publish.await {
                 Ok(()) => break,
-                Err(e) if !route.publisher.is_connected() => {
+                Err(e) if !publisher.is_connected() => {
                     tracing::warn!(error = %e, queue, "could not route a command; the connection is gone and the broker returned it");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     // Never nacked back: the session's next command would overtake it.
                     let wait = waits.next().unwrap_or(RETRY_MAX);
                     tracing::error!(error = %e, queue, ?wait, "could not route a command; trying again");
                     if self.shutdown.sleep(wait).await.is_err() {
-                        return;
+                        return false;
                     }
                 }
             }
         }
         self.metrics.fleet_routed.inc();
-        let ack = route.delivery.acker.ack(BasicAckOptions::default());
+        let ack = job.delivery.acker.ack(BasicAckOptions::default());
         if let Err(e) = timed("basic.ack", self.operation_timeout, ack).await {
             // Routed twice at worst; the partition's consumer answers the copy from memory.
             tracing::warn!(error = %e, "could not ack a routed command");
         }
+        true
     }
 }

@@ -3,10 +3,12 @@
 //! turned into its event ([`handle`](mod@handle), [`crate::contract::event`]); then the event is published with confirms
 //! and only then is the command acked (docs/contract.md §4).
 //!
-//! [`Pipeline`] is what a [`crate::broker::consumer::Consumer`] feeds: it reads each delivery,
-//! queues it behind its session, and runs each session's commands one after another.
+//! [`Pipeline`] is what a [`crate::broker::consumer::Consumer`] feeds (`feed.rs`): it reads
+//! each delivery, queues it behind its session, and runs each session's commands one after
+//! another. At a fleet's intake the same pipeline admits and routes instead ([`intake`]).
 
 pub mod command;
+mod feed;
 pub mod handle;
 pub mod intake;
 pub mod lanes;
@@ -25,13 +27,13 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tracing::Instrument;
 
 use crate::agentassist::account::{Account, Slot, Waiting};
-use crate::broker::consumer::{Handler, InFlight, Source};
+use crate::broker::consumer::InFlight;
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
 use crate::contract::{Event, EventKind, Rejection};
 use crate::ops::trace_context::{self, CommandTrace};
 use command::{Envelope, Parser};
 use handle::{Handled, Parsed, Stages, handle, panic_message};
-use lanes::{Route, SourceLanes, Taken};
+use lanes::{SourceLanes, Taken};
 use sessions::SessionQueues;
 
 /// Wait before returning a command whose outcome could not be published, so a broker that
@@ -51,6 +53,9 @@ pub struct Pipeline {
     accounts: Vec<Arc<Account>>,
     /// The lanes of each source consumed (docs/fairness.md).
     lanes: Mutex<HashMap<String, Arc<SourceLanes>>>,
+    /// At a fleet's intake: valid commands are admitted and routed to their partitions, not
+    /// carried out here.
+    router: Option<intake::Router>,
 }
 
 /// A delivery, read, waiting for or in its session's turn.
@@ -70,69 +75,8 @@ struct Job {
     lanes: Option<Arc<SourceLanes>>,
     /// It may not be set aside (a later command of its session already was).
     stays: bool,
-}
-
-impl Handler for Pipeline {
-    fn accept(
-        this: &Arc<Self>,
-        delivery: Delivery,
-        publisher: &Arc<Publisher>,
-        in_flight: InFlight,
-        source: &str,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let job = this.read(delivery, publisher, in_flight, true);
-        let lanes = this.lanes_of(source);
-        match (&job.parsed.command, lanes) {
-            (Ok(command), Some(lanes)) => {
-                let account = command.bot.account.clone();
-                match lanes.route(&account, job, &this.sessions) {
-                    Route::Here(job) => job.map(|job| this.clone().run_session(job)),
-                    Route::Aside => None,
-                }
-            }
-            _ => this.queue_up(job).map(|job| this.clone().run_session(job)),
-        }
-    }
-
-    fn open(this: &Arc<Self>, source: Source) -> impl Future<Output = ()> + Send {
-        let lanes = {
-            let mut all = this.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-            let fresh = || {
-                Arc::new(SourceLanes::new(
-                    source.clone(),
-                    Arc::downgrade(this),
-                    this.accounts.clone(),
-                ))
-            };
-            match all.get(&source.queue) {
-                Some(open) if open.tenure() == source.tenure => open.clone(),
-                _ => {
-                    let lanes = fresh();
-                    if let Some(stale) = all.insert(source.queue.clone(), lanes.clone()) {
-                        tokio::spawn(async move { stale.close().await });
-                    }
-                    lanes
-                }
-            }
-        };
-        lanes.refresh();
-        std::future::ready(())
-    }
-
-    fn close(this: &Arc<Self>, source: &Source) -> impl Future<Output = ()> + Send + 'static {
-        let lanes = {
-            let mut all = this.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-            match all.get(&source.queue) {
-                Some(open) if open.tenure() == source.tenure => all.remove(&source.queue),
-                _ => None,
-            }
-        };
-        async move {
-            if let Some(lanes) = lanes {
-                lanes.close().await;
-            }
-        }
-    }
+    /// It counts as a command in flight here (at a fleet's intake, only one that ends there).
+    counted: bool,
 }
 
 impl Pipeline {
@@ -145,6 +89,22 @@ impl Pipeline {
             sessions: SessionQueues::default(),
             operation_timeout,
             lanes: Mutex::new(HashMap::new()),
+            router: None,
+        }
+    }
+
+    /// The intake of a fleet that shares work: reads with `parser` (whose accounts are the
+    /// intake's own, [`crate::agentassist::bots::Bots::at_intake`]), rejects with `stages`,
+    /// and routes the rest with `router` ([`intake`]).
+    pub fn intake(
+        parser: Parser,
+        stages: Stages,
+        operation_timeout: Duration,
+        router: intake::Router,
+    ) -> Self {
+        Self {
+            router: Some(router),
+            ..Self::new(parser, stages, operation_timeout)
         }
     }
 
@@ -195,10 +155,6 @@ impl Pipeline {
         received: bool,
     ) -> Box<Job> {
         let metrics = &self.stages.metrics;
-        if received {
-            metrics.commands_received.inc();
-        }
-        metrics.commands_in_flight.inc();
         let envelope = Envelope::from_properties(&delivery.properties);
         // Reading is the first thing input reaches: a bug there must cost one command, not
         // the consumer loop.
@@ -220,7 +176,17 @@ impl Pipeline {
                 message,
             }))
         });
+        // At a fleet's intake a command is counted where it is carried out; one that cannot
+        // be read ends here.
+        let counted = self.router.is_none() || command.is_err();
+        if counted {
+            if received {
+                metrics.commands_received.inc();
+            }
+            metrics.commands_in_flight.inc();
+        }
         Box::new(Job {
+            counted,
             delivery,
             parsed: Parsed { envelope, command },
             publisher: publisher.clone(),
@@ -322,15 +288,33 @@ impl Pipeline {
             });
             self.requeue(job, "internal error").instrument(span).await;
         }
-        self.stages.metrics.commands_in_flight.dec();
+        self.leaves(job);
         false
+    }
+
+    /// Whether this is a fleet's intake that stops: from then on it routes and sets aside
+    /// nothing, and what it holds goes back with its channels, in delivery order. (A command
+    /// left while a later one of its session was set aside would come back behind it.)
+    fn leaves_at_stop(&self) -> bool {
+        self.router.is_some() && self.stages.shutdown.is_stopping()
+    }
+
+    /// The job is no longer in flight here (settled, returned, or set aside).
+    fn leaves(&self, job: &Job) {
+        if job.counted {
+            self.stages.metrics.commands_in_flight.dec();
+        }
     }
 
     /// Takes the job to its outcome, publishes it and acks; true if it is to be set aside
     /// instead (nothing was done for it).
     async fn process(&self, job: &mut Job, aside: Option<Duration>) -> bool {
-        if !job.publisher.is_connected() {
-            // Its connection is gone; the broker has already put it back on the queue.
+        if !job.publisher.is_connected() || self.leaves_at_stop() {
+            // Its connection is gone, and the broker has already put it back on the queue; or
+            // the intake stops, and it goes back with its channel, in order, nothing done.
+            if let Some(taken) = &mut job.taken {
+                taken.returned();
+            }
             return false;
         }
         // Its delivery is ours while its channel and the connection of its source (which
@@ -338,6 +322,19 @@ impl Pipeline {
         // command, or may hand it, to the queue's next holder, and no call may start for it
         // here any more. (A reader's channel stays open while what it took is in hand, even
         // once its queue is gone.)
+        if let (Some(router), Ok(_)) = (&self.router, &job.parsed.command) {
+            let admitted = router.admit(job, aside).await;
+            return match admitted {
+                intake::Admitted::Routed => false,
+                intake::Admitted::Left => {
+                    if let Some(taken) = &mut job.taken {
+                        taken.returned();
+                    }
+                    false
+                }
+                intake::Admitted::Aside => true,
+            };
+        }
         let (acker, publisher) = (&job.delivery.acker, &job.publisher);
         let ours = || publisher.is_connected() && !acker.poisoned();
         let handled = handle(&self.stages, &job.parsed, aside, &ours).await;

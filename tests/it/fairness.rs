@@ -497,8 +497,10 @@ async fn a_replica_killed_in_the_middle_of_a_backlog_loses_nothing_and_keeps_ses
         })
         .collect();
     fleet.publish_all(&commands).await;
+    // The backlog waits beside the commands queue: the replica holding it is the one to kill.
+    let intake = fleet.the_intake().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    fleet.replicas[1].kill().await;
+    fleet.replicas[intake].kill().await;
     let events = fleet
         .events_until(Duration::from_secs(90), |seen| {
             let mut ids: Vec<&str> = seen.iter().map(Received::command_id).collect();
@@ -508,7 +510,7 @@ async fn a_replica_killed_in_the_middle_of_a_backlog_loses_nothing_and_keeps_ses
         })
         .await;
     assert!(events.iter().all(|e| e.name() == "transfer.succeeded"));
-    // The kill left account queues behind, and the partitions' new owners took them up.
+    // The kill left account queues behind, and the commands queue's new holder took them up.
     let found = fleet.log_lines("account queue found");
     assert!(
         found.matches("account queue found").count() > 0,

@@ -30,9 +30,29 @@ fn command(bot: &BotSpec, i: usize) -> Value {
     c
 }
 
+/// Samples the account queues of `settings` at the broker until `stop`: the most seen at once,
+/// and where.
+fn sample_account_queues(
+    settings: transfer_worker::config::Settings,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut peak = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let now = account_queues_left(&settings);
+            if now.len() > peak.len() {
+                peak = now;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        peak
+    })
+}
+
 /// Eight paced accounts burst at once into a fleet of two with six partitions: each account's
-/// sessions spread over the partitions, so several account queues open beside each. Once every
-/// command has ended, every one of them is retired.
+/// sessions spread over the partitions. What waits is set aside at the intake, in one queue
+/// per account with a backlog, never one per account and partition; once every command has
+/// ended, every one of them is retired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_burst_of_many_accounts_every_account_queue_is_retired() {
     let accounts = paced_accounts("burst", 8, 3, Duration::from_secs(2));
@@ -45,17 +65,13 @@ async fn after_a_burst_of_many_accounts_every_account_queue_is_retired() {
         Duration::from_secs(20),
     )
     .await;
-    let commands: Vec<Value> = (0..9)
-        .flat_map(|i| accounts.iter().map(move |bot| command(bot, i)))
-        .collect();
-    let ids: Vec<String> = commands
-        .iter()
-        .map(|c| c["commandId"].as_str().unwrap().to_owned())
-        .collect();
-    fleet.publish_all(&commands).await;
-    let events = fleet
-        .events_until(Duration::from_secs(90), |e| all_ended(e, &ids))
-        .await;
+    let (events, peak) = burst(&mut fleet, &accounts, "burst", 9).await;
+    assert!(
+        peak.len() <= accounts.len(),
+        "{} account queues at once for {} accounts: {peak:?}",
+        peak.len(),
+        accounts.len()
+    );
     assert!(
         events
             .iter()
@@ -129,4 +145,142 @@ async fn taking_up_partitions_does_not_grow_with_the_bots_configured() {
             fleet.log_tails(20)
         );
     }
+}
+
+/// Whether `queue` is an account queue beside the commands queue of `settings`.
+fn beside_the_intake(queue: &str, settings: &transfer_worker::config::Settings) -> bool {
+    settings.bots.iter().any(|b| {
+        crate::harness::is_account_queue(queue, &settings.amqp.commands_queue, &b.account_id)
+    })
+}
+
+/// Bursts `per_account` commands of each of `accounts` (ids tagged `round`, each in a
+/// session of its own) into `fleet` and waits for them to end: their events, and the most
+/// account queues seen at once meanwhile.
+async fn burst(
+    fleet: &mut Fleet,
+    accounts: &[BotSpec],
+    round: &str,
+    per_account: usize,
+) -> (Vec<crate::harness::Received>, Vec<String>) {
+    let commands: Vec<Value> = (0..per_account)
+        .flat_map(|i| {
+            accounts.iter().map(move |bot| {
+                let mut c = command(bot, i);
+                let id = format!("{round}-{}", c["commandId"].as_str().unwrap());
+                c["commandId"] = json!(id);
+                c["botSessionId"] = json!(format!("s-{id}"));
+                c
+            })
+        })
+        .collect();
+    let ids: Vec<String> = commands
+        .iter()
+        .map(|c| c["commandId"].as_str().unwrap().to_owned())
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_account_queues(fleet.settings.clone(), stop.clone());
+    fleet.publish_all(&commands).await;
+    let events = fleet
+        .events_until(Duration::from_secs(90), |e| all_ended(e, &ids))
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (events, sampler.join().unwrap())
+}
+
+/// While a replica of an earlier version is a member of the fleet, the commands queue may pass
+/// to it, and it would not read what the intake set aside there: the intake sets nothing aside
+/// meanwhile (the partitions keep the accounts apart, as before), and does again once that
+/// replica has left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_replica_of_an_earlier_version_the_intake_sets_nothing_aside() {
+    use transfer_worker::fleet::membership::FAULT_EARLIER_VERSION_NAME;
+    let accounts = paced_accounts("mixed", 2, 2, Duration::from_secs(2));
+    let mut fleet = Fleet::start_balanced(
+        FleetSpec {
+            more_bots: accounts.clone(),
+            latency: Duration::from_millis(20),
+            ..FleetSpec::partitioned(1, 4)
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    let earlier = fleet.add_replica_with(&format!("{FAULT_EARLIER_VERSION_NAME}-1"), &[]);
+    fleet.wait_all_ready().await;
+    fleet
+        .wait_balanced(&[0, earlier], Duration::from_secs(20))
+        .await;
+    let (_, peak) = burst(&mut fleet, &accounts, "mixed", 10).await;
+    assert!(
+        !peak.is_empty(),
+        "the burst set nothing aside, so this test shows nothing\n{}",
+        fleet.log_tails(40)
+    );
+    let at_intake: Vec<&String> = peak
+        .iter()
+        .filter(|q| beside_the_intake(q, &fleet.settings))
+        .collect();
+    assert!(
+        at_intake.is_empty(),
+        "set aside at the intake beside a replica of an earlier version: {at_intake:?}"
+    );
+
+    fleet.replicas[earlier]
+        .terminate(Duration::from_secs(30))
+        .await;
+    fleet.wait_balanced(&[0], Duration::from_secs(20)).await;
+    let (_, peak) = burst(&mut fleet, &accounts, "alone", 10).await;
+    assert!(
+        peak.iter().any(|q| beside_the_intake(q, &fleet.settings)),
+        "once every member admits, a burst is set aside at the intake: {peak:?}"
+    );
+}
+
+/// The replica holding the commands queue gets SIGTERM while an account's commands wait at its
+/// intake for their admission: nothing has been done for them, so they go back at once and the
+/// commands queue changes hands without waiting for `shutdown.grace`. Another account's command
+/// published just after ends within seconds, and every command ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intake_stopped_with_commands_waiting_for_admission_hands_over_at_once() {
+    // The commands taken back for admission wait up to 15 s: longer than a hand-over may take.
+    let slow = paced_accounts("slow", 1, 2, Duration::from_secs(15));
+    let free = paced_accounts("free", 1, 60, Duration::from_secs(60));
+    let mut spec = FleetSpec {
+        more_bots: [slow.clone(), free.clone()].concat(),
+        latency: Duration::from_millis(20),
+        ..FleetSpec::partitioned(2, 4)
+    };
+    spec.env
+        .push(("TRANSFER__SHUTDOWN__GRACE".into(), "30s".into()));
+    let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(20)).await;
+    let commands: Vec<Value> = (0..6).map(|i| command(&slow[0], i)).collect();
+    let mut ids: Vec<String> = commands
+        .iter()
+        .map(|c| c["commandId"].as_str().unwrap().to_owned())
+        .collect();
+    fleet.publish_all(&commands).await;
+    let intake = fleet.the_intake().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.replicas[intake].sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = command(&free[0], 0);
+    let other_id = other["commandId"].as_str().unwrap().to_owned();
+    let published = Instant::now();
+    fleet.publish(&other).await;
+    let early = fleet
+        .events_until(Duration::from_secs(60), |e| {
+            all_ended(e, std::slice::from_ref(&other_id))
+        })
+        .await;
+    let took = published.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "another account's command waited {took:?} for the commands queue to change hands\n{}",
+        fleet.log_tails(40)
+    );
+    // The rest of the backlog ends too.
+    ids.retain(|id| !all_ended(&early, [id]));
+    fleet
+        .events_until(Duration::from_secs(90), |e| all_ended(e, &ids))
+        .await;
 }

@@ -18,7 +18,7 @@ fn takes_in_unless_congested_and_shows_what_waits() {
     let one = a.take_in().expect("not congested");
     let _two = a.take_in().expect("not congested");
     a.aside_changed(3);
-    a.refresh_gauges();
+    a.refresh_gauges(None);
     assert_eq!(
         a.metrics().waiting.get(),
         5,
@@ -26,7 +26,7 @@ fn takes_in_unless_congested_and_shows_what_waits() {
     );
     drop(one);
     a.aside_changed(-3);
-    a.refresh_gauges();
+    a.refresh_gauges(None);
     assert_eq!(a.metrics().waiting.get(), 1);
     a.starts_in(Duration::from_secs(5));
     assert!(

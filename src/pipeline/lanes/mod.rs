@@ -269,7 +269,7 @@ impl SourceLanes {
     /// A job dropped unsettled: its delivery goes back to the source with its channel.
     fn forget(&self, job: Job) {
         if let Some(pipeline) = self.pipeline.upgrade() {
-            pipeline.stages.metrics.commands_in_flight.dec();
+            pipeline.leaves(&job);
         }
         drop(job);
     }

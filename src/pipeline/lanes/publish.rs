@@ -88,7 +88,7 @@ impl SourceLanes {
                         tracing::warn!(error = %e, "could not ack a command set aside");
                     }
                     if let Some(pipeline) = self.pipeline.upgrade() {
-                        pipeline.stages.metrics.commands_in_flight.dec();
+                        pipeline.leaves(&job);
                     }
                 }
                 Err(e) => {

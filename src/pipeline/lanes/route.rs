@@ -124,8 +124,9 @@ impl SourceLanes {
         state: &mut LaneState,
         mut job: Job,
     ) {
-        if self.stop.is_cancelled() {
-            // The source is let go: the delivery goes back with its channel.
+        if self.stop.is_cancelled() || self.pipeline.upgrade().is_some_and(|p| p.leaves_at_stop()) {
+            // The source is let go (or the intake stops): the delivery goes back with its
+            // channel.
             self.forget(job);
             return;
         }

@@ -277,6 +277,28 @@ impl Fleet {
         out
     }
 
+    /// Waits until a replica has routed commands to partitions (the one holding the commands
+    /// queue: the intake), and returns it.
+    pub async fn the_intake(&self) -> usize {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            for (i, r) in self.replicas.iter().enumerate() {
+                if let Some(m) = r.try_metrics().await
+                    && m.get("transfer_fleet_routed_total").copied().unwrap_or(0.0) > 0.0
+                {
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "no replica routed a command
+{}",
+                self.log_tails(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until exactly one replica has received commands, and returns it.
     pub async fn the_active_one(&self) -> usize {
         let until = Instant::now() + Duration::from_secs(20);

@@ -36,8 +36,9 @@ pub mod wait;
 
 pub use app::Harness;
 pub use broker::{
-    Cleanup, ReplyQueue, account_queues_at_broker, declared, left_in, own_topology, passive,
-    publish_commands, publish_confirmed, take_all, test_channel, test_channel_at,
+    Cleanup, ReplyQueue, account_queues_at_broker, declared, is_account_queue, left_in,
+    own_topology, passive, publish_commands, publish_confirmed, take_all, test_channel,
+    test_channel_at,
 };
 pub use commands::{agent_command, command_of, expire_in, queue_command, session_command};
 pub use events::{EVENT_WAIT, Events, Received, sorted_keys};
