@@ -33,8 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Fleet, FleetError, millis, ownership, scripts};
 
-/// What this version says of itself in the fleet (`lua/heartbeat.lua`'s traits): it admits
-/// each account's commands at the intake.
+/// What this version says of itself (`lua/heartbeat.lua`'s traits): it admits at the intake.
 const TRAITS: &str = "intake";
 
 /// A replica whose `fleet.name` starts with this says nothing of itself, as a replica of an
@@ -51,8 +50,7 @@ pub struct Member {
     pub seen: Duration,
     /// The partitions it said it consumes.
     pub partitions: BTreeSet<u16>,
-    /// It admits each account's commands at the intake (docs/fairness.md): false for a
-    /// replica of an earlier version.
+    /// It admits at the intake (docs/fairness.md); a replica of an earlier version does not.
     pub admits: bool,
 }
 
@@ -219,9 +217,8 @@ impl Fleet {
         })
     }
 
-    /// Whether every live member, as of this replica's last heartbeat, admits each account's
-    /// commands at the intake: while a replica of an earlier version is a member, the intake
-    /// may pass to it, and it would not read what this one set aside there (docs/fairness.md).
+    /// Whether every live member, as of this replica's last heartbeat, admits at the intake: a
+    /// replica of an earlier version may take the intake, and would not read what it set aside.
     pub fn everyone_admits(&self) -> bool {
         self.everyone_admits.load(Ordering::Relaxed)
     }
