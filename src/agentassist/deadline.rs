@@ -12,7 +12,7 @@ pub(super) fn reaches(now: Instant, wait: Duration, deadline: Instant) -> bool {
 
 /// When `command` must be done by, as an `Instant` from `now`. A deadline too far away to be
 /// an `Instant` is no deadline at all.
-pub(super) fn deadline_of(command: &Command, now: Instant) -> Option<Instant> {
+pub(crate) fn deadline_of(command: &Command, now: Instant) -> Option<Instant> {
     command
         .deadline
         .and_then(|d| match d.duration_since(SystemTime::now()) {
@@ -23,7 +23,7 @@ pub(super) fn deadline_of(command: &Command, now: Instant) -> Option<Instant> {
 
 /// How long a start may be waited for: until the deadline, or until the aside limit when
 /// that comes first (then also returned, as the aside limit in force).
-pub(super) fn start_limit(
+pub(crate) fn start_limit(
     deadline: Option<Instant>,
     aside: Option<Duration>,
 ) -> (Option<Instant>, Option<Instant>) {

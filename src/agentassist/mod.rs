@@ -10,7 +10,7 @@ pub mod bots;
 pub mod breaker;
 pub mod breakers;
 pub mod client;
-mod deadline;
+pub(crate) mod deadline;
 pub mod departure;
 pub mod jwt;
 pub mod pacer;

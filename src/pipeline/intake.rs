@@ -17,11 +17,12 @@
 //! next is published), so a session's commands reach their partition in arrival order even
 //! when a publish fails and is retried. Different sessions are routed concurrently.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use lapin::options::BasicAckOptions;
 
 use super::Job;
+use crate::agentassist::deadline::{deadline_of, start_limit};
 use crate::backoff;
 use crate::broker::timed;
 use crate::fleet::{Fleet, ownership};
@@ -90,7 +91,8 @@ impl Router {
         let Ok(valid) = &job.parsed.command else {
             return Admitted::Left;
         };
-        let (account, deadline) = (valid.bot.account.clone(), valid.command.deadline);
+        let now = Instant::now();
+        let (account, deadline) = (valid.bot.account.clone(), deadline_of(&valid.command, now));
         let session = valid.command.bot_session_id.clone();
         // Once stopping has begun nothing more is routed: a command left here goes back with
         // its channel, and a later one of its session must not go ahead of it.
@@ -100,18 +102,7 @@ impl Router {
         if !self.fleet.everyone_admits() {
             return self.routed(job, &session).await;
         }
-        let now = Instant::now();
-        let deadline = deadline.map(|d| {
-            d.duration_since(SystemTime::now())
-                .ok()
-                .and_then(|left| now.checked_add(left))
-                .unwrap_or(now)
-        });
-        let aside_at = aside.and_then(|a| now.checked_add(a));
-        let limit = match (aside_at, deadline) {
-            (Some(a), Some(d)) => Some(a.min(d)),
-            (a, d) => a.or(d),
-        };
+        let (limit, by_aside) = start_limit(deadline, aside);
         match account.pacer.reserve(limit) {
             Ok(at) => {
                 account.starts_in(at.saturating_duration_since(now));
@@ -126,7 +117,7 @@ impl Router {
             }
             Err(first) => {
                 account.starts_in(first.slot.saturating_duration_since(now));
-                if aside_at.is_some_and(|a| deadline.is_none_or(|d| a <= d)) {
+                if by_aside.is_some() {
                     return Admitted::Aside;
                 }
             }
