@@ -92,6 +92,23 @@ impl Pacer {
         Ok(slot)
     }
 
+    /// Starts again from another view of the budget: `starts` handed out (any order; those a
+    /// window old or more are dropped) and a pause until `paused`, in place of what this pacer
+    /// had handed out. A later pause than the one it had wins.
+    pub fn seed(&self, starts: impl IntoIterator<Item = Instant>, paused: Option<Instant>) {
+        let now = Instant::now();
+        let mut starts: Vec<Instant> = starts
+            .into_iter()
+            .filter(|&t| t + self.window > now)
+            .collect();
+        starts.sort_unstable();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.starts = starts.into();
+        if let Some(until) = paused {
+            state.paused_until = Some(state.paused_until.map_or(until, |p| p.max(until)));
+        }
+    }
+
     /// Until when the account is paused (a 429's `Retry-After`), if that is still ahead.
     pub fn paused(&self) -> Option<Instant> {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -148,6 +165,26 @@ mod tests {
         let pacer = Pacer::new(100, Duration::from_secs(1));
         let until = Instant::now() + Duration::from_secs(3);
         pacer.pause_until(until);
+        assert!(pacer.reserve(None).unwrap() >= until);
+    }
+
+    /// Seeded with another view of the budget, a pacer hands out what that view leaves: none
+    /// of what it had itself, and the pause if later than its own.
+    #[test]
+    fn seeding_replaces_what_was_handed_out() {
+        let pacer = Pacer::new(2, Duration::from_secs(10));
+        let now = Instant::now();
+        pacer.reserve(None).unwrap();
+        pacer.reserve(None).unwrap();
+        let old = now.checked_sub(Duration::from_secs(30)).unwrap_or(now);
+        pacer.seed([now + Duration::from_secs(1), old], None);
+        // One of two starts is left in the window: the next goes at once.
+        assert!(pacer.reserve(None).unwrap() < now + Duration::from_secs(2));
+        let third = pacer.reserve(None).unwrap();
+        assert!(third >= now + Duration::from_secs(11), "{:?}", third - now);
+        let until = now + Duration::from_secs(40);
+        pacer.seed([], Some(until));
+        pacer.seed([], Some(now));
         assert!(pacer.reserve(None).unwrap() >= until);
     }
 

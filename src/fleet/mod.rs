@@ -33,7 +33,7 @@ mod scripts;
 mod stored;
 
 pub use claims::Claim;
-pub use pacing::{Booking, Reservation, StartRequest};
+pub use pacing::{Booked, Booking, Reservation, StartRequest};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -36,6 +36,16 @@ pub struct Booking {
     member: String,
 }
 
+/// An account's budget as the fleet booked it ([`Fleet::booked`]).
+#[derive(Debug, Default)]
+pub struct Booked {
+    /// Until when the account is paused, from now (zero: it is not).
+    pub paused: Duration,
+    /// Each start booked within the last window or later, in µs from now (negative: past),
+    /// ascending.
+    pub starts: Vec<i64>,
+}
+
 /// A start asked of an account's budget: `limit` calls in any `window`, and when the
 /// command's deadline (or aside limit) comes.
 #[derive(Debug, Clone)]
@@ -104,6 +114,22 @@ impl Fleet {
             .arg(&booking.member);
         let _: i64 = self.invoke("unreserve", &invocation).await?;
         Ok(())
+    }
+
+    /// What `account`'s budget holds now, fleet-wide: its pause and the starts booked within
+    /// the last `window` or later, each as seen from now.
+    pub async fn booked(&self, account: &str, window: Duration) -> Result<Booked, FleetError> {
+        let mut invocation = scripts::BOOKED.prepare_invoke();
+        invocation
+            .key(self.key("pace", account))
+            .key(self.key("pause", account))
+            .arg(micros(window));
+        let reply: Vec<i64> = self.invoke("booked", &invocation).await?;
+        let (paused, starts) = reply.split_first().map_or((0, &[][..]), |(p, s)| (*p, s));
+        Ok(Booked {
+            paused: Duration::from_micros(u64::try_from(paused).unwrap_or(0)),
+            starts: starts.to_vec(),
+        })
     }
 
     /// Holds every later start of `account`, fleet-wide, for `for_` from now.

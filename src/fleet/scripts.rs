@@ -23,6 +23,9 @@ pub static RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/renew.lua")));
 /// `lua/reserve.lua`.
 pub static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(with_reserve!("reserve.lua")));
+/// `lua/booked.lua`.
+pub static BOOKED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/booked.lua")));
 /// `lua/pause.lua`.
 pub static PAUSE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/pause.lua")));

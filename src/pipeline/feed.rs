@@ -34,6 +34,9 @@ impl Handler for Pipeline {
     }
 
     fn open(this: &Arc<Self>, source: Source) -> impl Future<Output = ()> + Send {
+        if let Some(router) = &this.router {
+            router.new_tenure();
+        }
         let lanes = {
             let mut all = this.lanes.lock().unwrap_or_else(PoisonError::into_inner);
             let fresh = || {

@@ -13,15 +13,25 @@
 //! partitions; they come back, in order, at the account's pace. The partitions keep lanes of
 //! their own for what the intake cannot see (a 429's pause, slow calls), which seldom turn on.
 //!
+//! The intake's budgets start from the fleet's: when it takes the commands queue up, and when
+//! it starts admitting again after a replica of an earlier version left, each account's budget
+//! is read from what the fleet booked in Redis at its first command ([`Fleet::booked`]). An
+//! intake that started from an empty budget would admit a window's worth at once that the
+//! partitions could not start, and they would set them aside in queues of their own.
+//!
 //! Order: commands of one session are routed one after another (each confirmed before the
 //! next is published), so a session's commands reach their partition in arrival order even
 //! when a publish fails and is retried. Different sessions are routed concurrently.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use lapin::options::BasicAckOptions;
 
 use super::Job;
+use crate::agentassist::account::Account;
 use crate::agentassist::deadline::{deadline_of, start_limit};
 use crate::backoff;
 use crate::broker::timed;
@@ -38,11 +48,19 @@ pub struct Router {
     /// The partition queues, by index.
     queues: Vec<String>,
     operation_timeout: Duration,
-    metrics: std::sync::Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// Cancelled when the shutdown grace ran out: stop retrying, the broker returns the rest.
     shutdown: Shutdown,
-    /// Says whether every member admits at the intake ([`Fleet::everyone_admits`]).
-    fleet: std::sync::Arc<Fleet>,
+    /// Says whether every member admits at the intake ([`Fleet::everyone_admits`]), and what
+    /// each account's budget holds across the fleet.
+    fleet: Arc<Fleet>,
+    /// Counts the times the intake's budgets must start again from the fleet's: a tenure of the
+    /// commands queue, or admitting again after a pause of the gate.
+    era: AtomicU64,
+    /// Whether the last command found every member admitting.
+    admitting: AtomicBool,
+    /// Each account's era, the last its budget was read from the fleet's.
+    seeds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
 }
 
 /// What became of a command at the intake.
@@ -60,9 +78,9 @@ impl Router {
     /// A router to the partition queues of `commands_queue` in `fleet`.
     pub fn new(
         commands_queue: &str,
-        fleet: std::sync::Arc<Fleet>,
+        fleet: Arc<Fleet>,
         operation_timeout: Duration,
-        metrics: std::sync::Arc<Metrics>,
+        metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Self {
         Self {
@@ -73,7 +91,50 @@ impl Router {
             metrics,
             shutdown,
             fleet,
+            era: AtomicU64::new(1),
+            admitting: AtomicBool::new(false),
+            seeds: Mutex::default(),
         }
+    }
+
+    /// The commands queue was taken up (again): each account's budget is read anew from the
+    /// fleet's at its next command.
+    pub(super) fn new_tenure(&self) {
+        self.era.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Reads `account`'s budget from what the fleet booked, once an era: the intake admits from
+    /// where the fleet stands. Best effort: when Redis does not answer, the intake goes on with
+    /// its own view, and the partitions, which book in Redis, stay right.
+    async fn seeded(&self, account: &Account) {
+        let era = self.era.load(Ordering::Acquire);
+        let cell = {
+            let mut seeds = self.seeds.lock().unwrap_or_else(PoisonError::into_inner);
+            seeds.entry(account.id.clone()).or_default().clone()
+        };
+        let mut seen = cell.lock().await;
+        if *seen == era {
+            return;
+        }
+        match self.fleet.booked(&account.id, account.pacer.window()).await {
+            Ok(booked) => {
+                let now = Instant::now();
+                let at = |us: i64| match u64::try_from(us) {
+                    Ok(ahead) => now.checked_add(Duration::from_micros(ahead)),
+                    Err(_) => now.checked_sub(Duration::from_micros(us.unsigned_abs())),
+                };
+                let paused = (!booked.paused.is_zero())
+                    .then(|| now.checked_add(booked.paused))
+                    .flatten();
+                account
+                    .pacer
+                    .seed(booked.starts.iter().filter_map(|&us| at(us)), paused);
+            }
+            Err(e) => {
+                tracing::debug!(account = %account.id, error = %e, "could not read the account's budget from the fleet's; admitting from the intake's own");
+            }
+        }
+        *seen = era;
     }
 
     fn partition_count(&self) -> u16 {
@@ -100,8 +161,13 @@ impl Router {
             return Admitted::Left;
         }
         if !self.fleet.everyone_admits() {
+            self.admitting.store(false, Ordering::Release);
             return self.routed(job, &session).await;
         }
+        if !self.admitting.swap(true, Ordering::AcqRel) {
+            self.new_tenure();
+        }
+        self.seeded(&account).await;
         let (limit, by_aside) = start_limit(deadline, aside);
         match account.pacer.reserve(limit) {
             Ok(at) => {

@@ -30,22 +30,31 @@ fn command(bot: &BotSpec, i: usize) -> Value {
     c
 }
 
-/// Samples the account queues of `settings` at the broker until `stop`: the most seen at once,
-/// and where.
+/// The account queues seen at the broker while sampling.
+#[derive(Default)]
+struct Seen {
+    /// The most at once.
+    peak: Vec<String>,
+    /// Every one seen at all.
+    all: std::collections::BTreeSet<String>,
+}
+
+/// Samples the account queues of `settings` at the broker until `stop`.
 fn sample_account_queues(
     settings: transfer_worker::config::Settings,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<Vec<String>> {
+) -> std::thread::JoinHandle<Seen> {
     std::thread::spawn(move || {
-        let mut peak = Vec::new();
+        let mut seen = Seen::default();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let now = account_queues_left(&settings);
-            if now.len() > peak.len() {
-                peak = now;
+            seen.all.extend(now.iter().cloned());
+            if now.len() > seen.peak.len() {
+                seen.peak = now;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        peak
+        seen
     })
 }
 
@@ -185,7 +194,7 @@ async fn burst(
         .events_until(Duration::from_secs(90), |e| all_ended(e, &ids))
         .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    (events, sampler.join().unwrap())
+    (events, sampler.join().unwrap().peak)
 }
 
 /// While a replica of an earlier version is a member of the fleet, the commands queue may pass
@@ -283,4 +292,71 @@ async fn an_intake_stopped_with_commands_waiting_for_admission_hands_over_at_onc
     fleet
         .events_until(Duration::from_secs(90), |e| all_ended(e, &ids))
         .await;
+}
+
+/// The replica holding the commands queue gets SIGTERM while several accounts have a backlog
+/// set aside at its intake, a window of each already booked across the fleet. The replica that
+/// takes the commands queue over admits from where the fleet's budgets stand: what it routes,
+/// the partitions start at once, and no account queue is ever declared beside a partition.
+/// (An intake that started from empty budgets admitted a second window's worth at once; the
+/// partitions could start none of it within `aside_after` and set it aside in queues of their
+/// own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intake_taken_over_admits_from_the_fleets_budgets() {
+    let accounts = paced_accounts("over", 3, 3, Duration::from_secs(6));
+    let mut fleet = Fleet::start_balanced(
+        FleetSpec {
+            more_bots: accounts.clone(),
+            latency: Duration::from_millis(20),
+            ..FleetSpec::partitioned(2, 4)
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    let commands: Vec<Value> = (0..9)
+        .flat_map(|i| accounts.iter().map(move |bot| command(bot, i)))
+        .collect();
+    let ids: Vec<String> = commands
+        .iter()
+        .map(|c| c["commandId"].as_str().unwrap().to_owned())
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_account_queues(fleet.settings.clone(), stop.clone());
+    fleet.publish_all(&commands).await;
+    let intake = fleet.the_intake().await;
+    // The first window of each account is booked and the rest set aside at the intake.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !account_queues_left(&fleet.settings)
+        .iter()
+        .any(|q| beside_the_intake(q, &fleet.settings))
+    {
+        assert!(
+            Instant::now() < until,
+            "nothing was set aside at the intake"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.replicas[intake].sigterm();
+    let events = fleet
+        .events_until(Duration::from_secs(90), |e| all_ended(e, &ids))
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = sampler.join().unwrap();
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.name() != "transfer.callback")
+            .all(|e| e.name() == "transfer.succeeded"),
+        "every command succeeded"
+    );
+    let beside_partitions: Vec<&String> = seen
+        .all
+        .iter()
+        .filter(|q| !beside_the_intake(q, &fleet.settings))
+        .collect();
+    assert!(
+        beside_partitions.is_empty(),
+        "account queues beside partitions after the intake changed hands: {beside_partitions:?}\n{}",
+        fleet.log_tails(60)
+    );
 }
