@@ -554,3 +554,112 @@ async fn holds_are_valid_until_their_deadline_and_one_that_expired_is_not_taken_
     a.leave().await.unwrap();
     b.leave().await.unwrap();
 }
+
+/// A replica of fleet `fleet` named `name`, with four partitions and this heartbeat.
+fn beating(fleet: &str, name: &str, heartbeat: Duration) -> Arc<Fleet> {
+    let settings = FleetSettings {
+        name: name.into(),
+        partitions: 4,
+        heartbeat,
+        member_ttl: heartbeat * 3 + Duration::from_secs(1),
+        ..quick_settings()
+    };
+    Arc::new(
+        Fleet::new(
+            &settings,
+            fleet,
+            Duration::from_secs(60),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap(),
+    )
+}
+
+/// Runs `fleet`'s membership with a consumer that takes each partition it is given, and lets
+/// each go, 100 ms after it is told; the partitions it is to own. Stopped by `done`.
+fn keeping(
+    fleet: &Arc<Fleet>,
+    done: &tokio_util::sync::CancellationToken,
+) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<u16>> {
+    let (owned, mut told) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+    let (consuming, report) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+    let seen = told.clone();
+    tokio::spawn(async move {
+        while told.changed().await.is_ok() {
+            let now = told.borrow_and_update().clone();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            consuming.send_replace(now);
+        }
+    });
+    let (fleet, done) = (fleet.clone(), done.clone());
+    tokio::spawn(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        fleet.keep_membership(owned, report, stop, done).await;
+    });
+    seen
+}
+
+/// What `look` says `id` consumes.
+async fn listed(look: &Fleet, id: &str) -> std::collections::BTreeSet<u16> {
+    let members = look.members().await.unwrap();
+    members
+        .into_iter()
+        .find(|m| m.id == id)
+        .map(|m| m.partitions)
+        .unwrap_or_default()
+}
+
+/// A replica says what it consumes as soon as that changes, not at its next heartbeat: with a
+/// heartbeat of 30 s, the partitions it took are listed within seconds.
+#[tokio::test]
+async fn a_replica_says_at_once_what_it_consumes_now() {
+    let name = fleet_name();
+    let a = beating(&name, "a", Duration::from_secs(30));
+    let done = tokio_util::sync::CancellationToken::new();
+    let _owned = keeping(&a, &done);
+    let look = beating(&name, "look", Duration::from_secs(30));
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while listed(&look, a.claimant()).await.len() < 4 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the partitions taken were not listed before the next heartbeat"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done.cancel();
+}
+
+/// A replica that joins is to own partitions another still consumes: once the other has let
+/// them go (it notices at its own heartbeat, 1 s), the one waiting takes them within a quarter
+/// of its heartbeat (here 20 s), not at its next heartbeat.
+#[tokio::test]
+async fn a_replica_waiting_for_partitions_takes_them_soon_after_they_are_let_go() {
+    let name = fleet_name();
+    let a = beating(&name, "a", Duration::from_secs(1));
+    let done = tokio_util::sync::CancellationToken::new();
+    let a_owns = keeping(&a, &done);
+    let look = beating(&name, "look", Duration::from_secs(30));
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while listed(&look, a.claimant()).await.len() < 4 {
+        assert!(
+            std::time::Instant::now() < until,
+            "a never consumed all four"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = beating(&name, "b", Duration::from_secs(20));
+    let b_owns = keeping(&b, &done);
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (a_now, b_now) = (a_owns.borrow().len(), b_owns.borrow().len());
+        if a_now + b_now == 4 && b_now >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "b owns {b_now} and a {a_now} 15 s after b joined (b's heartbeat is 20 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done.cancel();
+}
