@@ -92,18 +92,20 @@ impl Pacer {
         Ok(slot)
     }
 
-    /// Starts again from another view of the budget: `starts` handed out (any order; those a
-    /// window old or more are dropped) and a pause until `paused`, in place of what this pacer
-    /// had handed out. A later pause than the one it had wins.
+    /// Takes another view of the budget, which holds every start up to now: `starts` (any
+    /// order; those a window old or more are dropped) and a pause until `paused`. Of its own,
+    /// this pacer keeps only the starts it handed out for later (whoever holds them waits for
+    /// them, and nobody else has seen them), and its pause if later.
     pub fn seed(&self, starts: impl IntoIterator<Item = Instant>, paused: Option<Instant>) {
         let now = Instant::now();
-        let mut starts: Vec<Instant> = starts
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<Instant> = starts
             .into_iter()
             .filter(|&t| t + self.window > now)
+            .chain(state.starts.iter().copied().filter(|&t| t > now))
             .collect();
-        starts.sort_unstable();
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.starts = starts.into();
+        all.sort_unstable();
+        state.starts = all.into();
         if let Some(until) = paused {
             state.paused_until = Some(state.paused_until.map_or(until, |p| p.max(until)));
         }
@@ -168,8 +170,8 @@ mod tests {
         assert!(pacer.reserve(None).unwrap() >= until);
     }
 
-    /// Seeded with another view of the budget, a pacer hands out what that view leaves: none
-    /// of what it had itself, and the pause if later than its own.
+    /// Seeded with another view of the budget, a pacer hands out what that view leaves: of
+    /// its own it keeps only the starts it handed out for later, and its pause if later.
     #[test]
     fn seeding_replaces_what_was_handed_out() {
         let pacer = Pacer::new(2, Duration::from_secs(10));
@@ -182,6 +184,12 @@ mod tests {
         assert!(pacer.reserve(None).unwrap() < now + Duration::from_secs(2));
         let third = pacer.reserve(None).unwrap();
         assert!(third >= now + Duration::from_secs(11), "{:?}", third - now);
+        // A start handed out for later stays: nobody else has seen it.
+        let later = Pacer::new(1, Duration::from_secs(10));
+        later.reserve(None).unwrap();
+        let ahead = later.reserve(None).unwrap();
+        later.seed([], None);
+        assert!(later.reserve(None).unwrap() >= ahead + Duration::from_secs(10));
         let until = now + Duration::from_secs(40);
         pacer.seed([], Some(until));
         pacer.seed([], Some(now));

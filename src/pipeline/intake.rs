@@ -39,6 +39,10 @@ use crate::fleet::{Fleet, ownership};
 use crate::ops::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
+/// After the fleet's budget of an account could not be read: how long the intake admits from
+/// its own before it tries again.
+const SEED_RETRY: Duration = Duration::from_secs(1);
+
 /// First and longest wait before routing a command again after the broker refused it.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -59,8 +63,17 @@ pub struct Router {
     era: AtomicU64,
     /// Whether the last command found every member admitting.
     admitting: AtomicBool,
-    /// Each account's era, the last its budget was read from the fleet's.
-    seeds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
+    /// Each account's last reading of the fleet's budget.
+    seeds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Seed>>>>,
+}
+
+/// When an account's budget at the intake was last read from the fleet's.
+#[derive(Debug, Default)]
+struct Seed {
+    /// The era it was read in.
+    era: u64,
+    /// After a reading failed: not before this again.
+    retry_at: Option<Instant>,
 }
 
 /// What became of a command at the intake.
@@ -105,18 +118,29 @@ impl Router {
 
     /// Reads `account`'s budget from what the fleet booked, once an era: the intake admits from
     /// where the fleet stands. Best effort: when Redis does not answer, the intake goes on with
-    /// its own view, and the partitions, which book in Redis, stay right.
-    async fn seeded(&self, account: &Account) {
-        let era = self.era.load(Ordering::Acquire);
+    /// its own view and tries again [`SEED_RETRY`] later; the partitions, which book in Redis,
+    /// stay right meanwhile. False when stopping began: nothing was done for the command.
+    async fn seeded(&self, account: &Account) -> bool {
         let cell = {
             let mut seeds = self.seeds.lock().unwrap_or_else(PoisonError::into_inner);
             seeds.entry(account.id.clone()).or_default().clone()
         };
-        let mut seen = cell.lock().await;
-        if *seen == era {
-            return;
+        let mut seed = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return false,
+            seed = cell.lock() => seed,
+        };
+        // Read under the lock, so an account's era only ever goes forward.
+        let era = self.era.load(Ordering::Acquire);
+        if seed.era == era || seed.retry_at.is_some_and(|at| Instant::now() < at) {
+            return true;
         }
-        match self.fleet.booked(&account.id, account.pacer.window()).await {
+        let booked = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return false,
+            booked = self.fleet.booked(&account.id, account.pacer.window()) => booked,
+        };
+        match booked {
             Ok(booked) => {
                 let now = Instant::now();
                 let at = |us: i64| match u64::try_from(us) {
@@ -129,12 +153,17 @@ impl Router {
                 account
                     .pacer
                     .seed(booked.starts.iter().filter_map(|&us| at(us)), paused);
+                *seed = Seed {
+                    era,
+                    retry_at: None,
+                };
             }
             Err(e) => {
-                tracing::debug!(account = %account.id, error = %e, "could not read the account's budget from the fleet's; admitting from the intake's own");
+                tracing::debug!(account = %account.id, error = %e, "could not read the account's budget from the fleet's; admitting from the intake's own meanwhile");
+                seed.retry_at = Instant::now().checked_add(SEED_RETRY);
             }
         }
-        *seen = era;
+        true
     }
 
     fn partition_count(&self) -> u16 {
@@ -167,7 +196,9 @@ impl Router {
         if !self.admitting.swap(true, Ordering::AcqRel) {
             self.new_tenure();
         }
-        self.seeded(&account).await;
+        if !self.seeded(&account).await {
+            return Admitted::Left;
+        }
         let (limit, by_aside) = start_limit(deadline, aside);
         match account.pacer.reserve(limit) {
             Ok(at) => {
