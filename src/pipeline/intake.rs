@@ -43,6 +43,16 @@ use crate::shutdown::Shutdown;
 /// its own before it tries again.
 const SEED_RETRY: Duration = Duration::from_secs(1);
 
+/// With the `fault-injection` feature, the partition of a command with this `orgId` refuses
+/// it for [`FAULT_REFUSED_ROUTE`] from its first attempt, as a partition queue at its length
+/// limit would: a test can hold one command's route up.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_REFUSED_ROUTE_ORG_ID: &str = "o-fault-injection-refused-route";
+
+/// How long [`FAULT_REFUSED_ROUTE_ORG_ID`] is refused.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_REFUSED_ROUTE: Duration = Duration::from_secs(6);
+
 /// First and longest wait before routing a command again after the broker refused it.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -243,6 +253,10 @@ impl Router {
         };
         let publisher = &job.publisher;
         let mut waits = backoff::delays(RETRY_MIN, RETRY_MAX, None);
+        #[cfg(feature = "fault-injection")]
+        let refused_until = (job.parsed.command.as_ref())
+            .is_ok_and(|c| c.command.org_id == FAULT_REFUSED_ROUTE_ORG_ID)
+            .then(|| Instant::now() + FAULT_REFUSED_ROUTE);
         loop {
             // Its delivery is ours while its channel and its source's connection are open.
             if !publisher.is_connected()
@@ -256,6 +270,13 @@ impl Router {
                 &job.delivery.data,
                 job.delivery.properties.clone(),
             );
+            #[cfg(feature = "fault-injection")]
+            let publish = async {
+                if refused_until.is_some_and(|t| Instant::now() < t) {
+                    return Err(crate::broker::PublishError::Nacked(queue.to_owned()));
+                }
+                publish.await
+            };
             match publish.await {
                 Ok(()) => break,
                 Err(e) if !publisher.is_connected() => {

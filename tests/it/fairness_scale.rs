@@ -360,3 +360,46 @@ async fn an_intake_taken_over_admits_from_the_fleets_budgets() {
         fleet.log_tails(60)
     );
 }
+
+/// An account with a single slot has a command whose partition refuses it for a while (the
+/// broker nacks every publish there, as at a queue's length limit): the intake lets the slot go
+/// before it routes, so the account's later commands, in sessions of their own, go on and end
+/// before the refused one does. (While the slot was kept through the retries, they waited for
+/// it, set aside, and ended after it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_its_partition_refuses_holds_up_none_of_its_accounts_other_sessions() {
+    use transfer_worker::pipeline::intake::FAULT_REFUSED_ROUTE_ORG_ID;
+    let mut bot = paced_accounts("refused", 1, 60, Duration::from_secs(60));
+    bot[0].max_in_flight = Some(1);
+    let mut fleet = Fleet::start_balanced(
+        FleetSpec {
+            more_bots: bot.clone(),
+            latency: Duration::from_millis(20),
+            ..FleetSpec::partitioned(1, 2)
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut refused = command(&bot[0], 0);
+    refused["orgId"] = json!(FAULT_REFUSED_ROUTE_ORG_ID);
+    let refused_id = refused["commandId"].as_str().unwrap().to_owned();
+    fleet.publish(&refused).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let others: Vec<Value> = (1..4).map(|i| command(&bot[0], i)).collect();
+    fleet.publish_all(&others).await;
+    let ids: Vec<String> = others
+        .iter()
+        .map(|c| c["commandId"].as_str().unwrap().to_owned())
+        .collect();
+    let events = fleet
+        .events_until(Duration::from_secs(30), |e| all_ended(e, &ids))
+        .await;
+    assert!(
+        !all_ended(&events, [&refused_id]),
+        "the refused command ended before the account's other sessions did: they waited for its slot\n{}",
+        fleet.log_tails(40)
+    );
+    fleet
+        .events_until(Duration::from_secs(30), |e| all_ended(e, [&refused_id]))
+        .await;
+}
