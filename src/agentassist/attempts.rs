@@ -7,8 +7,8 @@
 use std::time::{Duration, SystemTime};
 
 use super::client::ApiError;
+use super::outcome::Outcome;
 use super::retry::RetryPolicy;
-use super::transfer::Outcome;
 use crate::backoff::Delays;
 
 /// The attempts of one command.

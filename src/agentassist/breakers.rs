@@ -61,8 +61,9 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
+    use crate::agentassist::outcome::Outcome;
     use crate::agentassist::retry::RetryPolicy;
-    use crate::agentassist::transfer::{Outcome, Terms, Transfers};
+    use crate::agentassist::transfer::{Terms, Transfers};
     use crate::contract::{Command, Target};
     use crate::shutdown::Shutdown;
     use crate::tools::simulator::{self, Simulator, SimulatorConfig};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::arrivals;
 use super::bots::Bot;
 use super::client::{ApiError, ApiResponse};
-use super::transfer::Unfinished;
+use super::outcome::Unfinished;
 use crate::fleet::Fleet;
 use crate::fleet::gate::{DepartRequest, Gate};
 use crate::shutdown::{Abandoned, Shutdown};

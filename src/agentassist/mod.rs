@@ -1,7 +1,7 @@
 //! Everything that talks to Kore.ai AgentAssist: the bots and their JWTs, the per-account
 //! pacing, the retry schedule, the HTTP call and the classification of its answer, the
 //! circuit [`breaker`] that holds attempts while the API is down, and [`transfer`], which
-//! carries one command through them.
+//! carries one command through them to an [`outcome`].
 
 pub mod account;
 pub mod arrivals;
@@ -13,6 +13,7 @@ pub mod client;
 pub(crate) mod deadline;
 pub mod departure;
 pub mod jwt;
+pub mod outcome;
 pub mod pacer;
 pub mod retry;
 pub mod start;

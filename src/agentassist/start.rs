@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use super::bots::Bot;
+use super::outcome::Unfinished;
 use super::pacer::DeadlineFirst;
-use super::transfer::Unfinished;
 use crate::contract::Command;
 use crate::fleet::{Fleet, FleetError, Reservation};
 use crate::shutdown::{Abandoned, Shutdown};

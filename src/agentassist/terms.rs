@@ -10,7 +10,7 @@ pub type Ours<'a> = dyn Fn() -> bool + Send + Sync + 'a;
 /// What the caller of [`Transfers::execute`] sets on one execution.
 #[derive(Clone, Copy)]
 pub struct Terms<'a> {
-    /// A first start further away than this ends the execution as [`super::transfer::Unfinished::Aside`].
+    /// A first start further away than this ends the execution as [`super::outcome::Unfinished::Aside`].
     pub aside: Option<Duration>,
     /// Whether the command is still this replica's.
     pub ours: &'a Ours<'a>,

@@ -5,13 +5,13 @@
 //! the breaker of its host, and a budget spent on an outage is the breaker's to forgive (see [`super::breaker`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use super::attempts::AttemptBudget;
 use super::bots::Bot;
 use super::breaker::{Failure as BreakerFailure, Interrupted};
 use super::breakers::Breakers;
-use super::client::{ApiClient, ApiError, ApiResponse, request_body};
+use super::client::{ApiClient, ApiError, request_body};
 use super::deadline::{deadline_of, reaches, start_limit};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
@@ -19,23 +19,9 @@ use super::start::{self, FirstStart};
 use crate::contract::Command;
 use crate::fleet::{Fleet, StartRequest};
 use crate::ops::metrics::{AccountLabels, Metrics};
-use crate::shutdown::{Abandoned, Shutdown};
+use crate::shutdown::Shutdown;
 
-/// Why an execution ended without an outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unfinished {
-    /// The worker is shutting down: the command goes back to the queue.
-    Abandoned,
-    /// Its account cannot start it within the `aside` it was given, and nothing was booked or
-    /// called: it may wait in its account's queue instead (docs/contract.md §12).
-    Aside,
-    /// It stopped being this replica's before its call left: its delivery went back with a
-    /// lost connection, or the fleet's holds it ran under lapsed (a pause past
-    /// `fleet.member_ttl`, a lost hold). Nothing was called; the queue's holder runs it
-    /// (docs/contract.md §9).
-    NotHeld,
-}
-
+use super::outcome::{Outcome, Unfinished};
 pub use super::terms::{Ours, Terms};
 
 mod call;
@@ -43,42 +29,6 @@ mod call;
 use call::{Call, Leg, held_on_the_way};
 #[cfg(feature = "fault-injection")]
 pub use call::{FAULT_LATE_DEPARTURE, FAULT_LATE_DEPARTURE_ORG_ID};
-
-impl From<Abandoned> for Unfinished {
-    fn from(_: Abandoned) -> Self {
-        Self::Abandoned
-    }
-}
-
-/// How a transfer ended.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The API answered 2xx.
-    Succeeded {
-        /// Calls made, this one included.
-        attempts: u32,
-        /// The answer.
-        response: ApiResponse,
-        /// From the start of the execution to the answer.
-        elapsed: Duration,
-    },
-    /// A permanent error, or a transient one when the budget or the time ran out.
-    Failed {
-        /// Calls made.
-        attempts: u32,
-        /// The last error.
-        error: ApiError,
-        /// Whether trying again later could succeed.
-        retryable: bool,
-    },
-    /// The deadline passed before the API was called.
-    Expired {
-        /// Calls made: none reached the API.
-        attempts: u32,
-        /// The command's deadline.
-        deadline: SystemTime,
-    },
-}
 
 /// Executes commands against the API.
 #[derive(Debug, Clone)]

@@ -14,8 +14,9 @@ use futures_util::FutureExt;
 
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
+use crate::agentassist::outcome::{Outcome, Unfinished};
 use crate::agentassist::start::FirstStart;
-use crate::agentassist::transfer::{Ours, Outcome, Terms, Transfers, Unfinished};
+use crate::agentassist::transfer::{Ours, Terms, Transfers};
 use crate::callbacks::token::RelayUrls;
 use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
 use crate::contract::{Command, Rejection};
