@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use gauges::{Paired, paired};
+use services::Services;
+
 use crate::agentassist::account::Account;
 use crate::agentassist::bots::Bots;
 use crate::agentassist::breaker::Prober;
@@ -30,14 +33,14 @@ use crate::pipeline::intake::Router;
 use crate::pipeline::outcomes::Outcomes;
 use crate::shutdown::Shutdown;
 
+mod gauges;
+mod services;
+
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
 
 /// The shortest wait before asking again for a queue another replica holds.
 const HOLD_RETRY_MIN: Duration = Duration::from_millis(50);
-
-/// How often the per-account gauges (waiting, oldest wait) are brought up to date.
-const ACCOUNT_GAUGES: Duration = Duration::from_secs(1);
 
 /// Why the application could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,12 @@ pub enum AppError {
     /// The fleet's Redis cannot be used as configured.
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    /// A background service panicked (its message is in the log): the worker stopped.
+    #[error("the {service} service panicked; the worker stopped")]
+    Panicked {
+        /// Which service.
+        service: &'static str,
+    },
 }
 
 /// How commands are consumed.
@@ -90,21 +99,7 @@ pub struct App {
     fleet: Option<Arc<Fleet>>,
     probers: Vec<Prober>,
     /// Every account, with its twin at the intake if any: for the gauges.
-    accounts: Vec<(Arc<Account>, Option<Arc<Account>>)>,
-}
-
-/// Each account with its twin at the intake, if it has one.
-fn paired(
-    accounts: Vec<Arc<Account>>,
-    at_intake: Vec<Arc<Account>>,
-) -> Vec<(Arc<Account>, Option<Arc<Account>>)> {
-    accounts
-        .into_iter()
-        .map(|a| {
-            let twin = at_intake.iter().find(|t| t.id == a.id).cloned();
-            (a, twin)
-        })
-        .collect()
+    accounts: Paired,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
@@ -338,105 +333,97 @@ impl App {
     }
 
     /// Runs until the shutdown stops it and in-flight work has finished or been
-    /// returned; then lets the HTTP listeners drain.
+    /// returned; then stops the services in order: the fleet membership, the health watch,
+    /// probers and gauges, and last the HTTP listeners, which drain. A service that panics
+    /// stops the worker, and the run ends in an error naming it.
     pub async fn run_until_stopped(self) -> Result<(), AppError> {
-        let http_stop = tokio_util::sync::CancellationToken::new();
-        let serve = |(listener, router): (TcpListener, axum::Router)| {
-            let stop = http_stop.clone();
-            tokio::spawn(async move {
-                let server = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await });
-                if let Err(e) = server.await {
-                    tracing::error!(error = %e, "HTTP listener failed");
-                }
-            })
-        };
+        let mut listeners = Services::new();
+        let http_stop = listeners.stop_token();
         // The relay's listener is public: it bounds its connections and their timing itself.
-        let relay = {
-            let (listener, router) = self.relay;
-            tokio::spawn(relay::serve(
-                listener,
-                router,
-                http_stop.clone(),
-                HTTP_DRAIN,
-            ))
-        };
-        let admin = serve(self.admin);
-        let health_stop = tokio_util::sync::CancellationToken::new();
-        let health = self.fleet.clone().map(|fleet| {
-            let stop = health_stop.clone();
-            tokio::spawn(async move { fleet.watch_health(stop).await })
-        });
-        // Probes run until the consumer is done: held commands may wait on them in the grace.
-        let probing: Vec<_> = (self.probers.into_iter())
-            .map(|p| tokio::spawn(p.run(health_stop.clone())))
-            .collect();
-        let gauges = {
-            let stop = health_stop.clone();
-            let accounts = self.accounts.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(ACCOUNT_GAUGES);
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        _ = every.tick() => accounts
-                            .iter()
-                            .for_each(|(a, twin)| a.refresh_gauges(twin.as_deref())),
-                    }
-                }
-            })
-        };
-        tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
-        let result = match self.worker {
-            Worker::Alone(consumer) => consumer.run().await.map_err(AppError::from),
-            Worker::Shared {
-                consumer,
-                owned,
-                consuming,
-            } => {
-                let fleet = self.fleet.clone().expect("a shared worker has a fleet");
-                let stop = self.shutdown.stop_token().clone();
-                // Under its own name, or not at all: two live processes must not share one.
-                match fleet.join(&stop).await {
-                    Err(e) => Err(AppError::from(e)),
-                    Ok(()) => {
-                        let leave = tokio_util::sync::CancellationToken::new();
-                        let membership = {
-                            let (fleet, leave) = (fleet.clone(), leave.clone());
-                            tokio::spawn(async move {
-                                fleet.keep_membership(owned, consuming, stop, leave).await
-                            })
-                        };
-                        let result = consumer.run().await;
-                        // Left once every partition was handed over; here at the latest.
-                        leave.cancel();
-                        let _ = membership.await;
-                        match fleet.displaced() {
-                            Some(e) => Err(AppError::from(e)),
-                            None => result.map_err(AppError::from),
-                        }
-                    }
-                }
+        let (listener, router) = self.relay;
+        listeners.spawn(
+            "relay",
+            relay::serve(listener, router, http_stop.clone(), HTTP_DRAIN),
+        );
+        let (listener, router) = self.admin;
+        listeners.spawn("admin", async move {
+            let server = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await });
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "HTTP listener failed");
             }
+        });
+        let mut support = Services::new();
+        let stop = support.stop_token();
+        if let Some(fleet) = self.fleet.clone() {
+            let stop = stop.clone();
+            support.spawn(
+                "redis health",
+                async move { fleet.watch_health(stop).await },
+            );
+        }
+        // Probes run until the consumer is done: held commands may wait on them in the grace.
+        for prober in self.probers {
+            support.spawn("breaker prober", prober.run(stop.clone()));
+        }
+        support.spawn(
+            "account gauges",
+            gauges::refresh(self.accounts.clone(), stop),
+        );
+        tracing::info!(relay = %self.relay_addr, admin = %self.admin_addr, "listening");
+        let consume = consume(self.worker, self.fleet.clone(), &self.shutdown);
+        tokio::pin!(consume);
+        let mut panicked = None;
+        let result = loop {
+            tokio::select! {
+                result = &mut consume => break result,
+                name = support.panic(), if panicked.is_none() => panicked = Some(name),
+                name = listeners.panic(), if panicked.is_none() => panicked = Some(name),
+            }
+            // Stopped as at SIGTERM: what is in flight finishes or goes back.
+            self.shutdown.stop();
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "worker stopped");
         }
-        health_stop.cancel();
-        let _ = gauges.await;
-        if let Some(health) = health {
-            let _ = health.await;
+        let support = support.stop(None).await;
+        let listeners = listeners.stop(Some(HTTP_DRAIN)).await;
+        match panicked.or(support).or(listeners) {
+            Some(service) if result.is_ok() => Err(AppError::Panicked { service }),
+            _ => result,
         }
-        for probing in probing {
-            let _ = probing.await;
-        }
-        http_stop.cancel();
-        for server in [relay, admin] {
-            let abort = server.abort_handle();
-            if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
-                abort.abort();
-            }
-        }
-        result
+    }
+}
+
+/// Consumes until the shutdown stops it: alone, or in the fleet under its own name (or not
+/// at all), a member until every partition was handed over.
+async fn consume(
+    worker: Worker,
+    fleet: Option<Arc<Fleet>>,
+    shutdown: &Shutdown,
+) -> Result<(), AppError> {
+    let (consumer, owned, consuming) = match worker {
+        Worker::Alone(consumer) => return consumer.run().await.map_err(AppError::from),
+        Worker::Shared {
+            consumer,
+            owned,
+            consuming,
+        } => (consumer, owned, consuming),
+    };
+    let fleet = fleet.expect("a shared worker has a fleet");
+    let (stop, member) = (shutdown.stop_token().clone(), fleet.clone());
+    fleet.join(&stop).await?;
+    let mut membership = Services::new();
+    let leave = membership.stop_token();
+    membership.spawn("fleet membership", async move {
+        member.keep_membership(owned, consuming, stop, leave).await
+    });
+    let result = consumer.run().await;
+    // Left once every partition was handed over; here at the latest.
+    let panicked = membership.stop(None).await;
+    match (fleet.displaced(), panicked) {
+        (Some(e), _) => Err(AppError::from(e)),
+        (None, Some(service)) if result.is_ok() => Err(AppError::Panicked { service }),
+        (None, _) => result.map_err(AppError::from),
     }
 }

@@ -179,6 +179,9 @@ pub struct Consumer<H, P = H> {
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     tracker: TaskTracker,
+    /// The closing of what a handler opened beside a source let go with a lost connection:
+    /// it goes on in the background, and the drain waits for it.
+    closing: TaskTracker,
     /// A connection was lost and not yet re-established (counts reconnects).
     lost: AtomicBool,
     /// One holder per queue across a fleet: registers only on queues it holds.
@@ -214,6 +217,7 @@ impl<H: Handler> Consumer<H> {
             metrics,
             shutdown,
             tracker: TaskTracker::new(),
+            closing: TaskTracker::new(),
             lost: AtomicBool::new(false),
             holds: None,
             hold_retry: Duration::from_secs(1),
@@ -231,6 +235,7 @@ impl<H: Handler> Consumer<H> {
             metrics: self.metrics,
             shutdown: self.shutdown,
             tracker: self.tracker,
+            closing: self.closing,
             lost: self.lost,
             holds: self.holds,
             hold_retry: self.hold_retry,
@@ -368,6 +373,10 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             // transfer the conversation twice), and its outcome still gets published.
             let _ = tokio::time::timeout(self.settings.settle, self.tracker.wait()).await;
         }
+        // What was let go with a lost connection ends its closing, each within the grace.
+        self.closing.close();
+        let closing = self.settings.grace.saturating_add(self.settings.settle);
+        let _ = tokio::time::timeout(closing, self.closing.wait()).await;
         tracing::info!(elapsed = ?started.elapsed(), "in-flight commands drained");
     }
 }

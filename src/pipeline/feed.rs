@@ -51,7 +51,7 @@ impl Handler for Pipeline {
                 _ => {
                     let lanes = fresh();
                     if let Some(stale) = all.insert(source.queue.clone(), lanes.clone()) {
-                        tokio::spawn(async move { stale.close().await });
+                        lanes.succeed(stale);
                     }
                     lanes
                 }

@@ -52,7 +52,11 @@ fn components() -> BTreeMap<String, Vec<PathBuf>> {
         let mut files = Vec::new();
         collect(&path, &mut files);
         files.retain(|f| !is_test_file(f));
-        components.insert(component, files);
+        // `app.rs` and `app/` make one component.
+        components
+            .entry(component)
+            .or_insert_with(Vec::new)
+            .extend(files);
     }
     components
 }

@@ -129,7 +129,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 Err(e) => {
                     // The connection goes; what was taken up beside the partition goes first.
                     if let Some(kept) = &kept {
-                        tokio::spawn(P::close(&partitions.handler, kept));
+                        self.closing.spawn(P::close(&partitions.handler, kept));
                     }
                     return Err(e);
                 }

@@ -322,12 +322,13 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
         for (_, subscription) in link.owned.subscriptions.drain() {
             subscription.reader.abort();
             if let Some(partitions) = &self.partitions {
-                tokio::spawn(P::close(&partitions.handler, &subscription.source));
+                self.closing
+                    .spawn(P::close(&partitions.handler, &subscription.source));
             }
         }
         link.owned.releasing.abort_all();
         if link.intake.is_some() {
-            tokio::spawn(H::close(&self.handler, &link.source));
+            self.closing.spawn(H::close(&self.handler, &link.source));
         }
         if let Some(partitions) = &self.partitions {
             partitions.consuming.send_replace(BTreeSet::new());

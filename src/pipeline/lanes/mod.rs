@@ -274,6 +274,12 @@ impl SourceLanes {
         drop(job);
     }
 
+    /// Takes over from `stale`, the lanes of an earlier tenure of the source that nothing
+    /// closed: its closing is one of these lanes' tasks, so it has an owner.
+    pub(super) fn succeed(&self, stale: Arc<SourceLanes>) {
+        self.tasks.spawn(async move { stale.close().await });
+    }
+
     /// Starts the lane's task, unless it runs or the source is let go.
     fn start(self: &Arc<Self>, lane: &Arc<Lane>, state: &mut LaneState, declared: bool) {
         if state.inbox.is_some() || self.stop.is_cancelled() {
