@@ -50,7 +50,7 @@ pub enum AppError {
     Bind {
         /// The configured address.
         addr: SocketAddr,
-        /// Why.
+        /// Why it could not.
         source: std::io::Error,
     },
     /// The HTTP client could not be built.
@@ -327,7 +327,7 @@ impl App {
         self.broker.clone()
     }
 
-    /// The metrics.
+    /// The metrics every part counts into.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }

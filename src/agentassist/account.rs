@@ -198,7 +198,7 @@ impl Account {
         self.aside_after
     }
 
-    /// Its series.
+    /// The account's metrics (waiting, in flight, budget waits, set aside).
     pub fn metrics(&self) -> &AccountMetrics {
         &self.metrics
     }

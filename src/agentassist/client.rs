@@ -58,7 +58,7 @@ pub struct ApiError {
     pub kind: ErrorKind,
     /// The HTTP status, if one came back.
     pub status: Option<u16>,
-    /// For people.
+    /// What happened, for an operator to read; events carry it as `error.message`.
     pub message: String,
     /// The response body (JSON, or a string), if any.
     pub body: Option<Value>,
@@ -115,7 +115,7 @@ impl ApiError {
 /// A 2xx answer.
 #[derive(Debug, Clone)]
 pub struct ApiResponse {
-    /// The status.
+    /// The HTTP status (2xx).
     pub status: u16,
     /// The body as received: the JSON itself if it parses (kept verbatim, never re-encoded),
     /// else a JSON string of the text.

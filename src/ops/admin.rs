@@ -25,7 +25,7 @@ pub trait Readiness: Send + Sync + 'static {
 pub struct Admin {
     /// Every condition of readiness, asked in order; the first not met is reported.
     pub readiness: Vec<Arc<dyn Readiness>>,
-    /// The series.
+    /// The metrics `/metrics` renders.
     pub metrics: Arc<Metrics>,
 }
 

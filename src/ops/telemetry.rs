@@ -24,7 +24,7 @@ pub enum TelemetryError {
     Exporter {
         /// Where spans were to go.
         endpoint: String,
-        /// Why not.
+        /// Why the exporter could not be built.
         source: opentelemetry_otlp::ExporterBuildError,
     },
 }

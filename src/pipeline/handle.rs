@@ -32,9 +32,9 @@ pub struct Stages {
     pub transfers: Transfers,
     /// The callback URL of commands that bring none.
     pub relay: RelayUrls,
-    /// Remembers outcomes.
+    /// The outcomes of commands ended here, so a redelivered one is answered without a call.
     pub outcomes: Outcomes,
-    /// Counts.
+    /// The metrics every stage counts into.
     pub metrics: Arc<Metrics>,
     /// Waits end when the shutdown abandons them: the command goes back to the queue.
     pub shutdown: Shutdown,
