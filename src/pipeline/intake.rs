@@ -120,6 +120,13 @@ impl Router {
         }
     }
 
+    /// Whether the intake leaves what it holds: once stopping has begun it routes and sets
+    /// aside nothing, and what it holds goes back with its channels, in delivery order. (A
+    /// command left while a later one of its session was set aside would come back behind it.)
+    pub(super) fn leaves(&self) -> bool {
+        self.shutdown.is_stopping()
+    }
+
     /// The commands queue was taken up (again): each account's budget is read anew from the
     /// fleet's at its next command.
     pub(super) fn new_tenure(&self) {
@@ -196,7 +203,7 @@ impl Router {
         let session = valid.command.bot_session_id.clone();
         // Once stopping has begun nothing more is routed: a command left here goes back with
         // its channel, and a later one of its session must not go ahead of it.
-        if self.shutdown.is_stopping() {
+        if self.leaves() {
             return Admitted::Left;
         }
         if !self.fleet.everyone_admits() {

@@ -292,11 +292,9 @@ impl Pipeline {
         false
     }
 
-    /// Whether this is a fleet's intake that stops: from then on it routes and sets aside
-    /// nothing, and what it holds goes back with its channels, in delivery order. (A command
-    /// left while a later one of its session was set aside would come back behind it.)
+    /// Whether this is a fleet's intake that leaves what it holds ([`intake::Router::leaves`]).
     fn leaves_at_stop(&self) -> bool {
-        self.router.is_some() && self.stages.shutdown.is_stopping()
+        self.router.as_ref().is_some_and(intake::Router::leaves)
     }
 
     /// The job is no longer in flight here (settled, returned, or set aside).
