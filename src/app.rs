@@ -27,10 +27,10 @@ use crate::fleet::{Fleet, FleetError};
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::pipeline::command::Parser;
 use crate::pipeline::handle::Stages;
 use crate::pipeline::intake::Router;
 use crate::pipeline::outcomes::Outcomes;
+use crate::pipeline::parser::Parser;
 use crate::shutdown::Shutdown;
 
 mod gauges;

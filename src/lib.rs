@@ -41,7 +41,7 @@
 //!   attempt while the API is down, probing it until it answers.
 //! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
 //!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
-//! - [`pipeline`] — the handler of the commands queue: [`pipeline::command`] (a delivery
+//! - [`pipeline`] — the handler of the commands queue: [`pipeline::parser`] (a delivery
 //!   becomes a typed command or a rejection, once, at the edge), [`pipeline::sessions`]
 //!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
 //!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step

@@ -1,7 +1,7 @@
 //! Transfer commands as the contract defines them (docs/contract.md §2): a valid
 //! [`Command`], where it goes ([`Target`]), and a [`Rejection`] that says what is wrong with a
 //! delivery that is not one. Reading a delivery into one of these is the edge's work
-//! (`pipeline::command`); everything past the edge sees only these types.
+//! (`pipeline::parser`); everything past the edge sees only these types.
 
 use std::time::SystemTime;
 

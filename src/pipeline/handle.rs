@@ -22,7 +22,7 @@ use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
 use crate::contract::{Command, Rejection};
 use crate::fleet::{Claim, Fleet, StartRequest};
 use crate::ops::metrics::Metrics;
-use crate::pipeline::command::{Envelope, Valid};
+use crate::pipeline::parser::{Envelope, Valid};
 use crate::shutdown::{Abandoned, Shutdown};
 
 /// What the step needs.

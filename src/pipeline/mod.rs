@@ -7,12 +7,12 @@
 //! each delivery, queues it behind its session, and runs each session's commands one after
 //! another. At a fleet's intake the same pipeline admits and routes instead ([`intake`]).
 
-pub mod command;
 mod feed;
 pub mod handle;
 pub mod intake;
 pub mod lanes;
 pub mod outcomes;
+pub mod parser;
 pub mod sessions;
 
 use std::collections::HashMap;
@@ -31,9 +31,9 @@ use crate::broker::consumer::InFlight;
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
 use crate::contract::{Event, EventKind, Rejection};
 use crate::ops::trace_context::{self, CommandTrace};
-use command::{Envelope, Parser};
 use handle::{Handled, Parsed, Stages, handle, panic_message};
 use lanes::{SourceLanes, Taken};
+use parser::{Envelope, Parser};
 use sessions::SessionQueues;
 
 /// Wait before returning a command whose outcome could not be published, so a broker that
@@ -169,7 +169,7 @@ impl Pipeline {
             );
             tracing::error!(%message, "reading a command panicked");
             Err(Box::new(Rejection {
-                command_id: command::body_hash(&delivery.data),
+                command_id: parser::body_hash(&delivery.data),
                 stream_id: None,
                 bot_session_id: None,
                 target: None,

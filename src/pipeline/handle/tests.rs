@@ -13,7 +13,7 @@ use crate::agentassist::retry::RetryPolicy;
 use crate::callbacks::token::TokenSigner;
 use crate::config::Settings;
 use crate::contract::event::EventKind;
-use crate::pipeline::command::Parser;
+use crate::pipeline::parser::Parser;
 use crate::tools::simulator::{self, Reply, Simulator, SimulatorConfig};
 
 /// The step against a simulator of its own, with the default bot.

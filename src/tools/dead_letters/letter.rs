@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
-use crate::pipeline::command::body_hash;
+use crate::pipeline::parser::body_hash;
 
 /// Where a dead letter's id comes from: the worker's own rule (docs/contract.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +94,7 @@ impl Letter {
 }
 
 /// The key the worker dedupes a command by: its `commandId`, else its `message_id`, else a
-/// hash of its body — the same rule as `pipeline::command`, so the ids match its events.
+/// hash of its body — the same rule as `pipeline::parser`, so the ids match its events.
 fn command_key(body: &[u8], properties: &BasicProperties) -> (String, IdSource) {
     let parsed = serde_json::from_slice::<serde_json::Value>(body).ok();
     let json = parsed.as_ref().is_some_and(serde_json::Value::is_object);
