@@ -22,6 +22,17 @@ fn paced_accounts(prefix: &str, n: usize, limit: u32, window: Duration) -> Vec<B
         .collect()
 }
 
+/// A fleet of `replicas` with `partitions` partitions, balanced, with `accounts` configured
+/// beside its own bots, and an API that answers in 20 ms.
+async fn paced_fleet(accounts: &[BotSpec], replicas: usize, partitions: u16) -> Fleet {
+    let spec = FleetSpec {
+        more_bots: accounts.to_vec(),
+        latency: Duration::from_millis(20),
+        ..FleetSpec::partitioned(replicas, partitions)
+    };
+    Fleet::start_balanced(spec, Duration::from_secs(20)).await
+}
+
 /// Command `i` of `bot`, in a session of its own.
 fn command(bot: &BotSpec, i: usize) -> Value {
     let id = format!("{}-{i:03}", bot.account_id);
@@ -65,15 +76,7 @@ fn sample_account_queues(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_burst_of_many_accounts_every_account_queue_is_retired() {
     let accounts = paced_accounts("burst", 8, 3, Duration::from_secs(2));
-    let mut fleet = Fleet::start_balanced(
-        FleetSpec {
-            more_bots: accounts.clone(),
-            latency: Duration::from_millis(20),
-            ..FleetSpec::partitioned(2, 6)
-        },
-        Duration::from_secs(20),
-    )
-    .await;
+    let mut fleet = paced_fleet(&accounts, 2, 6).await;
     let (events, peak) = burst(&mut fleet, &accounts, "burst", 9).await;
     assert!(
         peak.len() <= accounts.len(),
@@ -205,15 +208,7 @@ async fn burst(
 async fn beside_a_replica_of_an_earlier_version_the_intake_sets_nothing_aside() {
     use transfer_worker::fleet::membership::FAULT_EARLIER_VERSION_NAME;
     let accounts = paced_accounts("mixed", 2, 2, Duration::from_secs(2));
-    let mut fleet = Fleet::start_balanced(
-        FleetSpec {
-            more_bots: accounts.clone(),
-            latency: Duration::from_millis(20),
-            ..FleetSpec::partitioned(1, 4)
-        },
-        Duration::from_secs(20),
-    )
-    .await;
+    let mut fleet = paced_fleet(&accounts, 1, 4).await;
     let earlier = fleet.add_replica_with(&format!("{FAULT_EARLIER_VERSION_NAME}-1"), &[]);
     fleet.wait_all_ready().await;
     fleet
@@ -304,15 +299,7 @@ async fn an_intake_stopped_with_commands_waiting_for_admission_hands_over_at_onc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intake_taken_over_admits_from_the_fleets_budgets() {
     let accounts = paced_accounts("over", 3, 3, Duration::from_secs(6));
-    let mut fleet = Fleet::start_balanced(
-        FleetSpec {
-            more_bots: accounts.clone(),
-            latency: Duration::from_millis(20),
-            ..FleetSpec::partitioned(2, 4)
-        },
-        Duration::from_secs(20),
-    )
-    .await;
+    let mut fleet = paced_fleet(&accounts, 2, 4).await;
     let commands: Vec<Value> = (0..9)
         .flat_map(|i| accounts.iter().map(move |bot| command(bot, i)))
         .collect();
@@ -371,15 +358,7 @@ async fn a_command_its_partition_refuses_holds_up_none_of_its_accounts_other_ses
     use transfer_worker::pipeline::intake::FAULT_REFUSED_ROUTE_ORG_ID;
     let mut bot = paced_accounts("refused", 1, 60, Duration::from_secs(60));
     bot[0].max_in_flight = Some(1);
-    let mut fleet = Fleet::start_balanced(
-        FleetSpec {
-            more_bots: bot.clone(),
-            latency: Duration::from_millis(20),
-            ..FleetSpec::partitioned(1, 2)
-        },
-        Duration::from_secs(20),
-    )
-    .await;
+    let mut fleet = paced_fleet(&bot, 1, 2).await;
     let mut refused = command(&bot[0], 0);
     refused["orgId"] = json!(FAULT_REFUSED_ROUTE_ORG_ID);
     let refused_id = refused["commandId"].as_str().unwrap().to_owned();
