@@ -101,7 +101,7 @@ impl Pacer {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut all: Vec<Instant> = starts
             .into_iter()
-            .filter(|&t| t + self.window > now)
+            .filter(|&t| t.checked_add(self.window).is_some_and(|end| end > now))
             .chain(state.starts.iter().copied().filter(|&t| t > now))
             .collect();
         all.sort_unstable();
@@ -232,6 +232,46 @@ mod tests {
                 prop_assert!(starts.windows(2).all(|w| w[0] <= w[1]));
                 let window = Duration::from_millis(window_ms).min(crate::config::MAX_DURATION);
                 assert_paced(&starts, usize::try_from(limit.max(1)).unwrap(), window);
+            }
+
+            /// Whatever view of the budget it is seeded with (any starts from the far past to
+            /// the far future, in any order, any pause), a pacer never panics, and what it
+            /// hands out after stays ordered and keeps the seeded starts' pace.
+            #[test]
+            fn any_seed(
+                limit in 1u32..6,
+                window_ms in 1u64..10_000,
+                offsets in proptest::collection::vec(prop_oneof![any::<i64>(), -20_000_000i64..20_000_000], 0..12),
+                pause_us in proptest::option::of(any::<u64>()),
+            ) {
+                let pacer = Pacer::new(limit, Duration::from_millis(window_ms));
+                let now = Instant::now();
+                let at = |us: i64| match u64::try_from(us) {
+                    Ok(ahead) => now.checked_add(Duration::from_micros(ahead)),
+                    Err(_) => now.checked_sub(Duration::from_micros(us.unsigned_abs())),
+                };
+                let seeded: Vec<Instant> = offsets.iter().filter_map(|&us| at(us)).collect();
+                let paused = pause_us.and_then(|us| now.checked_add(Duration::from_micros(us)));
+                pacer.seed(seeded.clone(), paused);
+                let mut starts = Vec::new();
+                for _ in 0..6 {
+                    if let Ok(slot) = pacer.reserve(None) {
+                        starts.push(slot);
+                    }
+                }
+                prop_assert!(starts.windows(2).all(|w| w[0] <= w[1]));
+                if let Some(p) = paused {
+                    prop_assert!(starts.iter().all(|&s| s >= p));
+                }
+                // Every start handed out ends a window that holds at most `limit` starts, the
+                // seeded ones counted (they may crowd a window of their own: not its doing).
+                let window = Duration::from_millis(window_ms);
+                let all: Vec<Instant> = seeded.into_iter().chain(starts.iter().copied()).collect();
+                for &s in &starts {
+                    let from = s.checked_sub(window);
+                    let within = all.iter().filter(|&&t| t <= s && from.is_none_or(|f| t > f)).count();
+                    prop_assert!(within <= usize::try_from(limit).unwrap(), "{within} starts in the window ending at a new one");
+                }
             }
         }
     }
