@@ -99,13 +99,13 @@ pub(super) async fn depart<'a>(
     shutdown: &Shutdown,
 ) -> Result<Option<Departure<'a>>, Unfinished> {
     match fleet {
-        None => here(bot, until, shutdown).await,
+        None => through_own_arrivals(bot, until, shutdown).await,
         Some(fleet) => in_fleet(fleet, bot, until, shutdown).await,
     }
 }
 
 /// Through this process's arrivals.
-async fn here<'a>(
+async fn through_own_arrivals<'a>(
     bot: &'a Bot,
     until: Option<Instant>,
     shutdown: &Shutdown,

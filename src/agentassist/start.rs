@@ -12,7 +12,7 @@ use crate::fleet::{Fleet, FleetError, Reservation};
 use crate::shutdown::{Abandoned, Shutdown};
 
 /// Waits for a start from this process's pacer.
-pub(super) async fn here(
+pub(super) async fn from_own_pacer(
     bot: &Bot,
     limit: Option<Instant>,
     shutdown: &Shutdown,

@@ -85,7 +85,7 @@ impl Transfers {
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
         let (limit, by_aside) = start_limit(deadline, aside);
         let started = match &self.fleet {
-            None => start::here(bot, limit, shutdown).await?,
+            None => start::from_own_pacer(bot, limit, shutdown).await?,
             Some(fleet) => {
                 let start = start::FleetStart {
                     fleet,
@@ -253,7 +253,7 @@ impl Transfers {
                 outage,
                 deadline,
             };
-            match Box::pin(self.after(failure, bot, &mut budget, shutdown)).await? {
+            match Box::pin(self.next_after_failure(failure, bot, &mut budget, shutdown)).await? {
                 Next::Now => {}
                 Next::At(until) => shutdown.sleep_until(until).await?,
                 Next::Done(outcome) => return Ok(outcome),
@@ -263,7 +263,7 @@ impl Transfers {
 
     /// What follows a failed call: another at once (a fresh token, or the breaker's last
     /// chance), another after a wait, or the end.
-    async fn after(
+    async fn next_after_failure(
         &self,
         failure: Failure,
         bot: &Bot,

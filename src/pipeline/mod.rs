@@ -73,8 +73,9 @@ struct Job {
     taken: Option<Taken>,
     /// The lanes it was taken in by, directly: it may still be set aside there.
     lanes: Option<Arc<SourceLanes>>,
-    /// It may not be set aside (a later command of its session already was).
-    stays: bool,
+    /// It runs here and is never set aside: its lane would not take it (a later command of
+    /// its session already was).
+    runs_here: bool,
     /// It counts as a command in flight here (at a fleet's intake, only one that ends there).
     counted: bool,
 }
@@ -195,7 +196,7 @@ impl Pipeline {
             slot: None,
             taken: None,
             lanes: None,
-            stays: false,
+            runs_here: false,
         })
     }
 
@@ -212,7 +213,7 @@ impl Pipeline {
                     Ok(()) => return,
                     Err(stays) => {
                         job = stays;
-                        job.stays = true;
+                        job.runs_here = true;
                         continue;
                     }
                 }
@@ -230,7 +231,7 @@ impl Pipeline {
     async fn run_one(&self, job: &mut Job) -> bool {
         // A command runs in one of its account's slots (docs/contract.md §12).
         let aside = match &job.parsed.command {
-            Ok(command) if job.lanes.is_some() && !job.stays => {
+            Ok(command) if job.lanes.is_some() && !job.runs_here => {
                 Some(command.bot.account.aside_after())
             }
             _ => None,
