@@ -10,6 +10,7 @@ pub mod lane_registry;
 pub mod nodes;
 pub mod publisher;
 pub mod topology;
+pub mod trace_headers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};

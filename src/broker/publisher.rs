@@ -257,7 +257,7 @@ pub fn dead_letter_properties(received: &BasicProperties, event: &Event) -> Basi
     headers.insert("x-transfer-event-id".into(), text(&event.id.to_string()));
     // The copy comes from the worker's span for the command: a replay continues the trace
     // under it.
-    trace_context::with_current(|trace| trace.insert_into(&mut headers));
+    trace_context::with_current(|trace| super::trace_headers::insert(trace, &mut headers));
     received.clone().with_headers(headers).with_delivery_mode(2)
 }
 
@@ -278,7 +278,7 @@ fn event_properties(event: &Event) -> BasicProperties {
     // callback events, published later, carry none.
     match trace_context::with_current(|trace| {
         let mut headers = FieldTable::default();
-        trace.insert_into(&mut headers);
+        super::trace_headers::insert(trace, &mut headers);
         headers
     }) {
         Some(headers) => properties.with_headers(headers),

@@ -1,5 +1,6 @@
 //! W3C trace context (docs/contract.md §11): a command's `traceparent` and `tracestate`
-//! headers are read once, at the edge ([`Incoming::from_headers`]); the worker's span for the
+//! headers are read once, at the edge ([`Incoming::from_headers`], given how to look a header
+//! up: the broker knows how its messages carry them); the worker's span for the
 //! command continues that trace, or starts one ([`CommandTrace::start`]); the command's API
 //! call and everything published for it carry the worker's `traceparent`
 //! ([`CommandTrace::traceparent`]).
@@ -24,8 +25,6 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use lapin::types::{AMQPValue, FieldTable};
 
 /// The header that carries the trace and the parent span.
 pub const TRACEPARENT: &str = "traceparent";
@@ -122,14 +121,29 @@ pub struct Incoming {
     pub state: Option<String>,
 }
 
+/// A header's value, as a message carries it: text, or something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderValue<'a> {
+    /// Its bytes.
+    Text(&'a [u8]),
+    /// Not text (a number, a table): no trace header can be one.
+    Other,
+}
+
+impl<'a> HeaderValue<'a> {
+    fn text(self) -> Option<&'a [u8]> {
+        match self {
+            Self::Text(bytes) => Some(bytes),
+            Self::Other => None,
+        }
+    }
+}
+
 impl Incoming {
-    /// Reads the headers of a delivery. An invalid `traceparent` or `tracestate` is ignored,
-    /// with a debug log line.
-    pub fn from_headers(headers: Option<&FieldTable>) -> Self {
-        let Some(headers) = headers.map(FieldTable::inner) else {
-            return Self::default();
-        };
-        let parent = match headers.get(TRACEPARENT).map(header_bytes) {
+    /// Reads a command's trace headers, each looked up by name with `get`. An invalid
+    /// `traceparent` or `tracestate` is ignored, with a debug log line.
+    pub fn from_headers<'a>(get: impl Fn(&str) -> Option<HeaderValue<'a>>) -> Self {
+        let parent = match get(TRACEPARENT).map(HeaderValue::text) {
             None => None,
             Some(bytes) => match bytes.ok_or(TraceContextError::Malformed("not text")) {
                 Ok(bytes) => TraceParent::parse(bytes)
@@ -142,7 +156,7 @@ impl Incoming {
             },
         };
         let state = parent
-            .and_then(|_| headers.get(TRACESTATE))
+            .and_then(|_| get(TRACESTATE))
             .and_then(|value| match state(value) {
                 Ok(state) => Some(state),
                 Err(e) => {
@@ -229,13 +243,11 @@ impl CommandTrace {
         &self.header
     }
 
-    /// Adds `traceparent` (and `tracestate`, when one came) to AMQP headers, replacing any.
-    pub fn insert_into(&self, headers: &mut FieldTable) {
-        let text = |s: &str| AMQPValue::LongString(s.as_bytes().into());
-        headers.insert(TRACEPARENT.into(), text(&self.header));
-        if let Some(state) = &self.state {
-            headers.insert(TRACESTATE.into(), text(state));
-        }
+    /// The headers the command's messages carry, by name: `traceparent`, and `tracestate`
+    /// when one came.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        std::iter::once((TRACEPARENT, self.header.as_str()))
+            .chain(self.state.as_deref().map(|state| (TRACESTATE, state)))
     }
 }
 
@@ -306,17 +318,8 @@ mod otel {
     }
 }
 
-fn header_bytes(value: &AMQPValue) -> Option<&[u8]> {
-    match value {
-        AMQPValue::LongString(s) => Some(s.as_bytes()),
-        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
-        AMQPValue::ByteArray(b) => Some(b.as_slice()),
-        _ => None,
-    }
-}
-
-fn state(value: &AMQPValue) -> Result<String, TraceContextError> {
-    let bytes = header_bytes(value).ok_or(TraceContextError::BadState)?;
+fn state(value: HeaderValue<'_>) -> Result<String, TraceContextError> {
+    let bytes = value.text().ok_or(TraceContextError::BadState)?;
     if bytes.len() > MAX_TRACESTATE || !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
         return Err(TraceContextError::BadState);
     }

@@ -51,7 +51,7 @@ impl Envelope {
                 .headers()
                 .as_ref()
                 .is_some_and(|h| h.inner().contains_key(REPLAY_MARK)),
-            trace: Incoming::from_headers(properties.headers().as_ref()),
+            trace: crate::broker::trace_headers::incoming(properties.headers().as_ref()),
         }
     }
 }
