@@ -12,8 +12,8 @@ use services::Services;
 
 use crate::agentassist::account::Account;
 use crate::agentassist::bots::Bots;
+use crate::agentassist::breaker::Breakers;
 use crate::agentassist::breaker::Prober;
-use crate::agentassist::breakers::Breakers;
 use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};

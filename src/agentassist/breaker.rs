@@ -306,9 +306,11 @@ async fn wait_for_change(
     }
 }
 
+mod by_host;
 mod prober;
 mod state;
 
+pub use by_host::Breakers;
 pub use prober::Prober;
 
 #[cfg(test)]

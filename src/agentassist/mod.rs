@@ -8,7 +8,6 @@ pub mod arrivals;
 pub mod attempts;
 pub mod bots;
 pub mod breaker;
-pub mod breakers;
 pub mod client;
 pub(crate) mod deadline;
 pub mod departure;

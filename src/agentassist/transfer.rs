@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::attempts::AttemptBudget;
 use super::bots::Bot;
+use super::breaker::Breakers;
 use super::breaker::{Failure as BreakerFailure, Interrupted};
-use super::breakers::Breakers;
 use super::client::{ApiClient, ApiError, request_body};
 use super::deadline::{deadline_of, reaches, start_limit};
 use super::pacer::DeadlineFirst;

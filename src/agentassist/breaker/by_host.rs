@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::ApiClient;
-use super::bots::{Bot, Bots};
-use super::breaker::{Breaker, Prober};
+use super::{Breaker, Prober};
+use crate::agentassist::ApiClient;
+use crate::agentassist::bots::{Bot, Bots};
 use crate::config::Settings;
 use crate::fleet::Fleet;
 use crate::ops::metrics::Metrics;
