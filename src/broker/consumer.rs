@@ -373,10 +373,12 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             // transfer the conversation twice), and its outcome still gets published.
             let _ = tokio::time::timeout(self.settings.settle, self.tracker.wait()).await;
         }
-        // What was let go with a lost connection ends its closing, each within the grace.
+        // What was let go with a lost connection ends its closing, within the same bound as
+        // the drain (the grace, then the time calls on the wire get): never a second one.
         self.closing.close();
-        let closing = self.settings.grace.saturating_add(self.settings.settle);
-        let _ = tokio::time::timeout(closing, self.closing.wait()).await;
+        let bound = self.settings.grace.saturating_add(self.settings.settle);
+        let left = bound.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, self.closing.wait()).await;
         tracing::info!(elapsed = ?started.elapsed(), "in-flight commands drained");
     }
 }
