@@ -418,7 +418,19 @@ async fn consume(
     membership.spawn("fleet membership", async move {
         member.keep_membership(owned, consuming, stop, leave).await
     });
-    let result = consumer.run().await;
+    let run = consumer.run();
+    tokio::pin!(run);
+    let mut watching = true;
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            // A membership that panicked keeps no holds: stop as at SIGTERM.
+            _ = membership.panic(), if watching => {
+                watching = false;
+                shutdown.stop();
+            }
+        }
+    };
     // Left once every partition was handed over; here at the latest.
     let panicked = membership.stop(None).await;
     match (fleet.displaced(), panicked) {

@@ -41,6 +41,11 @@ const TRAITS: &str = "intake";
 #[cfg(feature = "fault-injection")]
 pub const FAULT_EARLIER_VERSION_NAME: &str = "fault-injection-earlier-version";
 
+/// A replica whose `fleet.name` starts with this panics in its membership loop after its
+/// second heartbeat.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_MEMBERSHIP_PANIC_NAME: &str = "fault-injection-membership-panic";
+
 /// One live member, as the fleet's Redis last heard from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {

@@ -88,11 +88,13 @@ pub async fn run(mut settings: Settings, count: usize) -> Result<DemoSummary, De
 
     let result = exchange_events(&broker, &amqp, &stream_id, count).await;
 
-    worker.stop().await;
+    let stopped = worker.stop().await;
     let stats = sim.stats();
     sim.shutdown().await;
     broker.close(&amqp).await;
 
+    // A worker that stopped with an error (a service that panicked) says why first.
+    stopped?;
     let summary = result?;
     print_summary(&summary, &stats);
     Ok(summary)
@@ -213,10 +215,17 @@ impl DemoWorker {
         Ok(Self { shutdown, task })
     }
 
-    /// Stops the worker and gives it 15 s to finish.
-    async fn stop(self) {
+    /// Stops the worker and gives it 15 s to finish; the error it stopped with, if any.
+    async fn stop(self) -> Result<(), DemoError> {
         self.shutdown.stop();
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+        match tokio::time::timeout(Duration::from_secs(15), self.task).await {
+            Ok(Ok(ran)) => ran.map_err(DemoError::from),
+            Ok(Err(e)) if e.is_panic() => {
+                Err(DemoError::App(AppError::Panicked { service: "worker" }))
+            }
+            // It did not finish in time, or its task was cancelled: nothing more to say.
+            Ok(Err(_)) | Err(_) => Ok(()),
+        }
     }
 }
 

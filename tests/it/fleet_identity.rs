@@ -133,3 +133,38 @@ async fn a_replica_killed_and_started_again_at_once_under_its_name_joins_once_it
     );
     fleet.stop_leaving_nothing().await;
 }
+
+/// A replica whose fleet membership panics (fault injection, after its second heartbeat)
+/// keeps no holds from then on: it stops as at SIGTERM, hands its queues over, and exits
+/// non-zero naming the service, rather than running on without a membership. Every command
+/// published meanwhile ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_membership_panics_stops_and_exits_non_zero_naming_it() {
+    use transfer_worker::fleet::membership::FAULT_MEMBERSHIP_PANIC_NAME;
+    let mut fleet = Fleet::start(FleetSpec::partitioned(1, 4)).await;
+    fleet.wait_all_ready().await;
+    let broken = fleet.add_replica_with(&format!("{FAULT_MEMBERSHIP_PANIC_NAME}-1"), &[]);
+    let status = fleet.replicas[broken]
+        .exit_status(Duration::from_secs(30))
+        .await;
+    let log = fleet.replicas[broken].log();
+    assert!(
+        !status.success(),
+        "a replica whose membership panicked exited 0\n{log}"
+    );
+    assert!(
+        log.contains("fleet membership"),
+        "the exit does not name the service that panicked\n{log}"
+    );
+    let ids: Vec<String> = (0..8).map(|i| format!("after-panic-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        fleet
+            .publish(&session_command(id, &format!("s-after-panic-{i}"), false))
+            .await;
+    }
+    fleet
+        .events_until(Duration::from_secs(30), |e| {
+            crate::partitions::all_ended(e, &ids)
+        })
+        .await;
+}

@@ -43,6 +43,8 @@ impl Fleet {
         let mut heard = Instant::now();
         // Partitions this replica is to own that another still lets go: look again soon.
         let mut waiting = false;
+        #[cfg(feature = "fault-injection")]
+        let mut beats = 0u32;
         loop {
             tokio::select! {
                 biased;
@@ -62,6 +64,13 @@ impl Fleet {
             // Before the call, not after: Redis timed the membership after this instant.
             let sent = Instant::now();
             let beat = self.beat(Beat::Alive(&really)).await;
+            #[cfg(feature = "fault-injection")]
+            {
+                beats = beats.saturating_add(1);
+                if beats > 2 && self.name.starts_with(super::FAULT_MEMBERSHIP_PANIC_NAME) {
+                    panic!("fault injection: the membership loop panics");
+                }
+            }
             if let Err(FleetError::NameInUse { holder, .. }) = &beat
                 && !stop.is_cancelled()
             {
