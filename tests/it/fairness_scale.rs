@@ -33,6 +33,14 @@ async fn paced_fleet(accounts: &[BotSpec], replicas: usize, partitions: u16) -> 
     Fleet::start_balanced(spec, Duration::from_secs(20)).await
 }
 
+/// The ids of `commands`.
+fn ids_of(commands: &[Value]) -> Vec<String> {
+    commands
+        .iter()
+        .map(|c| c["commandId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Command `i` of `bot`, in a session of its own.
 fn command(bot: &BotSpec, i: usize) -> Value {
     let id = format!("{}-{i:03}", bot.account_id);
@@ -132,10 +140,7 @@ async fn taking_up_partitions_does_not_grow_with_the_bots_configured() {
     let commands: Vec<Value> = (0..100)
         .map(|i| agent_command(&format!("one-{i:03}"), &format!("s-one-{i:03}")))
         .collect();
-    let ids: Vec<String> = commands
-        .iter()
-        .map(|c| c["commandId"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = ids_of(&commands);
     let published = Instant::now();
     fleet.publish_all(&commands).await;
     // A coarse bound: a look per bot and partition takes minutes on a busy broker.
@@ -186,10 +191,7 @@ async fn burst(
             })
         })
         .collect();
-    let ids: Vec<String> = commands
-        .iter()
-        .map(|c| c["commandId"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = ids_of(&commands);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_account_queues(fleet.settings.clone(), stop.clone());
     fleet.publish_all(&commands).await;
@@ -258,10 +260,7 @@ async fn an_intake_stopped_with_commands_waiting_for_admission_hands_over_at_onc
         .push(("TRANSFER__SHUTDOWN__GRACE".into(), "30s".into()));
     let mut fleet = Fleet::start_balanced(spec, Duration::from_secs(20)).await;
     let commands: Vec<Value> = (0..6).map(|i| command(&slow[0], i)).collect();
-    let mut ids: Vec<String> = commands
-        .iter()
-        .map(|c| c["commandId"].as_str().unwrap().to_owned())
-        .collect();
+    let mut ids = ids_of(&commands);
     fleet.publish_all(&commands).await;
     let intake = fleet.the_intake().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -303,10 +302,7 @@ async fn an_intake_taken_over_admits_from_the_fleets_budgets() {
     let commands: Vec<Value> = (0..9)
         .flat_map(|i| accounts.iter().map(move |bot| command(bot, i)))
         .collect();
-    let ids: Vec<String> = commands
-        .iter()
-        .map(|c| c["commandId"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = ids_of(&commands);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_account_queues(fleet.settings.clone(), stop.clone());
     fleet.publish_all(&commands).await;
@@ -366,10 +362,7 @@ async fn a_command_its_partition_refuses_holds_up_none_of_its_accounts_other_ses
     tokio::time::sleep(Duration::from_millis(300)).await;
     let others: Vec<Value> = (1..4).map(|i| command(&bot[0], i)).collect();
     fleet.publish_all(&others).await;
-    let ids: Vec<String> = others
-        .iter()
-        .map(|c| c["commandId"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = ids_of(&others);
     let events = fleet
         .events_until(Duration::from_secs(30), |e| all_ended(e, &ids))
         .await;
