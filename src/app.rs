@@ -14,6 +14,7 @@ use crate::agentassist::account::Account;
 use crate::agentassist::bots::Bots;
 use crate::agentassist::breaker::Breakers;
 use crate::agentassist::breaker::Prober;
+use crate::agentassist::budget::{OwnBudget, RateBudget, SharedBudget};
 use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
@@ -29,6 +30,7 @@ use crate::ops::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::pipeline::handle::Stages;
 use crate::pipeline::intake::Router;
+use crate::pipeline::ledger::{Ledger, SharedLedger, Unshared};
 use crate::pipeline::outcomes::Outcomes;
 use crate::pipeline::parser::Parser;
 use crate::shutdown::Shutdown;
@@ -166,13 +168,30 @@ impl Shared {
             extra_roots.as_deref(),
         )?;
         let policy = RetryPolicy::new(&settings.retry);
-        let mut transfers = Transfers::new(api.clone(), policy, self.metrics.clone());
-        if let Some(fleet) = &self.fleet {
-            transfers = transfers.with_fleet(fleet.clone());
+        let budget = self.budget();
+        let (breakers, probers) = Breakers::new(settings, bots, &api, &budget, &self.metrics);
+        let transfers = Transfers::new(api, policy, self.metrics.clone())
+            .with_budget(budget)
+            .with_breakers(breakers);
+        Ok((transfers, probers))
+    }
+
+    /// The accounts' rate budgets: the fleet's in Redis, or this process's own. The one
+    /// place that decides it, with [`Shared::ledger`].
+    fn budget(&self) -> Arc<dyn RateBudget> {
+        match &self.fleet {
+            Some(fleet) => Arc::new(SharedBudget::new(fleet.clone())),
+            None => Arc::new(OwnBudget),
         }
-        let fleet = self.fleet.clone();
-        let (breakers, probers) = Breakers::new(settings, bots, &api, fleet, &self.metrics);
-        Ok((transfers.with_breakers(breakers), probers))
+    }
+
+    /// Whose a command is and how it ended, beyond this process: the fleet's claims and
+    /// outcomes, or nobody's.
+    fn ledger(&self) -> Arc<dyn Ledger> {
+        match &self.fleet {
+            Some(fleet) => Arc::new(SharedLedger::new(fleet.clone(), self.metrics.clone())),
+            None => Arc::new(Unshared),
+        }
     }
 
     /// The fleet, if its replicas share work through partitions.
@@ -279,7 +298,7 @@ impl App {
             ),
             metrics: shared.metrics.clone(),
             shutdown: shared.shutdown.clone(),
-            fleet: shared.fleet.clone(),
+            ledger: shared.ledger(),
         };
         let (intake, at_intake) = shared.intake(&settings, &stages).unzip();
         let accounts = paired(accounts, at_intake.unwrap_or_default());

@@ -1,7 +1,8 @@
 //! The last gate before a call leaves (docs/contract.md §4): this process's
-//! [`Arrivals`](super::arrivals::Arrivals) when the worker is alone, the fleet's gate in Redis
-//! ([`Fleet::depart`]) when it is not. A call passes it after its booked start, right before
-//! it is sent, and reports its answer on the way back.
+//! [`Arrivals`](super::arrivals::Arrivals) for a worker alone, the fleet's gate in Redis
+//! ([`Fleet::depart`]) in a fleet; the account's [`RateBudget`](super::budget::RateBudget)
+//! says which. A call passes it after its booked start, right before it is sent, and reports
+//! its answer on the way back.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ const ON_THE_WIRE_POLL_MAX: Duration = Duration::from_millis(640);
 
 /// A call through the gate, on its way.
 #[derive(Debug)]
-pub(super) enum Departure<'a> {
+pub enum Departure<'a> {
     /// Counted in this process.
     Here(arrivals::Departure<'a>),
     /// Counted in Redis.
@@ -89,23 +90,9 @@ impl Departure<'_> {
     }
 }
 
-/// Waits until a call of `bot`'s account may leave; `None` when `until` (the deadline) comes
-/// first. An account paused by a 429 lets nothing leave until its pause ends, however long the
-/// call waited at the gate.
-pub(super) async fn depart<'a>(
-    fleet: Option<&'a Fleet>,
-    bot: &'a Bot,
-    until: Option<Instant>,
-    shutdown: &Shutdown,
-) -> Result<Option<Departure<'a>>, Unfinished> {
-    match fleet {
-        None => through_own_arrivals(bot, until, shutdown).await,
-        Some(fleet) => in_fleet(fleet, bot, until, shutdown).await,
-    }
-}
-
-/// Through this process's arrivals.
-async fn through_own_arrivals<'a>(
+/// Through this process's arrivals ([`super::budget::OwnBudget`]). An account paused by a 429
+/// lets nothing leave until its pause ends, however long the call waited at the gate.
+pub(super) async fn through_own_arrivals<'a>(
     bot: &'a Bot,
     until: Option<Instant>,
     shutdown: &Shutdown,
@@ -146,7 +133,7 @@ fn send_within(fleet: &Fleet) -> Duration {
 
 /// Through the fleet's arrivals in Redis. One member for the call, kept across questions: a
 /// call let through whose answer was lost on the way back is not counted twice.
-async fn in_fleet<'a>(
+pub(super) async fn in_fleet<'a>(
     fleet: &'a Fleet,
     bot: &'a Bot,
     until: Option<Instant>,

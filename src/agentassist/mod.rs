@@ -8,6 +8,7 @@ pub mod arrivals;
 pub mod attempts;
 pub mod bots;
 pub mod breaker;
+pub mod budget;
 pub mod client;
 pub(crate) mod deadline;
 pub mod departure;

@@ -11,13 +11,14 @@ use super::attempts::AttemptBudget;
 use super::bots::Bot;
 use super::breaker::Breakers;
 use super::breaker::{Failure as BreakerFailure, Interrupted};
+use super::budget::{Ask, OwnBudget, RateBudget};
 use super::client::{ApiClient, ApiError, request_body};
 use super::deadline::{deadline_of, reaches, start_limit};
 use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
-use super::start::{self, FirstStart};
+use super::start::FirstStart;
 use crate::contract::Command;
-use crate::fleet::{Fleet, StartRequest};
+use crate::fleet::StartRequest;
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::shutdown::Shutdown;
 
@@ -36,20 +37,21 @@ pub struct Transfers {
     api: ApiClient,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
-    /// With a fleet, the budgets are shared through Redis instead of kept in this process.
-    fleet: Option<Arc<Fleet>>,
+    /// The accounts' budgets: this process's, or the fleet's.
+    budget: Arc<dyn RateBudget>,
     /// Hold attempts while their API host is down; none with `breaker.enabled = false`.
     breakers: Breakers,
 }
 
 impl Transfers {
-    /// Everything an execution needs.
+    /// Everything an execution needs; the budgets are this process's until
+    /// [`Transfers::with_budget`] says otherwise.
     pub fn new(api: ApiClient, retry: RetryPolicy, metrics: Arc<Metrics>) -> Self {
         Self {
             api,
             retry,
             metrics,
-            fleet: None,
+            budget: Arc::new(OwnBudget),
             breakers: Breakers::default(),
         }
     }
@@ -65,9 +67,9 @@ impl Transfers {
         self
     }
 
-    /// Paces through the fleet's shared budgets.
-    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
-        self.fleet = Some(fleet);
+    /// Paces through `budget` (the fleet's, say).
+    pub fn with_budget(mut self, budget: Arc<dyn RateBudget>) -> Self {
+        self.budget = budget;
         self
     }
 
@@ -84,56 +86,35 @@ impl Transfers {
         shutdown: &Shutdown,
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
         let (limit, by_aside) = start_limit(deadline, aside);
-        let started = match &self.fleet {
-            None => start::from_own_pacer(bot, limit, shutdown).await?,
-            Some(fleet) => {
-                let start = start::FleetStart {
-                    fleet,
-                    command,
-                    bot,
-                    limit,
-                    aside: by_aside.is_some(),
-                };
-                start.wait(first, shutdown).await?
-            }
+        let ask = Ask {
+            command,
+            bot,
+            limit,
+            aside: by_aside.is_some(),
         };
+        let started = self.budget.start(ask, first, shutdown).await?;
         match (started, by_aside) {
             (Err(_), Some(_)) => Err(Unfinished::Aside),
             (started, _) => Ok(started),
         }
     }
 
-    /// Holds the account's later calls for `for_`: in this process, and fleet-wide.
-    async fn pause(&self, bot: &Bot, until: Instant, for_: Duration) {
-        bot.account.pacer.pause_until(until);
-        if let Some(fleet) = &self.fleet
-            && let Err(e) = fleet.pause(&bot.account_id, for_).await
-        {
-            tracing::warn!(error = %e, "could not share the pause with the fleet");
-        }
-    }
-
-    /// What to ask for with the fleet claim of `command` ([`Fleet::claim_with_start`]): its
-    /// first start, as [`Transfers::execute`] would ask for it. None without a fleet, with a
-    /// deadline already past, or while the bot's API host is down: the command then waits
-    /// for the breaker before it asks.
+    /// What to ask for with the fleet claim of `command`
+    /// ([`crate::fleet::Fleet::claim_with_start`]): its first start, as [`Transfers::execute`]
+    /// would ask for it. None where starts are not shared
+    /// ([`RateBudget::first_start_request`]), with a deadline already past, or while the bot's
+    /// API host is down: the command then waits for the breaker before it asks.
     pub fn first_start_request(
         &self,
         command: &Command,
         bot: &Bot,
         aside: Option<Duration>,
     ) -> Option<StartRequest> {
-        self.fleet.as_ref()?;
         if self.breakers.of(bot).is_some_and(|b| b.is_open()) {
             return None;
         }
-        let now = Instant::now();
-        let (limit, _) = start_limit(deadline_of(command, now), aside);
-        let deadline_in = match limit {
-            Some(limit) if limit <= now => return None,
-            limit => limit.map(|l| l.saturating_duration_since(now)),
-        };
-        Some(bot.start_request(deadline_in))
+        let (limit, _) = start_limit(deadline_of(command, Instant::now()), aside);
+        self.budget.first_start_request(bot, limit)
     }
 
     /// Runs the command to its outcome, or gives it up at shutdown. `callback_url` is where
@@ -153,8 +134,8 @@ impl Transfers {
         let outcome = self
             .run(command, bot, callback_url, shutdown, terms, &mut first)
             .await;
-        if let (Some(first), Some(fleet)) = (first, &self.fleet) {
-            first.give_back(fleet).await;
+        if let Some(first) = first {
+            self.budget.give_back(first).await;
         }
         outcome
     }
@@ -174,8 +155,6 @@ impl Transfers {
             panic!("fault injected for a test");
         }
         let started = Instant::now();
-        // The fleet's holds it runs under: should they lapse, it calls no more.
-        let term = self.fleet.as_deref().map(Fleet::hold_term);
         let deadline = deadline_of(command, started);
         let body = request_body(command, callback_url);
         let mut budget = AttemptBudget::new(self.retry, command.deadline);
@@ -220,7 +199,6 @@ impl Transfers {
             let leg = Leg {
                 bot,
                 body: &body,
-                term,
                 ours,
                 deadline,
                 late: held_on_the_way(command),
@@ -299,7 +277,7 @@ impl Transfers {
         if error.is_rate_limited()
             && let Some(until) = now.checked_add(retry_after).filter(|_| !asked.is_zero())
         {
-            self.pause(bot, until, retry_after).await;
+            self.budget.pause(bot, until, retry_after).await;
         }
         let Some(backoff) = budget.next_wait() else {
             // Out of budget during what may be an outage: the breaker decides.

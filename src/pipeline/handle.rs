@@ -8,10 +8,10 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::FutureExt;
 
+use super::ledger::{Claimed, Ledger};
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
 use crate::agentassist::outcome::{Outcome, Unfinished};
@@ -20,7 +20,6 @@ use crate::agentassist::transfer::{Ours, Terms, Transfers};
 use crate::callbacks::token::RelayUrls;
 use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
 use crate::contract::{Command, Rejection};
-use crate::fleet::{Claim, Fleet, StartRequest};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::parser::{Envelope, Valid};
 use crate::shutdown::{Abandoned, Shutdown};
@@ -38,8 +37,8 @@ pub struct Stages {
     pub metrics: Arc<Metrics>,
     /// Waits end when the shutdown abandons them: the command goes back to the queue.
     pub shutdown: Shutdown,
-    /// The fleet's shared memory of outcomes and claims, when replicas share one.
-    pub fleet: Option<Arc<Fleet>>,
+    /// Whose a command is and how it ended, beyond this process: the fleet's, or nobody's.
+    pub ledger: Arc<dyn Ledger>,
 }
 
 /// A delivery, read: its envelope and the command, or why it is not one.
@@ -120,45 +119,38 @@ pub async fn handle(
         );
     }
     let command_id = parsed.command_id();
-    let fleet = stages.fleet.as_deref();
-    let mut first = None;
-    if let Some(fleet) = fleet {
-        let start = match &parsed.command {
-            Ok(Valid { command, bot }) => stages.transfers.first_start_request(command, bot, aside),
-            Err(_) => None,
-        };
-        // The fleet's steps are boxed here and below: only a fleet takes them, and a command
-        // in flight then carries a pointer for each instead of its room
-        // (benches/pipeline, scenario (c)).
-        match Box::pin(claim(stages, fleet, command_id, replayed, start)).await {
-            Ok(Claimed::Ours(start)) => first = start,
-            Ok(Claimed::Done(event)) => {
-                let event = Arc::new(event);
-                stages.outcomes.insert(command_id.to_owned(), event.clone());
-                stages.metrics.commands_deduplicated.inc();
-                tracing::info!(event = event.kind.name(), event_id = %event.id, "completed in the fleet; republishing its outcome");
-                return Handled::Remembered(event);
-            }
-            Err(Abandoned) => return Handled::Requeue("shutdown grace ran out"),
+    let start = match &parsed.command {
+        Ok(Valid { command, bot }) => stages.transfers.first_start_request(command, bot, aside),
+        Err(_) => None,
+    };
+    let claimed = stages
+        .ledger
+        .claim(command_id, replayed, start, &stages.shutdown)
+        .await;
+    let first = match claimed {
+        Ok(Claimed::Ours(first)) => first,
+        Ok(Claimed::Done(event)) => {
+            let event = Arc::new(event);
+            stages.outcomes.insert(command_id.to_owned(), event.clone());
+            stages.metrics.commands_deduplicated.inc();
+            tracing::info!(event = event.kind.name(), event_id = %event.id, "completed in the fleet; republishing its outcome");
+            return Handled::Remembered(event);
         }
-    }
-    let decided = match fleet {
-        None => decide(stages, parsed, aside, first, ours).await,
-        // The claim is renewed for as long as the command runs, however long it waits.
-        Some(fleet) => tokio::select! {
-            biased;
-            decided = decide(stages, parsed, aside, first, ours) => decided,
-            never = Box::pin(fleet.keep_claim(command_id)) => match never {},
-        },
+        Err(Abandoned) => return Handled::Requeue("shutdown grace ran out"),
+    };
+    // Its delivery is ours while the caller says so and the holds it begins under last.
+    let held = stages.ledger.holds();
+    let ours = || held() && ours();
+    // The claim is renewed for as long as the command runs, however long it waits.
+    let decided = tokio::select! {
+        biased;
+        decided = decide(stages, parsed, aside, first, &ours) => decided,
+        never = stages.ledger.keep(command_id) => match never {},
     };
     let event = match decided {
         Ok(event) => Arc::new(event),
         Err(unfinished) => {
-            if let Some(fleet) = fleet
-                && let Err(e) = Box::pin(fleet.release(command_id)).await
-            {
-                tracing::warn!(error = %e, "could not give the claim up; it lapses after the lease");
-            }
+            stages.ledger.release(command_id).await;
             return match unfinished {
                 Unfinished::Aside => Handled::Aside,
                 Unfinished::NotHeld => Handled::Requeue("its delivery is no longer this replica's"),
@@ -167,18 +159,10 @@ pub async fn handle(
         }
     };
     stages.outcomes.insert(command_id.to_owned(), event.clone());
-    if let Some(fleet) = fleet {
-        // Recorded before it is published, so no replica can miss it once it is out. Without
-        // Redis the command waits here, like everything that needs it.
-        let recorded =
-            Box::pin(fleet.until_answered(&stages.shutdown, || fleet.record(command_id, &event)))
-                .await;
-        if recorded.is_none() {
-            tracing::warn!(
-                "the grace ran out before the fleet could record the outcome; publishing it all the same"
-            );
-        }
-    }
+    stages
+        .ledger
+        .record(command_id, &event, &stages.shutdown)
+        .await;
     Handled::Decided(event)
 }
 
@@ -189,66 +173,6 @@ pub async fn handle(
 /// new, its new outcome replacing the old one. A completed transfer is never sent twice.
 fn answers(replayed: bool, remembered: &Event) -> bool {
     !replayed || remembered.kind == EventKind::Succeeded
-}
-
-/// A claim's end.
-enum Claimed {
-    /// Completed somewhere in the fleet already: its recorded event.
-    Done(Event),
-    /// Ours, with the first start asked with it, if one was.
-    Ours(Option<FirstStart>),
-}
-
-/// Claims the command for this replica before anything is done for it, and with the claim
-/// asks for `start`, the command's first start: one round trip for both. Waits for another
-/// live replica that holds it, and while Redis does not answer. A `replayed` command is
-/// answered by the fleet's record only if that record is a completion ([`answers`]).
-async fn claim(
-    stages: &Stages,
-    fleet: &Fleet,
-    command_id: &str,
-    replayed: bool,
-    start: Option<StartRequest>,
-) -> Result<Claimed, Abandoned> {
-    loop {
-        let (asked_at, claim, first) = fleet
-            .until_answered(&stages.shutdown, || async {
-                let asked_at = Instant::now();
-                let (claim, first) = match &start {
-                    Some(start) => fleet.claim_with_start(command_id, replayed, start).await?,
-                    None if replayed => (fleet.claim_replayed(command_id).await?, None),
-                    None => (fleet.claim(command_id).await?, None),
-                };
-                Ok((asked_at, claim, first))
-            })
-            .await
-            .ok_or(Abandoned)?;
-        let answered_at = Instant::now();
-        let first = first.map(|answer| FirstStart {
-            asked_at,
-            answered_at,
-            answer,
-        });
-        let left = match claim {
-            Claim::Done(event) => return Ok(Claimed::Done(event)),
-            Claim::Mine => return Ok(Claimed::Ours(first)),
-            Claim::TakenOver => {
-                stages.metrics.fleet_claims_taken_over.inc();
-                tracing::warn!(
-                    "took over a command whose replica is gone; a call it made may have reached the API"
-                );
-                return Ok(Claimed::Ours(first));
-            }
-            Claim::Held(left) => left,
-        };
-        stages.metrics.fleet_claim_waits.inc();
-        tracing::debug!(?left, "another replica holds this command; waiting for it");
-        let wait = left.clamp(
-            std::time::Duration::from_millis(50),
-            std::time::Duration::from_millis(500),
-        );
-        stages.shutdown.sleep(wait).await?;
-    }
 }
 
 /// The outcome of a command not already completed: rejected, or carried out. A panic inside

@@ -11,6 +11,7 @@ mod feed;
 pub mod handle;
 pub mod intake;
 pub mod lanes;
+pub mod ledger;
 pub mod outcomes;
 pub mod parser;
 pub mod sessions;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use super::{Breaker, Prober};
 use crate::agentassist::ApiClient;
 use crate::agentassist::bots::{Bot, Bots};
+use crate::agentassist::budget::RateBudget;
 use crate::config::Settings;
-use crate::fleet::Fleet;
 use crate::ops::metrics::Metrics;
 
 /// The breakers, by the host their bots call.
@@ -25,7 +25,7 @@ impl Breakers {
         settings: &Settings,
         bots: &Bots,
         api: &ApiClient,
-        fleet: Option<Arc<Fleet>>,
+        budget: &Arc<dyn RateBudget>,
         metrics: &Arc<Metrics>,
     ) -> (Self, Vec<Prober>) {
         let mut by_host = HashMap::new();
@@ -40,7 +40,7 @@ impl Breakers {
             let breaker =
                 Arc::new(Breaker::new(&settings.breaker, metrics.clone()).for_host(&bot.host));
             by_host.insert(bot.host.clone(), breaker.clone());
-            probers.push(Prober::new(breaker, api.clone(), Some(bot), fleet.clone()));
+            probers.push(Prober::new(breaker, api.clone(), Some(bot), budget.clone()));
         }
         let by_host = Arc::new(by_host);
         (Self { by_host }, probers)
@@ -119,7 +119,8 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let bots = Bots::new(&settings, &metrics);
         let api = ApiClient::new(Duration::from_secs(5), 8, None).unwrap();
-        let (breakers, probers) = Breakers::new(&settings, &bots, &api, None, &metrics);
+        let budget: Arc<dyn RateBudget> = Arc::new(crate::agentassist::budget::OwnBudget);
+        let (breakers, probers) = Breakers::new(&settings, &bots, &api, &budget, &metrics);
         assert_eq!(probers.len(), 2, "a breaker, and its prober, per host");
         let stop = CancellationToken::new();
         let probing: Vec<_> = (probers.into_iter())

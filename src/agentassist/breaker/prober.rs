@@ -9,9 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::Breaker;
 use crate::agentassist::bots::Bot;
+use crate::agentassist::budget::RateBudget;
 use crate::agentassist::client::{ApiClient, ApiError, ApiResponse};
-use crate::agentassist::departure;
-use crate::fleet::{Fleet, Reservation};
 use crate::shutdown::Shutdown;
 
 /// The breaker and what it probes with, run by the application beside the consumer.
@@ -28,7 +27,7 @@ pub struct Prober {
     breaker: Arc<Breaker>,
     api: ApiClient,
     bot: Option<Arc<Bot>>,
-    fleet: Option<Arc<Fleet>>,
+    budget: Arc<dyn RateBudget>,
     interval: Duration,
 }
 
@@ -39,14 +38,14 @@ impl Prober {
         breaker: Arc<Breaker>,
         api: ApiClient,
         bot: Option<Arc<Bot>>,
-        fleet: Option<Arc<Fleet>>,
+        budget: Arc<dyn RateBudget>,
     ) -> Self {
         let interval = breaker.probe_interval;
         Self {
             breaker,
             api,
             bot,
-            fleet,
+            budget,
             interval,
         }
     }
@@ -69,8 +68,7 @@ impl Prober {
         // The last gate, as for any call; the wait is cut short by the breaker's stop.
         let until = std::time::Instant::now().checked_add(self.interval);
         let unstopped = Shutdown::new();
-        let gate = departure::depart(self.fleet.as_deref(), bot, until, &unstopped);
-        let departure = gate.await.ok()??;
+        let departure = self.budget.depart(bot, until, &unstopped).await.ok()??;
         let token = match bot.tokens.token() {
             Ok(token) => token,
             Err(e) => {
@@ -86,25 +84,6 @@ impl Prober {
 
     /// When the probe may go, if within the probe interval.
     async fn start(&self, bot: &Bot) -> Option<std::time::Instant> {
-        let asked = std::time::Instant::now();
-        let Some(fleet) = &self.fleet else {
-            return bot
-                .account
-                .pacer
-                .reserve(asked.checked_add(self.interval))
-                .ok();
-        };
-        let probe_id = format!("probe-{}", uuid::Uuid::new_v4().simple());
-        match fleet
-            .reserve(&bot.start_request(Some(self.interval)), &probe_id)
-            .await
-        {
-            Ok(Reservation::Booked { delay, .. }) => asked.checked_add(delay),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::debug!(error = %e, "no start for the breaker's probe");
-                None
-            }
-        }
+        self.budget.probe_start(bot, self.interval).await
     }
 }

@@ -22,12 +22,18 @@ async fn a_pause_that_comes_while_a_call_waits_at_the_gate_holds_it() {
     let (bots, stream) = bots(Duration::from_millis(50));
     let bot = bots.get(&stream).unwrap();
     let shutdown = Shutdown::new();
-    let ahead = depart(None, &bot, None, &shutdown).await.unwrap().unwrap();
+    let ahead = through_own_arrivals(&bot, None, &shutdown)
+        .await
+        .unwrap()
+        .unwrap();
     let waiting = {
         let bot = bot.clone();
         tokio::spawn(async move {
             let shutdown = Shutdown::new();
-            let left = depart(None, &bot, None, &shutdown).await.unwrap().unwrap();
+            let left = through_own_arrivals(&bot, None, &shutdown)
+                .await
+                .unwrap()
+                .unwrap();
             let at = Instant::now();
             left.unsent().await;
             at

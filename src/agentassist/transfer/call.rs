@@ -11,8 +11,6 @@ use crate::agentassist::attempts::AttemptBudget;
 use crate::agentassist::bots::Bot;
 use crate::agentassist::breaker::Failure as BreakerFailure;
 use crate::agentassist::client::{ApiError, ApiResponse, ErrorKind};
-use crate::agentassist::departure;
-use crate::fleet::holds::HoldTerm;
 use crate::shutdown::Shutdown;
 
 /// How one call went.
@@ -34,9 +32,8 @@ pub(super) enum Call {
 pub(super) struct Leg<'a> {
     pub bot: &'a Bot,
     pub body: &'a Bytes,
-    /// The fleet's holds the execution runs under.
-    pub term: Option<HoldTerm>,
-    /// Whether the command's delivery is still this replica's.
+    /// Whether the command's delivery is still this replica's (with a fleet, whether the
+    /// holds the execution began under are still held, too).
     pub ours: &'a Ours<'a>,
     pub deadline: Option<Instant>,
     /// Held this long between the gate and the wire: only with the `fault-injection` feature
@@ -46,9 +43,9 @@ pub(super) struct Leg<'a> {
 
 impl Transfers {
     /// One call. It leaves only once the account's arrivals allow it, and only while the
-    /// command is this replica's: with a fleet, while the holds of `term` are valid (a replica
-    /// frozen past `fleet.member_ttl` wakes with its holds gone, perhaps another's, and
-    /// whatever woke it must not call for a delivery that went back).
+    /// command is this replica's (`ours`: a replica frozen past `fleet.member_ttl` wakes with
+    /// its holds gone, perhaps another's, and whatever woke it must not call for a delivery
+    /// that went back).
     pub(super) async fn call(
         &self,
         leg: Leg<'_>,
@@ -58,21 +55,18 @@ impl Transfers {
         let Leg {
             bot,
             body,
-            term,
             ours,
             deadline,
             late,
         } = leg;
-        let gate = departure::depart(self.fleet.as_deref(), bot, deadline, shutdown);
-        let Some(departure) = Box::pin(gate).await? else {
+        let Some(departure) = self.budget.depart(bot, deadline, shutdown).await? else {
             return Ok(Call::Late);
         };
-        let lapsed = (self.fleet.as_ref().zip(term)).is_some_and(|(f, t)| !f.holds_valid_in(t));
         if shutdown.is_abandoned() {
             departure.unsent().await;
             return Err(Unfinished::Abandoned);
         }
-        if lapsed || !ours() {
+        if !ours() {
             departure.unsent().await;
             return Ok(Call::NotHeld);
         }
@@ -95,15 +89,11 @@ impl Transfers {
         }
         // The last look, as the request is first polled: a pause between the looks above and
         // here (a freeze past fleet.member_ttl) must not send it after the wake.
-        let still_ours = || {
-            let lapsed = (self.fleet.as_ref().zip(term)).is_some_and(|(f, t)| !f.holds_valid_in(t));
-            !lapsed && ours()
-        };
         let mut send = std::pin::pin!(self.api.assign(bot, &token, body.clone()));
         let mut sent = false;
         let fenced = std::future::poll_fn(|cx| {
             if !sent {
-                if !still_ours() {
+                if !ours() {
                     return std::task::Poll::Ready(None);
                 }
                 sent = true;

@@ -21,6 +21,8 @@ struct Rig {
     stages: Stages,
     parser: Parser,
     sim: Simulator,
+    /// The fleet it is a replica of, if any.
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl Rig {
@@ -50,7 +52,7 @@ impl Rig {
             outcomes: Outcomes::new(100, 1024 * 1024, Duration::from_secs(60)),
             metrics,
             shutdown: Shutdown::new(),
-            fleet: None,
+            ledger: Arc::new(crate::pipeline::ledger::Unshared),
         };
         let bots = Bots::new(&settings, &Metrics::new());
         let parser = Parser::new(bots, settings.commands.max_age);
@@ -58,6 +60,7 @@ impl Rig {
             stages,
             parser,
             sim,
+            fleet: None,
         }
     }
 
@@ -83,8 +86,12 @@ impl Rig {
             )
             .unwrap(),
         );
-        self.stages.transfers = self.stages.transfers.clone().with_fleet(fleet.clone());
-        self.stages.fleet = Some(fleet);
+        let budget = crate::agentassist::budget::SharedBudget::new(fleet.clone());
+        self.stages.transfers = self.stages.transfers.clone().with_budget(Arc::new(budget));
+        let ledger =
+            crate::pipeline::ledger::SharedLedger::new(fleet.clone(), self.stages.metrics.clone());
+        self.stages.ledger = Arc::new(ledger);
+        self.fleet = Some(fleet);
         self
     }
 
@@ -314,7 +321,7 @@ async fn a_command_claimed_by_a_live_replica_is_waited_for_not_sent_again() {
     let a = Rig::start().await.in_fleet(&fleet);
     let b = Rig::start().await.in_fleet(&fleet);
     // A holds the claim, as while its call is on the wire.
-    let a_fleet = a.stages.fleet.clone().unwrap();
+    let a_fleet = a.fleet.clone().unwrap();
     assert!(matches!(
         a_fleet.claim("c-f2").await.unwrap(),
         crate::fleet::Claim::Mine
