@@ -14,7 +14,6 @@ use crate::agentassist::account::Account;
 use crate::agentassist::bots::Bots;
 use crate::agentassist::breaker::Breakers;
 use crate::agentassist::breaker::Prober;
-use crate::agentassist::budget::{OwnBudget, RateBudget, SharedBudget};
 use crate::agentassist::retry::RetryPolicy;
 use crate::agentassist::transfer::Transfers;
 use crate::agentassist::{ApiClient, ClientError};
@@ -28,14 +27,14 @@ use crate::fleet::{Fleet, FleetError};
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::pipeline::handle::Stages;
+use crate::pipeline::decision::Decider;
 use crate::pipeline::intake::Router;
-use crate::pipeline::ledger::{Ledger, SharedLedger, Unshared};
 use crate::pipeline::outcomes::Outcomes;
 use crate::pipeline::parser::Parser;
 use crate::shutdown::Shutdown;
 
 mod gauges;
+mod roles;
 mod services;
 
 /// How long the HTTP listeners get to finish open requests once the worker has stopped.
@@ -81,7 +80,7 @@ enum Worker {
     Alone(Consumer<Pipeline>),
     /// Work shared by a fleet: this replica routes commands to partitions while it holds the
     /// commands queue, and runs the commands of the partitions it owns.
-    Shared {
+    InFleet {
         consumer: Consumer<Pipeline, Pipeline>,
         owned: tokio::sync::watch::Sender<std::collections::BTreeSet<u16>>,
         consuming: tokio::sync::watch::Receiver<std::collections::BTreeSet<u16>>,
@@ -115,14 +114,14 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
 }
 
 /// What every part of one application shares.
-struct Shared {
+struct Common {
     metrics: Arc<Metrics>,
     broker: Arc<CurrentLink>,
     shutdown: Shutdown,
     fleet: Option<Arc<Fleet>>,
 }
 
-impl Shared {
+impl Common {
     /// Readiness (the broker link, and the fleet's Redis if any) and the series.
     fn admin_router(&self) -> axum::Router {
         let mut readiness: Vec<Arc<dyn admin::Readiness>> = vec![self.broker.clone()];
@@ -176,24 +175,6 @@ impl Shared {
         Ok((transfers, probers))
     }
 
-    /// The accounts' rate budgets: the fleet's in Redis, or this process's own. The one
-    /// place that decides it, with [`Shared::ledger`].
-    fn budget(&self) -> Arc<dyn RateBudget> {
-        match &self.fleet {
-            Some(fleet) => Arc::new(SharedBudget::new(fleet.clone())),
-            None => Arc::new(OwnBudget),
-        }
-    }
-
-    /// Whose a command is and how it ended, beyond this process: the fleet's claims and
-    /// outcomes, or nobody's.
-    fn ledger(&self) -> Arc<dyn Ledger> {
-        match &self.fleet {
-            Some(fleet) => Arc::new(SharedLedger::new(fleet.clone(), self.metrics.clone())),
-            None => Arc::new(Unshared),
-        }
-    }
-
     /// The fleet, if its replicas share work through partitions.
     fn shares_work(&self) -> Option<&Arc<Fleet>> {
         self.fleet.as_ref().filter(|f| f.partitions() > 0)
@@ -204,7 +185,7 @@ impl Shared {
     fn intake(
         &self,
         settings: &Settings,
-        stages: &Stages,
+        decider: &Decider,
     ) -> Option<(Pipeline, Vec<Arc<Account>>)> {
         let fleet = self.shares_work()?;
         let bots = Bots::at_intake(settings, &self.metrics);
@@ -218,7 +199,7 @@ impl Shared {
         );
         let parser = Parser::new(bots, settings.commands.max_age);
         let timeout = settings.amqp.operation_timeout;
-        let intake = Pipeline::intake(parser, stages.clone(), timeout, router);
+        let intake = Pipeline::intake(parser, decider.clone(), timeout, router);
         Some((intake, accounts))
     }
 
@@ -259,7 +240,7 @@ impl Shared {
                 consuming: consuming.clone(),
             })
             .with_holds(fleet.clone(), hold_retry);
-        Worker::Shared {
+        Worker::InFleet {
             consumer,
             owned,
             consuming: consuming.subscribe(),
@@ -277,18 +258,18 @@ impl App {
             "" => format!("http://{relay_addr}"),
             url => url.to_owned(),
         };
-        let shared = Shared::new(&settings)?;
+        let common = Common::new(&settings)?;
         // One registry of bots and one parser, so one budget and one set of slots per
         // account in the process.
-        let bots = Bots::new(&settings, &shared.metrics);
+        let bots = Bots::new(&settings, &common.metrics);
         let accounts = bots.accounts();
-        let (transfers, probers) = shared.transfers(&settings, &bots)?;
+        let (transfers, probers) = common.transfers(&settings, &bots)?;
         let signer = TokenSigner::new(
             settings.callbacks.secret.clone(),
             settings.callbacks.previous_secrets.clone(),
             settings.callbacks.token_ttl,
         );
-        let stages = Stages {
+        let decider = Decider {
             transfers,
             relay: RelayUrls::new(&public_url, signer.clone()),
             outcomes: Outcomes::new(
@@ -296,31 +277,31 @@ impl App {
                 settings.commands.outcome_cache_max_bytes,
                 settings.commands.outcome_cache_ttl,
             ),
-            metrics: shared.metrics.clone(),
-            shutdown: shared.shutdown.clone(),
-            ledger: shared.ledger(),
+            metrics: common.metrics.clone(),
+            shutdown: common.shutdown.clone(),
+            ledger: common.ledger(),
         };
-        let (intake, at_intake) = shared.intake(&settings, &stages).unzip();
+        let (intake, at_intake) = common.intake(&settings, &decider).unzip();
         let accounts = paired(accounts, at_intake.unwrap_or_default());
         let parser = Parser::new(bots, settings.commands.max_age);
         let timeout = settings.amqp.operation_timeout;
-        let pipeline = Arc::new(Pipeline::new(parser, stages, timeout));
-        let worker = shared.worker(&settings, intake, pipeline);
+        let pipeline = Arc::new(Pipeline::new(parser, decider, timeout));
+        let worker = common.worker(&settings, intake, pipeline);
         let relay_router = relay::router(Relay {
             signer,
-            link: shared.broker.clone(),
-            metrics: shared.metrics.clone(),
+            link: common.broker.clone(),
+            metrics: common.metrics.clone(),
         });
         Ok(Self {
             worker,
             relay: (relay_listener, relay_router),
-            admin: (admin_listener, shared.admin_router()),
+            admin: (admin_listener, common.admin_router()),
             relay_addr,
             admin_addr,
-            shutdown: shared.shutdown,
-            broker: shared.broker,
-            metrics: shared.metrics,
-            fleet: shared.fleet,
+            shutdown: common.shutdown,
+            broker: common.broker,
+            metrics: common.metrics,
+            fleet: common.fleet,
             probers,
             accounts,
         })
@@ -423,13 +404,13 @@ async fn consume(
 ) -> Result<(), AppError> {
     let (consumer, owned, consuming) = match worker {
         Worker::Alone(consumer) => return consumer.run().await.map_err(AppError::from),
-        Worker::Shared {
+        Worker::InFleet {
             consumer,
             owned,
             consuming,
         } => (consumer, owned, consuming),
     };
-    let fleet = fleet.expect("a shared worker has a fleet");
+    let fleet = fleet.expect("a worker in a fleet has a fleet");
     let (stop, member) = (shutdown.stop_token().clone(), fleet.clone());
     fleet.join(&stop).await?;
     let mut membership = Services::new();

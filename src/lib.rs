@@ -31,9 +31,9 @@
 //!   a session goes to, and which replica consumes each partition) and [`fleet::holds`] (one
 //!   holder per queue).
 //! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
-//!   ([`agentassist::start`]: the local [`agentassist::pacer`] of its
-//!   [`agentassist::account`], or the fleet's budget), the last gate before the wire
-//!   ([`agentassist::departure`]: the account's [`agentassist::arrivals`], or the fleet's,
+//!   and the last gate before the wire, both asked of the account's
+//!   [`agentassist::budget`] (this process's [`agentassist::pacer`] and
+//!   [`agentassist::arrivals`] of its [`agentassist::account`], or the fleet's, chosen once;
 //!   so the limit holds at the vendor's clock), the call ([`agentassist::client`],
 //!   with a JWT from [`agentassist::jwt`] for one of the [`agentassist::bots`]), the
 //!   classification of its answer, and retries ([`agentassist::retry`], within an
@@ -44,7 +44,8 @@
 //! - [`pipeline`] — the handler of the commands queue: [`pipeline::parser`] (a delivery
 //!   becomes a typed command or a rejection, once, at the edge), [`pipeline::sessions`]
 //!   (commands of one `botSessionId` in arrival order), [`pipeline::outcomes`] (recent
-//!   outcomes, so a completed command is never sent twice), [`pipeline::handle`] (the step
+//!   outcomes, so a completed command is never sent twice), [`pipeline::ledger`] (claims and
+//!   outcomes beyond this process: the fleet's, or nobody's), [`pipeline::decision`] (the step
 //!   that decides what happened to a command, without a broker); then publish, then ack.
 //!   [`pipeline::lanes`] keeps accounts apart: a congested account's commands wait in its
 //!   own queue, taken back at its pace (docs/fairness.md). In a fleet that shares work, the

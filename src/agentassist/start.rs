@@ -34,7 +34,7 @@ pub(super) async fn from_own_pacer(
 }
 
 /// A command's first start, asked with its fleet claim ([`Fleet::claim_with_start`]): one
-/// round trip to Redis instead of two. It is the first answer of [`FleetStart`] when still
+/// round trip to Redis instead of two. It is the first answer of the fleet's wait for a start when still
 /// fresh; a start booked but not used in time is given back and asked for anew.
 #[derive(Debug)]
 pub struct FirstStart {

@@ -7,7 +7,7 @@ use std::time::Duration;
 /// leaves (the pipeline answers from its delivery's channel).
 pub type Ours<'a> = dyn Fn() -> bool + Send + Sync + 'a;
 
-/// What the caller of [`Transfers::execute`] sets on one execution.
+/// What the caller of [`super::transfer::Transfers::execute`] sets on one execution.
 #[derive(Clone, Copy)]
 pub struct Terms<'a> {
     /// A first start further away than this ends the execution as [`super::outcome::Unfinished::Aside`].

@@ -2,12 +2,12 @@
 //!
 //! Every `fleet.heartbeat` a replica renews its membership in Redis (`lua/heartbeat.lua`,
 //! timed by Redis's clock) and reads the live members back; a member not heard from for
-//! `fleet.member_ttl` is gone. From the members, [`ownership::assign`] gives every replica the
+//! `fleet.member_ttl` is gone. From the members, [`super::ownership::assign`] gives every replica the
 //! same owners, and [`Fleet::keep_membership`] turns changes into one event: the new set of
 //! partitions this replica owns, which the consumer turns into subscriptions and drains.
 //! A replica that stops leaves at once, so the others take its partitions at their next
 //! heartbeat instead of after the time-to-live; one that lets a partition go says so at once,
-//! and one waiting for a partition looks again a quarter heartbeat later ([`keep`]).
+//! and one waiting for a partition looks again a quarter heartbeat later (`keep.rs`).
 //!
 //! Views may differ for a heartbeat (one replica has seen a change, another not yet), so two
 //! replicas may both think they own a partition. Only one holds it ([`super::holds`]): the
@@ -16,7 +16,7 @@
 //!
 //! A name (`fleet.name`) is one live process's. Every member, hold and claim carries the
 //! per-process id (`name/instance`), so two processes under one name never take each other's
-//! holds; but the name is what ranks partitions ([`ownership`]), so two of them tie for every
+//! holds; but the name is what ranks partitions ([`super::ownership`]), so two of them tie for every
 //! partition, their split hangs on their random instances, and it flips whenever either
 //! restarts: nothing in their logs or in `transfer-worker fleet` tells them apart but that
 //! suffix. So the heartbeat also keeps the name, and a second process under a name a live one

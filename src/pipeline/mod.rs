@@ -1,14 +1,14 @@
-//! What happens to one command: read at the edge ([`command`]), ordered by session
+//! What happens to one command: read at the edge ([`parser`]), ordered by session
 //! ([`sessions`]), answered from memory when already completed ([`outcomes`]), carried out and
-//! turned into its event ([`handle`](mod@handle), [`crate::contract::event`]); then the event is published with confirms
-//! and only then is the command acked (docs/contract.md §4).
+//! turned into its event ([`decision`], [`crate::contract::event`]); then the event is
+//! published with confirms and only then is the command acked (docs/contract.md §4).
 //!
 //! [`Pipeline`] is what a [`crate::broker::consumer::Consumer`] feeds (`feed.rs`): it reads
 //! each delivery, queues it behind its session, and runs each session's commands one after
 //! another. At a fleet's intake the same pipeline admits and routes instead ([`intake`]).
 
+pub mod decision;
 mod feed;
-pub mod handle;
 pub mod intake;
 pub mod lanes;
 pub mod ledger;
@@ -32,7 +32,7 @@ use crate::broker::consumer::InFlight;
 use crate::broker::{DeadLetter, Publisher, Reply, timed};
 use crate::contract::{Event, EventKind, Rejection};
 use crate::ops::trace_context::{self, CommandTrace};
-use handle::{Handled, Parsed, Stages, handle, panic_message};
+use decision::{Decider, Decision, Parsed, panic_message};
 use lanes::{SourceLanes, Taken};
 use parser::{Envelope, Parser};
 use sessions::SessionQueues;
@@ -44,7 +44,7 @@ const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 /// Deliveries in, events out, acks after.
 pub struct Pipeline {
     parser: Parser,
-    stages: Stages,
+    decider: Decider,
     /// Boxed: a job is most of a KiB, and it moves from the session's queue to the task that
     /// runs it; a pointer keeps it out of every future that holds it.
     sessions: SessionQueues<Box<Job>>,
@@ -82,12 +82,12 @@ struct Job {
 }
 
 impl Pipeline {
-    /// A pipeline reading with `parser` and deciding with `stages`.
-    pub fn new(parser: Parser, stages: Stages, operation_timeout: Duration) -> Self {
+    /// A pipeline reading with `parser` and deciding with `decider`.
+    pub fn new(parser: Parser, decider: Decider, operation_timeout: Duration) -> Self {
         Self {
             accounts: parser.bots().accounts(),
             parser,
-            stages,
+            decider,
             sessions: SessionQueues::default(),
             operation_timeout,
             lanes: Mutex::new(HashMap::new()),
@@ -96,17 +96,17 @@ impl Pipeline {
     }
 
     /// The intake of a fleet that shares work: reads with `parser` (whose accounts are the
-    /// intake's own, [`crate::agentassist::bots::Bots::at_intake`]), rejects with `stages`,
+    /// intake's own, [`crate::agentassist::bots::Bots::at_intake`]), rejects with `decider`,
     /// and routes the rest with `router` ([`intake`]).
     pub fn intake(
         parser: Parser,
-        stages: Stages,
+        decider: Decider,
         operation_timeout: Duration,
         router: intake::Router,
     ) -> Self {
         Self {
             router: Some(router),
-            ..Self::new(parser, stages, operation_timeout)
+            ..Self::new(parser, decider, operation_timeout)
         }
     }
 
@@ -156,7 +156,7 @@ impl Pipeline {
         in_flight: InFlight,
         received: bool,
     ) -> Box<Job> {
-        let metrics = &self.stages.metrics;
+        let metrics = &self.decider.metrics;
         let envelope = Envelope::from_properties(&delivery.properties);
         // Reading is the first thing input reaches: a bug there must cost one command, not
         // the consumer loop.
@@ -243,7 +243,7 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 // Handled below: the command goes back to the queue.
-                () = self.stages.shutdown.abandoned() => {}
+                () = self.decider.shutdown.abandoned() => {}
                 slot = tokio::time::timeout(wait, account.slot()) => match slot {
                     Ok(slot) => job.slot = Some(slot),
                     // Every slot stayed taken: it may wait in the account queue instead.
@@ -281,7 +281,7 @@ impl Pipeline {
         if let Err(panic) = done {
             // Past the decision (which has its own guard): publishing or acking panicked. The
             // command goes back to the queue; its outcome, if decided, is remembered.
-            self.stages.metrics.command_panics.inc();
+            self.decider.metrics.command_panics.inc();
             span.in_scope(|| {
                 tracing::error!(
                     panic = panic_message(&*panic),
@@ -302,7 +302,7 @@ impl Pipeline {
     /// The job is no longer in flight here (settled, returned, or set aside).
     fn leaves(&self, job: &Job) {
         if job.counted {
-            self.stages.metrics.commands_in_flight.dec();
+            self.decider.metrics.commands_in_flight.dec();
         }
     }
 
@@ -337,16 +337,16 @@ impl Pipeline {
         }
         let (acker, publisher) = (&job.delivery.acker, &job.publisher);
         let ours = || publisher.is_connected() && !acker.poisoned();
-        let handled = handle(&self.stages, &job.parsed, aside, &ours).await;
+        let decision = self.decider.decide(&job.parsed, aside, &ours).await;
         // The call is over: its slot is free for the account's next command.
         job.slot = None;
-        let event = match handled {
-            Handled::Decided(event) | Handled::Remembered(event) => event,
-            Handled::Requeue(why) => {
+        let event = match decision {
+            Decision::Decided(event) | Decision::Remembered(event) => event,
+            Decision::Requeue(why) => {
                 self.requeue(job, why).await;
                 return false;
             }
-            Handled::Aside => return true,
+            Decision::Aside => return true,
         };
         let command_id = job.parsed.command_id();
         let props = &job.delivery.properties;
@@ -363,7 +363,7 @@ impl Pipeline {
         });
         match Box::pin(job.publisher.publish(&event, reply, dead_letter)).await {
             Ok(()) => {
-                self.stages.metrics.published(event.kind);
+                self.decider.metrics.published(event.kind);
                 log_outcome(&event);
                 let ack = job.delivery.acker.ack(BasicAckOptions::default());
                 if let Err(e) = timed("basic.ack", self.operation_timeout, ack).await {
@@ -390,7 +390,7 @@ impl Pipeline {
         if let Some(taken) = &mut job.taken {
             taken.returned();
         }
-        self.stages.metrics.commands_requeued.inc();
+        self.decider.metrics.commands_requeued.inc();
         tracing::info!(why, "returning the command to the queue");
         let nack = job.delivery.acker.nack(BasicNackOptions {
             requeue: true,

@@ -35,7 +35,7 @@ pub struct Envelope {
     pub timestamp: Option<u64>,
     /// The message came back from the dead-letter queue (`dead-letters replay`): it carries
     /// the `x-transfer-event` header the worker put on its dead-letter copy. Such a command is
-    /// processed again unless it completed (see `pipeline::handle`).
+    /// processed again unless it completed (see `pipeline::decision`).
     pub replayed: bool,
     /// The W3C trace context of the headers; an invalid one is ignored, never a rejection.
     pub trace: Incoming,

@@ -23,9 +23,9 @@
 //! nothing aside that way until the queue has drained.
 //!
 //! Only the holder of a source sets aside for it or consumes its account queues. It keeps their
-//! list at the broker ([`registry`]): a queue is listed before it is declared, and a new holder
+//! list at the broker (`registry.rs`): a queue is listed before it is declared, and a new holder
 //! reads the list and takes up what it names before it routes any command of the source
-//! ([`route`]).
+//! (`route.rs`).
 
 mod publish;
 mod reader;

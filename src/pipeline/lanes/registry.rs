@@ -313,7 +313,7 @@ impl SourceLanes {
     /// Counts a look for an account queue at take-up.
     fn looked(&self) {
         if let Some(pipeline) = self.pipeline.upgrade() {
-            pipeline.stages.metrics.account_queue_looks.inc();
+            pipeline.decider.metrics.account_queue_looks.inc();
         }
     }
 

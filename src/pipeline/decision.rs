@@ -1,7 +1,8 @@
-//! The step that decides: a read delivery to its outcome. Answered from memory if the command
-//! already completed; else rejected, or carried out against the API and its outcome turned
-//! into the event; or handed back to the queue at shutdown. It says what happened as a
-//! [`Handled`] and touches no broker: publishing the event and acking is the caller's, so the
+//! The step that decides ([`Decider`]): a read delivery to its outcome. Answered from memory
+//! if the command already completed; else claimed in the [`super::ledger`], rejected or
+//! carried out against the API, and its outcome recorded and turned into the event; or handed
+//! back to the queue at shutdown. It says what happened as a
+//! [`Decision`] and touches no broker: publishing the event and acking is the caller's, so the
 //! decisions are tested here with the simulator as the API, and the wiring by the broker
 //! tests.
 
@@ -26,7 +27,7 @@ use crate::shutdown::{Abandoned, Shutdown};
 
 /// What the step needs.
 #[derive(Debug, Clone)]
-pub struct Stages {
+pub struct Decider {
     /// Carries out valid commands.
     pub transfers: Transfers,
     /// The callback URL of commands that bring none.
@@ -81,7 +82,7 @@ impl Parsed {
 
 /// What happened to a command.
 #[derive(Debug, Clone)]
-pub enum Handled {
+pub enum Decision {
     /// Decided now and remembered: publish this event, then ack.
     Decided(Arc<Event>),
     /// Completed before: its remembered event, same `eventId`, is published again, then acked.
@@ -94,76 +95,87 @@ pub enum Handled {
     Aside,
 }
 
-/// Takes a read delivery to its outcome. The outcome is remembered before it is returned, so
-/// a publish lost with the connection is redone from memory. With `aside`, a command its
-/// account cannot start within that is handed back as [`Handled::Aside`].
-pub async fn handle(
-    stages: &Stages,
-    parsed: &Parsed,
-    aside: Option<std::time::Duration>,
-    ours: &Ours<'_>,
-) -> Handled {
-    if stages.shutdown.is_abandoned() {
-        return Handled::Requeue("shutting down");
+impl Decider {
+    /// Takes a read delivery to its outcome. The outcome is remembered before it is returned,
+    /// so a publish lost with the connection is redone from memory. With `aside`, a command its
+    /// account cannot start within that is handed back as [`Decision::Aside`].
+    pub async fn decide(
+        &self,
+        parsed: &Parsed,
+        aside: Option<std::time::Duration>,
+        ours: &Ours<'_>,
+    ) -> Decision {
+        let decider = self;
+        if decider.shutdown.is_abandoned() {
+            return Decision::Requeue("shutting down");
+        }
+        let replayed = parsed.envelope.replayed;
+        if let Some(event) = decider.outcomes.get(parsed.command_id()) {
+            if answers(replayed, &event) {
+                decider.metrics.commands_deduplicated.inc();
+                tracing::info!(event = event.kind.name(), event_id = %event.id, "already completed; republishing its outcome");
+                return Decision::Remembered(event);
+            }
+            tracing::info!(
+                remembered = event.kind.name(),
+                "replayed from the dead-letter queue; processing it again"
+            );
+        }
+        let command_id = parsed.command_id();
+        let start = match &parsed.command {
+            Ok(Valid { command, bot }) => {
+                decider.transfers.first_start_request(command, bot, aside)
+            }
+            Err(_) => None,
+        };
+        let claimed = decider
+            .ledger
+            .claim(command_id, replayed, start, &decider.shutdown)
+            .await;
+        let first = match claimed {
+            Ok(Claimed::Ours(first)) => first,
+            Ok(Claimed::Done(event)) => {
+                let event = Arc::new(event);
+                decider
+                    .outcomes
+                    .insert(command_id.to_owned(), event.clone());
+                decider.metrics.commands_deduplicated.inc();
+                tracing::info!(event = event.kind.name(), event_id = %event.id, "completed in the fleet; republishing its outcome");
+                return Decision::Remembered(event);
+            }
+            Err(Abandoned) => return Decision::Requeue("shutdown grace ran out"),
+        };
+        // Its delivery is ours while the caller says so and the holds it begins under last.
+        let held = decider.ledger.holds();
+        let ours = || held() && ours();
+        // The claim is renewed for as long as the command runs, however long it waits.
+        let decided = tokio::select! {
+            biased;
+            decided = carry_out(decider, parsed, aside, first, &ours) => decided,
+            never = decider.ledger.keep(command_id) => match never {},
+        };
+        let event = match decided {
+            Ok(event) => Arc::new(event),
+            Err(unfinished) => {
+                decider.ledger.release(command_id).await;
+                return match unfinished {
+                    Unfinished::Aside => Decision::Aside,
+                    Unfinished::NotHeld => {
+                        Decision::Requeue("its delivery is no longer this replica's")
+                    }
+                    Unfinished::Abandoned => Decision::Requeue("shutdown grace ran out"),
+                };
+            }
+        };
+        decider
+            .outcomes
+            .insert(command_id.to_owned(), event.clone());
+        decider
+            .ledger
+            .record(command_id, &event, &decider.shutdown)
+            .await;
+        Decision::Decided(event)
     }
-    let replayed = parsed.envelope.replayed;
-    if let Some(event) = stages.outcomes.get(parsed.command_id()) {
-        if answers(replayed, &event) {
-            stages.metrics.commands_deduplicated.inc();
-            tracing::info!(event = event.kind.name(), event_id = %event.id, "already completed; republishing its outcome");
-            return Handled::Remembered(event);
-        }
-        tracing::info!(
-            remembered = event.kind.name(),
-            "replayed from the dead-letter queue; processing it again"
-        );
-    }
-    let command_id = parsed.command_id();
-    let start = match &parsed.command {
-        Ok(Valid { command, bot }) => stages.transfers.first_start_request(command, bot, aside),
-        Err(_) => None,
-    };
-    let claimed = stages
-        .ledger
-        .claim(command_id, replayed, start, &stages.shutdown)
-        .await;
-    let first = match claimed {
-        Ok(Claimed::Ours(first)) => first,
-        Ok(Claimed::Done(event)) => {
-            let event = Arc::new(event);
-            stages.outcomes.insert(command_id.to_owned(), event.clone());
-            stages.metrics.commands_deduplicated.inc();
-            tracing::info!(event = event.kind.name(), event_id = %event.id, "completed in the fleet; republishing its outcome");
-            return Handled::Remembered(event);
-        }
-        Err(Abandoned) => return Handled::Requeue("shutdown grace ran out"),
-    };
-    // Its delivery is ours while the caller says so and the holds it begins under last.
-    let held = stages.ledger.holds();
-    let ours = || held() && ours();
-    // The claim is renewed for as long as the command runs, however long it waits.
-    let decided = tokio::select! {
-        biased;
-        decided = decide(stages, parsed, aside, first, &ours) => decided,
-        never = stages.ledger.keep(command_id) => match never {},
-    };
-    let event = match decided {
-        Ok(event) => Arc::new(event),
-        Err(unfinished) => {
-            stages.ledger.release(command_id).await;
-            return match unfinished {
-                Unfinished::Aside => Handled::Aside,
-                Unfinished::NotHeld => Handled::Requeue("its delivery is no longer this replica's"),
-                Unfinished::Abandoned => Handled::Requeue("shutdown grace ran out"),
-            };
-        }
-    };
-    stages.outcomes.insert(command_id.to_owned(), event.clone());
-    stages
-        .ledger
-        .record(command_id, &event, &stages.shutdown)
-        .await;
-    Handled::Decided(event)
 }
 
 /// Whether a remembered outcome answers a command. It always does, except for a command
@@ -177,8 +189,8 @@ fn answers(replayed: bool, remembered: &Event) -> bool {
 
 /// The outcome of a command not already completed: rejected, or carried out. A panic inside
 /// (a bug) ends this command alone, as `transfer.failed` with `error.kind = "internal"`.
-async fn decide(
-    stages: &Stages,
+async fn carry_out(
+    decider: &Decider,
     parsed: &Parsed,
     aside: Option<std::time::Duration>,
     first: Option<FirstStart>,
@@ -195,17 +207,17 @@ async fn decide(
                 let callback_url = match &command.callback_url {
                     Some(url) => url.as_str(),
                     None => {
-                        relay = stages.relay.url(command);
+                        relay = decider.relay.url(command);
                         relay.as_str()
                     }
                 };
                 // Boxed, like the publish: a session task then holds only the phase it is in,
                 // not the largest of them, for every command in flight.
-                let execution = stages.transfers.execute(
+                let execution = decider.transfers.execute(
                     command,
                     bot,
                     callback_url,
-                    &stages.shutdown,
+                    &decider.shutdown,
                     Terms { aside, ours },
                     first,
                 );
@@ -218,7 +230,7 @@ async fn decide(
     .catch_unwind()
     .await;
     decided.unwrap_or_else(|panic| {
-        stages.metrics.command_panics.inc();
+        decider.metrics.command_panics.inc();
         let panic = panic_message(&*panic);
         tracing::error!(%panic, "processing a command panicked; it ends as transfer.failed");
         Ok(Event::internal_failure(

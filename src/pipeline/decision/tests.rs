@@ -18,7 +18,7 @@ use crate::tools::simulator::{self, Reply, Simulator, SimulatorConfig};
 
 /// The step against a simulator of its own, with the default bot.
 struct Rig {
-    stages: Stages,
+    decider: Decider,
     parser: Parser,
     sim: Simulator,
     /// The fleet it is a replica of, if any.
@@ -46,7 +46,7 @@ impl Rig {
             settings.callbacks.token_ttl,
         );
         let api = ApiClient::new(Duration::from_secs(5), 4, None).unwrap();
-        let stages = Stages {
+        let decider = Decider {
             transfers: Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone()),
             relay: RelayUrls::new("http://relay.test", signer),
             outcomes: Outcomes::new(100, 1024 * 1024, Duration::from_secs(60)),
@@ -57,7 +57,7 @@ impl Rig {
         let bots = Bots::new(&settings, &Metrics::new());
         let parser = Parser::new(bots, settings.commands.max_age);
         Self {
-            stages,
+            decider,
             parser,
             sim,
             fleet: None,
@@ -82,15 +82,15 @@ impl Rig {
                 &settings,
                 name,
                 Duration::from_secs(60),
-                self.stages.metrics.clone(),
+                self.decider.metrics.clone(),
             )
             .unwrap(),
         );
         let budget = crate::agentassist::budget::SharedBudget::new(fleet.clone());
-        self.stages.transfers = self.stages.transfers.clone().with_budget(Arc::new(budget));
+        self.decider.transfers = self.decider.transfers.clone().with_budget(Arc::new(budget));
         let ledger =
-            crate::pipeline::ledger::SharedLedger::new(fleet.clone(), self.stages.metrics.clone());
-        self.stages.ledger = Arc::new(ledger);
+            crate::pipeline::ledger::SharedLedger::new(fleet.clone(), self.decider.metrics.clone());
+        self.decider.ledger = Arc::new(ledger);
         self.fleet = Some(fleet);
         self
     }
@@ -118,17 +118,17 @@ impl Rig {
 }
 
 /// The command taken to its outcome, never set aside and always this replica's.
-async fn plain(stages: &Stages, parsed: &Parsed) -> Handled {
-    handle(stages, parsed, None, &|| true).await
+async fn plain(decider: &Decider, parsed: &Parsed) -> Decision {
+    decider.decide(parsed, None, &|| true).await
 }
 
 fn command(id: &str) -> Value {
     json!({"commandId": id, "orgId": "o-1", "botSessionId": "s-1", "aId": "a-1"})
 }
 
-fn decided(handled: Handled) -> Arc<Event> {
+fn decided(handled: Decision) -> Arc<Event> {
     match handled {
-        Handled::Decided(event) => event,
+        Decision::Decided(event) => event,
         other => panic!("expected a decision, got {other:?}"),
     }
 }
@@ -141,7 +141,7 @@ fn body(event: &Event) -> Value {
 async fn a_valid_command_is_carried_out_once_and_then_answered_from_memory() {
     let rig = Rig::start().await;
     let parsed = rig.read(&command("c-1"), None);
-    let first = decided(plain(&rig.stages, &parsed).await);
+    let first = decided(plain(&rig.decider, &parsed).await);
     assert_eq!(first.kind, EventKind::Succeeded);
     assert_eq!(body(&first)["attempts"], 1);
     let request = &rig.sim.requests()[0];
@@ -151,12 +151,12 @@ async fn a_valid_command_is_carried_out_once_and_then_answered_from_memory() {
         "{relayed}"
     );
 
-    match handle(&rig.stages, &rig.read(&command("c-1"), None), None, &|| {
-        true
-    })
-    .await
+    match rig
+        .decider
+        .decide(&rig.read(&command("c-1"), None), None, &|| true)
+        .await
     {
-        Handled::Remembered(again) => assert_eq!(again.id, first.id),
+        Decision::Remembered(again) => assert_eq!(again.id, first.id),
         other => panic!("expected the remembered outcome, got {other:?}"),
     }
     assert_eq!(
@@ -164,7 +164,7 @@ async fn a_valid_command_is_carried_out_once_and_then_answered_from_memory() {
         1,
         "a completed command is not sent again"
     );
-    assert_eq!(rig.stages.metrics.commands_deduplicated.get(), 1);
+    assert_eq!(rig.decider.metrics.commands_deduplicated.get(), 1);
     rig.sim.shutdown().await;
 }
 
@@ -173,7 +173,7 @@ async fn a_callback_url_the_command_brings_is_sent_as_is() {
     let rig = Rig::start().await;
     let mut c = command("c-own");
     c["callbackUrl"] = json!("https://upstream.test/cb");
-    decided(plain(&rig.stages, &rig.read(&c, None)).await);
+    decided(plain(&rig.decider, &rig.read(&c, None)).await);
     assert_eq!(
         rig.sim.requests()[0].body["callbackUrl"],
         "https://upstream.test/cb"
@@ -185,7 +185,7 @@ async fn a_callback_url_the_command_brings_is_sent_as_is() {
 async fn an_invalid_command_is_rejected_without_a_call_and_names_its_message_id() {
     let rig = Rig::start().await;
     let parsed = rig.read(&json!({"botSessionId": "s-1", "aId": "a-1"}), Some("m-7"));
-    let event = decided(plain(&rig.stages, &parsed).await);
+    let event = decided(plain(&rig.decider, &parsed).await);
     assert_eq!(event.kind, EventKind::Rejected);
     let v = body(&event);
     assert_eq!(v["commandId"], "m-7");
@@ -203,7 +203,7 @@ async fn a_permanent_error_fails_with_the_error_detail_in_its_wire_order() {
         headers: Vec::new(),
         body: b"no such agent".to_vec(),
     }]);
-    let event = decided(plain(&rig.stages, &rig.read(&command("c-bad"), None)).await);
+    let event = decided(plain(&rig.decider, &rig.read(&command("c-bad"), None)).await);
     assert_eq!(event.kind, EventKind::Failed);
     let text = std::str::from_utf8(&event.body).unwrap();
     assert!(
@@ -223,7 +223,7 @@ async fn a_permanent_error_fails_with_the_error_detail_in_its_wire_order() {
 async fn transient_errors_are_retried_within_the_budget() {
     let rig = Rig::start().await;
     rig.sim.script([Reply::Status(503), Reply::Status(502)]);
-    let event = decided(plain(&rig.stages, &rig.read(&command("c-retry"), None)).await);
+    let event = decided(plain(&rig.decider, &rig.read(&command("c-retry"), None)).await);
     assert_eq!(event.kind, EventKind::Succeeded);
     assert_eq!(body(&event)["attempts"], 3);
     rig.sim.shutdown().await;
@@ -238,11 +238,11 @@ async fn a_command_that_stops_being_ours_while_it_waits_to_retry_is_not_called_a
     let ours = || rig.sim.stats().calls == 0;
     let parsed = rig.read(&command("c-gone"), None);
     assert!(matches!(
-        handle(&rig.stages, &parsed, None, &ours).await,
-        Handled::Requeue("its delivery is no longer this replica's")
+        rig.decider.decide(&parsed, None, &ours).await,
+        Decision::Requeue("its delivery is no longer this replica's")
     ));
     assert_eq!(rig.sim.stats().calls, 1);
-    assert!(rig.stages.outcomes.get("c-gone").is_none());
+    assert!(rig.decider.outcomes.get("c-gone").is_none());
     rig.sim.shutdown().await;
 }
 
@@ -251,7 +251,7 @@ async fn a_past_deadline_expires_the_command_without_a_call() {
     let rig = Rig::start().await;
     let mut c = command("c-late");
     c["expiresAt"] = json!("2000-01-01T00:00:00Z");
-    let event = decided(plain(&rig.stages, &rig.read(&c, None)).await);
+    let event = decided(plain(&rig.decider, &rig.read(&c, None)).await);
     assert_eq!(event.kind, EventKind::Expired);
     assert_eq!(body(&event)["expiresAt"], "2000-01-01T00:00:00.000Z");
     assert_eq!(rig.sim.stats().calls, 0);
@@ -261,13 +261,13 @@ async fn a_past_deadline_expires_the_command_without_a_call() {
 #[tokio::test]
 async fn at_shutdown_a_command_goes_back_to_the_queue_and_nothing_is_remembered() {
     let rig = Rig::start().await;
-    rig.stages.shutdown.abandon();
+    rig.decider.shutdown.abandon();
     let parsed = rig.read(&command("c-stop"), None);
     assert!(matches!(
-        plain(&rig.stages, &parsed).await,
-        Handled::Requeue("shutting down")
+        plain(&rig.decider, &parsed).await,
+        Decision::Requeue("shutting down")
     ));
-    assert!(rig.stages.outcomes.get("c-stop").is_none());
+    assert!(rig.decider.outcomes.get("c-stop").is_none());
     assert_eq!(rig.sim.stats().calls, 0);
     rig.sim.shutdown().await;
 }
@@ -279,16 +279,16 @@ async fn a_shutdown_while_waiting_to_retry_gives_the_command_back() {
         retry_after: Duration::from_secs(30),
     }]);
     let parsed = rig.read(&command("c-wait"), None);
-    let shutdown = rig.stages.shutdown.clone();
+    let shutdown = rig.decider.shutdown.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
         shutdown.abandon();
     });
     assert!(matches!(
-        plain(&rig.stages, &parsed).await,
-        Handled::Requeue("shutdown grace ran out")
+        plain(&rig.decider, &parsed).await,
+        Decision::Requeue("shutdown grace ran out")
     ));
-    assert!(rig.stages.outcomes.get("c-wait").is_none());
+    assert!(rig.decider.outcomes.get("c-wait").is_none());
     rig.sim.shutdown().await;
 }
 
@@ -297,9 +297,9 @@ async fn a_command_completed_by_one_replica_is_answered_by_another_from_the_flee
     let fleet = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
     let a = Rig::start().await.in_fleet(&fleet);
     let b = Rig::start().await.in_fleet(&fleet);
-    let first = decided(plain(&a.stages, &a.read(&command("c-f1"), None)).await);
-    match plain(&b.stages, &b.read(&command("c-f1"), None)).await {
-        Handled::Remembered(again) => {
+    let first = decided(plain(&a.decider, &a.read(&command("c-f1"), None)).await);
+    match plain(&b.decider, &b.read(&command("c-f1"), None)).await {
+        Decision::Remembered(again) => {
             assert_eq!(again.id, first.id);
             assert_eq!(again.body, first.body);
         }
@@ -327,25 +327,25 @@ async fn a_command_claimed_by_a_live_replica_is_waited_for_not_sent_again() {
         crate::fleet::Claim::Mine
     ));
     let parsed = b.read(&command("c-f2"), None);
-    let waiting = plain(&b.stages, &parsed);
+    let waiting = plain(&b.decider, &parsed);
     let finishing = async {
         tokio::time::sleep(Duration::from_millis(600)).await;
-        decided(plain(&a.stages, &a.read(&command("c-f2"), None)).await)
+        decided(plain(&a.decider, &a.read(&command("c-f2"), None)).await)
     };
     let (handled, done) = tokio::join!(waiting, finishing);
     match handled {
-        Handled::Remembered(event) => assert_eq!(event.id, done.id),
+        Decision::Remembered(event) => assert_eq!(event.id, done.id),
         other => panic!("expected to wait for the holder's outcome, got {other:?}"),
     }
     assert_eq!(b.sim.stats().calls, 0);
-    assert!(b.stages.metrics.fleet_claim_waits.get() >= 1);
+    assert!(b.decider.metrics.fleet_claim_waits.get() >= 1);
     a.sim.shutdown().await;
     b.sim.shutdown().await;
 }
 
-fn remembered(handled: Handled) -> Arc<Event> {
+fn remembered(handled: Decision) -> Arc<Event> {
     match handled {
-        Handled::Remembered(event) => event,
+        Decision::Remembered(event) => event,
         other => panic!("expected the remembered outcome, got {other:?}"),
     }
 }
@@ -362,23 +362,23 @@ fn permanent_error() -> Reply {
 async fn a_replayed_failed_command_is_processed_again_and_a_completed_one_is_not() {
     let rig = Rig::start().await;
     rig.sim.script([permanent_error()]);
-    let failed = decided(plain(&rig.stages, &rig.read(&command("c-r1"), None)).await);
+    let failed = decided(plain(&rig.decider, &rig.read(&command("c-r1"), None)).await);
     assert_eq!(failed.kind, EventKind::Failed);
     // Published again as it was: answered from memory, failed.
-    let again = remembered(plain(&rig.stages, &rig.read(&command("c-r1"), None)).await);
+    let again = remembered(plain(&rig.decider, &rig.read(&command("c-r1"), None)).await);
     assert_eq!(again.id, failed.id);
     assert_eq!(rig.sim.stats().calls, 1);
 
     // Replayed from the dead-letter queue: processed as new, and its outcome replaces the old.
-    let replayed = decided(plain(&rig.stages, &rig.read_replayed(&command("c-r1"))).await);
+    let replayed = decided(plain(&rig.decider, &rig.read_replayed(&command("c-r1"))).await);
     assert_eq!(replayed.kind, EventKind::Succeeded);
     assert_ne!(replayed.id, failed.id);
     assert_eq!(rig.sim.stats().calls, 2);
 
     // Completed now: a replay, like any other copy, is answered from memory.
-    let completed = remembered(plain(&rig.stages, &rig.read_replayed(&command("c-r1"))).await);
+    let completed = remembered(plain(&rig.decider, &rig.read_replayed(&command("c-r1"))).await);
     assert_eq!(completed.id, replayed.id);
-    let plain = remembered(plain(&rig.stages, &rig.read(&command("c-r1"), None)).await);
+    let plain = remembered(plain(&rig.decider, &rig.read(&command("c-r1"), None)).await);
     assert_eq!(plain.id, replayed.id);
     assert_eq!(
         rig.sim.stats().calls,
@@ -395,29 +395,27 @@ async fn a_replayed_failed_command_passes_over_the_fleet_record_and_replaces_it(
     let b = Rig::start().await.in_fleet(&fleet);
     let c = Rig::start().await.in_fleet(&fleet);
     a.sim.script([permanent_error()]);
-    let failed = decided(plain(&a.stages, &a.read(&command("c-r2"), None)).await);
+    let failed = decided(plain(&a.decider, &a.read(&command("c-r2"), None)).await);
     assert_eq!(failed.kind, EventKind::Failed);
     // Another replica answers a plain copy from the record...
-    let recorded = remembered(plain(&b.stages, &b.read(&command("c-r2"), None)).await);
+    let recorded = remembered(plain(&b.decider, &b.read(&command("c-r2"), None)).await);
     assert_eq!(recorded.id, failed.id);
     assert_eq!(b.sim.stats().calls, 0);
     // ...but not a replay: that is processed again, even where the failure is in memory.
     let replayed = decided(
-        handle(&b.stages, &b.read_replayed(&command("c-r2")), None, &|| {
-            true
-        })
-        .await,
+        b.decider
+            .decide(&b.read_replayed(&command("c-r2")), None, &|| true)
+            .await,
     );
     assert_eq!(replayed.kind, EventKind::Succeeded);
     assert_eq!(b.sim.stats().calls, 1);
     // The new outcome replaced the record: a third replica answers any copy with it.
-    let plain = remembered(plain(&c.stages, &c.read(&command("c-r2"), None)).await);
+    let plain = remembered(plain(&c.decider, &c.read(&command("c-r2"), None)).await);
     assert_eq!(plain.id, replayed.id);
     let replay = remembered(
-        handle(&c.stages, &c.read_replayed(&command("c-r2")), None, &|| {
-            true
-        })
-        .await,
+        c.decider
+            .decide(&c.read_replayed(&command("c-r2")), None, &|| true)
+            .await,
     );
     assert_eq!(replay.id, replayed.id);
     assert_eq!(c.sim.stats().calls, 0);
