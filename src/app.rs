@@ -193,13 +193,11 @@ impl Common {
         let router = Router::new(
             &settings.amqp.commands_queue,
             fleet.clone(),
-            settings.amqp.operation_timeout,
             self.metrics.clone(),
             self.shutdown.clone(),
         );
         let parser = Parser::new(bots, settings.commands.max_age);
-        let timeout = settings.amqp.operation_timeout;
-        let intake = Pipeline::intake(parser, decider.clone(), timeout, router);
+        let intake = Pipeline::intake(parser, decider.clone(), router);
         Some((intake, accounts))
     }
 
@@ -284,8 +282,7 @@ impl App {
         let (intake, at_intake) = common.intake(&settings, &decider).unzip();
         let accounts = paired(accounts, at_intake.unwrap_or_default());
         let parser = Parser::new(bots, settings.commands.max_age);
-        let timeout = settings.amqp.operation_timeout;
-        let pipeline = Arc::new(Pipeline::new(parser, decider, timeout));
+        let pipeline = Arc::new(Pipeline::new(parser, decider));
         let worker = common.worker(&settings, intake, pipeline);
         let relay_router = relay::router(Relay {
             signer,

@@ -14,10 +14,12 @@
 //! - [`ops`] — health and readiness ([`ops::admin`]), Prometheus [`ops::metrics`], logs
 //!   ([`ops::telemetry`], with spans exported over OTLP when configured), and the W3C trace
 //!   context a command carries on to its API call and events ([`ops::trace_context`]).
-//! - [`broker`] — the AMQP side: [`broker::connection`] (to one node of a cluster, chosen by
+//! - [`broker`] — the AMQP side, and the only component that speaks lapin:
+//!   [`broker::Delivery`] (a message taken, with its settle operations), [`broker::connection`] (to one node of a cluster, chosen by
 //!   [`broker::nodes`]), [`broker::topology`] (the queues and exchanges of the contract),
 //!   [`broker::publisher`] (publisher confirms), [`broker::account_queue`] (an account's
-//!   queue beside a source, where its commands wait while it is congested),
+//!   queue beside a source, where its commands wait while it is congested: declared, read,
+//!   stamped),
 //!   [`broker::lane_registry`] (the list of a source's account queues, read when it is taken
 //!   up), [`broker::account_links`] (the connections account queues are used on, apart from the
 //!   replica's own, so a queue the broker cannot serve costs only itself), and

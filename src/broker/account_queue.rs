@@ -4,6 +4,14 @@
 //! dead-lettered past the delivery limit, one consumer at a time), exists only while the
 //! account has commands set aside there, and is consumed by whoever consumes its source.
 
+mod reader;
+mod stamps;
+
+pub use reader::{Deliveries, QueueReader, ReaderChannel};
+#[cfg(feature = "fault-injection")]
+pub use reader::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
+pub use stamps::{MARKER, WAITING_SINCE, marker_of, waiting_since};
+
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};

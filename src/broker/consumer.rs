@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::Connection;
-use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -36,7 +35,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::account_links::AccountLinks;
 use super::holds::Holds;
-use super::{BrokerError, CurrentLink, Publisher, timed};
+use super::{BrokerError, CurrentLink, Delivery, Publisher, timed};
 use crate::backoff;
 use crate::config::AmqpSettings;
 use crate::ops::metrics::Metrics;
@@ -47,7 +46,7 @@ use crate::shutdown::Shutdown;
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 
 /// Time the broker gets to apply the last acks before the consuming channel closes at shutdown.
-const ACK_SETTLE: Duration = Duration::from_millis(250);
+pub(crate) const ACK_SETTLE: Duration = Duration::from_millis(250);
 
 mod owned;
 mod partition;

@@ -5,6 +5,7 @@ pub mod account_links;
 pub mod account_queue;
 pub mod connection;
 pub mod consumer;
+pub mod delivery;
 pub mod holds;
 pub mod lane_registry;
 pub mod nodes;
@@ -15,6 +16,10 @@ pub mod trace_headers;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+pub use delivery::Delivery;
+/// A connection to the broker. Outside `broker` it is only handed back to the broker's own
+/// operations (an account queue's declare, probe or reader).
+pub use lapin::Connection;
 pub use publisher::{DeadLetter, PublishError, Publisher, Reply};
 
 /// What went wrong talking to the broker.

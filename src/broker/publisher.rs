@@ -9,7 +9,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use super::{BrokerError, timed};
+use super::{BrokerError, Delivery, timed};
 use crate::config::AmqpSettings;
 use crate::contract::event::Event;
 use crate::ops::trace_context;
@@ -128,6 +128,14 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let queue = self.commands_queue.clone();
         self.publish_to_queue(queue.as_str(), body, properties)
+            .await
+    }
+
+    /// Publishes `delivery` as received (body and properties) to `queue` on the default
+    /// exchange, mandatory and confirmed: a command routed on, or set aside.
+    pub async fn forward(&self, queue: &str, delivery: &Delivery) -> Result<(), PublishError> {
+        let properties = delivery.properties().clone();
+        self.publish_to_queue(queue, delivery.body(), properties)
             .await
     }
 

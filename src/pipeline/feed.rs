@@ -4,12 +4,10 @@
 use std::future::Future;
 use std::sync::{Arc, PoisonError};
 
-use lapin::message::Delivery;
-
 use super::Pipeline;
 use super::lanes::{Route, SourceLanes};
-use crate::broker::Publisher;
 use crate::broker::consumer::{Handler, InFlight, Source};
+use crate::broker::{Delivery, Publisher};
 
 impl Handler for Pipeline {
     fn accept(

@@ -28,13 +28,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicAckOptions;
-
 use super::Job;
 use crate::agentassist::account::Account;
 use crate::agentassist::deadline::{deadline_of, start_limit};
 use crate::backoff;
-use crate::broker::timed;
 use crate::fleet::{Fleet, ownership};
 use crate::ops::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -61,7 +58,6 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub struct Router {
     /// The partition queues, by index.
     queues: Vec<String>,
-    operation_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Cancelled when the shutdown grace ran out: stop retrying, the broker returns the rest.
     shutdown: Shutdown,
@@ -102,7 +98,6 @@ impl Router {
     pub fn new(
         commands_queue: &str,
         fleet: Arc<Fleet>,
-        operation_timeout: Duration,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Self {
@@ -110,7 +105,6 @@ impl Router {
             queues: (0..fleet.partitions())
                 .map(|k| crate::contract::names::partition_queue(commands_queue, k))
                 .collect(),
-            operation_timeout,
             metrics,
             shutdown,
             fleet,
@@ -267,16 +261,12 @@ impl Router {
         loop {
             // Its delivery is ours while its channel and its source's connection are open.
             if !publisher.is_connected()
-                || job.delivery.acker.poisoned()
+                || !job.delivery.settleable()
                 || self.shutdown.is_abandoned()
             {
                 return false;
             }
-            let publish = publisher.publish_to_queue(
-                queue,
-                &job.delivery.data,
-                job.delivery.properties.clone(),
-            );
+            let publish = publisher.forward(queue, &job.delivery);
             #[cfg(feature = "fault-injection")]
             let publish = async {
                 if refused_until.is_some_and(|t| Instant::now() < t) {
@@ -301,8 +291,7 @@ impl Router {
             }
         }
         self.metrics.fleet_routed.inc();
-        let ack = job.delivery.acker.ack(BasicAckOptions::default());
-        if let Err(e) = timed("basic.ack", self.operation_timeout, ack).await {
+        if let Err(e) = job.delivery.ack().await {
             // Routed twice at worst; the partition's consumer answers the copy from memory.
             tracing::warn!(error = %e, "could not ack a routed command");
         }

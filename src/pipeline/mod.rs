@@ -23,13 +23,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tracing::Instrument;
 
 use crate::agentassist::account::{Account, Slot, Waiting};
 use crate::broker::consumer::InFlight;
-use crate::broker::{DeadLetter, Publisher, Reply, timed};
+use crate::broker::{Delivery, Publisher, Reply};
 use crate::contract::{Event, EventKind, Rejection};
 use crate::ops::trace_context::{self, CommandTrace};
 use decision::{Decider, Decision, Parsed, panic_message};
@@ -48,8 +46,6 @@ pub struct Pipeline {
     /// Boxed: a job is most of a KiB, and it moves from the session's queue to the task that
     /// runs it; a pointer keeps it out of every future that holds it.
     sessions: SessionQueues<Box<Job>>,
-    /// `amqp.operation_timeout`, for acks and nacks.
-    operation_timeout: Duration,
     /// Every account, for the lanes of each source.
     accounts: Vec<Arc<Account>>,
     /// The lanes of each source consumed (docs/fairness.md).
@@ -83,13 +79,12 @@ struct Job {
 
 impl Pipeline {
     /// A pipeline reading with `parser` and deciding with `decider`.
-    pub fn new(parser: Parser, decider: Decider, operation_timeout: Duration) -> Self {
+    pub fn new(parser: Parser, decider: Decider) -> Self {
         Self {
             accounts: parser.bots().accounts(),
             parser,
             decider,
             sessions: SessionQueues::default(),
-            operation_timeout,
             lanes: Mutex::new(HashMap::new()),
             router: None,
         }
@@ -98,15 +93,10 @@ impl Pipeline {
     /// The intake of a fleet that shares work: reads with `parser` (whose accounts are the
     /// intake's own, [`crate::agentassist::bots::Bots::at_intake`]), rejects with `decider`,
     /// and routes the rest with `router` ([`intake`]).
-    pub fn intake(
-        parser: Parser,
-        decider: Decider,
-        operation_timeout: Duration,
-        router: intake::Router,
-    ) -> Self {
+    pub fn intake(parser: Parser, decider: Decider, router: intake::Router) -> Self {
         Self {
             router: Some(router),
-            ..Self::new(parser, decider, operation_timeout)
+            ..Self::new(parser, decider)
         }
     }
 
@@ -157,11 +147,11 @@ impl Pipeline {
         received: bool,
     ) -> Box<Job> {
         let metrics = &self.decider.metrics;
-        let envelope = Envelope::from_properties(&delivery.properties);
+        let envelope = Envelope::of(&delivery);
         // Reading is the first thing input reaches: a bug there must cost one command, not
         // the consumer loop.
         let command = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.parser.parse(&delivery.data, &envelope)
+            self.parser.parse(delivery.body(), &envelope)
         }))
         .unwrap_or_else(|panic| {
             metrics.command_panics.inc();
@@ -171,7 +161,7 @@ impl Pipeline {
             );
             tracing::error!(%message, "reading a command panicked");
             Err(Box::new(Rejection {
-                command_id: parser::body_hash(&delivery.data),
+                command_id: parser::body_hash(delivery.body()),
                 stream_id: None,
                 bot_session_id: None,
                 target: None,
@@ -335,8 +325,8 @@ impl Pipeline {
                 intake::Admitted::Aside => true,
             };
         }
-        let (acker, publisher) = (&job.delivery.acker, &job.publisher);
-        let ours = || publisher.is_connected() && !acker.poisoned();
+        let (delivery, publisher) = (&job.delivery, &job.publisher);
+        let ours = || publisher.is_connected() && delivery.settleable();
         let decision = self.decider.decide(&job.parsed, aside, &ours).await;
         // The call is over: its slot is free for the account's next command.
         job.slot = None;
@@ -349,24 +339,17 @@ impl Pipeline {
             Decision::Aside => return true,
         };
         let command_id = job.parsed.command_id();
-        let props = &job.delivery.properties;
-        let reply = props.reply_to().as_ref().map(|queue| Reply {
-            queue: queue.as_str(),
-            correlation_id: props
-                .correlation_id()
-                .as_ref()
-                .map_or(command_id, |c| c.as_str()),
+        let delivery = &job.delivery;
+        let reply = delivery.reply_to().map(|queue| Reply {
+            queue,
+            correlation_id: delivery.correlation_id().unwrap_or(command_id),
         });
-        let dead_letter = event.kind.is_dead_letter().then(|| DeadLetter {
-            body: &job.delivery.data,
-            properties: props,
-        });
+        let dead_letter = event.kind.is_dead_letter().then(|| delivery.dead_letter());
         match Box::pin(job.publisher.publish(&event, reply, dead_letter)).await {
             Ok(()) => {
                 self.decider.metrics.published(event.kind);
                 log_outcome(&event);
-                let ack = job.delivery.acker.ack(BasicAckOptions::default());
-                if let Err(e) = timed("basic.ack", self.operation_timeout, ack).await {
+                if let Err(e) = job.delivery.ack().await {
                     // The event is out; the redelivery will republish it with the same eventId.
                     tracing::warn!(error = %e, "could not ack after publishing");
                 }
@@ -392,11 +375,7 @@ impl Pipeline {
         }
         self.decider.metrics.commands_requeued.inc();
         tracing::info!(why, "returning the command to the queue");
-        let nack = job.delivery.acker.nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        });
-        if let Err(e) = timed("basic.nack", self.operation_timeout, nack).await {
+        if let Err(e) = job.delivery.requeue().await {
             tracing::warn!(error = %e, "could not return the command; the broker will when the channel closes");
         }
     }

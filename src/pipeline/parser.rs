@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::agentassist::bots::{Bot, Bots};
+use crate::broker::Delivery;
 use crate::config::MAX_COMMAND_BYTES;
 use crate::contract::{Command, REPLAY_MARK, Rejection, Target};
 use crate::ops::trace_context::Incoming;
@@ -43,15 +44,12 @@ pub struct Envelope {
 
 impl Envelope {
     /// What a delivery's AMQP properties say about the command.
-    pub fn from_properties(properties: &lapin::BasicProperties) -> Self {
+    pub fn of(delivery: &Delivery) -> Self {
         Self {
-            message_id: properties.message_id().as_ref().map(|s| s.to_string()),
-            timestamp: *properties.timestamp(),
-            replayed: properties
-                .headers()
-                .as_ref()
-                .is_some_and(|h| h.inner().contains_key(REPLAY_MARK)),
-            trace: crate::broker::trace_headers::incoming(properties.headers().as_ref()),
+            message_id: delivery.message_id().map(str::to_owned),
+            timestamp: delivery.timestamp(),
+            replayed: delivery.has_header(REPLAY_MARK),
+            trace: delivery.trace(),
         }
     }
 }

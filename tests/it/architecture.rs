@@ -97,19 +97,32 @@ fn module_of(file: &Path) -> Vec<String> {
 /// `mod tests;` line, in a nested group or behind `super::super::` escapes it. Paths inside
 /// macro invocations are not parsed; the crate uses `crate::` paths there nowhere.
 fn used(text: &str, module: &[String]) -> BTreeSet<String> {
+    uses_in(text, module).found
+}
+
+fn uses_in(text: &str, module: &[String]) -> Uses {
     let file = syn::parse_file(text).expect("every source file parses");
     let mut uses = Uses {
         module: module.to_vec(),
         found: BTreeSet::new(),
+        roots: BTreeSet::new(),
     };
     syn::visit::Visit::visit_file(&mut uses, &file);
-    uses.found
+    uses
+}
+
+/// The first segments of every other path a file spells out: the external crates it names
+/// (among local names, which no crate shares).
+fn roots(text: &str, module: &[String]) -> BTreeSet<String> {
+    uses_in(text, module).roots
 }
 
 struct Uses {
     /// The module being visited: the file's, and inline modules within it.
     module: Vec<String>,
     found: BTreeSet<String>,
+    /// The first segment of every path not from the crate's root.
+    roots: BTreeSet<String>,
 }
 
 impl Uses {
@@ -128,7 +141,10 @@ impl Uses {
                 self.module[..base].iter().chain(&segments[ups..]).collect()
             }
             "self" => self.module.iter().chain(&segments[1..]).collect(),
-            _ => return,
+            other => {
+                self.roots.insert(other.to_owned());
+                return;
+            }
         };
         if let Some(component) = absolute.first() {
             self.found.insert((*component).clone());
@@ -326,4 +342,45 @@ fn the_check_sees_paths_groups_and_supers_and_skips_unit_tests() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(wrong, [("contract".into(), "pipeline".into(), file)]);
     assert_eq!(stale, [("pipeline".to_owned(), "json".to_owned())]);
+}
+
+/// Components that may name lapin: the broker, which owns AMQP; `config`, which reads an AMQP
+/// URL to validate it; and the tools. docs/architecture.md says why.
+const SPEAK_LAPIN: [&str; 3] = ["broker", "config", "tools"];
+
+/// Every file outside [`SPEAK_LAPIN`] that names lapin.
+fn lapin_outside_broker(components: &BTreeMap<String, Vec<PathBuf>>) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for (component, files) in components {
+        if SPEAK_LAPIN.contains(&component.as_str()) {
+            continue;
+        }
+        for file in files {
+            let text = std::fs::read_to_string(file).unwrap();
+            if roots(&text, &module_of(file)).contains("lapin") {
+                found.push(file.strip_prefix(root()).unwrap_or(file).to_owned());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn only_the_broker_speaks_amqp() {
+    let found = lapin_outside_broker(&components());
+    assert!(
+        found.is_empty(),
+        "lapin named outside broker (use broker::Delivery and the broker's operations): {found:?}"
+    );
+    // The check sees a use, a path in code and a group, and not a test module.
+    let module = ["pipeline".to_owned()];
+    for text in [
+        "use lapin::options::BasicAckOptions;",
+        "fn f(c: &lapin::Channel) {}",
+        "use {std::sync::Arc, lapin::Connection};",
+    ] {
+        assert!(roots(text, &module).contains("lapin"), "{text}");
+    }
+    let in_tests = "#[cfg(test)]\nmod tests { use lapin::Channel; }";
+    assert!(!roots(in_tests, &module).contains("lapin"));
 }

@@ -264,7 +264,7 @@ async fn a_partition_taken_back_while_its_hand_over_drains_keeps_its_hold() {
 
 #[tokio::test]
 async fn an_account_queue_that_fails_every_consume_stalls_only_itself() {
-    use transfer_worker::pipeline::lanes::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
+    use transfer_worker::broker::account_queue::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
     // The first readers of this account's queue make the broker close their connection.
     const BAD_STREAM: &str = "st-00000000-0000-4000-8000-0000000000c8";
     let mut fleet = Fleet::start(FleetSpec {

@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use tokio::sync::{mpsc, oneshot, watch};
+use transfer_worker::broker::Delivery;
 use transfer_worker::broker::consumer::{
     Consumer, ConsumerSettings, Handler, InFlight, Partitioned,
 };
@@ -104,7 +103,7 @@ impl Worker {
 
     async fn work(self: Arc<Self>, mut jobs: mpsc::UnboundedReceiver<Job>) {
         while let Some((delivery, queue, done)) = jobs.recv().await {
-            let seq: u64 = std::str::from_utf8(&delivery.data)
+            let seq: u64 = std::str::from_utf8(delivery.body())
                 .unwrap()
                 .parse()
                 .unwrap();
@@ -130,11 +129,7 @@ impl Worker {
                 *self.record.busy.lock().unwrap().get_mut(&queue).unwrap() -= 1;
                 self.record.work.lock().unwrap()[index].ended = Some(Instant::now());
             }
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                delivery.acker.ack(BasicAckOptions::default()),
-            )
-            .await;
+            let _ = delivery.ack().await;
             let _ = done.send(());
         }
     }

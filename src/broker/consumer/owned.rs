@@ -233,6 +233,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
             tracker: self.tracker.clone(),
             stop: stop.clone(),
             lost: link.lost.clone(),
+            timeout: self.settings.amqp.operation_timeout,
         }));
         Ok(Subscription {
             queue,
@@ -269,6 +270,7 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                     _partition: Some(settled.token()),
                     _permit: None,
                 };
+                let delivery = crate::broker::Delivery::new(delivery, t);
                 if let Some(task) =
                     P::accept(&partitions.handler, delivery, &publisher, in_flight, &queue)
                 {

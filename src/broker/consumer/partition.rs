@@ -154,6 +154,8 @@ pub(super) struct Reader<P> {
     pub(super) tracker: TaskTracker,
     pub(super) stop: CancellationToken,
     pub(super) lost: mpsc::Sender<String>,
+    /// `amqp.operation_timeout`: what its deliveries are settled within.
+    pub(super) timeout: Duration,
 }
 
 /// Takes a partition's deliveries in order, each with a permit of the replica-wide limit, until
@@ -184,6 +186,7 @@ pub(super) async fn read_partition<P: Handler>(mut r: Reader<P>) -> Option<Stopp
                     _partition: Some(r.settled.token()),
                     _permit: Some(permit),
                 };
+                let delivery = crate::broker::Delivery::new(delivery, r.timeout);
                 if let Some(task) =
                     P::accept(&r.handler, delivery, &r.publisher, in_flight, &r.queue)
                 {

@@ -53,6 +53,7 @@ impl Registered {
                     tokio::time::timeout(t, self.consumer.next()).await
                 {
                     let in_flight = InFlight::tracked(&self.settled);
+                    let delivery = crate::broker::Delivery::new(delivery, t);
                     if let Some(task) = H::accept(handler, delivery, publisher, in_flight, queue) {
                         tracker.spawn(task);
                     }

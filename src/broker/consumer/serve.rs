@@ -191,6 +191,8 @@ impl<H: Handler, P: Handler> Consumer<H, P> {
                 let in_flight = link.intake.as_ref().map(|i| InFlight::tracked(&i.settled));
                 let in_flight = in_flight.unwrap_or_default();
                 let publisher = &link.publisher;
+                let delivery =
+                    crate::broker::Delivery::new(delivery, self.settings.amqp.operation_timeout);
                 if let Some(task) = H::accept(&self.handler, delivery, publisher, in_flight, queue)
                 {
                     self.tracker.spawn(task);

@@ -44,15 +44,12 @@ use tokio_util::task::TaskTracker;
 
 use super::{Job, Pipeline};
 use crate::agentassist::account::Account;
-use crate::broker::BrokerError;
 use crate::broker::consumer::Source;
 use crate::broker::lane_registry::Entry;
+use crate::broker::{BrokerError, Connection};
 
 #[cfg(feature = "fault-injection")]
 pub use publish::FAULT_SLOW_ASIDE_ORG_ID;
-pub use publish::{MARKER, WAITING_SINCE, waiting_since};
-#[cfg(feature = "fault-injection")]
-pub use reader::{FAULT_BAD_QUEUE_ACCOUNT, FAULT_BAD_QUEUE_TIMES};
 pub(in crate::pipeline) use route::Route;
 
 /// Buckets of the per-session counts of a lane.
@@ -244,7 +241,7 @@ impl SourceLanes {
     async fn on_queue<T>(
         &self,
         lane: &Lane,
-        op: impl AsyncFnOnce(Arc<lapin::Connection>) -> Result<T, BrokerError>,
+        op: impl AsyncFnOnce(Arc<Connection>) -> Result<T, BrokerError>,
     ) -> Result<T, BrokerError> {
         let result = match self.source.links.get(&lane.queue()).await {
             Ok(connection) => op(connection).await,

@@ -3,22 +3,10 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
-
-use lapin::BasicProperties;
-use lapin::options::BasicAckOptions;
-use lapin::types::AMQPValue;
 
 use super::{Lane, SourceLanes};
-use crate::broker::{PublishError, timed};
+use crate::broker::PublishError;
 use crate::pipeline::Job;
-
-/// Header carrying since when a command set aside has waited (ms since the Unix epoch).
-pub const WAITING_SINCE: &str = "x-transfer-waiting-since";
-
-/// Header of a lane's marker: a message with no body that a holder publishes into its account
-/// queue and reads back before it deletes the queue (see `SourceLanes::retire`).
-pub const MARKER: &str = "x-transfer-lane-marker";
 
 /// With the `fault-injection` feature, a batch of set-aside commands with one of this `orgId`
 /// waits 2 s before it is published, so that a test can change the account queue under a
@@ -62,16 +50,18 @@ impl SourceLanes {
         if batch.iter().any(|(_, job)| {
             (job.parsed.command.as_ref()).is_ok_and(|c| c.command.org_id == FAULT_SLOW_ASIDE_ORG_ID)
         }) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
         let publisher = &self.source.publisher;
         // Counted in before the publishes, so that the reader, which may take one back before
         // its confirm is in, never finds the count lower than what the queue holds.
         lane.in_queue.fetch_add(batch.len(), Ordering::Relaxed);
         let queue = lane.queue();
-        let results = futures_util::future::join_all(batch.iter().map(|(_, job)| {
-            publisher.publish_to_queue(&queue, &job.delivery.data, aside_properties(job))
-        }))
+        let results = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|(_, job)| publisher.set_aside(&queue, &job.delivery)),
+        )
         .await;
         let mut failed = Vec::new();
         let mut missing = false;
@@ -80,10 +70,7 @@ impl SourceLanes {
             match result {
                 Ok(()) => {
                     published = published.saturating_add(1);
-                    let ack = job.delivery.acker.ack(BasicAckOptions::default());
-                    if let Err(e) =
-                        timed("basic.ack", self.source.amqp.operation_timeout, ack).await
-                    {
+                    if let Err(e) = job.delivery.ack().await {
                         // In both queues at worst: the copy is answered from memory.
                         tracing::warn!(error = %e, "could not ack a command set aside");
                     }
@@ -120,15 +107,10 @@ impl SourceLanes {
 
     /// Publishes marker `id` into the lane's account queue, confirmed.
     pub(super) async fn publish_marker(&self, lane: &Lane, id: &str) -> Result<(), Unpublished> {
-        let mut headers = lapin::types::FieldTable::default();
-        headers.insert(MARKER.into(), AMQPValue::LongString(id.into()));
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_headers(headers);
         match self
             .source
             .publisher
-            .publish_to_queue(&lane.queue(), b"", props)
+            .publish_marker(&lane.queue(), id)
             .await
         {
             Ok(()) => Ok(()),
@@ -136,81 +118,6 @@ impl SourceLanes {
             Err(e) => {
                 tracing::debug!(queue = %lane.queue(), error = %e, "could not publish a lane marker");
                 Err(Unpublished::Failed)
-            }
-        }
-    }
-}
-
-/// The id of a lane's marker, if the message is one.
-pub(super) fn marker_of(props: &BasicProperties) -> Option<String> {
-    match props.headers().as_ref()?.inner().get(MARKER)? {
-        AMQPValue::LongString(id) => Some(id.to_string()),
-        _ => None,
-    }
-}
-
-/// A command's properties for its account queue: as received, with the instant it started
-/// waiting.
-fn aside_properties(job: &Job) -> BasicProperties {
-    let props = job.delivery.properties.clone();
-    if waiting_since(&props).is_some() {
-        return props;
-    }
-    let mut headers = props.headers().clone().unwrap_or_default();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    headers.insert(WAITING_SINCE.into(), AMQPValue::LongLongInt(now));
-    props.with_headers(headers)
-}
-
-/// Since when a command set aside has waited, from its header; any value that is not a
-/// plausible instant is none.
-pub fn waiting_since(props: &BasicProperties) -> Option<SystemTime> {
-    let headers = props.headers().as_ref()?;
-    let ms = match headers.inner().get(WAITING_SINCE)? {
-        AMQPValue::LongLongInt(ms) => u64::try_from(*ms).ok()?,
-        AMQPValue::LongUInt(ms) => u64::from(*ms),
-        AMQPValue::LongInt(ms) => u64::try_from(*ms).ok()?,
-        _ => return None,
-    };
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))
-}
-
-#[cfg(test)]
-mod tests {
-    use lapin::types::FieldTable;
-
-    use super::*;
-
-    mod props {
-        use proptest::prelude::*;
-
-        use super::*;
-
-        proptest! {
-            /// Whatever a message carries in the header, reading it never panics, and a
-            /// value that is a plausible instant reads back.
-            #[test]
-            fn any_waiting_since_header(value in prop_oneof![
-                any::<i64>().prop_map(AMQPValue::LongLongInt),
-                any::<i32>().prop_map(AMQPValue::LongInt),
-                any::<u32>().prop_map(AMQPValue::LongUInt),
-                ".*".prop_map(|s| AMQPValue::LongString(s.into())),
-            ]) {
-                let mut headers = FieldTable::default();
-                headers.insert(WAITING_SINCE.into(), value.clone());
-                let props = BasicProperties::default().with_headers(headers);
-                let read = waiting_since(&props);
-                if let AMQPValue::LongLongInt(ms) = value
-                    && (0..=4_102_444_800_000).contains(&ms)
-                {
-                    prop_assert_eq!(
-                        read,
-                        Some(SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap()))
-                    );
-                }
             }
         }
     }

@@ -7,7 +7,7 @@ use super::publish::Unpublished;
 use super::reader::LaneReader;
 use super::task::{LaneTask, MARKER_TRIES, MARKER_WAIT};
 use super::{Lane, SourceLanes};
-use crate::broker::{account_queue, timed};
+use crate::broker::account_queue;
 
 impl SourceLanes {
     /// Retires the lane once its account queue provably holds nothing: returns whether the
@@ -100,14 +100,7 @@ impl SourceLanes {
         self.unregister(lane, &deleted).await;
         if let Some(r) = task.reader.take() {
             // The broker cancelled the consumer with the queue; nothing it took is unsettled.
-            let t = self.source.amqp.operation_timeout;
-            let channel = r.stop(lane, t).await;
-            let _ = timed(
-                "channel.close",
-                t,
-                channel.close(200, "lane retired".into()),
-            )
-            .await;
+            r.stop(lane).await.close("lane retired").await;
         }
         let mut state = lane.state();
         if state.queued > 0 {

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::publish::Unpublished;
-use super::reader::{LaneReader, acks_applied};
+use super::reader::LaneReader;
 use super::{Lane, SourceLanes};
 use crate::backoff::{self, Delays};
-use crate::broker::{account_queue, timed};
+use crate::broker::account_queue::{self, ReaderChannel};
 use crate::pipeline::Job;
 
 /// Most commands published to an account queue before their confirms are awaited.
@@ -83,7 +83,7 @@ pub(super) struct LaneTask {
     read_since: Option<Instant>,
     /// Channels of readers that ended by themselves, kept open while what they took is in
     /// hand.
-    spent: Vec<lapin::Channel>,
+    spent: Vec<ReaderChannel>,
     /// Pauses between failed reads, growing; started afresh after a reader ran a while.
     read_delays: Delays,
 }
@@ -275,16 +275,8 @@ impl LaneTask {
         if self.lane.taken.load(std::sync::atomic::Ordering::Relaxed) > 0 {
             return;
         }
-        let t = self.lanes.source.amqp.operation_timeout;
         for channel in self.spent.drain(..) {
-            if channel.status().connected() {
-                let _ = timed(
-                    "channel.close",
-                    t,
-                    channel.close(200, "reader ended".into()),
-                )
-                .await;
-            }
+            channel.close("reader ended").await;
         }
     }
 
@@ -385,33 +377,24 @@ impl LaneTask {
             let mut state = lane.state();
             state.queued = state.queued.saturating_sub(unpublished);
         }
-        let t = lanes.source.amqp.operation_timeout;
         let mut channels = spent;
         if let Some(reader) = reader {
-            let channel = reader.stop(&lane, t).await;
+            let channel = reader.stop(&lane).await;
             channels.push(channel);
         }
         if !channels.is_empty() {
             // Acks of what they took go to their channels: closed once they are applied (see
-            // `acks_applied`), or once the grace ran out.
+            // `ReaderChannel::acks_applied`), or once the grace ran out.
             tokio::select! {
                 () = lanes.settled.wait() => {
-                    let open = channels.iter().filter(|c| c.status().connected());
+                    let open = channels.iter().filter(|c| c.is_open());
                     let queue = lane.queue();
-                    futures_util::future::join_all(
-                        open.map(|c| acks_applied(c, &queue, t)),
-                    )
-                    .await;
+                    futures_util::future::join_all(open.map(|c| c.acks_applied(&queue))).await;
                 }
                 () = lanes.force.cancelled() => {}
             }
             for channel in channels {
-                let _ = timed(
-                    "channel.close",
-                    t,
-                    channel.close(200, "lane stopped".into()),
-                )
-                .await;
+                channel.close("lane stopped").await;
             }
         }
         lane.account.lane_head(&lane.queue(), None);

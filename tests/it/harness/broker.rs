@@ -201,7 +201,7 @@ pub async fn left_in(queues: &[String]) -> Vec<String> {
                     let marker = |d: &&lapin::message::Delivery| {
                         d.properties.headers().as_ref().is_some_and(|h| {
                             h.inner()
-                                .contains_key(transfer_worker::pipeline::lanes::MARKER)
+                                .contains_key(transfer_worker::broker::account_queue::MARKER)
                         })
                     };
                     let taken = take_all(&channel, queue).await;
