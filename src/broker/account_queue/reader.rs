@@ -99,7 +99,7 @@ impl ReaderChannel {
     /// once it is applied, so the acks before it are too. A channel closed before its acks
     /// were applied would return commands that were called and published, for the next holder
     /// to call again. Where the marker cannot be confirmed (the queue or the channel gone), a
-    /// pause of [`ACK_SETTLE`] instead. The marker is acked by whoever reads it.
+    /// pause instead (the consumer's `ACK_SETTLE`). The marker is acked by whoever reads it.
     pub async fn acks_applied(&self, queue: &str) {
         let (channel, t) = (&self.channel, self.timeout);
         let confirmed = async {
