@@ -10,7 +10,6 @@ use tokio::net::TcpListener;
 use gauges::{Paired, paired};
 use services::Services;
 
-use crate::agentassist::account::Account;
 use crate::agentassist::bots::Bots;
 use crate::agentassist::breaker::Breakers;
 use crate::agentassist::breaker::Prober;
@@ -23,6 +22,7 @@ use crate::callbacks::relay::{self, Relay};
 use crate::callbacks::token::{RelayUrls, TokenSigner};
 use crate::config::tls::certificates;
 use crate::config::{ConfigError, Settings};
+use crate::fairness::account::Account;
 use crate::fleet::{Fleet, FleetError};
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;

@@ -32,15 +32,17 @@
 //!   [`fleet::membership`] (heartbeats: who is alive), [`fleet::ownership`] (which partition
 //!   a session goes to, and which replica consumes each partition) and [`fleet::holds`] (one
 //!   holder per queue).
-//! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through pacing
-//!   and the last gate before the wire, both asked of the account's
-//!   [`agentassist::budget`] (this process's [`agentassist::pacer`] and
-//!   [`agentassist::arrivals`] of its [`agentassist::account`], or the fleet's, chosen once;
-//!   so the limit holds at the vendor's clock), the call ([`agentassist::client`],
-//!   with a JWT from [`agentassist::jwt`] for one of the [`agentassist::bots`]), the
-//!   classification of its answer, and retries ([`agentassist::retry`], within an
-//!   [`agentassist::attempts`] budget); the circuit [`agentassist::breaker`] holds every
-//!   attempt while the API is down, probing it until it answers.
+//! - [`fairness`] — what an account allows: its slots and congestion
+//!   ([`fairness::account`]), its budget ([`fairness::pacer`]) and its calls on the wire
+//!   ([`fairness::arrivals`]: the last gate, so the limit holds at the vendor's clock), asked
+//!   through a [`fairness::budget`], this process's or the fleet's, chosen once.
+//! - [`agentassist`] — the API: [`agentassist::transfer`] carries one command through its
+//!   starts and the last gate (both asked of its account's budget), the call
+//!   ([`agentassist::client`], with a JWT from [`agentassist::jwt`] for one of the
+//!   [`agentassist::bots`]), the classification of its answer, and retries
+//!   ([`agentassist::retry`], within an [`agentassist::attempts`] budget); the circuit
+//!   [`agentassist::breaker`] holds every attempt while the API is down, probing it until it
+//!   answers.
 //! - [`callbacks`] — AgentAssist's callbacks, authenticated by a signed URL
 //!   ([`callbacks::token`]), relayed to the results exchange ([`callbacks::relay`]).
 //! - [`pipeline`] — the handler of the commands queue: [`pipeline::parser`] (a delivery
@@ -67,6 +69,7 @@ pub mod broker;
 pub mod callbacks;
 pub mod config;
 pub mod contract;
+pub mod fairness;
 pub mod fleet;
 pub mod json;
 pub mod ops;

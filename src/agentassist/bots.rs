@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::agentassist::account::{Account, AccountMetrics, effective_cap};
 use crate::agentassist::jwt::TokenSource;
 use crate::config::Settings;
-use crate::fleet::StartRequest;
+use crate::fairness::account::{Account, AccountMetrics, effective_cap};
 use crate::ops::metrics::Metrics;
 
 /// One configured bot.
@@ -26,19 +25,6 @@ pub struct Bot {
     /// The API host it calls (scheme, host and port of its `base_url`): its circuit
     /// breaker's key.
     pub host: String,
-}
-
-impl Bot {
-    /// A start asked of the fleet's budget of this bot's account, past which (from now)
-    /// nothing is to be booked.
-    pub fn start_request(&self, deadline_in: Option<std::time::Duration>) -> StartRequest {
-        StartRequest {
-            account: self.account_id.clone(),
-            limit: self.account.pacer.limit(),
-            window: self.account.pacer.window(),
-            deadline_in,
-        }
-    }
 }
 
 /// The host of a validated `base_url`: scheme, host and port.

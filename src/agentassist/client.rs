@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use crate::agentassist::bots::Bot;
 use crate::agentassist::jwt::Token;
 use crate::contract::{Command, Target};
+use crate::fairness::departure::Ended;
 use crate::json;
 use crate::ops::trace_context;
 
@@ -358,5 +359,16 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(at.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
+/// How a call ended, as the account's last gate counts it: an answer of any status says the
+/// API saw it; a connection (or TLS handshake) that could not be made sent nothing; anything
+/// else (a failure or a timeout with no answer) counts until its bound.
+pub fn how_ended(result: &Result<ApiResponse, ApiError>) -> Ended {
+    match result {
+        Ok(_) => Ended::Answered,
+        Err(e) if e.status.is_some() => Ended::Answered,
+        Err(e) if e.unsent => Ended::Unsent,
+        Err(_) => Ended::Unanswered,
+    }
+}
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::client::{ApiError, ApiResponse};
+use crate::fairness::start::Unstarted;
 use crate::shutdown::Abandoned;
 
 /// Why an execution ended without an outcome.
@@ -19,6 +20,15 @@ pub enum Unfinished {
     /// `fleet.member_ttl`, a lost hold). Nothing was called; the queue's holder runs it
     /// (docs/contract.md §9).
     NotHeld,
+}
+
+impl From<Unstarted> for Unfinished {
+    fn from(unstarted: Unstarted) -> Self {
+        match unstarted {
+            Unstarted::Aside => Self::Aside,
+            Unstarted::Abandoned => Self::Abandoned,
+        }
+    }
 }
 
 impl From<Abandoned> for Unfinished {

@@ -11,13 +11,13 @@ use super::attempts::AttemptBudget;
 use super::bots::Bot;
 use super::breaker::Breakers;
 use super::breaker::{Failure as BreakerFailure, Interrupted};
-use super::budget::{Ask, OwnBudget, RateBudget};
 use super::client::{ApiClient, ApiError, request_body};
 use super::deadline::{deadline_of, reaches, start_limit};
-use super::pacer::DeadlineFirst;
 use super::retry::RetryPolicy;
-use super::start::FirstStart;
 use crate::contract::Command;
+use crate::fairness::budget::{Ask, OwnBudget, RateBudget};
+use crate::fairness::pacer::DeadlineFirst;
+use crate::fairness::start::FirstStart;
 use crate::fleet::StartRequest;
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::shutdown::Shutdown;
@@ -87,8 +87,8 @@ impl Transfers {
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
         let (limit, by_aside) = start_limit(deadline, aside);
         let ask = Ask {
-            command,
-            bot,
+            id: &command.command_id,
+            account: &bot.account,
             limit,
             aside: by_aside.is_some(),
         };
@@ -114,7 +114,7 @@ impl Transfers {
             return None;
         }
         let (limit, _) = start_limit(deadline_of(command, Instant::now()), aside);
-        self.budget.first_start_request(bot, limit)
+        self.budget.first_start_request(&bot.account, limit)
     }
 
     /// Runs the command to its outcome, or gives it up at shutdown. `callback_url` is where
@@ -277,7 +277,7 @@ impl Transfers {
         if error.is_rate_limited()
             && let Some(until) = now.checked_add(retry_after).filter(|_| !asked.is_zero())
         {
-            self.budget.pause(bot, until, retry_after).await;
+            self.budget.pause(&bot.account, until, retry_after).await;
         }
         let Some(backoff) = budget.next_wait() else {
             // Out of budget during what may be an outage: the breaker decides.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agentassist::account::Account;
+use crate::fairness::account::Account;
 
 /// How often the gauges are brought up to date.
 const EVERY: Duration = Duration::from_secs(1);

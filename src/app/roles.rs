@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::Common;
-use crate::agentassist::budget::{OwnBudget, RateBudget, SharedBudget};
+use crate::fairness::budget::{OwnBudget, RateBudget, SharedBudget};
 use crate::pipeline::ledger::{Ledger, SharedLedger, Unshared};
 
 impl Common {

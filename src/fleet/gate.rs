@@ -1,6 +1,6 @@
 //! The vendor's limit at the vendor's clock, fleet-wide (docs/contract.md §4): the last gate a
 //! call passes before it leaves, shared by every replica through Redis (`lua/depart.lua`,
-//! `lua/arrived.lua`). The rule and why it holds: `agentassist::arrivals`, its counterpart in
+//! `lua/arrived.lua`). The rule and why it holds: `fairness::arrivals`, its counterpart in
 //! one process.
 
 use std::time::Duration;

@@ -29,9 +29,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::Job;
-use crate::agentassist::account::Account;
 use crate::agentassist::deadline::{deadline_of, start_limit};
 use crate::backoff;
+use crate::fairness::account::Account;
 use crate::fleet::{Fleet, ownership};
 use crate::ops::metrics::Metrics;
 use crate::shutdown::Shutdown;

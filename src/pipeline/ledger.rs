@@ -10,8 +10,8 @@ use std::fmt::Debug;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
-use crate::agentassist::start::FirstStart;
 use crate::contract::event::Event;
+use crate::fairness::start::FirstStart;
 use crate::fleet::StartRequest;
 use crate::shutdown::{Abandoned, Shutdown};
 

@@ -25,10 +25,10 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use crate::agentassist::account::{Account, Slot, Waiting};
 use crate::broker::consumer::InFlight;
 use crate::broker::{Delivery, Publisher, Reply};
 use crate::contract::{Event, EventKind, Rejection};
+use crate::fairness::account::{Account, Slot, Waiting};
 use crate::ops::trace_context::{self, CommandTrace};
 use decision::{Decider, Decision, Parsed, panic_message};
 use lanes::{SourceLanes, Taken};

@@ -4,9 +4,9 @@
 
 use std::fmt;
 
-use crate::agentassist::account::effective_cap;
 use crate::broker::{BrokerError, connection};
 use crate::config::Settings;
+use crate::fairness::account::effective_cap;
 use crate::tools::fleet_status::{QueueState, queue_state};
 
 /// One account.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use super::{Breaker, Prober};
 use crate::agentassist::ApiClient;
 use crate::agentassist::bots::{Bot, Bots};
-use crate::agentassist::budget::RateBudget;
 use crate::config::Settings;
+use crate::fairness::budget::RateBudget;
 use crate::ops::metrics::Metrics;
 
 /// The breakers, by the host their bots call.
@@ -119,7 +119,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let bots = Bots::new(&settings, &metrics);
         let api = ApiClient::new(Duration::from_secs(5), 8, None).unwrap();
-        let budget: Arc<dyn RateBudget> = Arc::new(crate::agentassist::budget::OwnBudget);
+        let budget: Arc<dyn RateBudget> = Arc::new(crate::fairness::budget::OwnBudget);
         let (breakers, probers) = Breakers::new(&settings, &bots, &api, &budget, &metrics);
         assert_eq!(probers.len(), 2, "a breaker, and its prober, per host");
         let stop = CancellationToken::new();

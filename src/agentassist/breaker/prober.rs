@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::Breaker;
 use crate::agentassist::bots::Bot;
-use crate::agentassist::budget::RateBudget;
-use crate::agentassist::client::{ApiClient, ApiError, ApiResponse};
+use crate::agentassist::client::{ApiClient, ApiError, ApiResponse, how_ended};
+use crate::fairness::budget::RateBudget;
 use crate::shutdown::Shutdown;
 
 /// The breaker and what it probes with, run by the application beside the consumer.
@@ -68,7 +68,8 @@ impl Prober {
         // The last gate, as for any call; the wait is cut short by the breaker's stop.
         let until = std::time::Instant::now().checked_add(self.interval);
         let unstopped = Shutdown::new();
-        let departure = self.budget.depart(bot, until, &unstopped).await.ok()??;
+        let departure = self.budget.depart(&bot.account, until, &unstopped);
+        let departure = departure.await.ok()??;
         let token = match bot.tokens.token() {
             Ok(token) => token,
             Err(e) => {
@@ -78,12 +79,12 @@ impl Prober {
             }
         };
         let result = self.api.probe(bot, &token).await;
-        departure.ended(&result).await;
+        departure.ended(how_ended(&result)).await;
         Some(result)
     }
 
     /// When the probe may go, if within the probe interval.
     async fn start(&self, bot: &Bot) -> Option<std::time::Instant> {
-        self.budget.probe_start(bot, self.interval).await
+        self.budget.probe_start(&bot.account, self.interval).await
     }
 }

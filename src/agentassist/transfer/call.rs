@@ -10,7 +10,7 @@ use super::{Ours, Transfers, Unfinished};
 use crate::agentassist::attempts::AttemptBudget;
 use crate::agentassist::bots::Bot;
 use crate::agentassist::breaker::Failure as BreakerFailure;
-use crate::agentassist::client::{ApiError, ApiResponse, ErrorKind};
+use crate::agentassist::client::{ApiError, ApiResponse, ErrorKind, how_ended};
 use crate::shutdown::Shutdown;
 
 /// How one call went.
@@ -59,7 +59,7 @@ impl Transfers {
             deadline,
             late,
         } = leg;
-        let Some(departure) = self.budget.depart(bot, deadline, shutdown).await? else {
+        let Some(departure) = self.budget.depart(&bot.account, deadline, shutdown).await? else {
             return Ok(Call::Late);
         };
         if shutdown.is_abandoned() {
@@ -110,7 +110,7 @@ impl Transfers {
             Ok(r) => Some(r.status),
             Err(e) => e.status,
         };
-        departure.ended(&result).await;
+        departure.ended(how_ended(&result)).await;
         let seconds = call_started.elapsed().as_secs_f64();
         self.metrics.api_call(&bot.account_id, status, seconds);
         let outage = self.breakers.of(bot).and_then(|b| b.record(&result));

@@ -86,7 +86,7 @@ impl Rig {
             )
             .unwrap(),
         );
-        let budget = crate::agentassist::budget::SharedBudget::new(fleet.clone());
+        let budget = crate::fairness::budget::SharedBudget::new(fleet.clone());
         self.decider.transfers = self.decider.transfers.clone().with_budget(Arc::new(budget));
         let ledger =
             crate::pipeline::ledger::SharedLedger::new(fleet.clone(), self.decider.metrics.clone());

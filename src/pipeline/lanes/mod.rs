@@ -43,10 +43,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Job, Pipeline};
-use crate::agentassist::account::Account;
 use crate::broker::consumer::Source;
 use crate::broker::lane_registry::Entry;
 use crate::broker::{BrokerError, Connection};
+use crate::fairness::account::Account;
 
 #[cfg(feature = "fault-injection")]
 pub use publish::FAULT_SLOW_ASIDE_ORG_ID;

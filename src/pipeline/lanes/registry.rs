@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Lane, Registry, SourceLanes};
-use crate::agentassist::account::Account;
 use crate::backoff;
 use crate::broker::lane_registry::{self, Entry, List};
 use crate::broker::{BrokerError, account_queue};
+use crate::fairness::account::Account;
 
 /// The longest pause between attempts to read the list when the broker keeps failing.
 const READ_RETRY_MAX: Duration = Duration::from_secs(10);

@@ -8,7 +8,7 @@ use super::super::sessions::SessionQueues;
 use tokio::sync::mpsc;
 
 use super::{Lane, LaneState, SourceLanes, bucket};
-use crate::agentassist::account::Account;
+use crate::fairness::account::Account;
 
 /// Where a command of a lane's account goes.
 pub(in crate::pipeline) enum Route {

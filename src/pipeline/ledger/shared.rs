@@ -9,8 +9,8 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use super::{Claimed, Holds, Ledger};
-use crate::agentassist::start::FirstStart;
 use crate::contract::event::Event;
+use crate::fairness::start::FirstStart;
 use crate::fleet::{Claim, Fleet, StartRequest};
 use crate::ops::metrics::Metrics;
 use crate::shutdown::{Abandoned, Shutdown};

@@ -4,30 +4,43 @@
 
 use std::time::{Duration, Instant};
 
-use super::bots::Bot;
-use super::outcome::Unfinished;
+use super::account::Account;
 use super::pacer::DeadlineFirst;
-use crate::contract::Command;
 use crate::fleet::{Fleet, FleetError, Reservation};
 use crate::shutdown::{Abandoned, Shutdown};
 
+/// Why a wait for a start ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unstarted {
+    /// The start is further away than the command may wait in memory: it may wait in its
+    /// account's queue instead. Nothing was booked.
+    Aside,
+    /// The shutdown's grace ran out.
+    Abandoned,
+}
+
+impl From<Abandoned> for Unstarted {
+    fn from(_: Abandoned) -> Self {
+        Self::Abandoned
+    }
+}
+
 /// Waits for a start from this process's pacer.
 pub(super) async fn from_own_pacer(
-    bot: &Bot,
+    account: &Account,
     limit: Option<Instant>,
     shutdown: &Shutdown,
-) -> Result<Result<(), DeadlineFirst>, Unfinished> {
+) -> Result<Result<(), DeadlineFirst>, Unstarted> {
     let asked = Instant::now();
-    match bot.account.pacer.reserve(limit) {
+    match account.pacer.reserve(limit) {
         Ok(slot) => {
-            bot.account.starts_in(slot.saturating_duration_since(asked));
+            account.starts_in(slot.saturating_duration_since(asked));
             let waited = shutdown.sleep_until(slot).await;
-            bot.account.waited_for_budget(asked.elapsed());
+            account.waited_for_budget(asked.elapsed());
             Ok(waited.map(Ok)?)
         }
         Err(e) => {
-            bot.account
-                .starts_in(e.slot.saturating_duration_since(asked));
+            account.starts_in(e.slot.saturating_duration_since(asked));
             Ok(Err(e))
         }
     }
@@ -68,8 +81,9 @@ impl FirstStart {
 /// a start booked but not reached at shutdown is given back.
 pub(super) struct FleetStart<'a> {
     pub fleet: &'a Fleet,
-    pub command: &'a Command,
-    pub bot: &'a Bot,
+    /// The command's id: what a booking is made under.
+    pub id: &'a str,
+    pub account: &'a Account,
     /// The deadline, or the aside limit if sooner.
     pub limit: Option<Instant>,
     /// A start not bookable yet ends the wait: the command may be set aside.
@@ -83,8 +97,8 @@ impl FleetStart<'_> {
         &self,
         first: Option<FirstStart>,
         shutdown: &Shutdown,
-    ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
-        let (fleet, bot) = (self.fleet, self.bot);
+    ) -> Result<Result<(), DeadlineFirst>, Unstarted> {
+        let (fleet, account) = (self.fleet, self.account);
         let mut first = match first {
             Some(first) if first.answered_at.elapsed() <= FRESH => Some(first),
             Some(stale) => {
@@ -105,9 +119,9 @@ impl FleetStart<'_> {
             let at = |delay: Duration| asked_at.checked_add(delay).unwrap_or(asked_at);
             match answer {
                 Reservation::Booked { delay, booking } => {
-                    bot.account.starts_in(delay);
+                    account.starts_in(delay);
                     let waited = shutdown.sleep_until(at(delay)).await;
-                    bot.account.waited_for_budget(first_asked.elapsed());
+                    account.waited_for_budget(first_asked.elapsed());
                     if let Err(abandoned) = waited {
                         if let Err(e) = fleet.unreserve(&booking).await {
                             tracing::warn!(error = %e, "could not give back a booked start");
@@ -117,14 +131,14 @@ impl FleetStart<'_> {
                     return Ok(Ok(()));
                 }
                 Reservation::DeadlineFirst { delay } => {
-                    bot.account.starts_in(delay);
+                    account.starts_in(delay);
                     return Ok(Err(DeadlineFirst { slot: at(delay) }));
                 }
                 // Asked again a horizon before the start, when it can be booked.
                 Reservation::NotYet { delay } => {
-                    bot.account.starts_in(delay);
+                    account.starts_in(delay);
                     if self.aside {
-                        return Err(Unfinished::Aside);
+                        return Err(Unstarted::Aside);
                     }
                     let again = delay
                         .saturating_sub(fleet.horizon())
@@ -146,10 +160,7 @@ impl FleetStart<'_> {
         }
         let answer = self
             .fleet
-            .reserve(
-                &self.bot.start_request(deadline_in),
-                &self.command.command_id,
-            )
+            .reserve(&self.account.start_request(deadline_in), self.id)
             .await?;
         Ok((now, answer))
     }
@@ -159,12 +170,10 @@ impl FleetStart<'_> {
 mod tests {
     use std::collections::HashMap;
     use std::sync::Arc;
-    use std::time::SystemTime;
 
     use super::*;
-    use crate::agentassist::bots::Bots;
     use crate::config::Settings;
-    use crate::contract::Target;
+    use crate::fairness::account::AccountMetrics;
     use crate::ops::metrics::{Metrics, RedisLabels};
 
     fn reserves(metrics: &Metrics) -> u64 {
@@ -179,8 +188,6 @@ mod tests {
     #[tokio::test]
     async fn a_first_start_stands_for_the_question_when_fresh_and_is_given_back_when_stale() {
         let mut settings = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
-        settings.bots[0].rate_limit = 1;
-        settings.bots[0].rate_window = Duration::from_secs(4);
         settings.fleet.redis_url =
             std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
         // The horizon (a third of the lease, 3 s) is short of the window: once the account's
@@ -195,22 +202,21 @@ mod tests {
             metrics.clone(),
         )
         .unwrap();
-        let bots = Bots::new(&settings, &metrics);
-        let bot = bots.get(&settings.bots[0].stream_id).unwrap();
-        let command = Command {
-            command_id: "c1".into(),
-            stream_id: bot.stream_id.clone(),
-            org_id: "o-1".into(),
-            bot_session_id: "s-1".into(),
-            target: Target::Agent("a-1".into()),
-            callback_url: None,
-            deadline: Some(SystemTime::now() + Duration::from_secs(30)),
-        };
+        // One start per 4 s.
+        let account = Account::new(
+            "acc-1",
+            1,
+            Duration::from_secs(4),
+            Duration::from_secs(5),
+            4,
+            Duration::from_secs(1),
+            AccountMetrics::of(&metrics, "acc-1"),
+        );
         // Set aside rather than waited for when the start is not bookable yet.
         let start = FleetStart {
             fleet: &fleet,
-            command: &command,
-            bot: &bot,
+            id: "c1",
+            account: &account,
             limit: None,
             aside: true,
         };
@@ -218,7 +224,10 @@ mod tests {
 
         // Stale: the account's one start, booked a second ago. Kept, the budget would be
         // spent and the command set aside; given back, it is booked again at once.
-        let answer = fleet.reserve(&bot.start_request(None), "c1").await.unwrap();
+        let answer = fleet
+            .reserve(&account.start_request(None), "c1")
+            .await
+            .unwrap();
         assert!(matches!(answer, Reservation::Booked { .. }), "{answer:?}");
         let a_second_ago = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
         let stale = FirstStart {
@@ -242,7 +251,7 @@ mod tests {
             },
         };
         let waited = start.wait(Some(fresh), &shutdown).await;
-        assert!(matches!(waited, Err(Unfinished::Aside)), "{waited:?}");
+        assert!(matches!(waited, Err(Unstarted::Aside)), "{waited:?}");
         assert_eq!(
             reserves(&metrics),
             asked,

@@ -9,12 +9,11 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use super::{Ask, RateBudget, Started};
-use crate::agentassist::bots::Bot;
-use crate::agentassist::departure::{self, Departure};
-use crate::agentassist::outcome::Unfinished;
-use crate::agentassist::start::{FirstStart, FleetStart};
+use crate::fairness::account::Account;
+use crate::fairness::departure::{self, Departure};
+use crate::fairness::start::{FirstStart, FleetStart};
 use crate::fleet::{Fleet, Reservation, StartRequest};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Abandoned, Shutdown};
 
 /// Budgets kept in the fleet's Redis.
 #[derive(Debug, Clone)]
@@ -39,8 +38,8 @@ impl RateBudget for SharedBudget {
         async move {
             let start = FleetStart {
                 fleet: &self.fleet,
-                command: ask.command,
-                bot: ask.bot,
+                id: ask.id,
+                account: ask.account,
                 limit: ask.limit,
                 aside: ask.aside,
             };
@@ -54,10 +53,15 @@ impl RateBudget for SharedBudget {
     }
 
     /// Held in this process at once, and fleet-wide as soon as Redis answers.
-    fn pause<'a>(&'a self, bot: &'a Bot, until: Instant, for_: Duration) -> BoxFuture<'a, ()> {
-        bot.account.pacer.pause_until(until);
+    fn pause<'a>(
+        &'a self,
+        account: &'a Account,
+        until: Instant,
+        for_: Duration,
+    ) -> BoxFuture<'a, ()> {
+        account.pacer.pause_until(until);
         async move {
-            if let Err(e) = self.fleet.pause(&bot.account_id, for_).await {
+            if let Err(e) = self.fleet.pause(&account.id, for_).await {
                 tracing::warn!(error = %e, "could not share the pause with the fleet");
             }
         }
@@ -66,18 +70,22 @@ impl RateBudget for SharedBudget {
 
     fn depart<'a>(
         &'a self,
-        bot: &'a Bot,
+        account: &'a Account,
         until: Option<Instant>,
         shutdown: &'a Shutdown,
-    ) -> BoxFuture<'a, Result<Option<Departure<'a>>, Unfinished>> {
-        departure::in_fleet(&self.fleet, bot, until, shutdown).boxed()
+    ) -> BoxFuture<'a, Result<Option<Departure<'a>>, Abandoned>> {
+        departure::in_fleet(&self.fleet, account, until, shutdown).boxed()
     }
 
-    fn probe_start<'a>(&'a self, bot: &'a Bot, within: Duration) -> BoxFuture<'a, Option<Instant>> {
+    fn probe_start<'a>(
+        &'a self,
+        account: &'a Account,
+        within: Duration,
+    ) -> BoxFuture<'a, Option<Instant>> {
         async move {
             let asked = Instant::now();
             let probe_id = format!("probe-{}", uuid::Uuid::new_v4().simple());
-            let request = bot.start_request(Some(within));
+            let request = account.start_request(Some(within));
             match self.fleet.reserve(&request, &probe_id).await {
                 Ok(Reservation::Booked { delay, .. }) => asked.checked_add(delay),
                 Ok(_) => None,
@@ -90,12 +98,16 @@ impl RateBudget for SharedBudget {
         .boxed()
     }
 
-    fn first_start_request(&self, bot: &Bot, limit: Option<Instant>) -> Option<StartRequest> {
+    fn first_start_request(
+        &self,
+        account: &Account,
+        limit: Option<Instant>,
+    ) -> Option<StartRequest> {
         let now = Instant::now();
         let deadline_in = match limit {
             Some(limit) if limit <= now => return None,
             limit => limit.map(|l| l.saturating_duration_since(now)),
         };
-        Some(bot.start_request(deadline_in))
+        Some(account.start_request(deadline_in))
     }
 }

@@ -9,14 +9,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 
-use super::bots::Bot;
+use super::account::Account;
 use super::departure::Departure;
-use super::outcome::Unfinished;
 use super::pacer::DeadlineFirst;
-use super::start::FirstStart;
-use crate::contract::Command;
+use super::start::{FirstStart, Unstarted};
 use crate::fleet::StartRequest;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Abandoned, Shutdown};
 
 mod own;
 mod shared;
@@ -27,8 +25,9 @@ pub use shared::SharedBudget;
 /// What a command asks of its account's budget for one start.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
-    pub command: &'a Command,
-    pub bot: &'a Bot,
+    /// The command's id: what a booking is made under.
+    pub id: &'a str,
+    pub account: &'a Account,
     /// The deadline, or the aside limit if sooner: a start later than this is not waited for.
     pub limit: Option<Instant>,
     /// A start not bookable yet ends the wait: the command may be set aside.
@@ -36,7 +35,7 @@ pub struct Ask<'a> {
 }
 
 /// The start a command got: `Ok` once it may call, `Err` when the limit comes first.
-pub type Started = Result<Result<(), DeadlineFirst>, Unfinished>;
+pub type Started = Result<Result<(), DeadlineFirst>, Unstarted>;
 
 /// An account's rate budget. See the module's documentation.
 pub trait RateBudget: Debug + Send + Sync {
@@ -53,22 +52,35 @@ pub trait RateBudget: Debug + Send + Sync {
     fn give_back(&self, first: FirstStart) -> BoxFuture<'_, ()>;
 
     /// Holds the account's later calls for `for_` (until `until` here), after a 429.
-    fn pause<'a>(&'a self, bot: &'a Bot, until: Instant, for_: Duration) -> BoxFuture<'a, ()>;
+    fn pause<'a>(
+        &'a self,
+        account: &'a Account,
+        until: Instant,
+        for_: Duration,
+    ) -> BoxFuture<'a, ()>;
 
-    /// Waits until a call of `bot`'s account may leave; `None` when `until` (the deadline)
+    /// Waits until a call of `account` may leave; `None` when `until` (the deadline)
     /// comes first.
     fn depart<'a>(
         &'a self,
-        bot: &'a Bot,
+        account: &'a Account,
         until: Option<Instant>,
         shutdown: &'a Shutdown,
-    ) -> BoxFuture<'a, Result<Option<Departure<'a>>, Unfinished>>;
+    ) -> BoxFuture<'a, Result<Option<Departure<'a>>, Abandoned>>;
 
-    /// When the breaker's probe through `bot` may go, if within `within`.
-    fn probe_start<'a>(&'a self, bot: &'a Bot, within: Duration) -> BoxFuture<'a, Option<Instant>>;
+    /// When the breaker's probe of `account` may go, if within `within`.
+    fn probe_start<'a>(
+        &'a self,
+        account: &'a Account,
+        within: Duration,
+    ) -> BoxFuture<'a, Option<Instant>>;
 
     /// What a command's fleet claim may ask for along with it: its first start, booked in the
     /// same round trip. `None` where starts are not shared (nothing to ride on), or when the
     /// `limit` has passed.
-    fn first_start_request(&self, bot: &Bot, limit: Option<Instant>) -> Option<StartRequest>;
+    fn first_start_request(
+        &self,
+        account: &Account,
+        limit: Option<Instant>,
+    ) -> Option<StartRequest>;
 }

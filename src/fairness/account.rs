@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::arrivals::Arrivals;
 use super::pacer::Pacer;
+use crate::fleet::StartRequest;
 use crate::ops::metrics::{AccountLabels, Metrics};
 
 /// The account's series, labelled with its id.
@@ -185,6 +186,17 @@ impl Account {
             aside: AtomicUsize::new(0),
             aside_since: Mutex::new(BTreeMap::new()),
             metrics,
+        }
+    }
+
+    /// A start asked of the fleet's budget of this account, past which (from now) nothing is
+    /// to be booked.
+    pub fn start_request(&self, deadline_in: Option<Duration>) -> StartRequest {
+        StartRequest {
+            account: self.id.clone(),
+            limit: self.pacer.limit(),
+            window: self.pacer.window(),
+            deadline_in,
         }
     }
 

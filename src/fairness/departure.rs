@@ -6,10 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::account::Account;
 use super::arrivals;
-use super::bots::Bot;
-use super::client::{ApiError, ApiResponse};
-use super::outcome::Unfinished;
 use crate::fleet::Fleet;
 use crate::fleet::gate::{DepartRequest, Gate};
 use crate::shutdown::{Abandoned, Shutdown};
@@ -28,6 +26,17 @@ const ON_THE_WIRE_POLL: Duration = Duration::from_millis(20);
 
 /// The longest pause between questions while a call on the wire stands in the way.
 const ON_THE_WIRE_POLL_MAX: Duration = Duration::from_millis(640);
+
+/// How a call that passed the gate ended, as the gate counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The API answered, with any status: it saw the call, whose window counts from now.
+    Answered,
+    /// Nothing was sent (no connection or TLS handshake could be made).
+    Unsent,
+    /// No answer came (the request failed or timed out): it counts until its bound.
+    Unanswered,
+}
 
 /// A call through the gate, on its way.
 #[derive(Debug)]
@@ -60,16 +69,13 @@ impl Departure<'_> {
         }
     }
 
-    /// Records how the call ended: an answer of any status says the API saw it; a connection
-    /// (or TLS handshake) that could not be made sent nothing; anything else counts until its
-    /// bound.
-    pub async fn ended(self, result: &Result<ApiResponse, ApiError>) {
-        match result {
-            Ok(_) => self.answered().await,
-            Err(e) if e.status.is_some() => self.answered().await,
-            Err(e) if e.unsent => self.unsent().await,
-            // No answer (the request failed or timed out): dropped, it counts until its bound.
-            Err(_) => {}
+    /// Records how the call ended.
+    pub async fn ended(self, how: Ended) {
+        match how {
+            Ended::Answered => self.answered().await,
+            Ended::Unsent => self.unsent().await,
+            // Dropped: it counts until its bound.
+            Ended::Unanswered => {}
         }
     }
 
@@ -93,12 +99,12 @@ impl Departure<'_> {
 /// Through this process's arrivals ([`super::budget::OwnBudget`]). An account paused by a 429
 /// lets nothing leave until its pause ends, however long the call waited at the gate.
 pub(super) async fn through_own_arrivals<'a>(
-    bot: &'a Bot,
+    account: &'a Account,
     until: Option<Instant>,
     shutdown: &Shutdown,
-) -> Result<Option<Departure<'a>>, Unfinished> {
+) -> Result<Option<Departure<'a>>, Abandoned> {
     loop {
-        if let Some(paused) = bot.account.pacer.paused() {
+        if let Some(paused) = account.pacer.paused() {
             if until.is_some_and(|u| u <= paused) {
                 return Ok(None);
             }
@@ -106,14 +112,14 @@ pub(super) async fn through_own_arrivals<'a>(
             continue;
         }
         let departure = tokio::select! {
-            departure = bot.account.arrivals.depart(until) => departure,
-            () = shutdown.abandoned() => return Err(Abandoned.into()),
+            departure = account.arrivals.depart(until) => departure,
+            () = shutdown.abandoned() => return Err(Abandoned),
         };
         let Some(departure) = departure else {
             return Ok(None);
         };
         // Paused while it waited: it leaves after the pause, through the gate again.
-        if bot.account.pacer.paused().is_some() {
+        if account.pacer.paused().is_some() {
             departure.unsent();
             continue;
         }
@@ -135,14 +141,14 @@ fn send_within(fleet: &Fleet) -> Duration {
 /// call let through whose answer was lost on the way back is not counted twice.
 pub(super) async fn in_fleet<'a>(
     fleet: &'a Fleet,
-    bot: &'a Bot,
+    account: &'a Account,
     until: Option<Instant>,
     shutdown: &Shutdown,
-) -> Result<Option<Departure<'a>>, Unfinished> {
-    let arrivals = &bot.account.arrivals;
+) -> Result<Option<Departure<'a>>, Abandoned> {
+    let arrivals = &account.arrivals;
     let within = send_within(fleet);
     let request = DepartRequest {
-        account: &bot.account_id,
+        account: &account.id,
         limit: arrivals.limit(),
         window: arrivals.window(),
         unanswered: arrivals.unanswered().saturating_add(within),
@@ -151,7 +157,7 @@ pub(super) async fn in_fleet<'a>(
     let mut poll = ON_THE_WIRE_POLL;
     loop {
         if until.is_some_and(|u| Instant::now() >= u) {
-            fleet.unsent(&bot.account_id, &member).await.ok();
+            fleet.unsent(&account.id, &member).await.ok();
             return Ok(None);
         }
         let (asked, gate) = fleet
@@ -165,7 +171,7 @@ pub(super) async fn in_fleet<'a>(
             Gate::Open => {
                 let departure = Departure::Fleet {
                     fleet,
-                    account: &bot.account_id,
+                    account: &account.id,
                     member: member.clone(),
                 };
                 if asked.elapsed() <= within {
