@@ -1,10 +1,9 @@
 //! What carrying out a command came to: an [`Outcome`] (the API answered, or the command
-//! failed or expired), or why it is [`Unfinished`] (it goes back, or waits elsewhere).
+//! failed or expired), or why it is [`Unfinished`] (it goes back to its queue).
 
 use std::time::{Duration, SystemTime};
 
 use super::client::{ApiError, ApiResponse};
-use crate::fairness::start::Unstarted;
 use crate::shutdown::Abandoned;
 
 /// Why an execution ended without an outcome.
@@ -12,23 +11,11 @@ use crate::shutdown::Abandoned;
 pub enum Unfinished {
     /// The worker is shutting down: the command goes back to the queue.
     Abandoned,
-    /// Its account cannot start it within the `aside` it was given, and nothing was booked or
-    /// called: it may wait in its account's queue instead (docs/contract.md §12).
-    Aside,
     /// It stopped being this replica's before its call left: its delivery went back with a
     /// lost connection, or the fleet's holds it ran under lapsed (a pause past
     /// `fleet.member_ttl`, a lost hold). Nothing was called; the queue's holder runs it
     /// (docs/contract.md §9).
     NotHeld,
-}
-
-impl From<Unstarted> for Unfinished {
-    fn from(unstarted: Unstarted) -> Self {
-        match unstarted {
-            Unstarted::Aside => Self::Aside,
-            Unstarted::Abandoned => Self::Abandoned,
-        }
-    }
 }
 
 impl From<Abandoned> for Unfinished {

@@ -5,25 +5,24 @@
 //! the breaker of its host, and a budget spent on an outage is the breaker's to forgive (see [`super::breaker`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::attempts::AttemptBudget;
 use super::bots::Bot;
 use super::breaker::Breakers;
 use super::breaker::{Failure as BreakerFailure, Interrupted};
 use super::client::{ApiClient, ApiError, request_body};
-use super::deadline::{deadline_of, reaches, start_limit};
+use super::deadline::{deadline_of, reaches};
 use super::retry::RetryPolicy;
 use crate::contract::Command;
 use crate::fairness::budget::{Ask, OwnBudget, RateBudget};
 use crate::fairness::pacer::DeadlineFirst;
-use crate::fairness::start::FirstStart;
-use crate::fleet::StartRequest;
+use crate::fairness::start::{FirstStart, Unstarted};
 use crate::ops::metrics::{AccountLabels, Metrics};
 use crate::shutdown::Shutdown;
 
 use super::outcome::{Outcome, Unfinished};
-pub use super::terms::{Ours, Terms};
+pub use super::terms::{Begun, First, Ours};
 
 mod call;
 
@@ -73,69 +72,61 @@ impl Transfers {
         self
     }
 
+    /// Whether the bot's API host is down (its breaker open): no start is asked for a command
+    /// of it until the breaker lets it through.
+    pub fn held_by_breaker(&self, bot: &Bot) -> bool {
+        self.breakers.of(bot).is_some_and(|b| b.is_open())
+    }
+
+    /// The accounts' budgets it paces through.
+    pub fn budget(&self) -> &dyn RateBudget {
+        self.budget.as_ref()
+    }
+
     /// Waits for the next start the account's budget allows, or says the deadline comes
-    /// first. With `aside`, a start further away than that is not booked: the command may
-    /// wait in its account's queue instead ([`Unfinished::Aside`]).
+    /// first.
     async fn wait_for_start(
         &self,
         command: &Command,
         bot: &Bot,
         deadline: Option<Instant>,
-        aside: Option<Duration>,
         first: Option<FirstStart>,
         shutdown: &Shutdown,
     ) -> Result<Result<(), DeadlineFirst>, Unfinished> {
-        let (limit, by_aside) = start_limit(deadline, aside);
         let ask = Ask {
             id: &command.command_id,
             account: &bot.account,
-            limit,
-            aside: by_aside.is_some(),
+            limit: deadline,
+            aside: false,
         };
-        let started = self.budget.start(ask, first, shutdown).await?;
-        match (started, by_aside) {
-            (Err(_), Some(_)) => Err(Unfinished::Aside),
-            (started, _) => Ok(started),
-        }
-    }
-
-    /// What to ask for with the fleet claim of `command`
-    /// ([`crate::fleet::Fleet::claim_with_start`]): its first start, as [`Transfers::execute`]
-    /// would ask for it. None where starts are not shared
-    /// ([`RateBudget::first_start_request`]), with a deadline already past, or while the bot's
-    /// API host is down: the command then waits for the breaker before it asks.
-    pub fn first_start_request(
-        &self,
-        command: &Command,
-        bot: &Bot,
-        aside: Option<Duration>,
-    ) -> Option<StartRequest> {
-        if self.breakers.of(bot).is_some_and(|b| b.is_open()) {
-            return None;
-        }
-        let (limit, _) = start_limit(deadline_of(command, Instant::now()), aside);
-        self.budget.first_start_request(&bot.account, limit)
+        self.budget
+            .start(ask, first, shutdown)
+            .await
+            .map_err(|unstarted| match unstarted {
+                // Asked without `aside`, a wait ends with a start, at the deadline or at the
+                // shutdown: never set aside.
+                Unstarted::Aside | Unstarted::Abandoned => Unfinished::Abandoned,
+            })
     }
 
     /// Runs the command to its outcome, or gives it up at shutdown. `callback_url` is where
-    /// AgentAssist should post its callbacks for this command. With `terms.aside`, a first start
-    /// further away than that ends the execution as [`Unfinished::Aside`], before anything was
-    /// booked or called. `first` is the start asked with the fleet claim, if one was: given
-    /// back if the command does not use it.
+    /// AgentAssist should post its callbacks for this command; `begun` says what the caller
+    /// did about its first start (a start booked with the fleet claim and not used is given
+    /// back).
     pub async fn execute(
         &self,
         command: &Command,
         bot: &Bot,
         callback_url: &str,
         shutdown: &Shutdown,
-        terms: Terms<'_>,
-        mut first: Option<FirstStart>,
+        ours: &Ours<'_>,
+        mut begun: Begun,
     ) -> Result<Outcome, Unfinished> {
         let outcome = self
-            .run(command, bot, callback_url, shutdown, terms, &mut first)
+            .run(command, bot, callback_url, shutdown, ours, &mut begun)
             .await;
-        if let Some(first) = first {
-            self.budget.give_back(first).await;
+        if let First::Ask(Some(unused)) = begun.first {
+            self.budget.give_back(unused).await;
         }
         outcome
     }
@@ -146,15 +137,14 @@ impl Transfers {
         bot: &Bot,
         callback_url: &str,
         shutdown: &Shutdown,
-        terms: Terms<'_>,
-        first: &mut Option<FirstStart>,
+        ours: &Ours<'_>,
+        begun: &mut Begun,
     ) -> Result<Outcome, Unfinished> {
-        let Terms { aside, ours } = terms;
+        let (started, first) = (begun.at, &mut begun.first);
         #[cfg(feature = "fault-injection")]
         if command.org_id == FAULT_PANIC_ORG_ID {
             panic!("fault injected for a test");
         }
-        let started = Instant::now();
         let deadline = deadline_of(command, started);
         let body = request_body(command, callback_url);
         let mut budget = AttemptBudget::new(self.retry, command.deadline);
@@ -179,13 +169,18 @@ impl Transfers {
                     Err(Interrupted::Abandoned) => return Err(Unfinished::Abandoned),
                 }
             }
-            // Only a command that has not been called yet may be set aside.
-            let aside = aside.filter(|_| budget.made() == 0);
             // Boxed, as is the retry decision below: each is larger than the call itself and
             // lasts only a moment, so a command in flight does not carry their room while it
             // waits for the API (benches/pipeline, scenario (c)).
-            let start = self.wait_for_start(command, bot, deadline, aside, first.take(), shutdown);
-            if Box::pin(start).await?.is_err() {
+            let start = match std::mem::replace(first, First::Ask(None)) {
+                First::Taken => Ok(()),
+                First::DeadlineFirst => return Ok(budget.out_of_time()),
+                First::Ask(booked) => {
+                    let start = self.wait_for_start(command, bot, deadline, booked, shutdown);
+                    Box::pin(start).await?
+                }
+            };
+            if start.is_err() {
                 return Ok(budget.out_of_time());
             }
             // Once the grace has run out no new call starts, whatever woke this command.

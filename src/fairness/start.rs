@@ -9,6 +9,17 @@ use super::pacer::DeadlineFirst;
 use crate::fleet::{Fleet, FleetError, Reservation};
 use crate::shutdown::{Abandoned, Shutdown};
 
+/// How long a start may be waited for: until the deadline, or until the aside limit when
+/// that comes first (then also returned, as the aside limit in force).
+pub fn start_limit(
+    deadline: Option<Instant>,
+    aside: Option<Duration>,
+) -> (Option<Instant>, Option<Instant>) {
+    let aside_at = aside.and_then(|d| Instant::now().checked_add(d));
+    let by_aside = aside_at.filter(|a| deadline.is_none_or(|d| *a < d));
+    (by_aside.or(deadline), by_aside)
+}
+
 /// Why a wait for a start ended without one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unstarted {

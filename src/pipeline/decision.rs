@@ -12,15 +12,16 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 
+use super::first_start::{first_start, first_start_request};
 use super::ledger::{Claimed, Ledger};
 use super::outcomes::Outcomes;
 use crate::agentassist::ApiError;
 use crate::agentassist::outcome::{Outcome, Unfinished};
-use crate::agentassist::transfer::{Ours, Terms, Transfers};
+use crate::agentassist::transfer::{Ours, Transfers};
 use crate::callbacks::token::RelayUrls;
 use crate::contract::event::{ErrorDetail, Event, EventKind, Subject};
 use crate::contract::{Command, Rejection};
-use crate::fairness::start::FirstStart;
+use crate::fairness::start::{FirstStart, Unstarted};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::parser::{Envelope, Valid};
 use crate::shutdown::{Abandoned, Shutdown};
@@ -124,7 +125,7 @@ impl Decider {
         let command_id = parsed.command_id();
         let start = match &parsed.command {
             Ok(Valid { command, bot }) => {
-                decider.transfers.first_start_request(command, bot, aside)
+                first_start_request(&decider.transfers, command, bot, aside)
             }
             Err(_) => None,
         };
@@ -159,11 +160,13 @@ impl Decider {
             Err(unfinished) => {
                 decider.ledger.release(command_id).await;
                 return match unfinished {
-                    Unfinished::Aside => Decision::Aside,
-                    Unfinished::NotHeld => {
+                    Undecided::Aside => Decision::Aside,
+                    Undecided::Unfinished(Unfinished::NotHeld) => {
                         Decision::Requeue("its delivery is no longer this replica's")
                     }
-                    Unfinished::Abandoned => Decision::Requeue("shutdown grace ran out"),
+                    Undecided::Unfinished(Unfinished::Abandoned) => {
+                        Decision::Requeue("shutdown grace ran out")
+                    }
                 };
             }
         };
@@ -195,7 +198,7 @@ async fn carry_out(
     aside: Option<std::time::Duration>,
     first: Option<FirstStart>,
     ours: &Ours<'_>,
-) -> Result<Event, Unfinished> {
+) -> Result<Event, Undecided> {
     let decided = AssertUnwindSafe(async {
         match &parsed.command {
             Err(rejection) => Ok(Event::rejected(
@@ -211,19 +214,21 @@ async fn carry_out(
                         relay.as_str()
                     }
                 };
+                let shutdown = &decider.shutdown;
+                let start = first_start(&decider.transfers, command, bot, aside, first, shutdown);
+                let begun = match start.await {
+                    Ok(begun) => begun,
+                    Err(Unstarted::Aside) => return Err(Undecided::Aside),
+                    Err(Unstarted::Abandoned) => return Err(Unfinished::Abandoned.into()),
+                };
                 // Boxed, like the publish: a session task then holds only the phase it is in,
                 // not the largest of them, for every command in flight.
-                let execution = decider.transfers.execute(
-                    command,
-                    bot,
-                    callback_url,
-                    &decider.shutdown,
-                    Terms { aside, ours },
-                    first,
-                );
-                Box::pin(execution)
-                    .await
-                    .map(|outcome| event_of(command, outcome))
+                let execution =
+                    (decider.transfers).execute(command, bot, callback_url, shutdown, ours, begun);
+                match Box::pin(execution).await {
+                    Ok(outcome) => Ok(event_of(command, outcome)),
+                    Err(unfinished) => Err(unfinished.into()),
+                }
             }
         }
     })
@@ -238,6 +243,21 @@ async fn carry_out(
             &format!("internal error in the worker: {panic}"),
         ))
     })
+}
+
+/// Why a command ended here without an outcome.
+enum Undecided {
+    /// Its account cannot start it within the `aside` it was given, and nothing was booked or
+    /// called: it may wait in its account's queue instead (docs/contract.md §12).
+    Aside,
+    /// It goes back to its queue ([`Unfinished`]).
+    Unfinished(Unfinished),
+}
+
+impl From<Unfinished> for Undecided {
+    fn from(unfinished: Unfinished) -> Self {
+        Self::Unfinished(unfinished)
+    }
 }
 
 /// The event that says how a transfer ended.

@@ -29,9 +29,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::Job;
-use crate::agentassist::deadline::{deadline_of, start_limit};
+use crate::agentassist::deadline::deadline_of;
 use crate::backoff;
 use crate::fairness::account::Account;
+use crate::fairness::start::start_limit;
 use crate::fleet::{Fleet, ownership};
 use crate::ops::metrics::Metrics;
 use crate::shutdown::Shutdown;

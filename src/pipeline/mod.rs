@@ -9,6 +9,7 @@
 
 pub mod decision;
 mod feed;
+pub mod first_start;
 pub mod intake;
 pub mod lanes;
 pub mod ledger;
@@ -66,15 +67,52 @@ struct Job {
     waiting: Option<Waiting>,
     /// One of its account's slots, once it has it.
     slot: Option<Slot>,
-    /// Taken from its account's queue.
-    taken: Option<Taken>,
-    /// The lanes it was taken in by, directly: it may still be set aside there.
-    lanes: Option<Arc<SourceLanes>>,
-    /// It runs here and is never set aside: its lane would not take it (a later command of
-    /// its session already was).
-    runs_here: bool,
+    /// Where it came from, which says what may become of it.
+    origin: Origin,
     /// It counts as a command in flight here (at a fleet's intake, only one that ends there).
     counted: bool,
+}
+
+/// Where a job came from.
+enum Origin {
+    /// Its source, with no lane to pass: a fleet's intake, or a command that is not one.
+    Source,
+    /// Its source, taken in past its account's lane, by `lanes`: it may still be set aside
+    /// there, unless it `runs_here` (its lane would not take it: a later command of its
+    /// session was set aside already).
+    TakenIn {
+        lanes: Arc<SourceLanes>,
+        runs_here: bool,
+    },
+    /// Taken back from its account's queue.
+    Lane(Taken),
+}
+
+impl Job {
+    /// Whether it came from its source, so that its session's later commands stay behind it
+    /// in memory (see `SessionQueues::push_marked`).
+    fn pinned(&self) -> bool {
+        !matches!(self.origin, Origin::Lane(_))
+    }
+
+    /// The lanes it may still be set aside by.
+    fn may_go_aside(&self) -> Option<&Arc<SourceLanes>> {
+        match &self.origin {
+            Origin::TakenIn {
+                lanes,
+                runs_here: false,
+            } => Some(lanes),
+            _ => None,
+        }
+    }
+
+    /// It goes back to the queue it came from, nothing done: its account queue, if it was
+    /// taken from one, counts it in again.
+    fn returned(&mut self) {
+        if let Origin::Lane(taken) = &mut self.origin {
+            taken.returned();
+        }
+    }
 }
 
 impl Pipeline {
@@ -113,7 +151,7 @@ impl Pipeline {
     fn queue_up(&self, mut job: Box<Job>) -> Option<Box<Job>> {
         let slot = job.slot.take();
         // Jobs from the source are pinned; those taken back from an account queue are not.
-        let pinned = job.taken.is_none();
+        let pinned = job.pinned();
         let mut job = self
             .sessions
             .push_marked(&job.parsed.session_key(), job, pinned)?;
@@ -133,7 +171,7 @@ impl Pipeline {
         // Counted as received once, when it first came from its source.
         let mut job = self.read(delivery, publisher, in_flight, false);
         job.slot = Some(slot);
-        job.taken = Some(taken);
+        job.origin = Origin::Lane(taken);
         self.queue_up(job).map(|job| self.clone().run_session(job))
     }
 
@@ -185,9 +223,7 @@ impl Pipeline {
             _in_flight: in_flight,
             waiting: None,
             slot: None,
-            taken: None,
-            lanes: None,
-            runs_here: false,
+            origin: Origin::Source,
         })
     }
 
@@ -197,14 +233,18 @@ impl Pipeline {
     async fn run_session(self: Arc<Self>, mut job: Box<Job>) {
         let key = job.parsed.session_key();
         loop {
-            let pinned = job.taken.is_none();
+            let pinned = job.pinned();
             if self.run_one(&mut job).await {
-                let lanes = job.lanes.clone().expect("only a job taken in is set aside");
+                let lanes = job.may_go_aside().cloned();
+                let lanes = lanes.expect("only a job that may go aside is set aside");
                 match lanes.defer(job, || self.sessions.take_waiting(&key)) {
                     Ok(()) => return,
                     Err(stays) => {
                         job = stays;
-                        job.runs_here = true;
+                        job.origin = Origin::TakenIn {
+                            lanes,
+                            runs_here: true,
+                        };
                         continue;
                     }
                 }
@@ -222,9 +262,7 @@ impl Pipeline {
     async fn run_one(&self, job: &mut Job) -> bool {
         // A command runs in one of its account's slots (docs/contract.md §12).
         let aside = match &job.parsed.command {
-            Ok(command) if job.lanes.is_some() && !job.runs_here => {
-                Some(command.bot.account.aside_after())
-            }
+            Ok(command) if job.may_go_aside().is_some() => Some(command.bot.account.aside_after()),
             _ => None,
         };
         if let (Ok(command), None) = (&job.parsed.command, &job.slot) {
@@ -302,9 +340,7 @@ impl Pipeline {
         if !job.publisher.is_connected() || self.leaves_at_stop() {
             // Its connection is gone, and the broker has already put it back on the queue; or
             // the intake stops, and it goes back with its channel, in order, nothing done.
-            if let Some(taken) = &mut job.taken {
-                taken.returned();
-            }
+            job.returned();
             return false;
         }
         // Its delivery is ours while its channel and the connection of its source (which
@@ -317,9 +353,7 @@ impl Pipeline {
             return match admitted {
                 intake::Admitted::Routed => false,
                 intake::Admitted::Left => {
-                    if let Some(taken) = &mut job.taken {
-                        taken.returned();
-                    }
+                    job.returned();
                     false
                 }
                 intake::Admitted::Aside => true,
@@ -370,9 +404,7 @@ impl Pipeline {
     }
 
     async fn requeue(&self, job: &mut Job, why: &str) {
-        if let Some(taken) = &mut job.taken {
-            taken.returned();
-        }
+        job.returned();
         self.decider.metrics.commands_requeued.inc();
         tracing::info!(why, "returning the command to the queue");
         if let Err(e) = job.delivery.requeue().await {

@@ -63,7 +63,7 @@ mod tests {
     use super::*;
     use crate::agentassist::outcome::Outcome;
     use crate::agentassist::retry::RetryPolicy;
-    use crate::agentassist::transfer::{Terms, Transfers};
+    use crate::agentassist::transfer::{Begun, Transfers};
     use crate::contract::{Command, Target};
     use crate::shutdown::Shutdown;
     use crate::tools::simulator::{self, Simulator, SimulatorConfig};
@@ -144,8 +144,8 @@ mod tests {
                         &eu,
                         "http://relay.test/t",
                         &shutdown,
-                        Terms::PLAIN,
-                        None,
+                        &|| true,
+                        Begun::now(),
                     )
                     .await
             }
@@ -164,8 +164,8 @@ mod tests {
             &us,
             "http://relay.test/t",
             &shutdown,
-            Terms::PLAIN,
-            None,
+            &|| true,
+            Begun::now(),
         );
         let outcome = tokio::time::timeout(Duration::from_secs(5), run)
             .await

@@ -3,8 +3,8 @@
 
 use std::sync::{Arc, PoisonError};
 
-use super::super::Job;
 use super::super::sessions::SessionQueues;
+use super::super::{Job, Origin};
 use tokio::sync::mpsc;
 
 use super::{Lane, LaneState, SourceLanes, bucket};
@@ -70,7 +70,10 @@ impl SourceLanes {
         let mut state = lane.state();
         let session = job.parsed.session_key();
         let take_in = |mut job: Box<Job>| {
-            job.lanes = Some(self.clone());
+            job.origin = Origin::TakenIn {
+                lanes: self.clone(),
+                runs_here: false,
+            };
             Route::Here(sessions.push_marked(&session, job, true))
         };
         if !state.on {
