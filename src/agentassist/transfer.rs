@@ -19,7 +19,7 @@ use crate::fairness::budget::{Ask, OwnBudget, RateBudget};
 use crate::fairness::pacer::DeadlineFirst;
 use crate::fairness::start::{FirstStart, Unstarted};
 use crate::ops::metrics::{AccountLabels, Metrics};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Abandoned, Shutdown};
 
 use super::outcome::{Outcome, Unfinished};
 pub use super::terms::{Begun, First, Ours};
@@ -76,6 +76,27 @@ impl Transfers {
     /// of it until the breaker lets it through.
     pub fn held_by_breaker(&self, bot: &Bot) -> bool {
         self.breakers.of(bot).is_some_and(|b| b.is_open())
+    }
+
+    /// Waits while the bot's API host is down (its breaker open): `Ok(true)` once it is up,
+    /// `Ok(false)` when the deadline comes first.
+    pub async fn until_host_up(
+        &self,
+        bot: &Bot,
+        deadline: Option<Instant>,
+        shutdown: &Shutdown,
+    ) -> Result<bool, Abandoned> {
+        let Some(breaker) = self.breakers.of(bot) else {
+            return Ok(true);
+        };
+        match breaker
+            .pass(&mut breaker.ticket(), deadline, shutdown)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Interrupted::Deadline) => Ok(false),
+            Err(Interrupted::Abandoned) => Err(Abandoned),
+        }
     }
 
     /// The accounts' budgets it paces through.
@@ -141,11 +162,12 @@ impl Transfers {
         begun: &mut Begun,
     ) -> Result<Outcome, Unfinished> {
         let (started, first) = (begun.at, &mut begun.first);
+        // From now: the wait for the first start, already behind, is not counted twice.
+        let deadline = deadline_of(command, Instant::now());
         #[cfg(feature = "fault-injection")]
         if command.org_id == FAULT_PANIC_ORG_ID {
             panic!("fault injected for a test");
         }
-        let deadline = deadline_of(command, started);
         let body = request_body(command, callback_url);
         let mut budget = AttemptBudget::new(self.retry, command.deadline);
         let breaker = self.breakers.of(bot);

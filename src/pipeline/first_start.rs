@@ -13,7 +13,7 @@ use crate::contract::Command;
 use crate::fairness::budget::Ask;
 use crate::fairness::start::{FirstStart, Unstarted, start_limit};
 use crate::fleet::StartRequest;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Abandoned, Shutdown};
 
 /// What to ask for with the fleet claim of `command`
 /// ([`crate::fleet::Fleet::claim_with_start`]): its first start, as [`first_start`] will ask
@@ -36,8 +36,8 @@ pub fn first_start_request(
 
 /// Takes the command's first start from its account's budget. `booked`, the start asked
 /// along with the fleet claim, stands for the first question if still fresh. `Err(Aside)`:
-/// no start within `aside`, nothing booked. While the bot's API host is down nothing is
-/// asked: the execution waits for the breaker, then for its start, and is never set aside.
+/// no start within `aside`, nothing booked. While the bot's API host is down the command
+/// waits for its breaker first, and asks for its start once the host is up.
 pub async fn first_start(
     transfers: &Transfers,
     command: &Command,
@@ -49,8 +49,21 @@ pub async fn first_start(
     let at = Instant::now();
     let deadline = deadline_of(command, at);
     let begun = |first| Begun { at, first };
-    if transfers.held_by_breaker(bot) || deadline.is_some_and(|d| d <= at) {
+    if deadline.is_some_and(|d| d <= at) {
         return Ok(begun(First::Ask(booked)));
+    }
+    if transfers.held_by_breaker(bot) {
+        match transfers.until_host_up(bot, deadline, shutdown).await {
+            Ok(true) => {}
+            // The deadline came first: the execution says so.
+            Ok(false) => return Ok(begun(First::Ask(booked))),
+            Err(Abandoned) => {
+                if let Some(booked) = booked {
+                    transfers.budget().give_back(booked).await;
+                }
+                return Err(Unstarted::Abandoned);
+            }
+        }
     }
     let (limit, by_aside) = start_limit(deadline, aside);
     let ask = Ask {

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::agentassist::ApiClient;
 use crate::agentassist::bots::Bots;
+use crate::agentassist::breaker::Breakers;
 use crate::agentassist::retry::RetryPolicy;
 use crate::callbacks::token::TokenSigner;
 use crate::config::Settings;
@@ -23,13 +24,21 @@ struct Rig {
     sim: Simulator,
     /// The fleet it is a replica of, if any.
     fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// The breaker of every API host its bots call.
+    breakers: Breakers,
 }
 
 impl Rig {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// The rig, with `adjust` applied to its settings.
+    async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
         settings.retry.initial_delay = Duration::from_millis(1);
         settings.retry.max_delay = Duration::from_millis(5);
+        adjust(&mut settings);
         let sim = Simulator::start(SimulatorConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             bots: simulator::bots_from_settings(&settings),
@@ -55,12 +64,24 @@ impl Rig {
             ledger: Arc::new(crate::pipeline::ledger::Unshared),
         };
         let bots = Bots::new(&settings, &Metrics::new());
+        let budget: Arc<dyn crate::fairness::budget::RateBudget> =
+            Arc::new(crate::fairness::budget::OwnBudget);
+        let (breakers, _probers) = Breakers::new(
+            &settings,
+            &bots,
+            decider.transfers.api(),
+            &budget,
+            &decider.metrics,
+        );
+        let mut decider = decider;
+        decider.transfers = decider.transfers.clone().with_breakers(breakers.clone());
         let parser = Parser::new(bots, settings.commands.max_age);
         Self {
             decider,
             parser,
             sim,
             fleet: None,
+            breakers,
         }
     }
 
@@ -422,4 +443,77 @@ async fn a_replayed_failed_command_passes_over_the_fleet_record_and_replaces_it(
     for rig in [a, b, c] {
         rig.sim.shutdown().await;
     }
+}
+
+/// `from_now` from now, as a command's `expiresAt`.
+fn expires_in(from_now: Duration) -> String {
+    let at = time::OffsetDateTime::now_utc() + from_now;
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// A command that waits for its first start keeps its whole deadline: the wait is not counted
+/// against it a second time once its execution begins.
+#[tokio::test]
+async fn a_command_that_waits_for_its_first_start_keeps_its_whole_deadline() {
+    let rig = Rig::start_with(|s| {
+        s.bots[0].rate_limit = 1;
+        s.bots[0].rate_window = Duration::from_secs(2);
+    })
+    .await;
+    decided(plain(&rig.decider, &rig.read(&command("c-a"), None)).await);
+    // Its start is about 2 s away, well within its 3.5 s.
+    let mut c = command("c-b");
+    c["expiresAt"] = json!(expires_in(Duration::from_millis(3500)));
+    let event = decided(plain(&rig.decider, &rig.read(&c, None)).await);
+    assert_eq!(event.kind, EventKind::Succeeded, "{}", body(&event));
+    assert_eq!(rig.sim.stats().calls, 2);
+}
+
+/// A command that arrives while its API host is down waits for the breaker before it asks for
+/// a start; once the breaker closes, a start further away than its aside sends it to its
+/// account's queue, as for any other command, nothing called.
+#[tokio::test]
+async fn a_command_held_by_the_breaker_may_still_be_set_aside_once_it_closes() {
+    let rig = Rig::start_with(|s| {
+        s.bots[0].rate_limit = 1;
+        s.bots[0].rate_window = Duration::from_secs(3);
+        s.breaker.enabled = true;
+        s.breaker.open_after = Duration::from_millis(10);
+    })
+    .await;
+    decided(plain(&rig.decider, &rig.read(&command("c-a"), None)).await);
+    let parsed = rig.read(&command("c-b"), None);
+    let Ok(valid) = &parsed.command else {
+        panic!("a valid command")
+    };
+    let breaker = rig.breakers.of(&valid.bot).unwrap().clone();
+    let refused = || {
+        Err(crate::agentassist::ApiError::without_status(
+            crate::agentassist::ErrorKind::Connection,
+            "connection refused",
+        ))
+    };
+    breaker.record(&refused());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    breaker.record(&refused());
+    assert!(breaker.is_open());
+    let deciding = rig
+        .decider
+        .decide(&parsed, Some(Duration::from_secs(1)), &|| true);
+    let closing = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        breaker.record(&crate::agentassist::classify(200, None, b"{}", false));
+    };
+    let (decision, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), deciding),
+        closing
+    );
+    let decision = decision.expect("decided");
+    assert!(matches!(decision, Decision::Aside), "{decision:?}");
+    assert_eq!(
+        rig.sim.stats().calls,
+        1,
+        "nothing called for the command set aside"
+    );
 }
