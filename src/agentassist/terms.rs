@@ -33,7 +33,8 @@ pub enum First {
 
 impl Begun {
     /// Begins now, asking for the first start like any later one: a command run outside any
-    /// queue.
+    /// queue, as the unit tests run one.
+    #[cfg(test)]
     pub fn now() -> Self {
         Self {
             at: Instant::now(),

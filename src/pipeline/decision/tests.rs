@@ -55,7 +55,7 @@ impl Rig {
             settings.callbacks.token_ttl,
         );
         let api = ApiClient::new(Duration::from_secs(5), 4, None).unwrap();
-        let decider = Decider {
+        let mut decider = Decider {
             transfers: Transfers::new(api, RetryPolicy::new(&settings.retry), metrics.clone()),
             relay: RelayUrls::new("http://relay.test", signer),
             outcomes: Outcomes::new(100, 1024 * 1024, Duration::from_secs(60)),
@@ -73,7 +73,6 @@ impl Rig {
             &budget,
             &decider.metrics,
         );
-        let mut decider = decider;
         decider.transfers = decider.transfers.clone().with_breakers(breakers.clone());
         let parser = Parser::new(bots, settings.commands.max_age);
         Self {
