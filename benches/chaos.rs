@@ -1,6 +1,7 @@
 //! The chaos soak (docs/contract.md §4, §9, §12): three `transfer-worker run` replicas in fleet
 //! mode on the local 3-node RabbitMQ cluster (`scripts/rabbitmq-cluster up`), a private Redis
-//! and the project's simulator, fed steady sessions of two accounts (one paced at 20 calls per
+//! (a primary, its replica and three sentinels; `fleet.redis_min_replicas = 1`) and the
+//! project's simulator, fed steady sessions of two accounts (one paced at 20 calls per
 //! 5 s) and bursts of a third (5 calls per 3 s, 12–24 commands over 6–12 sessions every 10–20 s,
 //! so its lane turns on and off all the time), while random faults hit one after another:
 //!
@@ -15,7 +16,9 @@
 //!   hold a backlog (`queue.delete` on a connection of its own);
 //! - broker node 1 or 3 stopped, or killed, and started again; the network to node 1 stalled
 //!   (everything the node sends held back) through a proxy;
-//! - Redis killed and started again, empty;
+//! - Redis's primary killed (SIGKILL) and failed over by the sentinels, the old primary started
+//!   again as the new one's replica;
+//! - Redis killed (primary and replica) and started again, empty;
 //! - the API down (503) or slow (2 s a call).
 //!
 //! Faults come in rounds: each kind once a round, in an order the seed shuffles, 1.5–4 s apart;
@@ -54,6 +57,8 @@ mod faults;
 mod feed;
 #[path = "chaos/fleet.rs"]
 mod fleet;
+#[path = "chaos/redis.rs"]
+mod redis;
 #[path = "chaos/rig.rs"]
 mod rig;
 
@@ -253,7 +258,40 @@ async fn soak(o: &Options, registry: &Registry) -> anyhow::Result<check::Report>
     let requests = rig.sim.requests();
     rig.sim.shutdown().await;
     let h = lock(&history);
-    Ok(check::check(o, &h, &requests, started, started.elapsed()))
+    let mut report = check::check(o, &h, &requests, started, started.elapsed());
+    if report.failed {
+        for id in &report.suspects {
+            report.text.push_str(&what_the_logs_say(&rig.dir, id));
+        }
+    }
+    Ok(report)
+}
+
+/// The replicas' log lines that name `id` (at most 40, each cut at 400 characters), for a
+/// report that must be read where the logs are gone (a CI run).
+fn what_the_logs_say(dir: &std::path::Path, id: &str) -> String {
+    let mut out = format!("  the logs on {id}:\n");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    let mut shown = 0;
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+        for line in text.lines().filter(|l| l.contains(id)) {
+            if shown == 40 {
+                return out;
+            }
+            let cut: String = line.chars().take(400).collect();
+            out.push_str(&format!("    {}: {cut}\n", name.as_deref().unwrap_or("?")));
+            shown += 1;
+        }
+    }
+    out
 }
 
 /// Waits until every command has ended, or nothing has ended for a while (the rest are lost,

@@ -44,6 +44,9 @@ const AFTERMATH: Duration = Duration::from_secs(30);
 pub struct Report {
     pub text: String,
     pub failed: bool,
+    /// Commands transferred twice or lost (a few): what the replicas' logs say of them is
+    /// printed with a failed report.
+    pub suspects: Vec<String>,
 }
 
 /// The commands that never ended, split between the operator's deletions and the worker.
@@ -258,6 +261,40 @@ pub fn check(
             }
         }
     }
+    // What each call of a command transferred twice met: when it came and was answered, how,
+    // and when the command's first terminal event came.
+    twice.sort_unstable();
+    let twice_detail: Vec<String> = twice
+        .iter()
+        .take(5)
+        .map(|id| {
+            let calls: Vec<String> = by_command.get(id).map_or_else(Vec::new, |calls| {
+                calls
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} at {:.3} s, answered {}",
+                            r.status,
+                            secs(r.received_at),
+                            r.answered_at
+                                .map_or("never".to_owned(), |a| format!("{:.3} s", secs(a)))
+                        )
+                    })
+                    .collect()
+            });
+            let sent = h.commands.get(*id);
+            format!(
+                "{id} ({}, {}, published at {}, ended at {}): {}",
+                sent.map_or("?", |s| s.account),
+                session_of.get(id).copied().unwrap_or("?"),
+                sent.map_or("?".to_owned(), |s| format!("{:.3} s", secs(s.at))),
+                h.ended_at
+                    .get(*id)
+                    .map_or("never".to_owned(), |&e| format!("{:.3} s", secs(e))),
+                calls.join("; ")
+            )
+        })
+        .collect();
     // Reordered, overlapping (per session, from every call of its commands).
     let (mut reordered, mut overlapping, mut overlap_at_redis) = (Vec::new(), Vec::new(), 0usize);
     for (session, ids) in &h.sessions {
@@ -420,7 +457,7 @@ pub fn check(
         (
             "transferred twice",
             twice.len(),
-            format!("{:?}", twice.iter().take(5).collect::<Vec<_>>()),
+            format!("{twice_detail:#?}"),
         ),
         (
             "sessions reordered",
@@ -504,5 +541,15 @@ pub fn check(
         );
     }
     let _ = writeln!(text, "  verdict: {}", if failed { "FAILED" } else { "ok" });
-    Report { text, failed }
+    let suspects = twice
+        .iter()
+        .map(|id| (*id).to_owned())
+        .chain(lost.iter().map(|(id, _)| (*id).to_owned()))
+        .take(3)
+        .collect();
+    Report {
+        text,
+        failed,
+        suspects,
+    }
 }

@@ -6,7 +6,7 @@ use lapin::options::QueueDeleteOptions;
 
 use crate::amqp;
 use crate::feed::Deletion;
-use crate::rig::{BURST, FREE, LATENCY, MEMBER_TTL, PACED, Rig, SLOW, cluster, node_url, redis};
+use crate::rig::{BURST, FREE, LATENCY, MEMBER_TTL, PACED, Rig, SLOW, cluster, node_url};
 use crate::{Rng, lock};
 
 /// How long the operator waits for the bursting account to have a backlog in its queues.
@@ -26,8 +26,11 @@ pub enum Fault {
     DeleteAccountQueues,
     /// Broker node 1 or 3 stopped or killed, 2–5 s.
     BrokerNode,
-    /// Redis killed, 1–4 s, back empty.
+    /// Redis killed, 1–4 s, back empty: the primary and its replica.
     Redis,
+    /// Redis's primary killed; the sentinels promote the replica, and the old primary comes
+    /// back as the new one's replica.
+    Failover,
     /// The API answering 503, 2–6 s.
     ApiDown,
     /// The API taking 2 s a call, 3–6 s.
@@ -38,7 +41,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every kind, once: a round of faults.
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::Kill,
         Fault::Restart,
         Fault::Roll,
@@ -46,6 +49,7 @@ impl Fault {
         Fault::DeleteAccountQueues,
         Fault::BrokerNode,
         Fault::Redis,
+        Fault::Failover,
         Fault::ApiDown,
         Fault::ApiSlow,
         Fault::Stall,
@@ -124,15 +128,22 @@ impl Rig {
                 )
             }
             Fault::Redis => {
-                drop(self.redis.take());
                 let killed = Instant::now();
                 let down = rng.millis(1000, 4000);
-                tokio::time::sleep(down).await;
-                self.redis = Some(redis(self.redis_port, &self.redis_log)?);
+                self.redis.kill_all(down).await?;
                 lock(&self.history)
                     .redis_down
                     .push((killed, Instant::now()));
                 ("Redis killed", format!("back after {down:?}, empty"))
+            }
+            Fault::Failover => {
+                let (promoted, in_sync) = self.redis.fail_over().await?;
+                (
+                    "Redis primary failed over",
+                    format!(
+                        "replica promoted after {promoted:?}, a replica in sync again after {in_sync:?}"
+                    ),
+                )
             }
             Fault::ApiDown => {
                 let down = rng.millis(2000, 6000);

@@ -1,5 +1,6 @@
 //! What the soak runs the worker against, and the worker's configuration: the accounts, the
-//! simulator, a private Redis, a proxy in front of broker node 1 that can stall, the fleet.
+//! simulator, a private Redis with a replica and sentinels, a proxy in front of broker node 1
+//! that can stall, the fleet.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +17,7 @@ use transfer_worker::tools::simulator::{SimBot, Simulator, SimulatorConfig};
 use crate::amqp::{self, Names};
 use crate::feed::History;
 use crate::fleet::Fleet;
+use crate::redis::RedisSet;
 use crate::{Options, procs};
 
 pub const REPLICAS: usize = 3;
@@ -123,7 +125,8 @@ pub struct Template {
     pub names: Names,
     pub urls: Vec<String>,
     pub sim: u16,
-    pub redis: u16,
+    /// `fleet.redis_url`: the Sentinel set.
+    pub redis: String,
 }
 
 impl Template {
@@ -165,7 +168,7 @@ impl Template {
              [retry]\ninitial_delay = \"100ms\"\nmax_delay = \"1s\"\n\n\
              [breaker]\nopen_after = \"3s\"\nprobe_interval = \"500ms\"\n\n\
              [shutdown]\ngrace = \"5s\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
-             [fleet]\nredis_url = \"redis://127.0.0.1:{}/0\"\npartitions = {PARTITIONS}\n\
+             [fleet]\nredis_url = {}\nredis_min_replicas = 1\npartitions = {PARTITIONS}\n\
              name = {}\nheartbeat = \"250ms\"\nmember_ttl = \"{}ms\"\nlease = \"3s\"\n",
             urls.join(", "),
             q(&names.commands),
@@ -173,7 +176,7 @@ impl Template {
             q(&names.dead_letter),
             q(&names.dead_queue),
             self.sim,
-            self.redis,
+            q(&self.redis),
             q(name),
             MEMBER_TTL.as_millis(),
         )
@@ -184,25 +187,6 @@ impl Template {
 /// and 1 s AMQP heartbeats: a freeze lasts longer.
 pub const MEMBER_TTL: Duration = Duration::from_millis(3250);
 
-/// A private `redis-server`, killed (SIGKILL) when dropped.
-pub fn redis(port: u16, log: &Path) -> anyhow::Result<tokio::process::Child> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let child = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start redis-server")?;
-    Ok(child)
-}
-
 /// Everything the faults act on.
 pub struct Rig {
     pub names: Names,
@@ -210,9 +194,7 @@ pub struct Rig {
     pub history: Arc<Mutex<History>>,
     pub fleet: Fleet,
     pub sim: Simulator,
-    pub redis: Option<tokio::process::Child>,
-    pub redis_port: u16,
-    pub redis_log: PathBuf,
+    pub redis: RedisSet,
     /// Holds back what broker node 1 sends, while true.
     pub stall: watch::Sender<bool>,
 }
@@ -232,9 +214,7 @@ impl Rig {
                 .await?;
         }
         let dir = procs::bench_dir("chaos");
-        let redis_port = procs::free_port()?;
-        let redis_log = dir.join(format!("{}.redis.log", names.prefix));
-        let redis_server = redis(redis_port, &redis_log)?;
+        let redis = RedisSet::start(&dir, &names.prefix).await?;
         let secret = || secrecy::SecretString::from(CLIENT_SECRET.to_owned());
         let sim = Simulator::start(SimulatorConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -262,7 +242,7 @@ impl Rig {
                 node_url(3),
             ],
             sim: sim.addr().port(),
-            redis: redis_port,
+            redis: redis.url(),
         };
         let mut fleet = Fleet::new(template, o.worker_exe.clone(), dir.clone(), history.clone());
         for _ in 0..REPLICAS {
@@ -274,16 +254,13 @@ impl Rig {
             history,
             fleet,
             sim,
-            redis: Some(redis_server),
-            redis_port,
-            redis_log,
+            redis,
             stall,
         })
     }
 
-    /// Stops the replicas (SIGTERM, all at once) and Redis.
+    /// Stops the replicas (SIGTERM, all at once); Redis goes with the rig.
     pub async fn stop(&mut self) {
         self.fleet.stop_all().await;
-        drop(self.redis.take());
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 mod fleet_timings;
 mod production;
 mod redact;
+pub mod redis_url;
 mod sections;
 pub mod tls;
 mod unknown_keys;

@@ -37,8 +37,29 @@ pub(super) fn redact_vec<S: serde::Serializer>(
     seq.end()
 }
 
-/// The URL with its password replaced, for logs and `transfer-worker config`.
+/// The URL with its passwords replaced, for logs and `transfer-worker config`: the one in its
+/// user part, and a Sentinel URL's `sentinel_password` parameter.
 pub fn redact_url(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((url, query)) => (url, Some(query)),
+        None => (url, None),
+    };
+    let mut shown = redact_userinfo(url);
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.ends_with("password") => format!("{key}={REDACTED}"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&pairs.join("&"));
+    }
+    shown
+}
+
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

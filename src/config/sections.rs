@@ -235,6 +235,10 @@ pub struct FleetSettings {
     /// Longest wait for any one Redis call.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// Replicas of the Redis primary that must acknowledge a claim, a booked start and a hold
+    /// before the fleet relies on it (Redis `WAIT`); 0: none, as with one server.
+    #[serde(default)]
+    pub redis_min_replicas: u16,
 }
 
 impl FleetSettings {

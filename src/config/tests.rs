@@ -510,3 +510,14 @@ fn an_account_id_too_long_for_its_queue_names_is_refused() {
     let err = with(215).unwrap_err();
     assert!(err.to_string().contains("bots[0].account_id"), "{err}");
 }
+
+#[test]
+fn a_sentinel_urls_passwords_are_both_redacted() {
+    let shown = super::redact_url(
+        "rediss+sentinel://worker:primary-secret@s1:26379,s2/main/0?sentinel_password=sentinel-secret",
+    );
+    assert_eq!(
+        shown,
+        "rediss+sentinel://worker:[redacted]@s1:26379,s2/main/0?sentinel_password=[redacted]"
+    );
+}

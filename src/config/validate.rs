@@ -311,21 +311,31 @@ impl CallbackSettings {
     }
 }
 
+/// Most replicas a write may wait for: more than any Redis deployment runs.
+const MAX_MIN_REPLICAS: u16 = 16;
+
 /// Most partition queues: each is a quorum queue with its own Raft group on every node.
 const MAX_PARTITIONS: u16 = 1024;
 
 impl FleetSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.enabled() {
-            redis::Client::open(self.redis_url.as_str())
-                .map_err(|e| invalid("fleet.redis_url", e.to_string()))?;
+            super::redis_url::parse(&self.redis_url).map_err(|e| invalid("fleet.redis_url", e))?;
         }
         if super::tls::certificates("fleet.redis_ca_file", &self.redis_ca_file)?.is_some()
             && !self.redis_url.starts_with("rediss://")
+            && !self.redis_url.starts_with("rediss+sentinel://")
         {
             return Err(invalid(
                 "fleet.redis_ca_file",
-                "is set but fleet.redis_url is not rediss://: the CA would go unused",
+                "is set but fleet.redis_url is not rediss:// (or rediss+sentinel://): the CA \
+                 would go unused",
+            ));
+        }
+        if self.redis_min_replicas > MAX_MIN_REPLICAS {
+            return Err(invalid(
+                "fleet.redis_min_replicas",
+                format!("must be at most {MAX_MIN_REPLICAS}"),
             ));
         }
         if self.partitions > MAX_PARTITIONS {

@@ -68,7 +68,7 @@ impl Fleet {
             .arg(if replayed { "1" } else { "0" });
         let member = start.map(|start| self.start_args(&mut invocation, start));
         let (state, detail, started, delay): (String, Vec<u8>, i64, i64) =
-            self.invoke("claim", &invocation).await?;
+            self.invoke_acknowledged("claim", &invocation).await?;
         let claim = read_claim(command_id, &state, &detail)?;
         let reservation = match (start, member) {
             (Some(start), Some(member)) if started >= 0 => {
@@ -86,7 +86,7 @@ impl Fleet {
             .key(self.key("claim", command_id))
             .arg(&self.claimant)
             .arg(millis(self.lease));
-        let renewed: i64 = self.invoke("renew", &invocation).await?;
+        let renewed: i64 = self.invoke_acknowledged("renew", &invocation).await?;
         Ok(renewed == 1)
     }
 
@@ -128,7 +128,7 @@ impl Fleet {
             .key(self.key("wire", command_id))
             .arg(stored::encode(event))
             .arg(millis(self.outcome_ttl));
-        let _: i64 = self.invoke("record", &invocation).await?;
+        let _: i64 = self.invoke_acknowledged("record", &invocation).await?;
         Ok(())
     }
 }

@@ -50,7 +50,7 @@ impl Fleet {
             .arg(micros(request.window))
             .arg(micros(request.unanswered))
             .arg(member);
-        let (state, delay): (i64, i64) = self.invoke("depart", &invocation).await?;
+        let (state, delay): (i64, i64) = self.invoke_acknowledged("depart", &invocation).await?;
         let delay = Duration::from_micros(u64::try_from(delay).unwrap_or(0));
         match state {
             1 => Ok(Gate::Open),

@@ -103,7 +103,7 @@ impl Fleet {
             .arg(&self.claimant)
             .arg(mode)
             .arg(millis(self.member_ttl));
-        self.invoke("hold", &invocation).await
+        self.invoke_acknowledged("hold", &invocation).await
     }
 
     /// The deadline for holds kept by a call sent at `sent`.

@@ -109,7 +109,7 @@ impl Fleet {
             .arg(known)
             .arg(in_time)
             .arg(self.traits());
-        let reply: Vec<String> = self.invoke("heartbeat", &invocation).await?;
+        let reply: Vec<String> = self.invoke_acknowledged("heartbeat", &invocation).await?;
         let roster = parse_roster(&reply, ttl).ok_or_else(|| FleetError::Unexpected {
             op: "heartbeat",
             what: format!("{} fields", reply.len()),
@@ -193,6 +193,7 @@ impl Fleet {
                 Err(e @ FleetError::NameInUse { .. }) if sent >= started + patience => {
                     return Err(e);
                 }
+                Err(e @ FleetError::ClusterMode { .. }) => return Err(e),
                 Err(FleetError::NameInUse { holder, .. }) => {
                     if !told {
                         told = true;

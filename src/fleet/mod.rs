@@ -19,13 +19,20 @@
 //!
 //! Every key starts with the fleet's name (its `amqp.commands_queue`) and a colon. Per command
 //! in the steady state: four round trips (the claim with the first start, the gate, the
-//! answer's time, the record). This
-//! file holds the client,
-//! its timeouts, health and waiting; [`claims`] the once-only, [`pacing`] the shared budget.
+//! answer's time, the record).
+//!
+//! - *Redis in production*: the primary is found, and found again after a failover, through
+//!   Sentinel or a managed primary endpoint (`link`); with `fleet.redis_min_replicas` the writes
+//!   a failover must not lose count once replicas acknowledged them (`calls`).
+//!
+//! This file holds the client's settings, health and waiting; `calls` runs each call on the
+//! primary; [`claims`] the once-only, [`pacing`] the shared budget.
 
+mod calls;
 pub mod claims;
 pub mod gate;
 pub mod holds;
+mod link;
 pub mod membership;
 pub mod ownership;
 pub mod pacing;
@@ -37,9 +44,9 @@ pub use pacing::{Booked, Booking, Reservation, StartRequest};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
@@ -53,6 +60,9 @@ pub enum FleetError {
     /// `fleet.redis_url` cannot be used.
     #[error("fleet.redis_url is not usable: {0}")]
     Url(redis::RedisError),
+    /// `fleet.redis_url` cannot be read.
+    #[error("fleet.redis_url is not usable: {0}")]
+    Address(String),
     /// `fleet.redis_ca_file` cannot be used.
     #[error(transparent)]
     Tls(#[from] crate::config::ConfigError),
@@ -74,6 +84,40 @@ pub enum FleetError {
         op: &'static str,
         /// The server, as `scheme://host:port`.
         at: Arc<str>,
+    },
+    /// The node answers as a replica: it is never written to.
+    #[error("Redis at {at} is a {role}, not the primary; waiting for the primary")]
+    NotPrimary {
+        /// The server, as `scheme://host:port`.
+        at: Arc<str>,
+        /// What the node says it is.
+        role: String,
+    },
+    /// The node runs Redis Cluster.
+    #[error(
+        "Redis at {at} runs in cluster mode; the fleet needs one primary holding all its keys \
+         (one server, a Sentinel set as redis+sentinel://, or a managed service's primary \
+         endpoint), not a Redis Cluster"
+    )]
+    ClusterMode {
+        /// The server, as `scheme://host:port`.
+        at: Arc<str>,
+    },
+    /// The primary applied a write, but fewer than `fleet.redis_min_replicas` replicas
+    /// acknowledged it in time.
+    #[error(
+        "Redis {op} at {at}: {acked} of the {wanted} replicas fleet.redis_min_replicas asks \
+         for acknowledged the write in time"
+    )]
+    Unacknowledged {
+        /// The fleet operation.
+        op: &'static str,
+        /// The server, as `scheme://host:port`.
+        at: Arc<str>,
+        /// Replicas that acknowledged.
+        acked: i64,
+        /// `fleet.redis_min_replicas`.
+        wanted: u16,
     },
     /// Another live process has this replica's `fleet.name`: two replicas must not share one.
     #[error(
@@ -98,9 +142,11 @@ pub enum FleetError {
 
 /// The shared state of one fleet, as one replica sees it.
 pub struct Fleet {
-    redis: ConnectionManager,
-    /// The server, for errors.
-    endpoint: Arc<str>,
+    /// The way to the primary, followed across failovers.
+    link: link::Link,
+    /// `fleet.redis_min_replicas`: replicas that acknowledge a claim, a booked start and a
+    /// hold before the fleet relies on it.
+    min_replicas: u16,
     prefix: String,
     /// This replica's name (`fleet.name`, or the host name and process id): one live process
     /// at a time has it ([`membership`]).
@@ -116,6 +162,8 @@ pub struct Fleet {
     heartbeat: Duration,
     member_ttl: Duration,
     healthy: AtomicBool,
+    /// The last call failed because replicas did not acknowledge it.
+    unacknowledged: AtomicBool,
     metrics: Arc<Metrics>,
     holds: holds::HoldState,
     /// The other process found with this replica's name while it ran, if one was: it stepped
@@ -143,24 +191,6 @@ impl std::fmt::Debug for Fleet {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// The client for `fleet.redis_url`. For `rediss://`, the server's certificate is verified
-/// (against `fleet.redis_ca_file` when set, else the system's roots) and its name against the
-/// URL's host; a failure is an error naming the server, never plain text instead.
-fn client(settings: &FleetSettings) -> Result<redis::Client, FleetError> {
-    let url = settings.redis_url.as_str();
-    match crate::config::tls::certificates("fleet.redis_ca_file", &settings.redis_ca_file)? {
-        Some(ca) => redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca),
-            },
-        ),
-        None => redis::Client::open(url),
-    }
-    .map_err(FleetError::Url)
-}
-
 /// How the server is named in errors: scheme, host and port, never the credentials.
 fn endpoint(client: &redis::Client) -> Arc<str> {
     use redis::ConnectionAddr;
@@ -182,22 +212,29 @@ impl Fleet {
         outcome_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FleetError> {
-        let client = client(settings)?;
-        let endpoint = endpoint(&client);
+        let address =
+            crate::config::redis_url::parse(&settings.redis_url).map_err(FleetError::Address)?;
+        let ca = crate::config::tls::certificates("fleet.redis_ca_file", &settings.redis_ca_file)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.redis_timeout))
             .set_response_timeout(Some(settings.redis_timeout))
             .set_max_delay(RETRY_MAX)
             .set_number_of_retries(2);
-        let redis =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(FleetError::Url)?;
+        let link = link::Link::new(
+            &address,
+            ca,
+            settings.redis_timeout,
+            config,
+            metrics.clone(),
+        )
+        .map_err(FleetError::Url)?;
         let replica = match settings.name.trim() {
             "" => default_name(),
             name => name.to_owned(),
         };
         Ok(Self {
-            redis,
-            endpoint,
+            link,
+            min_replicas: settings.redis_min_replicas,
             prefix: format!("{name}:"),
             claimant: format!("{replica}/{}", uuid::Uuid::new_v4().simple()),
             name: replica,
@@ -208,6 +245,7 @@ impl Fleet {
             heartbeat: settings.heartbeat,
             member_ttl: settings.member_ttl,
             healthy: AtomicBool::new(false),
+            unacknowledged: AtomicBool::new(false),
             metrics,
             holds: holds::HoldState::default(),
             displaced_by: std::sync::OnceLock::new(),
@@ -243,70 +281,6 @@ impl Fleet {
     /// `fleet.redis_timeout`: how long any Redis call may take.
     pub fn timeout(&self) -> Duration {
         self.timeout
-    }
-
-    /// Runs one script invocation under the timeout, counting it.
-    pub(crate) async fn invoke<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T, FleetError> {
-        let mut redis = self.redis.clone();
-        let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut redis)).await;
-        let result = match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(FleetError::Redis {
-                op,
-                at: self.endpoint.clone(),
-                source,
-            }),
-            Err(_) => Err(FleetError::Timeout {
-                op,
-                at: self.endpoint.clone(),
-            }),
-        };
-        self.observe(op, started, result.is_err());
-        result
-    }
-
-    fn observe(&self, op: &'static str, started: Instant, failed: bool) {
-        self.metrics
-            .redis_call(op, started.elapsed().as_secs_f64(), failed);
-        let was = self.healthy.swap(!failed, Ordering::AcqRel);
-        if was && failed {
-            tracing::warn!(
-                op,
-                "Redis does not answer; no API call starts until it does"
-            );
-        } else if !was && !failed {
-            tracing::info!(op, "Redis answers");
-        }
-    }
-
-    /// Checks that Redis answers, so readiness recovers without traffic.
-    pub async fn ping(&self) -> Result<(), FleetError> {
-        let mut redis = self.redis.clone();
-        let started = Instant::now();
-        let result = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("PING").query_async::<String>(&mut redis),
-        )
-        .await;
-        let result = match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(source)) => Err(FleetError::Redis {
-                op: "ping",
-                at: self.endpoint.clone(),
-                source,
-            }),
-            Err(_) => Err(FleetError::Timeout {
-                op: "ping",
-                at: self.endpoint.clone(),
-            }),
-        };
-        self.observe("ping", started, result.is_err());
-        result
     }
 
     /// Pings every second until `stop`: readiness follows Redis even when no command runs.
@@ -367,7 +341,11 @@ mod tests;
 
 impl crate::ops::admin::Readiness for Fleet {
     fn ready(&self) -> Result<(), &'static str> {
-        if self.is_healthy() {
+        if self.unacknowledged.load(Ordering::Acquire) {
+            Err(
+                "the fleet's Redis replicas do not acknowledge its writes (fleet.redis_min_replicas)",
+            )
+        } else if self.is_healthy() {
             Ok(())
         } else {
             Err("the fleet's Redis does not answer")

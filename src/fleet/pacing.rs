@@ -74,7 +74,7 @@ impl Fleet {
             .key(self.key("pause", &request.account))
             .key(self.key("wire", command_id));
         let member = self.start_args(&mut invocation, request);
-        let (state, delay): (i64, i64) = self.invoke("reserve", &invocation).await?;
+        let (state, delay): (i64, i64) = self.invoke_acknowledged("reserve", &invocation).await?;
         reservation("reserve", state, delay, request, member)
     }
 
@@ -136,7 +136,7 @@ impl Fleet {
     pub async fn pause(&self, account: &str, for_: Duration) -> Result<(), FleetError> {
         let mut invocation = scripts::PAUSE.prepare_invoke();
         invocation.key(self.key("pause", account)).arg(micros(for_));
-        let _: i64 = self.invoke("pause", &invocation).await?;
+        let _: i64 = self.invoke_acknowledged("pause", &invocation).await?;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@ fn replica(fleet: &str, lease: Duration) -> Fleet {
         member_ttl: Duration::from_secs(5),
         lease,
         redis_timeout: Duration::from_millis(900),
+        redis_min_replicas: 0,
     };
     Fleet::new(
         &settings,
@@ -57,6 +58,7 @@ fn quick_settings() -> FleetSettings {
         member_ttl: Duration::from_millis(500),
         lease: Duration::from_secs(3),
         redis_timeout: Duration::from_millis(900),
+        redis_min_replicas: 0,
     }
 }
 
@@ -273,6 +275,7 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout_and_unhealthy() {
         member_ttl: Duration::from_secs(5),
         lease: Duration::from_secs(5),
         redis_timeout: Duration::from_millis(300),
+        redis_min_replicas: 0,
     };
     let fleet = Fleet::new(
         &settings,
@@ -412,8 +415,8 @@ async fn one_name_is_one_live_process_and_holds_carry_the_process() {
 
 /// Deletes every key of the fleet `fleet`: Redis losing its state, as a restart without
 /// persistence or a flush does (the shared test server is not flushed whole).
-async fn lose_state(redis: &ConnectionManager, fleet: &str) {
-    let mut redis = redis.clone();
+async fn lose_state(fleet_of: &Fleet, fleet: &str) {
+    let mut redis = fleet_of.link.primary("test").await.unwrap().shared;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{fleet}:*"))
         .query_async(&mut redis)
@@ -443,6 +446,7 @@ async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_tak
         member_ttl: Duration::from_secs(3),
         lease: Duration::from_secs(6),
         redis_timeout: Duration::from_millis(900),
+        redis_min_replicas: 0,
     };
     let replica = |name: &str| {
         let metrics = Arc::new(Metrics::new());
@@ -461,7 +465,7 @@ async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_tak
     assert_eq!(b.take_hold("qb").await.unwrap(), None);
 
     // Redis loses everything; a heartbeats first and sees itself alone.
-    lose_state(&a.redis, &fleet).await;
+    lose_state(&a, &fleet).await;
     assert!(
         a.take_hold("qb").await.unwrap().is_some(),
         "a hold with no epoch"
@@ -490,7 +494,7 @@ async fn after_redis_lost_its_state_holders_take_their_holds_back_and_nobody_tak
 
     // Lost again, and a replica that just started heartbeats first: it knows no epoch, so the
     // next one that knew the old one marks the new one as made after a loss.
-    lose_state(&a.redis, &fleet).await;
+    lose_state(&a, &fleet).await;
     let c = replica("c");
     let roster = c.beat(super::membership::Beat::Alive(&none)).await.unwrap();
     assert!(roster.settling.is_zero());
@@ -662,4 +666,51 @@ async fn a_replica_waiting_for_partitions_takes_them_soon_after_they_are_let_go(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     done.cancel();
+}
+
+/// A managed service's user may be kept from Redis's "dangerous" commands (INFO and ROLE among
+/// them): the primary is then taken at its word, and the fleet still works.
+#[tokio::test]
+async fn a_user_kept_from_info_and_role_still_reaches_its_primary() {
+    let user = format!("tw-unit-{}", uuid::Uuid::new_v4().simple());
+    let admin = redis::Client::open(redis_url()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            &user,
+            "on",
+            ">secret-of-the-test",
+            "~*",
+            "+@all",
+            "-@dangerous",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = redis_url().replacen(
+        "redis://",
+        &format!("redis://{user}:secret-of-the-test@"),
+        1,
+    );
+    let settings = FleetSettings {
+        redis_url: url,
+        ..quick_settings()
+    };
+    let fleet = Fleet::new(
+        &settings,
+        &fleet_name(),
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let answered = fleet.ping().await;
+    let claimed = fleet.claim("c-1").await;
+    let _: i64 = redis::cmd("ACL")
+        .arg(&["DELUSER", &user])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    answered.unwrap();
+    claimed.unwrap();
 }

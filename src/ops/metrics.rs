@@ -122,6 +122,12 @@ pub struct Metrics {
     pub redis_errors: Family<RedisLabels, Counter>,
     /// Redis round-trip latency, by fleet operation.
     pub redis_round_trip_duration: Family<RedisLabels, Histogram>,
+    /// Writes the primary applied that fewer than `fleet.redis_min_replicas` replicas
+    /// acknowledged in time, by fleet operation: the call they were for waited.
+    pub redis_unacknowledged: Family<RedisLabels, Counter>,
+    /// Times the fleet went looking for its Redis primary again (a failover, `READONLY`, or
+    /// the primary gone) and found one.
+    pub redis_primary_changes: Counter,
     /// Claims taken over from a replica that died while a call of its may have been on the
     /// wire: the only case in which the fleet may call the API twice for one command.
     pub fleet_claims_taken_over: Counter,
@@ -201,6 +207,10 @@ const SERIES: &[Series] = &[
         "Redis calls that failed or timed out, by operation"),
     ("redis_round_trip", Some(Unit::Seconds), |m| &m.redis_round_trip_duration,
         "Redis round-trip latency, by operation"),
+    ("redis_unacknowledged", None, |m| &m.redis_unacknowledged,
+        "Writes fewer than fleet.redis_min_replicas replicas acknowledged in time, by operation; their calls waited"),
+    ("redis_primary_changes", None, |m| &m.redis_primary_changes,
+        "Times the fleet looked for its Redis primary again (failover, READONLY, primary gone) and found one"),
     ("fleet_claims_taken_over", None, |m| &m.fleet_claims_taken_over,
         "Claims taken over from a replica that died with a call possibly on the wire"),
     ("fleet_claim_waits", None, |m| &m.fleet_claim_waits,
@@ -284,6 +294,8 @@ impl Metrics {
             command_panics: Counter::default(),
             redis_round_trips: Family::default(),
             redis_errors: Family::default(),
+            redis_unacknowledged: Family::default(),
+            redis_primary_changes: Counter::default(),
             redis_round_trip_duration: Family::new_with_constructor(|| {
                 Histogram::new([
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

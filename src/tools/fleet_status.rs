@@ -59,8 +59,14 @@ pub async fn fleet_status(settings: &Settings) -> Result<FleetStatus, FleetStatu
         return Err(FleetStatusError::NoFleet);
     }
     let amqp = &settings.amqp;
+    // It only reads: nothing it does needs the replicas' acknowledgement, and an operator
+    // looks most when one of them is down.
+    let reading = crate::config::FleetSettings {
+        redis_min_replicas: 0,
+        ..settings.fleet.clone()
+    };
     let fleet = Fleet::new(
-        &settings.fleet,
+        &reading,
         &amqp.commands_queue,
         settings.commands.outcome_cache_ttl,
         Arc::new(Metrics::new()),

@@ -26,6 +26,7 @@ mod partitions;
 mod relay;
 mod rolling;
 mod schemas;
+mod sentinel;
 mod tls;
 mod trace_context;
 mod transfers;

@@ -96,6 +96,7 @@ impl Rig {
             member_ttl: Duration::from_secs(5),
             lease: Duration::from_secs(5),
             redis_timeout: Duration::from_secs(1),
+            redis_min_replicas: 0,
         };
         let fleet = Arc::new(
             crate::fleet::Fleet::new(

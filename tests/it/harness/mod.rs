@@ -30,6 +30,7 @@ pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod replicas;
+pub mod sentinel;
 pub mod sim;
 pub mod tls;
 pub mod wait;

@@ -52,15 +52,23 @@ impl Drop for RedisKeys {
 pub struct RedisServer {
     pub port: u16,
     process: Process,
+    /// Further arguments (`--replicaof`, say).
+    args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one on a free port and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// Starts one with further arguments.
+    pub async fn start_with(args: Vec<String>) -> Self {
         let port = free_port();
         let mut server = Self {
             port,
             process: Process::new(format!("redis-server on {port}")),
+            args,
         };
         server.spawn().await;
         server
@@ -77,7 +85,13 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
-            .args(["--appendonly", "no"]);
+            .args(["--appendonly", "no"])
+            // A replica's full sync goes through a file even without persistence: not in the
+            // working directory.
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .args(["--dbfilename", &format!("tw-test-{}.rdb", self.port)])
+            .args(&self.args);
         self.process.spawn(command);
         let until = Instant::now() + Duration::from_secs(10);
         while !self.answers().await {
@@ -121,5 +135,63 @@ impl RedisServer {
     /// Starts it again on the same port (empty: nothing was saved).
     pub async fn restart(&mut self) {
         self.spawn().await;
+    }
+
+    /// Starts it again on the same port (empty) with these further arguments instead.
+    pub async fn restart_with(&mut self, args: Vec<String>) {
+        self.args = args;
+        self.spawn().await;
+    }
+}
+
+/// A managed service's primary endpoint: one address that a failover points at another node.
+/// Connections made before the move stay with the node they reached, as a DNS name that moves
+/// leaves open connections where they were.
+pub struct MovingEndpoint {
+    pub port: u16,
+    target: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MovingEndpoint {
+    /// Listens on a free port and forwards every connection to the node on `to`.
+    pub async fn start(to: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let port = listener.local_addr().expect("bound").port();
+        let target = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(to));
+        let task = {
+            let target = target.clone();
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let to = target.load(std::sync::atomic::Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        if let Ok(mut node) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
+                        }
+                    });
+                }
+            })
+        };
+        Self { port, target, task }
+    }
+
+    /// `redis://127.0.0.1:{port}/0`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// New connections go to the node on `to` from now on.
+    pub fn point_to(&self, to: u16) {
+        self.target.store(to, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for MovingEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
