@@ -10,7 +10,7 @@
 -- wire     the command's "a call may be on the wire" mark
 -- a[1]     limit            a[2] window (µs)
 -- a[3]     deadline, µs from now (-1: none)
--- a[4]     a unique member for this start
+-- a[4]     the start's member: the same each time one start is asked again
 -- a[5]     the mark's value (the claimant)   a[6] the mark's lifetime (ms)
 -- a[7]     the horizon (µs)
 -- Returns {1, delay µs} when reserved, {0, delay µs} when the deadline comes first, and
@@ -23,6 +23,9 @@ local function reserve(log, pause, wire, a)
   local deadline = tonumber(a[3])
 
   redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
+  -- Asked again for the same start (its answer was lost, or not acknowledged): it is booked
+  -- anew, not twice.
+  redis.call('ZREM', log, a[4])
   local slot = now
   local paused = tonumber(redis.call('GET', pause) or '0')
   if paused > slot then slot = paused end

@@ -192,12 +192,12 @@ impl Account {
     /// A start asked of the fleet's budget of this account, past which (from now) nothing is
     /// to be booked.
     pub fn start_request(&self, deadline_in: Option<Duration>) -> StartRequest {
-        StartRequest {
-            account: self.id.clone(),
-            limit: self.pacer.limit(),
-            window: self.pacer.window(),
+        StartRequest::new(
+            &self.id,
+            self.pacer.limit(),
+            self.pacer.window(),
             deadline_in,
-        }
+        )
     }
 
     /// Commands in flight at most.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::account::Account;
 use super::pacer::DeadlineFirst;
-use crate::fleet::{Fleet, FleetError, Reservation};
+use crate::fleet::{Fleet, FleetError, Reservation, StartRequest};
 use crate::shutdown::{Abandoned, Shutdown};
 
 /// How long a start may be waited for: until the deadline, or until the aside limit when
@@ -119,11 +119,13 @@ impl FleetStart<'_> {
             None => None,
         };
         let first_asked = first.as_ref().map_or_else(Instant::now, |f| f.asked_at);
+        // One start is wanted: every question for it books it under the same member.
+        let member = uuid::Uuid::new_v4().simple().to_string();
         loop {
             let (asked_at, answer) = match first.take() {
                 Some(first) => (first.asked_at, first.answer),
                 None => fleet
-                    .until_answered(shutdown, || self.ask())
+                    .until_answered(shutdown, || self.ask(&member))
                     .await
                     .ok_or(Abandoned)?,
             };
@@ -161,7 +163,7 @@ impl FleetStart<'_> {
     }
 
     /// One question to Redis, timed from before it was sent.
-    async fn ask(&self) -> Result<(Instant, Reservation), FleetError> {
+    async fn ask(&self, member: &str) -> Result<(Instant, Reservation), FleetError> {
         let now = Instant::now();
         let deadline_in = self.limit.map(|d| d.saturating_duration_since(now));
         // Waiting for Redis does not stop the deadline: past it, ask nothing.
@@ -169,10 +171,11 @@ impl FleetStart<'_> {
             let delay = Duration::ZERO;
             return Ok((now, Reservation::DeadlineFirst { delay }));
         }
-        let answer = self
-            .fleet
-            .reserve(&self.account.start_request(deadline_in), self.id)
-            .await?;
+        let request = StartRequest {
+            member: member.to_owned(),
+            ..self.account.start_request(deadline_in)
+        };
+        let answer = self.fleet.reserve(&request, self.id).await?;
         Ok((now, answer))
     }
 }

@@ -58,6 +58,27 @@ pub struct StartRequest {
     pub window: Duration,
     /// From the moment of asking; past it nothing is booked.
     pub deadline_in: Option<Duration>,
+    /// What the start is booked as. The same for every time one start is asked again (after
+    /// a write the replicas did not acknowledge, say), so it is booked once, not once a try.
+    pub member: String,
+}
+
+impl StartRequest {
+    /// A start of `account`'s budget, `limit` calls per `window`, under a member of its own.
+    pub fn new(
+        account: &str,
+        limit: usize,
+        window: Duration,
+        deadline_in: Option<Duration>,
+    ) -> Self {
+        Self {
+            account: account.to_owned(),
+            limit,
+            window,
+            deadline_in,
+            member: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
 }
 
 impl Fleet {
@@ -85,7 +106,7 @@ impl Fleet {
         invocation: &mut redis::ScriptInvocation<'_>,
         request: &StartRequest,
     ) -> String {
-        let member = uuid::Uuid::new_v4().simple().to_string();
+        let member = request.member.clone();
         let deadline = request
             .deadline_in
             .map_or(-1, |d| i64::try_from(micros(d)).unwrap_or(i64::MAX));

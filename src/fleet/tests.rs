@@ -92,12 +92,7 @@ fn ask(
     window: Duration,
     deadline_in: Option<Duration>,
 ) -> StartRequest {
-    StartRequest {
-        account: account.to_owned(),
-        limit,
-        window,
-        deadline_in,
-    }
+    StartRequest::new(account, limit, window, deadline_in)
 }
 
 fn booked(r: Reservation) -> Duration {
@@ -307,27 +302,28 @@ async fn an_unreachable_redis_is_an_error_within_the_timeout_and_unhealthy() {
 async fn a_claim_asked_with_a_start_books_it_only_when_the_claim_is_ours() {
     let (a, b) = two_replicas(Duration::from_secs(9));
     let window = Duration::from_secs(4);
-    let start = ask("acct", 2, window, None);
+    // Each start asked is one of its own (a member of its own).
+    let start = || ask("acct", 2, window, None);
     // Ours: claimed and booked in one call, the command marked as possibly on the wire.
-    let (claim, first) = a.claim_with_start("c1", false, &start).await.unwrap();
+    let (claim, first) = a.claim_with_start("c1", false, &start()).await.unwrap();
     assert!(matches!(claim, Claim::Mine), "{claim:?}");
     assert!(booked(first.expect("a start with the claim")) < Duration::from_millis(100));
     // Held by another replica: nothing is booked, so the account's second start is free.
-    let (claim, first) = b.claim_with_start("c1", false, &start).await.unwrap();
+    let (claim, first) = b.claim_with_start("c1", false, &start()).await.unwrap();
     assert!(matches!(claim, Claim::Held(_)), "{claim:?}");
     assert!(first.is_none(), "{first:?}");
-    assert!(booked(b.reserve(&start, "c2").await.unwrap()) < Duration::from_millis(100));
-    match b.reserve(&start, "c3").await.unwrap() {
+    assert!(booked(b.reserve(&start(), "c2").await.unwrap()) < Duration::from_millis(100));
+    match b.reserve(&start(), "c3").await.unwrap() {
         Reservation::NotYet { .. } => {}
         other => panic!("two starts were booked, the budget is spent: {other:?}"),
     }
     // Completed: its outcome answers, and nothing is booked either.
     a.record("c1", &event("c1")).await.unwrap();
-    let (claim, first) = b.claim_with_start("c1", false, &start).await.unwrap();
+    let (claim, first) = b.claim_with_start("c1", false, &start()).await.unwrap();
     assert!(matches!(claim, Claim::Done(_)), "{claim:?}");
     assert!(first.is_none(), "{first:?}");
     // Ours, but the budget is spent: the claim is taken, the start only told.
-    let (claim, first) = b.claim_with_start("c4", false, &start).await.unwrap();
+    let (claim, first) = b.claim_with_start("c4", false, &start()).await.unwrap();
     assert!(matches!(claim, Claim::Mine), "{claim:?}");
     assert!(
         matches!(first, Some(Reservation::NotYet { .. })),
@@ -713,4 +709,33 @@ async fn a_user_kept_from_info_and_role_still_reaches_its_primary() {
         .unwrap();
     answered.unwrap();
     claimed.unwrap();
+}
+
+/// A start asked again under its member (its first answer lost, or not acknowledged by the
+/// replicas) is booked once: the account's log holds one start, not one per try.
+#[tokio::test]
+async fn a_start_asked_again_under_its_member_is_booked_once() {
+    let fleet = replica(&fleet_name(), Duration::from_secs(3));
+    let account = format!("acct-{}", uuid::Uuid::new_v4().simple());
+    let request = ask(&account, 5, Duration::from_secs(60), None);
+    for _ in 0..3 {
+        booked(fleet.reserve(&request, "c-1").await.unwrap());
+    }
+    let booked = fleet
+        .booked(&account, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(booked.starts.len(), 1, "{booked:?}");
+    // Another start of the same account is one more.
+    booked_start(&fleet, &account).await;
+    let booked = fleet
+        .booked(&account, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(booked.starts.len(), 2, "{booked:?}");
+}
+
+async fn booked_start(fleet: &Fleet, account: &str) {
+    let other = ask(account, 5, Duration::from_secs(60), None);
+    booked(fleet.reserve(&other, "c-2").await.unwrap());
 }

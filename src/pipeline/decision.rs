@@ -122,6 +122,11 @@ impl Decider {
                 "replayed from the dead-letter queue; processing it again"
             );
         }
+        // Its delivery is ours while the caller says so and the holds it arrived under last:
+        // taken before the claim, which may wait long (for Redis, for its replicas, for another
+        // replica's claim) while this replica's holds lapse and are taken again.
+        let held = decider.ledger.holds();
+        let ours = || held() && ours();
         let command_id = parsed.command_id();
         let start = match &parsed.command {
             Ok(Valid { command, bot }) => {
@@ -146,9 +151,6 @@ impl Decider {
             }
             Err(Abandoned) => return Decision::Requeue("shutdown grace ran out"),
         };
-        // Its delivery is ours while the caller says so and the holds it begins under last.
-        let held = decider.ledger.holds();
-        let ours = || held() && ours();
         // The claim is renewed for as long as the command runs, however long it waits.
         let decided = tokio::select! {
             biased;
@@ -160,6 +162,11 @@ impl Decider {
             Err(unfinished) => {
                 decider.ledger.release(command_id).await;
                 return match unfinished {
+                    // Set aside only by the holder of its source: a replica that let the source
+                    // go meanwhile would put it in a lane no holder reads.
+                    Undecided::Aside if !ours() => {
+                        Decision::Requeue("its delivery is no longer this replica's")
+                    }
                     Undecided::Aside => Decision::Aside,
                     Undecided::Unfinished(Unfinished::NotHeld) => {
                         Decision::Requeue("its delivery is no longer this replica's")

@@ -517,3 +517,30 @@ async fn a_command_held_by_the_breaker_may_still_be_set_aside_once_it_closes() {
         "nothing called for the command set aside"
     );
 }
+
+/// A command whose source this replica let go while it waited (its holds lapsed with Redis
+/// away, its channel closed) is not set aside: it would land in a lane no holder reads, while
+/// the source's new holder runs the rest of its session. It goes back instead.
+#[tokio::test]
+async fn a_command_no_longer_ours_is_returned_not_set_aside() {
+    let rig = Rig::start_with(|s| {
+        s.bots[0].rate_limit = 1;
+        s.bots[0].rate_window = Duration::from_secs(3);
+    })
+    .await;
+    decided(plain(&rig.decider, &rig.read(&command("c-a"), None)).await);
+    let parsed = rig.read(&command("c-b"), None);
+    // Its account's next start is 3 s away, past the 1 s it may wait: it would be set aside.
+    let aside = rig
+        .decider
+        .decide(&parsed, Some(Duration::from_secs(1)), &|| true)
+        .await;
+    assert!(matches!(aside, Decision::Aside), "{aside:?}");
+    // The same, with its delivery no longer this replica's.
+    let gone = rig
+        .decider
+        .decide(&parsed, Some(Duration::from_secs(1)), &|| false)
+        .await;
+    assert!(matches!(gone, Decision::Requeue(_)), "{gone:?}");
+    assert_eq!(rig.sim.stats().calls, 1, "nothing called for c-b");
+}
