@@ -31,10 +31,6 @@ pub struct RedisSet {
 fn server(port: u16, of: Option<u16>, log: &Path) -> anyhow::Result<tokio::process::Child> {
     // A replica's full sync goes through a file even without persistence: beside the log.
     let dir = log.parent().unwrap_or(Path::new("."));
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
     let mut command = tokio::process::Command::new("redis-server");
     command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -45,14 +41,26 @@ fn server(port: u16, of: Option<u16>, log: &Path) -> anyhow::Result<tokio::proce
     if let Some(of) = of {
         command.args(["--replicaof", "127.0.0.1", &of.to_string()]);
     }
-    command
+    spawn(command, log).context("cannot start redis-server")
+}
+
+/// Runs `command` in a process group of its own, its output appended to `log`; killed
+/// (SIGKILL) when dropped.
+fn spawn(
+    mut command: tokio::process::Command,
+    log: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Ok(command
         .stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .process_group(0)
         .kill_on_drop(true)
-        .spawn()
-        .context("cannot start redis-server")
+        .spawn()?)
 }
 
 /// `redis-cli -p port args…`, its answer's lines.
@@ -106,20 +114,9 @@ impl RedisSet {
                      sentinel failover-timeout {master} 10000\n"
                 ),
             )?;
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)?;
-            let child = tokio::process::Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdin(std::process::Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out)
-                .process_group(0)
-                .kill_on_drop(true)
-                .spawn()
-                .context("cannot start a sentinel")?;
+            let mut command = tokio::process::Command::new("redis-server");
+            command.arg(&conf).arg("--sentinel");
+            let child = spawn(command, &log).context("cannot start a sentinel")?;
             sentinels.push((port, child));
         }
         let set = Self {

@@ -11,8 +11,8 @@
 //! Writes that must outlive a failover (`fleet.redis_min_replicas`) run on a connection of
 //! their own, since `WAIT` blocks its connection and only counts that connection's writes.
 
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -69,7 +69,7 @@ pub(crate) struct Link {
     last: Mutex<Option<Arc<str>>>,
     /// The last primary refused a write as demoted: the next one found is a new one, at the
     /// same address or not (a managed endpoint's name does not change).
-    demoted: std::sync::atomic::AtomicBool,
+    demoted: AtomicBool,
 }
 
 impl Link {
@@ -113,7 +113,7 @@ impl Link {
             spare: Mutex::default(),
             metrics,
             last: Mutex::default(),
-            demoted: std::sync::atomic::AtomicBool::new(false),
+            demoted: AtomicBool::new(false),
         })
     }
 
@@ -168,9 +168,7 @@ impl Link {
             at,
         };
         let before = lock(&self.last).replace(primary.at.clone());
-        let demoted = self
-            .demoted
-            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        let demoted = self.demoted.swap(false, Ordering::AcqRel);
         if before.is_some_and(|b| b != primary.at || demoted) {
             self.metrics.redis_primary_changes.inc();
             tracing::warn!(primary = %primary.at, "the fleet's Redis primary moved; writing to the new one from now on");
@@ -193,8 +191,7 @@ impl Link {
     pub fn failed(&self, primary: &Primary, error: Option<&redis::RedisError>) {
         let moved = match error {
             Some(e) if demoted(e) => {
-                self.demoted
-                    .store(true, std::sync::atomic::Ordering::Release);
+                self.demoted.store(true, Ordering::Release);
                 true
             }
             Some(e) => {

@@ -94,6 +94,11 @@ pub enum Decision {
     /// in the account's queue (docs/contract.md §12). Nothing was booked, called or
     /// remembered, and its fleet claim is given up.
     Aside,
+    /// Not started, and its delivery is no longer this replica's (its source was let go while
+    /// it waited): nothing is done with it, not even a nack, which would have the broker hand
+    /// it straight back behind the session's later commands. It goes back with its channel,
+    /// in the order it came.
+    NotOurs,
 }
 
 impl Decider {
@@ -164,9 +169,7 @@ impl Decider {
                 return match unfinished {
                     // Set aside only by the holder of its source: a replica that let the source
                     // go meanwhile would put it in a lane no holder reads.
-                    Undecided::Aside if !ours() => {
-                        Decision::Requeue("its delivery is no longer this replica's")
-                    }
+                    Undecided::Aside if !ours() => Decision::NotOurs,
                     Undecided::Aside => Decision::Aside,
                     Undecided::Unfinished(Unfinished::NotHeld) => {
                         Decision::Requeue("its delivery is no longer this replica's")

@@ -371,6 +371,13 @@ impl Pipeline {
                 return false;
             }
             Decision::Aside => return true,
+            Decision::NotOurs => {
+                tracing::info!(
+                    "its delivery is no longer this replica's; it goes back with its channel"
+                );
+                job.returned();
+                return false;
+            }
         };
         let command_id = job.parsed.command_id();
         let delivery = &job.delivery;

@@ -520,7 +520,8 @@ async fn a_command_held_by_the_breaker_may_still_be_set_aside_once_it_closes() {
 
 /// A command whose source this replica let go while it waited (its holds lapsed with Redis
 /// away, its channel closed) is not set aside: it would land in a lane no holder reads, while
-/// the source's new holder runs the rest of its session. It goes back instead.
+/// the source's new holder runs the rest of its session. Nor is it nacked, which would put it
+/// behind its session's later commands: it goes back with its channel.
 #[tokio::test]
 async fn a_command_no_longer_ours_is_returned_not_set_aside() {
     let rig = Rig::start_with(|s| {
@@ -541,6 +542,6 @@ async fn a_command_no_longer_ours_is_returned_not_set_aside() {
         .decider
         .decide(&parsed, Some(Duration::from_secs(1)), &|| false)
         .await;
-    assert!(matches!(gone, Decision::Requeue(_)), "{gone:?}");
+    assert!(matches!(gone, Decision::NotOurs), "{gone:?}");
     assert_eq!(rig.sim.stats().calls, 1, "nothing called for c-b");
 }
