@@ -739,3 +739,67 @@ async fn booked_start(fleet: &Fleet, account: &str) {
     let other = ask(account, 5, Duration::from_secs(60), None);
     booked(fleet.reserve(&other, "c-2").await.unwrap());
 }
+
+/// A `redis-server` of a test's own, killed when dropped.
+struct OwnServer(std::process::Child);
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A Redis Cluster node is refused with an error that says why, never written to.
+#[tokio::test]
+async fn a_redis_cluster_node_is_refused_with_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = OwnServer(
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts"),
+    );
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    for _ in 0..100 {
+        if client.get_multiplexed_async_connection().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let settings = FleetSettings {
+        redis_url: url,
+        ..quick_settings()
+    };
+    let fleet = Fleet::new(
+        &settings,
+        &fleet_name(),
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let refused = fleet.ping().await.expect_err("a cluster node is refused");
+    assert!(
+        matches!(refused, FleetError::ClusterMode { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("cluster mode"), "{refused}");
+    assert!(!fleet.is_healthy());
+}
