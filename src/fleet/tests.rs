@@ -689,17 +689,7 @@ async fn a_user_kept_from_info_and_role_still_reaches_its_primary() {
         &format!("redis://{user}:secret-of-the-test@"),
         1,
     );
-    let settings = FleetSettings {
-        redis_url: url,
-        ..quick_settings()
-    };
-    let fleet = Fleet::new(
-        &settings,
-        &fleet_name(),
-        Duration::from_secs(60),
-        Arc::new(Metrics::new()),
-    )
-    .unwrap();
+    let fleet = replica_at(url);
     let answered = fleet.ping().await;
     let claimed = fleet.claim("c-1").await;
     let _: i64 = redis::cmd("ACL")
@@ -784,17 +774,7 @@ async fn a_redis_cluster_node_is_refused_with_why() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let settings = FleetSettings {
-        redis_url: url,
-        ..quick_settings()
-    };
-    let fleet = Fleet::new(
-        &settings,
-        &fleet_name(),
-        Duration::from_secs(60),
-        Arc::new(Metrics::new()),
-    )
-    .unwrap();
+    let fleet = replica_at(url);
     let refused = fleet.ping().await.expect_err("a cluster node is refused");
     assert!(
         matches!(refused, FleetError::ClusterMode { .. }),
@@ -802,4 +782,19 @@ async fn a_redis_cluster_node_is_refused_with_why() {
     );
     assert!(refused.to_string().contains("cluster mode"), "{refused}");
     assert!(!fleet.is_healthy());
+}
+
+/// A replica of a fleet of its own name, with quick membership, on the Redis at `url`.
+fn replica_at(url: String) -> Fleet {
+    let settings = FleetSettings {
+        redis_url: url,
+        ..quick_settings()
+    };
+    Fleet::new(
+        &settings,
+        &fleet_name(),
+        Duration::from_secs(60),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
 }
