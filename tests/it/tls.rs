@@ -17,7 +17,7 @@ use transfer_worker::tools::simulator::SimTls;
 use crate::harness::pki::{Issued, Pki, Validity};
 use crate::harness::process::env;
 use crate::harness::replicas::FleetSpec;
-use crate::harness::tls::{ConnectProxy, TlsNode, TlsRedis};
+use crate::harness::tls::{ConnectProxy, TlsNode, TlsRedis, TlsSentinel};
 use crate::harness::{Fleet, Harness, agent_command, test_settings};
 
 fn served(issued: &Issued) -> SimTls {
@@ -229,6 +229,53 @@ async fn a_redis_certificate_that_does_not_verify_is_an_error_naming_the_server(
         assert!(!err.contains(crate::harness::tls::REDIS_PASSWORD), "{err}");
         eprintln!("{case}: {err}");
     }
+}
+
+/// Sentinel over TLS (`rediss+sentinel://`): the fleet asks a TLS-only sentinel for its
+/// primary and writes to that primary over TLS, with the one CA of `fleet.redis_ca_file`; a
+/// URL without TLS, or a CA that did not sign the sentinel's certificate, finds nothing. (Its
+/// name has "sentinel" in it, for `cargo test sentinel`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_finds_its_primary_through_a_tls_sentinel_and_only_with_the_right_trust() {
+    let pki = Pki::new("Redis test CA");
+    let stranger = Pki::new("a CA nobody trusts");
+    // The sentinel names its primary by address.
+    let server = pki.server("redis", &["localhost", "127.0.0.1"], Validity::Current);
+    let redis = TlsRedis::start(&pki, &server).await;
+    let sentinel = TlsSentinel::start(&pki, &server, &redis, "fleet-tls").await;
+    let url = sentinel.url("localhost");
+
+    let trusted = fleet_settings(url.clone(), pki.ca_file());
+    ping(&trusted)
+        .await
+        .expect("the right CA finds and reaches the primary");
+    let plain = url.replacen("rediss+sentinel://", "redis+sentinel://", 1);
+    let err = ping(&fleet_settings(plain, pki.ca_file())).await;
+    assert!(err.is_err(), "a TLS-only sentinel answers no plain text");
+    let err = ping(&fleet_settings(url.clone(), stranger.ca_file()))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("UnknownIssuer") && !err.contains(crate::harness::tls::REDIS_PASSWORD),
+        "the error says why, and not the password: {err}"
+    );
+
+    // A whole worker in fleet mode: its claims and outcomes go to the primary the sentinel
+    // named, over TLS.
+    let mut h = Harness::start(|s, _| {
+        s.fleet = fleet_settings(url, pki.ca_file());
+        s.fleet.partitions = 0;
+    })
+    .await;
+    h.publish(&agent_command("tls-sentinel-1", "s-tls-sentinel-1"))
+        .await;
+    let event = h.next_event().await;
+    assert_eq!(event.name(), "transfer.succeeded", "{}", event.json);
+    let keys = redis
+        .cli(&pki, &["--scan", "--pattern", "*tls-sentinel-1*"])
+        .await;
+    assert!(!keys.is_empty(), "the outcome was recorded in the primary");
+    h.stop_leaving_nothing().await;
 }
 
 fn amqp_tls(node: &TlsNode, ca: &str) -> AmqpTlsSettings {

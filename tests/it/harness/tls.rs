@@ -105,6 +105,85 @@ impl TlsRedis {
     }
 }
 
+/// A sentinel that speaks TLS only, monitoring a [`TlsRedis`] over TLS as its primary (quorum
+/// 1), logging in to it as [`REDIS_USER`].
+pub struct TlsSentinel {
+    pub port: u16,
+    /// The name it monitors the primary under.
+    pub master: String,
+    process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsSentinel {
+    /// Starts one on a free port, serving `server`'s certificate, and waits until it names
+    /// `redis` as the primary of `master`.
+    pub async fn start(pki: &Pki, server: &Issued, redis: &TlsRedis, master: &str) -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\n\
+                 tls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                 tls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor {master} 127.0.0.1 {} 1\n\
+                 sentinel auth-user {master} {REDIS_USER}\n\
+                 sentinel auth-pass {master} {REDIS_PASSWORD}\n",
+                server.cert_file.display(),
+                server.key_file.display(),
+                pki.ca_file().display(),
+                redis.port,
+            ),
+        )
+        .expect("the sentinel's configuration is written");
+        let mut command = tokio::process::Command::new("redis-server");
+        command.arg(&conf).arg("--sentinel");
+        let process = Process::start(format!("TLS sentinel on {port}"), command);
+        let sentinel = Self {
+            port,
+            master: master.to_owned(),
+            process,
+            _dir: dir,
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        let named = format!("127.0.0.1\n{}", redis.port);
+        loop {
+            let mut cli = tokio::process::Command::new("redis-cli");
+            cli.arg("--cacert").arg(pki.ca_file());
+            let answer = cli
+                .args(["--tls", "--sni", "localhost", "-h", "127.0.0.1"])
+                .args(["-p", &port.to_string()])
+                .args(["SENTINEL", "get-master-addr-by-name", master])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .await
+                .expect("redis-cli runs");
+            if String::from_utf8_lossy(&answer.stdout).trim() == named {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "the TLS sentinel does not name its primary:\n{}",
+                sentinel.process.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sentinel
+    }
+
+    /// `rediss+sentinel://fleet:…@{host}:{port}/{master}`: TLS to the sentinel and to the
+    /// primary it names.
+    pub fn url(&self, host: &str) -> String {
+        format!(
+            "rediss+sentinel://{REDIS_USER}:{REDIS_PASSWORD}@{host}:{}/{}",
+            self.port, self.master
+        )
+    }
+}
+
 /// Node 5 of `scripts/rabbitmq-cluster`: AMQP over TLS on 5685 with a certificate for
 /// `localhost` only, plain AMQP on 5675, the EXTERNAL mechanism for client certificates.
 pub struct TlsNode {
