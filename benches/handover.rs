@@ -42,12 +42,13 @@ fn main() {
 
 fn describe(m: &Handover) -> String {
     format!(
-        "{:?} {:?}{}: {} replicas ({} running), sessions {:?}, prefetch {}, sigterm {} kill {} freeze {} rebalance {}",
+        "{:?} {:?}{}{}: {} replicas ({} running), sessions {:?}, prefetch {}, sigterm {} kill {} freeze {} rebalance {}",
         m.variant,
         m.fleet,
         m.without
             .map(|r| format!(" without {r:?}"))
             .unwrap_or_default(),
+        if m.deferral { ", deferral" } else { "" },
         m.replicas,
         m.running,
         m.sessions,
@@ -175,6 +176,10 @@ fn fixed_bounds() -> Vec<Handover> {
         holds(2, &[0, 0], 1, 1, 1),
         holds(2, &[0, 0, 1], 1, 1, 0),
         holds(3, &[0, 0], 1, 1, 0),
+        // Commands set aside after they were taken in, and remembered past a reconnect.
+        standby(2, &[0, 0, 1], 1, 1).with_deferral(),
+        holds(2, &[0, 0], 1, 1, 1).with_deferral(),
+        holds(2, &[0, 0, 1], 1, 1, 0).with_deferral(),
     ]
 }
 
@@ -214,6 +219,11 @@ fn rule_bounds(rule: Rule) -> Vec<Handover> {
         Rule::WokenActsOnNothing | Rule::ConnectionDiesBeforeExpiry => {
             vec![at(Fleet::Holds, 1, 1, 1, 0), at(Fleet::Holds, 1, 0, 1, 1)]
         }
+        Rule::DeferOwnTenure => vec![
+            at(Fleet::Standby, 1, 1, 1, 0).with_deferral(),
+            at(Fleet::Holds, 1, 1, 1, 0).with_deferral(),
+            at(Fleet::Holds, 1, 1, 0, 1).with_deferral(),
+        ],
     }
 }
 

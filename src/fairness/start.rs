@@ -120,12 +120,12 @@ impl FleetStart<'_> {
         };
         let first_asked = first.as_ref().map_or_else(Instant::now, |f| f.asked_at);
         // One start is wanted: every question for it books it under the same member.
-        let member = uuid::Uuid::new_v4().simple().to_string();
+        let wanted = self.account.start_request(None);
         loop {
             let (asked_at, answer) = match first.take() {
                 Some(first) => (first.asked_at, first.answer),
                 None => fleet
-                    .until_answered(shutdown, || self.ask(&member))
+                    .until_answered(shutdown, || self.ask(&wanted))
                     .await
                     .ok_or(Abandoned)?,
             };
@@ -163,7 +163,7 @@ impl FleetStart<'_> {
     }
 
     /// One question to Redis, timed from before it was sent.
-    async fn ask(&self, member: &str) -> Result<(Instant, Reservation), FleetError> {
+    async fn ask(&self, wanted: &StartRequest) -> Result<(Instant, Reservation), FleetError> {
         let now = Instant::now();
         let deadline_in = self.limit.map(|d| d.saturating_duration_since(now));
         // Waiting for Redis does not stop the deadline: past it, ask nothing.
@@ -171,10 +171,7 @@ impl FleetStart<'_> {
             let delay = Duration::ZERO;
             return Ok((now, Reservation::DeadlineFirst { delay }));
         }
-        let request = StartRequest {
-            member: member.to_owned(),
-            ..self.account.start_request(deadline_in)
-        };
+        let request = wanted.again(deadline_in);
         let answer = self.fleet.reserve(&request, self.id).await?;
         Ok((now, answer))
     }

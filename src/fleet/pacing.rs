@@ -58,9 +58,10 @@ pub struct StartRequest {
     pub window: Duration,
     /// From the moment of asking; past it nothing is booked.
     pub deadline_in: Option<Duration>,
-    /// What the start is booked as. The same for every time one start is asked again (after
-    /// a write the replicas did not acknowledge, say), so it is booked once, not once a try.
-    pub member: String,
+    /// What the start is booked as, drawn by [`StartRequest::new`]: the same for every time
+    /// one start is asked again (after a write the replicas did not acknowledge, say), so it
+    /// is booked once, not once a try.
+    member: String,
 }
 
 impl StartRequest {
@@ -77,6 +78,15 @@ impl StartRequest {
             window,
             deadline_in,
             member: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// The same start asked again, with what is left until its deadline: booked under the
+    /// same member.
+    pub fn again(&self, deadline_in: Option<Duration>) -> Self {
+        Self {
+            deadline_in,
+            ..self.clone()
         }
     }
 }

@@ -94,10 +94,10 @@ pub enum Decision {
     /// in the account's queue (docs/contract.md §12). Nothing was booked, called or
     /// remembered, and its fleet claim is given up.
     Aside,
-    /// Not started, and its delivery is no longer this replica's (its source was let go while
-    /// it waited): nothing is done with it, not even a nack, which would have the broker hand
-    /// it straight back behind the session's later commands. It goes back with its channel,
-    /// in the order it came.
+    /// Not finished, and its delivery is no longer this replica's (its source was let go, or
+    /// the fleet's holds lapsed, while it waited or between its attempts): nothing more is done
+    /// with it, not even a nack, which would have the broker hand it straight back behind the
+    /// session's later commands. It goes back with its channel, in the order it came.
     NotOurs,
 }
 
@@ -130,54 +130,69 @@ impl Decider {
         // Its delivery is ours while the caller says so and the holds it arrived under last:
         // taken before the claim, which may wait long (for Redis, for its replicas, for another
         // replica's claim) while this replica's holds lapse and are taken again.
+        let channel = ours;
         let held = decider.ledger.holds();
-        let ours = || held() && ours();
+        let ours = || held() && channel();
         let command_id = parsed.command_id();
-        let start = match &parsed.command {
-            Ok(Valid { command, bot }) => {
-                first_start_request(&decider.transfers, command, bot, aside)
+        let event = loop {
+            let start = match &parsed.command {
+                Ok(Valid { command, bot }) => {
+                    first_start_request(&decider.transfers, command, bot, aside)
+                }
+                Err(_) => None,
+            };
+            let claimed = decider
+                .ledger
+                .claim(command_id, replayed, start, &decider.shutdown)
+                .await;
+            let first = match claimed {
+                Ok(Claimed::Ours(first)) => first,
+                Ok(Claimed::Done(event)) => {
+                    let event = Arc::new(event);
+                    decider
+                        .outcomes
+                        .insert(command_id.to_owned(), event.clone());
+                    decider.metrics.commands_deduplicated.inc();
+                    tracing::info!(event = event.kind.name(), event_id = %event.id, "completed in the fleet; republishing its outcome");
+                    return Decision::Remembered(event);
+                }
+                Err(Abandoned) => return Decision::Requeue("shutdown grace ran out"),
+            };
+            // The claim is renewed for as long as the command runs, however long it waits.
+            let decided = tokio::select! {
+                biased;
+                decided = carry_out(decider, parsed, aside, first, &ours) => decided,
+                never = decider.ledger.keep(command_id) => match never {},
+            };
+            let unfinished = match decided {
+                Ok(event) => break Arc::new(event),
+                Err(unfinished) => unfinished,
+            };
+            decider.ledger.release(command_id).await;
+            match unfinished {
+                Undecided::Aside if ours() => return Decision::Aside,
+                Undecided::Unfinished(Unfinished::Abandoned) => {
+                    return Decision::Requeue("shutdown grace ran out");
+                }
+                // Set aside only by the holder of its source (a replica that let the source go
+                // meanwhile would put it in a lane no holder reads), and called only under its
+                // holds: not ours now.
+                Undecided::Aside | Undecided::Unfinished(Unfinished::NotHeld) => {}
             }
-            Err(_) => None,
-        };
-        let claimed = decider
-            .ledger
-            .claim(command_id, replayed, start, &decider.shutdown)
-            .await;
-        let first = match claimed {
-            Ok(Claimed::Ours(first)) => first,
-            Ok(Claimed::Done(event)) => {
-                let event = Arc::new(event);
-                decider
-                    .outcomes
-                    .insert(command_id.to_owned(), event.clone());
-                decider.metrics.commands_deduplicated.inc();
-                tracing::info!(event = event.kind.name(), event_id = %event.id, "completed in the fleet; republishing its outcome");
-                return Decision::Remembered(event);
-            }
-            Err(Abandoned) => return Decision::Requeue("shutdown grace ran out"),
-        };
-        // The claim is renewed for as long as the command runs, however long it waits.
-        let decided = tokio::select! {
-            biased;
-            decided = carry_out(decider, parsed, aside, first, &ours) => decided,
-            never = decider.ledger.keep(command_id) => match never {},
-        };
-        let event = match decided {
-            Ok(event) => Arc::new(event),
-            Err(unfinished) => {
-                decider.ledger.release(command_id).await;
-                return match unfinished {
-                    // Set aside only by the holder of its source: a replica that let the source
-                    // go meanwhile would put it in a lane no holder reads.
-                    Undecided::Aside if !ours() => Decision::NotOurs,
-                    Undecided::Aside => Decision::Aside,
-                    Undecided::Unfinished(Unfinished::NotHeld) => {
-                        Decision::Requeue("its delivery is no longer this replica's")
-                    }
-                    Undecided::Unfinished(Unfinished::Abandoned) => {
-                        Decision::Requeue("shutdown grace ran out")
-                    }
-                };
+            match decider.after_a_lapse(channel, &held).await {
+                // The holds were kept after all (a renewal answered after their deadline): it
+                // is still this replica's, in its place in its session. Claimed anew.
+                Lapse::Kept => {
+                    tracing::info!(
+                        "the fleet's holds lapsed for a moment and were kept; carrying the command on"
+                    );
+                }
+                // Its delivery went back, or goes back, with its channel: a nack on a channel
+                // still open would put it behind its session's later commands.
+                Lapse::Lost => return Decision::NotOurs,
+                // As every command still on its channel at that point: the next holder has it
+                // back in the order of the nacks.
+                Lapse::Abandoned => return Decision::Requeue("shutdown grace ran out"),
             }
         };
         decider
@@ -188,6 +203,55 @@ impl Decider {
             .record(command_id, &event, &decider.shutdown)
             .await;
         Decision::Decided(event)
+    }
+}
+
+/// How often a command found not ours, its delivery's channel still open, looks whether the
+/// holds were kept or let go.
+const LAPSE_LOOK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How often it says that it still waits.
+const LAPSE_SAY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What became of holds found lapsed while a command's delivery was still open.
+enum Lapse {
+    /// Kept after all: valid again, in the same term.
+    Kept,
+    /// The delivery went back: its channel closed.
+    Lost,
+    /// The shutdown's grace ran out first, the channel still open.
+    Abandoned,
+}
+
+impl Decider {
+    /// A command found not ours: its delivery went back, or the holds it runs under lapsed.
+    /// Holds lapse when their deadline passes, the instant by which the replica's consumer
+    /// must have stopped: it then lets go (its channels close) unless a renewal that answered
+    /// late kept them. Waits to see which, for as long as that takes (a nack while the channel
+    /// is open would put the command behind its session's later ones), or until the shutdown's
+    /// grace runs out.
+    async fn after_a_lapse(&self, channel: &Ours<'_>, held: &Ours<'_>) -> Lapse {
+        let since = tokio::time::Instant::now();
+        let mut said = since;
+        loop {
+            if !channel() {
+                return Lapse::Lost;
+            }
+            if held() {
+                return Lapse::Kept;
+            }
+            if self.shutdown.is_abandoned() {
+                return Lapse::Abandoned;
+            }
+            if said.elapsed() >= LAPSE_SAY {
+                said = tokio::time::Instant::now();
+                tracing::warn!(
+                    waited = ?since.elapsed(),
+                    "the fleet's holds lapsed and its delivery's channel is still open: waiting for the replica to let go or keep them"
+                );
+            }
+            tokio::time::sleep(LAPSE_LOOK).await;
+        }
     }
 }
 

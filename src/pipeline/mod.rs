@@ -11,6 +11,7 @@ pub mod decision;
 mod feed;
 pub mod first_start;
 pub mod intake;
+mod job;
 pub mod lanes;
 pub mod ledger;
 pub mod outcomes;
@@ -29,9 +30,10 @@ use tracing::Instrument;
 use crate::broker::consumer::InFlight;
 use crate::broker::{Delivery, Publisher, Reply};
 use crate::contract::{Event, EventKind, Rejection};
-use crate::fairness::account::{Account, Slot, Waiting};
+use crate::fairness::account::{Account, Slot};
 use crate::ops::trace_context::{self, CommandTrace};
 use decision::{Decider, Decision, Parsed, panic_message};
+use job::{Job, Origin};
 use lanes::{SourceLanes, Taken};
 use parser::{Envelope, Parser};
 use sessions::SessionQueues;
@@ -54,65 +56,6 @@ pub struct Pipeline {
     /// At a fleet's intake: valid commands are admitted and routed to their partitions, not
     /// carried out here.
     router: Option<intake::Router>,
-}
-
-/// A delivery, read, waiting for or in its session's turn.
-struct Job {
-    delivery: Delivery,
-    parsed: Parsed,
-    publisher: Arc<Publisher>,
-    /// Released with the job, after its ack or return.
-    _in_flight: InFlight,
-    /// Taken in directly, waiting for one of its account's slots.
-    waiting: Option<Waiting>,
-    /// One of its account's slots, once it has it.
-    slot: Option<Slot>,
-    /// Where it came from, which says what may become of it.
-    origin: Origin,
-    /// It counts as a command in flight here (at a fleet's intake, only one that ends there).
-    counted: bool,
-}
-
-/// Where a job came from.
-enum Origin {
-    /// Its source, with no lane to pass: a fleet's intake, or a command that is not one.
-    Source,
-    /// Its source, taken in past its account's lane, by `lanes`: it may still be set aside
-    /// there, unless it `runs_here` (its lane would not take it: a later command of its
-    /// session was set aside already).
-    TakenIn {
-        lanes: Arc<SourceLanes>,
-        runs_here: bool,
-    },
-    /// Taken back from its account's queue.
-    Lane(Taken),
-}
-
-impl Job {
-    /// Whether it came from its source, so that its session's later commands stay behind it
-    /// in memory (see `SessionQueues::push_marked`).
-    fn pinned(&self) -> bool {
-        !matches!(self.origin, Origin::Lane(_))
-    }
-
-    /// The lanes it may still be set aside by.
-    fn may_go_aside(&self) -> Option<&Arc<SourceLanes>> {
-        match &self.origin {
-            Origin::TakenIn {
-                lanes,
-                runs_here: false,
-            } => Some(lanes),
-            _ => None,
-        }
-    }
-
-    /// It goes back to the queue it came from, nothing done: its account queue, if it was
-    /// taken from one, counts it in again.
-    fn returned(&mut self) {
-        if let Origin::Lane(taken) = &mut self.origin {
-            taken.returned();
-        }
-    }
 }
 
 impl Pipeline {
@@ -237,15 +180,31 @@ impl Pipeline {
             if self.run_one(&mut job).await {
                 let lanes = job.may_go_aside().cloned();
                 let lanes = lanes.expect("only a job that may go aside is set aside");
-                match lanes.defer(job, || self.sessions.take_waiting(&key)) {
-                    Ok(()) => return,
-                    Err(stays) => {
-                        job = stays;
-                        job.origin = Origin::TakenIn {
-                            lanes,
-                            runs_here: true,
-                        };
-                        continue;
+                if !job.ours() {
+                    // It waited through the end of its source's tenure (a lost connection, a
+                    // hold given up): its delivery went back with it, and the jobs behind it
+                    // may be the next tenure's, which its lanes must not sweep away. It is
+                    // settled here as returned; the next one finds out for itself. (One still
+                    // ours whose lanes are let go is left with the jobs behind it, by `defer`:
+                    // they go back together with their channel, in order.)
+                    tracing::info!(
+                        "its delivery went back with its source's tenure while it waited; not set aside"
+                    );
+                    job.returned();
+                    self.leaves(&job);
+                } else {
+                    let behind =
+                        || (self.sessions).take_waiting_if(&key, |waiting| lanes.may_move(waiting));
+                    match lanes.defer(job, behind) {
+                        Ok(()) => return,
+                        Err(stays) => {
+                            job = stays;
+                            job.origin = Origin::TakenIn {
+                                lanes,
+                                runs_here: true,
+                            };
+                            continue;
+                        }
                     }
                 }
             }
@@ -265,7 +224,8 @@ impl Pipeline {
             Ok(command) if job.may_go_aside().is_some() => Some(command.bot.account.aside_after()),
             _ => None,
         };
-        if let (Ok(command), None) = (&job.parsed.command, &job.slot) {
+        // One whose delivery went back already waits for nothing: `process` lets it go.
+        if let (Ok(command), None, true) = (&job.parsed.command, &job.slot, job.ours()) {
             let account = command.bot.account.clone();
             let wait = aside.unwrap_or(Duration::MAX);
             tokio::select! {
@@ -337,9 +297,10 @@ impl Pipeline {
     /// Takes the job to its outcome, publishes it and acks; true if it is to be set aside
     /// instead (nothing was done for it).
     async fn process(&self, job: &mut Job, aside: Option<Duration>) -> bool {
-        if !job.publisher.is_connected() || self.leaves_at_stop() {
-            // Its connection is gone, and the broker has already put it back on the queue; or
-            // the intake stops, and it goes back with its channel, in order, nothing done.
+        if !job.ours() || self.leaves_at_stop() {
+            // Its connection or its channel is gone, and the broker has already put it back on
+            // the queue (nothing is claimed or booked for it here); or the intake stops, and it
+            // goes back with its channel, in order, nothing done.
             job.returned();
             return false;
         }
@@ -359,8 +320,8 @@ impl Pipeline {
                 intake::Admitted::Aside => true,
             };
         }
-        let (delivery, publisher) = (&job.delivery, &job.publisher);
-        let ours = || publisher.is_connected() && delivery.settleable();
+        let held = &*job;
+        let ours = || held.ours();
         let decision = self.decider.decide(&job.parsed, aside, &ours).await;
         // The call is over: its slot is free for the account's next command.
         job.slot = None;

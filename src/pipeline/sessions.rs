@@ -87,13 +87,18 @@ impl<J> SessionQueues<J> {
             .map_or(0, |b| b.pinned)
     }
 
-    /// Takes every job waiting in `session` and marks it idle: its running job was moved
-    /// elsewhere, and they go with it, in order.
-    pub fn take_waiting(&self, session: &str) -> Vec<J> {
+    /// Takes every job waiting in `session`, in order, and marks it idle (its running job was
+    /// moved elsewhere, and they go with it), if every one of them may go (`may_go`); else
+    /// `None`, and the session is left as it was.
+    pub fn take_waiting_if(&self, session: &str, may_go: impl Fn(&J) -> bool) -> Option<Vec<J>> {
         let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
-        busy.remove(session)
-            .map(|b| Vec::from(b.waiting))
-            .unwrap_or_default()
+        let Some(b) = busy.get(session) else {
+            return Some(Vec::new());
+        };
+        if !b.waiting.iter().all(may_go) {
+            return None;
+        }
+        busy.remove(session).map(|b| Vec::from(b.waiting))
     }
 
     /// Runs `job` and then, one after another, the session's jobs queued behind it, until the
@@ -148,5 +153,18 @@ mod tests {
             Some(4),
             "an idle session runs at once again"
         );
+    }
+
+    #[test]
+    fn waiting_jobs_are_taken_only_if_every_one_may_go() {
+        let q = SessionQueues::default();
+        assert_eq!(q.push("a", 1), Some(1));
+        assert_eq!(q.push("a", 2), None);
+        assert_eq!(q.push("a", 3), None);
+        assert_eq!(q.take_waiting_if("a", |j| *j != 3), None);
+        assert_eq!(q.busy_sessions(), 1, "left as it was");
+        assert_eq!(q.take_waiting_if("a", |j| *j > 1), Some(vec![2, 3]));
+        assert_eq!(q.busy_sessions(), 0, "idle once they are taken");
+        assert_eq!(q.take_waiting_if("b", |_| false), Some(vec![]));
     }
 }

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::harness::process::env;
 use crate::harness::{
-    BotSpec, Fleet, FleetSpec, Received, account_queues_at_broker, account_queues_left, command_of,
-    redis_url, session_command, test_channel, wait_for,
+    BotSpec, Fleet, FleetSpec, Harness, Received, account_queues_at_broker, account_queues_left,
+    agent_command, command_of, redis_url, session_command, sim, test_channel, wait_for,
 };
 
 /// The paced account: one call every 4 s, at most 3 in flight, so a few commands in a few
@@ -525,5 +525,136 @@ async fn an_account_queue_an_earlier_version_left_is_taken_up() {
     );
     no_account_queue_left(&fleet).await;
     let _ = conn.close(200, "done".into()).await;
+    fleet.stop_leaving_nothing().await;
+}
+
+/// A reconnect is a hand-over too: the source's next tenure is handed again what the last one
+/// held. A command taken in and waiting for its account's only slot when the connection drops
+/// finds, once its wait runs out, its redelivered copy and its session's next command queued
+/// behind it by the new tenure. It is not set aside (its delivery went back with the
+/// connection), and it does not take them along into the old tenure's lanes, which nobody
+/// reads any more: both end, once each, in their session's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_waiting_for_a_slot_through_a_reconnect_takes_no_later_tenures_command_along() {
+    /// How long a command taken in waits for a slot before it would be set aside.
+    const WAIT: Duration = Duration::from_secs(5);
+    let (proxy, mut h) = Harness::start_behind_proxy(|s, sim| {
+        s.bots[0].max_in_flight = Some(1);
+        s.commands.aside_after = WAIT;
+        s.agentassist.request_timeout = Duration::from_secs(15);
+        sim.latency = Duration::from_secs(8);
+    })
+    .await;
+    // Each to an agent of its own, to tell the calls apart.
+    let command = |id: &str, session: &str| {
+        let mut c = agent_command(id, session);
+        c["aId"] = json!(format!("a-{id}"));
+        c
+    };
+    // The slot's holder: its call takes 8 s.
+    h.publish(&command("sweep-first", "s-sweep-first")).await;
+    sim::call_on_the_wire(&h.sim).await;
+    // Taken in (the account is not congested yet), it waits for the slot for up to 5 s.
+    h.publish(&command("sweep-1", "s-sweep")).await;
+    let waiting_since = std::time::Instant::now();
+    let (what, limit) = ("the second command in hand", Duration::from_secs(5));
+    let in_hand = async || h.metrics.commands_in_flight.get() == 2;
+    wait_for(what, limit, String::new, in_hand).await;
+    proxy.cut();
+    let (what, limit) = ("the cut noticed", Duration::from_secs(5));
+    wait_for(what, limit, String::new, async || !h.broker.is_ready()).await;
+    proxy.restore();
+    let (what, limit) = ("the worker back", Duration::from_secs(5));
+    wait_for(what, limit, String::new, async || h.broker.is_ready()).await;
+    // Queued behind the redelivered copy of `sweep-1`, before the old wait runs out (else
+    // nothing would be behind it when it does, and the test would prove nothing).
+    h.publish(&command("sweep-2", "s-sweep")).await;
+    let (what, limit) = ("both copies in hand", Duration::from_secs(2));
+    let in_hand = async || h.metrics.commands_in_flight.get() >= 5;
+    wait_for(what, limit, String::new, in_hand).await;
+    assert!(
+        waiting_since.elapsed() < WAIT - Duration::from_secs(1),
+        "the interleaving was not forced: the reconnect took {:?}",
+        waiting_since.elapsed()
+    );
+    let mut ended: Vec<Received> = Vec::new();
+    let all = ["sweep-first", "sweep-1", "sweep-2"];
+    while let Some(e) = h.events.within(Duration::from_secs(40)).await {
+        ended.push(e);
+        let ids: BTreeSet<&str> = ended.iter().map(Received::command_id).collect();
+        if all.iter().all(|id| ids.contains(id)) {
+            break;
+        }
+    }
+    let seen: Vec<(&str, &str)> = ended.iter().map(|e| (e.command_id(), e.name())).collect();
+    for id in all {
+        let outcomes = seen.iter().filter(|(c, _)| *c == id).count();
+        assert!(outcomes >= 1, "{id} never ended (lost): {seen:?}");
+        assert!(
+            seen.iter()
+                .all(|(c, name)| *c != id || *name == "transfer.succeeded"),
+            "{seen:?}"
+        );
+    }
+    sim::all_answered(&h.sim, Duration::from_secs(10)).await;
+    let calls = sim::calls_by_session(&h.sim);
+    let order: Vec<&str> = calls["s-sweep"]
+        .iter()
+        .map(|r| r.body["aId"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        order,
+        ["a-sweep-1", "a-sweep-2"],
+        "each called once, in order"
+    );
+    h.stop_leaving_nothing().await;
+}
+
+/// SIGTERM while a session's first command waits for its account's only slot and the next one
+/// waits behind it: the first may no longer be set aside (its lanes are let go), and it is not
+/// dropped alone either, which would let the second be called here while the first went back
+/// to the queue: both go back together with their channel, in order, and the standby calls
+/// them in that order.
+#[tokio::test]
+async fn a_command_waiting_for_a_slot_at_sigterm_goes_back_with_the_rest_of_its_session() {
+    const STREAM: &str = "st-00000000-0000-4000-8000-0000000000d1";
+    let mut fleet = Fleet::start(FleetSpec {
+        replicas: 2,
+        latency: Duration::from_secs(6),
+        more_bots: vec![BotSpec {
+            stream_id: STREAM.into(),
+            account_id: "acc-one-slot".into(),
+            rate_limit: 100,
+            rate_window: Duration::from_secs(1),
+            max_in_flight: Some(1),
+        }],
+        env: env(&[
+            ("TRANSFER__COMMANDS__ASIDE_AFTER", "3s"),
+            ("TRANSFER__AGENTASSIST__REQUEST_TIMEOUT", "10s"),
+            ("TRANSFER__SHUTDOWN__GRACE", "20s"),
+        ]),
+        ..FleetSpec::default()
+    })
+    .await;
+    let command = |id: &str, session: &str| {
+        let mut c = session_command(id, session, false);
+        c["streamId"] = json!(STREAM);
+        c
+    };
+    // The slot's holder: its call takes 6 s.
+    fleet.publish(&command("slot-0", "s-slot-holder")).await;
+    sim::call_on_the_wire(&fleet.sim).await;
+    fleet.publish(&command("slot-1", "s-slot")).await;
+    fleet.publish(&command("slot-2", "s-slot")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // `slot-1` waits for the slot (up to 3 s), `slot-2` behind it.
+    let status = fleet.replicas[0].terminate(Duration::from_secs(40)).await;
+    assert!(status.success(), "{}", fleet.replicas[0].log());
+    let ids: BTreeSet<String> = ["slot-0", "slot-1", "slot-2"].map(String::from).into();
+    all_end(&mut fleet, &ids, Duration::from_secs(60)).await;
+    sim::all_answered(&fleet.sim, Duration::from_secs(10)).await;
+    let calls = sim::calls_by_session(&fleet.sim);
+    let order: Vec<String> = calls["s-slot"].iter().map(command_of).collect();
+    assert_eq!(order, ["slot-1", "slot-2"], "each called once, in order");
     fleet.stop_leaving_nothing().await;
 }

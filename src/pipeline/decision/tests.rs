@@ -260,10 +260,99 @@ async fn a_command_that_stops_being_ours_while_it_waits_to_retry_is_not_called_a
     let parsed = rig.read(&command("c-gone"), None);
     assert!(matches!(
         rig.decider.decide(&parsed, None, &ours).await,
-        Decision::Requeue("its delivery is no longer this replica's")
+        Decision::NotOurs
     ));
     assert_eq!(rig.sim.stats().calls, 1);
     assert!(rig.decider.outcomes.get("c-gone").is_none());
+    rig.sim.shutdown().await;
+}
+
+/// A ledger whose holds lapse, as a replica's do when their deadline passes before a renewal
+/// answers: not held until `kept_at` (if ever), held from then on, in one term.
+#[derive(Debug)]
+struct Lapsing {
+    kept_at: Option<std::time::Instant>,
+}
+
+impl Ledger for Lapsing {
+    fn claim<'a>(
+        &'a self,
+        command_id: &'a str,
+        replayed: bool,
+        start: Option<crate::fleet::StartRequest>,
+        shutdown: &'a Shutdown,
+    ) -> futures_util::future::BoxFuture<'a, Result<Claimed, Abandoned>> {
+        crate::pipeline::ledger::Unshared.claim(command_id, replayed, start, shutdown)
+    }
+
+    fn keep<'a>(
+        &'a self,
+        command_id: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, std::convert::Infallible> {
+        crate::pipeline::ledger::Unshared.keep(command_id)
+    }
+
+    fn release<'a>(&'a self, command_id: &'a str) -> futures_util::future::BoxFuture<'a, ()> {
+        crate::pipeline::ledger::Unshared.release(command_id)
+    }
+
+    fn record<'a>(
+        &'a self,
+        command_id: &'a str,
+        event: &'a Event,
+        shutdown: &'a Shutdown,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        crate::pipeline::ledger::Unshared.record(command_id, event, shutdown)
+    }
+
+    fn holds(&self) -> crate::pipeline::ledger::Holds<'_> {
+        let kept_at = self.kept_at;
+        Box::new(move || kept_at.is_some_and(|at| std::time::Instant::now() >= at))
+    }
+}
+
+#[tokio::test]
+async fn a_command_whose_holds_lapse_for_a_moment_is_carried_on_in_its_place() {
+    // The renewal answered after the deadline and was kept: the delivery never went back, so
+    // dropping the command would leave it unacked on an open channel while its session's next
+    // command ran.
+    let mut rig = Rig::start().await;
+    let kept_at = std::time::Instant::now() + Duration::from_millis(300);
+    rig.decider.ledger = Arc::new(Lapsing {
+        kept_at: Some(kept_at),
+    });
+    let event = decided(plain(&rig.decider, &rig.read(&command("c-lapse"), None)).await);
+    assert_eq!(event.kind, EventKind::Succeeded);
+    assert_eq!(
+        rig.sim.stats().calls,
+        1,
+        "called once, once the holds were kept"
+    );
+    assert!(std::time::Instant::now() >= kept_at);
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn holds_lapsed_with_the_channel_open_wait_and_the_grace_running_out_returns_it_uncalled() {
+    // The command waits (no nack while its channel is open) until its shutdown's grace runs
+    // out; then it is returned like every other command still on that channel.
+    let mut rig = Rig::start().await;
+    rig.decider.ledger = Arc::new(Lapsing { kept_at: None });
+    let shutdown = rig.decider.shutdown.clone();
+    let grace = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        shutdown.stop();
+        shutdown.abandon();
+    });
+    let begun = std::time::Instant::now();
+    let decision = plain(&rig.decider, &rig.read(&command("c-lapsed"), None)).await;
+    assert!(
+        matches!(decision, Decision::Requeue("shutdown grace ran out")),
+        "{decision:?}"
+    );
+    assert!(begun.elapsed() >= Duration::from_millis(500), "it waited");
+    assert_eq!(rig.sim.stats().calls, 0);
+    grace.await.unwrap();
     rig.sim.shutdown().await;
 }
 

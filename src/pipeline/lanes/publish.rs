@@ -41,6 +41,7 @@ impl SourceLanes {
             // behalf until they are kept again; the deliveries stay unacked meanwhile.
             return Err(Unpublished::Failed);
         }
+        self.drop_returned(lane, pending);
         let mut sessions = HashSet::new();
         let (batch, later): (Vec<Numbered>, Vec<Numbered>) = std::mem::take(pending)
             .into_iter()
@@ -70,9 +71,13 @@ impl SourceLanes {
             match result {
                 Ok(()) => {
                     published = published.saturating_add(1);
-                    if let Err(e) = job.delivery.ack().await {
+                    match job.delivery.ack().await {
+                        Ok(true) => {}
                         // In both queues at worst: the copy is answered from memory.
-                        tracing::warn!(error = %e, "could not ack a command set aside");
+                        Ok(false) => tracing::warn!(
+                            "a command set aside went back to its source meanwhile (its channel closed); it is in both queues, and the later copy is answered from memory"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "could not ack a command set aside"),
                     }
                     if let Some(pipeline) = self.pipeline.upgrade() {
                         pipeline.leaves(&job);
@@ -103,6 +108,34 @@ impl SourceLanes {
         rest.sort_by_key(|(i, _)| *i);
         *pending = rest.into_iter().map(|(_, job)| job).collect();
         outcome
+    }
+
+    /// Lets go of the pending jobs whose delivery went back already (their channel closed
+    /// while they waited to be published): a copy in the account queue would be a second.
+    fn drop_returned(&self, lane: &Lane, pending: &mut Vec<Job>) {
+        let (gone, kept): (Vec<Job>, Vec<Job>) = std::mem::take(pending)
+            .into_iter()
+            .partition(|job| !job.ours());
+        *pending = kept;
+        if gone.is_empty() {
+            return;
+        }
+        lane.account
+            .aside_changed(-isize::try_from(gone.len()).unwrap_or(isize::MAX));
+        let mut state = lane.state();
+        state.queued = state.queued.saturating_sub(gone.len());
+        for job in &gone {
+            if let Some(mark) = state
+                .marks
+                .get_mut(super::bucket(&job.parsed.session_key()))
+            {
+                *mark = mark.saturating_sub(1);
+            }
+        }
+        drop(state);
+        for job in gone {
+            self.forget(job);
+        }
     }
 
     /// Publishes marker `id` into the lane's account queue, confirmed.

@@ -94,12 +94,13 @@ impl SourceLanes {
     }
 
     /// Sets aside `job`, taken in earlier, and `behind()` (the commands of its session waiting
-    /// after it), unless a later command of its session is set aside or taken back already:
-    /// then the job is handed back, to run here.
+    /// after it, `None` if one of them may not go: see [`SourceLanes::may_move`]), unless a
+    /// later command of its session is set aside or taken back already: then the job is handed
+    /// back, to run here.
     pub(in crate::pipeline) fn defer(
         self: &Arc<Self>,
         job: Box<Job>,
-        behind: impl FnOnce() -> Vec<Box<Job>>,
+        behind: impl FnOnce() -> Option<Vec<Box<Job>>>,
     ) -> Result<(), Box<Job>> {
         let Ok(command) = &job.parsed.command else {
             return Err(job);
@@ -110,14 +111,32 @@ impl SourceLanes {
         if state.unknown || state.marks.get(session).is_some_and(|m| *m > 0) {
             return Err(job);
         }
+        // Taken under the lane's lock, so no command of the account is taken in meanwhile.
+        let Some(behind) = behind() else {
+            return Err(job);
+        };
         if !state.on {
             lane.turn_on(&mut state);
         }
         self.set_aside(&lane, &mut state, *job);
-        for job in behind() {
+        for job in behind {
             self.set_aside(&lane, &mut state, *job);
         }
         Ok(())
+    }
+
+    /// Whether a job waiting behind one these lanes set aside may go with it: one whose
+    /// delivery went back already (it is let go), one of these lanes' own, or one that is not
+    /// a command. Not one taken back from an account queue (its lane counts it until it
+    /// settles), nor one another tenure of the source took in: moving those would put them where no holder reads, or behind commands
+    /// of their session that came after them.
+    pub(in crate::pipeline) fn may_move(self: &Arc<Self>, job: &Job) -> bool {
+        match &job.origin {
+            Origin::Lane(_) => false,
+            _ if !job.ours() => true,
+            Origin::Source => true,
+            Origin::TakenIn { lanes, .. } => Arc::ptr_eq(lanes, self),
+        }
     }
 
     /// Sends `job` to the lane's task, to be published to the account queue.
@@ -130,6 +149,12 @@ impl SourceLanes {
         if self.stop.is_cancelled() || self.pipeline.upgrade().is_some_and(|p| p.leaves_at_stop()) {
             // The source is let go (or the intake stops): the delivery goes back with its
             // channel.
+            self.forget(job);
+            return;
+        }
+        if !job.ours() {
+            // Its delivery went back already: a copy in the account queue would be a second.
+            job.returned();
             self.forget(job);
             return;
         }

@@ -173,11 +173,17 @@ pub enum Rule {
     /// configuration rule, `fleet.member_ttl − fleet.heartbeat` longer than the AMQP dead-peer
     /// detection (twice the connection's heartbeat).
     ConnectionDiesBeforeExpiry,
+    /// A command taken in is set aside later (its account cannot start it soon) only while its
+    /// delivery is still its tenure's, into that tenure's lanes, and it takes along only the
+    /// commands of its session that tenure took in: a command whose delivery went back with a
+    /// lost connection is let go at its turn, and one of a later tenure queued behind it in
+    /// memory stays where it is. (Checked with [`Handover::with_deferral`].)
+    DeferOwnTenure,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 11] = [
         Rule::StandbyTakesNoLane,
         Rule::LanesCloseFirst,
         Rule::ReturnInOrder,
@@ -188,6 +194,7 @@ impl Rule {
         Rule::WokenActsOnNothing,
         Rule::ListFirst,
         Rule::ConnectionDiesBeforeExpiry,
+        Rule::DeferOwnTenure,
     ];
 }
 
@@ -211,6 +218,10 @@ pub struct Handover {
     pub freezes: u8,
     pub sigterms: u8,
     pub rebalances: u8,
+    /// Commands taken in may be set aside later, with their session's commands behind them,
+    /// and a replica remembers what it took in after the delivery went back (a lost
+    /// connection), until that command's turn comes.
+    pub deferral: bool,
 }
 
 impl Handover {
@@ -229,7 +240,15 @@ impl Handover {
             freezes: 0,
             sigterms: 1,
             rebalances: 0,
+            deferral: false,
         }
+    }
+
+    /// With commands set aside after they were taken in (`SourceLanes::defer`), and the memory
+    /// of commands whose delivery went back.
+    pub fn with_deferral(mut self) -> Self {
+        self.deferral = true;
+        self
     }
 
     /// The fixed protocol without `rule`.

@@ -4,8 +4,8 @@
 use stateright::{Model, Property};
 
 use super::state::{
-    Budget, Delivery, From, Hold, Lane, Life, Msg, Own, Queue, Reader, Replica, Retire, Src, Stage,
-    State, Sub, Which, bit,
+    Budget, Delivery, From, Ghost, Hold, Lane, Life, Msg, Own, Queue, Reader, Replica, Retire, Src,
+    Stage, State, Sub, Which, bit,
 };
 use super::{Fleet, Handover, Rule};
 
@@ -66,6 +66,21 @@ pub enum Action {
         replica: u8,
         command: u8,
     },
+    /// A command taken in (or, `ghost`, one whose delivery went back since) is set aside at
+    /// its turn, with its session's commands waiting behind it.
+    Defer {
+        replica: u8,
+        command: u8,
+        ghost: bool,
+    },
+    /// A command whose delivery went back (`ghost`) is let go at its turn. Without
+    /// [`Rule::DeferOwnTenure`], also one still on its channel whose lanes were let go: alone,
+    /// unacked, while its session goes on.
+    LetGo {
+        replica: u8,
+        command: u8,
+        ghost: bool,
+    },
 
     // Retiring a lane.
     Look(u8),
@@ -123,6 +138,8 @@ impl Handover {
                 sigterms: self.sigterms,
                 rebalances: self.rebalances,
             },
+            ghosts: Vec::new(),
+            memory: self.deferral,
         };
         for r in 0..self.running {
             self.start(&mut s, r);
@@ -264,16 +281,192 @@ impl Handover {
             return false;
         };
         let session = self.session(command);
-        s.deliveries.iter().enumerate().all(|(j, e)| {
-            j == i
-                || e.replica != d.replica
-                || e.command().is_none_or(|c| self.session(c) != session)
-                || match e.stage {
-                    Stage::Calling | Stage::Doubt => false,
-                    Stage::Waiting => j > i,
-                    Stage::Received | Stage::Aside | Stage::Published => true,
+        // What its replica remembers of its session is ahead of it.
+        let remembered = s
+            .ghosts
+            .iter()
+            .any(|g| g.replica == d.replica && self.session(g.command) == session);
+        !remembered
+            && s.deliveries.iter().enumerate().all(|(j, e)| {
+                j == i
+                    || e.replica != d.replica
+                    || e.command().is_none_or(|c| self.session(c) != session)
+                    || match e.stage {
+                        Stage::Calling | Stage::Doubt => false,
+                        Stage::Waiting => j > i,
+                        Stage::Received | Stage::Aside | Stage::Published | Stage::Forgotten => {
+                            true
+                        }
+                    }
+            })
+    }
+
+    /// The ghosts of `r` whose turn it is: the first its replica remembers of their session,
+    /// nothing of it running.
+    fn ghosts_at_turn(&self, s: &State, r: u8) -> Vec<Ghost> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for g in s.ghosts.iter().filter(|g| g.replica == r) {
+            let session = self.session(g.command);
+            if seen.contains(&session) {
+                continue;
+            }
+            seen.push(session);
+            let running = s.deliveries.iter().any(|d| {
+                d.replica == r
+                    && d.command().is_some_and(|c| self.session(c) == session)
+                    && matches!(d.stage, Stage::Calling | Stage::Doubt)
+            });
+            if !running {
+                out.push(*g);
+            }
+        }
+        out
+    }
+
+    /// Whether the delivery at `i`, taken in and at its turn, may be set aside now
+    /// (`SourceLanes::defer`): nothing of its session is set aside or taken back (the lane's
+    /// count), its lane is not being deleted, and, with [`Rule::DeferOwnTenure`], what waits
+    /// behind it is its own tenure's.
+    fn deferrable(&self, s: &State, r: u8, i: usize) -> bool {
+        let d = s.deliveries[i];
+        let Some(command) = d.command() else {
+            return false;
+        };
+        let session = self.session(command);
+        let of_session = |c: u8| self.session(c) == session;
+        let in_account =
+            s.account.exists && (0..self.commands()).any(|c| of_session(c) && s.account.holds(c));
+        let marked = in_account
+            || s.deliveries.iter().any(|e| {
+                e.replica == r
+                    && e.command().is_some_and(of_session)
+                    && (matches!(e.from, From::Account(_))
+                        || matches!(e.stage, Stage::Aside | Stage::Published))
+            });
+        if marked {
+            return false;
+        }
+        let rep = &s.replicas[usize::from(r)];
+        let tenure = [rep.own, rep.old]
+            .into_iter()
+            .flatten()
+            .find(|o| o.generation == d.generation);
+        if let Some(Own {
+            releasing: false,
+            lane: Lane::On { retire, .. },
+            ..
+        }) = tenure
+            && retire.deleting()
+        {
+            return false;
+        }
+        !self.rule(Rule::DeferOwnTenure)
+            || s.deliveries.iter().all(|e| {
+                e.replica != r
+                    || e.from != From::Source
+                    || e.stage != Stage::Waiting
+                    || e.command().is_none_or(|c| !of_session(c))
+                    || e.generation == d.generation
+            })
+    }
+
+    /// The steps of commands set aside after they were taken in.
+    fn deferral_steps(&self, s: &State, r: u8, out: &mut Vec<Action>) {
+        for g in self.ghosts_at_turn(s, r) {
+            out.push(A::LetGo {
+                replica: r,
+                command: g.command,
+                ghost: true,
+            });
+            // Before the rule, its turn came like any other's: its account could not start it
+            // soon, and its tenure's lanes set it aside.
+            if !self.rule(Rule::DeferOwnTenure) {
+                out.push(A::Defer {
+                    replica: r,
+                    command: g.command,
+                    ghost: true,
+                });
+            }
+        }
+        for (i, d) in s.deliveries.iter().enumerate() {
+            if d.replica == r
+                && d.from == From::Source
+                && d.stage == Stage::Waiting
+                && self.session_free(s, i)
+                && self.deferrable(s, r, i)
+                && let Some(command) = d.command()
+            {
+                out.push(A::Defer {
+                    replica: r,
+                    command,
+                    ghost: false,
+                });
+                // Before the rule, one whose lanes were let go (SIGTERM, a rebalance) was let
+                // go alone at its turn, as if its delivery had gone back.
+                let rep = &s.replicas[usize::from(r)];
+                let let_go = [rep.own, rep.old]
+                    .into_iter()
+                    .flatten()
+                    .any(|o| o.generation == d.generation && o.releasing);
+                if !self.rule(Rule::DeferOwnTenure) && let_go {
+                    out.push(A::LetGo {
+                        replica: r,
+                        command,
+                        ghost: false,
+                    });
                 }
-        })
+            }
+        }
+    }
+
+    /// `SourceLanes::defer` by the lanes of tenure `generation` of `r`: the session's commands
+    /// waiting in `r`'s memory go aside in those lanes if they are the tenure's and its lanes
+    /// still set aside; else they are let go, unacked (`set_aside` after the source was let
+    /// go, `forget`).
+    fn defer(&self, s: &mut State, r: u8, session: u8, generation: u8) {
+        s.ghosts
+            .retain(|g| g.replica != r || self.session(g.command) != session);
+        let rep = &s.replicas[usize::from(r)];
+        let live = [rep.own, rep.old].into_iter().flatten().any(|o| {
+            o.generation == generation
+                && !o.releasing
+                && matches!(o.lane, Lane::Off | Lane::On { .. })
+        });
+        let mut moved = false;
+        for d in s.deliveries.iter_mut() {
+            if d.replica == r
+                && d.from == From::Source
+                && d.stage == Stage::Waiting
+                && d.command().is_some_and(|c| self.session(c) == session)
+            {
+                if live && d.generation == generation {
+                    d.stage = Stage::Aside;
+                    moved = true;
+                } else {
+                    d.stage = Stage::Forgotten;
+                }
+            }
+        }
+        if !moved {
+            return;
+        }
+        let rep = &mut s.replicas[usize::from(r)];
+        for o in [rep.own.as_mut(), rep.old.as_mut()].into_iter().flatten() {
+            if o.generation != generation {
+                continue;
+            }
+            match &mut o.lane {
+                lane @ Lane::Off => {
+                    *lane = Lane::On {
+                        reader: Reader::None,
+                        retire: Retire::No,
+                    };
+                }
+                Lane::On { retire, .. } if *retire == Retire::Marker => *retire = Retire::Stale,
+                _ => {}
+            }
+        }
     }
 
     fn find(&self, s: &State, r: u8, command: u8, stage: impl Fn(Stage) -> bool) -> Option<usize> {
@@ -457,8 +650,11 @@ impl Handover {
                         out.push(ack);
                     }
                 }
-                Stage::Received | Stage::Aside => {}
+                Stage::Received | Stage::Aside | Stage::Forgotten => {}
             }
+        }
+        if self.deferral {
+            self.deferral_steps(s, r, out);
         }
         if rep.sigterm
             && rep.old.is_none()
@@ -639,6 +835,7 @@ impl Handover {
                 if s.replicas[usize::from(r)].connected {
                     s.close_connection(r);
                 }
+                s.ghosts.retain(|g| g.replica != r);
                 let rep = &mut s.replicas[usize::from(r)];
                 rep.life = Life::Gone;
                 rep.own = None;
@@ -904,6 +1101,52 @@ impl Handover {
                     s.acked |= bit(command);
                 }
             }
+            // pipeline/mod.rs run_session(): its account cannot start it within aside_after
+            // (run_one) → lanes/route.rs defer(), with the session's jobs waiting behind it
+            // (SessionQueues::take_waiting_if, SourceLanes::may_move).
+            A::Defer {
+                replica: r,
+                command,
+                ghost,
+            } => {
+                let generation = if ghost {
+                    let k = s
+                        .ghosts
+                        .iter()
+                        .position(|g| g.replica == r && g.command == command)
+                        .expect("remembered");
+                    s.ghosts[k].generation
+                } else {
+                    let i = self
+                        .find(s, r, command, |st| st == Stage::Waiting)
+                        .expect("taken in");
+                    s.deliveries[i].generation
+                };
+                self.defer(s, r, self.session(command), generation);
+            }
+            // pipeline/mod.rs run_session(): `!job.ours()` → returned, and the next one runs.
+            A::LetGo {
+                replica: r,
+                command,
+                ghost: true,
+            } => {
+                let k = s
+                    .ghosts
+                    .iter()
+                    .position(|g| g.replica == r && g.command == command)
+                    .expect("remembered");
+                s.ghosts.remove(k);
+            }
+            A::LetGo {
+                replica: r,
+                command,
+                ghost: false,
+            } => {
+                let i = self
+                    .find(s, r, command, |st| st == Stage::Waiting)
+                    .expect("taken in");
+                s.deliveries[i].stage = Stage::Forgotten;
+            }
             // Today: lanes/task.rs wait() after LINGER → retire(): nothing queued, nothing taken
             // (in_queue: see the module's documentation); state.on = false; the reader stops
             // (basic.cancel, channel.close); account_queue::delete_if_empty: the passive
@@ -1074,6 +1317,7 @@ impl Handover {
             // whatever is still open returns what it holds.
             A::Exit(r) => {
                 s.close_connection(r);
+                s.ghosts.retain(|g| g.replica != r);
                 let rep = &mut s.replicas[usize::from(r)];
                 rep.life = Life::Gone;
                 rep.own = None;

@@ -90,6 +90,20 @@ pub enum Stage {
     Aside,
     /// Published to the account queue and confirmed; not yet acked on the source.
     Published,
+    /// Let go in memory, unacked on its open channel: it goes back only when that channel
+    /// closes, and nothing else happens to it meanwhile.
+    Forgotten,
+}
+
+/// A command a replica took in, whose delivery went back to its queue (its channel closed)
+/// before its turn came: still in the replica's memory, ahead of what its session received
+/// since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ghost {
+    pub replica: u8,
+    /// The ownership whose channel it came on.
+    pub generation: u8,
+    pub command: u8,
 }
 
 /// A message delivered on a channel and not yet acked.
@@ -298,6 +312,12 @@ pub struct State {
     /// The source's list of its account queues names the account queue (fixed protocol).
     pub listed: bool,
     pub budget: Budget,
+    /// Commands remembered after their delivery went back ([`Handover::with_deferral`]).
+    ///
+    /// [`Handover::with_deferral`]: super::Handover::with_deferral
+    pub ghosts: Vec<Ghost>,
+    /// Whether ghosts are kept.
+    pub memory: bool,
 }
 
 pub fn bit(command: u8) -> u8 {
@@ -382,6 +402,21 @@ impl State {
             .into_iter()
             .partition(|d| which(d));
         self.deliveries = kept;
+        if self.memory {
+            let waiting = back
+                .iter()
+                .filter(|d| d.from == From::Source && d.stage == Stage::Waiting);
+            let ghosts: Vec<Ghost> = waiting
+                .filter_map(|d| {
+                    d.command().map(|command| Ghost {
+                        replica: d.replica,
+                        generation: d.generation,
+                        command,
+                    })
+                })
+                .collect();
+            self.ghosts.extend(ghosts);
+        }
         let (handled, received): (Vec<Delivery>, Vec<Delivery>) =
             back.into_iter().partition(|d| d.stage != Stage::Received);
         for d in handled.into_iter().chain(received) {

@@ -188,3 +188,66 @@ fn fixed_without_listing_first_strands_a_command() {
         "the holder died unlisted, and the next one took the source up"
     );
 }
+
+/// A command taken in is set aside later, at its turn, with its session's commands waiting
+/// behind it; and a replica remembers what it took in after a lost connection sent the
+/// delivery back. Before the rule that only a delivery's own tenure sets it aside, and only
+/// with what that tenure took in: the command remembered from before a reconnect comes to its
+/// turn and its lanes, let go with the connection, sweep the redelivered copy and its session
+/// away, unacked on the new, open channel: they never end.
+#[test]
+fn fixed_without_deferring_by_its_own_tenure_strands_a_command() {
+    let model = Handover::new(Variant::Fixed, Fleet::Standby)
+        .with_deferral()
+        .without(Rule::DeferOwnTenure)
+        .with_events(0, 0, 1, 0);
+    let trace = find(model, property::ALL_END).expect("a command that never ends");
+    let reconnect = trace.iter().position(|a| *a == Action::Reconnect(0));
+    let swept = trace
+        .iter()
+        .position(|a| matches!(a, Action::Defer { ghost: true, .. }));
+    assert!(
+        reconnect.is_some() && swept > reconnect,
+        "a command remembered from before the reconnect is set aside after it: {trace:?}"
+    );
+}
+
+/// And a command still on its channel, at its turn when SIGTERM has let its lanes go, let go
+/// alone: the next of its session is called here, and the first, back in the source when the
+/// channel closes, after it.
+#[test]
+fn fixed_without_deferring_by_its_own_tenure_reorders_a_session_at_sigterm() {
+    let model = Handover::new(Variant::Fixed, Fleet::Standby)
+        .with_deferral()
+        .without(Rule::DeferOwnTenure)
+        .with_events(1, 0, 0, 0);
+    let trace = find(model, property::ORDER).expect("a session out of order");
+    assert!(
+        trace.contains(&Action::Sigterm(0))
+            && trace
+                .iter()
+                .any(|a| matches!(a, Action::LetGo { ghost: false, .. })),
+        "{trace:?}"
+    );
+}
+
+/// The same, and with SIGTERM, a kill, a freeze or a rebalance: with the rule, every
+/// interleaving keeps every invariant.
+#[test]
+fn fixed_with_deferral_keeps_every_invariant() {
+    check_all(
+        Handover::new(Variant::Fixed, Fleet::Standby)
+            .with_deferral()
+            .with_events(1, 1, 1, 0),
+    );
+    check_all(
+        Handover::new(Variant::Fixed, Fleet::Holds)
+            .with_deferral()
+            .with_events(1, 1, 1, 0),
+    );
+    check_all(
+        Handover::new(Variant::Fixed, Fleet::Holds)
+            .with_deferral()
+            .with_events(1, 1, 0, 1),
+    );
+}
