@@ -172,7 +172,7 @@ impl Pipeline {
 
     /// Runs a session's jobs one after another until it is idle. A job its account cannot
     /// start soon is set aside with the jobs waiting behind it, if its lane allows; else it
-    /// runs here after all.
+    /// runs here after all. One whose delivery went back meanwhile is let go.
     async fn run_session(self: Arc<Self>, mut job: Box<Job>) {
         let key = job.parsed.session_key();
         loop {
@@ -193,8 +193,8 @@ impl Pipeline {
                     job.returned();
                     self.leaves(&job);
                 } else {
-                    let behind =
-                        || (self.sessions).take_waiting_if(&key, |waiting| lanes.may_move(waiting));
+                    let sessions = &self.sessions;
+                    let behind = || sessions.take_waiting_if(&key, |w| lanes.may_move(w));
                     match lanes.defer(job, behind) {
                         Ok(()) => return,
                         Err(stays) => {
