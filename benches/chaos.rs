@@ -59,6 +59,8 @@ mod feed;
 mod fleet;
 #[path = "chaos/redis.rs"]
 mod redis;
+#[path = "../tests/it/harness/redis_cli.rs"]
+mod redis_cli;
 #[path = "chaos/rig.rs"]
 mod rig;
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::procs;
+use crate::redis_cli::cli;
 
 /// The sentinels call a primary silent for this long down.
 const DOWN_AFTER_MS: u64 = 1000;
@@ -61,28 +62,6 @@ fn spawn(
         .process_group(0)
         .kill_on_drop(true)
         .spawn()?)
-}
-
-/// `redis-cli -p port args…`, its answer's lines.
-async fn cli(port: u16, args: &[&str]) -> Vec<String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .output(),
-    )
-    .await;
-    match out {
-        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_owned())
-            .filter(|l| !l.is_empty())
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 impl RedisSet {

@@ -29,6 +29,7 @@ pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cli;
 pub mod replicas;
 pub mod sentinel;
 pub mod sim;

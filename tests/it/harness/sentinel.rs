@@ -1,13 +1,13 @@
 //! A Redis that fails over: a primary, its replicas and three sentinels, all local on ports of
 //! their own, started by the test and gone with it.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::names::{free_port, tag};
 use super::process::Process;
 use super::proxy::Proxy;
 use super::redis::RedisServer;
+pub use super::redis_cli::cli;
 
 /// Quorum 2 of 3; a primary silent for a second is down.
 const DOWN_AFTER_MS: u64 = 1000;
@@ -22,28 +22,6 @@ pub struct Sentinels {
     /// The replication link of a replica started behind a proxy ([`Sentinels::start_stallable`]).
     pub link: Option<Proxy>,
     _dir: tempfile::TempDir,
-}
-
-/// `redis-cli -p port args…`, its answer's lines.
-pub async fn cli(port: u16, args: &[&str]) -> Vec<String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output(),
-    )
-    .await;
-    match out {
-        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_owned())
-            .filter(|l| !l.is_empty())
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 impl Sentinels {
